@@ -1,0 +1,16 @@
+"""ctfm: foundation models for computed tomography.
+
+The package follows the path of the data (see DESIGN.md): ``io`` reads CT archives,
+``preprocess`` holds the one definition of CT-FM preprocessing, ``synth`` makes labelled
+phantoms, ``cli`` is the ``ctfm`` command. Submodules are imported lazily so that
+``import ctfm`` stays cheap.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ctfm")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+local"
+
+__all__ = ["__version__"]

@@ -1,0 +1,27 @@
+"""User-facing errors: one line naming the file, the problem and the way out."""
+
+from __future__ import annotations
+
+import os
+
+
+class CTInputError(ValueError):
+    """Bad input that the user can fix.
+
+    Renders as ``<path>: <problem> (<fix>)``; the CLI prints it as ``error: ...`` and exits 2,
+    batch jobs record it and go on.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, problem: str, fix: str):
+        self.path = os.fspath(path) if path is not None else None
+        self.problem = problem
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path is not None else ""
+        return f"{where}{self.problem} ({self.fix})"
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency is not installed; the message names the pip command."""

@@ -1,0 +1,188 @@
+"""Reading CT: one call for NIfTI, NRRD, MHA/MHD and DICOM series folders.
+
+>>> image, record = load_ct("scan.nii.gz")      # doctest: +SKIP
+>>> image.shape, image.affine                   # [1, X, Y, Z] float32 HU, RAS affine
+
+``image`` is a MONAI ``MetaTensor`` so that every MONAI transform carries the affine along.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.errors import CTInputError
+from ctfm.io.record import ScanRecord
+from ctfm.io.volume import VOLUME_SUFFIXES, read_volume, volume_format
+
+__all__ = ["load_ct", "ScanRecord", "save_nifti", "orientation_code", "load_labels"]
+
+
+class CTGeometryWarning(UserWarning):
+    """The loader changed the geometry of a series (tilt or spacing resampled)."""
+
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None):
+    """Load one CT as a channel-first MetaTensor in Hounsfield units.
+
+    Args:
+        path: a NIfTI / NRRD / MHA / MHD file, or a folder holding a DICOM series (searched
+            recursively; localizers, SEG/RTSTRUCT/SR and non-DICOM files are skipped).
+        series_uid: which CT series to load when the folder holds several.
+
+    Returns:
+        ``(image, record)``: ``image`` is a ``MetaTensor`` of shape [1, X, Y, Z], float32 HU, whose
+        ``affine`` maps voxel indices to RAS millimetres; ``record`` is a :class:`ScanRecord`.
+
+    Raises:
+        CTInputError: anything that is not a readable 3D CT (message: path, problem, fix).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CTInputError(path, "no such file or folder", "check the path")
+    if path.is_dir():
+        array, affine, record = _load_dicom_folder(path, series_uid)
+    else:
+        if not os.access(path, os.R_OK):
+            raise CTInputError(path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r")
+        if path.stat().st_size == 0:
+            raise CTInputError(path, "empty file (0 bytes)", "the copy or download was interrupted; fetch the file again")
+        if volume_format(path) is not None:
+            array, affine, fmt = read_volume(path)
+            array = _as_3d(array, path)
+            record = ScanRecord(path=str(path), format=fmt, shape=array.shape, spacing_mm=_spacing(affine), orientation=orientation_code(affine))
+        else:
+            from ctfm.io.dicom import looks_like_dicom_file
+
+            if looks_like_dicom_file(path):
+                array, affine, record = _load_dicom_file(path)
+            else:
+                raise CTInputError(path, "not a CT file this reader knows (by name or content)", f"give a {', '.join(VOLUME_SUFFIXES)} file or a DICOM series folder")
+    return _to_metatensor(array, affine, record), record
+
+
+def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    """Squeeze trailing singleton axes; refuse 2D and true 4D images."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 4:
+        raise CTInputError(path, f"4D image of shape {tuple(array.shape)} ({array.shape[-1]} volumes)", "split it and give one 3D CT volume at a time")
+    if array.ndim > 4:
+        raise CTInputError(path, f"{array.ndim}D image of shape {tuple(array.shape)}", "give one 3D CT volume")
+    if array.ndim < 3 or min(array.shape) == 1:
+        raise CTInputError(path, f"2D image of shape {tuple(array.shape)}, not a 3D volume", "give the whole series or a 3D volume")
+    return array
+
+
+def _load_dicom_folder(folder: Path, series_uid: str | None):
+    from ctfm.io import dicom
+
+    index = dicom.index_dicom_folder(folder)
+    series = dicom.select_ct_series(index, folder, series_uid)
+    if len(series.files) == 1:
+        raise CTInputError(folder, "the CT series has a single slice, a 2D image", "give a folder holding the whole series")
+    return _load_series(series, folder, dict(index.skipped))
+
+
+def _load_dicom_file(path: Path):
+    from ctfm.io import dicom
+
+    ds = dicom.read_header(path)
+    modality = str(ds.get("Modality", "")) if ds is not None else ""
+    if modality and modality != "CT":
+        raise CTInputError(path, f"DICOM file of modality {modality}, not CT", "ctfm reads CT only")
+    raise CTInputError(path, "a single DICOM file is one 2D slice, not a 3D volume", "give the folder that holds the whole series")
+
+
+def _load_series(series, folder: Path, skipped: dict):
+    from ctfm.io import dicom
+
+    geometry = dicom.series_geometry(series, folder)
+    missing = dicom.missing_slice_gaps(geometry.gaps)
+    if missing:
+        usual = float(np.median(geometry.gaps))
+        where = ", ".join(f"after slice {i} ({geometry.gaps[i]:.2f} mm gap)" for i in missing[:3])
+        raise CTInputError(folder, f"missing slice(s) in series {series.uid}: {where}, usual gap {usual:.2f} mm", "re-export the complete series; a gap would be stretched over")
+    volume, affine, resampled = dicom.stack_series(series, geometry)
+    record = ScanRecord(
+        path=str(folder),
+        format="dicom",
+        shape=volume.shape,
+        spacing_mm=_spacing(affine),
+        orientation=orientation_code(affine),
+        skipped=skipped,
+        resampled=resampled,
+        **dicom.series_record_fields(series, geometry),
+    )
+    if resampled:
+        message = f"{folder}: resampled onto a regular grid from the per-slice positions ({resampled})"
+        record.warnings.append(message)
+        warnings.warn(message, CTGeometryWarning, stacklevel=3)
+    return volume, affine, record
+
+
+def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def orientation_code(affine) -> str:
+    """Three-letter orientation code of a RAS affine, e.g. ``"RAS"``, ``"LPS"``, ``"SPL"``."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def _to_metatensor(array: np.ndarray, affine: np.ndarray, record: ScanRecord):
+    import torch
+    from monai.data import MetaTensor
+
+    data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    affine_t = torch.as_tensor(affine, dtype=torch.float64)
+    meta = {
+        "filename_or_obj": record.path,
+        "original_affine": affine_t.clone(),
+        "spatial_shape": np.asarray(array.shape),
+        "space": "RAS",
+        "original_channel_dim": "no_channel",
+        "format": record.format,
+    }
+    if record.frame_of_reference_uid:
+        meta["FrameOfReferenceUID"] = record.frame_of_reference_uid
+    return MetaTensor(data, affine=affine_t, meta=meta)
+
+
+def save_nifti(image, path: str | os.PathLike, dtype=np.float32) -> Path:
+    """Write a [1, X, Y, Z] (or [X, Y, Z]) tensor with its affine to NIfTI, atomically.
+
+    The file appears complete or not at all: we write a temporary file beside it and rename.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+    img = nib.Nifti1Image(array.astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.partial{suffix}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_labels(path: str | os.PathLike, image):
+    """Label map on the grid of ``image``; see :func:`ctfm.io.labels.load_labels`."""
+    from ctfm.io.labels import load_labels as _load_labels
+
+    return _load_labels(path, image)

@@ -1,0 +1,381 @@
+"""DICOM CT series: find them in a folder, pick one, and put it on a regular grid.
+
+A folder from an archive is messy: localizers, SEG/RTSTRUCT/SR objects, stray non-DICOM files,
+several series. We index the headers once (no pixel data), keep CT image series, and stack the
+chosen one by the slice positions along the slice normal. A gantry-tilted or non-uniformly spaced
+series is resampled onto a regular grid from the per-slice positions (never stacked as if
+uniform); duplicate positions and missing slices are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.errors import CTInputError
+from ctfm.io.volume import LPS_TO_RAS
+
+# SOP classes that carry no CT pixels of their own.
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RTDOSE",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.11.1": "PR",
+    "1.2.840.10008.5.1.4.1.1.88.59": "KO",
+}
+NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "SR", "PR", "KO", "REG", "DOC"}
+
+POSITION_TOLERANCE_MM = 0.01  # positions closer than this along the normal are the same slice
+GAP_RELATIVE_TOLERANCE = 0.01  # gaps within 1 % of each other count as uniform
+
+
+@dataclass
+class DicomSeries:
+    """One image series of a folder, by SeriesInstanceUID; headers only."""
+
+    uid: str
+    modality: str
+    description: str
+    files: list[Path] = field(default_factory=list)
+    headers: list = field(default_factory=list)  # pydicom Datasets without pixel data
+
+
+@dataclass
+class DicomFolderIndex:
+    series: list[DicomSeries]
+    skipped: Counter  # reason -> count (localizer, SEG, RTSTRUCT, SR, not DICOM, ...)
+
+
+def looks_like_dicom_file(path: Path) -> bool:
+    """True when the file carries the DICM magic at byte 128 (the standard Part 10 preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_header(path: Path):
+    """The dataset without pixel data, or ``None`` when the file is not DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        pass
+    except Exception:
+        return None
+    # Files without the Part 10 preamble still occur in archives; accept them only when they
+    # parse into something with the attributes of an image or a DICOM object.
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:
+        return None
+    if "SOPClassUID" in ds or "ImagePositionPatient" in ds:
+        return ds
+    return None
+
+
+def index_dicom_folder(folder: Path) -> DicomFolderIndex:
+    """Walk ``folder`` recursively and group image files by SeriesInstanceUID."""
+    by_uid: dict[str, DicomSeries] = {}
+    skipped: Counter = Counter()
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            if name.startswith("."):
+                skipped["hidden file"] += 1
+                continue
+            if not os.access(path, os.R_OK):
+                raise CTInputError(path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r")
+            ds = read_header(path)
+            if ds is None:
+                skipped["not DICOM"] += 1
+                continue
+            sop_class = str(ds.get("SOPClassUID", ""))
+            modality = str(ds.get("Modality", "")).upper()
+            kind = NON_IMAGE_SOP_CLASSES.get(sop_class)
+            if kind is None and (modality in NON_IMAGE_MODALITIES or sop_class.startswith("1.2.840.10008.5.1.4.1.1.88")):
+                kind = modality or "SR"
+            if kind is not None:
+                skipped[kind] += 1
+                continue
+            if "Rows" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+                skipped["no image geometry"] += 1
+                continue
+            image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+            if "LOCALIZER" in image_type:
+                skipped["localizer"] += 1
+                continue
+            uid = str(ds.get("SeriesInstanceUID", "unknown"))
+            series = by_uid.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", ""))))
+            series.files.append(path)
+            series.headers.append(ds)
+    return DicomFolderIndex(series=list(by_uid.values()), skipped=skipped)
+
+
+def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | None) -> DicomSeries:
+    """The one CT series to load, or a clear error saying which exist and how to choose."""
+    if series_uid is not None:
+        for s in index.series:
+            if s.uid == series_uid:
+                if s.modality != "CT":
+                    raise CTInputError(folder, f"series {series_uid} is {s.modality or 'of unknown modality'}, not CT", "ctfm reads CT only; choose a CT series")
+                return s
+        known = ", ".join(s.uid for s in index.series) or "none"
+        raise CTInputError(folder, f"no series with UID {series_uid} (series here: {known})", "pass one of the listed UIDs with --series")
+    ct = [s for s in index.series if s.modality == "CT"]
+    if not ct:
+        if index.series:
+            found = "; ".join(f"{s.modality or '?'} series {s.uid} ({len(s.files)} files)" for s in index.series)
+            raise CTInputError(folder, f"no CT series here, only {found}", "ctfm reads CT only; point it at a CT series")
+        if index.skipped:
+            what = ", ".join(f"{n} {k}" for k, n in sorted(index.skipped.items()))
+            raise CTInputError(folder, f"no CT image files here (found {what})", "point to the folder of the CT image series, not its segmentation or report")
+        raise CTInputError(folder, "empty folder: no DICOM files", "point to a folder holding a DICOM CT series")
+    volumes = [s for s in ct if len(s.files) > 1]
+    if not volumes:
+        what = "a single slice" if len(ct) == 1 else f"{len(ct)} series of one slice each"
+        raise CTInputError(folder, f"only {what}: a 2D image, not a 3D volume", "give the folder that holds a whole CT series")
+    ct = volumes
+    if len(ct) > 1:
+        listing = "; ".join(f"{s.uid} '{s.description}' {len(s.files)} slices" for s in ct)
+        raise CTInputError(folder, f"{len(ct)} CT series in this folder: {listing}", "choose one with --series UID (series_uid= in Python)")
+    return ct[0]
+
+
+@dataclass
+class SeriesGeometry:
+    """Where each slice of a series lies, sorted along the slice normal."""
+
+    order: np.ndarray  # (S,) indices into the series' files, sorted by position along the normal
+    row_dir: np.ndarray  # (3,) LPS unit vector along a row (increasing column index)
+    col_dir: np.ndarray  # (3,) LPS unit vector along a column (increasing row index)
+    normal: np.ndarray  # (3,) row_dir x col_dir
+    col_spacing: float  # mm between columns (PixelSpacing[1])
+    row_spacing: float  # mm between rows (PixelSpacing[0])
+    positions: np.ndarray  # (S, 3) ImagePositionPatient in LPS, sorted
+    depths: np.ndarray  # (S,) position along the normal, ascending
+    inplane_offsets: np.ndarray  # (S, 2) offset of each slice origin along (row_dir, col_dir) from the first
+    gaps: np.ndarray  # (S-1,) distance between consecutive slices along the normal
+    tilt_deg: float  # angle between the stacking direction and the normal
+
+
+def series_geometry(series: DicomSeries, folder: Path) -> SeriesGeometry:
+    """Sort slices along the normal and measure gaps, tilt and in-plane shifts."""
+    headers = series.headers
+    orientations = {tuple(round(float(v), 4) for v in h.ImageOrientationPatient) for h in headers}
+    if len(orientations) > 1:
+        raise CTInputError(folder, f"series {series.uid} mixes {len(orientations)} slice orientations", "export each orientation as its own series, or choose another series with --series")
+    sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(sizes) > 1:
+        raise CTInputError(folder, f"series {series.uid} mixes slice sizes {sorted(sizes)}", "re-export the series with one matrix size")
+    iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
+    row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    normal = np.cross(row_dir, col_dir)
+    if "PixelSpacing" not in headers[0]:
+        raise CTInputError(folder, "series has no PixelSpacing", "re-export the series with its pixel spacing")
+    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
+
+    positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    depths = positions @ normal
+    order = np.argsort(depths, kind="stable")
+    positions, depths = positions[order], depths[order]
+    gaps = np.diff(depths)
+
+    duplicates = int(np.sum(gaps < POSITION_TOLERANCE_MM))
+    if duplicates:
+        raise CTInputError(folder, f"{duplicates} duplicate slice position(s) in series {series.uid}", "the folder mixes acquisitions or copies of slices; keep one file per position or choose a series with --series")
+
+    rel = positions - positions[0]
+    inplane = np.stack([rel @ row_dir, rel @ col_dir], axis=1)
+    extent = depths[-1] - depths[0]
+    shift = float(np.linalg.norm(inplane[-1]))
+    tilt_deg = math.degrees(math.atan2(shift, extent)) if extent > 0 else 0.0
+    return SeriesGeometry(order, row_dir, col_dir, normal, col_spacing, row_spacing, positions, depths, inplane, gaps, tilt_deg)
+
+
+def missing_slice_gaps(gaps: np.ndarray) -> list[int]:
+    """Indices of isolated gaps that are whole multiples of the usual gap: a slice was dropped.
+
+    A change of spacing between two regular runs (e.g. 4.2 mm then 7.4 mm) is not a missing
+    slice: only a gap of about 2x, 3x, ... the median whose neighbours are regular counts.
+    """
+    if len(gaps) < 3:
+        return []
+    usual = float(np.median(gaps))
+    regular = np.abs(gaps - usual) <= GAP_RELATIVE_TOLERANCE * usual + 1e-3
+    found = []
+    for i, gap in enumerate(gaps):
+        ratio = gap / usual
+        if ratio < 1.5 or abs(ratio - round(ratio)) > 0.1:
+            continue
+        neighbours_regular = all(regular[j] for j in (i - 1, i + 1) if 0 <= j < len(gaps))
+        if neighbours_regular:
+            found.append(i)
+    return found
+
+
+def read_pixels_hu(path: Path) -> np.ndarray:
+    """One slice as float32 HU, (rows, columns); applies RescaleSlope/Intercept."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as exc:
+        message = " ".join(str(exc).split())[:160]
+        fix = "install pylibjpeg and pylibjpeg-openjpeg for JPEG 2000" if "decode" in message.lower() or "plugin" in message.lower() else "re-export or re-download the series"
+        raise CTInputError(path, f"cannot decode pixel data ({message})", fix) from None
+    if pixels.ndim != 2:
+        raise CTInputError(path, f"multi-frame or colour pixel data of shape {pixels.shape}", "export the CT as one 2D slice per file")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return (pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def stack_series(series: DicomSeries, geometry: SeriesGeometry) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Stack (or resample) the slices into a regular volume.
+
+    Returns ``(volume, affine_ras, resample_reason)``; ``volume`` is float32 HU of shape
+    (columns, rows, slices), i.e. array axes along (row_dir, col_dir, normal).
+    """
+    g = geometry
+    n = len(g.order)
+    rows, cols = int(series.headers[0].Rows), int(series.headers[0].Columns)
+    slices = [read_pixels_hu(series.files[i]) for i in g.order]
+
+    tilted = float(np.max(np.abs(g.inplane_offsets))) > POSITION_TOLERANCE_MM
+    usual_gap = float(np.median(g.gaps))
+    nonuniform = bool(np.any(np.abs(g.gaps - usual_gap) > GAP_RELATIVE_TOLERANCE * usual_gap + 1e-3))
+
+    if not tilted and not nonuniform:
+        volume = np.stack([s.T for s in slices], axis=-1)  # (cols, rows, slices)
+        affine = _lps_affine(g, origin=g.positions[0], slice_gap=usual_gap)
+        return volume, LPS_TO_RAS @ affine, None
+
+    reasons = []
+    if tilted:
+        reasons.append(f"gantry tilt {g.tilt_deg:.1f} deg")
+    if nonuniform:
+        reasons.append("non-uniform slice spacing " + "/".join(f"{v:.2f}" for v in sorted(set(np.round(g.gaps, 2)))) + " mm")
+    volume, affine = _resample_to_regular_grid(slices, g, rows, cols)
+    return volume, LPS_TO_RAS @ affine, " and ".join(reasons)
+
+
+def output_slice_gap(gaps: np.ndarray) -> float:
+    """Slice spacing of the regular grid: the finest gap that recurs in the series.
+
+    Taking the finest *recurring* gap keeps the resolution of the finest run of slices (4 mm
+    then 7 mm gives 4 mm) without letting a single odd transition gap (1.1 mm between two runs of
+    overlapping thick slices, as in a real head series) blow the volume up.
+    """
+    rounded = np.round(gaps, 2)
+    values, counts = np.unique(rounded, return_counts=True)
+    recurring = values[counts >= 2]
+    return float(np.median(gaps[np.isin(rounded, recurring.min())])) if len(recurring) else float(np.median(gaps))
+
+
+def _lps_affine(g: SeriesGeometry, origin: np.ndarray, slice_gap: float) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, 0] = g.row_dir * g.col_spacing
+    affine[:3, 1] = g.col_dir * g.row_spacing
+    affine[:3, 2] = g.normal * slice_gap
+    affine[:3, 3] = origin
+    return affine
+
+
+def _resample_to_regular_grid(slices: list[np.ndarray], g: SeriesGeometry, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resample slices with per-slice origins onto one orthogonal grid.
+
+    The output axes are (row_dir, col_dir, normal): in-plane spacing as acquired, slice spacing
+    from :func:`output_slice_gap`, field of view the union of all slices.
+    Each output slice interpolates linearly between the two acquired slices around it, each
+    shifted in-plane by its own origin offset (bilinear), so a tilted series is de-sheared.
+    Voxels no slice covers get the lowest value of the series.
+    """
+    from scipy.ndimage import map_coordinates
+
+    fill = float(min(s.min() for s in slices))
+    u_min, v_min = g.inplane_offsets.min(axis=0)
+    u_max, v_max = g.inplane_offsets.max(axis=0)
+    out_cols = int(round((u_max - u_min) / g.col_spacing)) + cols
+    out_rows = int(round((v_max - v_min) / g.row_spacing)) + rows
+    gap = output_slice_gap(g.gaps)
+    extent = g.depths[-1] - g.depths[0]
+    n_out = int(math.floor(extent / gap + 1e-6)) + 1
+    out_depths = g.depths[0] + gap * np.arange(n_out)
+
+    grid_r, grid_c = np.meshgrid(np.arange(out_rows, dtype=np.float64), np.arange(out_cols, dtype=np.float64), indexing="ij")
+    shifted_cache: dict[int, np.ndarray] = {}
+
+    def shifted(s: int) -> np.ndarray:
+        # Output pixel (r, c) sits at in-plane offset (u_min + c*dc, v_min + r*dr) from the first
+        # slice origin; in slice s that is column (u_min + c*dc - u_s)/dc, row likewise.
+        if s not in shifted_cache:
+            du = (u_min - g.inplane_offsets[s, 0]) / g.col_spacing
+            dv = (v_min - g.inplane_offsets[s, 1]) / g.row_spacing
+            shifted_cache[s] = map_coordinates(slices[s], [grid_r + dv, grid_c + du], order=1, cval=fill, prefilter=False).astype(np.float32)
+            if len(shifted_cache) > 4:  # slices are visited in order; keep memory flat
+                shifted_cache.pop(min(shifted_cache))
+        return shifted_cache[s]
+
+    volume = np.empty((out_cols, out_rows, n_out), dtype=np.float32)
+    upper = np.searchsorted(g.depths, out_depths, side="right")
+    for k, depth in enumerate(out_depths):
+        hi = int(min(max(upper[k], 1), len(g.depths) - 1))
+        lo = hi - 1
+        w = float((depth - g.depths[lo]) / (g.depths[hi] - g.depths[lo]))
+        w = min(max(w, 0.0), 1.0)
+        plane = shifted(lo) if w < 1e-6 else shifted(hi) if w > 1 - 1e-6 else (1 - w) * shifted(lo) + w * shifted(hi)
+        volume[:, :, k] = plane.T
+
+    origin = g.positions[0] + u_min * g.row_dir + v_min * g.col_dir
+    return volume, _lps_affine(g, origin=origin, slice_gap=gap)
+
+
+def _text(ds, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _number(ds, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def series_record_fields(series: DicomSeries, geometry: SeriesGeometry) -> dict:
+    """Scan-record fields from the headers of a series (first slice in sorted order)."""
+    first = series.headers[int(geometry.order[0])]
+    return {
+        "modality": series.modality,
+        "study_uid": _text(first, "StudyInstanceUID"),
+        "series_uid": series.uid,
+        "sop_uids": [str(series.headers[i].get("SOPInstanceUID", "")) for i in geometry.order],
+        "series_description": series.description or None,
+        "kernel": _text(first, "ConvolutionKernel"),
+        "slice_thickness_mm": _number(first, "SliceThickness"),
+        "manufacturer": _text(first, "Manufacturer"),
+        "body_part": _text(first, "BodyPartExamined"),
+        "contrast": _text(first, "ContrastBolusAgent"),
+        "frame_of_reference_uid": _text(first, "FrameOfReferenceUID"),
+        "n_slices_on_disk": len(series.files),
+        "gantry_tilt_deg": round(geometry.tilt_deg, 3),
+        "slice_gaps_mm": sorted({round(float(v), 3) for v in geometry.gaps}),
+    }

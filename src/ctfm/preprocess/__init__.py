@@ -1,0 +1,22 @@
+"""The one definition of preprocessing: :class:`PreprocessSpec`, its presets, its transforms,
+and the checks that a loaded image is a usable CT."""
+
+from ctfm.preprocess.spec import PRESETS, ForegroundCrop, PreprocessSpec, Window, get_preset, list_presets
+from ctfm.preprocess.transforms import build_transforms, preprocess
+from ctfm.preprocess.validate import Check, check_ct, hu_statistics, is_usable, require_usable
+
+__all__ = [
+    "PRESETS",
+    "Check",
+    "ForegroundCrop",
+    "PreprocessSpec",
+    "Window",
+    "build_transforms",
+    "check_ct",
+    "get_preset",
+    "hu_statistics",
+    "is_usable",
+    "list_presets",
+    "preprocess",
+    "require_usable",
+]

@@ -1,0 +1,365 @@
+"""Label maps land on the image grid: synthetic grids, then the real files of ../shared/data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from ctfm.errors import CTInputError
+from ctfm.io.labels import (
+    LabelMap,
+    _resample_nearest,
+    load_labels,
+    parse_label_table,
+    rasterize_planar_contours,
+    resample_labels,
+)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data (beside the repository); skip the test when it is absent."""
+    path = Path(__file__).resolve().parents[1].joinpath("..", "shared", "data", *parts).resolve()
+    if not path.exists():
+        pytest.skip(f"real test data not found: {path} (the ../shared/data folder is absent)")
+    return path
+
+
+def grid_image(shape, affine, frame_of_reference_uid: str | None = None) -> MetaTensor:
+    """A zero [1, X, Y, Z] image with the given RAS affine."""
+    meta = {"FrameOfReferenceUID": frame_of_reference_uid} if frame_of_reference_uid else {}
+    return MetaTensor(torch.zeros((1, *shape)), affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+
+
+def nifti_image(path: Path) -> MetaTensor:
+    img = nib.load(str(path))
+    data = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))[None]
+    return MetaTensor(data, affine=torch.as_tensor(img.affine, dtype=torch.float64))
+
+
+def dicom_image(folder: Path) -> MetaTensor:
+    """The CT of a DICOM folder the way ctfm's loader builds it.
+
+    vol[column j, row i, slice k] = pixel_array_k[i, j], slices sorted along n = row_dir x col_dir;
+    LPS affine columns (row_dir * column spacing, col_dir * row spacing, n * slice gap), origin at
+    the first sorted slice; RAS = diag(-1, -1, 1, 1) @ LPS.
+    """
+    import pydicom
+
+    datasets = [pydicom.dcmread(f) for f in sorted(folder.iterdir()) if f.is_file()]
+    orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    datasets.sort(key=lambda ds: float(normal @ np.asarray(ds.ImagePositionPatient, dtype=np.float64)))
+    along_normal = [float(normal @ np.asarray(ds.ImagePositionPatient, dtype=np.float64)) for ds in datasets]
+    gap = (along_normal[-1] - along_normal[0]) / (len(datasets) - 1)
+    row_spacing, col_spacing = (float(v) for v in datasets[0].PixelSpacing)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = normal * gap
+    lps[:3, 3] = np.asarray(datasets[0].ImagePositionPatient, dtype=np.float64)
+    volume = np.stack(
+        [ds.pixel_array.T * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0)) for ds in datasets],
+        axis=-1,
+    ).astype(np.float32)
+    meta = {"FrameOfReferenceUID": str(datasets[0].FrameOfReferenceUID)}
+    return MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(LPS_TO_RAS @ lps), meta=meta)
+
+
+def labels_of(label_map: LabelMap) -> np.ndarray:
+    return label_map.labels[0].numpy()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def save_itk(array: np.ndarray, affine_ras: np.ndarray, path: Path) -> Path:
+    """Write [I, J, K] with a RAS affine through SimpleITK (which stores LPS)."""
+    affine_lps = LPS_TO_RAS @ affine_ras
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((affine_lps[:3, :3] / spacing).flatten().tolist())
+    img.SetOrigin(affine_lps[:3, 3].tolist())
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+GRID_SHAPE = (6, 7, 8)
+GRID_AFFINE = np.array(
+    [[-0.8, 0.0, 0.0, 40.0], [0.0, -0.8, 0.0, 120.0], [0.0, 0.0, 2.5, -300.0], [0.0, 0.0, 0.0, 1.0]]
+)  # an LPS-stored DICOM-like grid in RAS
+
+
+def random_labels(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 5, size=shape).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic grids
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_permuted_and_flipped_volume_maps_back_exactly(tmp_path, suffix):
+    truth = random_labels(GRID_SHAPE)
+    # Store the labels with axes (z, x, y), x flipped: file index (k, i', j) holds grid (X-1-i', j, k).
+    stored = np.flip(truth, axis=0).transpose(2, 0, 1)
+    file_to_grid = np.zeros((4, 4))
+    file_to_grid[2, 0] = 1  # file axis 0 -> grid z
+    file_to_grid[0, 1] = -1  # file axis 1 -> grid x, reversed
+    file_to_grid[0, 3] = GRID_SHAPE[0] - 1
+    file_to_grid[1, 2] = 1  # file axis 2 -> grid y
+    file_to_grid[3, 3] = 1
+    file_affine = GRID_AFFINE @ file_to_grid
+    writer = save_nifti if suffix == ".nii.gz" else save_itk
+    path = writer(stored.astype(np.uint8), file_affine, tmp_path / f"labels{suffix}")
+
+    result = load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE))
+
+    assert result.labels.shape == (1, *GRID_SHAPE)
+    assert result.labels.dtype == torch.int16
+    assert torch.equal(result.labels.affine, torch.as_tensor(GRID_AFFINE))
+    np.testing.assert_array_equal(labels_of(result), truth)
+    assert not np.array_equal(stored.transpose(1, 2, 0), truth)  # a same-index copy would be wrong
+
+
+def test_coarser_shifted_grid_maps_by_nearest_neighbour(tmp_path):
+    coarse = random_labels((3, 4, 5), seed=1)
+    coarse_affine = np.diag([2.0, 2.0, 2.0, 1.0])  # voxel centres at 0, 2, 4, ... mm
+    fine_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine_affine[:3, 3] = -0.5  # fine centres at -0.5, 0.5, 1.5, ...: two per coarse voxel, no ties
+    fine_shape = (8, 8, 10)  # x and z reach past the coarse grid there: must be 0
+    path = save_nifti(coarse, coarse_affine, tmp_path / "coarse.nii.gz")
+
+    result = labels_of(load_labels(path, grid_image(fine_shape, fine_affine)))
+
+    expected = np.zeros(fine_shape, dtype=np.int16)
+    expected[:6, :8, :10] = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_index_mapping_agrees_with_general_nearest_neighbour():
+    src = random_labels((5, 6, 7), seed=3)
+    permutation = np.zeros((4, 4))
+    permutation[[1, 2, 0], [0, 1, 2]] = [-1, 1, -1]
+    permutation[:3, 3] = [5.3, 6.8, 1.4]  # fractional shifts; some grid voxels fall outside the source
+    permutation[3, 3] = 1
+    grid_affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    src_affine = grid_affine @ np.linalg.inv(permutation)
+    fast, n_fast = _resample_nearest(src, src_affine, grid_affine, (7, 5, 6))
+    general, n_general = _resample_nearest(src, src_affine, grid_affine, (7, 5, 6), allow_index_mapping=False)
+    np.testing.assert_array_equal(fast, general)
+    assert 0 < n_fast == n_general < 7 * 5 * 6
+
+
+def test_oblique_grid_keeps_the_labelled_region_in_place():
+    angle = np.deg2rad(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    src_affine = np.eye(4)
+    src_affine[:3, :3] = rotation
+    src_affine[:3, 3] = [20.0, -10.0, 0.0]
+    src = np.zeros((40, 40, 10), dtype=np.int16)
+    src[10:30, 10:30, 2:8] = 3  # a 20 x 20 x 6 mm block
+    centre_world = src_affine @ np.array([19.5, 19.5, 4.5, 1.0])
+    grid_affine = np.eye(4)
+    grid_affine[:3, 3] = centre_world[:3] - 25  # the block's centre at grid voxel ~(25, 25, 25)
+
+    result = resample_labels(src, src_affine, grid_affine, (50, 50, 50))
+
+    assert result[25, 25, 25] == 3 and result[0, 0, 25] == 0
+    assert abs((result == 3).sum() - 20 * 20 * 6) < 0.1 * 20 * 20 * 6
+
+
+def test_label_map_outside_the_image_is_refused(tmp_path):
+    far = GRID_AFFINE.copy()
+    far[2, 3] += 1000.0  # one metre up
+    path = save_nifti(random_labels(GRID_SHAPE), far, tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(CTInputError, match="does not overlap the image") as info:
+        load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE))
+    assert info.value.path == str(path)
+
+
+def test_unsupported_and_missing_files_are_refused(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a label map")
+    image = grid_image(GRID_SHAPE, GRID_AFFINE)
+    with pytest.raises(CTInputError, match="not a label file"):
+        load_labels(text, image)
+    with pytest.raises(CTInputError, match="no such file"):
+        load_labels(tmp_path / "missing.nii.gz", image)
+    with pytest.raises(CTInputError, match="is a folder"):
+        load_labels(tmp_path, image)
+
+
+def test_probability_map_is_refused(tmp_path):
+    path = save_nifti(np.full(GRID_SHAPE, 0.4, dtype=np.float32), GRID_AFFINE, tmp_path / "probs.nii.gz")
+    with pytest.raises(CTInputError, match="non-integer values"):
+        load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE))
+
+
+def test_names_from_sidecar_json_and_label_table(tmp_path):
+    path = save_nifti(random_labels(GRID_SHAPE).astype(np.uint8), GRID_AFFINE, tmp_path / "organs.nii.gz")
+    (tmp_path / "organs.json").write_text(json.dumps({"labels": {"1": "liver", "2": "spleen"}}))
+    result = load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE))
+    assert result.names == {1: "liver", 2: "spleen"} and result.source_format == "nifti"
+
+    table = b'<LabelTable>\n<Label Key="5" Red="0"><![CDATA[liver]]></Label><Label Key="7">a &amp; b</Label></LabelTable>\x00'
+    assert parse_label_table(table) == {5: "liver", 7: "a & b"}
+
+
+def test_slicer_segment_names_from_nrrd(tmp_path):
+    path = save_itk(random_labels(GRID_SHAPE), GRID_AFFINE, tmp_path / "seg.nrrd")
+    img = sitk.ReadImage(str(path))
+    for key, value in {"Segment0_Name": "tumour", "Segment0_LabelValue": "3", "Segment1_Name": "lung", "Segment1_LabelValue": "1"}.items():
+        img.SetMetaData(key, value)
+    sitk.WriteImage(img, str(path))
+    assert load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE)).names == {3: "tumour", 1: "lung"}
+
+
+def test_square_contour_fills_the_voxels_whose_centres_it_encloses():
+    # Corners halfway between voxel centres, so the answer is unambiguous: x 3..7, y 4..9, z = 4.
+    corners_voxel = np.array([[2.5, 3.5, 4.0], [7.5, 3.5, 4.0], [7.5, 9.5, 4.0], [2.5, 9.5, 4.0]])
+    to_lps = LPS_TO_RAS @ GRID_AFFINE
+    contour_lps = corners_voxel @ to_lps[:3, :3].T + to_lps[:3, 3]
+    shape = (12, 12, 8)
+
+    mask = rasterize_planar_contours([contour_lps], GRID_AFFINE, shape)
+
+    assert mask.shape == shape and mask.sum() == 5 * 6
+    assert mask[3:8, 4:10, 4].all()
+
+    # An inner contour is a hole (even-odd): remove x 4..5, y 5..6.
+    hole_voxel = np.array([[3.5, 4.5, 4.0], [5.5, 4.5, 4.0], [5.5, 6.5, 4.0], [3.5, 6.5, 4.0]])
+    hole_lps = hole_voxel @ to_lps[:3, :3].T + to_lps[:3, 3]
+    ring = rasterize_planar_contours([contour_lps, hole_lps], GRID_AFFINE, shape)
+    assert ring.sum() == 30 - 4 and not ring[4:6, 5:7, 4].any()
+
+    # The same contour on the same grid stored with axes (z, x, y): the same voxels, permuted.
+    new_to_old = np.zeros((4, 4))
+    new_to_old[[2, 0, 1, 3], [0, 1, 2, 3]] = 1
+    permuted = rasterize_planar_contours([contour_lps], GRID_AFFINE @ new_to_old, (8, 12, 12))
+    np.testing.assert_array_equal(permuted, mask.transpose(2, 0, 1))
+
+    # Between two slices: the structure set was drawn on another series.
+    off_slice = contour_lps.copy()
+    off_slice[:, 2] += 0.4 * GRID_AFFINE[2, 2]
+    with pytest.raises(CTInputError, match="does not match the image slices"):
+        rasterize_planar_contours([off_slice], GRID_AFFINE, shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data (../shared/data)
+
+
+@pytest.mark.realdata
+def test_totalsegmentator_labels_on_their_own_grid():
+    folder = shared_data("abdomen_3mm")
+    result = load_labels(folder / "example_seg.nii.gz", nifti_image(folder / "example_ct_sm.nii.gz"))
+    seg = np.asarray(nib.load(str(folder / "example_seg.nii.gz")).dataobj)
+    np.testing.assert_array_equal(labels_of(result), seg)
+    assert result.names[5] == "liver" and result.source_format == "nifti"
+    assert set(np.unique(seg)) - {0} <= set(result.names)
+
+
+@pytest.mark.realdata
+def test_totalsegmentator_labels_on_the_full_scan_grid():
+    # example_ct_sm's header repeats the full scan's affine although it holds slices 82..111, so
+    # the world coordinates in the seg header do not say where the anatomy really is: only check
+    # that the labels come back on the full grid.
+    folder = shared_data("abdomen_3mm")
+    image = nifti_image(folder / "example_ct.nii.gz")
+    result = load_labels(folder / "example_seg.nii.gz", image)
+    assert result.labels.shape == image.shape and labels_of(result).any()
+
+
+@pytest.mark.realdata
+def test_las_nifti_on_lps_dicom_is_flipped_not_copied():
+    folder = shared_data("abdomen_dicom")
+    image = dicom_image(folder / "dicom")
+    seg_img = nib.load(str(folder / "seg.nii.gz"))
+    seg = np.asarray(seg_img.dataobj)
+
+    result = load_labels(folder / "seg.nii.gz", image)
+    labels = labels_of(result)
+
+    liver = next(value for value, name in result.names.items() if name == "liver")
+    centroid_file = seg_img.affine @ np.append(np.argwhere(seg == liver).mean(axis=0), 1)
+    centroid_image = image.affine.numpy() @ np.append(np.argwhere(labels == liver).mean(axis=0), 1)
+    voxel_size = np.linalg.norm(image.affine.numpy()[:3, :3], axis=0)
+    assert np.all(np.abs(centroid_file - centroid_image)[:3] <= voxel_size)
+    assert (labels == liver).sum() == (seg == liver).sum()
+    assert not np.array_equal(labels, seg)  # the naive same-index copy mirrors anterior/posterior
+    np.testing.assert_array_equal(labels, np.flip(seg, axis=1))  # LAS vs LPS: y reversed
+
+
+@pytest.mark.realdata
+def test_dicom_image_helper_matches_simpleitk():
+    folder = shared_data("liver_3slice_dicomseg", "dicom")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    itk = reader.Execute()
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = np.asarray(itk.GetDirection()).reshape(3, 3) * np.asarray(itk.GetSpacing())
+    affine_lps[:3, 3] = itk.GetOrigin()
+    image = dicom_image(folder)
+    # ITK may stack the slices either way along the normal; compare voxel-centre sets in world mm.
+    ijk = np.argwhere(np.ones(itk.GetSize(), dtype=bool))[[0, -1]].T
+    ours = (image.affine.numpy() @ np.vstack([ijk, [1, 1]]))[:3]
+    theirs = (LPS_TO_RAS @ affine_lps @ np.vstack([ijk, [1, 1]]))[:3]
+    assert image.shape[1:] == tuple(itk.GetSize())
+    np.testing.assert_allclose(np.sort(ours, axis=1), np.sort(theirs, axis=1), atol=1e-3)
+
+
+@pytest.mark.realdata
+def test_dicom_seg_agrees_with_nrrd_labels():
+    folder = shared_data("liver_3slice_dicomseg")
+    image = dicom_image(folder / "dicom")
+    from_seg = load_labels(folder / "liver_seg_DICOMSEG.dcm", image)
+    from_nrrd = load_labels(folder / "liver_seg.nrrd", image)
+    assert from_seg.names == {1: "Liver"} and from_seg.source_format == "dicom-seg"
+    assert from_nrrd.source_format == "nrrd"
+    assert from_seg.labels.shape == image.shape and from_seg.labels.dtype in (torch.int16, torch.int32)
+    liver_seg, liver_nrrd = labels_of(from_seg) == 1, labels_of(from_nrrd) == 1
+    assert liver_seg.any() and dice(liver_seg, liver_nrrd) > 0.99  # measured: 1.0
+
+
+@pytest.mark.realdata
+def test_dicom_seg_of_another_frame_of_reference_is_refused():
+    folder = shared_data("liver_3slice_dicomseg")
+    image = dicom_image(folder / "dicom")
+    image.meta["FrameOfReferenceUID"] = "1.2.3.4"
+    with pytest.raises(CTInputError, match="frame of reference"):
+        load_labels(folder / "liver_seg_DICOMSEG.dcm", image)
+
+
+@pytest.mark.realdata
+def test_ct_slice_is_not_a_label_file():
+    folder = shared_data("liver_3slice_dicomseg", "dicom")
+    with pytest.raises(CTInputError, match="not a segmentation"):
+        load_labels(folder / "01.dcm", dicom_image(folder))
+
+
+@pytest.mark.realdata
+def test_rtstruct_rasterises_like_the_reference_mask():
+    folder = shared_data("sarcoma_ct", "STS_019")
+    image = dicom_image(folder / "dicom" / "image")
+    from_rtstruct = load_labels(folder / "dicom" / "mask" / "RS.dcm", image)
+    from_nifti = load_labels(folder / "CT_mask.nii.gz", image)
+    assert from_rtstruct.names == {1: "GTV_Mass_CT"} and from_rtstruct.source_format == "rtstruct"
+    gtv_rt, gtv_nifti = labels_of(from_rtstruct) == 1, labels_of(from_nifti) == 1
+    assert gtv_rt.any() and dice(gtv_rt, gtv_nifti) > 0.9  # measured: 1.0 (voxel for voxel)
