@@ -16,7 +16,7 @@ Coordinates
 
 Default grid
     Field of view about 320 x 250 mm in-plane and 200-300 mm in z. The in-plane spacing is
-    drawn from 2.5-3.3 mm, so the arrays stay small (97-128 x 74-104 voxels), and the slice
+    drawn from 2.5-3.3 mm, so the arrays stay small (94-132 x 73-104 voxels), and the slice
     thickness from ``Z_SPACINGS_MM`` (1-5 mm, 40-300 slices). Such a coarse in-plane grid is
     a deliberate trade for speed (well under a second per phantom); pass
     ``spacing_mm=(0.8, 0.8, 1.0)`` for clinical in-plane sampling (the shape then follows
@@ -127,7 +127,8 @@ class _Grid:
         return slice(int(np.searchsorted(coords, lo, "left")), int(np.searchsorted(coords, hi, "right")))
 
     def box(self, centre: np.ndarray, half: np.ndarray) -> tuple[slice, slice, slice]:
-        return tuple(self.span(i, centre[i] - half[i], centre[i] + half[i]) for i in range(3))  # type: ignore[return-value]
+        spans = tuple(self.span(i, centre[i] - half[i], centre[i] + half[i]) for i in range(3))
+        return spans  # type: ignore[return-value]
 
     def nearest_index(self, point: np.ndarray) -> tuple[int, int, int]:
         return tuple(
@@ -139,7 +140,9 @@ class _Grid:
 def _rotation(yaw_deg: float, pitch_deg: float = 0.0, roll_deg: float = 0.0) -> np.ndarray:
     """3x3 rotation: yaw about z, then pitch about y, then roll about x (columns = local axes)."""
     yaw, pitch, roll = np.deg2rad([yaw_deg, pitch_deg, roll_deg])
-    cz, sz, cy, sy, cx, sx = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    cz, sz = np.cos(yaw), np.sin(yaw)
+    cy, sy = np.cos(pitch), np.sin(pitch)
+    cx, sx = np.cos(roll), np.sin(roll)
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
@@ -328,14 +331,15 @@ def make_phantom(
     # ---- lungs: elliptic columns that narrow towards the apex, standing on a paraboloid
     # diaphragm dome whose rim dips lower (the costophrenic recesses); cut to the cavity.
     for name, side, dome in (("lung_left", -1, 0.0), ("lung_right", 1, _u(rng, 0.02, 0.05))):
-        r = radii(0.44, 0.9, 1.0) * jitter(0.06, 2 + 1)
+        r = radii(0.44, 0.9, 1.0) * jitter(0.06)
         centre = at(side * _u(rng, 0.47, 0.53), _u(rng, -0.08, 0.0), dome)
         recess = _u(rng, 0.08, 0.14) * height
         apex = _u(rng, 0.6, 0.8) * height  # dome top to lung apex
         xs = grid.span(0, centre[0] - r[0], centre[0] + r[0])
         ys = grid.span(1, centre[1] - r[1], centre[1] + r[1])
         zs = grid.span(2, centre[2] - recess, centre[2] + apex)
-        radial = ((gx[xs] - centre[0]) / r[0])[:, None, None] ** 2 + ((gy[ys] - centre[1]) / r[1])[None, :, None] ** 2
+        radial = ((gx[xs] - centre[0]) / r[0])[:, None, None] ** 2
+        radial = radial + ((gy[ys] - centre[1]) / r[1])[None, :, None] ** 2
         rise = (gz[zs] - centre[2])[None, None, :]
         narrowing = 1.0 - (np.clip(rise, 0, None) / apex) ** 2
         mask = (radial <= narrowing) & (rise >= -recess * radial)
@@ -353,9 +357,8 @@ def make_phantom(
     liver_taper = np.zeros((3, 3))
     liver_taper[1, 0] = _u(rng, 0.15, 0.3)  # thicker (antero-posteriorly) on the patient's right
     liver_taper[2, 0] = _u(rng, 0.1, 0.25)
-    box, mask = _ellipsoid(
-        grid, liver, radii(0.55, 0.72, 0.26) * jitter(0.08), _rotation(_u(rng, -10, 10), _u(rng, -5, 5)), liver_taper
-    )
+    liver_radii = radii(0.55, 0.72, 0.26) * jitter(0.08)
+    box, mask = _ellipsoid(grid, liver, liver_radii, _rotation(_u(rng, -10, 10), _u(rng, -5, 5)), liver_taper)
     _paint(labels, box, mask, _ID["liver"], within=cavity)
     centres[_ID["liver"]] = liver
 
@@ -397,15 +400,17 @@ def make_phantom(
     ex = (gx - spine_x)[:, None]
     vert_2d = (ex / vert_rx) ** 2 + ((gy - spine_y)[None, :] / vert_ry) ** 2 <= 1.0
     arch = (ex / (canal_r * 1.9)) ** 2 + ((gy - canal_y)[None, :] / (canal_r * 1.7)) ** 2 <= 1.0
-    spinous = (ex / max(0.03 * a, 0.6 * spacing[0])) ** 2 + ((gy - (canal_y - 0.16 * b))[None, :] / (0.12 * b)) ** 2 <= 1.0
+    spinous_rx = max(0.03 * a, 0.6 * spacing[0])  # keep the thin process visible on coarse grids
+    spinous = (ex / spinous_rx) ** 2 + ((gy - (canal_y - 0.16 * b))[None, :] / (0.12 * b)) ** 2 <= 1.0
     canal = (ex / canal_r) ** 2 + ((gy - canal_y)[None, :] / canal_r) ** 2 <= 1.0
     spine_2d = (vert_2d | arch | spinous) & ~canal
     spine_3d = spine_2d[:, :, None] & ~in_disc[None, None, :]
     labels[(vert_2d | arch | spinous)[:, :, None] & in_disc[None, None, :]] = _ID["muscle"]
     labels[np.broadcast_to(canal[:, :, None], shape)] = _ID["muscle"]  # cord and CSF
     labels[spine_3d] = _ID["vertebrae"]
-    first_bone_z = np.flatnonzero(~in_disc)
-    centres[_ID["vertebrae"]] = np.array([spine_x, spine_y, gz[first_bone_z[len(first_bone_z) // 2]] if first_bone_z.size else 0.0])
+    bone_slices = np.flatnonzero(~in_disc)
+    bone_z = gz[bone_slices[len(bone_slices) // 2]] if bone_slices.size else 0.0
+    centres[_ID["vertebrae"]] = np.array([spine_x, spine_y, bone_z])
 
     # ---- ribs: thin bands in the middle of the chest wall, sloping down anteriorly, from the
     # lower costal margin up; the anterior gap (costal cartilage) widens lower down.
@@ -419,7 +424,8 @@ def make_phantom(
     rho_r = np.sqrt((dx2 / a_r) ** 2 + (dy2 / b_r) ** 2)
     ray = a_r * b_r / np.sqrt((b_r * np.cos(theta)) ** 2 + (a_r * np.sin(theta)) ** 2)  # radius along theta
     rho_r = (rho_r / wobble).astype(np.float32)
-    ring = np.abs(rho_r[:, :, None] - z_scale[None, None, :]) * ray.astype(np.float32)[:, :, None] <= rib_thick / 2
+    ring_offset = np.abs(rho_r[:, :, None] - z_scale[None, None, :])
+    ring = ring_offset * ray.astype(np.float32)[:, :, None] <= rib_thick / 2
     sin_t = np.sin(theta)[:, :, None]
     gap = 0.75 - 0.9 * np.clip((z_diaphragm + 0.15 * height - gz) / (0.4 * height), 0, 1)  # sin(theta) limit
     z_eff = gz[None, :] + rib_slope * (gy - cy)[:, None]  # (Y, Z): constant along one rib
@@ -440,7 +446,7 @@ def make_phantom(
         raise ValueError(f"shape {shape} is too small to hold every organ (missing {missing})")
 
     # ---- intensities. Contrast phase c scales the enhancing organs (portal venous ~ c=1).
-    contrast = _u(rng, 0.5, 1.0)
+    contrast = _u(rng, 0.6, 1.0)
     mean_hu = np.zeros(len(LABEL_NAMES), dtype=np.float32)
     mean_hu[_ID["background"]] = -1000.0
     mean_hu[_ID["fat"]] = _u(rng, -110, -90)
@@ -448,8 +454,8 @@ def make_phantom(
     mean_hu[[_ID["lung_left"], _ID["lung_right"]]] = _u(rng, -870, -830)
     mean_hu[_ID["liver"]] = 55 + 50 * contrast + _u(rng, -5, 5)
     mean_hu[_ID["spleen"]] = 45 + 60 * contrast + _u(rng, -5, 5)
-    mean_hu[[_ID["kidney_left"], _ID["kidney_right"]]] = 35 + 150 * contrast + _u(rng, -10, 10)
-    mean_hu[_ID["aorta"]] = 40 + 220 * contrast + _u(rng, -10, 10)
+    mean_hu[[_ID["kidney_left"], _ID["kidney_right"]]] = 60 + 120 * contrast + _u(rng, -10, 10)
+    mean_hu[_ID["aorta"]] = 50 + 180 * contrast + _u(rng, -10, 10)
     cancellous = _u(rng, 620, 780)
     cortical = _u(rng, 950, 1150)
     mean_hu[[_ID["vertebrae"], _ID["ribs"]]] = cancellous
