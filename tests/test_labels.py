@@ -12,7 +12,9 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
+from conftest import data_path
 from ctfm.errors import CTInputError
+from ctfm.io import load_ct
 from ctfm.io.labels import (
     LabelMap,
     _resample_nearest,
@@ -22,57 +24,14 @@ from ctfm.io.labels import (
     resample_labels,
 )
 
+# The test's own copy of the convention, so that a wrong constant in ctfm would not go unseen.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data (beside the repository); skip the test when it is absent."""
-    path = Path(__file__).resolve().parents[1].joinpath("..", "shared", "data", *parts).resolve()
-    if not path.exists():
-        pytest.skip(f"real test data not found: {path} (the ../shared/data folder is absent)")
-    return path
 
 
 def grid_image(shape, affine, frame_of_reference_uid: str | None = None) -> MetaTensor:
     """A zero [1, X, Y, Z] image with the given RAS affine."""
     meta = {"FrameOfReferenceUID": frame_of_reference_uid} if frame_of_reference_uid else {}
     return MetaTensor(torch.zeros((1, *shape)), affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
-
-
-def nifti_image(path: Path) -> MetaTensor:
-    img = nib.load(str(path))
-    data = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))[None]
-    return MetaTensor(data, affine=torch.as_tensor(img.affine, dtype=torch.float64))
-
-
-def dicom_image(folder: Path) -> MetaTensor:
-    """The CT of a DICOM folder the way ctfm's loader builds it.
-
-    vol[column j, row i, slice k] = pixel_array_k[i, j], slices sorted along n = row_dir x col_dir;
-    LPS affine columns (row_dir * column spacing, col_dir * row spacing, n * slice gap), origin at
-    the first sorted slice; RAS = diag(-1, -1, 1, 1) @ LPS.
-    """
-    import pydicom
-
-    datasets = [pydicom.dcmread(f) for f in sorted(folder.iterdir()) if f.is_file()]
-    orientation = np.asarray(datasets[0].ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = orientation[:3], orientation[3:]
-    normal = np.cross(row_dir, col_dir)
-    datasets.sort(key=lambda ds: float(normal @ np.asarray(ds.ImagePositionPatient, dtype=np.float64)))
-    along_normal = [float(normal @ np.asarray(ds.ImagePositionPatient, dtype=np.float64)) for ds in datasets]
-    gap = (along_normal[-1] - along_normal[0]) / (len(datasets) - 1)
-    row_spacing, col_spacing = (float(v) for v in datasets[0].PixelSpacing)
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * col_spacing
-    lps[:3, 1] = col_dir * row_spacing
-    lps[:3, 2] = normal * gap
-    lps[:3, 3] = np.asarray(datasets[0].ImagePositionPatient, dtype=np.float64)
-    volume = np.stack(
-        [ds.pixel_array.T * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0)) for ds in datasets],
-        axis=-1,
-    ).astype(np.float32)
-    meta = {"FrameOfReferenceUID": str(datasets[0].FrameOfReferenceUID)}
-    return MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(LPS_TO_RAS @ lps), meta=meta)
 
 
 def labels_of(label_map: LabelMap) -> np.ndarray:
@@ -231,6 +190,30 @@ def test_slicer_segment_names_from_nrrd(tmp_path):
     assert load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE)).names == {3: "tumour", 1: "lung"}
 
 
+def test_multi_layer_segmentation_is_refused_as_a_segmentation(tmp_path):
+    # Slicer stores overlapping segments as layers: several components per voxel.
+    layers = np.stack([random_labels(GRID_SHAPE[::-1], seed) for seed in (1, 2)], axis=-1)
+    path = tmp_path / "layers.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(layers, isVector=True), str(path))
+    with pytest.raises(CTInputError, match="2 layers"):
+        load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE))
+
+
+def test_volume_files_under_other_names_and_damaged_files(tmp_path):
+    image = grid_image(GRID_SHAPE, GRID_AFFINE)
+    nrrd = save_itk(random_labels(GRID_SHAPE), GRID_AFFINE, tmp_path / "seg.nrrd")
+    nifti = save_nifti(random_labels(GRID_SHAPE), GRID_AFFINE, tmp_path / "seg.nii.gz")
+    with pytest.raises(CTInputError, match="rename it to end in .nrrd"):
+        load_labels(nrrd.rename(tmp_path / "seg.labels"), image)
+    with pytest.raises(CTInputError, match="rename it to end in .nii.gz"):
+        load_labels(nifti.rename(tmp_path / "seg.gz"), image)
+
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes((tmp_path / "seg.gz").read_bytes()[:200])
+    with pytest.raises(CTInputError, match="unreadable NIfTI"):
+        load_labels(truncated, image)
+
+
 def test_square_contour_fills_the_voxels_whose_centres_it_encloses():
     # Corners halfway between voxel centres, so the answer is unambiguous: x 3..7, y 4..9, z = 4.
     corners_voxel = np.array([[2.5, 3.5, 4.0], [7.5, 3.5, 4.0], [7.5, 9.5, 4.0], [2.5, 9.5, 4.0]])
@@ -268,8 +251,8 @@ def test_square_contour_fills_the_voxels_whose_centres_it_encloses():
 
 @pytest.mark.realdata
 def test_totalsegmentator_labels_on_their_own_grid():
-    folder = shared_data("abdomen_3mm")
-    result = load_labels(folder / "example_seg.nii.gz", nifti_image(folder / "example_ct_sm.nii.gz"))
+    folder = data_path("abdomen_3mm")
+    result = load_labels(folder / "example_seg.nii.gz", load_ct(folder / "example_ct_sm.nii.gz")[0])
     seg = np.asarray(nib.load(str(folder / "example_seg.nii.gz")).dataobj)
     np.testing.assert_array_equal(labels_of(result), seg)
     assert result.names[5] == "liver" and result.source_format == "nifti"
@@ -281,16 +264,16 @@ def test_totalsegmentator_labels_on_the_full_scan_grid():
     # example_ct_sm's header repeats the full scan's affine although it holds slices 82..111, so
     # the world coordinates in the seg header do not say where the anatomy really is: only check
     # that the labels come back on the full grid.
-    folder = shared_data("abdomen_3mm")
-    image = nifti_image(folder / "example_ct.nii.gz")
+    folder = data_path("abdomen_3mm")
+    image, _ = load_ct(folder / "example_ct.nii.gz")
     result = load_labels(folder / "example_seg.nii.gz", image)
     assert result.labels.shape == image.shape and labels_of(result).any()
 
 
 @pytest.mark.realdata
 def test_las_nifti_on_lps_dicom_is_flipped_not_copied():
-    folder = shared_data("abdomen_dicom")
-    image = dicom_image(folder / "dicom")
+    folder = data_path("abdomen_dicom")
+    image, _ = load_ct(folder / "dicom")
     seg_img = nib.load(str(folder / "seg.nii.gz"))
     seg = np.asarray(seg_img.dataobj)
 
@@ -308,27 +291,9 @@ def test_las_nifti_on_lps_dicom_is_flipped_not_copied():
 
 
 @pytest.mark.realdata
-def test_dicom_image_helper_matches_simpleitk():
-    folder = shared_data("liver_3slice_dicomseg", "dicom")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    itk = reader.Execute()
-    affine_lps = np.eye(4)
-    affine_lps[:3, :3] = np.asarray(itk.GetDirection()).reshape(3, 3) * np.asarray(itk.GetSpacing())
-    affine_lps[:3, 3] = itk.GetOrigin()
-    image = dicom_image(folder)
-    # ITK may stack the slices either way along the normal; compare voxel-centre sets in world mm.
-    ijk = np.argwhere(np.ones(itk.GetSize(), dtype=bool))[[0, -1]].T
-    ours = (image.affine.numpy() @ np.vstack([ijk, [1, 1]]))[:3]
-    theirs = (LPS_TO_RAS @ affine_lps @ np.vstack([ijk, [1, 1]]))[:3]
-    assert image.shape[1:] == tuple(itk.GetSize())
-    np.testing.assert_allclose(np.sort(ours, axis=1), np.sort(theirs, axis=1), atol=1e-3)
-
-
-@pytest.mark.realdata
 def test_dicom_seg_agrees_with_nrrd_labels():
-    folder = shared_data("liver_3slice_dicomseg")
-    image = dicom_image(folder / "dicom")
+    folder = data_path("liver_3slice_dicomseg")
+    image, _ = load_ct(folder / "dicom")
     from_seg = load_labels(folder / "liver_seg_DICOMSEG.dcm", image)
     from_nrrd = load_labels(folder / "liver_seg.nrrd", image)
     assert from_seg.names == {1: "Liver"} and from_seg.source_format == "dicom-seg"
@@ -340,8 +305,8 @@ def test_dicom_seg_agrees_with_nrrd_labels():
 
 @pytest.mark.realdata
 def test_dicom_seg_of_another_frame_of_reference_is_refused():
-    folder = shared_data("liver_3slice_dicomseg")
-    image = dicom_image(folder / "dicom")
+    folder = data_path("liver_3slice_dicomseg")
+    image, _ = load_ct(folder / "dicom")
     image.meta["FrameOfReferenceUID"] = "1.2.3.4"
     with pytest.raises(CTInputError, match="frame of reference"):
         load_labels(folder / "liver_seg_DICOMSEG.dcm", image)
@@ -349,15 +314,15 @@ def test_dicom_seg_of_another_frame_of_reference_is_refused():
 
 @pytest.mark.realdata
 def test_ct_slice_is_not_a_label_file():
-    folder = shared_data("liver_3slice_dicomseg", "dicom")
+    folder = data_path("liver_3slice_dicomseg/dicom")
     with pytest.raises(CTInputError, match="not a segmentation"):
-        load_labels(folder / "01.dcm", dicom_image(folder))
+        load_labels(folder / "01.dcm", load_ct(folder)[0])
 
 
 @pytest.mark.realdata
 def test_rtstruct_rasterises_like_the_reference_mask():
-    folder = shared_data("sarcoma_ct", "STS_019")
-    image = dicom_image(folder / "dicom" / "image")
+    folder = data_path("sarcoma_ct/STS_019")
+    image, _ = load_ct(folder / "dicom" / "image")
     from_rtstruct = load_labels(folder / "dicom" / "mask" / "RS.dcm", image)
     from_nifti = load_labels(folder / "CT_mask.nii.gz", image)
     assert from_rtstruct.names == {1: "GTV_Mass_CT"} and from_rtstruct.source_format == "rtstruct"

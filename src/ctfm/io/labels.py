@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ctfm.errors import CTInputError
+from ctfm.io.volume import LPS_TO_RAS, VOLUME_SUFFIXES, read_volume, volume_format
 
 if TYPE_CHECKING:
     from monai.data import MetaTensor
@@ -38,12 +39,6 @@ __all__ = ["LabelMap", "load_labels", "resample_labels", "rasterize_planar_conto
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
 
-# DICOM and ITK speak LPS; NIfTI, MONAI and this package speak RAS.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_NRRD_SUFFIXES = (".nrrd", ".nhdr")
-_MHA_SUFFIXES = (".mha", ".mhd")
 _SUPPORTED = "a NIfTI, NRRD or MHA label map, a DICOM SEG or a DICOM RTSTRUCT file"
 
 # A contour must sit within this many voxels of an image slice centre. Half a voxel would
@@ -83,7 +78,10 @@ def load_labels(path: str | os.PathLike, image) -> LabelMap:
     Returns:
         :class:`LabelMap` whose ``labels`` is [1, X, Y, Z] integer on the image grid. Volumes are
         resampled by nearest neighbour (an exact index mapping when the grids differ only by
-        axis order and flips); voxels of the image outside the label file are 0.
+        axis order and flips); voxels of the image outside the label file are 0. Names come
+        from the file (NIfTI Caret/TotalSegmentator label table, Slicer NRRD segment keys, SEG
+        SegmentLabel, RTSTRUCT ROIName); beside a volume file, ``<name>.json`` holding
+        ``{"labels": {"1": "liver"}}`` adds to or overrides them.
 
     Raises:
         CTInputError: missing, unreadable or unsupported file; labels that do not overlap the
@@ -252,28 +250,26 @@ def _detect_format(path: Path) -> str:
         raise CTInputError(path, "no such file", "check the path")
     if path.is_dir():
         raise CTInputError(path, "is a folder, not a label file", f"give {_SUPPORTED}")
-    name = path.name.lower()
-    if name.endswith(_NIFTI_SUFFIXES):
-        return "nifti"
-    if name.endswith(_NRRD_SUFFIXES):
-        return "nrrd"
-    if name.endswith(_MHA_SUFFIXES):
-        return "mha"
+    fmt = volume_format(path)
+    if fmt is not None:
+        return fmt
     try:
         with open(path, "rb") as fh:
             head = fh.read(352)
     except OSError as exc:
         raise CTInputError(path, f"cannot read the file ({exc.strerror})", "check the file permissions") from None
+    # The volume readers pick the format by file name; name such files rather than fail later.
     if head[:4] == b"NRRD":
-        return "nrrd"
-    if head[:2] == b"\x1f\x8b":  # gzip: a .nii.gz under another name?
+        raise CTInputError(path, "a NRRD file whose name does not end in .nrrd or .nhdr", "rename it to end in .nrrd")
+    gzipped = head[:2] == b"\x1f\x8b"
+    if gzipped:
         try:
             with gzip.open(path, "rb") as fh:
                 head = fh.read(352)
         except OSError:
             head = b""
     if head[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return "nifti"
+        raise CTInputError(path, "a NIfTI file whose name does not end in .nii or .nii.gz", f"rename it to end in {'.nii.gz' if gzipped else '.nii'}")
     return _dicom_kind(path, head)
 
 
@@ -304,10 +300,8 @@ def _dicom_kind(path: Path, head: bytes) -> str:
 
 def _read_label_volume(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """``(integer array [I, J, K], RAS affine, names)`` of a volume file."""
-    if fmt == "nifti":
-        array, affine, names = _read_nifti(path)
-    else:
-        array, affine, names = _read_itk(path)
+    names = _nifti_header_names(path) if fmt == "nifti" else _itk_header_names(path)
+    array, affine, _ = read_volume(path)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
@@ -317,43 +311,38 @@ def _read_label_volume(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, di
     return _integer_labels(array, path), affine, names
 
 
-def _read_nifti(path: Path):
+def _nifti_header_names(path: Path) -> dict[int, str]:
+    """Names from the Caret / TotalSegmentator label table in the header extensions (no voxels read)."""
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-        array = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter
+        extensions = nib.load(str(path)).header.extensions
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise CTInputError(path, f"unreadable NIfTI ({_short(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(path, f"unreadable NIfTI header ({_short(exc)})", "check that the file is complete; re-export it") from None
     names: dict[int, str] = {}
-    for extension in img.header.extensions:
+    for extension in extensions:
         names.update(parse_label_table(extension.get_content()))
-    return array, np.asarray(img.affine, dtype=np.float64), names
+    return names
 
 
-def _read_itk(path: Path):
+def _itk_header_names(path: Path) -> dict[int, str]:
+    """Names from 3D Slicer NRRD keys (header only); refuses multi-layer segmentations."""
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        img = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except Exception as exc:
-        raise CTInputError(path, f"unreadable image file ({_short(exc)})", "check that the file is complete; re-export it") from None
-    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise CTInputError(path, f"unreadable image header ({_short(exc)})", "check that the file is complete; re-export it") from None
+    if reader.GetNumberOfComponents() != 1:
+        # read_volume would refuse it too, but as a CT; say what it means for a segmentation.
         raise CTInputError(
             path,
-            f"segmentation with {img.GetNumberOfComponentsPerPixel()} layers (overlapping segments)",
+            f"segmentation with {reader.GetNumberOfComponents()} layers (overlapping segments)",
             "export a single labelmap, e.g. in 3D Slicer: Segmentations > Export to files > labelmap",
         )
-    dim = img.GetDimension()
-    # SimpleITK arrays are (z, y, x); reverse to the (x, y, z) order of the affine.
-    array = sitk.GetArrayViewFromImage(img).transpose(tuple(range(dim))[::-1]).copy()
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
-    k = min(dim, 3)
-    affine_lps = np.eye(4)
-    affine_lps[:k, :k] = (direction * np.asarray(img.GetSpacing()))[:k, :k]
-    affine_lps[:k, 3] = np.asarray(img.GetOrigin())[:k]
-    metadata = {key: img.GetMetaData(key) for key in img.GetMetaDataKeys()}
-    return array, LPS_TO_RAS @ affine_lps, _slicer_segment_names(metadata)
+    return _slicer_segment_names({key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()})
 
 
 def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
@@ -416,7 +405,7 @@ def _slicer_segment_names(metadata: dict[str, str]) -> dict[int, str]:
 def _sidecar_names(path: Path) -> dict[int, str]:
     """Names from ``<file without .nii.gz/.nrrd/...>.json`` holding ``{"labels": {"1": "liver"}}``."""
     name = path.name
-    for suffix in (*_NIFTI_SUFFIXES[::-1], *_NRRD_SUFFIXES, *_MHA_SUFFIXES):  # ".nii.gz" before ".nii"
+    for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break

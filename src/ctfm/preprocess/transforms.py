@@ -28,9 +28,7 @@ class StackWindows:
     """
 
     def __init__(self, windows: tuple[Window, ...], axis: int = 1):
-        from monai.transforms import ScaleIntensityRange
-
-        self.scalers = [ScaleIntensityRange(a_min=w.low_hu, a_max=w.high_hu, b_min=0.0, b_max=1.0, clip=True) for w in windows]
+        self.scalers = [_window(w) for w in windows]
         self.axis = axis
 
     def __call__(self, image):
@@ -48,7 +46,6 @@ def build_transforms(spec: PreprocessSpec):
         CropForeground,
         Orientation,
         ResizeWithPadOrCrop,
-        ScaleIntensityRange,
         Spacing,
         SpatialPad,
     )
@@ -66,7 +63,16 @@ def build_transforms(spec: PreprocessSpec):
         steps.append(crop)
 
     size = spec.patch_size_voxels
-    pad_kwargs = {"value": spec.pad_value_hu} if spec.pad_mode == "constant" else {}
+    pad_value = spec.pad_value_hu
+    single_window = len(spec.windows) == 1
+    window_first = single_window and spec.pad_mode == "constant" and spec.size_policy != "none"
+    if window_first:
+        # Same result, less work: window the smaller unpadded volume, then pad with the windowed
+        # value of pad_value_hu (computed by the same transform, so bit-identical).
+        window = _window(spec.windows[0])
+        steps.append(window)
+        pad_value = float(window(torch.tensor([[[[spec.pad_value_hu]]]], dtype=torch.float32)).flatten()[0])
+    pad_kwargs = {"value": pad_value} if spec.pad_mode == "constant" else {}
     if spec.size_policy == "pad":
         steps.append(SpatialPad(spatial_size=size, mode=spec.pad_mode, **pad_kwargs))
     elif spec.size_policy == "pad_or_crop":
@@ -75,12 +81,17 @@ def build_transforms(spec: PreprocessSpec):
         steps.append(SpatialPad(spatial_size=size, mode=spec.pad_mode, **pad_kwargs))
         steps.append(CenterSpatialCrop(roi_size=size))
 
-    if len(spec.windows) == 1:
-        w = spec.windows[0]
-        steps.append(ScaleIntensityRange(a_min=w.low_hu, a_max=w.high_hu, b_min=0.0, b_max=1.0, clip=True))
-    else:
+    if single_window and not window_first:
+        steps.append(_window(spec.windows[0]))
+    elif not single_window:
         steps.append(StackWindows(spec.windows, axis=spec.window_concat_axis))
     return Compose(steps)
+
+
+def _window(window: Window):
+    from monai.transforms import ScaleIntensityRange
+
+    return ScaleIntensityRange(a_min=window.low_hu, a_max=window.high_hu, b_min=0.0, b_max=1.0, clip=True)
 
 
 def preprocess(image, spec: PreprocessSpec):
