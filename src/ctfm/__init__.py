@@ -13,4 +13,15 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "embed"]
+
+
+def embed(inputs, **kwargs):
+    """Embed scans (files, folders, DICOM trees, manifests) and return their records.
+
+    See :func:`ctfm.embedding.runner.embed` for the arguments; imported lazily so that
+    ``import ctfm`` stays cheap.
+    """
+    from ctfm.embedding.runner import embed as _embed
+
+    return _embed(inputs, **kwargs)

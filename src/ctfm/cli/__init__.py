@@ -15,6 +15,7 @@ import warnings
 VERBS = {
     "demo": ("ctfm.cli.demo", "run the main job on a synthetic scan (or --input PATH) and write a figure"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
+    "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
     "synth": ("ctfm.cli.synth", "write labelled synthetic torso phantoms"),
 }

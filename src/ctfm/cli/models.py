@@ -1,0 +1,170 @@
+"""List, download, convert and initialise model weights.
+
+A weights folder holds config.json (constructor kwargs, as lighter-zoo publishes it),
+model.safetensors and ctfm.json (preprocessing, embedding, sha256, provenance). Load one with
+create_model("ct-fm", weights="FOLDER") or weights="hf-hub:ORG/NAME".
+
+Examples:
+  ctfm models list
+  ctfm models download project-lighter/ct_fm_feature_extractor
+  ctfm models download ct-fm --out weights/ct-fm
+  ctfm models convert epoch=449-step=225000-v1.ckpt --model ct-fm --out weights/ct-fm-pretrain
+  ctfm models convert pretrained.ckpt --model ct-fm-segresnet --out weights/seg-init
+  ctfm models init ct-fm --seed 0 --out weights/ct-fm-random
+  ctfm models init ct-fm --seed 3 --init-filters 8 --out weights/tiny
+
+Exit status: 0 on success, 2 for bad input (unknown model, weights that do not fit, no network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str, description: str):
+        return sub.add_parser(name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = action("list", "list the registered models", "List the registered models: name, parameters, preprocessing preset, hub id.\n\nExample:\n  ctfm models list --json")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+
+    p = action(
+        "download",
+        "download published weights into the Hugging Face cache or a folder (needs network)",
+        "Download ORG/NAME[@REV] (hf-hub: optional, or a model name from `ctfm models list`).\n\n"
+        "Examples:\n  ctfm models download project-lighter/ct_fm_feature_extractor\n  ctfm models download ct-fm --out weights/ct-fm",
+    )
+    p.add_argument("repo", help="ORG/NAME, hf-hub:ORG/NAME[@REV] or a registered model name")
+    p.add_argument("--out", metavar="DIR", help="write a plain weights folder here instead of the Hugging Face cache")
+
+    p = action(
+        "convert",
+        "convert a CT-FM/Lightning checkpoint (or any weights source) into a weights folder",
+        "Load weights strictly into a registered model (CT-FM prefixes model./_orig_mod./backbone./encoder.\n"
+        "are converted, the SimCLR projection head is dropped) and write a weights folder with provenance.\n\n"
+        "Example:\n  ctfm models convert epoch=449-step=225000-v1.ckpt --model ct-fm --out weights/ct-fm-pretrain",
+    )
+    p.add_argument("checkpoint", help="a .ckpt/.pt/.pth/.safetensors file, a weights folder or hf-hub:ORG/NAME")
+    p.add_argument("--model", default="ct-fm", help="registered model name (default: ct-fm)")
+    p.add_argument("--seed", type=int, default=0, help="seed for parts the checkpoint does not hold, e.g. a decoder (default: 0)")
+    _add_writing_arguments(p)
+
+    p = action(
+        "init",
+        "write a randomly initialised weights folder (same seed, same sha256)",
+        "Write a registered model with weights from torch.manual_seed(SEED): byte-identical for the same seed.\n\n"
+        "Example:\n  ctfm models init ct-fm --seed 3 --init-filters 8 --out weights/tiny",
+    )
+    p.add_argument("model", help="registered model name, e.g. ct-fm")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_writing_arguments(p)
+
+
+def _add_writing_arguments(p) -> None:
+    p.add_argument("--out", metavar="DIR", required=True, help="the weights folder to write")
+    p.add_argument("--init-filters", type=int, metavar="N", help="width of the first level (default: the model's, 32 for ct-fm)")
+    p.add_argument("--out-channels", type=int, metavar="N", help="output classes (segmentation models only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
+
+
+def run(args) -> int:
+    return {"list": _list, "download": _download, "convert": _convert, "init": _init}[args.action](args)
+
+
+def _overrides(args, name: str) -> dict:
+    from ctfm.errors import CTInputError
+    from ctfm.models import get_entry
+
+    entry = get_entry(name)
+    overrides = {}
+    if args.init_filters is not None:
+        if args.init_filters < 1:
+            raise CTInputError(None, f"--init-filters must be a positive integer, got {args.init_filters}", "use e.g. --init-filters 8 for a narrow test model")
+        overrides["init_filters"] = args.init_filters
+    if args.out_channels is not None:
+        if "out_channels" not in entry.kwargs:
+            raise CTInputError(None, f"--out-channels applies to segmentation models, not {name!r}", "drop it, or use --model ct-fm-segresnet")
+        if args.out_channels < 1:
+            raise CTInputError(None, f"--out-channels must be a positive integer, got {args.out_channels}", "give the number of classes including background")
+        overrides["out_channels"] = args.out_channels
+    return overrides
+
+
+def model_table() -> list[dict]:
+    """One row per registered model: name, description, params, preprocess preset, hub id."""
+    import torch
+
+    from ctfm.models import get_entry, list_models
+
+    rows = []
+    for name in list_models():
+        entry = get_entry(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            params = sum(p.numel() for p in entry.builder(**entry.kwargs).parameters())
+        rows.append({"name": name, "description": entry.description, "params": params, "preprocess": entry.preprocess_preset, "hub_id": entry.hub_id})
+    return rows
+
+
+def _list(args) -> int:
+    rows = model_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = {"name": "name", "params": "params", "preprocess": "preprocess", "hub_id": "hub id", "description": "description"}
+    cells = [header] + [{**r, "params": f"{r['params']:,}", "hub_id": r["hub_id"] or "-"} for r in rows]
+    widths = {k: max(len(str(c[k])) for c in cells) for k in ("name", "params", "preprocess", "hub_id")}
+    for c in cells:
+        print(f"{c['name']:<{widths['name']}}  {c['params']:>{widths['params']}}  {c['preprocess']:<{widths['preprocess']}}  {c['hub_id']:<{widths['hub_id']}}  {c['description']}")
+    return 0
+
+
+def _download(args) -> int:
+    from ctfm.models.weights import WEIGHTS_NAME, download_weights, sha256_file
+
+    folder = download_weights(args.repo, out=args.out)
+    print(f"{folder}")
+    print(f"  {WEIGHTS_NAME} sha256 {sha256_file(folder / WEIGHTS_NAME)}")
+    return 0
+
+
+def _convert(args) -> int:
+    from ctfm.models.weights import init_model, load_weights, portable_source, save_pretrained
+
+    model = init_model(args.model, args.seed, **_overrides(args, args.model))
+    info = load_weights(model, args.checkpoint)
+    provenance = {
+        "source": "converted",
+        "converted_from": portable_source(args.checkpoint),
+        "converted_from_sha256": info.sha256,
+        "converted_from_format": info.format,
+        "ignored_keys": len(info.ignored_keys),
+        "loaded_into": info.loaded_into,
+    }
+    if info.loaded_into != "model":
+        provenance["seed"] = args.seed  # the parts outside the checkpoint were drawn from it
+    if info.metadata and info.format in ("ckpt", "torch"):
+        provenance.update({k: info.metadata[k] for k in ("epoch", "global_step") if k in info.metadata})
+    folder = save_pretrained(model, args.out, name=args.model, provenance=provenance, overwrite=args.overwrite)
+    _report(folder, f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded into the {info.loaded_into})")
+    return 0
+
+
+def _init(args) -> int:
+    from ctfm.models.weights import init_model, save_pretrained
+
+    model = init_model(args.model, args.seed, **_overrides(args, args.model))
+    folder = save_pretrained(model, args.out, name=args.model, provenance={"source": "random-init", "seed": args.seed}, overwrite=args.overwrite)
+    _report(folder, f"random initialisation, seed {args.seed}")
+    return 0
+
+
+def _report(folder, what: str) -> None:
+    from ctfm.models.weights import SIDECAR_NAME
+
+    sidecar = json.loads((folder / SIDECAR_NAME).read_text())
+    print(f"{folder}")
+    print(f"  {what}")
+    print(f"  model {sidecar['model']}, {sidecar['weights']['parameters']:,} parameters, sha256 {sidecar['weights']['sha256']}")

@@ -1,0 +1,284 @@
+"""Batch embedding: find scans, embed each, write the store, carry on past failures.
+
+``embed([...])`` is the Python API and ``ctfm embed`` the command; both return / write the same
+records. A run is resumable: scans already in the store for the same model, weights and preset
+are skipped, and every finished scan is on disk before the next one starts.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.embedding.modes import EmbedOptions, embed_patches, embed_whole
+from ctfm.errors import CTInputError
+from ctfm.io.volume import VOLUME_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    """One scan to embed: a volume file, or a DICOM folder plus the series to take from it."""
+
+    path: str
+    series_uid: str | None = None
+
+    @property
+    def scan_id(self) -> str:
+        """Stable id from the absolute source path (and series): the same input maps to the same row."""
+        key = os.path.abspath(self.path) + ("#" + self.series_uid if self.series_uid else "")
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return self.path + (f" [series {self.series_uid}]" if self.series_uid else "")
+
+
+@dataclass
+class RunSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    records: list[dict] = field(default_factory=list)
+
+
+# ---- finding inputs ------------------------------------------------------------------------
+def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
+    """Expand files, folders (volume files and DICOM series, recursively) and manifests
+    (CSV/Parquet with a ``path`` column, optional ``series_uid``) into scan sources."""
+    sources: list[ScanSource] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise CTInputError(path, "no such file or folder", "check the path")
+        name = path.name.lower()
+        if path.is_file() and name.endswith((".csv", ".parquet")):
+            sources += _read_manifest(path)
+        elif path.is_file():
+            sources.append(ScanSource(str(path)))
+        else:
+            sources += _scan_folder(path)
+    unique = list(dict.fromkeys(sources))
+    return unique
+
+
+def _read_manifest(path: Path) -> list[ScanSource]:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path) if path.name.lower().endswith(".parquet") else pcsv.read_csv(path)
+    except Exception as exc:
+        raise CTInputError(path, f"unreadable manifest ({' '.join(str(exc).split())[:120]})", "give a CSV or Parquet file with a 'path' column") from None
+    if "path" not in table.column_names:
+        raise CTInputError(path, f"manifest has no 'path' column (columns: {', '.join(table.column_names)})", "add a 'path' column with one scan per row")
+    paths = table.column("path").to_pylist()
+    series = table.column("series_uid").to_pylist() if "series_uid" in table.column_names else [None] * len(paths)
+    base = path.parent
+    out = []
+    for p, s in zip(paths, series):
+        resolved = Path(p) if os.path.isabs(str(p)) else base / str(p)
+        out.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
+    return out
+
+
+def _scan_folder(folder: Path) -> list[ScanSource]:
+    """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
+    from ctfm.io.dicom import index_dicom_folder
+
+    volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    index = index_dicom_folder(folder)
+    series = []
+    for s in index.series:
+        if s.modality != "CT" or len(s.files) < 2:
+            continue
+        parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))
+        series.append(ScanSource(str(parent), s.uid))
+    return [ScanSource(v) for v in volumes] + sorted(series, key=lambda s: (s.path, s.series_uid))
+
+
+# ---- embedding one scan --------------------------------------------------------------------
+def content_hash(image) -> str:
+    """sha256 of the voxels and the affine: the same scan gives the same hash in any format."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32).tobytes())
+    h.update(np.asarray(image.affine, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
+    """Load, embed and describe one scan; returns the store row (patch rows under ``"patches"``)."""
+    import warnings
+
+    from ctfm import __version__
+    from ctfm.io import load_ct
+    from ctfm.preprocess import check_ct, require_usable
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the record keeps any geometry warning
+        image, record = load_ct(source.path, series_uid=source.series_uid)
+    require_usable(check_ct(image, record), source.path)
+    row = {
+        "scan_id": source.scan_id,
+        "source_path": os.path.abspath(source.path),
+        "series_uid": record.series_uid,
+        "study_uid": record.study_uid,
+        "content_hash": content_hash(image),
+        "mode": options.mode,
+        "model": model_name,
+        "weights_sha256": weights_sha256,
+        "preset": options.spec.name,
+        "preset_hash": options.spec.content_hash(),
+        "precision": options.precision,
+        "package_version": __version__,
+        "created_at": _now(),
+    }
+    if options.mode == "whole":
+        row.update(embedding=embed_whole(encoder, image, options), pool="avg", n_patches=0)
+        row["patches"] = []
+    elif options.mode == "patches":
+        grid = embed_patches(encoder, image, options)
+        pool = options.pool[0]
+        row.update(embedding=grid.pooled(pool), pool=pool, n_patches=len(grid.embeddings))
+        row["patches"] = [
+            {
+                "scan_id": row["scan_id"],
+                "patch_index": i,
+                "center_mm": grid.centers_mm[i].tolist(),
+                "start_voxel": grid.starts[i].tolist(),
+                "model": model_name,
+                "weights_sha256": weights_sha256,
+                "preset_hash": row["preset_hash"],
+                "embedding": grid.embeddings[i],
+            }
+            for i in range(len(grid.embeddings))
+        ]
+    else:
+        raise ValueError(f"the store holds whole and patches embeddings, not {options.mode!r}")
+    return row
+
+
+def weights_sha256_of(model) -> str:
+    """The sha256 of the loaded weights file, or of the state dict for a model built in memory."""
+    info = getattr(model, "weights_info", None)
+    if info is not None and getattr(info, "sha256", None):
+        return info.sha256
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store, writer: str = "0", progress: bool = True, keep_records: bool = False) -> RunSummary:
+    """Embed ``sources`` into ``store`` (skipping finished ones); failures are recorded, not raised."""
+    summary = RunSummary()
+    weights_sha = weights_sha256_of(encoder)
+    preset_hash = options.spec.content_hash()
+    done = store.done_keys() if store is not None else set()
+    todo = [s for s in sources if (s.scan_id, options.mode, model_name, weights_sha, preset_hash) not in done]
+    summary.skipped = len(sources) - len(todo)
+    start = time.perf_counter()
+    bar = _progress(len(todo), progress)
+    for source in todo:
+        try:
+            row = embed_source(source, encoder, model_name, weights_sha, options)
+        except CTInputError as exc:
+            _record_failure(summary, store, source, str(exc), writer)
+        except Exception as exc:  # a batch job records every failure and goes on
+            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            _record_failure(summary, store, source, f"{source}: {detail}", writer, trace=traceback.format_exc())
+        else:
+            patches = row.pop("patches")
+            if store is not None:
+                store.add(row, patches, writer=writer)
+            summary.done += 1
+            if keep_records:
+                summary.records.append({**row, "patches": patches})
+        bar.update(1)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{(summary.done + len(summary.failed)) / max(elapsed, 1e-9):.2f} scans/s, {len(summary.failed)} failed")
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _record_failure(summary, store, source, message, writer, trace: str | None = None):
+    summary.failed.append((str(source), message))
+    if store is not None:
+        store.add_failure(os.path.abspath(source.path), source.series_uid, message, _now(), writer=writer)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="scan", disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def embed(
+    inputs,
+    model: str = "ct-fm",
+    weights: str | None = None,
+    mode: str = "whole",
+    out: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    device: str = "cpu",
+    overlap: float = 0.0,
+    pool: str = "mean",
+    preset: str | None = None,
+    progress: bool = False,
+    encoder=None,
+) -> list[dict]:
+    """Embed scans and return their records (the rows of ``scans.parquet``, patches under
+    ``"patches"``); with ``out``, also write them to that store (resumable).
+
+    ``inputs``: a path or a list of files, folders (DICOM trees searched recursively) and
+    manifests. ``encoder`` may be passed instead of ``model``/``weights`` (already built).
+    """
+    from ctfm.models import create_model
+    from ctfm.preprocess import get_preset
+    from ctfm.store import EmbeddingStore
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    sources = discover_inputs(list(inputs))
+    options = EmbedOptions(mode=mode, spec=get_preset(preset) if preset else None, precision=precision, device=device, overlap=overlap, pool=(pool,))
+    if encoder is None:
+        encoder = create_model(model, weights=weights)
+    encoder = encoder.eval().to(device)
+    store = EmbeddingStore(out) if out is not None else None
+    summary = run_sources(sources, encoder, model, options, store, progress=progress, keep_records=True)
+    if store is None:
+        return summary.records
+    store.compact()
+    return store_records(store, sources, model, weights_sha256_of(encoder), options)
+
+
+def store_records(store, sources, model_name: str, weights_sha256: str, options: EmbedOptions) -> list[dict]:
+    """The store's rows for ``sources`` (in their order), patches attached, embeddings as arrays."""
+    preset_hash = options.spec.content_hash()
+    rows = {(r["scan_id"]): r for r in store.scans().to_pylist() if r["mode"] == options.mode and r["model"] == model_name and r["weights_sha256"] == weights_sha256 and r["preset_hash"] == preset_hash}
+    patches: dict[str, list[dict]] = {}
+    if options.mode == "patches":
+        for p in store.patches().to_pylist():
+            if p["weights_sha256"] == weights_sha256 and p["preset_hash"] == preset_hash:
+                p["embedding"] = np.asarray(p["embedding"], dtype=np.float32)
+                patches.setdefault(p["scan_id"], []).append(p)
+    records = []
+    for source in sources:
+        row = rows.get(source.scan_id)
+        if row is not None:
+            row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
+            row["patches"] = sorted(patches.get(source.scan_id, []), key=lambda p: p["patch_index"])
+            records.append(row)
+    return records

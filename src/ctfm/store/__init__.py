@@ -1,0 +1,5 @@
+"""The embedding store (Parquet records + vectors)."""
+
+from ctfm.store.embeddings import EmbeddingStore
+
+__all__ = ["EmbeddingStore"]
