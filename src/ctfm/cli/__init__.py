@@ -14,6 +14,7 @@ import warnings
 # verb -> (module, one-line help). Modules define ``add_arguments(parser)`` and ``run(args) -> int``.
 VERBS = {
     "demo": ("ctfm.cli.demo", "run the main job on a synthetic scan (or --input PATH) and write a figure"),
+    "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),

@@ -173,20 +173,31 @@ def weights_sha256_of(model) -> str:
     info = getattr(model, "weights_info", None)
     if info is not None and getattr(info, "sha256", None):
         return info.sha256
-    h = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    cached = getattr(model, "_state_sha256", None)
+    if cached is None:
+        h = hashlib.sha256()
+        for key, tensor in sorted(model.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        cached = "state:" + h.hexdigest()
+        model._state_sha256 = cached  # weights do not change during a run
+    return cached
 
 
-def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store, writer: str = "0", progress: bool = True, keep_records: bool = False) -> RunSummary:
+def pending_sources(sources, store, encoder, model_name: str, options: EmbedOptions) -> list[ScanSource]:
+    """The sources not yet in ``store`` for this model, weights, mode and preset."""
+    if store is None:
+        return list(sources)
+    key_tail = (options.mode, model_name, weights_sha256_of(encoder), options.spec.content_hash())
+    done = store.done_keys()
+    return [s for s in sources if (s.scan_id, *key_tail) not in done]
+
+
+def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store, writer: str = "0", progress: bool = True, keep_records: bool = False, skip_done: bool = True) -> RunSummary:
     """Embed ``sources`` into ``store`` (skipping finished ones); failures are recorded, not raised."""
     summary = RunSummary()
     weights_sha = weights_sha256_of(encoder)
-    preset_hash = options.spec.content_hash()
-    done = store.done_keys() if store is not None else set()
-    todo = [s for s in sources if (s.scan_id, options.mode, model_name, weights_sha, preset_hash) not in done]
+    todo = pending_sources(sources, store, encoder, model_name, options) if skip_done else list(sources)
     summary.skipped = len(sources) - len(todo)
     start = time.perf_counter()
     bar = _progress(len(todo), progress)

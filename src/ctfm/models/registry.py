@@ -55,12 +55,33 @@ def create_model(name: str, weights: str | None = None, **overrides) -> nn.Modul
     (e.g. ``init_filters=8`` for a narrow encoder).
     """
     entry = get_entry(name)
-    model = entry.builder(**{**entry.kwargs, **overrides})
+    kwargs = {**entry.kwargs}
+    if weights is not None:
+        # Like from_pretrained: a weights folder's config.json says how to build the model
+        # (e.g. a narrow encoder); explicit overrides must agree with it (checked on load).
+        kwargs.update(_folder_arch(weights))
+    model = entry.builder(**{**kwargs, **overrides})
     if weights is not None:
         from ctfm.models.weights import load_weights
 
         load_weights(model, weights)
     return model
+
+
+def _folder_arch(weights) -> dict:
+    """Constructor kwargs from ``config.json`` when ``weights`` resolves to a weights folder."""
+    import json
+
+    from ctfm.models.weights import resolve_weights
+
+    path = resolve_weights(weights)
+    config = path / "config.json" if path.is_dir() else None
+    if config is None or not config.is_file():
+        return {}
+    try:
+        return dict(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return {}  # load_weights reports a damaged config.json with the fix
 
 
 register_model(

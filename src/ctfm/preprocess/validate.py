@@ -94,7 +94,7 @@ def _check_hu(stats: dict[str, float]) -> Check:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return Check("hu_range", ERROR, "no finite values", "re-export the scan")
     if lo >= 0 and hi <= 255:
-        return Check("hu_range", ERROR, f"values {lo:g}..{hi:g} look like an 8-bit (0-255) export, not HU", "export the original DICOM or a volume in Hounsfield units")
+        return Check("hu_range", ERROR, f"values {lo:g}..{hi:g} are not HU: a label map, or an 8-bit (0-255) export", "give the CT image itself, in Hounsfield units (the original DICOM or a volume export)")
     if lo >= 0 and hi <= 4095:
         return Check("hu_range", ERROR, f"values {lo:g}..{hi:g} look like raw stored values (0-4095) without RescaleIntercept", "apply the rescale slope/intercept (HU = slope*value + intercept) or export in HU")
     if lo >= 0:
