@@ -4,7 +4,7 @@ Layout (schema in the README)::
 
     STORE/scans.parquet      one row per (scan, mode, model, weights, preset): provenance + embedding
     STORE/patches.parquet    patch mode: one row per patch (scan id, centre in mm, embedding)
-    STORE/failures.parquet   scans that failed, with their error (latest attempt per source)
+    STORE/failures.parquet   every failed attempt: source, series, error, time
     STORE/parts/             rows written since the last compaction, one small file per scan
 
 Writers never modify a file in place. Each finished scan is written as its own part files,
@@ -166,6 +166,9 @@ class EmbeddingStore:
                 _write_atomic(table, self.root / f"{kind}.parquet")
         for p in parts:  # a crash here leaves duplicates, which readers de-duplicate
             p.unlink(missing_ok=True)
+        # temporaries of writers killed mid-write (never read: their names start with ".")
+        for stale in [*self.parts.glob(".*.partial"), *self.root.glob(".*.partial")]:
+            stale.unlink(missing_ok=True)
 
 
 def _dedupe(table, key: tuple[str, ...]):
