@@ -95,12 +95,24 @@ def _autocast(device: str, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def prepare(image, spec: PreprocessSpec):
+    """Preprocess for an encoder: in bounded memory where the spec allows (same result)."""
+    from ctfm.preprocess.bounded import preprocess_bounded, supports_bounded
+
+    return preprocess_bounded(image, spec) if supports_bounded(spec) and len(spec.windows) == 1 else preprocess(image, spec)
+
+
+def encode_whole(encoder, prepared, options: EmbedOptions) -> np.ndarray:
+    """Preprocessed [1, D, H, W] -> [512] float32: streamed encoder, last map averaged."""
+    volume = prepared.as_tensor()[None].to(options.device)  # [1, 1, D, H, W]
+    vector = streamed_embedding(encoder, volume, chunk=options.chunk, autocast_dtype=PRECISIONS[options.precision])
+    return vector[0].cpu().numpy().astype(np.float32)
+
+
 def embed_whole(encoder, image, options: EmbedOptions | None = None) -> np.ndarray:
     """[1, X, Y, Z] HU MetaTensor -> [512] float32 (REFERENCE.md §8, computed streamed)."""
     options = options or EmbedOptions(mode="whole")
-    volume = preprocess(image, options.spec).as_tensor()[None].to(options.device)  # [1, 1, D, H, W]
-    vector = streamed_embedding(encoder, volume, chunk=options.chunk, autocast_dtype=PRECISIONS[options.precision])
-    return vector[0].cpu().numpy().astype(np.float32)
+    return encode_whole(encoder, prepare(image, options.spec), options)
 
 
 def embed_patches(encoder, image, options: EmbedOptions | None = None) -> PatchEmbeddings:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.embedding.modes import EmbedOptions, embed_patches, embed_whole
+from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
 from ctfm.errors import CTInputError
 from ctfm.io.volume import VOLUME_SUFFIXES
 
@@ -144,7 +144,9 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
         "created_at": _now(),
     }
     if options.mode == "whole":
-        row.update(embedding=embed_whole(encoder, image, options), pool="avg", n_patches=0)
+        prepared = prepare(image, options.spec)
+        del image  # the full-resolution scan is not needed while the encoder runs
+        row.update(embedding=encode_whole(encoder, prepared, options), pool="avg", n_patches=0)
         row["patches"] = []
     elif options.mode == "patches":
         grid = embed_patches(encoder, image, options)

@@ -158,6 +158,9 @@ class EmbeddingStore:
         """Fold the part files into scans/patches/failures.parquet (atomic renames), then drop them."""
         if not self.parts.exists():
             return
+        # temporaries of writers killed mid-write (never read: their names start with ".")
+        for stale in [*self.parts.glob(".*.partial"), *self.root.glob(".*.partial")]:
+            stale.unlink(missing_ok=True)
         parts = [p for p in self.parts.iterdir() if p.suffix == ".parquet" and not p.name.startswith(".")]
         if not parts:
             return
@@ -166,9 +169,6 @@ class EmbeddingStore:
                 _write_atomic(table, self.root / f"{kind}.parquet")
         for p in parts:  # a crash here leaves duplicates, which readers de-duplicate
             p.unlink(missing_ok=True)
-        # temporaries of writers killed mid-write (never read: their names start with ".")
-        for stale in [*self.parts.glob(".*.partial"), *self.root.glob(".*.partial")]:
-            stale.unlink(missing_ok=True)
 
 
 def _dedupe(table, key: tuple[str, ...]):
