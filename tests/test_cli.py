@@ -23,9 +23,17 @@ def ctfm(*args, timeout=300):
 
 
 def test_demo_writes_its_outputs(tmp_path):
-    result = ctfm("demo", "--out", tmp_path / "demo", "--seed", 2)
+    result = ctfm("demo", "--out", tmp_path / "demo", "--seed", 2, "--cohort", 3)
     assert result.returncode == 0, result.stderr
     assert "not real data" in result.stdout
+    # The cohort: a random ct-fm weights folder, a store with three scans, a neighbour for each.
+    assert "cannot be downloaded here" in result.stdout and "hf-hub:project-lighter/ct_fm_feature_extractor" in result.stdout
+    neighbours = [line for line in result.stdout.splitlines() if "->" in line and "cosine" in line]
+    assert len(neighbours) == 3
+    import pyarrow.parquet as pq
+
+    scans = pq.read_table(tmp_path / "demo" / "store" / "scans.parquet")
+    assert scans.num_rows == 3 and len(scans.column("embedding")[0]) == 512
     figure = tmp_path / "demo" / "preprocessing.png"
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = tmp_path / "demo" / "phantom_seed2_ct-fm-ssl.nii.gz"

@@ -13,10 +13,12 @@ import warnings
 
 # verb -> (module, one-line help). Modules define ``add_arguments(parser)`` and ``run(args) -> int``.
 VERBS = {
+    "cohort": ("ctfm.cli.cohort", "select IDC cohorts, scan local archives, cache preprocessed volumes"),
     "demo": ("ctfm.cli.demo", "run the main job on a synthetic scan (or --input PATH) and write a figure"),
     "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
+    "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
     "synth": ("ctfm.cli.synth", "write labelled synthetic torso phantoms"),
 }

@@ -1,12 +1,18 @@
 """The main job, end to end, on a synthetic torso phantom (or your own scan with --input).
 
 Steps: make a labelled synthetic CT (ctfm.synth), load and check it as any CT, preprocess it with
-a CT-FM preset, and write a PNG of three orthogonal slices before and after.
+a CT-FM preset, write a PNG of three orthogonal slices before and after; then embed a small
+synthetic cohort with a seeded, randomly initialised CT-FM encoder into an embedding store and
+print each scan's nearest neighbour.
+
+The published CT-FM weights cannot be downloaded on an offline machine; with network access:
+  ctfm models download project-lighter/ct_fm_feature_extractor
+  ctfm embed SCANS... --weights hf-hub:project-lighter/ct_fm_feature_extractor --out store
 
 Examples:
   ctfm demo
   ctfm demo --out demo_out --seed 3 --preset ct-fm-1mm-320
-  ctfm demo --input scan.nii.gz
+  ctfm demo --input scan.nii.gz --cohort 0
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--preset", default="ct-fm-ssl", help="preprocessing preset (default ct-fm-ssl)")
     parser.add_argument("--input", metavar="PATH", help="use this CT instead of a synthetic phantom")
+    parser.add_argument("--cohort", type=int, default=4, help="synthetic scans to embed and search (default 4; 0 skips)")
+    parser.add_argument("--mode", default="patches", choices=["patches", "whole"], help="embedding mode for the cohort (default patches: fast on a CPU)")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="encoder precision for the cohort (default bf16)")
 
 
 def run(args) -> int:
@@ -32,18 +41,18 @@ def run(args) -> int:
 
     if args.input:
         source = Path(args.input)
-        print(f"1/4 input: {source}")
+        print(f"1/6 input: {source}")
     else:
         from ctfm.synth import make_phantom, write_phantom
 
         phantom = make_phantom(seed=args.seed)
         source, labels_path = write_phantom(phantom, out, stem=f"phantom_seed{args.seed}")
-        print(f"1/4 synthetic torso phantom (seed {args.seed}, not real data): {source} + {labels_path.name}")
+        print(f"1/6 synthetic torso phantom (seed {args.seed}, not real data): {source} + {labels_path.name}")
 
     image, record = load_ct(source)
     checks = check_ct(image, record)
     worst = "error" if any(c.status == "error" for c in checks) else "warn" if any(c.status == "warn" for c in checks) else "ok"
-    print(f"2/4 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at {' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}")
+    print(f"2/6 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at {' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}")
     for c in checks:
         if c.status != "ok":
             print(f"      {c.status}: {c.name}: {c.message}")
@@ -51,13 +60,48 @@ def run(args) -> int:
 
     result = preprocess(image, spec)
     preprocessed_path = save_nifti(result, out / f"{Path(source).name.split('.')[0]}_{spec.name}.nii.gz")
-    print(f"3/4 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> {preprocessed_path}")
+    print(f"3/6 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> {preprocessed_path}")
 
     figure = orthogonal_slices_figure(
         [("before (HU)", image, (-1000.0, 1000.0)), (f"after {spec.name} ([0,1])", result, (0.0, 1.0))],
         out / "preprocessing.png",
         title=f"{Path(source).name}: before and after {spec.name}",
     )
-    print(f"4/4 figure: {figure}")
+    print(f"4/6 figure: {figure}")
+    if args.cohort > 0:
+        embed_cohort(out, args)
     print(f"done: outputs in {out}/")
     return 0
+
+
+# Small torsos (192 x 156 x 120 mm at 3 mm) keep the cohort quick on a CPU; anatomy still varies by seed.
+COHORT_SHAPE, COHORT_SPACING_MM = (64, 52, 40), (3.0, 3.0, 3.0)
+
+
+def embed_cohort(out: Path, args) -> None:
+    """Embed a synthetic cohort with a seeded random ct-fm and print nearest neighbours."""
+    import numpy as np
+
+    import ctfm
+    from ctfm.models.weights import init_model, save_pretrained
+    from ctfm.synth import make_phantom, write_phantom
+
+    weights = out / "ct-fm-random-seed0"
+    if not (weights / "model.safetensors").exists():
+        save_pretrained(init_model("ct-fm", seed=0), weights, provenance={"source": "random-init", "seed": 0})
+    print(f"5/6 weights: {weights} (ct-fm, random init, seed 0) -- the published CT-FM weights cannot be downloaded here;")
+    print("      with network: ctfm models download project-lighter/ct_fm_feature_extractor, then --weights hf-hub:project-lighter/ct_fm_feature_extractor")
+    scans = []
+    for seed in range(args.seed, args.seed + args.cohort):
+        phantom = make_phantom(seed=seed, shape=COHORT_SHAPE, spacing_mm=COHORT_SPACING_MM)
+        scans.append(write_phantom(phantom, out / "cohort", stem=f"torso_seed{seed}")[0])
+    records = ctfm.embed([str(p) for p in scans], weights=str(weights), mode=args.mode, precision=args.precision, out=out / "store")
+    names = [Path(r["source_path"]).name.split(".")[0] for r in records]
+    vectors = np.stack([r["embedding"] for r in records])
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    print(f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {args.precision}) into {out / 'store'}; nearest neighbours by cosine:")
+    for i, name in enumerate(names):
+        j = int(np.argmax(similarity[i]))
+        print(f"      {name} -> {names[j]} (cosine {similarity[i, j]:.4f})")

@@ -1,0 +1,126 @@
+"""Pretraining configuration: typed, values only, presets, ``--set key=value`` overrides.
+
+A config file is YAML or JSON holding values (no code). ``resolve_config(preset, file, sets)``
+merges preset < file < overrides; the resolved config is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class PretrainConfig:
+    """Every value a pretraining run depends on (REFERENCE.md §3.2 for the ct-fm preset)."""
+
+    data: str = ""  # a manifest (CSV/Parquet with 'path'), a folder of scans, or a cache folder (index.parquet)
+    out: str = "runs/pretrain"  # the run folder: config, metrics, TensorBoard, checkpoints, export
+    cache: str = ""  # where to build the preprocessed cache (default: <out>/cache)
+    model: str = "ct-fm"
+    model_kwargs: dict = field(default_factory=dict)  # e.g. {"init_filters": 8} for a narrow encoder
+    loss: str = "intrasample_ntxent"
+    temperature: float = 0.1
+    num_crops: int = 15
+    crop_size: list = field(default_factory=lambda: [32, 128, 128])  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
+    batch_size: int = 4  # scans per device and step
+    num_workers: int = 5
+    max_epochs: int = 500
+    steps_per_epoch: int = 500
+    max_steps: int = -1  # stop early after this many optimiser steps (-1: run max_epochs)
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup_epochs: int = 10
+    precision: str = "16-mixed"  # Lightning precision: 32-true, 16-mixed, bf16-mixed
+    accelerator: str = "auto"
+    devices: int = 4
+    num_nodes: int = 1
+    strategy: str = "ddp"
+    sync_batchnorm: bool = True
+    checkpoint_every_n_epochs: int = 10
+    seed: int = 0
+    cache_workers: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # REFERENCE.md §3.2: 500 epochs x 500 steps, 4 GPUs x 4 scans, 15 crops x 2 views, fp16 mixed, DDP, sync BN.
+    "ct-fm": {},
+    # A laptop CPU: a narrow encoder, few crops, a handful of steps, full precision, one process.
+    "tiny": {
+        "model_kwargs": {"init_filters": 8},
+        "num_crops": 4,
+        "batch_size": 2,
+        "num_workers": 0,
+        "max_epochs": 2,
+        "steps_per_epoch": 4,
+        "warmup_epochs": 0,
+        "precision": "32-true",
+        "accelerator": "cpu",
+        "devices": 1,
+        "strategy": "auto",
+        "sync_batchnorm": False,
+        "checkpoint_every_n_epochs": 1,
+    },
+}
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of keys to values")
+    if "preset" in data:
+        data = {**PRESETS[_preset_name(data.pop("preset"))], **data}
+    return data
+
+
+def _preset_name(name: str) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"unknown pretraining preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return name
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "model_kwargs={\\"init_filters\\": 8}", "data=scans/"]`` -> dict (JSON values, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def resolve_config(preset: str | None = None, file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    values: dict[str, Any] = dict(PRESETS[_preset_name(preset)]) if preset else {}
+    if file:
+        values.update(_read_file(file))
+    values.update(overrides or {})
+    known = {f.name: f for f in fields(PretrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
+    config = PretrainConfig(**values)
+    if config.num_crops < 2:
+        raise ValueError(f"num_crops {config.num_crops}: intra-sample contrast needs at least 2 crops")
+    return config
+
+
+def save_config(config: PretrainConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))

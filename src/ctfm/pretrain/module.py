@@ -1,0 +1,64 @@
+"""The pretraining LightningModule: CT-FM encoder + projection head + contrastive loss.
+
+REFERENCE.md §2.2 and §3: views [B, N, 2, 1, D, H, W] -> encoder -> average of the stride-16 map
+(512-d) -> projection head Linear(512, 256) -> ReLU -> Linear(256, 128) -> loss (intra-sample
+NT-Xent, tau = 0.1). AdamW (lr 1e-4, weight decay 1e-6); MONAI WarmupCosineSchedule stepped per
+epoch (warm-up epochs, then cosine to 0 over max_epochs).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from ctfm.models import create_model
+from ctfm.pretrain.losses import build_loss
+
+
+class ProjectionHead(nn.Sequential):
+    """[*, dim] -> [*, out]: Linear(dim, hidden) -> ReLU -> Linear(hidden, out) (SimCLR's head)."""
+
+    def __init__(self, dim: int = 512, hidden: int = 256, out: int = 128):
+        super().__init__(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+class ContrastivePretrainer(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "ct-fm",
+        model_kwargs: dict | None = None,
+        loss: str = "intrasample_ntxent",
+        loss_kwargs: dict | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-6,
+        warmup_epochs: int = 10,
+        max_epochs: int = 500,
+        projection: tuple[int, int] = (256, 128),
+    ):
+        super().__init__()
+        if "simsiam" in loss:
+            raise ValueError(f"loss {loss!r} needs a prediction head, which this module does not build; use intrasample_ntxent, ntxent, vicreg or intrasample_vicreg")
+        self.save_hyperparameters()
+        self.encoder = create_model(model, **(model_kwargs or {}))
+        self.projection_head = ProjectionHead(self.encoder.embedding_dim, *projection)
+        self.criterion = build_loss(loss, **(loss_kwargs or {"temperature": 0.1}))
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """[B, N, 2, 1, D, H, W] -> projections [B, N, 2, out]."""
+        b, n, v = views.shape[:3]
+        flat = views.reshape(b * n * v, *views.shape[3:])
+        return self.projection_head(self.encoder.embed(flat)).reshape(b, n, v, -1)
+
+    def training_step(self, views: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.criterion(self(views))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=views.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        from monai.optimizers import WarmupCosineSchedule
+
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = WarmupCosineSchedule(optimizer, warmup_steps=hp.warmup_epochs, t_total=hp.max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

@@ -1,0 +1,138 @@
+"""Run a pretraining job from a :class:`PretrainConfig`: cache, data, trainer, checkpoints, export.
+
+Run folder layout (``config.out``)::
+
+    config.yaml            the resolved config
+    metrics.csv            loss and learning rate per step / epoch (Lightning CSVLogger)
+    tensorboard/           TensorBoard event files
+    checkpoints/           epoch=E-step=S.ckpt every N epochs, and last.ckpt
+    export/                the encoder in the published folder layout (ctfm embed --weights RUN/export)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctfm.pretrain.config import PretrainConfig, save_config
+
+
+def _cache_for(config: PretrainConfig):
+    from ctfm.pretrain.cache import VolumeCache, build_cache
+
+    data = Path(config.data)
+    if not config.data:
+        raise ValueError("config.data is empty: give a manifest, a folder of scans or a cache folder (--set data=PATH)")
+    if (data / "index.parquet").exists():
+        return VolumeCache(data)
+    cache_dir = Path(config.cache) if config.cache else Path(config.out) / "cache"
+    build_cache([str(data)], cache_dir, workers=config.cache_workers, progress=False)
+    return VolumeCache(cache_dir)
+
+
+def build_trainer(config: PretrainConfig, extra_callbacks=()):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    out = Path(config.out)
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}-{step}", every_n_epochs=config.checkpoint_every_n_epochs, save_top_k=-1, save_last=True)
+    loggers = [CSVLogger(save_dir=str(out), name="", version="")]
+    try:
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+    except ModuleNotFoundError:  # TensorBoard writer not installed: metrics.csv still records everything
+        pass
+    return L.Trainer(
+        default_root_dir=str(out),
+        max_epochs=config.max_epochs,
+        max_steps=config.max_steps,
+        limit_train_batches=config.steps_per_epoch,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        sync_batchnorm=config.sync_batchnorm,
+        use_distributed_sampler=False,  # EpochIndexSampler splits samples across ranks itself
+        logger=loggers,
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="epoch"), *extra_callbacks],
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        deterministic=False,
+    )
+
+
+def build_module(config: PretrainConfig):
+    from ctfm.pretrain.module import ContrastivePretrainer
+
+    return ContrastivePretrainer(
+        model=config.model,
+        model_kwargs=config.model_kwargs,
+        loss=config.loss,
+        loss_kwargs={"temperature": config.temperature} if "ntxent" in config.loss else {},
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        max_epochs=config.max_epochs,
+    )
+
+
+def build_loader(config: PretrainConfig, cache):
+    from torch.utils.data import DataLoader
+
+    from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
+    from ctfm.pretrain.views import MultiCropViews
+
+    dataset = ViewsDataset(cache, MultiCropViews(num_crops=config.num_crops, crop_size=config.crop_size), seed=config.seed)
+    samples = config.steps_per_epoch * config.batch_size * max(1, config.devices) * config.num_nodes
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=EpochIndexSampler(samples),
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+        pin_memory=False,
+    )
+
+
+def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=()) -> Path:
+    """Train, resuming from ``<out>/checkpoints/last.ckpt`` when it exists; export the encoder.
+
+    Returns the export folder.
+    """
+    import lightning as L
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    cache = _cache_for(config)
+    module = build_module(config)
+    trainer = build_trainer(config, extra_callbacks)
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(module, train_dataloaders=build_loader(config, cache), ckpt_path=str(last) if resume and last.exists() else None)
+    export = out / "export"
+    if trainer.is_global_zero:
+        export_encoder(module, export, config, step=trainer.global_step, epoch=trainer.current_epoch)
+    return export
+
+
+def export_encoder(module, folder: Path, config: PretrainConfig | None = None, step: int | None = None, epoch: int | None = None) -> Path:
+    """Write ``module.encoder`` in the published layout (config.json + model.safetensors + ctfm.json)."""
+    from ctfm.models.weights import save_pretrained
+
+    provenance = {"source": "ctfm pretrain", "global_step": step, "epoch": epoch}
+    if config is not None:
+        provenance.update(loss=config.loss, num_crops=config.num_crops, seed=config.seed)
+    return save_pretrained(module.encoder.cpu().eval(), folder, name=config.model if config else "ct-fm", provenance=provenance, overwrite=True)
+
+
+def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
+    """Export the encoder of a pretraining checkpoint (loaded with weights_only=True)."""
+    import torch
+
+    from ctfm.pretrain.module import ContrastivePretrainer
+
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    module = ContrastivePretrainer(**state["hyper_parameters"])
+    module.load_state_dict(state["state_dict"])
+    return export_encoder(module, Path(folder), step=state.get("global_step"), epoch=state.get("epoch"))
