@@ -15,7 +15,9 @@ scan      describes every scan found (DICOM series, NIfTI, NRRD, MHA); unreadabl
 cache     preprocesses each scan once (default ct-fm-ssl) into CACHE_DIR/volumes/*.npy +
           index.parquet for crop-wise reading in pre-training; resumable.
 
-Exit status: 0 done; 1 some series/scans failed (each recorded); 2 unusable arguments or input.
+Exit status: 0 done (scan: also when some inputs are unreadable, they are rows of the manifest);
+1 download left series missing / cache failed on some scans (each recorded); 2 unusable arguments
+or input, or a download that got nothing (e.g. no network).
 The IDC commands need the idc-index package (pip install idc-index).
 """
 

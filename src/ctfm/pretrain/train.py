@@ -11,6 +11,7 @@ Run folder layout (``config.out``)::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ctfm.pretrain.config import PretrainConfig, save_config
@@ -34,7 +35,14 @@ def build_trainer(config: PretrainConfig, extra_callbacks=()):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    import torch
+
     out = Path(config.out)
+    sync_batchnorm = config.sync_batchnorm
+    if sync_batchnorm and (config.accelerator == "cpu" or not torch.cuda.is_available()):
+        # torch's SyncBatchNorm runs on GPUs only; CPU processes keep per-process statistics.
+        warnings.warn("sync_batchnorm needs GPUs: on CPU each process keeps its own BatchNorm statistics", stacklevel=2)
+        sync_batchnorm = False
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}-{step}", every_n_epochs=config.checkpoint_every_n_epochs, save_top_k=-1, save_last=True)
     loggers = [CSVLogger(save_dir=str(out), name="", version="")]
     try:
@@ -51,7 +59,7 @@ def build_trainer(config: PretrainConfig, extra_callbacks=()):
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         precision=config.precision,
-        sync_batchnorm=config.sync_batchnorm,
+        sync_batchnorm=sync_batchnorm,
         use_distributed_sampler=False,  # EpochIndexSampler splits samples across ranks itself
         logger=loggers,
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="epoch"), *extra_callbacks],

@@ -1,0 +1,157 @@
+"""Pretraining: views are deterministic and follow CT-FM's recipe; a few training steps on the
+tiny preset; exact resume; export loads in `ctfm embed`; 2-process DDP on CPU (gloo)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import ctfm
+from ctfm.pretrain.config import PretrainConfig, parse_set, resolve_config
+from ctfm.pretrain.data import EpochIndexSampler
+from ctfm.pretrain.views import CROP_SIZE, MultiCropViews, sample_state
+from ctfm.synth import make_phantom, write_phantom
+
+
+def reader(volume):
+    return lambda start, size: volume[start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+
+
+def test_views_shape_determinism_and_variety():
+    rng = np.random.default_rng(0)
+    volume = rng.random((40, 70, 60)).astype(np.float32)
+    views = MultiCropViews(num_crops=3, crop_size=(16, 32, 32))
+    a = views(volume.shape, reader(volume), sample_state(0, 1, 5))
+    b = views(volume.shape, reader(volume), sample_state(0, 1, 5))
+    c = views(volume.shape, reader(volume), sample_state(0, 1, 6))
+    assert a.shape == (3, 2, 1, 16, 32, 32) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[:, 0], a[:, 1])  # the two views are augmented independently
+    assert CROP_SIZE == (32, 128, 128)
+
+
+def test_augmentations_fire_with_their_probabilities():
+    """Over many draws each p=0.5 augmentation is applied about half the time (CT-FM's recipe)."""
+    from ctfm.pretrain.views import ViewAugment
+
+    aug = ViewAugment(size=(8, 16, 16))
+    x = torch.linspace(0, 1, 8 * 16 * 16).reshape(1, 8, 16, 16)
+    flips = 0
+    for i in range(200):
+        state = sample_state(1, 0, i)
+        aug(x.clone(), state)
+        flips += int(aug.flip._do_transform)
+    assert 70 <= flips <= 130
+
+
+def test_views_refuse_volumes_smaller_than_the_crop():
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        MultiCropViews(num_crops=2, crop_size=(32, 128, 128))((20, 128, 128), lambda s, z: None, sample_state(0, 0, 0))
+
+
+def test_sampler_splits_indices_across_ranks_without_overlap(monkeypatch):
+    sampler = EpochIndexSampler(10)
+    sampler.set_epoch(3)
+    monkeypatch.setattr(EpochIndexSampler, "_rank_world", staticmethod(lambda: (1, 3)))
+    assert list(sampler) == [(3, 1), (3, 4), (3, 7)] and len(sampler) == 3
+
+
+def test_config_presets_files_and_overrides(tmp_path):
+    ct_fm = resolve_config("ct-fm")
+    assert (ct_fm.max_epochs, ct_fm.steps_per_epoch, ct_fm.batch_size, ct_fm.devices, ct_fm.num_crops) == (500, 500, 4, 4, 15)
+    assert (ct_fm.lr, ct_fm.weight_decay, ct_fm.warmup_epochs, ct_fm.temperature) == (1e-4, 1e-6, 10, 0.1)
+    (tmp_path / "run.yaml").write_text("preset: tiny\nlr: 0.0003\n")
+    config = resolve_config(None, tmp_path / "run.yaml", parse_set(["max_steps=7", "data=scans/", 'model_kwargs={"init_filters": 4}']))
+    assert config.lr == 3e-4 and config.max_steps == 7 and config.data == "scans/" and config.model_kwargs == {"init_filters": 4}
+    assert config.devices == 1 and config.precision == "32-true"
+    with pytest.raises(ValueError, match="unknown config keys"):
+        resolve_config("tiny", overrides={"learning_rate": 1})
+
+
+@pytest.fixture(scope="module")
+def phantom_scans(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    for seed in range(3):
+        write_phantom(make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root, stem=f"p{seed}")
+    for labels in root.glob("*_labels.nii.gz"):
+        labels.unlink()
+    return root
+
+
+def tiny_config(data, out, **changes) -> PretrainConfig:
+    values = dict(data=str(data), out=str(out), crop_size=[16, 32, 32], num_crops=3, steps_per_epoch=2, max_epochs=2, model_kwargs={"init_filters": 4})
+    values.update(changes)
+    return resolve_config("tiny", overrides=values)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"].detach()))
+
+
+def test_training_checkpoints_metrics_and_export(phantom_scans, tmp_path):
+    from ctfm.pretrain.train import pretrain
+
+    recorder = LossRecorder()
+    export = pretrain(tiny_config(phantom_scans, tmp_path / "run"), extra_callbacks=[recorder])
+    assert len(recorder.losses) == 4 and all(np.isfinite(recorder.losses))
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "metrics.csv").read_text().count("\n") >= 4
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"}
+    assert any((run / "tensorboard").rglob("events.out.tfevents*"))
+    # The export is a published-layout folder that `ctfm embed` loads.
+    records = ctfm.embed(str(phantom_scans / "p0.nii.gz"), weights=str(export), mode="patches")
+    assert records[0]["embedding"].shape == (64,)
+
+
+def test_resume_gives_the_same_next_losses(phantom_scans, tmp_path):
+    from ctfm.pretrain.train import pretrain
+
+    straight = LossRecorder()
+    pretrain(tiny_config(phantom_scans, tmp_path / "straight"), extra_callbacks=[straight])
+    first = LossRecorder()
+    pretrain(tiny_config(phantom_scans, tmp_path / "resumed", max_steps=2), extra_callbacks=[first])  # stops after epoch 0
+    second = LossRecorder()
+    pretrain(tiny_config(phantom_scans, tmp_path / "resumed"), extra_callbacks=[second])  # resumes from last.ckpt
+    assert len(first.losses) == 2 and len(second.losses) == 2
+    np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-6, atol=1e-7)
+
+
+def test_two_process_ddp_on_cpu(phantom_scans, tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "ctfm", "pretrain", "--preset", "tiny", "--set", f"data={phantom_scans}", "--set", f"out={out}",
+         "--set", "devices=2", "--set", "strategy=ddp", "--set", "crop_size=[16, 32, 32]", "--set", "num_crops=3",
+         "--set", 'model_kwargs={"init_filters": 4}', "--set", "max_epochs=1", "--set", "steps_per_epoch=2", "--set", "sync_batchnorm=true"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_batchnorm needs GPUs" in result.stderr  # SyncBatchNorm is GPU-only in torch
+    assert (out / "export" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_fast_histogram_shift_equals_monai():
+    from monai.transforms import RandHistogramShift
+
+    from ctfm.pretrain.views import HistogramShift
+
+    x = torch.rand(1, 12, 20, 20) * 0.8 + 0.1
+    fired = 0
+    for seed in range(40):
+        ours = HistogramShift(prob=0.5)
+        ours.set_random_state(np.random.RandomState(seed))
+        reference = RandHistogramShift(num_control_points=5, prob=0.5)
+        reference.set_random_state(state=np.random.RandomState(seed))
+        torch.testing.assert_close(ours(x), torch.as_tensor(reference(x)), atol=1e-6, rtol=0)
+        fired += int(ours._do_transform)
+    assert 8 <= fired <= 32
