@@ -24,22 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from real_anatomy import resample_real_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"1024x1024x251": ((1024, 1024, 251), (0.36, 0.30, 1.34)), "512x512x800": ((512, 512, 800), (0.71, 0.59, 0.42))}
-
-
-def make_scan(source: Path, shape, spacing, out: Path) -> Path:
-    import nibabel as nib
-    from scipy.ndimage import zoom
-
-    img = nib.load(str(source))
-    array = np.asarray(img.dataobj).astype(np.float32)
-    big = zoom(array, [s / o for s, o in zip(shape, array.shape)], order=1).astype(np.int16)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = img.affine[:3, 3]
-    nib.save(nib.Nifti1Image(big, affine), str(out))
-    return out
 
 
 def worker(kind: str, scan: str, weights: str) -> dict:
@@ -90,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_pretrained(init_model("ct-fm", seed=0), Path(tmp) / "weights")
         for name, (shape, spacing) in SHAPES.items():
-            scan = make_scan(Path(args.data) / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, Path(tmp) / f"{name}.nii")
+            scan = resample_real_scan(Path(args.data) / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, Path(tmp) / f"{name}.nii")
             ours = run("ours", scan, weights)
             full = run("unbounded", scan, weights)
             a, b = np.asarray(ours["embedding"]), np.asarray(full["embedding"])

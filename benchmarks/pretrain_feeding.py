@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from real_anatomy import resample_real_scan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["abdomen_3mm/example_ct.nii.gz", "whole_scans_1p5mm/neck_a.nii.gz", "whole_scans_1p5mm/lumbar_pelvis.nii.gz", "sarcoma_ct/STS_019/CT_image.nii.gz"]
@@ -33,8 +34,6 @@ FULL_RES = {"idc_like_a": ((512, 512, 269), (0.715, 0.592, 1.25)), "idc_like_b":
 def reference_sample(path: Path, state: np.random.RandomState, num_crops: int = 15) -> torch.Tensor:
     """One training sample exactly as CT-FM's pipeline makes it, from the compressed file."""
     from monai import transforms as T
-
-    from ctfm.pretrain.views import ViewAugment
 
     axes = (("L", "R"), ("P", "A"), ("I", "S"))
     volume = T.Compose(
@@ -50,22 +49,21 @@ def reference_sample(path: Path, state: np.random.RandomState, num_crops: int = 
     )(str(path))
     crops = T.RandSpatialCropSamples(roi_size=[32, 128, 128], num_samples=num_crops, random_size=False)
     crops.set_random_state(state=state)
-    augment = ViewAugment()
-    views = [[augment(torch.as_tensor(c).clone(), state) for _ in range(2)] for c in crops(volume)]
+    # Per view, CT-FM's transforms as MONAI ships them (transforms/ssl.py RandomResizedCrop + yaml).
+    resize = T.Resize(spatial_size=[32, 128, 128], mode="trilinear")
+    flip = T.RandFlip(prob=0.5, spatial_axis=[0])
+    histogram = T.RandHistogramShift(num_control_points=5, prob=0.5)
+    smooth = T.RandGaussianSmooth(prob=0.5)
+    for t in (flip, histogram, smooth):
+        t.set_random_state(state=state)
+
+    def view(crop):
+        scale_crop = T.RandScaleCrop(roi_scale=state.uniform(0.33, 1.0), random_size=False)
+        scale_crop.set_random_state(state=state)
+        return torch.as_tensor(smooth(histogram(flip(resize(scale_crop(crop))))))
+
+    views = [[view(c) for _ in range(2)] for c in crops(volume)]
     return torch.stack([torch.stack(pair) for pair in views])
-
-
-def make_full_res(source: Path, shape, spacing, out: Path) -> Path:
-    import nibabel as nib
-    from scipy.ndimage import zoom
-
-    img = nib.load(str(source))
-    array = np.asarray(img.dataobj).astype(np.float32)
-    big = zoom(array, [s / o for s, o in zip(shape, array.shape)], order=1).astype(np.int16)
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = img.affine[:3, 3]
-    nib.save(nib.Nifti1Image(big, affine), str(out))
-    return out
 
 
 def main() -> None:
@@ -86,7 +84,7 @@ def main() -> None:
         tmp = Path(tmp)
         scans = {rel: data / rel for rel in SMALL}
         for name, (shape, spacing) in FULL_RES.items():
-            scans[f"{name} {shape[0]}x{shape[1]}x{shape[2]} .nii.gz"] = make_full_res(data / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, tmp / f"{name}.nii.gz")
+            scans[f"{name} {shape[0]}x{shape[1]}x{shape[2]} .nii.gz"] = resample_real_scan(data / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, tmp / f"{name}.nii.gz")
         started = time.perf_counter()
         build_cache([str(p) for p in scans.values()], tmp / "cache", progress=False)
         cache_seconds = time.perf_counter() - started
