@@ -26,6 +26,15 @@ def nifti(path: Path, array, spacing=(1.0, 1.0, 2.0), dtype=np.int16) -> Path:
     return path
 
 
+def zero_slice_axis(path: Path, array) -> Path:
+    """A NIfTI whose sform gives the third axis no length (a singular affine)."""
+    header = nib.Nifti1Image(np.asarray(array, np.int16), np.eye(4)).header
+    header["srow_z"] = [0.0, 0.0, 0.0, 5.0]
+    header["sform_code"], header["qform_code"] = 1, 0
+    nib.save(nib.Nifti1Image(np.asarray(array, np.int16), None, header), str(path))
+    return path
+
+
 def body(shape=(16, 16, 8)) -> np.ndarray:
     array = np.full(shape, -1000.0)
     array[4:12, 4:12, :] = 40.0
@@ -58,6 +67,7 @@ def build_corpus(root: Path) -> dict[str, Path]:
     add("8-bit export", nifti(root / "export8.nii.gz", np.clip((body() + 1000) / 8, 0, 255), dtype=np.uint8))
     add("raw 12-bit without rescale", nifti(root / "raw12.nii.gz", np.clip(body() + 1024, 0, 4095), dtype=np.uint16))
     add("absurd spacing", nifti(root / "spacing.nii.gz", body(), spacing=(1.0, 1.0, 50.0)))
+    add("zero voxel size", zero_slice_axis(root / "zero_spacing.nii.gz", body()))
     write_series(root / "mr", axial_positions(6), modality="MR")
     add("MR series", root / "mr")
     positions = axial_positions(6)
@@ -96,9 +106,18 @@ def corpus(tmp_path_factory):
 
 def test_corpus_is_large_enough(corpus):
     assert len(corpus) >= 20, sorted(corpus)
+    assert set(corpus) <= set(CORPUS_NAMES)
 
 
-CORPUS_NAMES = sorted(build_corpus(Path(tempfile.mkdtemp())))
+CORPUS_NAMES = sorted(
+    [
+        "zero-byte nii.gz", "truncated nii.gz", "gzip of garbage", "wrong extension (text)", "text named .nrrd", "2D image",
+        "3D with one slice", "4D image", "NaN voxels", "constant volume", "8-bit export", "raw 12-bit without rescale",
+        "absurd spacing", "zero voxel size", "MR series", "duplicate positions", "missing slice", "mixed series", "empty folder",
+        "folder without DICOM", "missing path", "SEG-only folder", "single_slices folder", "single DICOM slice file",
+        "single JPEG 2000 slice file",
+    ]
+)
 
 
 def assert_one_error_line(err: str, path: Path) -> None:
@@ -109,9 +128,15 @@ def assert_one_error_line(err: str, path: Path) -> None:
     assert "Traceback" not in err
 
 
+def _get(corpus, name):
+    if name not in corpus:
+        pytest.skip(f"{name}: needs ../shared/data")
+    return corpus[name]
+
+
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_info_refuses(name, corpus, capsys):
-    path = corpus[name]
+    path = _get(corpus, name)
     code = main(["info", str(path)])
     captured = capsys.readouterr()
     assert code == 2
@@ -120,7 +145,7 @@ def test_info_refuses(name, corpus, capsys):
 
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_preprocess_refuses_and_writes_nothing(name, corpus, capsys, tmp_path):
-    path = corpus[name]
+    path = _get(corpus, name)
     out = tmp_path / "out.nii.gz"
     code = main(["preprocess", str(path), "--preset", "ct-fm-ssl", "-o", str(out)])
     captured = capsys.readouterr()

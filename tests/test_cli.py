@@ -108,6 +108,21 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "output must be a NIfTI file" in capsys.readouterr().err
 
 
+def test_os_errors_and_wrong_model_for_weights_are_one_line_errors(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    source = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 8), -1000, np.int16) + np.arange(8, dtype=np.int16) * 100, np.eye(4)), str(source))
+    assert main(["preprocess", str(source), "-o", str(blocker / "sub" / "out.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert main(["models", "init", "ct-fm-segresnet", "--seed", "0", "--out", str(tmp_path / "seg"), "--init-filters", "4"]) == 0
+    capsys.readouterr()
+    assert main(["embed", str(source), "--weights", str(tmp_path / "seg"), "--out", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "does not take" in err and "--model ct-fm-segresnet" in err
+
+
 def test_preset_list_and_synth(tmp_path, capsys):
     assert main(["preprocess", "--list"]) == 0
     listing = capsys.readouterr().out

@@ -222,7 +222,7 @@ def _idc_manifest(path: Path, n: int = 2) -> Path:
 # What idc-index 0.13 logs when s5cmd cannot reach the bucket (captured from a real offline run);
 # download_from_selection returns normally after it.
 OFFLINE_LOG = [
-    'Download process failed with the following errors:\nERROR session: fetching region failed: RequestError: send request failed\n\nERROR "cp s3://idc-open-data/357b6269/* /tmp/x/CT_1.2": RequestError: send request failed caused by: Get "https://s3.amazonaws.com/idc-open-data?list-type=2": dial tcp: lookup s3.amazonaws.com on 10.255.255.53:53: no such host',
+    'Download process failed with the following errors:\nERROR session: fetching region failed: RequestError: send request failed\n\nERROR "cp s3://idc-open-data/357b6269/* DOWNLOAD_DIR/CT_1.2": RequestError: send request failed caused by: Get "https://s3.amazonaws.com/idc-open-data?list-type=2": dial tcp: lookup s3.amazonaws.com on RESOLVER:53: no such host',
     "Download process return non-zero exit code: 1",
 ]
 

@@ -59,6 +59,10 @@ def test_patch_mode_store_schema_and_api(cohort, tmp_path):
     for r in rows:  # the scan vector is the minimum over its patches
         own = np.asarray([p["embedding"] for p in patches if p["scan_id"] == r["scan_id"]])
         np.testing.assert_allclose(r["embedding"], own.min(axis=0), atol=1e-6)
+    # A different pooling is a different result: it is computed, not taken from the store.
+    mean = ctfm_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "mean", "--out", store, "--no-progress")
+    assert "embedded 2 scan(s), skipped 0" in mean.stdout
+    assert EmbeddingStore(store).scans().num_rows == 4
     # The Python API returns the same records.
     records = ctfm.embed([str(p) for p in cohort["scans"][:2]], weights=str(cohort["weights"]), mode="patches", pool="min")
     by_id = {r["scan_id"]: r for r in rows}
@@ -83,7 +87,6 @@ def test_folders_manifests_failures_and_resume(cohort, tmp_path):
     assert sum("not HU: a label map" in e for e in errors) == 4
     failures = EmbeddingStore(store).failures().to_pylist()
     assert len(failures) == 5 and all(f["error"] for f in failures)
-    started = time.perf_counter()
     again = ctfm_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
     assert "embedded 0 scan(s), skipped 4 already in the store" in again.stdout
     assert EmbeddingStore(store).scans().num_rows == 4
@@ -91,7 +94,6 @@ def test_folders_manifests_failures_and_resume(cohort, tmp_path):
     pq.write_table(pa.table({"path": [str(p) for p in cohort["scans"]]}), tmp_path / "m.parquet")
     third = ctfm_cli("embed", tmp_path / "m.parquet", "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
     assert third.returncode == 0 and "skipped 4" in third.stdout
-    assert time.perf_counter() - started < 120
 
 
 def test_sigkill_loses_nothing_already_written(cohort, tmp_path):

@@ -290,7 +290,7 @@ def test_ntxent_gather_two_processes_matches_concatenated_batch(tmp_path):
     per_anchor = NTXentLoss(temperature=0.2, reduction="none")(z0_leaf, z1_leaf)  # [2, W*B]
     global_loss = per_anchor.mean()
     global_loss.backward()
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
     for rank, result in enumerate(results):
         rows = slice(rank * local, (rank + 1) * local)
         # Each rank scores its own anchors against all 2*W*B - 2 negatives...

@@ -155,3 +155,20 @@ def test_fast_histogram_shift_equals_monai():
         torch.testing.assert_close(ours(x), torch.as_tensor(reference(x)), atol=1e-6, rtol=0)
         fired += int(ours._do_transform)
     assert 8 <= fired <= 32
+
+
+@pytest.mark.parametrize("loss", ["intrasample_ntxent", "ntxent", "vicreg", "intrasample_vicreg"])
+def test_module_builds_and_steps_with_each_supported_loss(loss):
+    from ctfm.pretrain.module import ContrastivePretrainer
+
+    module = ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss=loss, loss_kwargs={"temperature": 0.1} if "ntxent" in loss else {})
+    value = module.criterion(module(torch.rand(2, 3, 2, 1, 16, 32, 32)))
+    value.backward()
+    assert torch.isfinite(value) and module.encoder.conv_init.weight.grad is not None
+
+
+def test_simsiam_needs_a_prediction_head():
+    from ctfm.pretrain.module import ContrastivePretrainer
+
+    with pytest.raises(ValueError, match="prediction head"):
+        ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss="simsiam")

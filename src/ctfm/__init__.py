@@ -1,9 +1,11 @@
 """ctfm: foundation models for computed tomography.
 
 The package follows the path of the data (see DESIGN.md): ``io`` reads CT archives,
-``preprocess`` holds the one definition of CT-FM preprocessing, ``synth`` makes labelled
-phantoms, ``cli`` is the ``ctfm`` command. Submodules are imported lazily so that
-``import ctfm`` stays cheap.
+``preprocess`` holds the one definition of CT-FM preprocessing, ``models`` the encoders, their
+registry and weights, ``embedding`` whole-scan / patch / dense embeddings in bounded memory,
+``store`` the Parquet embedding store, ``pretrain`` contrastive pretraining, ``synth`` labelled
+phantoms, ``evaluate`` figures, ``cli`` the ``ctfm`` command. Submodules are imported lazily so
+that ``import ctfm`` stays cheap.
 """
 
 from importlib.metadata import PackageNotFoundError, version

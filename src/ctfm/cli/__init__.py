@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad option values (unknown preset, malformed spec, ...)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # unwritable output, full disk, missing config file, ...
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc} (check the path, its permissions and free space)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

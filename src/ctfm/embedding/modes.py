@@ -56,7 +56,9 @@ class DenseFeatures:
     def query(self, point_mm) -> np.ndarray:
         """The [512] feature vector at the feature voxel nearest to a RAS point (mm)."""
         ijk = np.linalg.solve(self.affine, np.append(np.asarray(point_mm, dtype=np.float64), 1.0))[:3]
-        idx = np.clip(np.round(ijk).astype(int), 0, np.asarray(self.features.shape[1:]) - 1)
+        idx = np.round(ijk).astype(int)
+        if np.any(idx < 0) or np.any(idx >= np.asarray(self.features.shape[1:])):
+            raise ValueError(f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid {list(self.features.shape[1:])})")
         return self.features[:, idx[0], idx[1], idx[2]]
 
     def voxel_centers_mm(self) -> np.ndarray:

@@ -80,9 +80,12 @@ def _read_manifest(path: Path) -> list[ScanSource]:
         raise CTInputError(path, f"manifest has no 'path' column (columns: {', '.join(table.column_names)})", "add a 'path' column with one scan per row")
     paths = table.column("path").to_pylist()
     series = table.column("series_uid").to_pylist() if "series_uid" in table.column_names else [None] * len(paths)
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(paths)
     base = path.parent
     out = []
-    for p, s in zip(paths, series):
+    for p, s, e in zip(paths, series, errors):
+        if p in (None, "") or e not in (None, ""):  # not downloaded, or marked unreadable by `ctfm cohort scan`
+            continue
         resolved = Path(p) if os.path.isabs(str(p)) else base / str(p)
         out.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
     return out
@@ -143,6 +146,7 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
         "package_version": __version__,
         "created_at": _now(),
     }
+    row["overlap"] = _overlap_of(options)
     if options.mode == "whole":
         prepared = prepare(image, options.spec)
         del image  # the full-resolution scan is not needed while the encoder runs
@@ -190,9 +194,18 @@ def pending_sources(sources, store, encoder, model_name: str, options: EmbedOpti
     """The sources not yet in ``store`` for this model, weights, mode and preset."""
     if store is None:
         return list(sources)
-    key_tail = (options.mode, model_name, weights_sha256_of(encoder), options.spec.content_hash())
+    key_tail = (options.mode, model_name, weights_sha256_of(encoder), options.spec.content_hash(), _pool_of(options), options.precision, _overlap_of(options))
     done = store.done_keys()
     return [s for s in sources if (s.scan_id, *key_tail) not in done]
+
+
+def _pool_of(options: EmbedOptions) -> str:
+    return "avg" if options.mode == "whole" else options.pool[0]
+
+
+def _overlap_of(options: EmbedOptions) -> float:
+    """Stored as float32; the key compares the same rounding."""
+    return float(np.float32(options.overlap if options.mode == "patches" else 0.0))
 
 
 def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store, writer: str = "0", progress: bool = True, keep_records: bool = False, skip_done: bool = True) -> RunSummary:
@@ -280,7 +293,8 @@ def embed(
 def store_records(store, sources, model_name: str, weights_sha256: str, options: EmbedOptions) -> list[dict]:
     """The store's rows for ``sources`` (in their order), patches attached, embeddings as arrays."""
     preset_hash = options.spec.content_hash()
-    rows = {(r["scan_id"]): r for r in store.scans().to_pylist() if r["mode"] == options.mode and r["model"] == model_name and r["weights_sha256"] == weights_sha256 and r["preset_hash"] == preset_hash}
+    wanted = (options.mode, model_name, weights_sha256, preset_hash, _pool_of(options), options.precision, _overlap_of(options))
+    rows = {r["scan_id"]: r for r in store.scans().to_pylist() if (r["mode"], r["model"], r["weights_sha256"], r["preset_hash"], r["pool"], r["precision"], r["overlap"]) == wanted}
     patches: dict[str, list[dict]] = {}
     if options.mode == "patches":
         for p in store.patches().to_pylist():

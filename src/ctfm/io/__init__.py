@@ -53,6 +53,9 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
         if volume_format(path) is not None:
             array, affine, fmt = read_volume(path)
             array = _as_3d(array, path)
+            spacing = _spacing(affine)
+            if not np.all(np.isfinite(affine)) or min(spacing) <= 0:
+                raise CTInputError(path, f"invalid voxel geometry (spacing {', '.join(f'{s:g}' for s in spacing)} mm)", "fix the header's voxel size (pixdim) or affine")
             record = ScanRecord(path=str(path), format=fmt, shape=array.shape, spacing_mm=_spacing(affine), orientation=orientation_code(affine))
         else:
             from ctfm.io.dicom import looks_like_dicom_file
@@ -132,7 +135,7 @@ def orientation_code(affine) -> str:
     """Three-letter orientation code of a RAS affine, e.g. ``"RAS"``, ``"LPS"``, ``"SPL"``."""
     import nibabel as nib
 
-    return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+    return "".join(code or "?" for code in nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
 
 
 def _to_metatensor(array: np.ndarray, affine: np.ndarray, record: ScanRecord):

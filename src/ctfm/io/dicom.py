@@ -95,8 +95,9 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
             if name.startswith("."):
                 skipped["hidden file"] += 1
                 continue
-            if not os.access(path, os.R_OK):
-                raise CTInputError(path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r")
+            if not os.access(path, os.R_OK):  # one bad file must not stop a whole archive
+                skipped["permission denied"] += 1
+                continue
             ds = read_header(path)
             if ds is None:
                 skipped["not DICOM"] += 1

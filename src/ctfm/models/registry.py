@@ -59,13 +59,33 @@ def create_model(name: str, weights: str | None = None, **overrides) -> nn.Modul
     if weights is not None:
         # Like from_pretrained: a weights folder's config.json says how to build the model
         # (e.g. a narrow encoder); explicit overrides must agree with it (checked on load).
-        kwargs.update(_folder_arch(weights))
+        arch = _folder_arch(weights)
+        unknown = sorted(set(arch) - _constructor_arguments(entry.builder))
+        if unknown:
+            from ctfm.errors import CTInputError
+
+            raise CTInputError(weights, f"config.json has arguments {unknown} that model {name!r} does not take", "choose the matching model (e.g. --model ct-fm-segresnet for a segmentation folder)")
+        kwargs.update(arch)
     model = entry.builder(**{**kwargs, **overrides})
     if weights is not None:
         from ctfm.models.weights import load_weights
 
         load_weights(model, weights)
     return model
+
+
+def _constructor_arguments(cls) -> set[str]:
+    """Named constructor arguments of ``cls`` and of the MONAI classes it extends."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (object, nn.Module) or "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self":
+                names.add(p.name)
+    return names
 
 
 def _folder_arch(weights) -> dict:

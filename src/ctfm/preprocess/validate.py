@@ -77,7 +77,7 @@ def check_ct(image, record, stats: dict[str, float] | None = None) -> list[Check
         checks.append(Check("tilt", OK, "no gantry tilt" if record.format == "dicom" else "regular grid"))
 
     gaps = record.slice_gaps_mm
-    if record.format == "dicom" and len(gaps) > 1:
+    if record.format == "dicom" and record.resampled and "spacing" in record.resampled:
         checks.append(Check("uniform_spacing", WARN, f"slice gaps {', '.join(f'{g:g}' for g in gaps)} mm: resampled to {record.spacing_mm[2]:.3g} mm"))
     else:
         checks.append(Check("uniform_spacing", OK, "uniform slice spacing"))

@@ -70,16 +70,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    from ctfm.errors import CTInputError
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+    path = Path(path)
+    if not path.is_file():
+        raise CTInputError(path, "no such config file", "check the path given to --config")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise CTInputError(path, f"not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({' '.join(str(exc).split())[:120]})", "fix the syntax; a config holds key: value pairs") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file holds a mapping of keys to values")
+        raise CTInputError(path, "a config file holds a mapping of keys to values", "write key: value pairs")
     if "preset" in data:
         data = {**PRESETS[_preset_name(data.pop("preset"))], **data}
     return data

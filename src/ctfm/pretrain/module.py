@@ -42,7 +42,7 @@ class ContrastivePretrainer(L.LightningModule):
         self.save_hyperparameters()
         self.encoder = create_model(model, **(model_kwargs or {}))
         self.projection_head = ProjectionHead(self.encoder.embedding_dim, *projection)
-        self.criterion = build_loss(loss, **(loss_kwargs or {"temperature": 0.1}))
+        self.criterion = build_loss(loss, **(loss_kwargs if loss_kwargs is not None else {"temperature": 0.1}))
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """[B, N, 2, 1, D, H, W] -> projections [B, N, 2, out]."""

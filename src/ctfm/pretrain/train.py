@@ -11,13 +11,27 @@ Run folder layout (``config.out``)::
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from pathlib import Path
 
 from ctfm.pretrain.config import PretrainConfig, save_config
 
 
-def _cache_for(config: PretrainConfig):
+def launch_rank() -> int:
+    """Global rank from the launcher's environment (torchrun, SLURM, Lightning), 0 when alone.
+
+    Known before DDP is set up, so that one process builds the cache and writes the config.
+    """
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    node, local = (int(os.environ.get(n, "0") or 0) for n in ("NODE_RANK", "LOCAL_RANK"))
+    return node * 1000 + local  # only compared with 0: nonzero for every process but the first
+
+
+def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
     from ctfm.pretrain.cache import VolumeCache, build_cache
 
     data = Path(config.data)
@@ -26,11 +40,23 @@ def _cache_for(config: PretrainConfig):
     if (data / "index.parquet").exists():
         return VolumeCache(data)
     cache_dir = Path(config.cache) if config.cache else Path(config.out) / "cache"
-    build_cache([str(data)], cache_dir, workers=config.cache_workers, progress=False)
+    done = cache_dir / ".built"
+    if launch_rank() == 0:
+        done.unlink(missing_ok=True)
+        summary = build_cache([str(data)], cache_dir, workers=config.cache_workers, progress=False)
+        if summary.failed:
+            warnings.warn(f"{len(summary.failed)} scan(s) could not be cached (see {cache_dir / 'failures.parquet'})", stacklevel=2)
+        done.write_text("ok\n")
+    else:  # other ranks wait for rank 0's cache instead of building it again
+        deadline = time.monotonic() + wait_seconds
+        while not done.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {launch_rank()}: no cache at {cache_dir} after {wait_seconds:.0f} s")
+            time.sleep(2)
     return VolumeCache(cache_dir)
 
 
-def build_trainer(config: PretrainConfig, extra_callbacks=()):
+def build_trainer(config: PretrainConfig, extra_callbacks=(), progress_bar: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -65,6 +91,7 @@ def build_trainer(config: PretrainConfig, extra_callbacks=()):
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="epoch"), *extra_callbacks],
         log_every_n_steps=1,
         enable_model_summary=False,
+        enable_progress_bar=progress_bar,
         deterministic=False,
     )
 
@@ -102,7 +129,7 @@ def build_loader(config: PretrainConfig, cache):
     )
 
 
-def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=()) -> Path:
+def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=(), progress_bar: bool = True) -> Path:
     """Train, resuming from ``<out>/checkpoints/last.ckpt`` when it exists; export the encoder.
 
     Returns the export folder.
@@ -111,11 +138,12 @@ def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=()) ->
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    if launch_rank() == 0:
+        save_config(config, out / "config.yaml")
     L.seed_everything(config.seed, workers=True, verbose=False)
     cache = _cache_for(config)
     module = build_module(config)
-    trainer = build_trainer(config, extra_callbacks)
+    trainer = build_trainer(config, extra_callbacks, progress_bar=progress_bar)
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, train_dataloaders=build_loader(config, cache), ckpt_path=str(last) if resume and last.exists() else None)
     export = out / "export"
@@ -143,4 +171,5 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     module = ContrastivePretrainer(**state["hyper_parameters"])
     module.load_state_dict(state["state_dict"])
-    return export_encoder(module, Path(folder), step=state.get("global_step"), epoch=state.get("epoch"))
+    config = PretrainConfig(model=state["hyper_parameters"].get("model", "ct-fm"))
+    return export_encoder(module, Path(folder), config, step=state.get("global_step"), epoch=state.get("epoch"))

@@ -17,12 +17,15 @@ written by several DDP ranks merge on read); ``compact()`` folds the parts into 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-SCAN_KEY = ("scan_id", "mode", "model", "weights_sha256", "preset_hash")
+# A row is one scan computed one way: any option that changes the vector is part of the key.
+SCAN_KEY = ("scan_id", "mode", "model", "weights_sha256", "preset_hash", "pool", "precision", "overlap")
+STALE_TEMPORARY_SECONDS = 3600  # a writer's temporary older than this belongs to a dead process
 
 
 def _schemas():
@@ -38,6 +41,7 @@ def _schemas():
             ("content_hash", pa.string()),
             ("mode", pa.string()),
             ("pool", pa.string()),
+            ("overlap", pa.float32()),
             ("n_patches", pa.int32()),
             ("model", pa.string()),
             ("weights_sha256", pa.string()),
@@ -109,7 +113,15 @@ class EmbeddingStore:
         _write_atomic(pa.Table.from_pylist([row], schema=_schemas()["failures"]), self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet")
 
     # ---- reading -------------------------------------------------------------------------
-    def _read(self, kind: str):
+    def _part_files(self, kind: str) -> list[Path]:
+        if not self.parts.exists():
+            return []
+        names = sorted(p for p in self.parts.glob(f"*.{kind}.parquet") if not p.name.startswith("."))
+        if kind == "patches":  # only patches whose scan row was committed
+            names = [p for p in names if (p.parent / p.name.replace(".patches.parquet", ".scans.parquet")).exists()]
+        return names
+
+    def _read(self, kind: str, parts: list[Path] | None = None):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -118,24 +130,24 @@ class EmbeddingStore:
         main = self.root / f"{kind}.parquet"
         if main.exists():
             tables.append(pq.read_table(main, schema=schema))
-        if self.parts.exists():
-            names = sorted(p for p in self.parts.glob(f"*.{kind}.parquet") if not p.name.startswith("."))
-            if kind == "patches":  # only patches whose scan row was committed
-                names = [p for p in names if (p.parent / p.name.replace(".patches.parquet", ".scans.parquet")).exists()]
-            tables += [pq.read_table(p, schema=schema) for p in names]
+        for p in self._part_files(kind) if parts is None else parts:
+            try:
+                tables.append(pq.read_table(p, schema=schema))
+            except FileNotFoundError:  # folded into the main file by a concurrent compaction
+                continue
         if not tables:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def scans(self):
+    def scans(self, parts: list[Path] | None = None):
         """All scan rows (a pyarrow Table), de-duplicated on the scan key (last write wins)."""
-        return _dedupe(self._read("scans"), SCAN_KEY)
+        return _dedupe(self._read("scans", parts), SCAN_KEY)
 
-    def patches(self):
-        return _dedupe(self._read("patches"), ("scan_id", "patch_index", "weights_sha256", "preset_hash"))
+    def patches(self, parts: list[Path] | None = None):
+        return _dedupe(self._read("patches", parts), ("scan_id", "patch_index", "weights_sha256", "preset_hash"))
 
-    def failures(self):
-        return self._read("failures")
+    def failures(self, parts: list[Path] | None = None):
+        return self._read("failures", parts)
 
     def done_keys(self) -> set[tuple]:
         table = self.scans()
@@ -158,17 +170,26 @@ class EmbeddingStore:
         """Fold the part files into scans/patches/failures.parquet (atomic renames), then drop them."""
         if not self.parts.exists():
             return
-        # temporaries of writers killed mid-write (never read: their names start with ".")
+        # Temporaries of writers killed mid-write (never read: their names start with "."); only
+        # old ones, so that a writer still running beside this process keeps its own.
+        now = time.time()
         for stale in [*self.parts.glob(".*.partial"), *self.root.glob(".*.partial")]:
-            stale.unlink(missing_ok=True)
-        parts = [p for p in self.parts.iterdir() if p.suffix == ".parquet" and not p.name.startswith(".")]
-        if not parts:
+            try:
+                if now - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    stale.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
+        # Fold exactly the parts listed now; parts that land meanwhile wait for the next compaction.
+        listed = {kind: self._part_files(kind) for kind in ("patches", "scans", "failures")}
+        if not any(listed.values()):
             return
-        for kind, table in (("patches", self.patches()), ("scans", self.scans()), ("failures", self.failures())):
+        for kind in ("patches", "scans", "failures"):
+            table = getattr(self, kind)(listed[kind])
             if table.num_rows or (self.root / f"{kind}.parquet").exists():
                 _write_atomic(table, self.root / f"{kind}.parquet")
-        for p in parts:  # a crash here leaves duplicates, which readers de-duplicate
-            p.unlink(missing_ok=True)
+        for files in listed.values():  # a crash here leaves duplicates, which readers de-duplicate
+            for p in files:
+                p.unlink(missing_ok=True)
 
 
 def _dedupe(table, key: tuple[str, ...]):
