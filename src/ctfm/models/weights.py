@@ -540,8 +540,11 @@ def init_model(name: str, seed: int, **overrides) -> nn.Module:
         return create_model(name, **overrides)
 
 
-def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | None = None) -> dict:
-    """The ctfm.json content: model, PreprocessSpec, embedding pooling, weights sha256, provenance."""
+def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | None = None, preprocess=None) -> dict:
+    """The ctfm.json content: model, PreprocessSpec, embedding pooling, weights sha256, provenance.
+
+    ``preprocess`` is the PreprocessSpec the weights were trained with (default: the registry's).
+    """
     from ctfm import __version__
     from ctfm.models.registry import get_entry
     from ctfm.preprocess import get_preset
@@ -556,7 +559,7 @@ def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | N
         "model": name,
         "description": entry.description,
         "class": type(model).__name__,
-        "preprocess": get_preset(entry.preprocess_preset).to_dict(),
+        "preprocess": (preprocess or get_preset(entry.preprocess_preset)).to_dict(),
         "embedding": {
             "pooling": "avg",
             "feature_map": "last",
@@ -582,7 +585,7 @@ def _check_destination(folder: Path, overwrite: bool) -> None:
         raise CTInputError(folder, f"holds other files ({', '.join(foreign[:4])}); refusing to replace it", "choose an empty or new output folder")
 
 
-def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct-fm", provenance: dict | None = None, overwrite: bool = False) -> Path:
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct-fm", provenance: dict | None = None, overwrite: bool = False, preprocess=None) -> Path:
     """Write ``model`` as a weights folder (config.json, model.safetensors, ctfm.json) -> the folder.
 
     Atomic: the files are written into a hidden folder beside ``folder`` and renamed into place,
@@ -609,7 +612,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct
         save_file(state, str(tmp / WEIGHTS_NAME))
         shutil.copymode(tmp / CONFIG_NAME, tmp / WEIGHTS_NAME)  # safetensors writes 0600; follow the umask
         digest = sha256_file(tmp / WEIGHTS_NAME)
-        sidecar = build_sidecar(model, name, digest, provenance)
+        sidecar = build_sidecar(model, name, digest, provenance, preprocess=preprocess)
         (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, sort_keys=True, indent=2) + "\n", encoding="utf-8")
         _move_into_place(tmp, folder)
     except BaseException:

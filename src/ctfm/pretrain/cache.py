@@ -510,7 +510,9 @@ class VolumeCache:
         volume = self._open.pop(k, None)
         if volume is None:
             row = self._rows[k]
-            path = self.cache_dir / row["file"]
+            path = (self.cache_dir / row["file"]).resolve()
+            if not path.is_relative_to(self.cache_dir.resolve()):  # an index must not point outside its cache
+                raise CTInputError(self.cache_dir / "index.parquet", f"entry {row['file']!r} points outside the cache", "rebuild the cache with `ctfm cohort cache`")
             try:
                 volume = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:

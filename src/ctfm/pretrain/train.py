@@ -159,7 +159,10 @@ def export_encoder(module, folder: Path, config: PretrainConfig | None = None, s
     provenance = {"source": "ctfm pretrain", "global_step": step, "epoch": epoch}
     if config is not None:
         provenance.update(loss=config.loss, num_crops=config.num_crops, seed=config.seed)
-    return save_pretrained(module.encoder.cpu().eval(), folder, name=config.model if config else "ct-fm", provenance=provenance, overwrite=True)
+    from ctfm.preprocess import get_preset
+
+    # The sidecar records what the encoder was trained on: ct-fm-ssl volumes.
+    return save_pretrained(module.encoder.cpu().eval(), folder, name=config.model if config else "ct-fm", provenance=provenance, overwrite=True, preprocess=get_preset("ct-fm-ssl"))
 
 
 def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:

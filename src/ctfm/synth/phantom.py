@@ -538,20 +538,17 @@ def read_label_table(source: str | os.PathLike | Any) -> dict[int, str]:
     """Label names from a NIfTI's CaretExtension header extension (TotalSegmentator style).
 
     source: a path or a loaded ``nibabel.Nifti1Image``. Returns {} when there is no table.
+    The parsing is :func:`ctfm.io.labels.parse_label_table`, the reader every label file uses.
     """
-    import xml.etree.ElementTree as ElementTree
-
     import nibabel as nib
+
+    from ctfm.io.labels import parse_label_table
 
     image = nib.load(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
     for extension in image.header.extensions:
-        content = extension.get_content()
-        if isinstance(content, str):
-            content = content.encode("utf-8")
-        if not isinstance(content, bytes) or b"<CaretExtension" not in content:
-            continue
-        root = ElementTree.fromstring(content.rstrip(b"\x00 \n\r\t"))
-        return {int(label.get("Key")): (label.text or "").strip() for label in root.iter("Label")}
+        names = parse_label_table(extension.get_content())
+        if names:
+            return names
     return {}
 
 
