@@ -22,7 +22,7 @@ from ctfm.store import EmbeddingStore
 from ctfm.synth import make_phantom, write_phantom
 
 SCAN_COLUMNS = {
-    "scan_id", "source_path", "series_uid", "study_uid", "content_hash", "mode", "pool", "n_patches", "model",
+    "scan_id", "source_path", "series_uid", "study_uid", "content_hash", "mode", "pool", "overlap", "n_patches", "model",
     "weights_sha256", "preset", "preset_hash", "precision", "package_version", "created_at", "embedding",
 }
 
