@@ -3,7 +3,6 @@ definitions; world coordinates of patches; dense point queries."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest

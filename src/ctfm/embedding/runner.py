@@ -121,16 +121,10 @@ def _now() -> str:
 
 def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
     """Load, embed and describe one scan; returns the store row (patch rows under ``"patches"``)."""
-    import warnings
-
     from ctfm import __version__
-    from ctfm.io import load_ct
-    from ctfm.preprocess import check_ct, require_usable
+    from ctfm.preprocess import load_usable_ct
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the record keeps any geometry warning
-        image, record = load_ct(source.path, series_uid=source.series_uid)
-    require_usable(check_ct(image, record), source.path)
+    image, record = load_usable_ct(source.path, series_uid=source.series_uid)
     row = {
         "scan_id": source.scan_id,
         "source_path": os.path.abspath(source.path),

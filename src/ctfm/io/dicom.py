@@ -251,7 +251,6 @@ def stack_series(series: DicomSeries, geometry: SeriesGeometry) -> tuple[np.ndar
     (columns, rows, slices), i.e. array axes along (row_dir, col_dir, normal).
     """
     g = geometry
-    n = len(g.order)
     rows, cols = int(series.headers[0].Rows), int(series.headers[0].Columns)
     slices = [read_pixels_hu(series.files[i]) for i in g.order]
 

@@ -3,7 +3,7 @@ and the checks that a loaded image is a usable CT."""
 
 from ctfm.preprocess.spec import PRESETS, ForegroundCrop, PreprocessSpec, Window, get_preset, list_presets
 from ctfm.preprocess.transforms import build_transforms, preprocess
-from ctfm.preprocess.validate import Check, check_ct, hu_statistics, is_usable, require_usable
+from ctfm.preprocess.validate import Check, check_ct, hu_statistics, is_usable, load_usable_ct, require_usable
 
 __all__ = [
     "PRESETS",
@@ -17,6 +17,7 @@ __all__ = [
     "hu_statistics",
     "is_usable",
     "list_presets",
+    "load_usable_ct",
     "preprocess",
     "require_usable",
 ]

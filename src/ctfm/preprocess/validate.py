@@ -113,3 +113,17 @@ def require_usable(checks: list[Check], path) -> None:
     for c in checks:
         if c.status == ERROR:
             raise CTInputError(path, c.message, c.fix or "fix the input")
+
+
+def load_usable_ct(path, series_uid: str | None = None):
+    """``load_ct`` + every check; ``(image, record)`` or a :class:`CTInputError` naming the first
+    error. Geometry warnings stay in ``record.warnings`` (batch jobs keep stderr for failures)."""
+    import warnings
+
+    from ctfm.io import load_ct
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image, record = load_ct(path, series_uid=series_uid)
+    require_usable(check_ct(image, record), path)
+    return image, record

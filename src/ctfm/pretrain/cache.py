@@ -133,13 +133,9 @@ def _now() -> str:
 # ---- one scan ---------------------------------------------------------------------------------
 def preprocessed_volume(source, spec):
     """(volume [D, H, W] float32 numpy, preprocessed MetaTensor, source image, record) of one scan."""
-    from ctfm.io import load_ct
-    from ctfm.preprocess import check_ct, preprocess, require_usable
+    from ctfm.preprocess import load_usable_ct, preprocess
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the record keeps any geometry warning
-        image, record = load_ct(source.path, series_uid=source.series_uid)
-    require_usable(check_ct(image, record), source.path)
+    image, record = load_usable_ct(source.path, series_uid=source.series_uid)
     out = preprocess(image, spec)
     array = out.as_tensor().detach().cpu().numpy() if hasattr(out, "as_tensor") else np.asarray(out)
     if array.ndim == 4 and array.shape[0] == 1:

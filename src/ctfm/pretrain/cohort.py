@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -542,8 +541,7 @@ def _manifest_rows(path: Path, table, counts: ResolvedSources) -> list:
 def describe_source(source) -> dict:
     """One manifest row for a scan source: geometry, UIDs, sizes; ``error`` when unusable."""
     from ctfm.embedding.runner import content_hash
-    from ctfm.io import load_ct
-    from ctfm.preprocess import check_ct, require_usable
+    from ctfm.preprocess import load_usable_ct
 
     row = {
         "scan_id": source.scan_id,
@@ -552,10 +550,7 @@ def describe_source(source) -> dict:
         "disk_bytes": _disk_bytes(Path(source.path)),
     }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the record keeps any geometry warning
-            image, record = load_ct(source.path, series_uid=source.series_uid)
-        require_usable(check_ct(image, record), source.path)
+        image, record = load_usable_ct(source.path, series_uid=source.series_uid)
     except CTInputError as exc:
         return {**row, "error": str(exc)}
     except Exception as exc:  # a batch job records every failure and goes on
