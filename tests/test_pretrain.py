@@ -172,3 +172,14 @@ def test_simsiam_needs_a_prediction_head():
 
     with pytest.raises(ValueError, match="prediction head"):
         ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss="simsiam")
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error():
+    from ctfm.errors import CTInputError
+    from ctfm.pretrain.module import ContrastivePretrainer
+
+    module = ContrastivePretrainer(model_kwargs={"init_filters": 4})
+    views = torch.rand(2, 3, 2, 1, 16, 32, 32)
+    views[0, 0, 0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(CTInputError, match="training diverged: non-finite loss"):
+        module.training_step(views, 0)

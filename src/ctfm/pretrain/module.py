@@ -52,6 +52,12 @@ class ContrastivePretrainer(L.LightningModule):
 
     def training_step(self, views: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.criterion(self(views))
+        if not torch.isfinite(loss):
+            # Stop at once: a non-finite loss poisons every weight at the next optimiser step.
+            from ctfm.errors import CTInputError
+
+            precision = getattr(getattr(self, "trainer", None), "precision", "?") if self._trainer is not None else "?"
+            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step} (precision {precision})", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=views.shape[0])
         return loss
 
