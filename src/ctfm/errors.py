@@ -25,3 +25,10 @@ class CTInputError(ValueError):
 
 class MissingDependencyError(ImportError):
     """An optional dependency is not installed; the message names the pip command."""
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line (whitespace collapsed, at most ``limit`` characters),
+    or its type name when it has none: for the middle of an ``error: ...`` line."""
+    text = " ".join(str(exc).split())
+    return text[:limit] if text else type(exc).__name__

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ctfm.errors import CTInputError
+from ctfm.errors import CTInputError, one_line
 from ctfm.io.volume import LPS_TO_RAS, VOLUME_SUFFIXES, read_volume, volume_format
 
 if TYPE_CHECKING:
@@ -318,7 +318,7 @@ def _nifti_header_names(path: Path) -> dict[int, str]:
     try:
         extensions = nib.load(str(path)).header.extensions
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise CTInputError(path, f"unreadable NIfTI header ({_short(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(path, f"unreadable NIfTI header ({one_line(exc)})", "check that the file is complete; re-export it") from None
     names: dict[int, str] = {}
     for extension in extensions:
         names.update(parse_label_table(extension.get_content()))
@@ -334,7 +334,7 @@ def _itk_header_names(path: Path) -> dict[int, str]:
     try:
         reader.ReadImageInformation()
     except Exception as exc:
-        raise CTInputError(path, f"unreadable image header ({_short(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(path, f"unreadable image header ({one_line(exc)})", "check that the file is complete; re-export it") from None
     if reader.GetNumberOfComponents() != 1:
         # read_volume would refuse it too, but as a CT; say what it means for a segmentation.
         raise CTInputError(
@@ -417,7 +417,7 @@ def _sidecar_names(path: Path) -> dict[int, str]:
         table = table.get("labels", table)
         return {int(key): str(value) for key, value in table.items()}
     except (ValueError, AttributeError, TypeError) as exc:
-        raise CTInputError(sidecar, f"label names file is not a JSON object of label -> name ({_short(exc)})", 'write {"labels": {"1": "liver", ...}}') from None
+        raise CTInputError(sidecar, f"label names file is not a JSON object of label -> name ({one_line(exc)})", 'write {"labels": {"1": "liver", ...}}') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def _dicom_seg_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:
-        raise CTInputError(path, f"unreadable DICOM SEG ({_short(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(path, f"unreadable DICOM SEG ({one_line(exc)})", "check that the file is complete; re-export it") from None
     _check_frame_of_reference(path, "DICOM SEG", [getattr(seg, "FrameOfReferenceUID", None)], image)
     numbers = sorted(int(n) for n in seg.segment_numbers)
     if not numbers:
@@ -451,7 +451,7 @@ def _dicom_seg_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np
     except Exception as exc:  # highdicom raises ValueError/RuntimeError for irregular frame sets
         raise CTInputError(
             path,
-            f"the frames of the DICOM SEG do not form a regular 3D volume ({_short(exc)})",
+            f"the frames of the DICOM SEG do not form a regular 3D volume ({one_line(exc)})",
             "re-export the segmentation on the slices of a regular CT series",
         ) from None
     # highdicom's Volume: array axes (slice, row, column), affine from those indices to LPS mm.
@@ -497,7 +497,7 @@ def _rtstruct_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np.
                     continue
                 contours.setdefault(label, []).append(np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3))
     except Exception as exc:
-        raise CTInputError(path, f"unreadable RTSTRUCT ({_short(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(path, f"unreadable RTSTRUCT ({one_line(exc)})", "check that the file is complete; re-export it") from None
     if not rois:
         raise CTInputError(path, "RTSTRUCT holds no ROIs", "re-export the structure set")
     frame_uids = [roi.get("ReferencedFrameOfReferenceUID") for roi in rois]
@@ -616,6 +616,3 @@ def _fill_even_odd(polygons: Sequence[np.ndarray], plane_shape: tuple[int, int])
     return inside.T  # [A, B]
 
 
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:160] if text else type(exc).__name__

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError
+from ctfm.errors import CTInputError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -50,7 +50,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         # dataobj applies scl_slope/scl_inter; this mirrors MONAI's NibabelReader.
         array = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise CTInputError(path, f"unreadable NIfTI ({_short(exc)})", "check that the file is complete; re-export or re-download it") from None
+        raise CTInputError(path, f"unreadable NIfTI ({one_line(exc)})", "check that the file is complete; re-export or re-download it") from None
     return array, np.asarray(img.affine, dtype=np.float64)
 
 
@@ -60,7 +60,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:
-        raise CTInputError(path, f"unreadable image file ({_short(exc)})", "check that the file is complete; re-export or re-download it") from None
+        raise CTInputError(path, f"unreadable image file ({one_line(exc)})", "check that the file is complete; re-export or re-download it") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise CTInputError(path, f"image has {img.GetNumberOfComponentsPerPixel()} components per voxel", "a CT has one value per voxel; export a scalar volume")
     dim = img.GetDimension()
@@ -76,6 +76,3 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, LPS_TO_RAS @ affine_lps
 
 
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text[:160] if text else type(exc).__name__

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, MissingDependencyError
+from ctfm.errors import CTInputError, MissingDependencyError, one_line
 
 # ---- CT-FM's series filters (REFERENCE.md §1.1, CT-FM:notebooks/data-download/query.sql) ----------
 MIN_INSTANCES = 50  # strictly more than this many instances
@@ -290,7 +290,7 @@ def _extra_index(client, name: str, columns: list[str], fetch: bool):
     try:
         client.fetch_index(name)  # loads from disk when installed, downloads otherwise
     except Exception as exc:
-        raise CTInputError(None, f"could not fetch the IDC {name} ({type(exc).__name__}: {_one_line(exc)})", "check network access, or leave out --fetch-indices to select with the bundled index only") from None
+        raise CTInputError(None, f"could not fetch the IDC {name} ({type(exc).__name__}: {one_line(exc, 200)})", "check network access, or leave out --fetch-indices to select with the bundled index only") from None
     table = getattr(client, name, None)
     if table is None:
         if fetch and not installed:
@@ -410,9 +410,9 @@ def download_idc(manifest, out_dir, downloader=None, progress: bool = True) -> D
         except MissingDependencyError:
             raise
         except IDCDownloadError as exc:
-            summary.errors = [_one_line(exc)]
+            summary.errors = [one_line(exc, 200)]
         except Exception as exc:  # requests / subprocess / disk-space errors raised by idc-index
-            summary.errors = [f"{type(exc).__name__}: {_one_line(exc)}"]
+            summary.errors = [f"{type(exc).__name__}: {one_line(exc, 200)}"]
         for i in todo:
             folder = series_folder(out_dir, rows[i])
             n_files = _count_files(folder)
@@ -449,8 +449,6 @@ def _first_error(messages: list[str]) -> str:
     return lines[0][:200] if lines else ""
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]
 
 
 # ---- manifests ----------------------------------------------------------------------------------
@@ -465,7 +463,7 @@ def read_manifest(path):
     try:
         return pq.read_table(path) if path.name.lower().endswith(".parquet") else pcsv.read_csv(path)
     except Exception as exc:
-        raise CTInputError(path, f"unreadable manifest ({_one_line(exc)[:120]})", "give a CSV or Parquet file with a 'path' column") from None
+        raise CTInputError(path, f"unreadable manifest ({one_line(exc, 200)[:120]})", "give a CSV or Parquet file with a 'path' column") from None
 
 
 def write_parquet_atomic(table, path) -> Path:
@@ -554,7 +552,7 @@ def describe_source(source) -> dict:
     except CTInputError as exc:
         return {**row, "error": str(exc)}
     except Exception as exc:  # a batch job records every failure and goes on
-        return {**row, "error": f"{source}: {type(exc).__name__}: {_one_line(exc)}"}
+        return {**row, "error": f"{source}: {type(exc).__name__}: {one_line(exc, 200)}"}
     shape = [int(v) for v in record.shape]
     row.update(
         format=record.format,
