@@ -13,7 +13,7 @@ import pytest
 
 from conftest import data_path
 from ctfm.cli import main
-from ctfm.embedding.runner import ScanSource
+from ctfm.io.sources import ScanSource
 from ctfm.errors import CTInputError
 from ctfm.pretrain.cache import INDEX_NAME, VOLUMES_DIR, VolumeCache, _BuildLock, build_cache
 from ctfm.preprocess import get_preset

@@ -16,7 +16,8 @@ from conftest import data_path
 from ctfm.cli import main
 from ctfm.errors import CTInputError, MissingDependencyError
 from ctfm.pretrain import cohort
-from ctfm.pretrain.cohort import PAPER_FILTERS, apply_paper_filters, download_idc, resolve_sources, series_folder
+from ctfm.io.sources import resolve_sources
+from ctfm.pretrain.cohort import PAPER_FILTERS, apply_paper_filters, download_idc, series_folder
 
 
 # ---- the paper's filters on a synthetic index --------------------------------------------------

@@ -67,7 +67,8 @@ def run(args) -> int:
 
 
 def _idc(args) -> int:
-    from ctfm.pretrain.cohort import PAPER_FILTERS, format_size_mb, select_idc_cohort, write_parquet_atomic
+    from ctfm.pretrain.cohort import PAPER_FILTERS, format_size_mb, select_idc_cohort
+    from ctfm.runtime import write_parquet_atomic
 
     cohort = select_idc_cohort(collections=args.collections, limit=args.limit, fetch_indices=args.fetch_indices)
     write_parquet_atomic(cohort.table, args.out)
@@ -93,7 +94,8 @@ def _download(args) -> int:
 
 
 def _scan(args) -> int:
-    from ctfm.pretrain.cohort import format_size_mb, scan_local, write_parquet_atomic
+    from ctfm.pretrain.cohort import format_size_mb, scan_local
+    from ctfm.runtime import write_parquet_atomic
 
     summary = scan_local(args.inputs, workers=args.workers, progress=not args.no_progress)
     write_parquet_atomic(summary.table, args.out)

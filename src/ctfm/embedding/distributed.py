@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ctfm.embedding.modes import EmbedOptions
-from ctfm.embedding.runner import RunSummary, ScanSource, run_sources
+from ctfm.embedding.runner import RunSummary, run_sources
+from ctfm.io.sources import ScanSource
 
 
 class _Sources(Dataset):

@@ -7,36 +7,18 @@ are skipped, and every finished scan is on disk before the next one starts.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
 from ctfm.errors import CTInputError
-from ctfm.io.volume import VOLUME_SUFFIXES
-
-
-@dataclass(frozen=True)
-class ScanSource:
-    """One scan to embed: a volume file, or a DICOM folder plus the series to take from it."""
-
-    path: str
-    series_uid: str | None = None
-
-    @property
-    def scan_id(self) -> str:
-        """Stable id from the absolute source path (and series): the same input maps to the same row."""
-        key = os.path.abspath(self.path) + ("#" + self.series_uid if self.series_uid else "")
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-    def __str__(self) -> str:
-        return self.path + (f" [series {self.series_uid}]" if self.series_uid else "")
+from ctfm.io.sources import ScanSource, discover_inputs
+from ctfm.runtime import progress_bar, utc_now
 
 
 @dataclass
@@ -48,64 +30,6 @@ class RunSummary:
     records: list[dict] = field(default_factory=list)
 
 
-# ---- finding inputs ------------------------------------------------------------------------
-def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
-    """Expand files, folders (volume files and DICOM series, recursively) and manifests
-    (CSV/Parquet with a ``path`` column, optional ``series_uid``) into scan sources."""
-    sources: list[ScanSource] = []
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise CTInputError(path, "no such file or folder", "check the path")
-        name = path.name.lower()
-        if path.is_file() and name.endswith((".csv", ".parquet")):
-            sources += _read_manifest(path)
-        elif path.is_file():
-            sources.append(ScanSource(str(path)))
-        else:
-            sources += _scan_folder(path)
-    unique = list(dict.fromkeys(sources))
-    return unique
-
-
-def _read_manifest(path: Path) -> list[ScanSource]:
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path) if path.name.lower().endswith(".parquet") else pcsv.read_csv(path)
-    except Exception as exc:
-        raise CTInputError(path, f"unreadable manifest ({' '.join(str(exc).split())[:120]})", "give a CSV or Parquet file with a 'path' column") from None
-    if "path" not in table.column_names:
-        raise CTInputError(path, f"manifest has no 'path' column (columns: {', '.join(table.column_names)})", "add a 'path' column with one scan per row")
-    paths = table.column("path").to_pylist()
-    series = table.column("series_uid").to_pylist() if "series_uid" in table.column_names else [None] * len(paths)
-    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(paths)
-    base = path.parent
-    out = []
-    for p, s, e in zip(paths, series, errors):
-        if p in (None, "") or e not in (None, ""):  # not downloaded, or marked unreadable by `ctfm cohort scan`
-            continue
-        resolved = Path(p) if os.path.isabs(str(p)) else base / str(p)
-        out.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
-    return out
-
-
-def _scan_folder(folder: Path) -> list[ScanSource]:
-    """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
-    from ctfm.io.dicom import index_dicom_folder
-
-    volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
-    index = index_dicom_folder(folder)
-    series = []
-    for s in index.series:
-        if s.modality != "CT" or len(s.files) < 2:
-            continue
-        parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))
-        series.append(ScanSource(str(parent), s.uid))
-    return [ScanSource(v) for v in volumes] + sorted(series, key=lambda s: (s.path, s.series_uid))
-
-
 # ---- embedding one scan --------------------------------------------------------------------
 def content_hash(image) -> str:
     """sha256 of the voxels and the affine: the same scan gives the same hash in any format."""
@@ -114,9 +38,6 @@ def content_hash(image) -> str:
     h.update(np.asarray(image.affine, dtype=np.float64).tobytes())
     return h.hexdigest()
 
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
@@ -138,7 +59,7 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
         "preset_hash": options.spec.content_hash(),
         "precision": options.precision,
         "package_version": __version__,
-        "created_at": _now(),
+        "created_at": utc_now(),
     }
     row["overlap"] = _overlap_of(options)
     if options.mode == "whole":
@@ -209,7 +130,7 @@ def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store,
     todo = pending_sources(sources, store, encoder, model_name, options) if skip_done else list(sources)
     summary.skipped = len(sources) - len(todo)
     start = time.perf_counter()
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), progress)
     for source in todo:
         try:
             row = embed_source(source, encoder, model_name, weights_sha, options)
@@ -236,13 +157,8 @@ def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store,
 def _record_failure(summary, store, source, message, writer, trace: str | None = None):
     summary.failed.append((str(source), message))
     if store is not None:
-        store.add_failure(os.path.abspath(source.path), source.series_uid, message, _now(), writer=writer)
+        store.add_failure(os.path.abspath(source.path), source.series_uid, message, utc_now(), writer=writer)
 
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="scan", disable=not enabled, dynamic_ncols=True, leave=True)
 
 
 def embed(

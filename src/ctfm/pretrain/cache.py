@@ -31,11 +31,9 @@ file enforces it).
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import os
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError
+from ctfm.runtime import PARTIAL_SUFFIX, progress_bar, temporary_name, utc_now, write_parquet_atomic
 
 INDEX_NAME = "index.parquet"
 FAILURES_NAME = "failures.parquet"
 VOLUMES_DIR = "volumes"
 LOCK_NAME = ".build.lock"
-PARTIAL_SUFFIX = ".partial"
 DTYPES = {"float32": "f32", "float16": "f16"}
 DEFAULT_PRESET = "ct-fm-ssl"
 FLUSH_SECONDS = 10.0  # how often a long build rewrites index.parquet (and always at the end)
@@ -126,9 +124,6 @@ def volume_file_name(scan_id: str, preset_hash: str, dtype: str) -> str:
     return f"{scan_id}-{preset_hash[:12]}-{DTYPES[dtype]}.npy"
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
 
 # ---- one scan ---------------------------------------------------------------------------------
 def preprocessed_volume(source, spec):
@@ -145,7 +140,7 @@ def preprocessed_volume(source, spec):
 
 def _save_npy_atomic(array: np.ndarray, path: Path) -> int:
     """np.save to a hidden temporary name beside ``path``, fsync, rename; returns the file size."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
@@ -193,7 +188,7 @@ def cache_one(source, spec, cache_dir: str, dtype: str = "float32") -> dict:
             "file": f"{VOLUMES_DIR}/{name}",
             "file_bytes": int(file_bytes),
             "package_version": __version__,
-            "created_at": _now(),
+            "created_at": utc_now(),
         }
         return {"row": row}
     except CTInputError as exc:
@@ -334,8 +329,7 @@ def _file_ok(cache_dir: Path, row: dict) -> bool:
 def _write_index(cache_dir: Path, old_rows: list[dict], new_rows: list[dict]) -> None:
     import pyarrow as pa
 
-    from ctfm.pretrain.cohort import write_parquet_atomic
-
+    
     merged = {_entry_key(r): r for r in [*old_rows, *new_rows]}
     rows = sorted(merged.values(), key=lambda r: (r["source_path"], r.get("series_uid") or "", r["preset_hash"], r["dtype"]))
     schema = _index_schema()
@@ -360,7 +354,7 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
         a :class:`CacheSummary`; failures are recorded in ``failures.parquet`` and listed in
         ``summary.failed``, never raised.
     """
-    from ctfm.pretrain.cohort import resolve_sources, write_parquet_atomic
+    from ctfm.io.sources import resolve_sources
 
     spec = resolve_spec(spec)
     dtype = _check_dtype(dtype)
@@ -378,7 +372,7 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
         summary.skipped = len(resolved.sources) - len(todo)
         new_rows: list[dict] = []
         failures: list[dict] = []
-        bar = _progress(len(todo), progress)
+        bar = progress_bar(len(todo), progress, desc="caching")
         last_flush = time.monotonic()
         job = functools.partial(cache_one, spec=spec, cache_dir=str(cache_dir), dtype=dtype)
         try:
@@ -389,7 +383,7 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
                     summary.bytes_written += result["row"]["file_bytes"]
                 else:
                     summary.failed.append((str(source), result["error"]))
-                    failures.append({"scan_id": source.scan_id, "source_path": os.path.abspath(source.path), "series_uid": source.series_uid, "preset_hash": preset_hash, "dtype": dtype, "error": result["error"], "created_at": _now()})
+                    failures.append({"scan_id": source.scan_id, "source_path": os.path.abspath(source.path), "series_uid": source.series_uid, "preset_hash": preset_hash, "dtype": dtype, "error": result["error"], "created_at": utc_now()})
                 bar.update(1)
                 bar.set_postfix_str(f"{len(summary.failed)} failed")
                 if time.monotonic() - last_flush > FLUSH_SECONDS:
@@ -416,11 +410,6 @@ def _write_failures(cache_dir: Path, failures: list[dict], attempted: set[str], 
     schema = _failures_schema()
     write(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema), path)
 
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="scan", desc="caching", disable=not enabled, dynamic_ncols=True, leave=True)
 
 
 # ---- reading ------------------------------------------------------------------------------------

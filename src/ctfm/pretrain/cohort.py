@@ -16,7 +16,7 @@ so ``ctfm cohort cache`` and ``ctfm embed`` read it directly.
   and fills in ``path``. idc-index does not raise when the network is unreachable (s5cmd fails,
   idc-index logs it and returns), so success is judged from the files on disk.
 * :func:`scan_local` describes files, folders and DICOM trees (found by
-  :func:`ctfm.embedding.runner.discover_inputs`) with :func:`ctfm.io.load_ct`; unreadable or
+  :func:`ctfm.io.sources.discover_inputs`) with :func:`ctfm.io.load_ct`; unreadable or
   unusable inputs become rows with an ``error``.
 """
 
@@ -27,13 +27,14 @@ import json
 import logging
 import os
 import socket
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, MissingDependencyError, one_line
+from ctfm.io.sources import read_manifest
+from ctfm.runtime import write_parquet_atomic
 
 # ---- CT-FM's series filters (REFERENCE.md §1.1, CT-FM:notebooks/data-download/query.sql) ----------
 MIN_INSTANCES = 50  # strictly more than this many instances
@@ -451,90 +452,6 @@ def _first_error(messages: list[str]) -> str:
 
 
 
-# ---- manifests ----------------------------------------------------------------------------------
-def read_manifest(path):
-    """A CSV or Parquet manifest as a pyarrow Table (one-line error when unreadable)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise CTInputError(path, "no such manifest file", "check the path")
-    try:
-        return pq.read_table(path) if path.name.lower().endswith(".parquet") else pcsv.read_csv(path)
-    except Exception as exc:
-        raise CTInputError(path, f"unreadable manifest ({one_line(exc, 200)[:120]})", "give a CSV or Parquet file with a 'path' column") from None
-
-
-def write_parquet_atomic(table, path) -> Path:
-    """Write ``table`` to ``path`` so that the file is complete or absent (temp name + rename)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-@dataclass
-class ResolvedSources:
-    sources: list  # ScanSource
-    unreadable: int = 0  # manifest rows that carry an error (from `ctfm cohort scan`)
-    not_downloaded: int = 0  # manifest rows without a path (IDC cohort not downloaded yet)
-
-
-def resolve_sources(items) -> ResolvedSources:
-    """Scan sources from ScanSource objects, files, folders and manifests.
-
-    Folders and plain manifests go through :func:`~ctfm.embedding.runner.discover_inputs`. In
-    the manifests this module writes, rows with an ``error`` (unreadable in ``cohort scan``) and
-    rows without a ``path`` (not downloaded) are left out and counted.
-    """
-    from ctfm.embedding.runner import ScanSource, discover_inputs
-
-    if isinstance(items, (str, os.PathLike, ScanSource)):
-        items = [items]
-    out = ResolvedSources(sources=[])
-    for item in items:
-        if isinstance(item, ScanSource):
-            out.sources.append(item)
-            continue
-        path = Path(item)
-        if path.is_file() and path.name.lower().endswith((".csv", ".parquet")):
-            table = read_manifest(path)
-            if "path" in table.column_names and ("error" in table.column_names or any(p in (None, "") for p in table.column("path").to_pylist())):
-                out.sources += _manifest_rows(path, table, out)
-                continue
-        out.sources += discover_inputs([path])
-    out.sources = list(dict.fromkeys(out.sources))
-    return out
-
-
-def _manifest_rows(path: Path, table, counts: ResolvedSources) -> list:
-    from ctfm.embedding.runner import ScanSource
-
-    paths = table.column("path").to_pylist()
-    series = table.column("series_uid").to_pylist() if "series_uid" in table.column_names else [None] * len(paths)
-    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(paths)
-    sources = []
-    for p, s, e in zip(paths, series, errors):
-        if e:
-            counts.unreadable += 1
-            continue
-        if p in (None, ""):
-            counts.not_downloaded += 1
-            continue
-        resolved = Path(p) if os.path.isabs(str(p)) else path.parent / str(p)
-        sources.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
-    return sources
-
-
 # ---- describing a local archive -------------------------------------------------------------------
 def describe_source(source) -> dict:
     """One manifest row for a scan source: geometry, UIDs, sizes; ``error`` when unusable."""
@@ -638,7 +555,7 @@ def scan_local(inputs, workers: int = 1, progress: bool = True) -> ScanSummary:
 
     import pyarrow as pa
 
-    from ctfm.embedding.runner import discover_inputs
+    from ctfm.io.sources import discover_inputs
     from ctfm.pretrain.cache import parallel_map
 
     if isinstance(inputs, (str, os.PathLike)):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.runtime import write_parquet_atomic
+
 # A row is one scan computed one way: any option that changes the vector is part of the key.
 SCAN_KEY = ("scan_id", "mode", "model", "weights_sha256", "preset_hash", "pool", "precision", "overlap")
 STALE_TEMPORARY_SECONDS = 3600  # a writer's temporary older than this belongs to a dead process
@@ -69,19 +71,6 @@ def _schemas():
     return {"scans": scans, "patches": patches, "failures": failures}
 
 
-def _write_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 class EmbeddingStore:
     """Append-only embedding store in a folder (see the module docstring)."""
@@ -102,15 +91,15 @@ class EmbeddingStore:
         schemas = _schemas()
         stem = f"{scan_row['scan_id']}-{scan_row['mode']}-{scan_row['preset_hash'][:8]}-{scan_row['weights_sha256'][:8]}-w{writer}"
         if patch_rows:
-            _write_atomic(pa.Table.from_pylist(patch_rows, schema=schemas["patches"]), self.parts / f"{stem}.patches.parquet")
-        _write_atomic(pa.Table.from_pylist([scan_row], schema=schemas["scans"]), self.parts / f"{stem}.scans.parquet")
+            write_parquet_atomic(pa.Table.from_pylist(patch_rows, schema=schemas["patches"]), self.parts / f"{stem}.patches.parquet")
+        write_parquet_atomic(pa.Table.from_pylist([scan_row], schema=schemas["scans"]), self.parts / f"{stem}.scans.parquet")
 
     def add_failure(self, source_path: str, series_uid: str | None, error: str, created_at: str, writer: str = "0") -> None:
         import pyarrow as pa
 
         self._ensure()
         row = {"source_path": source_path, "series_uid": series_uid, "error": error, "created_at": created_at}
-        _write_atomic(pa.Table.from_pylist([row], schema=_schemas()["failures"]), self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet")
+        write_parquet_atomic(pa.Table.from_pylist([row], schema=_schemas()["failures"]), self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet")
 
     # ---- reading -------------------------------------------------------------------------
     def _part_files(self, kind: str) -> list[Path]:
@@ -186,7 +175,7 @@ class EmbeddingStore:
         for kind in ("patches", "scans", "failures"):
             table = getattr(self, kind)(listed[kind])
             if table.num_rows or (self.root / f"{kind}.parquet").exists():
-                _write_atomic(table, self.root / f"{kind}.parquet")
+                write_parquet_atomic(table, self.root / f"{kind}.parquet")
         for files in listed.values():  # a crash here leaves duplicates, which readers de-duplicate
             for p in files:
                 p.unlink(missing_ok=True)

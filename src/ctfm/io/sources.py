@@ -1,0 +1,137 @@
+"""What to read: scan sources from files, folders and manifests.
+
+A :class:`ScanSource` names one scan: a volume file, or a DICOM folder plus the series to take
+from it. :func:`discover_inputs` expands what a user gives (files, folders searched recursively,
+CSV/Parquet manifests with a ``path`` column) into sources; every batch job (embedding, cohort
+scan, cache) starts from it, and :func:`manifest_sources` is the one reader of manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctfm.errors import CTInputError, one_line
+from ctfm.io.volume import VOLUME_SUFFIXES
+
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    """One scan: a volume file, or a DICOM folder plus the series to take from it."""
+
+    path: str
+    series_uid: str | None = None
+
+    @property
+    def scan_id(self) -> str:
+        """Stable id from the absolute source path (and series): the same input maps to the same row."""
+        key = os.path.abspath(self.path) + ("#" + self.series_uid if self.series_uid else "")
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return self.path + (f" [series {self.series_uid}]" if self.series_uid else "")
+
+
+@dataclass
+class ManifestSources:
+    """The usable rows of a manifest, and how many rows were left out and why."""
+
+    sources: list[ScanSource] = field(default_factory=list)
+    unreadable: int = 0  # rows with an ``error`` (marked unreadable by ``ctfm cohort scan``)
+    not_downloaded: int = 0  # rows without a ``path`` (an IDC cohort not downloaded yet)
+
+
+def is_manifest(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def read_manifest(path: str | os.PathLike):
+    """A CSV or Parquet manifest as a pyarrow Table (one-line error when missing or unreadable)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise CTInputError(path, "no such manifest file", "check the path")
+    try:
+        return pq.read_table(path) if path.name.lower().endswith(".parquet") else pcsv.read_csv(path)
+    except Exception as exc:
+        raise CTInputError(path, f"unreadable manifest ({one_line(exc, 200)[:120]})", "give a CSV or Parquet file with a 'path' column") from None
+
+
+def manifest_sources(path: str | os.PathLike, table=None) -> ManifestSources:
+    """Scan sources of a manifest: column ``path`` (relative paths are taken from the manifest's
+    folder), optional ``series_uid``; rows with an ``error`` or no ``path`` are counted, not used."""
+    path = Path(path)
+    table = read_manifest(path) if table is None else table
+    if "path" not in table.column_names:
+        raise CTInputError(path, f"manifest has no 'path' column (columns: {', '.join(table.column_names)})", "add a 'path' column with one scan per row")
+    paths = table.column("path").to_pylist()
+    series = table.column("series_uid").to_pylist() if "series_uid" in table.column_names else [None] * len(paths)
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(paths)
+    out = ManifestSources()
+    for p, s, e in zip(paths, series, errors):
+        if e not in (None, ""):
+            out.unreadable += 1
+        elif p in (None, ""):
+            out.not_downloaded += 1
+        else:
+            resolved = Path(p) if os.path.isabs(str(p)) else path.parent / str(p)
+            out.sources.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
+    return out
+
+
+def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
+    """Expand files, folders (volume files and DICOM series, recursively) and manifests
+    (CSV/Parquet with a ``path`` column, optional ``series_uid``) into unique scan sources."""
+    sources: list[ScanSource] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise CTInputError(path, "no such file or folder", "check the path")
+        if is_manifest(path):
+            sources += manifest_sources(path).sources
+        elif path.is_file():
+            sources.append(ScanSource(str(path)))
+        else:
+            sources += _scan_folder(path)
+    return list(dict.fromkeys(sources))
+
+
+def _scan_folder(folder: Path) -> list[ScanSource]:
+    """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
+    from ctfm.io.dicom import index_dicom_folder
+
+    volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    index = index_dicom_folder(folder)
+    series = []
+    for s in index.series:
+        if s.modality != "CT" or len(s.files) < 2:
+            continue
+        parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))
+        series.append(ScanSource(str(parent), s.uid))
+    return [ScanSource(v) for v in volumes] + sorted(series, key=lambda s: (s.path, s.series_uid))
+
+
+def resolve_sources(items) -> ManifestSources:
+    """Scan sources from ScanSource objects, files, folders and manifests, with the counts of
+    manifest rows left out (unreadable, not downloaded)."""
+    if isinstance(items, (str, os.PathLike, ScanSource)):
+        items = [items]
+    out = ManifestSources()
+    for item in items:
+        if isinstance(item, ScanSource):
+            out.sources.append(item)
+        elif is_manifest(Path(item)):
+            rows = manifest_sources(item)
+            out.sources += rows.sources
+            out.unreadable += rows.unreadable
+            out.not_downloaded += rows.not_downloaded
+        else:
+            out.sources += discover_inputs([item])
+    out.sources = list(dict.fromkeys(out.sources))
+    return out
