@@ -50,6 +50,25 @@ def test_augmentations_fire_with_their_probabilities():
     assert 70 <= flips <= 130
 
 
+def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
+    """Config keys flip_p / histogram_shift_p / smooth_p / crop_scale drive the views: with every
+    augmentation off and crop scale 1, both views are the crop itself."""
+    from ctfm.pretrain.train import build_loader
+
+    rng = np.random.default_rng(0)
+    volume = rng.random((20, 40, 40)).astype(np.float32)
+    plain = MultiCropViews(num_crops=2, crop_size=(8, 16, 16), scale=(1.0, 1.0), flip_p=0, histogram_p=0, smooth_p=0)
+    views = plain(volume.shape, reader(volume), sample_state(0, 0, 0))
+    torch.testing.assert_close(views[:, 0], views[:, 1], rtol=0, atol=1e-6)
+    config = resolve_config("tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0})
+    augment = build_loader(config, cache=[volume]).dataset.views.augment
+    assert (augment.scale, augment.flip.prob, augment.histogram.draw.prob, augment.smooth.prob) == ((1.0, 1.0), 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="histogram_shift_p"):
+        resolve_config("tiny", overrides={"histogram_shift_p": 1.5})
+    with pytest.raises(ValueError, match="crop_scale"):
+        resolve_config("tiny", overrides={"crop_scale": [0.0, 1.0]})
+
+
 def test_views_refuse_volumes_smaller_than_the_crop():
     with pytest.raises(ValueError, match="smaller than the crop"):
         MultiCropViews(num_crops=2, crop_size=(32, 128, 128))((20, 128, 128), lambda s, z: None, sample_state(0, 0, 0))

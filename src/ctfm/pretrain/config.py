@@ -25,6 +25,11 @@ class PretrainConfig:
     temperature: float = 0.1
     num_crops: int = 15
     crop_size: list = field(default_factory=lambda: [32, 128, 128])  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
+    # View augmentations (REFERENCE.md §1.2): random resized crop scale range, then each with probability p.
+    crop_scale: list = field(default_factory=lambda: [0.33, 1.0])
+    flip_p: float = 0.5
+    histogram_shift_p: float = 0.5
+    smooth_p: float = 0.5
     batch_size: int = 4  # scans per device and step
     num_workers: int = 5
     max_epochs: int = 500
@@ -124,6 +129,11 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     config = PretrainConfig(**values)
     if config.num_crops < 2:
         raise ValueError(f"num_crops {config.num_crops}: intra-sample contrast needs at least 2 crops")
+    for key in ("flip_p", "histogram_shift_p", "smooth_p"):
+        if not 0.0 <= float(getattr(config, key)) <= 1.0:
+            raise ValueError(f"{key} {getattr(config, key)}: expected a probability in [0, 1]")
+    if len(config.crop_scale) != 2 or not 0.0 < config.crop_scale[0] <= config.crop_scale[1] <= 1.0:
+        raise ValueError(f"crop_scale {config.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
     return config
 
 

@@ -117,7 +117,15 @@ def build_loader(config: PretrainConfig, cache):
     from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
     from ctfm.pretrain.views import MultiCropViews
 
-    dataset = ViewsDataset(cache, MultiCropViews(num_crops=config.num_crops, crop_size=config.crop_size), seed=config.seed)
+    views = MultiCropViews(
+        num_crops=config.num_crops,
+        crop_size=config.crop_size,
+        scale=config.crop_scale,
+        flip_p=config.flip_p,
+        histogram_p=config.histogram_shift_p,
+        smooth_p=config.smooth_p,
+    )
+    dataset = ViewsDataset(cache, views, seed=config.seed)
     samples = config.steps_per_epoch * config.batch_size * max(1, config.devices) * config.num_nodes
     return DataLoader(
         dataset,

@@ -109,12 +109,12 @@ class MultiCropViews:
     """Scan volume -> [num_crops, 2, 1, *crop_size] views (float32, values in [0, 1] before
     augmentation). ``read(start, size)`` returns the crop [D, H, W] of the scan."""
 
-    def __init__(self, num_crops: int = NUM_CROPS, crop_size=CROP_SIZE, scale=(0.33, 1.0)):
+    def __init__(self, num_crops: int = NUM_CROPS, crop_size=CROP_SIZE, scale=(0.33, 1.0), flip_p=0.5, histogram_p=0.5, smooth_p=0.5):
         if num_crops < 2:
             raise ValueError(f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other crops)")
         self.num_crops = num_crops
         self.crop_size = tuple(int(c) for c in crop_size)
-        self.augment = ViewAugment(self.crop_size, scale)
+        self.augment = ViewAugment(self.crop_size, tuple(scale), flip_p=flip_p, histogram_p=histogram_p, smooth_p=smooth_p)
 
     def __call__(self, shape, read, state: np.random.RandomState) -> torch.Tensor:
         if any(s < c for s, c in zip(shape, self.crop_size)):
