@@ -23,6 +23,9 @@ from ctfm.synth import make_phantom, write_phantom
 SCAN_COLUMNS = {
     "scan_id", "source_path", "series_uid", "study_uid", "content_hash", "mode", "pool", "overlap", "n_patches", "model",
     "weights_sha256", "preset", "preset_hash", "precision", "package_version", "created_at", "embedding",
+    # how it was computed and what the scan record says (filterable without the source files)
+    "write_id", "preprocess_spec", "format", "modality", "kernel", "slice_thickness_mm", "manufacturer", "body_part",
+    "contrast", "study_date", "series_description", "orientation", "spacing_mm", "shape",
 }
 
 

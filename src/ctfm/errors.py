@@ -1,11 +1,20 @@
-"""User-facing errors: one line naming the file, the problem and the way out."""
+"""User-facing errors: one line naming the file, the problem and the way out.
+
+Only :class:`UserError` and its subclasses are *bad input*: the CLI prints them as
+``error: <message>`` and exits 2, and batch jobs record them and go on. Anything else that escapes
+a verb is a bug in ctfm: the CLI says so in one line (exit 1) and ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import os
 
 
-class CTInputError(ValueError):
+class UserError(Exception):
+    """Base of every error the user can fix (bad input file, bad option, missing extra)."""
+
+
+class CTInputError(UserError, ValueError):
     """Bad input that the user can fix.
 
     Renders as ``<path>: <problem> (<fix>)``; the CLI prints it as ``error: ...`` and exits 2,
@@ -23,7 +32,12 @@ class CTInputError(ValueError):
         return f"{where}{self.problem} ({self.fix})"
 
 
-class MissingDependencyError(ImportError):
+class OptionError(UserError, ValueError):
+    """An option, config or argument value that cannot be used; the message names the value,
+    the rule and the accepted values. A ``ValueError`` too, so Python callers may catch either."""
+
+
+class MissingDependencyError(UserError, ImportError):
     """An optional dependency is not installed; the message names the pip command."""
 
 

@@ -1,12 +1,17 @@
 """The ``ctfm`` command: thin verbs, each in its own module, imported only when used.
 
-Every verb raises :class:`ctfm.errors.CTInputError` for bad input; ``main`` prints it as one
-line, ``error: <path>: <problem> (<fix>)``, and exits 2 without a traceback.
+Each verb parses its arguments and calls the public Python function. Errors the user can fix
+(:class:`ctfm.errors.UserError`: bad input files, bad option values, a missing extra) print as
+one line, ``error: <path>: <problem> (<fix>)``, exit 2, no traceback. The filesystem refusing a
+path the user gave (permission denied, no space, no such folder) is reported the same way. Any
+other exception is a bug in ctfm: one line saying so, exit 1; ``ctfm --debug VERB ...`` shows the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import warnings
@@ -20,15 +25,19 @@ VERBS = {
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
+    "store": ("ctfm.cli.store", "summarise, check and compact an embedding store"),
     "synth": ("ctfm.cli.synth", "write labelled synthetic torso phantoms"),
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# OS errors about a path the user gave: reported as bad input, not as a bug.
+USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctfm", description="Foundation models for computed tomography.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
         mod = importlib.import_module(module)
@@ -43,7 +52,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ctfm.errors import CTInputError, MissingDependencyError
+    from ctfm.errors import UserError, one_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,19 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _print_warning
     try:
         return int(args._module.run(args) or 0)
-    except (CTInputError, MissingDependencyError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValueError as exc:  # bad option values (unknown preset, malformed spec, ...)
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:  # unwritable output, full disk, missing config file, ...
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"error: {where}{exc.strerror or exc} (check the path, its permissions and free space)", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno in USER_OS_ERRNOS:  # unwritable output, full disk, missing config file, ...
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            print(f"error: {where}{exc.strerror or one_line(exc)} (check the path, its permissions and free space)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return _internal_error(exc, args.debug)
+    except Exception as exc:  # anything else is ours to fix
+        return _internal_error(exc, args.debug)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    from ctfm import __version__
+    from ctfm.errors import one_line
+
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    hint = "" if debug else "; re-run with ctfm --debug ... for the traceback"
+    print(f"internal error (a bug in ctfm {__version__}, please report it): {type(exc).__name__}: {one_line(exc, 300)}{hint}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def entry() -> None:

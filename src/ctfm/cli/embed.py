@@ -24,10 +24,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="STORE", help="store folder")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--preset", help="preprocessing preset (default: ct-fm-1mm-320 for whole, ct-fm-patches for patches)")
+    parser.add_argument("--preset", help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for whole, ct-fm-patches for patches); warned when it differs")
     parser.add_argument("--overlap", type=float, default=0.0, help="patch overlap fraction (patches mode)")
     parser.add_argument("--pool", default="mean", choices=["mean", "max", "min"], help="how patch vectors make the scan vector (3D-MIR uses min)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init when --weights is not given")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random init when --weights is not given (default 0, as ctfm.embed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist = parser.add_argument_group("past one machine (Lightning)")
     dist.add_argument("--devices", type=int, default=None, help="processes/GPUs per node; >1 runs under Lightning DDP")
@@ -37,47 +37,40 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
+    import ctfm
 
-    from ctfm.embedding.modes import EmbedOptions
-    from ctfm.embedding.runner import discover_inputs, pending_sources, run_sources
-    from ctfm.models import create_model
-    from ctfm.preprocess import get_preset
-    from ctfm.store import EmbeddingStore
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    options = EmbedOptions(
-        mode=args.mode,
-        spec=get_preset(args.preset) if args.preset else None,
-        precision=args.precision,
-        device=device,
-        overlap=args.overlap,
-        pool=(args.pool,),
-    )
-    sources = discover_inputs(args.inputs)
-    if args.weights is None:
-        torch.manual_seed(args.seed)
-        print(f"note: no --weights given: {args.model} with random weights (seed {args.seed}); use --weights hf-hub:... for CT-FM", file=sys.stderr)
-    encoder = create_model(args.model, weights=args.weights).eval()
-    store = EmbeddingStore(args.out)
-    todo = pending_sources(sources, store, encoder, args.model, options)
-    skipped = len(sources) - len(todo)
-    distributed = (args.devices or 1) > 1 or args.num_nodes > 1 or args.strategy is not None
-    if distributed:
-        from ctfm.embedding.distributed import run_distributed
-
-        trainer_kwargs = {"devices": args.devices or 1, "num_nodes": args.num_nodes, "accelerator": args.accelerator or ("gpu" if device == "cuda" else "cpu")}
+    distributed = None
+    if (args.devices or 1) > 1 or args.num_nodes > 1 or args.strategy is not None:
+        distributed = {"devices": args.devices or 1, "num_nodes": args.num_nodes}
+        if args.accelerator:
+            distributed["accelerator"] = args.accelerator
         if args.strategy:
-            trainer_kwargs["strategy"] = args.strategy
-        summary = run_distributed(todo, encoder, args.model, options, store, trainer_kwargs, progress=not args.no_progress)
-        if summary is None:  # not global rank 0: rank 0 reports
-            return 0
-    else:
-        summary = run_sources(todo, encoder.to(device), args.model, options, store, progress=not args.no_progress, skip_done=False)
-        store.compact()
-    summary.skipped += skipped
+            distributed["strategy"] = args.strategy
+    run = ctfm.embed(
+        args.inputs,
+        model=args.model,
+        weights=args.weights,
+        mode=args.mode,
+        out=args.out,
+        precision=args.precision,
+        device=args.device,
+        overlap=args.overlap,
+        pool=args.pool,
+        preset=args.preset,
+        **({"seed": args.seed} if args.seed is not None else {}),
+        progress=not args.no_progress,
+        distributed=distributed,
+        return_records=False,
+    )
+    summary = run.summary
+    if summary is None:  # not global rank 0: rank 0 reports
+        return 0
     rate = summary.done / summary.seconds if summary.seconds else 0.0
-    print(f"embedded {summary.done} scan(s), skipped {summary.skipped} already in the store, {len(summary.failed)} failed" + (f"; {rate:.2f} scans/s" if summary.done else "") + f"; store: {args.out}")
-    for source, message in summary.failed:
+    print(
+        f"embedded {summary.done} scan(s), skipped {summary.skipped} already in the store, {len(summary.failed)} failed"
+        + (f"; {rate:.2f} scans/s" if summary.done else "")
+        + f"; preprocessing {run.spec.name}; store: {args.out}"
+    )
+    for _source, message in summary.failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if summary.failed else 0

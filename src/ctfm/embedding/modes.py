@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ctfm.embedding.streaming import streamed_embedding, streamed_features
+from ctfm.errors import OptionError
 from ctfm.preprocess import PreprocessSpec, get_preset, preprocess
 
 MODES = ("whole", "patches", "dense")
@@ -42,7 +43,7 @@ class PatchEmbeddings:
     def pooled(self, how: str = "mean") -> np.ndarray:
         """[512] scan vector: mean, max or min over patches."""
         if how not in POOLINGS:
-            raise ValueError(f"pooling {how!r}: expected one of {', '.join(POOLINGS)}")
+            raise OptionError(f"pooling {how!r}: expected one of {', '.join(POOLINGS)}")
         return getattr(self.embeddings, how)(axis=0).astype(np.float32)
 
 
@@ -58,7 +59,7 @@ class DenseFeatures:
         ijk = np.linalg.solve(self.affine, np.append(np.asarray(point_mm, dtype=np.float64), 1.0))[:3]
         idx = np.round(ijk).astype(int)
         if np.any(idx < 0) or np.any(idx >= np.asarray(self.features.shape[1:])):
-            raise ValueError(f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid {list(self.features.shape[1:])})")
+            raise OptionError(f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid {list(self.features.shape[1:])})")
         return self.features[:, idx[0], idx[1], idx[2]]
 
     def voxel_centers_mm(self) -> np.ndarray:
@@ -81,11 +82,11 @@ class EmbedOptions:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+            raise OptionError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: expected fp32 or bf16")
+            raise OptionError(f"precision {self.precision!r}: expected fp32 or bf16")
         if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap {self.overlap}: expected a fraction in [0, 1)")
+            raise OptionError(f"overlap {self.overlap}: expected a fraction in [0, 1)")
         if self.spec is None:
             self.spec = get_preset(DEFAULT_SPECS[self.mode])
 

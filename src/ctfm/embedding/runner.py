@@ -1,8 +1,10 @@
 """Batch embedding: find scans, embed each, write the store, carry on past failures.
 
-``embed([...])`` is the Python API and ``ctfm embed`` the command; both return / write the same
-records. A run is resumable: scans already in the store for the same model, weights and preset
-are skipped, and every finished scan is on disk before the next one starts.
+``embed([...])`` is the Python API and ``ctfm embed`` the command: the command parses its
+arguments and calls :func:`embed`, so both take the same defaults (device, seed, preprocessing)
+and write the same records. A run is resumable: scans already in the store for the same
+computation key (:data:`ctfm.store.schema.RUN_KEY`) are skipped, and every finished scan is on
+disk before the next one starts.
 """
 
 from __future__ import annotations
@@ -11,14 +13,25 @@ import hashlib
 import os
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
-from ctfm.errors import CTInputError
+from ctfm.errors import OptionError, UserError, one_line
+from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
 from ctfm.runtime import progress_bar, utc_now
+from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
+
+DEFAULT_SEED = 0  # the random init used when no weights are given (testing only)
+
+__all__ = ["DEFAULT_SEED", "EmbedRun", "RandomWeightsWarning", "RunSummary", "ScanSource", "default_device", "discover_inputs", "embed", "embed_source", "run_sources"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """No weights were given: the encoder is randomly initialised (for tests and demos only)."""
 
 
 @dataclass
@@ -30,14 +43,34 @@ class RunSummary:
     records: list[dict] = field(default_factory=list)
 
 
-# ---- embedding one scan --------------------------------------------------------------------
-def content_hash(image) -> str:
-    """sha256 of the voxels and the affine: the same scan gives the same hash in any format."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32).tobytes())
-    h.update(np.asarray(image.affine, dtype=np.float64).tobytes())
-    return h.hexdigest()
+class EmbedRun(list):
+    """The records of a run (a list of ``scans.parquet`` rows, patches under ``"patches"``),
+    with the run's ``summary`` (:class:`RunSummary`), the ``spec`` used and the ``store`` path.
 
+    On a DDP rank other than 0, the list is empty and ``summary`` is None (rank 0 reports).
+    """
+
+    def __init__(self, records=(), summary: RunSummary | None = None, spec=None, store=None):
+        super().__init__(records)
+        self.summary = summary
+        self.spec = spec
+        self.store = store
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``: the one default of the API and the CLI."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- embedding one scan --------------------------------------------------------------------
+def record_columns(record) -> dict:
+    """The ScanRecord fields that scans.parquet keeps for filtering (RECORD_COLUMNS)."""
+    values = {name: getattr(record, name, None) for name in RECORD_COLUMNS}
+    values["spacing_mm"] = [float(v) for v in record.spacing_mm]
+    values["shape"] = [int(v) for v in record.shape]
+    return values
 
 
 def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
@@ -57,11 +90,13 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
         "weights_sha256": weights_sha256,
         "preset": options.spec.name,
         "preset_hash": options.spec.content_hash(),
+        "preprocess_spec": options.spec.to_json(indent=None),
         "precision": options.precision,
+        "overlap": overlap_of(options),
+        **record_columns(record),
         "package_version": __version__,
         "created_at": utc_now(),
     }
-    row["overlap"] = _overlap_of(options)
     if options.mode == "whole":
         prepared = prepare(image, options.spec)
         del image  # the full-resolution scan is not needed while the encoder runs
@@ -72,20 +107,11 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
         pool = options.pool[0]
         row.update(embedding=grid.pooled(pool), pool=pool, n_patches=len(grid.embeddings))
         row["patches"] = [
-            {
-                "scan_id": row["scan_id"],
-                "patch_index": i,
-                "center_mm": grid.centers_mm[i].tolist(),
-                "start_voxel": grid.starts[i].tolist(),
-                "model": model_name,
-                "weights_sha256": weights_sha256,
-                "preset_hash": row["preset_hash"],
-                "embedding": grid.embeddings[i],
-            }
+            {"patch_index": i, "center_mm": grid.centers_mm[i].tolist(), "start_voxel": grid.starts[i].tolist(), "embedding": grid.embeddings[i]}
             for i in range(len(grid.embeddings))
         ]
     else:
-        raise ValueError(f"the store holds whole and patches embeddings, not {options.mode!r}")
+        raise OptionError(f"the store holds whole and patches embeddings, not {options.mode!r}")
     return row
 
 
@@ -105,22 +131,36 @@ def weights_sha256_of(model) -> str:
     return cached
 
 
-def pending_sources(sources, store, encoder, model_name: str, options: EmbedOptions) -> list[ScanSource]:
-    """The sources not yet in ``store`` for this model, weights, mode and preset."""
-    if store is None:
-        return list(sources)
-    key_tail = (options.mode, model_name, weights_sha256_of(encoder), options.spec.content_hash(), _pool_of(options), options.precision, _overlap_of(options))
-    done = store.done_keys()
-    return [s for s in sources if (s.scan_id, *key_tail) not in done]
-
-
-def _pool_of(options: EmbedOptions) -> str:
+def pool_of(options: EmbedOptions) -> str:
     return "avg" if options.mode == "whole" else options.pool[0]
 
 
-def _overlap_of(options: EmbedOptions) -> float:
-    """Stored as float32; the key compares the same rounding."""
-    return float(np.float32(options.overlap if options.mode == "patches" else 0.0))
+def overlap_of(options: EmbedOptions) -> float:
+    """The overlap as the key stores it (float32; 0 for whole scans)."""
+    return overlap_value(options.overlap if options.mode == "patches" else 0.0)
+
+
+def run_key(encoder, model_name: str, options: EmbedOptions) -> tuple:
+    """The computation key (RUN_KEY order) of embedding with ``encoder`` and ``options``."""
+    values = {
+        "mode": options.mode,
+        "model": model_name,
+        "weights_sha256": weights_sha256_of(encoder),
+        "preset_hash": options.spec.content_hash(),
+        "pool": pool_of(options),
+        "precision": options.precision,
+        "overlap": overlap_of(options),
+    }
+    return tuple(values[k] for k in RUN_KEY)
+
+
+def pending_sources(sources, store, encoder, model_name: str, options: EmbedOptions) -> list[ScanSource]:
+    """The sources not yet in ``store`` for this computation key."""
+    if store is None:
+        return list(sources)
+    key = run_key(encoder, model_name, options)
+    done = store.done_keys()
+    return [s for s in sources if (s.scan_id, *key) not in done]
 
 
 def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store, writer: str = "0", progress: bool = True, keep_records: bool = False, skip_done: bool = True) -> RunSummary:
@@ -134,15 +174,15 @@ def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store,
     for source in todo:
         try:
             row = embed_source(source, encoder, model_name, weights_sha, options)
-        except CTInputError as exc:
+        except UserError as exc:
             _record_failure(summary, store, source, str(exc), writer)
-        except Exception as exc:  # a batch job records every failure and goes on
-            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            _record_failure(summary, store, source, f"{source}: {detail}", writer, trace=traceback.format_exc())
+        except Exception as exc:  # a bug or an environment fault: recorded as such, the batch goes on
+            message = f"{source}: internal error {type(exc).__name__}: {one_line(exc, 300)} (a bug in ctfm or its environment; please report it with this line)"
+            _record_failure(summary, store, source, message, writer, trace=traceback.format_exc())
         else:
             patches = row.pop("patches")
             if store is not None:
-                store.add(row, patches, writer=writer)
+                row["write_id"] = store.add(row, patches, writer=writer)
             summary.done += 1
             if keep_records:
                 summary.records.append({**row, "patches": patches})
@@ -160,6 +200,16 @@ def _record_failure(summary, store, source, message, writer, trace: str | None =
         store.add_failure(os.path.abspath(source.path), source.series_uid, message, utc_now(), writer=writer)
 
 
+def build_encoder(model: str, weights: str | None, seed: int):
+    """The encoder to embed with: ``weights`` loaded strictly, or a seeded random init (warned)."""
+    from ctfm.models import create_model
+    from ctfm.models.weights import init_model
+
+    if weights is not None:
+        return create_model(model, weights=weights)
+    warnings.warn(f"no weights given: {model} with random weights (seed {seed}), for testing only; give weights (e.g. hf-hub:project-lighter/ct_fm_feature_extractor) for CT-FM", RandomWeightsWarning, stacklevel=3)
+    return init_model(model, seed)
+
 
 def embed(
     inputs,
@@ -168,49 +218,81 @@ def embed(
     mode: str = "whole",
     out: str | os.PathLike | None = None,
     precision: str = "fp32",
-    device: str = "cpu",
+    device: str | None = None,
     overlap: float = 0.0,
     pool: str = "mean",
-    preset: str | None = None,
+    preset=None,
+    seed: int = DEFAULT_SEED,
     progress: bool = False,
     encoder=None,
-) -> list[dict]:
-    """Embed scans and return their records (the rows of ``scans.parquet``, patches under
-    ``"patches"``); with ``out``, also write them to that store (resumable).
+    distributed: dict | None = None,
+    return_records: bool = True,
+) -> EmbedRun:
+    """Embed scans and return their records; with ``out``, also write them to that store (resumable).
 
-    ``inputs``: a path or a list of files, folders (DICOM trees searched recursively) and
-    manifests. ``encoder`` may be passed instead of ``model``/``weights`` (already built).
+    Args:
+        inputs: a path or a list of files, folders (DICOM trees searched recursively) and
+            CSV/Parquet manifests with a ``path`` column.
+        model, weights: registry name and weights source (folder, ``hf-hub:ORG/NAME``,
+            .safetensors, .ckpt); without weights, a random init from ``seed`` (warned).
+        mode: ``"whole"`` (one 512-d vector) or ``"patches"`` (sliding windows, pooled by
+            ``pool``: mean, max or min; ``overlap`` between windows).
+        preset: a preset name or PreprocessSpec overriding the preprocessing recorded with the
+            weights (warned when it differs).
+        device: ``"cpu"``, ``"cuda"``, ...; default :func:`default_device`.
+        encoder: an already built encoder instead of ``model``/``weights``.
+        distributed: Lightning Trainer arguments (``devices``, ``num_nodes``, ``strategy``,
+            ``accelerator``) to run under DDP, one store shard per rank (needs ``out``).
+        return_records: False to skip reading the records back (large runs into a store).
+
+    Returns:
+        an :class:`EmbedRun`: the records of ``inputs`` (rows of scans.parquet with the embedding
+        as a float32 [512] array, patches under ``"patches"``), with ``.summary`` and ``.spec``.
     """
-    from ctfm.models import create_model
-    from ctfm.preprocess import get_preset
+    from ctfm.models.preprocessing import preprocessing_for
     from ctfm.store import EmbeddingStore
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    device = device or default_device()
     sources = discover_inputs(list(inputs))
-    options = EmbedOptions(mode=mode, spec=get_preset(preset) if preset else None, precision=precision, device=device, overlap=overlap, pool=(pool,))
     if encoder is None:
-        encoder = create_model(model, weights=weights)
-    encoder = encoder.eval().to(device)
+        encoder = build_encoder(model, weights, seed)
+    spec = preprocessing_for(encoder, model, mode, preset)
+    options = EmbedOptions(mode=mode, spec=spec, precision=precision, device=device, overlap=overlap, pool=(pool,))
+    encoder = encoder.eval()
     store = EmbeddingStore(out) if out is not None else None
-    summary = run_sources(sources, encoder, model, options, store, progress=progress, keep_records=True)
+    if distributed:
+        if store is None:
+            raise OptionError("distributed embedding writes one store shard per rank: give out=STORE (--out)")
+        from ctfm.embedding.distributed import run_distributed
+
+        todo = pending_sources(sources, store, encoder, model, options)
+        summary = run_distributed(todo, encoder, model, options, store, distributed, progress=progress)
+        if summary is None:  # not global rank 0: rank 0 reports
+            return EmbedRun(summary=None, spec=spec, store=out)
+        summary.skipped += len(sources) - len(todo)
+    else:
+        summary = run_sources(sources, encoder.to(device), model, options, store, progress=progress, keep_records=store is None and return_records)
     if store is None:
-        return summary.records
+        return EmbedRun(summary.records, summary=summary, spec=spec)
     store.compact()
-    return store_records(store, sources, model, weights_sha256_of(encoder), options)
+    records = store_records(store, sources, run_key(encoder, model, options)) if return_records else []
+    return EmbedRun(records, summary=summary, spec=spec, store=out)
 
 
-def store_records(store, sources, model_name: str, weights_sha256: str, options: EmbedOptions) -> list[dict]:
-    """The store's rows for ``sources`` (in their order), patches attached, embeddings as arrays."""
-    preset_hash = options.spec.content_hash()
-    wanted = (options.mode, model_name, weights_sha256, preset_hash, _pool_of(options), options.precision, _overlap_of(options))
-    rows = {r["scan_id"]: r for r in store.scans().to_pylist() if (r["mode"], r["model"], r["weights_sha256"], r["preset_hash"], r["pool"], r["precision"], r["overlap"]) == wanted}
+def store_records(store, sources, key: tuple) -> list[dict]:
+    """The store's rows of computation ``key`` for ``sources`` (in their order), patches attached
+    (joined on the whole key and write id), embeddings as float32 arrays."""
+    from ctfm.store.schema import run_key_of
+
+    rows = {r["scan_id"]: r for r in store.scans().to_pylist() if run_key_of(r) == key}
     patches: dict[str, list[dict]] = {}
-    if options.mode == "patches":
-        for p in store.patches().to_pylist():
-            if p["weights_sha256"] == weights_sha256 and p["preset_hash"] == preset_hash:
-                p["embedding"] = np.asarray(p["embedding"], dtype=np.float32)
-                patches.setdefault(p["scan_id"], []).append(p)
+    for p in store.patches().to_pylist() if key[RUN_KEY.index("mode")] == "patches" else []:
+        row = rows.get(p["scan_id"])
+        if row is not None and run_key_of(p) == key and p["write_id"] == row["write_id"]:
+            p["embedding"] = np.asarray(p["embedding"], dtype=np.float32)
+            patches.setdefault(p["scan_id"], []).append(p)
     records = []
     for source in sources:
         row = rows.get(source.scan_id)

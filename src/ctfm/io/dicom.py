@@ -374,6 +374,7 @@ def series_record_fields(series: DicomSeries, geometry: SeriesGeometry) -> dict:
         "manufacturer": _text(first, "Manufacturer"),
         "body_part": _text(first, "BodyPartExamined"),
         "contrast": _text(first, "ContrastBolusAgent"),
+        "study_date": _text(first, "StudyDate"),
         "frame_of_reference_uid": _text(first, "FrameOfReferenceUID"),
         "n_slices_on_disk": len(series.files),
         "gantry_tilt_deg": round(geometry.tilt_deg, 3),

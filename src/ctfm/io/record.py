@@ -30,6 +30,7 @@ class ScanRecord:
     manufacturer: str | None = None
     body_part: str | None = None
     contrast: str | None = None
+    study_date: str | None = None  # DICOM StudyDate, YYYYMMDD
     frame_of_reference_uid: str | None = None
     n_slices_on_disk: int | None = None
     gantry_tilt_deg: float | None = None  # measured from the slice positions, not just the header

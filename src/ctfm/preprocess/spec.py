@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ctfm.errors import OptionError
+
 SIZE_POLICIES = ("none", "pad", "pad_or_crop", "pad_then_center_crop")
 PAD_MODES = ("constant", "minimum", "edge", "reflect")
 
@@ -29,7 +31,7 @@ class Window:
 
     def __post_init__(self):
         if not self.high_hu > self.low_hu:
-            raise ValueError(f"window {self.name or ''} [{self.low_hu}, {self.high_hu}]: high_hu must exceed low_hu")
+            raise OptionError(f"window {self.name or ''} [{self.low_hu}, {self.high_hu}]: high_hu must exceed low_hu")
 
 
 @dataclass(frozen=True)
@@ -71,19 +73,19 @@ class PreprocessSpec:
 
     def __post_init__(self):
         if len(self.orientation) != 3 or sorted(self.orientation.upper().replace("R", "L").replace("A", "P").replace("I", "S")) != ["L", "P", "S"]:
-            raise ValueError(f"orientation {self.orientation!r}: expected three axis codes like 'SPL' or 'RAS'")
+            raise OptionError(f"orientation {self.orientation!r}: expected three axis codes like 'SPL' or 'RAS'")
         if self.spacing_mm is not None and (len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0):
-            raise ValueError(f"spacing_mm {self.spacing_mm}: expected three positive numbers (mm, in orientation order)")
+            raise OptionError(f"spacing_mm {self.spacing_mm}: expected three positive numbers (mm, in orientation order)")
         if self.size_policy not in SIZE_POLICIES:
-            raise ValueError(f"size_policy {self.size_policy!r}: expected one of {', '.join(SIZE_POLICIES)}")
+            raise OptionError(f"size_policy {self.size_policy!r}: expected one of {', '.join(SIZE_POLICIES)}")
         if self.size_policy != "none" and self.patch_size_mm is None:
-            raise ValueError(f"size_policy {self.size_policy!r} needs patch_size_mm")
+            raise OptionError(f"size_policy {self.size_policy!r} needs patch_size_mm")
         if self.pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode {self.pad_mode!r}: expected one of {', '.join(PAD_MODES)}")
+            raise OptionError(f"pad_mode {self.pad_mode!r}: expected one of {', '.join(PAD_MODES)}")
         if not self.windows:
-            raise ValueError("windows: give at least one HU window")
+            raise OptionError("windows: give at least one HU window")
         if self.patch_multiple < 1:
-            raise ValueError(f"patch_multiple {self.patch_multiple}: must be >= 1")
+            raise OptionError(f"patch_multiple {self.patch_multiple}: must be >= 1")
 
     @property
     def patch_size_voxels(self) -> tuple[int, int, int] | None:
@@ -112,7 +114,7 @@ class PreprocessSpec:
         data = dict(data)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown PreprocessSpec keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise OptionError(f"unknown PreprocessSpec keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         if data.get("foreground_crop") is not None:
             data["foreground_crop"] = ForegroundCrop(**data["foreground_crop"])
         if "windows" in data:
@@ -202,4 +204,47 @@ def get_preset(name: str) -> PreprocessSpec:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preprocessing preset {name!r}; known presets: {', '.join(list_presets())}") from None
+        raise OptionError(f"unknown preprocessing preset {name!r}; known presets: {', '.join(list_presets())}") from None
+
+
+# ---- the preprocessing that goes with a set of weights ------------------------------------------
+# CT-FM's own recipe embeds with fixed presets (whole scans at 1 mm in 320^3, patches at the
+# training resolution). Any other training spec gives specs derived from it, so that an encoder
+# pretrained at another spacing embeds at that spacing.
+CT_FM_TRAINING_PRESETS = ("ct-fm-ssl", "ct-fm-patches")
+EMBEDDING_PRESETS = {"whole": "ct-fm-1mm-320", "patches": "ct-fm-patches", "dense": "ct-fm-patches"}
+WHOLE_FIELD_OF_VIEW_MM = 320.0  # the whole-scan input of the reference extraction: 320 mm per axis
+WHOLE_MULTIPLE = 16  # the encoder's total stride
+
+
+def is_ct_fm_training_spec(spec: PreprocessSpec) -> bool:
+    """True when ``spec`` computes what one of CT-FM's own training presets computes."""
+    return spec.content_hash() in {PRESETS[name].content_hash() for name in CT_FM_TRAINING_PRESETS}
+
+
+def embedding_spec(training: PreprocessSpec, mode: str) -> PreprocessSpec:
+    """The spec that embedding ``mode`` ("whole", "patches" or "dense") uses for weights trained
+    with ``training``.
+
+    - CT-FM's recipe (``ct-fm-ssl`` / ``ct-fm-patches``): the fixed presets of EMBEDDING_PRESETS.
+    - any other spec: ``patches``/``dense`` keep it whole but do not pad (sliding windows of its
+      crop size); ``whole`` keeps its orientation, spacing, interpolation and windows, and pads or
+      crops to a 320 mm field of view in voxels that are a multiple of 16.
+    """
+    if mode not in EMBEDDING_PRESETS:
+        raise OptionError(f"mode {mode!r}: expected one of {', '.join(EMBEDDING_PRESETS)}")
+    if is_ct_fm_training_spec(training):
+        return PRESETS[EMBEDDING_PRESETS[mode]]
+    if mode in ("patches", "dense"):
+        return training.with_(name=f"{training.name}+patches", size_policy="none", description=f"sliding windows at the resolution of {training.name}")
+    return PRESETS["ct-fm-1mm-320"].with_(
+        name=f"{training.name}+whole",
+        description=f"whole scan at the resolution of {training.name}, {WHOLE_FIELD_OF_VIEW_MM:g} mm field of view",
+        orientation=training.orientation,
+        spacing_mm=training.spacing_mm,
+        interpolation=training.interpolation,
+        windows=training.windows,
+        window_concat_axis=training.window_concat_axis,
+        patch_size_mm=(WHOLE_FIELD_OF_VIEW_MM,) * 3,
+        patch_multiple=1 if training.spacing_mm is None else WHOLE_MULTIPLE,
+    )

@@ -159,7 +159,7 @@ def cache_one(source, spec, cache_dir: str, dtype: str = "float32") -> dict:
     Never raises for a bad scan (batch jobs record the failure and go on).
     """
     from ctfm import __version__
-    from ctfm.embedding.runner import content_hash
+    from ctfm.io import content_hash
 
     try:
         array, out, image, record = preprocessed_volume(source, spec)

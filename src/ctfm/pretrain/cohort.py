@@ -455,7 +455,7 @@ def _first_error(messages: list[str]) -> str:
 # ---- describing a local archive -------------------------------------------------------------------
 def describe_source(source) -> dict:
     """One manifest row for a scan source: geometry, UIDs, sizes; ``error`` when unusable."""
-    from ctfm.embedding.runner import content_hash
+    from ctfm.io import content_hash
     from ctfm.preprocess import load_usable_ct
 
     row = {

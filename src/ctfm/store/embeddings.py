@@ -1,21 +1,26 @@
 """The embedding store: a folder of Parquet files that survives being killed at any moment.
 
-Layout (schema in the README)::
+Layout (columns in :mod:`ctfm.store.schema` and the README)::
 
-    STORE/scans.parquet      one row per (scan, mode, model, weights, preset): provenance + embedding
-    STORE/patches.parquet    patch mode: one row per patch (scan id, centre in mm, embedding)
+    STORE/scans.parquet      one row per scan and computation key: provenance, record, embedding
+    STORE/patches.parquet    patch mode: one row per patch (key, write id, centre in mm, embedding)
     STORE/failures.parquet   every failed attempt: source, series, error, time
-    STORE/parts/             rows written since the last compaction, one small file per scan
+    STORE/parts/             rows written since the last compaction, one small set per scan
+    STORE/.lock              taken shared by readers and exclusively by compaction
 
-Writers never modify a file in place. Each finished scan is written as its own part files,
-patches first and the scan row last, each to a temporary name and then renamed: a part exists
-whole or not at all, and a scan row exists only once its patches do. Readers merge the compacted
-files with the parts (so a run killed with SIGKILL loses nothing it had finished, and shards
-written by several DDP ranks merge on read); ``compact()`` folds the parts into the main files.
+Writers never modify a file in place. Each finished scan is written as its own part files, named
+after its scan id, its computation key and a fresh write id: patches first and the scan row last,
+each to a temporary name and then renamed. A part exists whole or not at all, a scan row exists
+only once its patches do, and two runs that differ in any key field never write the same file.
+Readers merge the compacted files with the parts (so a run killed with SIGKILL loses nothing it
+had finished, and shards of several processes or DDP ranks merge on read); ``compact()`` folds
+the parts into the main files under the exclusive lock, so concurrent runs lose nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 import uuid
@@ -24,52 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.runtime import write_parquet_atomic
+from ctfm.store.schema import PATCH_KEY, RUN_KEY, SCAN_KEY, conform, key_digest, run_key_of, schemas
 
-# A row is one scan computed one way: any option that changes the vector is part of the key.
-SCAN_KEY = ("scan_id", "mode", "model", "weights_sha256", "preset_hash", "pool", "precision", "overlap")
 STALE_TEMPORARY_SECONDS = 3600  # a writer's temporary older than this belongs to a dead process
-
-
-def _schemas():
-    import pyarrow as pa
-
-    vector = pa.list_(pa.float32())
-    scans = pa.schema(
-        [
-            ("scan_id", pa.string()),
-            ("source_path", pa.string()),
-            ("series_uid", pa.string()),
-            ("study_uid", pa.string()),
-            ("content_hash", pa.string()),
-            ("mode", pa.string()),
-            ("pool", pa.string()),
-            ("overlap", pa.float32()),
-            ("n_patches", pa.int32()),
-            ("model", pa.string()),
-            ("weights_sha256", pa.string()),
-            ("preset", pa.string()),
-            ("preset_hash", pa.string()),
-            ("precision", pa.string()),
-            ("package_version", pa.string()),
-            ("created_at", pa.string()),
-            ("embedding", vector),
-        ]
-    )
-    patches = pa.schema(
-        [
-            ("scan_id", pa.string()),
-            ("patch_index", pa.int32()),
-            ("center_mm", pa.list_(pa.float64())),
-            ("start_voxel", pa.list_(pa.int32())),
-            ("model", pa.string()),
-            ("weights_sha256", pa.string()),
-            ("preset_hash", pa.string()),
-            ("embedding", vector),
-        ]
-    )
-    failures = pa.schema([("source_path", pa.string()), ("series_uid", pa.string()), ("error", pa.string()), ("created_at", pa.string())])
-    return {"scans": scans, "patches": patches, "failures": failures}
-
+LOCK_NAME = ".lock"
 
 
 class EmbeddingStore:
@@ -82,66 +45,112 @@ class EmbeddingStore:
     def _ensure(self) -> None:
         self.parts.mkdir(parents=True, exist_ok=True)
 
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool):
+        """Readers share the lock; compaction holds it alone (no reader sees a half-folded store)."""
+        if not self.root.is_dir():
+            yield
+            return
+        with open(self.root / LOCK_NAME, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # ---- writing -------------------------------------------------------------------------
-    def add(self, scan_row: dict, patch_rows: list[dict] | None = None, writer: str = "0") -> None:
-        """Write one scan (and its patches) as part files; visible to readers once complete."""
+    def add(self, scan_row: dict, patch_rows: list[dict] | None = None, writer: str = "0") -> str:
+        """Write one scan (and its patches) as part files; visible to readers once complete.
+
+        The rows get the scan row's computation key and a fresh ``write_id`` (returned); patch
+        rows need only their own fields (index, centre, start, embedding).
+        """
         import pyarrow as pa
 
         self._ensure()
-        schemas = _schemas()
-        stem = f"{scan_row['scan_id']}-{scan_row['mode']}-{scan_row['preset_hash'][:8]}-{scan_row['weights_sha256'][:8]}-w{writer}"
+        table_schemas = schemas()
+        write_id = uuid.uuid4().hex
+        scan_row = {**scan_row, "write_id": write_id}
+        key = {k: scan_row[k] for k in SCAN_KEY}
+        stem = f"{scan_row['scan_id']}-{key_digest(run_key_of(scan_row))}-w{writer}-{write_id[:12]}"
         if patch_rows:
-            write_parquet_atomic(pa.Table.from_pylist(patch_rows, schema=schemas["patches"]), self.parts / f"{stem}.patches.parquet")
-        write_parquet_atomic(pa.Table.from_pylist([scan_row], schema=schemas["scans"]), self.parts / f"{stem}.scans.parquet")
+            rows = [{**p, **key, "write_id": write_id} for p in patch_rows]
+            write_parquet_atomic(pa.Table.from_pylist(rows, schema=table_schemas["patches"]), self.parts / f"{stem}.patches.parquet")
+        write_parquet_atomic(pa.Table.from_pylist([scan_row], schema=table_schemas["scans"]), self.parts / f"{stem}.scans.parquet")
+        return write_id
 
     def add_failure(self, source_path: str, series_uid: str | None, error: str, created_at: str, writer: str = "0") -> None:
         import pyarrow as pa
 
         self._ensure()
         row = {"source_path": source_path, "series_uid": series_uid, "error": error, "created_at": created_at}
-        write_parquet_atomic(pa.Table.from_pylist([row], schema=_schemas()["failures"]), self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet")
+        write_parquet_atomic(pa.Table.from_pylist([row], schema=schemas()["failures"]), self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet")
 
     # ---- reading -------------------------------------------------------------------------
-    def _part_files(self, kind: str) -> list[Path]:
+    def _part_files(self, kind: str, committed_scans: list[Path] | None = None) -> list[Path]:
+        """Part files of ``kind`` in write order (modification time, then name). Patch parts count
+        only when their scan part is committed (in ``committed_scans`` when given)."""
         if not self.parts.exists():
             return []
-        names = sorted(p for p in self.parts.glob(f"*.{kind}.parquet") if not p.name.startswith("."))
-        if kind == "patches":  # only patches whose scan row was committed
-            names = [p for p in names if (p.parent / p.name.replace(".patches.parquet", ".scans.parquet")).exists()]
+        files = []
+        for p in self.parts.glob(f"*.{kind}.parquet"):
+            if p.name.startswith("."):
+                continue
+            try:
+                files.append((p.stat().st_mtime_ns, p.name, p))
+            except FileNotFoundError:  # folded by a compaction meanwhile
+                continue
+        names = [p for _, _, p in sorted(files)]
+        if kind == "patches":
+            committed = {p.name for p in (committed_scans if committed_scans is not None else self._part_files("scans"))}
+            names = [p for p in names if p.name.replace(".patches.parquet", ".scans.parquet") in committed]
         return names
 
-    def _read(self, kind: str, parts: list[Path] | None = None):
+    def _read_files(self, kind: str, parts: list[Path]):
+        """The main file of ``kind`` and ``parts``, concatenated in the current schema (raw rows)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = _schemas()[kind]
+        schema = schemas()[kind]
         tables = []
         main = self.root / f"{kind}.parquet"
-        if main.exists():
-            tables.append(pq.read_table(main, schema=schema))
-        for p in self._part_files(kind) if parts is None else parts:
+        for path in ([main] if main.exists() else []) + list(parts):
             try:
-                tables.append(pq.read_table(p, schema=schema))
+                tables.append(conform(pq.read_table(path), schema))
             except FileNotFoundError:  # folded into the main file by a concurrent compaction
                 continue
-        if not tables:
-            return schema.empty_table()
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
-    def scans(self, parts: list[Path] | None = None):
-        """All scan rows (a pyarrow Table), de-duplicated on the scan key (last write wins)."""
-        return _dedupe(self._read("scans", parts), SCAN_KEY)
+    def raw(self, kind: str):
+        """Every stored row of ``kind`` ("scans", "patches", "failures"), duplicates and leftovers
+        included (for integrity checks; use :meth:`scans` / :meth:`patches` otherwise)."""
+        with self._locked(exclusive=False):
+            scans = self._part_files("scans")
+            parts = scans if kind == "scans" else self._part_files(kind, committed_scans=scans) if kind == "patches" else self._part_files(kind)
+            return self._read_files(kind, parts)
 
-    def patches(self, parts: list[Path] | None = None):
-        return _dedupe(self._read("patches", parts), ("scan_id", "patch_index", "weights_sha256", "preset_hash"))
+    def scans(self):
+        """All scan rows (a pyarrow Table), one per scan and computation key (the last write wins)."""
+        with self._locked(exclusive=False):
+            return _latest(self._read_files("scans", self._part_files("scans")), SCAN_KEY)
 
-    def failures(self, parts: list[Path] | None = None):
-        return self._read("failures", parts)
+    def patches(self):
+        """The patch rows of the current scan rows only, joined on the whole key and write id."""
+        with self._locked(exclusive=False):
+            scan_parts = self._part_files("scans")
+            scans = _latest(self._read_files("scans", scan_parts), SCAN_KEY)
+            patches = self._read_files("patches", self._part_files("patches", committed_scans=scan_parts))
+        return _belonging(patches, scans)
+
+    def failures(self):
+        with self._locked(exclusive=False):
+            return self._read_files("failures", self._part_files("failures"))
 
     def done_keys(self) -> set[tuple]:
+        """``(scan_id, *RUN_KEY)`` of every stored scan row (what a resumed run skips)."""
         table = self.scans()
         cols = [table.column(k).to_pylist() for k in SCAN_KEY]
-        return set(zip(*cols))
+        return {(row[0], *run_key_of(dict(zip(RUN_KEY, row[1:])))) for row in zip(*cols)}
 
     def embeddings(self, mode: str | None = None) -> tuple[list[str], np.ndarray]:
         """``(scan_ids, matrix [N, 512])`` for quick use (nearest neighbours, probes)."""
@@ -156,11 +165,37 @@ class EmbeddingStore:
 
     # ---- maintenance ---------------------------------------------------------------------
     def compact(self) -> None:
-        """Fold the part files into scans/patches/failures.parquet (atomic renames), then drop them."""
+        """Fold the part files into scans/patches/failures.parquet (atomic renames), then drop them.
+
+        Holds the store's exclusive lock: concurrent compactions run one after the other, each
+        folding everything on disk, so parts of concurrent writers are never lost.
+        """
         if not self.parts.exists():
             return
-        # Temporaries of writers killed mid-write (never read: their names start with "."); only
-        # old ones, so that a writer still running beside this process keeps its own.
+        with self._locked(exclusive=True):
+            self._drop_stale_temporaries()
+            # Fold exactly the parts listed now (patches only with their listed scan part); parts
+            # that land meanwhile wait for the next compaction.
+            scans = self._part_files("scans")
+            listed = {"scans": scans, "patches": self._part_files("patches", committed_scans=scans), "failures": self._part_files("failures")}
+            if not any(listed.values()):
+                return
+            scan_table = _latest(self._read_files("scans", listed["scans"]), SCAN_KEY)
+            tables = {
+                "scans": scan_table,
+                "patches": _belonging(self._read_files("patches", listed["patches"]), scan_table),
+                "failures": self._read_files("failures", listed["failures"]),
+            }
+            for kind in ("patches", "scans", "failures"):  # patches land before the scans that name them
+                if tables[kind].num_rows or (self.root / f"{kind}.parquet").exists():
+                    write_parquet_atomic(tables[kind], self.root / f"{kind}.parquet")
+            for kind in ("patches", "scans", "failures"):  # a crash here leaves duplicates, which readers drop
+                for p in listed[kind]:
+                    p.unlink(missing_ok=True)
+
+    def _drop_stale_temporaries(self) -> None:
+        """Temporaries of writers killed mid-write (never read: their names start with "."); only
+        old ones, so that a writer still running beside this process keeps its own."""
         now = time.time()
         for stale in [*self.parts.glob(".*.partial"), *self.root.glob(".*.partial")]:
             try:
@@ -168,20 +203,10 @@ class EmbeddingStore:
                     stale.unlink(missing_ok=True)
             except FileNotFoundError:
                 continue
-        # Fold exactly the parts listed now; parts that land meanwhile wait for the next compaction.
-        listed = {kind: self._part_files(kind) for kind in ("patches", "scans", "failures")}
-        if not any(listed.values()):
-            return
-        for kind in ("patches", "scans", "failures"):
-            table = getattr(self, kind)(listed[kind])
-            if table.num_rows or (self.root / f"{kind}.parquet").exists():
-                write_parquet_atomic(table, self.root / f"{kind}.parquet")
-        for files in listed.values():  # a crash here leaves duplicates, which readers de-duplicate
-            for p in files:
-                p.unlink(missing_ok=True)
 
 
-def _dedupe(table, key: tuple[str, ...]):
+def _latest(table, key: tuple[str, ...]):
+    """One row per ``key``: the last one in file order (the newest write)."""
     if table.num_rows == 0:
         return table
     cols = [table.column(k).to_pylist() for k in key]
@@ -190,3 +215,14 @@ def _dedupe(table, key: tuple[str, ...]):
         last[k] = i
     keep = sorted(last.values())
     return table.take(keep) if len(keep) != table.num_rows else table
+
+
+def _belonging(patches, scans):
+    """Patch rows whose full key and write id match a scan row, one per patch index."""
+    if patches.num_rows == 0:
+        return patches
+    wanted = set(zip(*[scans.column(k).to_pylist() for k in (*SCAN_KEY, "write_id")]))
+    cols = [patches.column(k).to_pylist() for k in (*SCAN_KEY, "write_id")]
+    keep = [i for i, k in enumerate(zip(*cols)) if k in wanted]
+    table = patches.take(keep) if len(keep) != patches.num_rows else patches
+    return _latest(table, PATCH_KEY)
