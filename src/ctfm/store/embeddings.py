@@ -1,6 +1,6 @@
 """The embedding store: a folder of Parquet files that survives being killed at any moment.
 
-Layout (schema in the README)::
+Layout (schema in docs/store.md)::
 
     STORE/scans.parquet      one row per (scan, mode, model, weights, preset): provenance + embedding
     STORE/patches.parquet    patch mode: one row per patch (scan id, centre in mm, embedding)
