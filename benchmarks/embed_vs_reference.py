@@ -1,6 +1,6 @@
 """Whole-scan embedding: the reference pipeline against ctfm, same weights, same scans, one run.
 
-Reference (REFERENCE.md §8, extract_feat_LP.py): MONAI LoadImage -> Orientation SPL -> Spacing
+Reference (extract_feat_LP.py, docs/recipe.md): MONAI LoadImage -> Orientation SPL -> Spacing
 1 mm -> window -> ResizeWithPadOrCrop 320^3 -> MONAI SegResEncoder, fp32, one forward pass ->
 last map averaged. Ours: ``ctfm.embed(..., mode="whole")`` (load_ct + checks + content hash +
 bounded preprocessing + streamed encoder), fp32 and bf16.

@@ -1,6 +1,6 @@
 """Feeding speed of pretraining: training views per second per CPU core.
 
-Reference (REFERENCE.md §1.2): for every training sample, MONAI reads the compressed scan, runs
+Reference (CT-FM's pretraining chain, docs/recipe.md): for every training sample, MONAI reads the compressed scan, runs
 LoadImage -> EnsureChannelFirst -> Orientation SPL -> Spacing 3x1x1 mm -> CropForeground ->
 SpatialPad 32x128x128 (-1024) -> window, then RandSpatialCropSamples (15 crops) and, per view,
 random resized crop + flip + histogram shift + Gaussian smoothing. Ours: the same views drawn from

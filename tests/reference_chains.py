@@ -1,4 +1,4 @@
-"""The reference preprocessing chains, written out as CT-FM wrote them (REFERENCE.md), with MONAI.
+"""The reference preprocessing chains, written out as CT-FM wrote them (docs/recipe.md), with MONAI.
 
 These are deliberately NOT built from ctfm's PreprocessSpec: they are the independent reference
 that the presets must reproduce. Each takes a path (or an already loaded image for inputs the
@@ -13,12 +13,12 @@ AXES = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def load_reference(path, reader=None):
-    """CT-FM's loading: LoadImage(image_only=True) + EnsureChannelFirst (REFERENCE.md §1.2 steps 1-2)."""
+    """CT-FM's loading: LoadImage(image_only=True) + EnsureChannelFirst (intrasample_simclr.yaml)."""
     return T.Compose([T.LoadImage(image_only=True, reader=reader), T.EnsureChannelFirst()])(str(path))
 
 
 def ct_fm_ssl(image):
-    """REFERENCE.md §1.2 steps 3-7 (intrasample_simclr.yaml), lazy flags as in the config."""
+    """intrasample_simclr.yaml from orientation to the window, lazy flags as in the config."""
     return T.Compose(
         [
             T.Orientation(axcodes="SPL", labels=AXES, lazy=True),
@@ -31,7 +31,7 @@ def ct_fm_ssl(image):
 
 
 def ct_fm_patches(image):
-    """REFERENCE.md §1.3: orientation SPL, [3,1,1] mm bilinear, foreground crop, window to [0,1]."""
+    """CT-FM's zero-shot chain (feature_extractor.py): orientation SPL, [3,1,1] mm bilinear, foreground crop, window to [0,1]."""
     return T.Compose(
         [
             T.Orientation(axcodes="SPL", labels=AXES),
@@ -43,7 +43,7 @@ def ct_fm_patches(image):
 
 
 def ct_fm_1mm_320(image):
-    """REFERENCE.md §8 (extract_feat_LP.py): dictionary transforms, window before pad/crop to 320^3."""
+    """extract_feat_LP.py: dictionary transforms, window before pad/crop to 320^3."""
     chain = T.Compose(
         [
             T.EnsureTyped(keys="image"),
@@ -60,7 +60,7 @@ HEAD_WINDOWS = {"blood": (0, 80), "subdural": (-125, 175), "stroke": (28, 36), "
 
 
 def head_ct(image):
-    """REFERENCE.md §4.3 (sinoct.yaml): crop on raw HU, [5,2,2] mm, pad (minimum) + centre crop to
+    """sinoct.yaml: crop on raw HU, [5,2,2] mm, pad (minimum) + centre crop to
     [48,128,128], four windows concatenated along dim 1."""
     keys = list(HEAD_WINDOWS)
     chain = T.Compose(

@@ -66,7 +66,7 @@ def test_streamed_full_size_encoder_matches_on_a_slab():
 
 @pytest.mark.realdata
 def test_whole_mode_equals_the_reference_definition():
-    """REFERENCE.md §8: 1 mm, 320^3 pad/crop, last map average-pooled — here in one full pass."""
+    """extract_feat_LP.py (docs/recipe.md): 1 mm, 320^3 pad/crop, last map average-pooled — here in one full pass."""
     path = data_path("sarcoma_ct/STS_025/CT_image.nii.gz")
     encoder = narrow_encoder()
     ours = embed_whole(encoder, load_ct(path)[0])

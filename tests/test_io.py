@@ -111,7 +111,7 @@ def test_real_nifti_and_nrrd_records():
 
 @pytest.mark.realdata
 def test_small_crop_keeps_the_full_scan_affine_trap():
-    """example_ct_sm is slices 82..111 of example_ct but carries the full scan's affine (README trap):
+    """example_ct_sm is slices 82..111 of example_ct but carries the full scan's affine (a trap of the test data):
     we report what the header says; the voxels equal the full scan's slices 82..111."""
     full, _ = load_ct(data_path("abdomen_3mm/example_ct.nii.gz"))
     small, _ = load_ct(data_path("abdomen_3mm/example_ct_sm.nii.gz"))

@@ -30,7 +30,7 @@ def random_embeddings(*shape: int, seed: int = 0, dtype=DOUBLE) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain-loop references, written from the definitions (REFERENCE.md §3.1; SimCLR; VICReg)
+# Plain-loop references, written from the definitions (docs/recipe.md; SimCLR; VICReg)
 # ---------------------------------------------------------------------------------------------
 
 

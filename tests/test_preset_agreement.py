@@ -1,4 +1,4 @@
-"""Each preset equals CT-FM's MONAI reference chain (REFERENCE.md) on every 3D scan of ../shared/data."""
+"""Each preset equals CT-FM's MONAI reference chain (tests/reference_chains.py) on every 3D scan of ../shared/data."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ctfm: foundation models for computed tomography.
 
-The package follows the path of the data (see DESIGN.md): ``io`` reads CT archives,
+The package follows the path of the data (docs/architecture.md): ``io`` reads CT archives,
 ``preprocess`` holds the one definition of CT-FM preprocessing, ``models`` the encoders, their
 registry and weights, ``embedding`` whole-scan / patch / dense embeddings in bounded memory,
 ``store`` the Parquet embedding store, ``pretrain`` contrastive pretraining, ``synth`` labelled

@@ -8,7 +8,7 @@ Examples:
   ctfm cohort cache scans.parquet cache/ --preset ct-fm-ssl --dtype float16
 
 idc       selects from the index bundled with idc-index (offline) with CT-FM's series filters
-          (REFERENCE.md §1.1); filters that need an index not installed here are reported.
+          (docs/recipe.md); filters that need an index not installed here are reported.
 download  fetches the manifest's series (network) and fills its 'path' column; re-run to resume.
 scan      describes every scan found (DICOM series, NIfTI, NRRD, MHA); unreadable or unusable
           inputs become rows with an 'error'.

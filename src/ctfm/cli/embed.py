@@ -6,7 +6,7 @@ Examples:
   ctfm models init ct-fm --seed 0 --out random_ct_fm && ctfm embed scan.nii.gz --weights random_ct_fm --out store
   ctfm embed archive/ --weights model_dir --out store --accelerator gpu --devices 4 --strategy ddp
 
-The store is a folder (scans.parquet, patches.parquet, failures.parquet; schema in the README).
+The store is a folder (scans.parquet, patches.parquet, failures.parquet; schema in docs/store.md).
 Re-running skips scans already in the store. Exit status 1 if any scan failed (each failure is
 recorded with its error), 2 for unusable arguments.
 """

@@ -1,13 +1,13 @@
 """Pretrain a CT foundation model with intra-sample contrastive learning (CT-FM's method).
 
 Examples:
-  ctfm pretrain --preset tiny --set data=../shared/data --set out=runs/tiny
+  ctfm pretrain --preset tiny --set data=scans/ --set out=runs/tiny
   ctfm pretrain --config my_run.yaml --set max_steps=1000
   ctfm pretrain --preset ct-fm --set data=cohort.parquet --set out=runs/ctfm --set devices=8 --set num_nodes=2
 
-Presets: ct-fm (REFERENCE.md §3.2: 500 epochs x 500 steps, 4 GPUs x 4 scans, fp16 mixed, DDP,
+Presets: ct-fm (CT-FM's run: 500 epochs x 500 steps, 4 GPUs x 4 scans, fp16 mixed, DDP,
 sync BN) and tiny (a laptop CPU). A config file (YAML or JSON, values only) may name a preset
-with `preset: tiny`. Keys: see README. The run folder gets config.yaml, metrics.csv,
+with `preset: tiny`. Keys: see README; the recipe: docs/recipe.md. The run folder gets config.yaml, metrics.csv,
 tensorboard/, checkpoints/ (every N epochs + last) and export/ (ctfm embed --weights RUN/export).
 A run whose folder has checkpoints/last.ckpt resumes from it exactly (--no-resume starts over).
 """

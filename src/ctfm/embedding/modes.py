@@ -1,8 +1,9 @@
 """The three embedding modes, all fed by a PreprocessSpec preset.
 
-- ``whole``: the reference definition (REFERENCE.md §8): ``ct-fm-1mm-320`` preprocessing, the
-  stride-16 map of the encoder, global average -> one 512-d vector. Computed streamed along the
-  first axis (:mod:`ctfm.embedding.streaming`), so memory stays bounded for any scan.
+- ``whole``: the reference definition (CT-FM's ``extract_feat_LP.py``, docs/recipe.md):
+  ``ct-fm-1mm-320`` preprocessing, the stride-16 map of the encoder, global average -> one 512-d
+  vector. Computed streamed along the first axis (:mod:`ctfm.embedding.streaming`), so memory
+  stays bounded for any scan.
 - ``patches``: sliding windows at the training resolution (``ct-fm-patches``: 24x128x128 voxels at
   3x1x1 mm) as MONAI's ``SlidingWindowSplitter`` cuts them in CT-FM's scripts; each window gives
   a 512-d vector with its centre in world millimetres (RAS); scan vectors pool them by mean, max
@@ -113,7 +114,7 @@ def encode_whole(encoder, prepared, options: EmbedOptions) -> np.ndarray:
 
 
 def embed_whole(encoder, image, options: EmbedOptions | None = None) -> np.ndarray:
-    """[1, X, Y, Z] HU MetaTensor -> [512] float32 (REFERENCE.md §8, computed streamed)."""
+    """[1, X, Y, Z] HU MetaTensor -> [512] float32 (``extract_feat_LP.py``'s vector, computed streamed)."""
     options = options or EmbedOptions(mode="whole")
     return encode_whole(encoder, prepare(image, options.spec), options)
 

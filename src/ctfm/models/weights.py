@@ -54,7 +54,7 @@ HUB_PREFIX = "hf-hub:"
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, SIDECAR_NAME]
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".torch")
 
-# Checkpoint key rewriting (REFERENCE.md §2.2, §2.4): wrappers are stripped wherever they stack,
+# Checkpoint key rewriting (docs/recipe.md, checkpoint keys): wrappers are stripped wherever they stack,
 # ``backbone.`` / ``encoder.`` mark encoder keys, the SimCLR projection head is not part of a model.
 WRAPPER_PREFIXES = ("model.", "_orig_mod.", "module.")
 ENCODER_PREFIXES = ("backbone.", "encoder.")

@@ -38,7 +38,7 @@ class Window:
 class ForegroundCrop:
     """Crop to the bounding box of voxels whose raw HU exceed ``threshold_hu``.
 
-    CT-FM crops on raw HU with MONAI's default ``x > 0`` (REFERENCE.md §1.2 step 5), i.e. the box
+    CT-FM crops on raw HU with MONAI's default ``x > 0`` (docs/recipe.md), i.e. the box
     of soft tissue and bone, not of the body outline.
     """
 
@@ -151,7 +151,7 @@ CT_FM_WINDOW = Window(-1024.0, 2048.0, "ct-fm")
 PRESETS: dict[str, PreprocessSpec] = {
     "ct-fm-ssl": PreprocessSpec(
         name="ct-fm-ssl",
-        description="CT-FM pre-training volume before the random crops (REFERENCE.md §1.2 steps 1-7)",
+        description="CT-FM pre-training volume before the random crops (docs/recipe.md)",
         spacing_mm=(3.0, 1.0, 1.0),
         foreground_crop=ForegroundCrop(threshold_hu=0.0),
         size_policy="pad",
@@ -161,7 +161,7 @@ PRESETS: dict[str, PreprocessSpec] = {
     ),
     "ct-fm-patches": PreprocessSpec(
         name="ct-fm-patches",
-        description="CT-FM inference preprocessing for sliding (24,128,128) patches (REFERENCE.md §1.3)",
+        description="CT-FM inference preprocessing for sliding (24,128,128) patches (docs/recipe.md)",
         spacing_mm=(3.0, 1.0, 1.0),
         foreground_crop=ForegroundCrop(threshold_hu=0.0),
         size_policy="none",
@@ -169,7 +169,7 @@ PRESETS: dict[str, PreprocessSpec] = {
     ),
     "ct-fm-1mm-320": PreprocessSpec(
         name="ct-fm-1mm-320",
-        description="CT-FM whole-scan embedding of extract_feat_LP.py: 1 mm, no crop, pad/crop to 320^3 (REFERENCE.md §8)",
+        description="CT-FM whole-scan embedding of extract_feat_LP.py: 1 mm, no crop, pad/crop to 320^3 (docs/recipe.md)",
         spacing_mm=(1.0, 1.0, 1.0),
         foreground_crop=None,
         size_policy="pad_or_crop",
@@ -178,7 +178,7 @@ PRESETS: dict[str, PreprocessSpec] = {
     ),
     "head-ct": PreprocessSpec(
         name="head-ct",
-        description="Head-CT triage (SinoCT/CQ500): crop, 5x2x2 mm, 48x128x128, four windows stacked on axis 0 (REFERENCE.md §4.3)",
+        description="Head-CT triage (SinoCT/CQ500): crop, 5x2x2 mm, 48x128x128, four windows stacked on axis 0 (docs/recipe.md)",
         spacing_mm=(5.0, 2.0, 2.0),
         foreground_crop=ForegroundCrop(threshold_hu=0.0, before_resampling=True),
         size_policy="pad_then_center_crop",

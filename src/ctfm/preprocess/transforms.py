@@ -24,7 +24,7 @@ class StackWindows:
     """Window one image several times and concatenate the results along ``axis``.
 
     [1, D, H, W] -> [1, n*D, H, W] for ``axis=1``: CT-FM's head-CT chain stacks its four
-    windows along the first spatial axis, not as channels (REFERENCE.md §4.3, pitfall 6).
+    windows along the first spatial axis, not as channels (docs/recipe.md, Preprocessing presets).
     """
 
     def __init__(self, windows: tuple[Window, ...], axis: int = 1):

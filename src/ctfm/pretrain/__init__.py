@@ -1,4 +1,4 @@
-"""Self-supervised pre-training of CT foundation models (REFERENCE.md §2.2, §3).
+"""Self-supervised pre-training of CT foundation models (docs/recipe.md, Pretraining).
 
 Blocks, each testable alone: ``losses`` (intra-sample NT-Xent and the ablation family),
 ``views`` (15 crops x 2 views with CT-FM's augmentations), ``cache`` (preprocess once, read only

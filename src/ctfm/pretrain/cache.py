@@ -1,8 +1,8 @@
 """The preprocessed-volume cache: every scan preprocessed once, read crop by crop while training.
 
-Pre-training draws 15 small crops per scan per step (REFERENCE.md §1.2 steps 9-16) from the
-``ct-fm-ssl`` volume (steps 1-7: SPL, 3x1x1 mm, foreground crop, pad, HU window to [0, 1]).
-Loading and resampling a CT costs far more than the crops, so the cache does steps 1-7 once per
+Pre-training draws 15 small crops per scan per step (docs/recipe.md, Pretraining) from the
+``ct-fm-ssl`` volume (SPL, 3x1x1 mm, foreground crop, pad, HU window to [0, 1]).
+Loading and resampling a CT costs far more than the crops, so the cache makes that volume once per
 scan and stores the result where a training step can read only the voxels of its crops.
 
 Layout of a cache folder::

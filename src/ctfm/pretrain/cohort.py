@@ -5,7 +5,7 @@ Every manifest has a ``path`` column (and ``series_uid`` where a folder may hold
 so ``ctfm cohort cache`` and ``ctfm embed`` read it directly.
 
 * :func:`select_idc_cohort` queries the index that the ``idc-index`` package ships (offline, no
-  network) and applies CT-FM's series filters (REFERENCE.md §1.1) with
+  network) and applies CT-FM's series filters (docs/recipe.md) with
   :func:`apply_paper_filters`. The bundled index has one row per series with ``Modality`` and
   ``instanceCount`` but no ``SliceThickness``, ``ImageType`` or slice positions; those live in
   idc-index's ``ct_index`` and ``volume_geometry_index``, which are *not* bundled (idc-index
@@ -36,7 +36,7 @@ from ctfm.errors import CTInputError, MissingDependencyError, one_line
 from ctfm.io.sources import read_manifest
 from ctfm.runtime import write_parquet_atomic
 
-# ---- CT-FM's series filters (REFERENCE.md §1.1, CT-FM:notebooks/data-download/query.sql) ----------
+# ---- CT-FM's series filters (docs/recipe.md; CT-FM's notebooks/data-download/query.sql) ----------
 MIN_INSTANCES = 50  # strictly more than this many instances
 THICKNESS_RANGE_MM = (1.0, 5.0)  # 1 <= min SliceThickness and max SliceThickness <= 5
 

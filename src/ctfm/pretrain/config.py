@@ -14,7 +14,7 @@ from typing import Any
 
 @dataclass
 class PretrainConfig:
-    """Every value a pretraining run depends on (REFERENCE.md §3.2 for the ct-fm preset)."""
+    """Every value a pretraining run depends on (docs/recipe.md for the ct-fm preset)."""
 
     data: str = ""  # a manifest (CSV/Parquet with 'path'), a folder of scans, or a cache folder (index.parquet)
     out: str = "runs/pretrain"  # the run folder: config, metrics, TensorBoard, checkpoints, export
@@ -25,7 +25,7 @@ class PretrainConfig:
     temperature: float = 0.1
     num_crops: int = 15
     crop_size: list = field(default_factory=lambda: [32, 128, 128])  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
-    # View augmentations (REFERENCE.md §1.2): random resized crop scale range, then each with probability p.
+    # View augmentations (docs/recipe.md): random resized crop scale range, then each with probability p.
     crop_scale: list = field(default_factory=lambda: [0.33, 1.0])
     flip_p: float = 0.5
     histogram_shift_p: float = 0.5
@@ -53,7 +53,7 @@ class PretrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # REFERENCE.md §3.2: 500 epochs x 500 steps, 4 GPUs x 4 scans, 15 crops x 2 views, fp16 mixed, DDP, sync BN.
+    # CT-FM's run (docs/recipe.md): 500 epochs x 500 steps, 4 GPUs x 4 scans, 15 crops x 2 views, fp16 mixed, DDP, sync BN.
     "ct-fm": {},
     # A laptop CPU: a narrow encoder, few crops, a handful of steps, full precision, one process.
     "tiny": {

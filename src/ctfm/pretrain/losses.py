@@ -1,4 +1,4 @@
-"""Self-supervised losses of CT-FM pre-training and of its ablations (REFERENCE.md §3.1, §3.3).
+"""Self-supervised losses of CT-FM pre-training and of its ablations (docs/recipe.md, Pretraining).
 
 Each loss is a ``torch.nn.Module`` that works on its own, batched and without Python loops
 over images or crops. Shapes use these letters:
@@ -6,7 +6,7 @@ over images or crops. Shapes use these letters:
 - ``B``: images (scans) in the local batch;
 - ``N``: crops per image (CT-FM: 15);
 - ``2``: the two augmented views of one crop;
-- ``D``: embedding dimension (CT-FM's projection head: 128, REFERENCE.md §2.2).
+- ``D``: embedding dimension (CT-FM's projection head: 128).
 
 Multi-crop embeddings travel as one tensor ``[B, N, 2, D]``. CT-FM's model returns the nested
 form ``list[N] of list[2] of [B, D]``; :func:`stack_views` turns that into the tensor, and every
@@ -25,10 +25,12 @@ name (:data:`LOSSES`)     what it is                                            
                           samples of the (optionally all-rank) batch
 ``simsiam``               :class:`SimSiamLoss`: negative cosine, stop-gradient       SimSiam
 ``vicreg``                :class:`VICRegLoss`: invariance, variance, covariance      VICReg
-``intrasample_simsiam``   :class:`IntraSampleWrapper` around SimSiam: each scan's    CT-FM §3.3
+``intrasample_simsiam``   :class:`IntraSampleWrapper` around SimSiam: each scan's    CT-FM (abl)
                           crops form one batch
-``intrasample_vicreg``    :class:`IntraSampleWrapper` around VICReg                  CT-FM §3.3
+``intrasample_vicreg``    :class:`IntraSampleWrapper` around VICReg                  CT-FM (abl)
 ========================  =========================================================  ===========
+
+"CT-FM (abl)": the ablations of the CT-FM paper.
 
 Papers:
 
@@ -94,8 +96,8 @@ def _reduce(per_item: torch.Tensor, reduction: str) -> torch.Tensor:
 def stack_views(nested: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """CT-FM's nested model output ``list[N] of list[2] of [B, D]`` -> one tensor ``[B, N, 2, D]``.
 
-    ``nested[i][v]`` is view ``v`` of crop ``i`` for every image of the batch (REFERENCE.md §2.2,
-    "the model output mirrors the input nesting"). The result satisfies
+    ``nested[i][v]`` is view ``v`` of crop ``i`` for every image of the batch (CT-FM's model output
+    mirrors the nesting of its input). The result satisfies
     ``stack_views(nested)[b, i, v] == nested[i][v][b]``. Tuples work as well as lists.
     """
     if isinstance(nested, torch.Tensor) or not isinstance(nested, Sequence) or len(nested) == 0:
@@ -230,7 +232,7 @@ def gather_with_gradient(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _intrasample_ntxent_per_anchor(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CT-FM's per-(image, crop) loss ``[B, N]`` of L2-normalised ``z`` [B, N, 2, D] (REFERENCE §3.1).
+    """CT-FM's per-(image, crop) loss ``[B, N]`` of L2-normalised ``z`` [B, N, 2, D] (docs/recipe.md).
 
     Anchor of crop i: view 0 of crop i. Candidates: the 2N views of the same image, flattened
     crop-major so that view v of crop j sits in column 2j + v. Column 2i (the anchor itself) is
@@ -303,7 +305,7 @@ def _negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 
 class IntraSampleNTXentLoss(nn.Module):
-    """CT-FM's intra-sample NT-Xent: crops of one scan are each other's negatives (REFERENCE.md §3.1).
+    """CT-FM's intra-sample NT-Xent: crops of one scan are each other's negatives (docs/recipe.md).
 
     Input ``z``: ``[B, N, 2, D]`` (images, crops, views, dim) or CT-FM's nesting
     ``list[N] of list[2] of [B, D]`` (see :func:`stack_views`). With every embedding L2-normalised,
@@ -520,7 +522,7 @@ class VICRegLoss(nn.Module):
 class IntraSampleWrapper(nn.Module):
     """Turn a two-view loss into an intra-sample one: each image's N crops form its own batch.
 
-    CT-FM's ablations ``SimSiam_Intrasample`` and ``VicReg_Intrasample`` (REFERENCE.md §3.3).
+    CT-FM's ablations ``SimSiam_Intrasample`` and ``VicReg_Intrasample`` (docs/recipe.md).
     ``forward(*inputs)``: each input ``[B, N, 2, D]`` (or CT-FM's nesting, :func:`stack_views`);
     for image b the wrapped loss gets, for every input in order, view 0 then view 1 of its crops,
     ``[N, D]`` each, and the result is the mean over images of these per-image losses:

@@ -1,6 +1,6 @@
 """The pretraining LightningModule: CT-FM encoder + projection head + contrastive loss.
 
-REFERENCE.md §2.2 and §3: views [B, N, 2, 1, D, H, W] -> encoder -> average of the stride-16 map
+CT-FM's pretraining (docs/recipe.md): views [B, N, 2, 1, D, H, W] -> encoder -> average of the stride-16 map
 (512-d) -> projection head Linear(512, 256) -> ReLU -> Linear(256, 128) -> loss (intra-sample
 NT-Xent, tau = 0.1). AdamW (lr 1e-4, weight decay 1e-6); MONAI WarmupCosineSchedule stepped per
 epoch (warm-up epochs, then cosine to 0 over max_epochs).

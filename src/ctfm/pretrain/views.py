@@ -1,4 +1,4 @@
-"""Multi-crop, two-view inputs of intra-sample contrastive learning (REFERENCE.md §1.2 steps 9-16).
+"""Multi-crop, two-view inputs of intra-sample contrastive learning (docs/recipe.md, Pretraining).
 
 Per scan: ``num_crops`` (15) fixed-size crops of 32x128x128 voxels at uniformly random positions
 of the ``ct-fm-ssl`` volume (MONAI's ``RandSpatialCropSamples`` with ``random_size=False``), each

@@ -1,6 +1,6 @@
 """The embedding store: a folder of Parquet files that survives being killed at any moment.
 
-Layout (columns in :mod:`ctfm.store.schema` and the README)::
+Layout (columns in :mod:`ctfm.store.schema`; format in docs/store.md)::
 
     STORE/scans.parquet      one row per scan and computation key: provenance, record, embedding
     STORE/patches.parquet    patch mode: one row per patch (key, write id, centre in mm, embedding)
