@@ -105,3 +105,8 @@ def embed_cohort(out: Path, args) -> None:
     for i, name in enumerate(names):
         j = int(np.argmax(similarity[i]))
         print(f"      {name} -> {names[j]} (cosine {similarity[i, j]:.4f})")
+    from ctfm.store import check_store, is_consistent, open_store
+
+    store = open_store(out / "store")
+    problems = check_store(store)
+    print(f"      store check: {'consistent' if is_consistent(problems) else 'INCONSISTENT'} (preprocessing {records.spec.name}, recorded with each row; `ctfm store info {out / 'store'}` lists its runs)")
