@@ -14,6 +14,7 @@ import torch
 import ctfm
 from ctfm.pretrain.config import PretrainConfig, parse_set, resolve_config
 from ctfm.pretrain.data import EpochIndexSampler
+from ctfm.pretrain.losses import LOSSES
 from ctfm.pretrain.views import CROP_SIZE, MultiCropViews, sample_state
 from ctfm.synth import make_phantom, write_phantom
 
@@ -77,7 +78,9 @@ def test_views_refuse_volumes_smaller_than_the_crop():
 def test_sampler_splits_indices_across_ranks_without_overlap(monkeypatch):
     sampler = EpochIndexSampler(10)
     sampler.set_epoch(3)
-    monkeypatch.setattr(EpochIndexSampler, "_rank_world", staticmethod(lambda: (1, 3)))
+    import ctfm.pretrain.data
+
+    monkeypatch.setattr(ctfm.pretrain.data, "rank_and_world_size", lambda environment=True: (1, 3))
     assert list(sampler) == [(3, 1), (3, 4), (3, 7)] and len(sampler) == 3
 
 
@@ -176,21 +179,43 @@ def test_fast_histogram_shift_equals_monai():
     assert 8 <= fired <= 32
 
 
-@pytest.mark.parametrize("loss", ["intrasample_ntxent", "ntxent", "vicreg", "intrasample_vicreg"])
-def test_module_builds_and_steps_with_each_supported_loss(loss):
-    from ctfm.pretrain.module import ContrastivePretrainer
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_registered_loss_trains_one_step_through_the_config(loss, phantom_scans, tmp_path):
+    """Each name of the loss table is reachable from `ctfm pretrain` (the config's ``loss`` key):
+    its module builds, one optimiser step runs and changes the encoder."""
+    from ctfm.pretrain.train import build_module, loss_kwargs
 
-    module = ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss=loss, loss_kwargs={"temperature": 0.1} if "ntxent" in loss else {})
-    value = module.criterion(module(torch.rand(2, 3, 2, 1, 16, 32, 32)))
+    config = tiny_config(phantom_scans, tmp_path, loss=loss, max_steps=1)
+    module = build_module(config)
+    assert type(module.criterion) is LOSSES[loss]
+    assert ("temperature" in loss_kwargs(config)) == ("ntxent" in loss)  # the NT-Xent family takes one
+    assert (module.prediction_head is not None) == ("simsiam" in loss)
+    optimizer = module.configure_optimizers()["optimizer"]
+    before = module.encoder.conv_init.weight.detach().clone()
+    value = module.training_step(torch.rand(2, 3, 2, 1, 16, 32, 32, generator=torch.Generator().manual_seed(0)), 0)
     value.backward()
-    assert torch.isfinite(value) and module.encoder.conv_init.weight.grad is not None
+    optimizer.step()
+    assert torch.isfinite(value) and not torch.equal(before, module.encoder.conv_init.weight)
 
 
-def test_simsiam_needs_a_prediction_head():
-    from ctfm.pretrain.module import ContrastivePretrainer
+def test_a_simsiam_run_goes_through_the_trainer(phantom_scans, tmp_path):
+    from ctfm.pretrain.train import pretrain
 
-    with pytest.raises(ValueError, match="prediction head"):
-        ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss="simsiam")
+    recorder = LossRecorder()
+    export = pretrain(tiny_config(phantom_scans, tmp_path / "run", loss="intrasample_simsiam", max_steps=2), extra_callbacks=[recorder])
+    assert len(recorder.losses) == 2 and all(-1.0 <= v <= 1.0 for v in recorder.losses)  # a negative cosine
+    assert (export / "model.safetensors").is_file()
+
+
+def test_loss_names_and_arguments_are_checked_when_the_config_is_resolved():
+    with pytest.raises(ValueError, match=r"loss 'simclr': unknown; choose one of intrasample_ntxent, intrasample_simsiam, .*vicreg$"):
+        resolve_config("tiny", overrides={"loss": "simclr"})
+    with pytest.raises(ValueError, match="not arguments of loss 'vicreg'; it takes eps, lambda_, mu, nu"):
+        resolve_config("tiny", overrides={"loss": "vicreg", "loss_kwargs": {"temperature": 0.2}})
+    config = resolve_config("tiny", overrides={"loss": "intrasample_vicreg", "loss_kwargs": {"mu": 5.0}})
+    from ctfm.pretrain.train import build_module
+
+    assert build_module(config).criterion.loss.mu == 5.0
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_error():

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ctfm.runtime import write_text_atomic
+
 SIZE_POLICIES = ("none", "pad", "pad_or_crop", "pad_then_center_crop")
 PAD_MODES = ("constant", "minimum", "edge", "reflect")
 
@@ -127,7 +129,8 @@ class PreprocessSpec:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the spec as JSON, all or nothing."""
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PreprocessSpec:
