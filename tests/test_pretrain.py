@@ -38,17 +38,41 @@ def test_views_shape_determinism_and_variety():
 
 
 def test_augmentations_fire_with_their_probabilities():
-    """Over many draws each p=0.5 augmentation is applied about half the time (CT-FM's recipe)."""
+    """Over many draws each p=0.5 augmentation is applied about half the time (CT-FM's recipe),
+    and the crop scale stays in [0.33, 1] with the crop inside the view."""
+    import math
+
     from ctfm.pretrain.views import ViewAugment
 
     aug = ViewAugment(size=(8, 16, 16))
-    x = torch.linspace(0, 1, 8 * 16 * 16).reshape(1, 8, 16, 16)
-    flips = 0
-    for i in range(200):
-        state = sample_state(1, 0, i)
-        aug(x.clone(), state)
-        flips += int(aug.flip._do_transform)
-    assert 70 <= flips <= 130
+    drawn = [aug.get_params(sample_state(1, 0, i)) for i in range(200)]
+    for name, fired in (
+        ("flip", sum(p.flip for p in drawn)),
+        ("histogram", sum(p.histogram is not None for p in drawn)),
+        ("smooth", sum(p.smooth_sigma is not None for p in drawn)),
+    ):
+        assert 70 <= fired <= 130, (name, fired)
+    for p in drawn:
+        assert 0.33 <= p.scale <= 1.0
+        assert p.crop_size == tuple(math.ceil(p.scale * c) for c in (8, 16, 16))
+        assert all(0 <= a and a + n <= c for a, n, c in zip(p.crop_start, p.crop_size, (8, 16, 16)))
+        assert p.smooth_sigma is None or all(0.25 <= v <= 1.5 for v in p.smooth_sigma)
+        if p.histogram is not None:
+            assert p.histogram.reference == (0.0, 0.25, 0.5, 0.75, 1.0)
+            assert p.histogram.floating[0] == 0.0 and p.histogram.floating[-1] == 1.0 and list(p.histogram.floating) == sorted(p.histogram.floating)
+
+
+def test_views_are_drawn_parameters_then_a_deterministic_transform():
+    """``__call__`` = ``apply(get_params(state))``; the same parameters give the same views."""
+    rng = np.random.default_rng(2)
+    volume = rng.random((30, 50, 40)).astype(np.float32)
+    views = MultiCropViews(num_crops=3, crop_size=(8, 16, 16))
+    params = views.get_params(sample_state(0, 2, 9), volume.shape)
+    assert params.starts.shape == (3, 3) and len(params.views) == 3
+    assert all(0 <= s and s + c <= v for start in params.starts for s, c, v in zip(start, (8, 16, 16), volume.shape))
+    drawn = views(volume.shape, reader(volume), sample_state(0, 2, 9))
+    torch.testing.assert_close(views.apply(reader(volume), params), drawn, rtol=0, atol=0)
+    torch.testing.assert_close(views.apply(reader(volume), params), drawn, rtol=0, atol=0)  # apply draws nothing
 
 
 def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
@@ -63,7 +87,9 @@ def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
     torch.testing.assert_close(views[:, 0], views[:, 1], rtol=0, atol=1e-6)
     config = resolve_config("tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0})
     augment = build_loader(config, cache=[volume]).dataset.views.augment
-    assert (augment.scale, augment.flip.prob, augment.histogram.draw.prob, augment.smooth.prob) == ((1.0, 1.0), 0.0, 0.0, 0.0)
+    assert (augment.scale, augment.flip_p, augment.histogram.prob, augment.smooth_p) == ((1.0, 1.0), 0.0, 0.0, 0.0)
+    drawn = augment.get_params(sample_state(0, 0, 1))
+    assert (drawn.scale, drawn.crop_start, drawn.flip, drawn.histogram, drawn.smooth_sigma) == (1.0, (0, 0, 0), False, None, None)
     with pytest.raises(ValueError, match="histogram_shift_p"):
         resolve_config("tiny", overrides={"histogram_shift_p": 1.5})
     with pytest.raises(ValueError, match="crop_scale"):
@@ -163,6 +189,7 @@ def test_two_process_ddp_on_cpu(phantom_scans, tmp_path):
 
 
 def test_fast_histogram_shift_equals_monai():
+    """Same draws as MONAI's RandHistogramShift from the same state, same mapping to float rounding."""
     from monai.transforms import RandHistogramShift
 
     from ctfm.pretrain.views import HistogramShift
@@ -170,12 +197,15 @@ def test_fast_histogram_shift_equals_monai():
     x = torch.rand(1, 12, 20, 20) * 0.8 + 0.1
     fired = 0
     for seed in range(40):
-        ours = HistogramShift(prob=0.5)
-        ours.set_random_state(np.random.RandomState(seed))
+        params = HistogramShift(prob=0.5).get_params(np.random.RandomState(seed))
         reference = RandHistogramShift(num_control_points=5, prob=0.5)
         reference.set_random_state(state=np.random.RandomState(seed))
-        torch.testing.assert_close(ours(x), torch.as_tensor(reference(x)), atol=1e-6, rtol=0)
-        fired += int(ours._do_transform)
+        expected = torch.as_tensor(reference(x))
+        assert (params is not None) == reference._do_transform  # MONAI's flag, compared once here
+        if params is not None:
+            np.testing.assert_array_equal(params.floating, reference.floating_control_points)
+            fired += 1
+        torch.testing.assert_close(HistogramShift.apply(x, params), expected, atol=1e-6, rtol=0)
     assert 8 <= fired <= 32
 
 
