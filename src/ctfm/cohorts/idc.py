@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path

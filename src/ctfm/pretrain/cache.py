@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
