@@ -115,7 +115,7 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(result))
         return
 
-    from ctfm.models.weights import init_model, save_pretrained
+    from ctfm.models import init_model, save_pretrained
 
     gflop = encoder_gflop_320()
     peak = matmul_peak_gflops()

@@ -70,7 +70,7 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(worker(args.worker, args.scan, args.weights)))
         return
 
-    from ctfm.models.weights import init_model, save_pretrained
+    from ctfm.models import init_model, save_pretrained
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; budget {args.budget_gb} GB\n")
     print("| scan | ctfm s | ctfm peak RSS GB | within budget | unbounded s | unbounded peak RSS GB | cosine |")

@@ -207,7 +207,7 @@ def _square_or_die(x: int) -> int:
 
 
 def test_a_dead_worker_is_recorded_and_the_rest_goes_on():
-    from ctfm.pretrain.cache import parallel_map
+    from ctfm.runtime import parallel_map
 
     items = [-1, *range(1, 10)]
     results = dict(parallel_map(_square_or_die, items, workers=2, on_crash=lambda item, message: message))

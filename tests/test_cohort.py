@@ -15,9 +15,9 @@ import pytest
 from conftest import data_path
 from ctfm.cli import main
 from ctfm.errors import CTInputError, MissingDependencyError
-from ctfm.pretrain import cohort
+from ctfm.cohorts import idc
 from ctfm.io.sources import resolve_sources
-from ctfm.pretrain.cohort import PAPER_FILTERS, apply_paper_filters, download_idc, series_folder
+from ctfm.cohorts.idc import PAPER_FILTERS, apply_paper_filters, download_idc, series_folder
 
 
 # ---- the paper's filters on a synthetic index --------------------------------------------------
@@ -129,7 +129,7 @@ class FakeIDCClient:
 
 def test_select_idc_cohort_uses_locally_installed_indices():
     client = FakeIDCClient(installed=("ct_index", "volume_geometry_index"))
-    result = cohort.select_idc_cohort(client=client)
+    result = idc.select_idc_cohort(client=client)
     assert set(result.table.column("SeriesInstanceUID").to_pylist()) == KEPT
     assert result.skipped == {} and set(result.notes) == {"slice_thickness", "localizer", "unique_positions"}
     assert "ANY_VALUE" in result.notes["slice_thickness"]
@@ -142,7 +142,7 @@ def test_select_idc_cohort_uses_locally_installed_indices():
 
 def test_select_idc_cohort_without_the_extra_indices_names_what_was_not_applied():
     client = FakeIDCClient(installed=())
-    result = cohort.select_idc_cohort(client=client, collections=["nlst"], limit=1)
+    result = idc.select_idc_cohort(client=client, collections=["nlst"], limit=1)
     assert client.fetched == []  # nothing is downloaded unless asked
     assert set(result.applied) == {"modality", "instances"}
     assert set(result.skipped) == {"slice_thickness", "localizer", "unique_positions"}
@@ -154,16 +154,16 @@ def test_select_idc_cohort_without_the_extra_indices_names_what_was_not_applied(
 
 def test_select_idc_cohort_errors_are_one_line():
     with pytest.raises(CTInputError, match="unknown IDC collection.*close matches: nlst"):
-        cohort.select_idc_cohort(client=FakeIDCClient(), collections=["nslt"])
+        idc.select_idc_cohort(client=FakeIDCClient(), collections=["nslt"])
     # simulated: the extra index cannot be downloaded (what `requests` raises offline)
     with pytest.raises(CTInputError, match="could not fetch the IDC ct_index.*ConnectionError"):
-        cohort.select_idc_cohort(client=FakeIDCClient(fetch_error=ConnectionError("Failed to resolve github.com")), fetch_indices=True)
+        idc.select_idc_cohort(client=FakeIDCClient(fetch_error=ConnectionError("Failed to resolve github.com")), fetch_indices=True)
 
 
 def test_missing_idc_index_names_the_pip_command(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "idc_index", None)  # simulated: the package is not installed
     with pytest.raises(MissingDependencyError, match="pip install idc-index"):
-        cohort.idc_client()
+        idc.idc_client()
     assert main(["cohort", "idc", "--out", str(tmp_path / "c.parquet")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "pip install idc-index" in err and len(err.splitlines()) == 1
@@ -189,7 +189,7 @@ def test_real_idc_index_query_offline(monkeypatch, capsys, tmp_path):
         client = idc_index.IDCClient()
     except _NetworkTouched as exc:
         pytest.skip(f"idc-index {idc_index.__version__} touches the network when its client starts: {exc}")
-    monkeypatch.setattr(cohort, "idc_client", lambda: client)
+    monkeypatch.setattr(idc, "idc_client", lambda: client)
     out = tmp_path / "cohort.parquet"
     assert main(["cohort", "idc", "--out", str(out), "--limit", "5"]) == 0  # would raise _NetworkTouched on any connection
     printed = capsys.readouterr().out
@@ -250,7 +250,7 @@ def test_download_offline_is_one_clear_error(tmp_path):
 
 
 def test_default_downloader_fails_fast_without_dns(monkeypatch, tmp_path):
-    monkeypatch.setattr(cohort, "idc_client", lambda: object())  # simulated client: never used
+    monkeypatch.setattr(idc, "idc_client", lambda: object())  # simulated client: never used
 
     def no_dns(*args, **kwargs):  # simulated: the resolver fails as it does offline
         raise socket.gaierror(-2, "Name or service not known")
@@ -291,13 +291,13 @@ def test_download_records_paths_and_resumes(tmp_path, capsys, monkeypatch):
             (series_folder(out_dir_, rows[1]) / f"{k}.dcm").write_bytes(b"x")
         return []
 
-    monkeypatch.setattr(cohort, "idc_download", finish_one)
+    monkeypatch.setattr(idc, "idc_download", finish_one)
     assert main(["cohort", "download", str(manifest), str(out_dir), "--no-progress"]) == 1
     assert asked[-1] == ["1.2.3.1", "1.2.3.2"]
     captured = capsys.readouterr()
     assert "downloaded 1 series, 1 already had a path, 1 missing" in captured.out and "error: series 1.2.3.2: nothing downloaded" in captured.err
     # a run that gets nothing at all is an error (exit 2), and says how to resume
-    monkeypatch.setattr(cohort, "idc_download", lambda uids, d, progress=True: [])
+    monkeypatch.setattr(idc, "idc_download", lambda uids, d, progress=True: [])
     assert main(["cohort", "download", str(manifest), str(out_dir), "--no-progress"]) == 2
     assert "none of 1 series could be downloaded" in capsys.readouterr().err
 

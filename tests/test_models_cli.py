@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ctfm.cli import main
-from ctfm.models import create_model
-from ctfm.models.weights import SIDECAR_NAME, WEIGHTS_NAME, init_model, sha256_file
+from ctfm.models import create_model, init_model
+from ctfm.models.weights import SIDECAR_NAME, WEIGHTS_NAME, sha256_file
 
 
 def init(folder, seed=3, *extra) -> int:

@@ -14,6 +14,7 @@ import torch
 import ctfm
 from ctfm.pretrain.config import PretrainConfig, parse_set, resolve_config
 from ctfm.pretrain.data import EpochIndexSampler
+from ctfm.pretrain.losses import LOSSES
 from ctfm.pretrain.views import CROP_SIZE, MultiCropViews, sample_state
 from ctfm.synth import make_phantom, write_phantom
 
@@ -37,17 +38,41 @@ def test_views_shape_determinism_and_variety():
 
 
 def test_augmentations_fire_with_their_probabilities():
-    """Over many draws each p=0.5 augmentation is applied about half the time (CT-FM's recipe)."""
+    """Over many draws each p=0.5 augmentation is applied about half the time (CT-FM's recipe),
+    and the crop scale stays in [0.33, 1] with the crop inside the view."""
+    import math
+
     from ctfm.pretrain.views import ViewAugment
 
     aug = ViewAugment(size=(8, 16, 16))
-    x = torch.linspace(0, 1, 8 * 16 * 16).reshape(1, 8, 16, 16)
-    flips = 0
-    for i in range(200):
-        state = sample_state(1, 0, i)
-        aug(x.clone(), state)
-        flips += int(aug.flip._do_transform)
-    assert 70 <= flips <= 130
+    drawn = [aug.get_params(sample_state(1, 0, i)) for i in range(200)]
+    for name, fired in (
+        ("flip", sum(p.flip for p in drawn)),
+        ("histogram", sum(p.histogram is not None for p in drawn)),
+        ("smooth", sum(p.smooth_sigma is not None for p in drawn)),
+    ):
+        assert 70 <= fired <= 130, (name, fired)
+    for p in drawn:
+        assert 0.33 <= p.scale <= 1.0
+        assert p.crop_size == tuple(math.ceil(p.scale * c) for c in (8, 16, 16))
+        assert all(0 <= a and a + n <= c for a, n, c in zip(p.crop_start, p.crop_size, (8, 16, 16)))
+        assert p.smooth_sigma is None or all(0.25 <= v <= 1.5 for v in p.smooth_sigma)
+        if p.histogram is not None:
+            assert p.histogram.reference == (0.0, 0.25, 0.5, 0.75, 1.0)
+            assert p.histogram.floating[0] == 0.0 and p.histogram.floating[-1] == 1.0 and list(p.histogram.floating) == sorted(p.histogram.floating)
+
+
+def test_views_are_drawn_parameters_then_a_deterministic_transform():
+    """``__call__`` = ``apply(get_params(state))``; the same parameters give the same views."""
+    rng = np.random.default_rng(2)
+    volume = rng.random((30, 50, 40)).astype(np.float32)
+    views = MultiCropViews(num_crops=3, crop_size=(8, 16, 16))
+    params = views.get_params(sample_state(0, 2, 9), volume.shape)
+    assert params.starts.shape == (3, 3) and len(params.views) == 3
+    assert all(0 <= s and s + c <= v for start in params.starts for s, c, v in zip(start, (8, 16, 16), volume.shape))
+    drawn = views(volume.shape, reader(volume), sample_state(0, 2, 9))
+    torch.testing.assert_close(views.apply(reader(volume), params), drawn, rtol=0, atol=0)
+    torch.testing.assert_close(views.apply(reader(volume), params), drawn, rtol=0, atol=0)  # apply draws nothing
 
 
 def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
@@ -62,7 +87,9 @@ def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
     torch.testing.assert_close(views[:, 0], views[:, 1], rtol=0, atol=1e-6)
     config = resolve_config("tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0})
     augment = build_loader(config, cache=[volume]).dataset.views.augment
-    assert (augment.scale, augment.flip.prob, augment.histogram.draw.prob, augment.smooth.prob) == ((1.0, 1.0), 0.0, 0.0, 0.0)
+    assert (augment.scale, augment.flip_p, augment.histogram.prob, augment.smooth_p) == ((1.0, 1.0), 0.0, 0.0, 0.0)
+    drawn = augment.get_params(sample_state(0, 0, 1))
+    assert (drawn.scale, drawn.crop_start, drawn.flip, drawn.histogram, drawn.smooth_sigma) == (1.0, (0, 0, 0), False, None, None)
     with pytest.raises(ValueError, match="histogram_shift_p"):
         resolve_config("tiny", overrides={"histogram_shift_p": 1.5})
     with pytest.raises(ValueError, match="crop_scale"):
@@ -77,7 +104,9 @@ def test_views_refuse_volumes_smaller_than_the_crop():
 def test_sampler_splits_indices_across_ranks_without_overlap(monkeypatch):
     sampler = EpochIndexSampler(10)
     sampler.set_epoch(3)
-    monkeypatch.setattr(EpochIndexSampler, "_rank_world", staticmethod(lambda: (1, 3)))
+    import ctfm.pretrain.data
+
+    monkeypatch.setattr(ctfm.pretrain.data, "rank_and_world_size", lambda environment=True: (1, 3))
     assert list(sampler) == [(3, 1), (3, 4), (3, 7)] and len(sampler) == 3
 
 
@@ -160,6 +189,7 @@ def test_two_process_ddp_on_cpu(phantom_scans, tmp_path):
 
 
 def test_fast_histogram_shift_equals_monai():
+    """Same draws as MONAI's RandHistogramShift from the same state, same mapping to float rounding."""
     from monai.transforms import RandHistogramShift
 
     from ctfm.pretrain.views import HistogramShift
@@ -167,30 +197,55 @@ def test_fast_histogram_shift_equals_monai():
     x = torch.rand(1, 12, 20, 20) * 0.8 + 0.1
     fired = 0
     for seed in range(40):
-        ours = HistogramShift(prob=0.5)
-        ours.set_random_state(np.random.RandomState(seed))
+        params = HistogramShift(prob=0.5).get_params(np.random.RandomState(seed))
         reference = RandHistogramShift(num_control_points=5, prob=0.5)
         reference.set_random_state(state=np.random.RandomState(seed))
-        torch.testing.assert_close(ours(x), torch.as_tensor(reference(x)), atol=1e-6, rtol=0)
-        fired += int(ours._do_transform)
+        expected = torch.as_tensor(reference(x))
+        assert (params is not None) == reference._do_transform  # MONAI's flag, compared once here
+        if params is not None:
+            np.testing.assert_array_equal(params.floating, reference.floating_control_points)
+            fired += 1
+        torch.testing.assert_close(HistogramShift.apply(x, params), expected, atol=1e-6, rtol=0)
     assert 8 <= fired <= 32
 
 
-@pytest.mark.parametrize("loss", ["intrasample_ntxent", "ntxent", "vicreg", "intrasample_vicreg"])
-def test_module_builds_and_steps_with_each_supported_loss(loss):
-    from ctfm.pretrain.module import ContrastivePretrainer
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_registered_loss_trains_one_step_through_the_config(loss, phantom_scans, tmp_path):
+    """Each name of the loss table is reachable from `ctfm pretrain` (the config's ``loss`` key):
+    its module builds, one optimiser step runs and changes the encoder."""
+    from ctfm.pretrain.train import build_module, loss_kwargs
 
-    module = ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss=loss, loss_kwargs={"temperature": 0.1} if "ntxent" in loss else {})
-    value = module.criterion(module(torch.rand(2, 3, 2, 1, 16, 32, 32)))
+    config = tiny_config(phantom_scans, tmp_path, loss=loss, max_steps=1)
+    module = build_module(config)
+    assert type(module.criterion) is LOSSES[loss]
+    assert ("temperature" in loss_kwargs(config)) == ("ntxent" in loss)  # the NT-Xent family takes one
+    assert (module.prediction_head is not None) == ("simsiam" in loss)
+    optimizer = module.configure_optimizers()["optimizer"]
+    before = module.encoder.conv_init.weight.detach().clone()
+    value = module.training_step(torch.rand(2, 3, 2, 1, 16, 32, 32, generator=torch.Generator().manual_seed(0)), 0)
     value.backward()
-    assert torch.isfinite(value) and module.encoder.conv_init.weight.grad is not None
+    optimizer.step()
+    assert torch.isfinite(value) and not torch.equal(before, module.encoder.conv_init.weight)
 
 
-def test_simsiam_needs_a_prediction_head():
-    from ctfm.pretrain.module import ContrastivePretrainer
+def test_a_simsiam_run_goes_through_the_trainer(phantom_scans, tmp_path):
+    from ctfm.pretrain.train import pretrain
 
-    with pytest.raises(ValueError, match="prediction head"):
-        ContrastivePretrainer(model_kwargs={"init_filters": 4}, loss="simsiam")
+    recorder = LossRecorder()
+    export = pretrain(tiny_config(phantom_scans, tmp_path / "run", loss="intrasample_simsiam", max_steps=2), extra_callbacks=[recorder])
+    assert len(recorder.losses) == 2 and all(-1.0 <= v <= 1.0 for v in recorder.losses)  # a negative cosine
+    assert (export / "model.safetensors").is_file()
+
+
+def test_loss_names_and_arguments_are_checked_when_the_config_is_resolved():
+    with pytest.raises(ValueError, match=r"loss 'simclr': unknown; choose one of intrasample_ntxent, intrasample_simsiam, .*vicreg$"):
+        resolve_config("tiny", overrides={"loss": "simclr"})
+    with pytest.raises(ValueError, match="not arguments of loss 'vicreg'; it takes eps, lambda_, mu, nu"):
+        resolve_config("tiny", overrides={"loss": "vicreg", "loss_kwargs": {"temperature": 0.2}})
+    config = resolve_config("tiny", overrides={"loss": "intrasample_vicreg", "loss_kwargs": {"mu": 5.0}})
+    from ctfm.pretrain.train import build_module
+
+    assert build_module(config).criterion.loss.mu == 5.0
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_error():

@@ -216,3 +216,30 @@ def test_given_spacing_and_bad_arguments():
     with pytest.raises(ValueError):
         make_cohort(-1)
     assert make_cohort(0) == []
+
+
+# sha256 over (dtype, shape, bytes) of image, affine and labels, computed from the phantom code
+# as it was when these were committed: a change of any voxel, of the grid or of the random draws
+# fails here. Change them only on purpose, saying so in the commit.
+GOLDEN = {
+    (0, None): "4bf47174a3ddf4a831c5dc7da3039248ff5a56581209fbd4f36f93fc7708ed9a",
+    (1, None): "1568e02dcd66e2d6460d35904ab6118ca25dc74776a9d2716145dd1a306016b9",
+    (7, None): "2ef1899b05e506d90379a37d791e4507f2af98f1d3140e7eea0c0e60d76b0106",
+    (3, TINY): "a2ec1f84207e3ce8689ddcb1debeaf28bc066ce6f19f3c1405e9b5c350fcdd49",
+}
+
+
+def _phantom_digest(p: Phantom) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (p.image, p.affine, p.labels):
+        array = np.ascontiguousarray(array)
+        digest.update(str((array.dtype.str, array.shape)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("seed,shape", list(GOLDEN))
+def test_phantoms_match_their_golden_hash(seed, shape):
+    assert _phantom_digest(make_phantom(seed, shape=shape)) == GOLDEN[(seed, shape)]

@@ -18,17 +18,13 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from safetensors.torch import load_file, save_file
 
 from ctfm.errors import CTInputError
-from ctfm.models import create_model
+from ctfm.models import create_model, init_model, load_weights, resolve_weights, save_pretrained
 from ctfm.models.weights import (
     CONFIG_NAME,
     SIDECAR_NAME,
     WEIGHTS_NAME,
     convert_state_dict,
-    init_model,
-    load_weights,
     parse_hub_id,
-    resolve_weights,
-    save_pretrained,
     sha256_file,
 )
 
@@ -435,3 +431,35 @@ def test_ambiguous_and_malformed_sources(tmp_path, monkeypatch):
     save_pretrained(tiny(), tmp_path / "project-lighter" / "ct_fm_feature_extractor")
     assert resolve_weights("project-lighter/ct_fm_feature_extractor") == tmp_path / "project-lighter" / "ct_fm_feature_extractor"
     assert parse_hub_id("hf-hub:a/b@c") == ("a/b", "c") and parse_hub_id("a/b") == ("a/b", None)
+
+
+def _ctfm_imports(module: str) -> set[str]:
+    """Every ``ctfm.*`` module that ``module``'s source imports, at any depth of its code."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctfm"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ctfm"))
+    return found
+
+
+def test_registry_and_weights_do_not_import_each_other():
+    """registry is a leaf (networks only), weights knows no model names, factory joins them."""
+    registry = _ctfm_imports("ctfm.models.registry")
+    weights = _ctfm_imports("ctfm.models.weights")
+    assert all(m.startswith(("ctfm.models.networks", "ctfm.errors")) for m in registry), registry
+    assert not any(m.startswith(("ctfm.models.registry", "ctfm.models.factory")) for m in weights), weights
+    assert not any(m.startswith("ctfm.models.factory") for m in registry)
+    factory = _ctfm_imports("ctfm.models.factory")
+    assert {"ctfm.models.registry", "ctfm.models.weights"} <= factory
+    # weights first, in a fresh interpreter (the package imports factory, then the registry).
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "import ctfm.models.weights, ctfm.models.registry"], check=True)

@@ -41,8 +41,15 @@ class MissingDependencyError(UserError, ImportError):
     """An optional dependency is not installed; the message names the pip command."""
 
 
-def one_line(exc: BaseException, limit: int = 160) -> str:
+def one_line(exc: BaseException, limit: int = 160, with_type: bool = False) -> str:
     """An exception's message on one line (whitespace collapsed, at most ``limit`` characters),
-    or its type name when it has none: for the middle of an ``error: ...`` line."""
-    text = " ".join(str(exc).split())
-    return text[:limit] if text else type(exc).__name__
+    or its type name when it has none: for the middle of an ``error: ...`` line.
+
+    ``with_type`` prefixes the type name (``OSError: disk full``), for errors that are not the
+    user's (a crash recorded by a batch job, a failed download).
+    """
+    text = " ".join(str(exc).split())[:limit]
+    name = type(exc).__name__
+    if not text:
+        return name
+    return f"{name}: {text}" if with_type else text

@@ -1,11 +1,18 @@
-"""Small helpers every batch job shares: UTC timestamps, progress bars, all-or-nothing Parquet files."""
+"""Small helpers every batch job shares: UTC timestamps, progress bars, all-or-nothing files,
+the process's rank, a crash-tolerant process pool."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+import shutil
+import warnings
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+from ctfm.errors import one_line
 
 PARTIAL_SUFFIX = ".partial"  # hidden temporaries are named .<name>.<uuid>.partial until renamed
 
@@ -22,26 +29,193 @@ def progress_bar(total: int, enabled: bool, unit: str = "scan", desc: str | None
     return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
-def temporary_name(path: Path) -> Path:
-    """A hidden, unique name beside ``path`` to write to before the rename."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+# --------------------------------------------------------------------------- atomic writes
+
+
+def temporary_name(path: Path, suffix: str = "") -> Path:
+    """A hidden, unique name beside ``path`` to write to before the rename (``suffix`` last, for
+    writers that choose the format by extension, e.g. ``.nii.gz``)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}{suffix}")
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Write ``path`` all or nothing: yields a hidden temporary beside it to write (a file, or a
+    folder the caller creates); on success its bytes are fsynced and it is renamed onto ``path``,
+    on any error it is removed and ``path`` is left as it was.
+
+    A folder replaces an existing folder by a swap (the old one is renamed aside, then deleted).
+    Readers never see half a file; a crash leaves no debris under the final name.
+
+    >>> with atomic_path(out / "table.json") as tmp:      # doctest: +SKIP
+    ...     tmp.write_text(text)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path, suffix)
+    try:
+        yield tmp
+        if not (tmp.exists() or tmp.is_symlink()):
+            raise FileNotFoundError(f"{tmp}: nothing was written to the temporary path")
+        _fsync_tree(tmp)
+        if tmp.is_dir() and path.is_dir():
+            old = temporary_name(path, ".old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``Path(path).write_text(text)`` (UTF-8), all or nothing (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_parquet_atomic(table, path: str | os.PathLike) -> Path:
-    """Write a pyarrow ``table`` to ``path`` so that the file is complete or absent: a hidden
-    temporary beside it, fsync, rename (readers never see half a file; a crash leaves no debris
-    under the final name)."""
+    """Write a pyarrow ``table`` to ``path`` all or nothing (see :func:`atomic_path`)."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- ranks
+
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # torchrun/Lightning, SLURM, LSF
+_WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS", "JSM_NAMESPACE_SIZE")
+
+
+def _env_int(names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def rank_and_world_size(environment: bool = True) -> tuple[int, int]:
+    """(global rank, world size) of this process.
+
+    torch.distributed's when a process group is initialised; else, with ``environment``, what
+    the launcher set before the group exists (as Lightning reads it): ``RANK``/``WORLD_SIZE``
+    (torchrun, Lightning), ``SLURM_PROCID``/``SLURM_NTASKS``, ``JSM_NAMESPACE_*`` (LSF), or
+    ``NODE_RANK``/``LOCAL_RANK`` (Lightning's own launcher; the rank is then
+    ``NODE_RANK * LOCAL_WORLD_SIZE + LOCAL_RANK``, with 1000 standing in for an unset
+    ``LOCAL_WORLD_SIZE``: nonzero for every process but the first); else (0, 1).
+
+    ``environment=False`` answers (0, 1) without a process group: for code that communicates
+    (a gather needs the group, not just the variables).
+    """
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:  # torch is a dependency; this keeps the helper usable without it
+        pass
+    if not environment:
+        return 0, 1
+    world = _env_int(_WORLD_VARIABLES)
+    rank = _env_int(_RANK_VARIABLES)
+    if rank is None:
+        node = _env_int(("NODE_RANK", "GROUP_RANK")) or 0
+        local = _env_int(("LOCAL_RANK", "SLURM_LOCALID")) or 0
+        rank = node * (_env_int(("LOCAL_WORLD_SIZE",)) or 1000) + local
+    return rank, max(world or 1, rank + 1)
+
+
+# --------------------------------------------------------------------------- process pools
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    warnings.simplefilter("ignore")
+
+
+def parallel_map(fn, items, workers: int = 1, on_crash=None):
+    """Yield ``(item, fn(item))`` for every item, in completion order.
+
+    ``workers > 1`` runs ``fn`` (a picklable, top-level function) in a pool of spawned processes,
+    each with ``cpu_count // workers`` torch threads. An exception escaping ``fn``, or a worker
+    process dying (out of memory), yields ``(item, on_crash(item, message))`` (re-raised when
+    ``on_crash`` is None); a dead pool is replaced and the remaining items go on.
+    """
+    items = list(items)
+
+    def crashed(item, message):
+        if on_crash is None:
+            raise RuntimeError(message)
+        return on_crash(item, message)
+
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            try:
+                result = fn(item)
+            except Exception as exc:
+                result = crashed(item, f"{item}: {one_line(exc, 300, with_type=True)}")
+            yield item, result
+        return
+
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pending = list(reversed(items))
+
+    def new_pool():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+
+    pool = new_pool()
+    running: dict = {}
+    try:
+        while pending or running:
+            while pending and len(running) < 2 * workers:
+                item = pending.pop()
+                running[pool.submit(fn, item)] = item
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
+            for future in finished:
+                item = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    result = crashed(item, f"{item}: a worker process died while working on it (out of memory? use fewer --workers)")
+                except Exception as exc:
+                    result = crashed(item, f"{item}: {one_line(exc, 300, with_type=True)}")
+                yield item, result
+            if broken:
+                for future, item in list(running.items()):
+                    yield item, crashed(item, f"{item}: a worker process died while working on it (out of memory? use fewer --workers)")
+                running.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = new_pool()
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        pool.shutdown(wait=True, cancel_futures=True)

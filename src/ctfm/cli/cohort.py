@@ -67,7 +67,7 @@ def run(args) -> int:
 
 
 def _idc(args) -> int:
-    from ctfm.pretrain.cohort import PAPER_FILTERS, format_size_mb, select_idc_cohort
+    from ctfm.cohorts.idc import PAPER_FILTERS, format_size_mb, select_idc_cohort
     from ctfm.runtime import write_parquet_atomic
 
     cohort = select_idc_cohort(collections=args.collections, limit=args.limit, fetch_indices=args.fetch_indices)
@@ -82,7 +82,7 @@ def _idc(args) -> int:
 
 
 def _download(args) -> int:
-    from ctfm.pretrain.cohort import download_idc
+    from ctfm.cohorts.idc import download_idc
 
     summary = download_idc(args.manifest, args.dir, progress=not args.no_progress)
     print(f"downloaded {summary.downloaded} series, {summary.already} already had a path, {len(summary.missing)} missing; manifest updated: {args.manifest}")
@@ -94,7 +94,7 @@ def _download(args) -> int:
 
 
 def _scan(args) -> int:
-    from ctfm.pretrain.cohort import format_size_mb, scan_local
+    from ctfm.cohorts import format_size_mb, scan_local
     from ctfm.runtime import write_parquet_atomic
 
     summary = scan_local(args.inputs, workers=args.workers, progress=not args.no_progress)
@@ -106,7 +106,7 @@ def _scan(args) -> int:
 
 def _cache(args) -> int:
     from ctfm.pretrain.cache import build_cache
-    from ctfm.pretrain.cohort import format_size_mb
+    from ctfm.cohorts import format_size_mb
 
     summary = build_cache(args.inputs, args.cache_dir, spec=args.preset, workers=args.workers, progress=not args.no_progress, dtype=args.dtype)
     left_out = []

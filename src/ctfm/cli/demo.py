@@ -83,7 +83,7 @@ def embed_cohort(out: Path, args) -> None:
     import numpy as np
 
     import ctfm
-    from ctfm.models.weights import init_model, save_pretrained
+    from ctfm.models import init_model, save_pretrained
     from ctfm.synth import make_phantom, write_phantom
 
     weights = out / "ct-fm-random-seed0"

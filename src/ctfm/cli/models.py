@@ -122,7 +122,8 @@ def _list(args) -> int:
 
 
 def _download(args) -> int:
-    from ctfm.models.weights import WEIGHTS_NAME, download_weights, sha256_file
+    from ctfm.models import download_weights
+    from ctfm.models.weights import WEIGHTS_NAME, sha256_file
 
     folder = download_weights(args.repo, out=args.out)
     print(f"{folder}")
@@ -131,7 +132,8 @@ def _download(args) -> int:
 
 
 def _convert(args) -> int:
-    from ctfm.models.weights import init_model, load_weights, portable_source, save_pretrained
+    from ctfm.models import init_model, load_weights, save_pretrained
+    from ctfm.models.weights import portable_source
 
     model = init_model(args.model, args.seed, **_overrides(args, args.model))
     info = load_weights(model, args.checkpoint)
@@ -153,7 +155,7 @@ def _convert(args) -> int:
 
 
 def _init(args) -> int:
-    from ctfm.models.weights import init_model, save_pretrained
+    from ctfm.models import init_model, save_pretrained
 
     model = init_model(args.model, args.seed, **_overrides(args, args.model))
     folder = save_pretrained(model, args.out, name=args.model, provenance={"source": "random-init", "seed": args.seed}, overwrite=args.overwrite)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ctfm.embedding.modes import EmbedOptions
 from ctfm.embedding.runner import RunSummary, run_sources
 from ctfm.io.sources import ScanSource
+from ctfm.runtime import rank_and_world_size
 
 
 class _Sources(Dataset):
@@ -34,17 +35,12 @@ class _RankStride(Sampler):
     def __init__(self, n: int):
         self.n = n
 
-    def _rank_world(self) -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def __iter__(self):
-        rank, world = self._rank_world()
+        rank, world = rank_and_world_size(environment=False)
         return iter(range(rank, self.n, world))
 
     def __len__(self) -> int:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world_size(environment=False)
         return len(range(rank, self.n, world))
 
 
@@ -102,8 +98,9 @@ def run_distributed(sources: list[ScanSource], encoder, model_name: str, options
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     summaries = [module.summary]
     strategy = trainer.strategy
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list = [None] * torch.distributed.get_world_size()
+    _, world = rank_and_world_size(environment=False)
+    if world > 1:
+        gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, (module.summary.done, module.summary.skipped, module.summary.failed))
         summaries = [RunSummary(done=d, skipped=s, failed=f) for d, s, f in gathered]
     strategy.barrier()

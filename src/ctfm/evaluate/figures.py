@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.runtime import atomic_path
+
 
 def to_ras_array(image) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Reorder a [1, X, Y, Z] (or [X, Y, Z]) MetaTensor/array with an affine into RAS voxel order.
@@ -64,9 +66,9 @@ def orthogonal_slices_figure(panels: list[tuple[str, object, tuple[float, float]
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
     return path

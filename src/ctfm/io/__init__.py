@@ -161,9 +161,11 @@ def _to_metatensor(array: np.ndarray, affine: np.ndarray, record: ScanRecord):
 def save_nifti(image, path: str | os.PathLike, dtype=np.float32) -> Path:
     """Write a [1, X, Y, Z] (or [X, Y, Z]) tensor with its affine to NIfTI, atomically.
 
-    The file appears complete or not at all: we write a temporary file beside it and rename.
+    The file appears complete or not at all (:func:`ctfm.runtime.atomic_path`).
     """
     import nibabel as nib
+
+    from ctfm.runtime import atomic_path
 
     path = Path(path)
     array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
@@ -173,15 +175,9 @@ def save_nifti(image, path: str | os.PathLike, dtype=np.float32) -> Path:
     img = nib.Nifti1Image(array.astype(dtype), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
-    try:
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # nibabel picks the format by suffix
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

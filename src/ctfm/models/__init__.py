@@ -5,10 +5,30 @@
 >>> encoder = create_model("ct-fm", weights="hf-hub:project-lighter/ct_fm_feature_extractor")  # doctest: +SKIP
 >>> maps = encoder(x); vector = encoder.embed(x)     # 5 maps; [B, 512]  # doctest: +SKIP
 
-Importing this package needs neither Lightning nor the CLI.
+Layout (timm-style): ``networks`` the modules, ``registry`` the named architectures (a leaf),
+``weights`` sources, strict loading and the folder format (no model names), ``factory`` where
+they meet (``create_model``, ``init_model``, ``save_pretrained``). Importing this package needs
+neither Lightning nor the CLI.
 """
 
+from ctfm.models.factory import build_sidecar, create_model, download_weights, init_model, load_weights, resolve_weights, save_pretrained
 from ctfm.models.networks import CTEncoder, CTSegResNet, pool_embedding
-from ctfm.models.registry import ModelEntry, create_model, get_entry, list_models, register_model
+from ctfm.models.registry import ModelEntry, find_entry, get_entry, list_models, register_model
 
-__all__ = ["CTEncoder", "CTSegResNet", "ModelEntry", "create_model", "get_entry", "list_models", "pool_embedding", "register_model"]
+__all__ = [
+    "CTEncoder",
+    "CTSegResNet",
+    "ModelEntry",
+    "build_sidecar",
+    "create_model",
+    "download_weights",
+    "find_entry",
+    "get_entry",
+    "init_model",
+    "list_models",
+    "load_weights",
+    "pool_embedding",
+    "register_model",
+    "resolve_weights",
+    "save_pretrained",
+]

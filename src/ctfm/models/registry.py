@@ -1,4 +1,8 @@
-"""Model registry: ``create_model(name, weights=...)`` and ``list_models()`` (timm-style)."""
+"""Model registry: named architectures (timm-style ``_registry``), a leaf module.
+
+It knows the networks and nothing about weights: building a model with weights is
+:func:`ctfm.models.factory.create_model`, reading and writing weights :mod:`ctfm.models.weights`.
+"""
 
 from __future__ import annotations
 
@@ -40,68 +44,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def find_entry(name: str) -> ModelEntry | None:
+    """The entry registered as ``name``, or None."""
+    return _REGISTRY.get(name)
+
+
 def get_entry(name: str) -> ModelEntry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
-
-
-def create_model(name: str, weights: str | None = None, **overrides) -> nn.Module:
-    """Build a registered model; with ``weights``, load them strictly (see ``ctfm.models.weights``).
-
-    ``weights`` is a local folder (config.json + model.safetensors), ``hf-hub:ORG/NAME``, a
-    ``.safetensors`` file or a CT-FM/Lightning ``.ckpt``. Overrides change constructor kwargs
-    (e.g. ``init_filters=8`` for a narrow encoder).
-    """
-    entry = get_entry(name)
-    kwargs = {**entry.kwargs}
-    if weights is not None:
-        # Like from_pretrained: a weights folder's config.json says how to build the model
-        # (e.g. a narrow encoder); explicit overrides must agree with it (checked on load).
-        arch = _folder_arch(weights)
-        unknown = sorted(set(arch) - _constructor_arguments(entry.builder))
-        if unknown:
-            from ctfm.errors import CTInputError
-
-            raise CTInputError(weights, f"config.json has arguments {unknown} that model {name!r} does not take", "choose the matching model (e.g. --model ct-fm-segresnet for a segmentation folder)")
-        kwargs.update(arch)
-    model = entry.builder(**{**kwargs, **overrides})
-    if weights is not None:
-        from ctfm.models.weights import load_weights
-
-        load_weights(model, weights)
-    return model
-
-
-def _constructor_arguments(cls) -> set[str]:
-    """Named constructor arguments of ``cls`` and of the MONAI classes it extends."""
-    import inspect
-
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass in (object, nn.Module) or "__init__" not in vars(klass):
-            continue
-        for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self":
-                names.add(p.name)
-    return names
-
-
-def _folder_arch(weights) -> dict:
-    """Constructor kwargs from ``config.json`` when ``weights`` resolves to a weights folder."""
-    import json
-
-    from ctfm.models.weights import resolve_weights
-
-    path = resolve_weights(weights)
-    config = path / "config.json" if path.is_dir() else None
-    if config is None or not config.is_file():
-        return {}
-    try:
-        return dict(json.loads(config.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        return {}  # load_weights reports a damaged config.json with the fix
+    entry = find_entry(name)
+    if entry is None:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return entry
 
 
 register_model(

@@ -21,6 +21,9 @@ Weight sources, parsed explicitly (timm / open_clip style):
 A bare ``ORG/NAME`` that is not an existing path is refused with the ``hf-hub:`` spelling.
 Loading is strict: after ``convert_state_dict`` every key and shape must match.
 
+This module knows no model names: :mod:`ctfm.models.factory` joins it with the registry
+(``create_model(name, weights=...)``, a registered name given as a source, sidecars).
+
 >>> from ctfm.models import create_model
 >>> encoder = create_model("ct-fm", weights="hf-hub:project-lighter/ct_fm_feature_extractor")  # doctest: +SKIP
 >>> encoder.weights_info.sha256                                                                   # doctest: +SKIP
@@ -35,8 +38,7 @@ import os
 import pickle
 import re
 import shutil
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ctfm.errors import CTInputError
+from ctfm.errors import CTInputError, one_line
+from ctfm.runtime import atomic_path
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -178,7 +181,7 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def _target_of(model: nn.Module) -> str:
+def target_of(model: nn.Module) -> str:
     from monai.networks.nets import SegResNetDS
     from monai.networks.nets.segresnet_ds import SegResEncoder
 
@@ -189,12 +192,12 @@ def _target_of(model: nn.Module) -> str:
     raise TypeError(f"ctfm weights load into a SegResEncoder (CTEncoder) or a SegResNetDS (CTSegResNet), not {type(model).__name__}")
 
 
-def _arch_config(model: nn.Module) -> dict:
+def arch_config(model: nn.Module) -> dict:
     """Constructor kwargs of ``model`` as config.json holds them (``model.arch_config()`` if defined)."""
     if hasattr(model, "arch_config"):
         return _normalise(model.arch_config())
     names = ["spatial_dims", "in_channels", "init_filters", "blocks_down"]
-    if _target_of(model) == "segresnet":
+    if target_of(model) == "segresnet":
         names += ["out_channels", "dsdepth"]
     return {k: _normalise(getattr(model, k)) for k in names if hasattr(model, k)}
 
@@ -215,7 +218,7 @@ def _constructor_defaults(cls: type) -> dict:
 
 def _check_arch(config: dict, model: nn.Module, config_path: Path) -> None:
     """Every config.json key must describe ``model`` (its arch_config, its attribute or the default)."""
-    arch = _arch_config(model)
+    arch = arch_config(model)
     defaults = _constructor_defaults(type(model))
     differing, suggested = [], []
     for key, given in sorted(config.items()):
@@ -266,11 +269,6 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str]:
         raise CTInputError(source, f"unknown weights source scheme {scheme.group(1)!r}", f"the only scheme is {HUB_PREFIX}, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor; URLs are not fetched directly")
     if _HUB_ID.match(source.partition("@")[0]):
         raise CTInputError(source, "is neither an existing path nor an explicit Hugging Face id", f"for the Hub write {HUB_PREFIX}{source}; for a local folder give a path that exists")
-    from ctfm.models.registry import _REGISTRY
-
-    entry = _REGISTRY.get(source)
-    if entry is not None and entry.hub_id:
-        raise CTInputError(source, "is a model name, not a weights source", f'for its published weights write weights="{HUB_PREFIX}{entry.hub_id}"')
     raise CTInputError(source, "no such weights file or folder", _SOURCE_FIX)
 
 
@@ -318,17 +316,12 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
     except Exception as exc:
         raise CTInputError(
             source,
-            f"is not in the Hugging Face cache ({cache_dir}) and downloading it failed ({type(exc).__name__}: {_first_line(exc)})",
+            f"is not in the Hugging Face cache ({cache_dir}) and downloading it failed ({one_line(exc, 200, with_type=True)})",
             f"run `ctfm models download {spelled}` where there is network access (it needs network), or pass a local weights folder",
         ) from None
     if not (Path(folder) / WEIGHTS_NAME).is_file():
         raise CTInputError(source, f"has no {WEIGHTS_NAME} on the Hub", "choose a repository published with safetensors weights")
     return Path(folder)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else ""
 
 
 def resolve_weights(source: str | os.PathLike) -> Path:
@@ -341,7 +334,8 @@ def resolve_weights(source: str | os.PathLike) -> Path:
 
 
 def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
-    """Download ``ORG/NAME[@REV]`` (``hf-hub:`` optional, or a registered model name) -> its folder.
+    """Download ``ORG/NAME[@REV]`` (``hf-hub:`` optional) -> its folder (a registered model
+    name is resolved by :func:`ctfm.models.factory.download_weights`).
 
     With ``out`` the files land there as a plain weights folder; otherwise in the Hugging Face
     cache, where ``hf-hub:ORG/NAME`` then finds them offline.
@@ -349,11 +343,7 @@ def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from ctfm.models.registry import _REGISTRY
-
-    entry = _REGISTRY.get(repo)
-    text = entry.hub_id if entry is not None and entry.hub_id else repo
-    repo_id, revision = parse_hub_id(text)
+    repo_id, revision = parse_hub_id(repo)
     if hub_offline():
         raise CTInputError(repo, "cannot be downloaded: HF_HUB_OFFLINE is set", "downloading needs network access: unset HF_HUB_OFFLINE (or set it to 0) on a machine that can reach huggingface.co")
     try:
@@ -367,7 +357,7 @@ def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
         raise CTInputError(repo, f"was not found on the Hugging Face Hub or needs a token ({type(exc).__name__})", "check the id (ctfm models list shows the published ones) or log in with `hf auth login`") from None
     except Exception as exc:
-        raise CTInputError(repo, f"could not be downloaded ({type(exc).__name__}: {_first_line(exc)})", "downloading needs network access to huggingface.co; check the connection or proxy and retry") from None
+        raise CTInputError(repo, f"could not be downloaded ({one_line(exc, 200, with_type=True)})", "downloading needs network access to huggingface.co; check the connection or proxy and retry") from None
     if not (Path(folder) / WEIGHTS_NAME).is_file():
         raise CTInputError(repo, f"has no {WEIGHTS_NAME} on the Hub", "choose a repository published with safetensors weights")
     return Path(folder)
@@ -383,7 +373,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
-        raise CTInputError(path, f"is not a readable safetensors file ({_first_line(exc)})", "download or write the file again; it may be truncated") from None
+        raise CTInputError(path, f"is not a readable safetensors file ({one_line(exc, 200)})", "download or write the file again; it may be truncated") from None
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -393,11 +383,11 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except pickle.UnpicklingError as exc:
         raise CTInputError(
             path,
-            f"holds Python objects that safe loading (weights_only=True) refuses ({_first_line(exc)})",
+            f"holds Python objects that safe loading (weights_only=True) refuses ({one_line(exc, 200)})",
             "if you trust the file, re-save only its tensors: torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'state.pt'), then load state.pt",
         ) from None
     except Exception as exc:
-        raise CTInputError(path, f"is not a readable PyTorch file ({type(exc).__name__}: {_first_line(exc)})", "check that the download finished; the file may be truncated") from None
+        raise CTInputError(path, f"is not a readable PyTorch file ({one_line(exc, 200, with_type=True)})", "check that the download finished; the file may be truncated") from None
     extra: dict = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         extra = {k: obj[k] for k in ("epoch", "global_step") if isinstance(obj.get(k), (int, float, str))}
@@ -482,7 +472,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
     Folders (local or ``hf-hub:``) are checked against ``model.arch_config()`` and, when ctfm.json
     is present, against its sha256. Checkpoints are renamed by :func:`convert_state_dict`.
     """
-    target = _target_of(model)
+    target = target_of(model)
     path, kind = _resolve(source)
     config = metadata = None
     if kind in ("folder", "hf-hub"):
@@ -528,50 +518,6 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
 # writing
 
 
-def init_model(name: str, seed: int, **overrides) -> nn.Module:
-    """A registered model with random weights from ``torch.manual_seed(seed)`` (same seed, same bytes on CPU).
-
-    The global RNG state is restored afterwards.
-    """
-    from ctfm.models.registry import create_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return create_model(name, **overrides)
-
-
-def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | None = None, preprocess=None) -> dict:
-    """The ctfm.json content: model, PreprocessSpec, embedding pooling, weights sha256, provenance.
-
-    ``preprocess`` is the PreprocessSpec the weights were trained with (default: the registry's).
-    """
-    from ctfm import __version__
-    from ctfm.models.registry import get_entry
-    from ctfm.preprocess import get_preset
-
-    entry = get_entry(name)
-    arch = _arch_config(model)
-    if provenance is None:
-        info = getattr(model, "weights_info", None)
-        provenance = {"source": "loaded", "loaded_from": portable_source(info.source), "loaded_sha256": info.sha256} if info is not None else {"source": "unspecified"}
-    return {
-        "ctfm_format": SIDECAR_FORMAT,
-        "model": name,
-        "description": entry.description,
-        "class": type(model).__name__,
-        "preprocess": (preprocess or get_preset(entry.preprocess_preset)).to_dict(),
-        "embedding": {
-            "pooling": "avg",
-            "feature_map": "last",
-            "dim": int(arch["init_filters"]) * 2 ** (len(arch["blocks_down"]) - 1),
-            "stride": 2 ** (len(arch["blocks_down"]) - 1),
-            "description": "adaptive_avg_pool3d(encoder(x)[-1], 1).flatten(1): the global average of the last feature map",
-        },
-        "weights": {"file": WEIGHTS_NAME, "sha256": sha256, "parameters": sum(p.numel() for p in model.parameters())},
-        "provenance": {**provenance, "ctfm_version": __version__},
-    }
-
-
 def _check_destination(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise CTInputError(folder, "exists and is not a folder", "choose a new output folder")
@@ -585,68 +531,44 @@ def _check_destination(folder: Path, overwrite: bool) -> None:
         raise CTInputError(folder, f"holds other files ({', '.join(foreign[:4])}); refusing to replace it", "choose an empty or new output folder")
 
 
-def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct-fm", provenance: dict | None = None, overwrite: bool = False, preprocess=None) -> Path:
+def write_weights_folder(model: nn.Module, folder: str | os.PathLike, sidecar: Callable[[str], dict] | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` as a weights folder (config.json, model.safetensors, ctfm.json) -> the folder.
 
-    Atomic: the files are written into a hidden folder beside ``folder`` and renamed into place,
-    so an interrupted save leaves no partial folder. The bytes of model.safetensors depend only on
-    the tensors (no timestamps), so equal weights give an equal sha256.
+    ``sidecar(sha256)`` returns the ctfm.json content for the written model.safetensors (None:
+    no ctfm.json); :func:`ctfm.models.factory.save_pretrained` builds it from the registry.
+    All or nothing (:func:`ctfm.runtime.atomic_path`): an interrupted save leaves no partial
+    folder. The bytes of model.safetensors depend only on the tensors (no timestamps), so equal
+    weights give an equal sha256.
     """
     from safetensors.torch import save_file
 
-    from ctfm.models.registry import get_entry
-
-    entry = get_entry(name)  # unknown names fail before anything is written
-    _target_of(model)
-    if isinstance(entry.builder, type) and not isinstance(model, entry.builder):
-        raise ValueError(f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with")
+    target_of(model)
     folder = Path(folder).expanduser()
     _check_destination(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
         # Exactly as PyTorchModelHubMixin writes it: sorted keys, indent 2, constructor kwargs only.
-        (tmp / CONFIG_NAME).write_text(json.dumps(_arch_config(model), sort_keys=True, indent=2), encoding="utf-8")
+        (tmp / CONFIG_NAME).write_text(json.dumps(arch_config(model), sort_keys=True, indent=2), encoding="utf-8")
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME))
         shutil.copymode(tmp / CONFIG_NAME, tmp / WEIGHTS_NAME)  # safetensors writes 0600; follow the umask
-        digest = sha256_file(tmp / WEIGHTS_NAME)
-        sidecar = build_sidecar(model, name, digest, provenance, preprocess=preprocess)
-        (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if sidecar is not None:
+            content = sidecar(sha256_file(tmp / WEIGHTS_NAME))
+            (tmp / SIDECAR_NAME).write_text(json.dumps(content, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     return folder
-
-
-def _move_into_place(tmp: Path, folder: Path) -> None:
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = [
     "WeightsInfo",
-    "build_sidecar",
+    "arch_config",
     "convert_state_dict",
     "download_weights",
     "hub_cache_dir",
     "hub_offline",
-    "init_model",
     "load_weights",
     "parse_hub_id",
     "portable_source",
     "resolve_weights",
-    "save_pretrained",
     "sha256_file",
+    "write_weights_folder",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ctfm.errors import OptionError
+from ctfm.runtime import write_text_atomic
 
 SIZE_POLICIES = ("none", "pad", "pad_or_crop", "pad_then_center_crop")
 PAD_MODES = ("constant", "minimum", "edge", "reflect")
@@ -129,7 +130,8 @@ class PreprocessSpec:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the spec as JSON, all or nothing."""
+        write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PreprocessSpec:

@@ -34,14 +34,13 @@ from __future__ import annotations
 import functools
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError
-from ctfm.runtime import PARTIAL_SUFFIX, progress_bar, temporary_name, utc_now, write_parquet_atomic
+from ctfm.errors import CTInputError, one_line
+from ctfm.runtime import PARTIAL_SUFFIX, atomic_path, parallel_map, progress_bar, utc_now, write_parquet_atomic
 
 INDEX_NAME = "index.parquet"
 FAILURES_NAME = "failures.parquet"
@@ -139,17 +138,9 @@ def preprocessed_volume(source, spec):
 
 
 def _save_npy_atomic(array: np.ndarray, path: Path) -> int:
-    """np.save to a hidden temporary name beside ``path``, fsync, rename; returns the file size."""
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """np.save to ``path`` all or nothing (:func:`ctfm.runtime.atomic_path`); returns the file size."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
     return path.stat().st_size
 
 
@@ -196,80 +187,10 @@ def cache_one(source, spec, cache_dir: str, dtype: str = "float32") -> dict:
     except MemoryError:
         return {"error": f"{source}: out of memory while preprocessing (use fewer --workers)"}
     except Exception as exc:  # a batch job records every failure and goes on
-        return {"error": f"{source}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        return {"error": f"{source}: {one_line(exc, 300, with_type=True)}"}
 
 
 # ---- running many -------------------------------------------------------------------------------
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-    warnings.simplefilter("ignore")
-
-
-def parallel_map(fn, items, workers: int = 1, on_crash=None):
-    """Yield ``(item, fn(item))`` for every item, in completion order.
-
-    ``workers > 1`` runs ``fn`` (a picklable, top-level function) in a pool of spawned processes,
-    each with ``cpu_count // workers`` torch threads. An exception escaping ``fn``, or a worker
-    process dying (out of memory), yields ``(item, on_crash(item, message))`` (re-raised when
-    ``on_crash`` is None); a dead pool is replaced and the remaining items go on.
-    """
-    items = list(items)
-
-    def crashed(item, message):
-        if on_crash is None:
-            raise RuntimeError(message)
-        return on_crash(item, message)
-
-    if workers <= 1 or len(items) <= 1:
-        for item in items:
-            try:
-                result = fn(item)
-            except Exception as exc:
-                result = crashed(item, f"{item}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-            yield item, result
-        return
-
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    pending = list(reversed(items))
-
-    def new_pool():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
-
-    pool = new_pool()
-    running: dict = {}
-    try:
-        while pending or running:
-            while pending and len(running) < 2 * workers:
-                item = pending.pop()
-                running[pool.submit(fn, item)] = item
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = False
-            for future in finished:
-                item = running.pop(future)
-                try:
-                    result = future.result()
-                except BrokenProcessPool:
-                    broken = True
-                    result = crashed(item, f"{item}: a worker process died while preprocessing it (out of memory? use fewer --workers)")
-                except Exception as exc:
-                    result = crashed(item, f"{item}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-                yield item, result
-            if broken:
-                for future, item in list(running.items()):
-                    yield item, crashed(item, f"{item}: a worker process died while preprocessing it (out of memory? use fewer --workers)")
-                running.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = new_pool()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 class _BuildLock:
     """An exclusive lock on the cache folder for the duration of a build (released on exit or death)."""
 
@@ -312,7 +233,7 @@ def _read_rows(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:
-        raise CTInputError(path, f"unreadable cache file ({' '.join(str(exc).split())[:120]})", "delete it and rebuild the cache") from None
+        raise CTInputError(path, f"unreadable cache file ({one_line(exc, 120)})", "delete it and rebuild the cache") from None
 
 
 def _entry_key(row: dict) -> tuple[str, str, str]:
@@ -501,7 +422,7 @@ class VolumeCache:
             try:
                 volume = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise CTInputError(path, f"cached volume unreadable ({' '.join(str(exc).split())[:120]})", "rebuild the cache with `ctfm cohort cache` (it redoes missing files)") from None
+                raise CTInputError(path, f"cached volume unreadable ({one_line(exc, 120)})", "rebuild the cache with `ctfm cohort cache` (it redoes missing files)") from None
             if tuple(volume.shape) != tuple(row["shape"]) or volume.dtype.name != row["dtype"]:
                 raise CTInputError(path, f"cached volume is {volume.dtype.name} {tuple(volume.shape)}, the index says {row['dtype']} {tuple(row['shape'])}", "rebuild the cache")
             if len(self._open) >= self.max_open:

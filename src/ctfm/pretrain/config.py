@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ctfm.runtime import write_text_atomic
+
 
 @dataclass
 class PretrainConfig:
@@ -21,8 +23,9 @@ class PretrainConfig:
     cache: str = ""  # where to build the preprocessed cache (default: <out>/cache)
     model: str = "ct-fm"
     model_kwargs: dict = field(default_factory=dict)  # e.g. {"init_filters": 8} for a narrow encoder
-    loss: str = "intrasample_ntxent"
-    temperature: float = 0.1
+    loss: str = "intrasample_ntxent"  # a name of ctfm.pretrain.losses.LOSSES
+    temperature: float = 0.1  # for the losses that take one (the NT-Xent family)
+    loss_kwargs: dict = field(default_factory=dict)  # other arguments of the loss, e.g. {"mu": 25.0} for vicreg
     num_crops: int = 15
     crop_size: list = field(default_factory=lambda: [32, 128, 128])  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
     # View augmentations (docs/recipe.md): random resized crop scale range, then each with probability p.
@@ -75,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
-    from ctfm.errors import CTInputError
+    from ctfm.errors import CTInputError, one_line
 
     path = Path(path)
     if not path.is_file():
@@ -89,7 +92,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-        raise CTInputError(path, f"not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({' '.join(str(exc).split())[:120]})", "fix the syntax; a config holds key: value pairs") from None
+        raise CTInputError(path, f"not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({one_line(exc, 120)})", "fix the syntax; a config holds key: value pairs") from None
     if not isinstance(data, dict):
         raise CTInputError(path, "a config file holds a mapping of keys to values", "write key: value pairs")
     if "preset" in data:
@@ -134,10 +137,25 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
             raise ValueError(f"{key} {getattr(config, key)}: expected a probability in [0, 1]")
     if len(config.crop_scale) != 2 or not 0.0 < config.crop_scale[0] <= config.crop_scale[1] <= 1.0:
         raise ValueError(f"crop_scale {config.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
+    _check_loss(config)
     return config
+
+
+def _check_loss(config: PretrainConfig) -> None:
+    """``loss`` names a registered loss and ``loss_kwargs`` holds only arguments it takes."""
+    from ctfm.pretrain.losses import LOSSES, loss_arguments  # torch: imported when a config is resolved
+
+    if not isinstance(config.loss, str) or config.loss not in LOSSES:
+        raise ValueError(f"loss {config.loss!r}: unknown; choose one of {', '.join(sorted(LOSSES))}")
+    if not isinstance(config.loss_kwargs, dict):
+        raise ValueError(f"loss_kwargs {config.loss_kwargs!r}: expected a mapping of argument -> value, e.g. {{\"mu\": 25.0}}")
+    accepted = loss_arguments(config.loss)
+    unknown = sorted(set(config.loss_kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes {', '.join(sorted(accepted)) or 'none'}")
 
 
 def save_config(config: PretrainConfig, path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=True))

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ctfm.pretrain.views import MultiCropViews, sample_state
+from ctfm.runtime import rank_and_world_size
 
 
 class EpochIndexSampler(Sampler):
@@ -28,18 +29,12 @@ class EpochIndexSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    @staticmethod
-    def _rank_world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def __iter__(self):
-        rank, world = self._rank_world()
+        rank, world = rank_and_world_size(environment=False)
         return iter((self.epoch, i) for i in range(rank, self.samples_per_epoch, world))
 
     def __len__(self) -> int:
-        rank, world = self._rank_world()
+        rank, world = rank_and_world_size(environment=False)
         return len(range(rank, self.samples_per_epoch, world))
 
 

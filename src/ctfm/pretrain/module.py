@@ -2,7 +2,8 @@
 
 CT-FM's pretraining (docs/recipe.md): views [B, N, 2, 1, D, H, W] -> encoder -> average of the stride-16 map
 (512-d) -> projection head Linear(512, 256) -> ReLU -> Linear(256, 128) -> loss (intra-sample
-NT-Xent, tau = 0.1). AdamW (lr 1e-4, weight decay 1e-6); MONAI WarmupCosineSchedule stepped per
+NT-Xent, tau = 0.1). The loss is any name of :data:`ctfm.pretrain.losses.LOSSES`; a loss that
+``needs_prediction`` (SimSiam) gets a prediction head on the projections as well. AdamW (lr 1e-4, weight decay 1e-6); MONAI WarmupCosineSchedule stepped per
 epoch (warm-up epochs, then cosine to 0 over max_epochs).
 """
 
@@ -23,6 +24,22 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
+class PredictionHead(nn.Module):
+    """[*, dim] -> [*, dim]: Linear(dim, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, dim).
+
+    SimSiam's predictor (Chen and He, CVPR 2021; lightly's ``SimSiamPredictionHead``), with the
+    paper's 4:1 bottleneck (hidden = dim / 4) by default; leading dims are flattened for the norm.
+    """
+
+    def __init__(self, dim: int = 128, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or max(1, dim // 4)
+        self.layers = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+
+
 class ContrastivePretrainer(L.LightningModule):
     def __init__(
         self,
@@ -37,12 +54,11 @@ class ContrastivePretrainer(L.LightningModule):
         projection: tuple[int, int] = (256, 128),
     ):
         super().__init__()
-        if "simsiam" in loss:
-            raise ValueError(f"loss {loss!r} needs a prediction head, which this module does not build; use intrasample_ntxent, ntxent, vicreg or intrasample_vicreg")
         self.save_hyperparameters()
+        self.criterion = build_loss(loss, **(loss_kwargs or {}))  # an unknown name fails before the model is built
         self.encoder = create_model(model, **(model_kwargs or {}))
         self.projection_head = ProjectionHead(self.encoder.embedding_dim, *projection)
-        self.criterion = build_loss(loss, **(loss_kwargs if loss_kwargs is not None else {"temperature": 0.1}))
+        self.prediction_head = PredictionHead(projection[-1]) if getattr(self.criterion, "needs_prediction", False) else None
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """[B, N, 2, 1, D, H, W] -> projections [B, N, 2, out]."""
@@ -50,8 +66,15 @@ class ContrastivePretrainer(L.LightningModule):
         flat = views.reshape(b * n * v, *views.shape[3:])
         return self.projection_head(self.encoder.embed(flat)).reshape(b, n, v, -1)
 
+    def loss(self, views: torch.Tensor) -> torch.Tensor:
+        """[B, N, 2, 1, D, H, W] -> the scalar loss of the projections (and predictions, for SimSiam)."""
+        z = self(views)
+        if self.prediction_head is None:
+            return self.criterion(z)
+        return self.criterion(z, self.prediction_head(z))
+
     def training_step(self, views: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.criterion(self(views))
+        loss = self.loss(views)
         if not torch.isfinite(loss):
             # Stop at once: a non-finite loss poisons every weight at the next optimiser step.
             from ctfm.errors import CTInputError

@@ -11,24 +11,21 @@ Run folder layout (``config.out``)::
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
 
 from ctfm.pretrain.config import PretrainConfig, save_config
+from ctfm.runtime import rank_and_world_size, write_text_atomic
 
 
 def launch_rank() -> int:
-    """Global rank from the launcher's environment (torchrun, SLURM, Lightning), 0 when alone.
+    """Global rank of this process (:func:`ctfm.runtime.rank_and_world_size`), 0 when alone.
 
-    Known before DDP is set up, so that one process builds the cache and writes the config.
+    Known from the launcher's environment before DDP is set up, so that one process builds the
+    cache and writes the config.
     """
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    node, local = (int(os.environ.get(n, "0") or 0) for n in ("NODE_RANK", "LOCAL_RANK"))
-    return node * 1000 + local  # only compared with 0: nonzero for every process but the first
+    return rank_and_world_size()[0]
 
 
 def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
@@ -46,7 +43,7 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
         summary = build_cache([str(data)], cache_dir, workers=config.cache_workers, progress=False)
         if summary.failed:
             warnings.warn(f"{len(summary.failed)} scan(s) could not be cached (see {cache_dir / 'failures.parquet'})", stacklevel=2)
-        done.write_text("ok\n")
+        write_text_atomic(done, "ok\n")
     else:  # other ranks wait for rank 0's cache instead of building it again
         deadline = time.monotonic() + wait_seconds
         while not done.exists():
@@ -96,6 +93,14 @@ def build_trainer(config: PretrainConfig, extra_callbacks=(), progress_bar: bool
     )
 
 
+def loss_kwargs(config: PretrainConfig) -> dict:
+    """The loss's keyword arguments: ``temperature`` for the losses that take one, then ``loss_kwargs``."""
+    from ctfm.pretrain.losses import loss_arguments
+
+    base = {"temperature": config.temperature} if "temperature" in loss_arguments(config.loss) else {}
+    return {**base, **config.loss_kwargs}
+
+
 def build_module(config: PretrainConfig):
     from ctfm.pretrain.module import ContrastivePretrainer
 
@@ -103,7 +108,7 @@ def build_module(config: PretrainConfig):
         model=config.model,
         model_kwargs=config.model_kwargs,
         loss=config.loss,
-        loss_kwargs={"temperature": config.temperature} if "ntxent" in config.loss else {},
+        loss_kwargs=loss_kwargs(config),
         lr=config.lr,
         weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs,
@@ -162,7 +167,7 @@ def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=(), pr
 
 def export_encoder(module, folder: Path, config: PretrainConfig | None = None, step: int | None = None, epoch: int | None = None) -> Path:
     """Write ``module.encoder`` in the published layout (config.json + model.safetensors + ctfm.json)."""
-    from ctfm.models.weights import save_pretrained
+    from ctfm.models import save_pretrained
 
     provenance = {"source": "ctfm pretrain", "global_step": step, "epoch": epoch}
     if config is not None:

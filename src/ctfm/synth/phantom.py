@@ -28,14 +28,16 @@ Anatomy is defined as fractions of the field of view, so a given ``shape`` (or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ctfm.runtime import atomic_path
 
 # Stable label ids: files written by earlier versions must keep meaning the same thing,
 # so never renumber; add new structures at the end.
@@ -590,17 +592,14 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, stem: str = "pha
         "seed": phantom.seed,
     }
 
-    token = uuid.uuid4().hex[:12]
-    # Temporary names keep their real suffix, so nibabel still gzips ".nii.gz".
-    pending = [(out / f".{token}.{final.name}", final) for final in (image_path, labels_path, json_path)]
-    try:
-        nib.save(image, pending[0][0])
-        nib.save(labels, pending[1][0])
-        pending[2][0].write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-        for temporary, final in pending:
-            os.replace(temporary, final)
-    finally:
-        for temporary, _ in pending:
-            if temporary.exists():
-                temporary.unlink()
+    # All three or none: each goes to a temporary name (keeping its suffix, so nibabel still
+    # gzips ".nii.gz"); the renames happen only once all three are written.
+    with contextlib.ExitStack() as stack:
+        image_tmp, labels_tmp, json_tmp = (
+            stack.enter_context(atomic_path(final, suffix=".nii.gz" if final.name.endswith(".nii.gz") else final.suffix))
+            for final in (image_path, labels_path, json_path)
+        )
+        nib.save(image, image_tmp)
+        nib.save(labels, labels_tmp)
+        json_tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return image_path, labels_path

@@ -1,5 +1,4 @@
-"""Pre-training cohorts as Parquet manifests: select CT series from the Imaging Data Commons,
-download them, and describe a local archive.
+"""Pre-training cohorts from the Imaging Data Commons as Parquet manifests: select CT series, download them.
 
 Every manifest has a ``path`` column (and ``series_uid`` where a folder may hold several series),
 so ``ctfm cohort cache`` and ``ctfm embed`` read it directly.
@@ -15,9 +14,6 @@ so ``ctfm cohort cache`` and ``ctfm embed`` read it directly.
 * :func:`download_idc` fetches a manifest's series through ``IDCClient.download_from_selection``
   and fills in ``path``. idc-index does not raise when the network is unreachable (s5cmd fails,
   idc-index logs it and returns), so success is judged from the files on disk.
-* :func:`scan_local` describes files, folders and DICOM trees (found by
-  :func:`ctfm.io.sources.discover_inputs`) with :func:`ctfm.io.load_ct`; unreadable or
-  unusable inputs become rows with an ``error``.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +286,7 @@ def _extra_index(client, name: str, columns: list[str], fetch: bool):
     try:
         client.fetch_index(name)  # loads from disk when installed, downloads otherwise
     except Exception as exc:
-        raise CTInputError(None, f"could not fetch the IDC {name} ({type(exc).__name__}: {one_line(exc, 200)})", "check network access, or leave out --fetch-indices to select with the bundled index only") from None
+        raise CTInputError(None, f"could not fetch the IDC {name} ({one_line(exc, 200, with_type=True)})", "check network access, or leave out --fetch-indices to select with the bundled index only") from None
     table = getattr(client, name, None)
     if table is None:
         if fetch and not installed:
@@ -413,7 +408,7 @@ def download_idc(manifest, out_dir, downloader=None, progress: bool = True) -> D
         except IDCDownloadError as exc:
             summary.errors = [one_line(exc, 200)]
         except Exception as exc:  # requests / subprocess / disk-space errors raised by idc-index
-            summary.errors = [f"{type(exc).__name__}: {one_line(exc, 200)}"]
+            summary.errors = [f"{one_line(exc, 200, with_type=True)}"]
         for i in todo:
             folder = series_folder(out_dir, rows[i])
             n_files = _count_files(folder)
@@ -448,136 +443,3 @@ def _first_error(messages: list[str]) -> str:
         if "caused by:" in line:
             return line[line.index("caused by:") + len("caused by:") :].strip()[:200]
     return lines[0][:200] if lines else ""
-
-
-
-
-# ---- describing a local archive -------------------------------------------------------------------
-def describe_source(source) -> dict:
-    """One manifest row for a scan source: geometry, UIDs, sizes; ``error`` when unusable."""
-    from ctfm.io import content_hash
-    from ctfm.preprocess import load_usable_ct
-
-    row = {
-        "scan_id": source.scan_id,
-        "path": os.path.abspath(source.path),
-        "series_uid": source.series_uid,
-        "disk_bytes": _disk_bytes(Path(source.path)),
-    }
-    try:
-        image, record = load_usable_ct(source.path, series_uid=source.series_uid)
-    except CTInputError as exc:
-        return {**row, "error": str(exc)}
-    except Exception as exc:  # a batch job records every failure and goes on
-        return {**row, "error": f"{source}: {type(exc).__name__}: {one_line(exc, 200)}"}
-    shape = [int(v) for v in record.shape]
-    row.update(
-        format=record.format,
-        SeriesInstanceUID=record.series_uid,
-        StudyInstanceUID=record.study_uid,
-        Modality=record.modality,
-        shape=shape,
-        spacing_mm=[round(float(v), 6) for v in record.spacing_mm],
-        orientation=record.orientation,
-        SliceThickness=record.slice_thickness_mm,
-        n_slices=int(record.n_slices_on_disk if record.n_slices_on_disk is not None else shape[2]),
-        n_voxels=int(np.prod(shape)),
-        content_hash=content_hash(image),
-        warnings="; ".join(record.warnings) or None,
-        error=None,
-    )
-    return row
-
-
-def _disk_bytes(path: Path) -> int:
-    """Size on disk: the file, or every file under a DICOM folder (all series it holds)."""
-    try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    except OSError:
-        return 0
-
-
-_SCAN_SCHEMA = [
-    ("scan_id", "string"),
-    ("path", "string"),
-    ("series_uid", "string"),
-    ("format", "string"),
-    ("SeriesInstanceUID", "string"),
-    ("StudyInstanceUID", "string"),
-    ("Modality", "string"),
-    ("shape", "list<int64>"),
-    ("spacing_mm", "list<double>"),
-    ("orientation", "string"),
-    ("SliceThickness", "double"),
-    ("n_slices", "int64"),
-    ("n_voxels", "int64"),
-    ("disk_bytes", "int64"),
-    ("content_hash", "string"),
-    ("warnings", "string"),
-    ("error", "string"),
-]
-
-
-def _scan_schema():
-    import pyarrow as pa
-
-    types = {"string": pa.string(), "double": pa.float64(), "int64": pa.int64(), "list<int64>": pa.list_(pa.int64()), "list<double>": pa.list_(pa.float64())}
-    return pa.schema([(name, types[t]) for name, t in _SCAN_SCHEMA])
-
-
-@dataclass
-class ScanSummary:
-    table: object  # pyarrow.Table
-    seconds: float = 0.0
-
-    @property
-    def n_scans(self) -> int:
-        return self.table.num_rows
-
-    @property
-    def n_errors(self) -> int:
-        return self.table.num_rows - self.table.column("error").null_count
-
-    @property
-    def disk_bytes(self) -> int:
-        return int(sum(v or 0 for v in self.table.column("disk_bytes").to_pylist()))
-
-
-def scan_local(inputs, workers: int = 1, progress: bool = True) -> ScanSummary:
-    """Describe every scan under ``inputs`` (files, folders, DICOM trees, manifests).
-
-    Every source found by ``discover_inputs`` gets one row; those that cannot be read, or are not
-    usable CT (label maps, 2D, not HU), carry the one-line reason in ``error``.
-    """
-    import time
-
-    import pyarrow as pa
-
-    from ctfm.io.sources import discover_inputs
-    from ctfm.pretrain.cache import parallel_map
-
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
-    sources = discover_inputs(list(inputs))
-    rows = []
-    errors = 0
-
-    def crashed(source, message):
-        return {"scan_id": source.scan_id, "path": os.path.abspath(source.path), "series_uid": source.series_uid, "error": message}
-
-    with tqdm(total=len(sources), unit="scan", desc="scanning", disable=not progress, dynamic_ncols=True) as bar:
-        for _, row in parallel_map(describe_source, sources, workers=workers, on_crash=crashed):
-            rows.append(row)
-            errors += row.get("error") is not None
-            bar.update(1)
-            bar.set_postfix_str(f"{errors} unreadable")
-    rows.sort(key=lambda r: (r["path"], r.get("series_uid") or ""))
-    schema = _scan_schema()
-    table = pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in rows], schema=schema)
-    table = table.replace_schema_metadata({b"ctfm.manifest": b"local-scan"})
-    return ScanSummary(table=table, seconds=time.perf_counter() - start)
