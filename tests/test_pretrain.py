@@ -257,3 +257,24 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     views[0, 0, 0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(CTInputError, match="training diverged: non-finite loss"):
         module.training_step(views, 0)
+
+
+def test_a_model_pretrained_at_another_spacing_embeds_at_that_spacing(phantom_scans, tmp_path):
+    """spacing_mm=[2,2,2]: the cache, the export's ctfm.json and then `ctfm.embed` all use 2 mm."""
+    import json
+
+    from ctfm.pretrain.train import pretrain
+
+    export = pretrain(tiny_config(phantom_scans, tmp_path / "run", spacing_mm=[2, 2, 2], max_epochs=1), progress_bar=False)
+    recorded = json.loads((export / "ctfm.json").read_text())["preprocess"]
+    assert recorded["spacing_mm"] == [2.0, 2.0, 2.0] and recorded["name"] == "ct-fm-ssl-2x2x2mm"
+    for mode in ("whole", "patches"):
+        (record,) = ctfm.embed(str(phantom_scans / "p0.nii.gz"), weights=str(export), mode=mode)
+        used = json.loads(record["preprocess_spec"])
+        assert used["spacing_mm"] == [2.0, 2.0, 2.0] and record["preset"] == f"ct-fm-ssl-2x2x2mm+{mode}"
+    # The whole-scan input keeps CT-FM's 320 mm field of view: 160^3 voxels at 2 mm.
+    from ctfm.preprocess import PreprocessSpec
+
+    assert PreprocessSpec.from_json(record["preprocess_spec"]).patch_size_voxels == (32, 64, 64)
+    (whole,) = ctfm.embed(str(phantom_scans / "p0.nii.gz"), weights=str(export), mode="whole")
+    assert PreprocessSpec.from_json(whole["preprocess_spec"]).patch_size_voxels == (160, 160, 160)

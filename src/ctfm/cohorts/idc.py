@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, MissingDependencyError, one_line
+from ctfm.errors import CTInputError, MissingDependencyError, OptionError, one_line
 from ctfm.io.sources import read_manifest
 from ctfm.runtime import write_parquet_atomic
 
@@ -160,7 +160,7 @@ def _has_localizer(arr, n: int) -> np.ndarray:
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         arr = pc.split_pattern(arr, "\\")
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
-        raise ValueError(f"ImageType column of type {arr.type}: expected a list of strings or a backslash-separated string")
+        raise OptionError(f"ImageType column of type {arr.type}: expected a list of strings or a backslash-separated string")
     values = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(pc.list_flatten(arr), pa.string())))
     parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
     hit = np.asarray(pc.fill_null(pc.equal(values, "LOCALIZER"), False).to_numpy(zero_copy_only=False), dtype=bool)

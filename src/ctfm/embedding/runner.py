@@ -202,8 +202,7 @@ def _record_failure(summary, store, source, message, writer, trace: str | None =
 
 def build_encoder(model: str, weights: str | None, seed: int):
     """The encoder to embed with: ``weights`` loaded strictly, or a seeded random init (warned)."""
-    from ctfm.models import create_model
-    from ctfm.models.weights import init_model
+    from ctfm.models import create_model, init_model
 
     if weights is not None:
         return create_model(model, weights=weights)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ctfm import __version__
-from ctfm.errors import CTInputError
+from ctfm.errors import CTInputError, OptionError
 from ctfm.models import weights as _weights
 from ctfm.models.registry import find_entry, get_entry
 from ctfm.models.weights import CONFIG_NAME, HUB_PREFIX, SIDECAR_FORMAT, WEIGHTS_NAME, WeightsInfo, arch_config, portable_source
@@ -153,7 +153,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct
     entry = get_entry(name)  # unknown names fail before anything is written
     _weights.target_of(model)
     if isinstance(entry.builder, type) and not isinstance(model, entry.builder):
-        raise ValueError(f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with")
+        raise OptionError(f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with")
     return _weights.write_weights_folder(
         model, folder, sidecar=lambda sha256: build_sidecar(model, name, sha256, provenance, preprocess=preprocess), overwrite=overwrite
     )

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ctfm.errors import OptionError
 from ctfm.models.networks import CT_FM_ARCH, CTEncoder, CTSegResNet
 
 
@@ -52,7 +53,7 @@ def find_entry(name: str) -> ModelEntry | None:
 def get_entry(name: str) -> ModelEntry:
     entry = find_entry(name)
     if entry is None:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise OptionError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return entry
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ctfm.errors import CTInputError, one_line
+from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.runtime import atomic_path
 
 CONFIG_NAME = "config.json"
@@ -417,7 +417,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], target: str) -> t
     (CTSegResNet), other keys (``up_layers.*``) as they are. Ignored keys keep their original name.
     """
     if target not in TARGETS:
-        raise ValueError(f"unknown conversion target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise OptionError(f"unknown conversion target {target!r}; choose one of {', '.join(TARGETS)}")
     converted: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     ignored: list[str] = []
@@ -432,7 +432,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], target: str) -> t
         if is_encoder and target == "segresnet":
             name = "encoder." + name
         if name in converted:
-            raise ValueError(f"checkpoint keys {origin[name]!r} and {key!r} both become {name!r}; the file mixes two models")
+            raise OptionError(f"checkpoint keys {origin[name]!r} and {key!r} both become {name!r}; the file mixes two models")
         converted[name], origin[name] = tensor, key
     return converted, ignored
 

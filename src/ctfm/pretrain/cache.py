@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, one_line
+from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.runtime import PARTIAL_SUFFIX, atomic_path, parallel_map, progress_bar, utc_now, write_parquet_atomic
 
 INDEX_NAME = "index.parquet"
@@ -115,7 +115,7 @@ def resolve_spec(spec=None):
 def _check_dtype(dtype) -> str:
     name = np.dtype(dtype).name
     if name not in DTYPES:
-        raise ValueError(f"cache dtype {name!r}: expected one of {', '.join(DTYPES)}")
+        raise OptionError(f"cache dtype {name!r}: expected one of {', '.join(DTYPES)}")
     return name
 
 

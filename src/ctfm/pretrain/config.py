@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ctfm.errors import OptionError
 from ctfm.runtime import write_text_atomic
 
 
@@ -28,6 +29,9 @@ class PretrainConfig:
     loss_kwargs: dict = field(default_factory=dict)  # other arguments of the loss, e.g. {"mu": 25.0} for vicreg
     num_crops: int = 15
     crop_size: list = field(default_factory=lambda: [32, 128, 128])  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
+    # Training voxel spacing in mm (S, P, L); empty: CT-FM's 3x1x1. The exported weights record the
+    # resulting PreprocessSpec, so that `ctfm embed` feeds the encoder at the same spacing.
+    spacing_mm: list = field(default_factory=list)
     # View augmentations (docs/recipe.md): random resized crop scale range, then each with probability p.
     crop_scale: list = field(default_factory=lambda: [0.33, 1.0])
     flip_p: float = 0.5
@@ -102,7 +106,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
 
 def _preset_name(name: str) -> str:
     if name not in PRESETS:
-        raise ValueError(f"unknown pretraining preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise OptionError(f"unknown pretraining preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return name
 
 
@@ -112,7 +116,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value")
+            raise OptionError(f"--set {item!r}: expected key=value")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -128,17 +132,30 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
     known = {f.name: f for f in fields(PretrainConfig)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
+        raise OptionError(f"unknown config keys {unknown}; known keys: {', '.join(sorted(known))}")
     config = PretrainConfig(**values)
     if config.num_crops < 2:
-        raise ValueError(f"num_crops {config.num_crops}: intra-sample contrast needs at least 2 crops")
+        raise OptionError(f"num_crops {config.num_crops}: intra-sample contrast needs at least 2 crops")
     for key in ("flip_p", "histogram_shift_p", "smooth_p"):
         if not 0.0 <= float(getattr(config, key)) <= 1.0:
-            raise ValueError(f"{key} {getattr(config, key)}: expected a probability in [0, 1]")
+            raise OptionError(f"{key} {getattr(config, key)}: expected a probability in [0, 1]")
     if len(config.crop_scale) != 2 or not 0.0 < config.crop_scale[0] <= config.crop_scale[1] <= 1.0:
-        raise ValueError(f"crop_scale {config.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
+        raise OptionError(f"crop_scale {config.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
+    if config.spacing_mm and (len(config.spacing_mm) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in config.spacing_mm)):
+        raise OptionError(f"spacing_mm {config.spacing_mm}: expected three positive numbers in mm (S, P, L), e.g. [2, 2, 2]")
     _check_loss(config)
     return config
+
+
+def training_spec(config: PretrainConfig):
+    """The PreprocessSpec the encoder trains on: ``ct-fm-ssl``, at ``config.spacing_mm`` if given."""
+    from ctfm.preprocess import get_preset
+
+    spec = get_preset("ct-fm-ssl")
+    if not config.spacing_mm or tuple(float(v) for v in config.spacing_mm) == spec.spacing_mm:
+        return spec
+    spacing = tuple(float(v) for v in config.spacing_mm)
+    return spec.with_(name=f"ct-fm-ssl-{'x'.join(f'{v:g}' for v in spacing)}mm", spacing_mm=spacing, description=f"ct-fm-ssl at {'x'.join(f'{v:g}' for v in spacing)} mm")
 
 
 def _check_loss(config: PretrainConfig) -> None:
@@ -146,13 +163,13 @@ def _check_loss(config: PretrainConfig) -> None:
     from ctfm.pretrain.losses import LOSSES, loss_arguments  # torch: imported when a config is resolved
 
     if not isinstance(config.loss, str) or config.loss not in LOSSES:
-        raise ValueError(f"loss {config.loss!r}: unknown; choose one of {', '.join(sorted(LOSSES))}")
+        raise OptionError(f"loss {config.loss!r}: unknown; choose one of {', '.join(sorted(LOSSES))}")
     if not isinstance(config.loss_kwargs, dict):
-        raise ValueError(f"loss_kwargs {config.loss_kwargs!r}: expected a mapping of argument -> value, e.g. {{\"mu\": 25.0}}")
+        raise OptionError(f"loss_kwargs {config.loss_kwargs!r}: expected a mapping of argument -> value, e.g. {{\"mu\": 25.0}}")
     accepted = loss_arguments(config.loss)
     unknown = sorted(set(config.loss_kwargs) - accepted)
     if unknown:
-        raise ValueError(f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes {', '.join(sorted(accepted)) or 'none'}")
+        raise OptionError(f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes {', '.join(sorted(accepted)) or 'none'}")
 
 
 def save_config(config: PretrainConfig, path: str | Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ctfm.errors import OptionError
 from ctfm.pretrain.views import MultiCropViews, sample_state
 from ctfm.runtime import rank_and_world_size
 
@@ -46,7 +47,7 @@ class ViewsDataset(Dataset):
 
     def __init__(self, cache, views: MultiCropViews, seed: int = 0):
         if len(cache) == 0:
-            raise ValueError("the cache holds no scans: build it with `ctfm cohort cache` or check the data path")
+            raise OptionError("the cache holds no scans: build it with `ctfm cohort cache` or check the data path")
         self.cache = cache
         self.views = views
         self.seed = seed

@@ -15,6 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ctfm.errors import OptionError
 from ctfm.pretrain.config import PretrainConfig, save_config
 from ctfm.runtime import rank_and_world_size, write_text_atomic
 
@@ -30,17 +31,22 @@ def launch_rank() -> int:
 
 def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
     from ctfm.pretrain.cache import VolumeCache, build_cache
+    from ctfm.pretrain.config import training_spec
 
     data = Path(config.data)
     if not config.data:
-        raise ValueError("config.data is empty: give a manifest, a folder of scans or a cache folder (--set data=PATH)")
+        raise OptionError("config.data is empty: give a manifest, a folder of scans or a cache folder (--set data=PATH)")
+    spec = training_spec(config)
     if (data / "index.parquet").exists():
-        return VolumeCache(data)
+        cache = VolumeCache(data, spec=spec)
+        if len(cache) == 0:
+            raise OptionError(f"{data}: the cache holds no volumes preprocessed with {spec.name} ({'x'.join(f'{v:g}' for v in spec.spacing_mm)} mm); build one at that spacing, or set spacing_mm to the cache's")
+        return cache
     cache_dir = Path(config.cache) if config.cache else Path(config.out) / "cache"
     done = cache_dir / ".built"
     if launch_rank() == 0:
         done.unlink(missing_ok=True)
-        summary = build_cache([str(data)], cache_dir, workers=config.cache_workers, progress=False)
+        summary = build_cache([str(data)], cache_dir, spec=spec, workers=config.cache_workers, progress=False)
         if summary.failed:
             warnings.warn(f"{len(summary.failed)} scan(s) could not be cached (see {cache_dir / 'failures.parquet'})", stacklevel=2)
         write_text_atomic(done, "ok\n")
@@ -50,7 +56,7 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {launch_rank()}: no cache at {cache_dir} after {wait_seconds:.0f} s")
             time.sleep(2)
-    return VolumeCache(cache_dir)
+    return VolumeCache(cache_dir, spec=spec)
 
 
 def build_trainer(config: PretrainConfig, extra_callbacks=(), progress_bar: bool = True):
@@ -173,9 +179,12 @@ def export_encoder(module, folder: Path, config: PretrainConfig | None = None, s
     if config is not None:
         provenance.update(loss=config.loss, num_crops=config.num_crops, seed=config.seed)
     from ctfm.preprocess import get_preset
+    from ctfm.pretrain.config import training_spec
 
-    # The sidecar records what the encoder was trained on: ct-fm-ssl volumes.
-    return save_pretrained(module.encoder.cpu().eval(), folder, name=config.model if config else "ct-fm", provenance=provenance, overwrite=True, preprocess=get_preset("ct-fm-ssl"))
+    # The sidecar records what the encoder was trained on (ct-fm-ssl volumes at the run's
+    # spacing): every consumer derives its preprocessing from it.
+    spec = training_spec(config) if config is not None else get_preset("ct-fm-ssl")
+    return save_pretrained(module.encoder.cpu().eval(), folder, name=config.model if config else "ct-fm", provenance=provenance, overwrite=True, preprocess=spec)
 
 
 def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:

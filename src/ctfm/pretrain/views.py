@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ctfm.errors import OptionError
 from ctfm.preprocess import get_preset
 
 CROP_SIZE = get_preset("ct-fm-ssl").patch_size_voxels  # (32, 128, 128): 64x128x128 mm at 3x1x1 mm, multiple of 16
@@ -59,7 +60,7 @@ class HistogramShift:
 
     def __init__(self, num_control_points: int = 5, prob: float = 0.5):
         if num_control_points <= 2:
-            raise ValueError(f"num_control_points {num_control_points}: the histogram shift needs at least 3")
+            raise OptionError(f"num_control_points {num_control_points}: the histogram shift needs at least 3")
         self.num_control_points = int(num_control_points)
         self.prob = min(max(float(prob), 0.0), 1.0)
 
@@ -180,7 +181,7 @@ class MultiCropViews:
 
     def __init__(self, num_crops: int = NUM_CROPS, crop_size=CROP_SIZE, scale=(0.33, 1.0), flip_p=0.5, histogram_p=0.5, smooth_p=0.5):
         if num_crops < 2:
-            raise ValueError(f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other crops)")
+            raise OptionError(f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other crops)")
         self.num_crops = num_crops
         self.crop_size = tuple(int(c) for c in crop_size)
         self.augment = ViewAugment(self.crop_size, tuple(scale), flip_p=flip_p, histogram_p=histogram_p, smooth_p=smooth_p)
@@ -188,7 +189,7 @@ class MultiCropViews:
     def get_params(self, state: np.random.RandomState, shape) -> MultiCropParams:
         """Draw the crop positions in a volume of ``shape`` (D, H, W), then both views of each crop."""
         if any(s < c for s, c in zip(shape, self.crop_size)):
-            raise ValueError(f"volume {tuple(shape)} is smaller than the crop {self.crop_size}: preprocess with ct-fm-ssl (it pads to the crop size)")
+            raise OptionError(f"volume {tuple(shape)} is smaller than the crop {self.crop_size}: preprocess with ct-fm-ssl (it pads to the crop size)")
         starts = crop_starts(shape, self.crop_size, self.num_crops, state)
         views = tuple((self.augment.get_params(state), self.augment.get_params(state)) for _ in range(self.num_crops))
         return MultiCropParams(starts, views)

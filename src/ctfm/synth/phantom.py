@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ctfm.errors import OptionError
 from ctfm.runtime import atomic_path
 
 # Stable label ids: files written by earlier versions must keep meaning the same thing,
@@ -218,11 +219,11 @@ def _resolve_grid(
     if shape is not None:
         shape = tuple(int(n) for n in shape)  # type: ignore[assignment]
         if len(shape) != 3 or min(shape) < 8:
-            raise ValueError(f"shape must be 3 sizes of at least 8 voxels, got {shape}")
+            raise OptionError(f"shape must be 3 sizes of at least 8 voxels, got {shape}")
     if spacing_mm is not None:
         spacing_mm = tuple(float(s) for s in spacing_mm)  # type: ignore[assignment]
         if len(spacing_mm) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_mm):
-            raise ValueError(f"spacing_mm must be 3 positive numbers, got {spacing_mm}")
+            raise OptionError(f"spacing_mm must be 3 positive numbers, got {spacing_mm}")
 
     if shape is None:
         spacing = np.array(spacing_mm if spacing_mm is not None else (inplane, inplane, z_spacing))
@@ -445,7 +446,7 @@ def make_phantom(
     present = np.bincount(labels.ravel(), minlength=len(LABEL_NAMES))
     if not present[1:].all():
         missing = [LABEL_NAMES[i] for i in range(1, len(LABEL_NAMES)) if present[i] == 0]
-        raise ValueError(f"shape {shape} is too small to hold every organ (missing {missing})")
+        raise OptionError(f"shape {shape} is too small to hold every organ (missing {missing})")
 
     # ---- intensities. Contrast phase c scales the enhancing organs (portal venous ~ c=1).
     contrast = _u(rng, 0.6, 1.0)
@@ -507,7 +508,7 @@ def make_phantom(
 def make_cohort(n: int, seed: int = 0, **kw: Any) -> list[Phantom]:
     """``n`` phantoms with seeds ``seed .. seed + n - 1``; ``kw`` go to ``make_phantom``."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise OptionError(f"n must be >= 0, got {n}")
     return [make_phantom(seed + i, **kw) for i in range(n)]
 
 
@@ -565,7 +566,7 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, stem: str = "pha
     import nibabel as nib
 
     if not stem or stem in {".", ".."} or any(sep and sep in stem for sep in (os.sep, os.altsep)):
-        raise ValueError(f"stem must be a plain file name, got {stem!r}")
+        raise OptionError(f"stem must be a plain file name, got {stem!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_path = out / f"{stem}.nii.gz"
