@@ -44,7 +44,10 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
     if not path.exists():
         raise CTInputError(path, "no such file or folder", "check the path")
     if path.is_dir():
-        array, affine, record = _load_dicom_folder(path, series_uid)
+        from ctfm.io.dicom import quiet_pydicom
+
+        with quiet_pydicom():
+            array, affine, record = _load_dicom_folder(path, series_uid)
     else:
         if not os.access(path, os.R_OK):
             raise CTInputError(path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r")
@@ -70,7 +73,10 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
             from ctfm.io.dicom import looks_like_dicom_file
 
             if looks_like_dicom_file(path):
-                array, affine, record = _load_dicom_file(path)
+                from ctfm.io.dicom import quiet_pydicom
+
+                with quiet_pydicom():
+                    array, affine, record = _load_dicom_file(path)
             else:
                 raise CTInputError(path, "not a CT file this reader knows (by name or content)", f"give a {', '.join(VOLUME_SUFFIXES)} file or a DICOM series folder")
     return _to_metatensor(array, affine, record), record

@@ -9,8 +9,10 @@ uniform); duplicate positions and missing slices are refused.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,15 @@ class DicomFolderIndex:
     series: list[DicomSeries]
     skipped: Counter  # reason -> count (localizer, SEG, RTSTRUCT, SR, not DICOM, ...)
     unplaced: dict[str, DicomSeries] = field(default_factory=dict)  # image files without position/orientation, by series
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Keep pydicom's value warnings ("Invalid value for VR DS: 'nan'") off the terminal: the
+    values that matter are checked here and refused with a message that names them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+        yield
 
 
 def looks_like_dicom_file(path: Path) -> bool:
@@ -135,7 +146,7 @@ def _refuse_unplaced(index: DicomFolderIndex, series: DicomSeries, folder: Path)
         raise CTInputError(
             folder,
             f"{len(files.files)} image file(s) of series {series.uid} have no ImagePositionPatient/ImageOrientationPatient (e.g. {files.files[0].name}): their slices cannot be placed",
-            "re-export the series with its slice positions (a position must never be guessed)",
+            "re-export the series with its slice positions; ctfm never guesses one",
         )
 
 
@@ -243,7 +254,7 @@ def _floats(value, n: int) -> np.ndarray | None:
 def _orientation(header, series: DicomSeries, folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """Unit row and column directions (LPS) from ImageOrientationPatient; refused when invalid."""
     iop = _floats(header.ImageOrientationPatient, 6)
-    fix = "re-export the series with valid ImageOrientationPatient (direction cosines of rows and columns)"
+    fix = "re-export the series with a valid ImageOrientationPatient, the direction cosines of rows and columns"
     if iop is None or not np.all(np.isfinite(iop)):
         raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} is not six finite numbers", fix)
     lengths = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
@@ -257,7 +268,7 @@ def _orientation(header, series: DicomSeries, folder: Path) -> tuple[np.ndarray,
 
 def _pixel_spacing(series: DicomSeries, folder: Path) -> tuple[float, float]:
     """(between rows, between columns) in mm from PixelSpacing, the same on every slice."""
-    fix = "re-export the series with its pixel spacing (PixelSpacing, mm between rows and columns)"
+    fix = "re-export the series with its PixelSpacing, the mm between rows and between columns"
     seen, first = set(), None
     for path, header in zip(series.files, series.headers):
         if "PixelSpacing" not in header or header.PixelSpacing in (None, ""):
@@ -279,7 +290,7 @@ def _positions(series: DicomSeries, folder: Path) -> np.ndarray:
     for path, header in zip(series.files, series.headers):
         values = _floats(header.ImagePositionPatient, 3)
         if values is None or not np.all(np.isfinite(values)):
-            raise CTInputError(folder, f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is not three finite numbers", "re-export the series with its slice positions (a position must never be guessed)")
+            raise CTInputError(folder, f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is not three finite numbers", "re-export the series with its slice positions; ctfm never guesses one")
         positions.append(values)
     return np.asarray(positions)
 

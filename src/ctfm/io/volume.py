@@ -195,17 +195,17 @@ def _check_nifti_geometry(raw, path: Path) -> tuple[str, list[tuple[str, str]]]:
     fixed = _fixed_copy(raw)  # nibabel resets unknown qform/sform codes to 0: decide as it will
     n_spatial = int(min(max(int(raw["dim"][0]), 1), 3))
     sform_code, qform_code = int(fixed["sform_code"]), int(fixed["qform_code"])
-    fix = "set the voxel size in the header, e.g. with nibabel: img.header.set_zooms((0.7, 0.7, 2.5)) and img.set_qform(img.affine), or re-export the scan"
+    fix = "write the true voxel size in mm into pixdim[1..3], or re-export the scan from its DICOM, e.g. with dcm2niix"
     if sform_code > 0:
         srow = np.stack([raw["srow_x"], raw["srow_y"], raw["srow_z"]]).astype(np.float64)
         if not np.all(np.isfinite(srow)):
-            raise CTInputError(path, f"NIfTI sform (srow_x/y/z) holds NaN or Inf: {_fmt_rows(srow)}", "set a valid sform (or sform_code 0 to use the qform), or re-export the scan")
+            raise CTInputError(path, f"NIfTI sform (srow_x/y/z) holds NaN or Inf: {_fmt_rows(srow)}", "set a valid sform, or sform_code 0 to use the qform, or re-export the scan")
         lengths = np.linalg.norm(srow[:, :3], axis=0)
         for axis in range(n_spatial):
             if lengths[axis] <= 0:
-                raise CTInputError(path, f"NIfTI sform gives axis {AXES[axis]} a voxel size of 0 (column {axis} of srow_x/y/z is zero)", "set a valid sform (or sform_code 0 to use the qform), or re-export the scan")
+                raise CTInputError(path, f"NIfTI sform gives axis {AXES[axis]} a voxel size of 0 (column {axis} of srow_x/y/z is zero)", "set a valid sform, or sform_code 0 to use the qform, or re-export the scan")
         if n_spatial == 3 and abs(np.linalg.det(srow[:, :3])) <= 1e-9 * float(np.prod(lengths)):
-            raise CTInputError(path, "NIfTI sform axes are not independent (singular 3x3 matrix)", "set a valid sform (or sform_code 0 to use the qform), or re-export the scan")
+            raise CTInputError(path, "NIfTI sform axes are not independent (singular 3x3 matrix)", "set a valid sform, or sform_code 0 to use the qform, or re-export the scan")
         notes = _qform_disagreement(raw, fixed) if qform_code > 0 else []
         return "NIfTI sform", notes
     pixdim = np.asarray(raw["pixdim"], dtype=np.float64)
@@ -222,7 +222,7 @@ def _check_nifti_geometry(raw, path: Path) -> tuple[str, list[tuple[str, str]]]:
         qfac = float(pixdim[0])
         if qfac < 0 and qfac != -1:
             # nibabel reads this as +1, the NIfTI C library as -1: the slice order is ambiguous.
-            raise CTInputError(path, f"NIfTI qfac pixdim[0] is {qfac:g}, neither 1 nor -1: the slice direction is ambiguous", "set pixdim[0] to 1 or -1 (as the scanner's slice order says), or re-export the scan")
+            raise CTInputError(path, f"NIfTI qfac pixdim[0] is {qfac:g}, neither 1 nor -1: the slice direction is ambiguous", "set pixdim[0] to 1 or -1, as the slice order of the scan says, or re-export it")
         return "NIfTI qform (pixdim)", []
     notes = [("NIfTI header has no qform or sform (both codes 0): orientation and origin are not recorded, read as nibabel's default (LAS, centred)",
               "re-export the scan with its orientation, e.g. from the DICOM with dcm2niix")]
@@ -270,7 +270,7 @@ def _check_nrrd_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
     except Exception as exc:  # pynrrd raises its own NRRDError and plain ValueErrors
         raise CTInputError(path, f"unreadable NRRD header ({one_line(exc)})", "check that the file is complete; re-export or re-download it") from None
     dim = int(header.get("dimension", 0) or 0)
-    fix = "give the header 'space directions' (e.g. (0.7,0,0) (0,0.7,0) (0,0,2.5)) with 'space: left-posterior-superior', or re-export the scan"
+    fix = "give the header 'space: left-posterior-superior' and 'space directions', e.g. (0.7,0,0) (0,0.7,0) (0,0,2.5), or re-export the scan"
     n_spatial = min(dim, 3)
     directions = header.get("space directions")
     if directions is not None:
@@ -362,7 +362,7 @@ def _check_mha_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
             if len(matrix) == ndims * ndims and ndims >= 2:
                 m = np.asarray(matrix).reshape(ndims, ndims)
                 if not np.all(np.isfinite(m)) or abs(np.linalg.det(m)) < 1e-6:
-                    raise CTInputError(path, f"MetaImage {name} '{fields[name]}' is not a valid rotation (singular or not finite)", "set it to the scan's direction cosines (e.g. 1 0 0 0 1 0 0 0 1), or re-export the scan")
+                    raise CTInputError(path, f"MetaImage {name} '{fields[name]}' is not a valid rotation (singular or not finite)", "set it to the direction cosines of the scan, e.g. 1 0 0 0 1 0 0 0 1, or re-export it")
     return f"MetaImage {key}", []
 
 
