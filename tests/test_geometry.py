@@ -369,3 +369,13 @@ def test_nan_pixdim_message_names_the_value(tmp_path):
     path = write_nifti(tmp_path / "nan.nii.gz", pixdim2=math.nan)
     with pytest.raises(ValueError, match=r"pixdim\[2\] \(axis y\) is nan: not a number"):
         load_ct(path)
+
+
+def test_a_dicom_series_without_positions_in_a_folder_batch_is_listed_and_refused(bad):
+    """Folder discovery keeps the series (it is CT), so a batch records why it was not embedded."""
+    from ctfm.io.sources import discover_inputs
+
+    sources = discover_inputs([bad["dicom no positions"]])
+    assert len(sources) == 1 and sources[0].series_uid
+    with pytest.raises(ValueError, match="6 image file"):
+        load_ct(sources[0].path, series_uid=sources[0].series_uid)
