@@ -379,3 +379,14 @@ def test_a_dicom_series_without_positions_in_a_folder_batch_is_listed_and_refuse
     assert len(sources) == 1 and sources[0].series_uid
     with pytest.raises(ValueError, match="6 image file"):
         load_ct(sources[0].path, series_uid=sources[0].series_uid)
+
+
+@pytest.mark.parametrize("name", ["nrrd zero direction", "mha missing spacing", "nifti qform pixdim zero"])
+def test_label_maps_with_a_voxel_size_to_guess_are_refused_as_such(name, bad, tmp_path, capfd):
+    from ctfm.io import load_labels
+
+    image, _ = load_ct(write_nifti(tmp_path / "grid.nii.gz"))
+    with pytest.raises(ValueError) as caught:
+        load_labels(bad[name], image)
+    assert BAD[name][1] in str(caught.value) and str(caught.value).startswith(f"{bad[name]}: ")
+    assert capfd.readouterr().err == ""

@@ -332,8 +332,9 @@ def _itk_header_names(path: Path) -> dict[int, str]:
     """Names from 3D Slicer NRRD keys (header only); refuses multi-layer segmentations."""
     import SimpleITK as sitk
 
-    from ctfm.io.volume import quiet_native_stderr
+    from ctfm.io.volume import check_itk_header, quiet_native_stderr
 
+    check_itk_header(path)  # a voxel size ITK would invent is refused as such, not as "unreadable"
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

@@ -84,14 +84,19 @@ def read_volume_file(path: Path) -> VolumeFile:
     fmt = volume_format(path)
     if fmt == "nifti":
         return _read_nifti(path)
-    if fmt == "nrrd":
-        source, notes = _check_nrrd_header(path)
-    elif fmt == "mha":
-        source, notes = _check_mha_header(path)
-    else:
+    if fmt not in ("nrrd", "mha"):
         raise CTInputError(path, "not a CT volume file", "give a .nii/.nii.gz, .nrrd, .mha/.mhd file or a DICOM folder")
+    source, notes = check_itk_header(path)
     array, affine = _read_itk(path)
     return VolumeFile(array, affine, fmt, source, notes)
+
+
+def check_itk_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
+    """Check the voxel size a NRRD or MetaImage header gives, before ITK reads it as 1 mm.
+
+    Returns ``(spacing source, [(warning, fix), ...])``; raises :class:`CTInputError`.
+    """
+    return _check_nrrd_header(path) if volume_format(path) == "nrrd" else _check_mha_header(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,14 +178,16 @@ def _raw_nifti_header(path: Path):
     return None
 
 
+_SILENT_LOGGER = logging.getLogger("ctfm.io.nibabel_fixes")
+_SILENT_LOGGER.addHandler(logging.NullHandler())
+_SILENT_LOGGER.propagate = False
+
+
 def _fixed_copy(raw):
     """The header as nibabel will use it (its check_fix applied, without logging)."""
     fixed = raw.copy()
-    logger = logging.getLogger("ctfm.io.nibabel_fixes")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
     try:
-        fixed.check_fix(logger=logger, error_level=60)
+        fixed.check_fix(logger=_SILENT_LOGGER, error_level=60)
     except Exception:
         pass
     return fixed
