@@ -54,9 +54,10 @@ def test_info_json_schema_on_real_dicom(scan):
     assert set(report["hu"]) == {"min", "p1", "p50", "p99", "max"}
     assert report["hu"]["min"] <= report["hu"]["p1"] <= report["hu"]["p50"] <= report["hu"]["p99"] <= report["hu"]["max"]
     names = {c["name"]: c["status"] for c in report["checks"]}
-    assert set(names) == {"3d", "finite", "not_constant", "spacing", "hu_range", "modality", "tilt", "uniform_spacing", "slices"}
-    for key in ("study_uid", "series_uid", "sop_uids", "kernel", "slice_thickness_mm", "manufacturer", "body_part", "contrast", "gantry_tilt_deg"):
+    assert set(names) == {"3d", "finite", "not_constant", "spacing", "geometry", "hu_range", "modality", "tilt", "uniform_spacing", "slices"}
+    for key in ("study_uid", "series_uid", "sop_uids", "kernel", "slice_thickness_mm", "manufacturer", "body_part", "contrast", "gantry_tilt_deg", "spacing_source"):
         assert key in report["record"]
+    assert "derived from ImagePositionPatient" in report["record"]["spacing_source"]
     if "tilt" in scan:
         assert names["tilt"] == "warn" and names["uniform_spacing"] == "warn"
         assert report["record"]["gantry_tilt_deg"] == pytest.approx(18.5, abs=0.05)

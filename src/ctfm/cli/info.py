@@ -83,6 +83,6 @@ def _as_text(report: dict) -> str:
     lines.append(f"  HU           min {hu['min']:g}  p1 {hu['p1']:g}  p50 {hu['p50']:g}  p99 {hu['p99']:g}  max {hu['max']:g}")
     lines.append("  checks")
     for c in report["checks"]:
-        lines.append(f"    {c['status']:<5} {c['name']:<15} {c['message']}")
+        lines.append(f"    {c['status']:<5} {c['name']:<15} {c['message']}" + (f" ({c['fix']})" if c["status"] == "warn" and c["fix"] else ""))
     lines.append(f"  usable       {'yes' if report['usable'] else 'no'}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import numpy as np
 from ctfm.errors import CTInputError
 from ctfm.io.hashing import content_hash
 from ctfm.io.record import ScanRecord
-from ctfm.io.volume import VOLUME_SUFFIXES, read_volume, volume_format
+from ctfm.io.volume import VOLUME_SUFFIXES, read_volume_file, volume_format
 
 __all__ = ["load_ct", "ScanRecord", "content_hash", "save_nifti", "orientation_code", "load_labels"]
 
@@ -45,24 +45,39 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
     if not path.exists():
         raise CTInputError(path, "no such file or folder", "check the path")
     if path.is_dir():
-        array, affine, record = _load_dicom_folder(path, series_uid)
+        from ctfm.io.dicom import quiet_pydicom
+
+        with quiet_pydicom():
+            array, affine, record = _load_dicom_folder(path, series_uid)
     else:
         if not os.access(path, os.R_OK):
             raise CTInputError(path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r")
         if path.stat().st_size == 0:
             raise CTInputError(path, "empty file (0 bytes)", "the copy or download was interrupted; fetch the file again")
         if volume_format(path) is not None:
-            array, affine, fmt = read_volume(path)
-            array = _as_3d(array, path)
+            volume = read_volume_file(path)
+            array, affine = _as_3d(volume.array, path), volume.affine
             spacing = _spacing(affine)
             if not np.all(np.isfinite(affine)) or min(spacing) <= 0:
                 raise CTInputError(path, f"invalid voxel geometry (spacing {', '.join(f'{s:g}' for s in spacing)} mm)", "fix the header's voxel size (pixdim) or affine")
-            record = ScanRecord(path=str(path), format=fmt, shape=array.shape, spacing_mm=_spacing(affine), orientation=orientation_code(affine))
+            record = ScanRecord(
+                path=str(path),
+                format=volume.format,
+                shape=array.shape,
+                spacing_mm=spacing,
+                orientation=orientation_code(affine),
+                spacing_source=volume.spacing_source,
+            )
+            for message, fix in volume.warnings:
+                _geometry_warning(record, path, message, fix)
         else:
             from ctfm.io.dicom import looks_like_dicom_file
 
             if looks_like_dicom_file(path):
-                array, affine, record = _load_dicom_file(path)
+                from ctfm.io.dicom import quiet_pydicom
+
+                with quiet_pydicom():
+                    array, affine, record = _load_dicom_file(path)
             else:
                 raise CTInputError(path, "not a CT file this reader knows (by name or content)", f"give a {', '.join(VOLUME_SUFFIXES)} file or a DICOM series folder")
     return _to_metatensor(array, affine, record), record
@@ -111,14 +126,16 @@ def _load_series(series, folder: Path, skipped: dict):
         where = ", ".join(f"after slice {i} ({geometry.gaps[i]:.2f} mm gap)" for i in missing[:3])
         raise CTInputError(folder, f"missing slice(s) in series {series.uid}: {where}, usual gap {usual:.2f} mm", "re-export the complete series; a gap would be stretched over")
     volume, affine, resampled = dicom.stack_series(series, geometry)
+    spacing = _spacing(affine)
     record = ScanRecord(
         path=str(folder),
         format="dicom",
         shape=volume.shape,
-        spacing_mm=_spacing(affine),
+        spacing_mm=spacing,
         orientation=orientation_code(affine),
         skipped=skipped,
         resampled=resampled,
+        spacing_source=dicom.spacing_source(series, geometry, spacing[2], resampled),
         **dicom.series_record_fields(series, geometry),
     )
     if resampled:
@@ -126,6 +143,15 @@ def _load_series(series, folder: Path, skipped: dict):
         record.warnings.append(message)
         warnings.warn(message, CTGeometryWarning, stacklevel=3)
     return volume, affine, record
+
+
+def _geometry_warning(record: ScanRecord, path: Path, message: str, fix: str) -> None:
+    """A header geometry read but doubtful: into the record (and its ``ctfm info`` check) and
+    out as a :class:`CTGeometryWarning`."""
+    record.geometry_warnings.append({"message": message, "fix": fix})
+    line = f"{path}: {message} ({fix})"
+    record.warnings.append(line)
+    warnings.warn(line, CTGeometryWarning, stacklevel=3)
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:

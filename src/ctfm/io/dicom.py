@@ -9,8 +9,10 @@ uniform); duplicate positions and missing slices are refused.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,16 @@ class DicomSeries:
 class DicomFolderIndex:
     series: list[DicomSeries]
     skipped: Counter  # reason -> count (localizer, SEG, RTSTRUCT, SR, not DICOM, ...)
+    unplaced: dict[str, DicomSeries] = field(default_factory=dict)  # image files without position/orientation, by series
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Keep pydicom's value warnings ("Invalid value for VR DS: 'nan'") off the terminal: the
+    values that matter are checked here and refused with a message that names them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+        yield
 
 
 def looks_like_dicom_file(path: Path) -> bool:
@@ -87,6 +99,7 @@ def read_header(path: Path):
 def index_dicom_folder(folder: Path) -> DicomFolderIndex:
     """Walk ``folder`` recursively and group image files by SeriesInstanceUID."""
     by_uid: dict[str, DicomSeries] = {}
+    unplaced: dict[str, DicomSeries] = {}
     skipped: Counter = Counter()
     for root, dirs, names in os.walk(folder):
         dirs.sort()
@@ -110,18 +123,31 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
             if kind is not None:
                 skipped[kind] += 1
                 continue
-            if "Rows" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-                skipped["no image geometry"] += 1
-                continue
             image_type = [str(v).upper() for v in ds.get("ImageType", [])]
             if "LOCALIZER" in image_type:
                 skipped["localizer"] += 1
                 continue
             uid = str(ds.get("SeriesInstanceUID", "unknown"))
+            if "Rows" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+                skipped["no image geometry"] += 1
+                if "Rows" in ds:  # an image that cannot be placed: its series must not load without it
+                    unplaced.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", "")))).files.append(path)
+                continue
             series = by_uid.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", ""))))
             series.files.append(path)
             series.headers.append(ds)
-    return DicomFolderIndex(series=list(by_uid.values()), skipped=skipped)
+    return DicomFolderIndex(series=list(by_uid.values()), skipped=skipped, unplaced=unplaced)
+
+
+def _refuse_unplaced(index: DicomFolderIndex, series: DicomSeries, folder: Path) -> None:
+    """A series with image files that give no slice position is refused, not loaded without them."""
+    files = index.unplaced.get(series.uid)
+    if files:
+        raise CTInputError(
+            folder,
+            f"{len(files.files)} image file(s) of series {series.uid} have no ImagePositionPatient/ImageOrientationPatient (e.g. {files.files[0].name}): their slices cannot be placed",
+            "re-export the series with its slice positions; ctfm never guesses one",
+        )
 
 
 def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | None) -> DicomSeries:
@@ -131,11 +157,17 @@ def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | No
             if s.uid == series_uid:
                 if s.modality != "CT":
                     raise CTInputError(folder, f"series {series_uid} is {s.modality or 'of unknown modality'}, not CT", "ctfm reads CT only; choose a CT series")
+                _refuse_unplaced(index, s, folder)
                 return s
+        if series_uid in index.unplaced:
+            _refuse_unplaced(index, index.unplaced[series_uid], folder)
         known = ", ".join(s.uid for s in index.series) or "none"
         raise CTInputError(folder, f"no series with UID {series_uid} (series here: {known})", "pass one of the listed UIDs with --series")
     ct = [s for s in index.series if s.modality == "CT"]
     if not ct:
+        unplaced_ct = [s for s in index.unplaced.values() if s.modality == "CT"]
+        if len(unplaced_ct) == 1:
+            _refuse_unplaced(index, unplaced_ct[0], folder)
         if index.series:
             found = "; ".join(f"{s.modality or '?'} series {s.uid} ({len(s.files)} files)" for s in index.series)
             raise CTInputError(folder, f"no CT series here, only {found}", "ctfm reads CT only; point it at a CT series")
@@ -151,6 +183,7 @@ def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | No
     if len(ct) > 1:
         listing = "; ".join(f"{s.uid} '{s.description}' {len(s.files)} slices" for s in ct)
         raise CTInputError(folder, f"{len(ct)} CT series in this folder: {listing}", "choose one with --series UID (series_uid= in Python)")
+    _refuse_unplaced(index, ct[0], folder)
     return ct[0]
 
 
@@ -180,14 +213,10 @@ def series_geometry(series: DicomSeries, folder: Path) -> SeriesGeometry:
     sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(sizes) > 1:
         raise CTInputError(folder, f"series {series.uid} mixes slice sizes {sorted(sizes)}", "re-export the series with one matrix size")
-    iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
-    row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    row_dir, col_dir = _orientation(headers[0], series, folder)
     normal = np.cross(row_dir, col_dir)
-    if "PixelSpacing" not in headers[0]:
-        raise CTInputError(folder, "series has no PixelSpacing", "re-export the series with its pixel spacing")
-    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
-
-    positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    row_spacing, col_spacing = _pixel_spacing(series, folder)
+    positions = _positions(series, folder)
     depths = positions @ normal
     order = np.argsort(depths, kind="stable")
     positions, depths = positions[order], depths[order]
@@ -203,6 +232,75 @@ def series_geometry(series: DicomSeries, folder: Path) -> SeriesGeometry:
     shift = float(np.linalg.norm(inplane[-1]))
     tilt_deg = math.degrees(math.atan2(shift, extent)) if extent > 0 else 0.0
     return SeriesGeometry(order, row_dir, col_dir, normal, col_spacing, row_spacing, positions, depths, inplane, gaps, tilt_deg)
+
+
+def _floats(value, n: int) -> np.ndarray | None:
+    """``n`` floats from a DICOM multi-value (NaN where unparsable), ``None`` when not ``n``."""
+    try:
+        values = list(value) if type(value).__name__ == "MultiValue" or isinstance(value, (list, tuple)) else [value]
+    except TypeError:
+        return None
+    if len(values) != n:
+        return None
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            out.append(float("nan"))
+    return np.asarray(out, dtype=np.float64)
+
+
+def _orientation(header, series: DicomSeries, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Unit row and column directions (LPS) from ImageOrientationPatient; refused when invalid."""
+    iop = _floats(header.ImageOrientationPatient, 6)
+    fix = "re-export the series with a valid ImageOrientationPatient, the direction cosines of rows and columns"
+    if iop is None or not np.all(np.isfinite(iop)):
+        raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} is not six finite numbers", fix)
+    lengths = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
+    if min(lengths) < 1e-6:
+        raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} has a zero direction", fix)
+    row_dir, col_dir = iop[:3] / lengths[0], iop[3:] / lengths[1]
+    if abs(float(row_dir @ col_dir)) > 0.01:
+        raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid}: row and column directions are not perpendicular", fix)
+    return row_dir, col_dir
+
+
+def _pixel_spacing(series: DicomSeries, folder: Path) -> tuple[float, float]:
+    """(between rows, between columns) in mm from PixelSpacing, the same on every slice."""
+    fix = "re-export the series with its PixelSpacing, the mm between rows and between columns"
+    seen, first = set(), None
+    for path, header in zip(series.files, series.headers):
+        if "PixelSpacing" not in header or header.PixelSpacing in (None, ""):
+            raise CTInputError(folder, f"series {series.uid} has no PixelSpacing ({path.name})", fix)
+        values = _floats(header.PixelSpacing, 2)
+        if values is None or not np.all(np.isfinite(values)) or np.any(values <= 0):
+            raise CTInputError(folder, f"PixelSpacing {_shown(header.PixelSpacing)} of series {series.uid} ({path.name}) is not two positive numbers", fix)
+        seen.add(tuple(np.round(values, 6)))
+        first = values if first is None else first
+    if len(seen) > 1:
+        shown = ", ".join("\\".join(f"{v:g}" for v in s) for s in sorted(seen))
+        raise CTInputError(folder, f"series {series.uid} mixes pixel spacings {shown} mm", "export each pixel spacing as its own series, or choose another series with --series")
+    return float(first[0]), float(first[1])
+
+
+def _positions(series: DicomSeries, folder: Path) -> np.ndarray:
+    """(S, 3) ImagePositionPatient of every slice, LPS mm; refused when one is not 3 finite numbers."""
+    positions = []
+    for path, header in zip(series.files, series.headers):
+        values = _floats(header.ImagePositionPatient, 3)
+        if values is None or not np.all(np.isfinite(values)):
+            raise CTInputError(folder, f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is not three finite numbers", "re-export the series with its slice positions; ctfm never guesses one")
+        positions.append(values)
+    return np.asarray(positions)
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "(empty)"
+    if type(value).__name__ == "MultiValue" or isinstance(value, (list, tuple)):
+        return "\\".join(str(v) for v in value) or "(empty)"
+    return str(value) or "(empty)"
 
 
 def missing_slice_gaps(gaps: np.ndarray) -> list[int]:
@@ -358,6 +456,20 @@ def _number(ds, keyword: str) -> float | None:
         return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
         return None
+
+
+def spacing_source(series: DicomSeries, geometry: SeriesGeometry, slice_spacing: float, resampled: str | None) -> str:
+    """How the voxel size of a series was found: PixelSpacing in-plane, and the slice spacing
+    derived from ImagePositionPatient (with what the header's SliceThickness and
+    SpacingBetweenSlices say beside it, which are never used for it)."""
+    first = series.headers[int(geometry.order[0])]
+    thickness, between = _number(first, "SliceThickness"), _number(first, "SpacingBetweenSlices")
+    how = "finest recurring gap" if resampled else "gap"
+    return (
+        f"PixelSpacing {geometry.row_spacing:g}\\{geometry.col_spacing:g} mm; slice spacing {slice_spacing:.4g} mm derived from ImagePositionPatient "
+        f"({how} along the slice normal; SliceThickness {f'{thickness:g}' if thickness is not None else 'absent'}, "
+        f"SpacingBetweenSlices {f'{between:g}' if between is not None else 'absent'})"
+    )
 
 
 def series_record_fields(series: DicomSeries, geometry: SeriesGeometry) -> dict:

@@ -315,8 +315,11 @@ def _nifti_header_names(path: Path) -> dict[int, str]:
     """Names from the Caret / TotalSegmentator label table in the header extensions (no voxels read)."""
     import nibabel as nib
 
+    from ctfm.io.volume import quiet_nibabel
+
     try:
-        extensions = nib.load(str(path)).header.extensions
+        with quiet_nibabel():
+            extensions = nib.load(str(path)).header.extensions
     except Exception as exc:  # nibabel raises many types for damaged files
         raise CTInputError(path, f"unreadable NIfTI header ({one_line(exc)})", "check that the file is complete; re-export it") from None
     names: dict[int, str] = {}
@@ -329,10 +332,15 @@ def _itk_header_names(path: Path) -> dict[int, str]:
     """Names from 3D Slicer NRRD keys (header only); refuses multi-layer segmentations."""
     import SimpleITK as sitk
 
+    from ctfm.io.volume import check_itk_header, quiet_native_stderr
+
+    check_itk_header(path)  # a voxel size ITK would invent is refused as such, not as "unreadable"
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
     except Exception as exc:
         raise CTInputError(path, f"unreadable image header ({one_line(exc)})", "check that the file is complete; re-export it") from None
     if reader.GetNumberOfComponents() != 1:

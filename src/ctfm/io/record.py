@@ -12,7 +12,9 @@ class ScanRecord:
 
     ``shape`` and ``spacing_mm`` follow the array axes of the returned volume (x, y, z of the
     affine), ``orientation`` is the three-letter code of the RAS affine (e.g. ``"RAS"``,
-    ``"LPS"``). DICOM-only fields stay ``None`` for volume files.
+    ``"LPS"``). DICOM-only fields stay ``None`` for volume files. ``spacing_source`` says where the
+    voxel size came from (a header field, or for DICOM slices the derivation from the positions);
+    a voxel size is never assumed.
     """
 
     path: str
@@ -36,6 +38,8 @@ class ScanRecord:
     gantry_tilt_deg: float | None = None  # measured from the slice positions, not just the header
     slice_gaps_mm: list[float] = field(default_factory=list)  # distinct gaps along the normal
     resampled: str | None = None  # why the loader resampled onto a regular grid, if it did
+    spacing_source: str | None = None  # header fields the voxel size came from, or how it was derived
+    geometry_warnings: list[dict[str, str]] = field(default_factory=list)  # {"message", "fix"}: header geometry read but doubtful
     skipped: dict[str, int] = field(default_factory=dict)  # files left out of a DICOM folder, by reason
     warnings: list[str] = field(default_factory=list)
 

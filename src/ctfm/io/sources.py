@@ -104,12 +104,17 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
 
 def _scan_folder(folder: Path) -> list[ScanSource]:
     """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
-    from ctfm.io.dicom import index_dicom_folder
+    from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 
     volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
-    index = index_dicom_folder(folder)
+    with quiet_pydicom():
+        index = index_dicom_folder(folder)
     series = []
-    for s in index.series:
+    placed = {s.uid for s in index.series}
+    # A CT series none of whose files gives a slice position is listed too: loading it is
+    # refused with the reason, rather than the series vanishing from the batch unseen.
+    unplaced = [s for s in index.unplaced.values() if s.uid not in placed and len(s.files) >= 2]
+    for s in [*index.series, *unplaced]:
         if s.modality != "CT" or len(s.files) < 2:
             continue
         parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))

@@ -60,6 +60,13 @@ def check_ct(image, record, stats: dict[str, float] | None = None) -> list[Check
     else:
         checks.append(Check("spacing", OK, f"{spacing_text} mm"))
 
+    notes = getattr(record, "geometry_warnings", None) or []
+    if notes:
+        checks.append(Check("geometry", WARN, "; ".join(n["message"] for n in notes), "; ".join(n["fix"] for n in notes)))
+    else:
+        source = getattr(record, "spacing_source", None)
+        checks.append(Check("geometry", OK, f"voxel size from {source}" if source else "voxel size from the header"))
+
     checks.append(_check_hu(stats))
 
     modality = (record.modality or "").upper()
