@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", metavar="PATH", help="use this CT instead of a synthetic phantom")
     parser.add_argument("--cohort", type=int, default=4, help="synthetic scans to embed and search (default 4; 0 skips)")
     parser.add_argument("--mode", default="patches", choices=["patches", "whole"], help="embedding mode for the cohort (default patches: fast on a CPU)")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="encoder precision for the cohort (default bf16)")
+    parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help="encoder precision for the cohort (default auto: bf16 where the CPU/GPU has native bf16, else fp32)")
 
 
 def run(args) -> int:
@@ -95,13 +95,17 @@ def embed_cohort(out: Path, args) -> None:
     for seed in range(args.seed, args.seed + args.cohort):
         phantom = make_phantom(seed=seed, shape=COHORT_SHAPE, spacing_mm=COHORT_SPACING_MM)
         scans.append(write_phantom(phantom, out / "cohort", stem=f"torso_seed{seed}")[0])
-    records = ctfm.embed([str(p) for p in scans], weights=str(weights), mode=args.mode, precision=args.precision, out=out / "store")
+    from ctfm.embedding.modes import resolve_precision
+    from ctfm.embedding.runner import default_device
+
+    precision = resolve_precision(args.precision, default_device())
+    records = ctfm.embed([str(p) for p in scans], weights=str(weights), mode=args.mode, precision=precision, out=out / "store")
     names = [Path(r["source_path"]).name.split(".")[0] for r in records]
     vectors = np.stack([r["embedding"] for r in records])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
-    print(f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {args.precision}) into {out / 'store'}; nearest neighbours by cosine:")
+    print(f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {precision}) into {out / 'store'}; nearest neighbours by cosine:")
     for i, name in enumerate(names):
         j = int(np.argmax(similarity[i]))
         print(f"      {name} -> {names[j]} (cosine {similarity[i, j]:.4f})")

@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", help="model folder, hf-hub:ORG/NAME, .safetensors or .ckpt (default: random init, for testing only)")
     parser.add_argument("--mode", default="whole", choices=["whole", "patches"], help="whole: one 512-d vector per scan (1 mm, 320^3); patches: sliding windows at 3x1x1 mm")
     parser.add_argument("--out", required=True, metavar="STORE", help="store folder")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="fp32 (default), bf16 autocast, or auto: bf16 where the device computes it natively")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--preset", help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for whole, ct-fm-patches for patches); warned when it differs")
     parser.add_argument("--overlap", type=float, default=0.0, help="patch overlap fraction (patches mode)")

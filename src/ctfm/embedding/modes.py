@@ -92,6 +92,33 @@ class EmbedOptions:
             self.spec = get_preset(DEFAULT_SPECS[self.mode])
 
 
+class SlowPrecisionWarning(UserWarning):
+    """bf16 was asked for on a device without native bf16 arithmetic (it is emulated, far slower)."""
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """True when ``device`` computes bf16 convolutions natively (CUDA with bf16, or a CPU whose
+    oneDNN has bf16 kernels: AVX-512 BF16 / AMX). Elsewhere bf16 is emulated, ~100x slower than fp32."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``"auto"`` -> ``"bf16"`` where the device has native bf16, else ``"fp32"``; an explicit
+    ``"bf16"`` on a device without it is kept, with a :class:`SlowPrecisionWarning`."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        import warnings
+
+        warnings.warn(f"bf16 has no native support on this {torch.device(device).type} (it is emulated and runs far slower than fp32); use --precision fp32 or auto", SlowPrecisionWarning, stacklevel=3)
+    return precision
+
+
 def _autocast(device: str, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:

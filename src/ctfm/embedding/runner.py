@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
+from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare, resolve_precision
 from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
@@ -234,6 +234,8 @@ def embed(
             CSV/Parquet manifests with a ``path`` column.
         model, weights: registry name and weights source (folder, ``hf-hub:ORG/NAME``,
             .safetensors, .ckpt); without weights, a random init from ``seed`` (warned).
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the device has
+            native bf16 arithmetic, else fp32).
         mode: ``"whole"`` (one 512-d vector) or ``"patches"`` (sliding windows, pooled by
             ``pool``: mean, max or min; ``overlap`` between windows).
         preset: a preset name or PreprocessSpec overriding the preprocessing recorded with the
@@ -254,6 +256,7 @@ def embed(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     device = device or default_device()
+    precision = resolve_precision(precision, device)
     sources = discover_inputs(list(inputs))
     if encoder is None:
         encoder = build_encoder(model, weights, seed)
