@@ -121,10 +121,10 @@ def _gather_index(src: _Axis, dst: _Axis) -> np.ndarray | None:
 
 def slice_labels(volume: torch.Tensor, dim: int) -> np.ndarray:
     """[B, C, D, H, W] -> [size of ``dim``] labels, equal for runs of identical adjacent slices."""
-    x = volume.movedim(dim, 0)
-    flat = x.reshape(x.shape[0], -1)
-    same = (flat[1:] == flat[:-1]).all(dim=1).cpu().numpy()
-    return np.r_[0, np.cumsum(~same)].astype(np.int64)
+    n = volume.shape[dim]
+    others = tuple(d for d in range(volume.dim()) if d != dim)
+    same = (volume.narrow(dim, 1, n - 1) == volume.narrow(dim, 0, n - 1)).all(dim=others) if n > 1 else volume.new_zeros(0, dtype=torch.bool)
+    return np.r_[0, np.cumsum(~same.cpu().numpy())].astype(np.int64)
 
 
 class _GatherRows(_Stream):
