@@ -51,6 +51,14 @@ def test_equals_the_full_forward_on_boxes_in_padding(name, init_filters):
         torch.testing.assert_close(padding_aware_embedding(encoder, x, chunk=chunk), expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 7), (2, 3, 17), (5, 1, 20), (17, 12, 2)])
+def test_thin_volumes(shape):
+    encoder = narrow_encoder(init_filters=4)
+    x = torch.zeros(1, 1, *shape)
+    x[0, 0, shape[0] // 2, shape[1] // 2, : shape[2] // 2 + 1] = torch.rand(shape[2] // 2 + 1)
+    torch.testing.assert_close(padding_aware_embedding(encoder, x, chunk=2), reference(encoder, x), atol=1e-6, rtol=1e-5)
+
+
 def test_nonzero_padding_runs_inside_the_scan_and_batches():
     """Runs of identical slices anywhere (not only zero padding), and B > 1, are handled."""
     encoder = narrow_encoder(init_filters=4)

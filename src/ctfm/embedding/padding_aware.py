@@ -254,8 +254,7 @@ def _plan(encoder, labels: tuple[np.ndarray, ...]) -> _Plan:
     planner = _Planner()
     layout = tuple(_Axis(lab, np.arange(len(lab), dtype=np.int64)) for lab in labels)
     first = tuple(_capped(a.labels, 3) for a in layout)
-    stages, layout = planner.conv(encoder.conv_init, first)
-    stages = stages[-1:]  # the input is compressed before streaming: no gather stage
+    stages, layout = planner.conv(encoder.conv_init, first)  # the input is compressed up front: no gather
     n = len(encoder.layers)
     for i, level in enumerate(encoder.layers):
         for block in level["blocks"]:
@@ -281,7 +280,9 @@ def cost_ratio(encoder, volume: torch.Tensor) -> float:
 
 def padding_aware_embedding(encoder, volume: torch.Tensor, chunk: int | None = None, autocast_dtype: torch.dtype | None = None, labels=None) -> torch.Tensor:
     """[B, C, D, H, W] -> [B, 512]: the global average of the last map, computing each run of
-    identical slices (along any axis) only a few times; equal to the full pass up to summation order."""
+    identical slices (along any axis) only a few times; equal to the full pass up to summation order.
+
+    ``labels``: the three :func:`slice_labels` of ``volume`` if already computed."""
     plan = _plan(encoder, labels if labels is not None else _labels(volume))
     x = volume
     for dim, axis in zip((2, 3, 4), plan.input_layout):
