@@ -20,6 +20,7 @@ reports at least ``--min-free-gb`` available.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -83,39 +84,58 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--min-free-gb", type=float, default=19.0)
+    parser.add_argument("--json", help="also write the raw results here (updated after every run)")
     args = parser.parse_args()
 
     from ctfm.models.weights import init_model, save_pretrained
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"load before: {load()}\n")
-    print("Seconds are wall (CPU) seconds from file to vector; ratios are reference / ctfm (wall, CPU).\n")
-    print("| scan | fill of 320³ | conv work | reference s | ctfm fp32 s | ratio fp32 | cosine fp32 | ctfm bf16 s | ratio bf16 | cosine bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"load before: {load()}", flush=True)
+    results: dict[str, dict] = {}
+
+    def record(name, key, value):
+        results.setdefault(name, {})[key] = value
+        if args.json:
+            Path(args.json).write_text(json.dumps(results))
+
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_pretrained(init_model("ct-fm", seed=0), Path(tmp) / "weights")
         source, shape, spacing = FILLING
         filling = resample_real_scan(Path(args.data) / source, shape, spacing, Path(tmp) / "filling_abdomen_2p7mm.nii.gz")
         scans = [(rel, Path(args.data) / rel) for rel in SCANS] + [(f"{source} at 128³ × 2.7 mm (fills)", filling)]
+        # ctfm first (no memory constraint), then the reference runs one at a time when memory allows.
         for name, scan in scans:
             fill, work = fill_and_work(scan)
+            record(name, "fill", fill)
+            record(name, "work", work)
+            for precision in args.precisions:
+                ours = run_worker("ours", scan, weights, precision)
+                print(f"  {name}: ctfm {precision} {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s CPU ({load()})", file=sys.stderr, flush=True)
+                record(name, precision, ours)
+        for name, scan in scans:
             wait_for_memory(args.min_free_gb)
             ref = run_worker("reference", scan, weights)
             print(f"  {name}: reference {ref['seconds']:.1f} s wall, {ref['cpu_seconds']:.1f} s CPU ({load()})", file=sys.stderr, flush=True)
-            cells = [name, f"{100 * fill:.0f} %", f"{100 * work:.0f} %", f"{ref['seconds']:.1f} ({ref['cpu_seconds']:.0f})"]
-            for precision in ("fp32", "bf16"):
-                if precision in args.precisions:
-                    ours = run_worker("ours", scan, weights, precision)
-                    print(f"  {name}: ctfm {precision} {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s CPU ({load()})", file=sys.stderr, flush=True)
-                    cells += [
-                        f"{ours['seconds']:.1f} ({ours['cpu_seconds']:.0f})",
-                        f"{ref['seconds'] / ours['seconds']:.2f}× ({ref['cpu_seconds'] / ours['cpu_seconds']:.2f}×)",
-                        f"{cosine(ours['embedding'], ref['embedding']):.6f}",
-                    ]
-                else:
-                    cells += ["–", "–", "–"]
-            print("| " + " | ".join(cells) + " |", flush=True)
-    print(f"\nload after: {load()}")
+            record(name, "reference", ref)
+
+    print(f"load after: {load()}\n")
+    print("Seconds are wall (CPU) seconds from file to vector; ratios are reference / ctfm (wall, CPU).\n")
+    print("| scan | fill of 320³ | conv work | reference s | ctfm fp32 s | ratio fp32 | cosine fp32 | ctfm bf16 s | ratio bf16 | cosine bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ref = r["reference"]
+        cells = [name, f"{100 * r['fill']:.0f} %", f"{100 * r['work']:.0f} %", f"{ref['seconds']:.1f} ({ref['cpu_seconds']:.0f})"]
+        for precision in ("fp32", "bf16"):
+            ours = r.get(precision)
+            if ours is None:
+                cells += ["–", "–", "–"]
+                continue
+            cells += [
+                f"{ours['seconds']:.1f} ({ours['cpu_seconds']:.0f})",
+                f"{ref['seconds'] / ours['seconds']:.2f}× ({ref['cpu_seconds'] / ours['cpu_seconds']:.2f}×)",
+                f"{cosine(ours['embedding'], ref['embedding']):.6f}",
+            ]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
