@@ -3,7 +3,8 @@
 - ``whole``: the reference definition (CT-FM's ``extract_feat_LP.py``, docs/recipe.md):
   ``ct-fm-1mm-320`` preprocessing, the stride-16 map of the encoder, global average -> one 512-d
   vector. Computed streamed along the first axis (:mod:`ctfm.embedding.streaming`), so memory
-  stays bounded for any scan.
+  stays bounded for any scan, and with the constant padding around a small scan computed once
+  (:mod:`ctfm.embedding.padding_aware`).
 - ``patches``: sliding windows at the training resolution (``ct-fm-patches``: 24x128x128 voxels at
   3x1x1 mm) as MONAI's ``SlidingWindowSplitter`` cuts them in CT-FM's scripts; each window gives
   a 512-d vector with its centre in world millimetres (RAS); scan vectors pool them by mean, max
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ctfm.embedding.streaming import streamed_embedding, streamed_features
+from ctfm.embedding.padding_aware import whole_embedding
+from ctfm.embedding.streaming import streamed_features
 from ctfm.errors import OptionError
 from ctfm.preprocess import PreprocessSpec, get_preset, preprocess
 
@@ -134,9 +136,9 @@ def prepare(image, spec: PreprocessSpec):
 
 
 def encode_whole(encoder, prepared, options: EmbedOptions) -> np.ndarray:
-    """Preprocessed [1, D, H, W] -> [512] float32: streamed encoder, last map averaged."""
+    """Preprocessed [1, D, H, W] -> [512] float32: streamed encoder (padding computed once), last map averaged."""
     volume = prepared.as_tensor()[None].to(options.device)  # [1, 1, D, H, W]
-    vector = streamed_embedding(encoder, volume, chunk=options.chunk, autocast_dtype=PRECISIONS[options.precision])
+    vector = whole_embedding(encoder, volume, chunk=options.chunk, autocast_dtype=PRECISIONS[options.precision])
     return vector[0].cpu().numpy().astype(np.float32)
 
 
