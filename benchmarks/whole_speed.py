@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw results here (updated after every run)")
     args = parser.parse_args()
 
-    from ctfm.models.weights import init_model, save_pretrained
+    from ctfm.models import init_model, save_pretrained
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"load before: {load()}", flush=True)
