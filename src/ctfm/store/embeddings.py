@@ -48,10 +48,16 @@ class EmbeddingStore:
     @contextlib.contextmanager
     def _locked(self, exclusive: bool):
         """Readers share the lock; compaction holds it alone (no reader sees a half-folded store)."""
-        if not self.root.is_dir():
+        try:
+            handle = open(self.root / LOCK_NAME, "a+") if self.root.is_dir() else None
+        except OSError:  # a read-only store: nobody can compact it, so reading needs no lock
+            if exclusive:
+                raise
+            handle = None
+        if handle is None:
             yield
             return
-        with open(self.root / LOCK_NAME, "a+") as handle:
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
                 yield
