@@ -25,11 +25,11 @@ from ctfm.embedding.padding_aware import whole_embedding
 from ctfm.embedding.streaming import streamed_features
 from ctfm.errors import OptionError
 from ctfm.preprocess import PreprocessSpec, get_preset, preprocess
+from ctfm.preprocess.spec import EMBEDDING_PRESETS
 
 MODES = ("whole", "patches", "dense")
 POOLINGS = ("mean", "max", "min")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-DEFAULT_SPECS = {"whole": "ct-fm-1mm-320", "patches": "ct-fm-patches", "dense": "ct-fm-patches"}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class DenseFeatures:
 @dataclass
 class EmbedOptions:
     mode: str = "whole"
-    spec: PreprocessSpec | None = None  # default: DEFAULT_SPECS[mode]
+    spec: PreprocessSpec | None = None  # default: EMBEDDING_PRESETS[mode] (CT-FM's recipe)
     precision: str = "fp32"
     device: str = "cpu"
     chunk: int | None = None  # rows per streamed step (whole, dense); None: auto
@@ -91,7 +91,7 @@ class EmbedOptions:
         if not 0.0 <= self.overlap < 1.0:
             raise OptionError(f"overlap {self.overlap}: expected a fraction in [0, 1)")
         if self.spec is None:
-            self.spec = get_preset(DEFAULT_SPECS[self.mode])
+            self.spec = get_preset(EMBEDDING_PRESETS[self.mode])
 
 
 class SlowPrecisionWarning(UserWarning):

@@ -23,7 +23,7 @@ from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
 from ctfm.runtime import progress_bar, utc_now
-from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
+from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value, run_key_of
 
 DEFAULT_SEED = 0  # the random init used when no weights are given (testing only)
 
@@ -286,8 +286,6 @@ def embed(
 def store_records(store, sources, key: tuple) -> list[dict]:
     """The store's rows of computation ``key`` for ``sources`` (in their order), patches attached
     (joined on the whole key and write id), embeddings as float32 arrays."""
-    from ctfm.store.schema import run_key_of
-
     rows = {r["scan_id"]: r for r in store.scans().to_pylist() if run_key_of(r) == key}
     patches: dict[str, list[dict]] = {}
     for p in store.patches().to_pylist() if key[RUN_KEY.index("mode")] == "patches" else []:

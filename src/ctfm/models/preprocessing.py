@@ -23,15 +23,21 @@ class PreprocessOverrideWarning(UserWarning):
     """A user-chosen preset replaces the preprocessing recorded with the weights."""
 
 
+def _sidecar(model: nn.Module) -> tuple[object, dict]:
+    """``(weights_info, ctfm.json content)`` of a loaded model; ``{}`` where there is no sidecar."""
+    info = getattr(model, "weights_info", None)
+    metadata = getattr(info, "metadata", None) if info is not None else None
+    return info, metadata if isinstance(metadata, dict) else {}
+
+
 def training_spec_of(model: nn.Module, model_name: str) -> tuple[PreprocessSpec, str]:
     """``(spec the weights were trained with, where that came from)``.
 
     Read from the sidecar of the weights folder the model was loaded from, else the registry's
     preset for ``model_name`` (CT-FM's own recipe for the ct-fm models).
     """
-    info = getattr(model, "weights_info", None)
-    metadata = (getattr(info, "metadata", None) or {}) if info is not None else {}
-    recorded = metadata.get("preprocess") if isinstance(metadata, dict) else None
+    info, metadata = _sidecar(model)
+    recorded = metadata.get("preprocess")
     if isinstance(recorded, dict):
         try:
             return PreprocessSpec.from_dict(recorded), "weights"
@@ -46,9 +52,8 @@ def preprocessing_for(model: nn.Module, model_name: str, mode: str, preset: str 
     Derived from the weights (see the module docstring); ``preset`` (a name or a spec) overrides
     it, with a :class:`PreprocessOverrideWarning` when it differs from what the weights expect.
     """
-    info = getattr(model, "weights_info", None)
-    metadata = (getattr(info, "metadata", None) or {}) if info is not None else {}
-    pinned = (metadata.get("embedding_preprocess") or {}).get(mode) if isinstance(metadata, dict) else None
+    info, metadata = _sidecar(model)
+    pinned = (metadata.get("embedding_preprocess") or {}).get(mode)
     if isinstance(pinned, dict):
         try:
             expected = PreprocessSpec.from_dict(pinned)
