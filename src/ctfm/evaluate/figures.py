@@ -72,3 +72,73 @@ def orthogonal_slices_figure(panels: list[tuple[str, object, tuple[float, float]
     finally:
         plt.close(fig)
     return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG, all or nothing, and close it."""
+    plt = _pyplot()
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def grouped_bars(series: dict[str, dict[str, float]], path: str | os.PathLike, title: str = "", ylabel: str = "") -> Path:
+    """One group of bars per metric, one bar per series (e.g. ours beside the paper's)."""
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(m for values in series.values() for m in values))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(metrics) * max(1, len(series)) / 2 + 2), 3.6))
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [m + i * width for m in range(len(metrics))]
+        ax.bar(xs, [values.get(m, np.nan) for m in metrics], width=width, label=name)
+    ax.set_xticks([m + width * (len(series) - 1) / 2 for m in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def scatter_labelled(points: np.ndarray, labels, path: str | os.PathLike, title: str = "") -> Path:
+    """2-D points [N, 2] coloured by label, with a legend."""
+    plt = _pyplot()
+    labels = np.asarray([str(v) for v in labels])
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(sorted(set(labels))):
+        mask = labels == name
+        ax.scatter(points[mask, 0], points[mask, 1], s=10, color=cmap(i % 20), label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    return save_figure(fig, path)
+
+
+def histograms(samples: dict[str, np.ndarray], path: str | os.PathLike, title: str = "", xlabel: str = "") -> Path:
+    """Overlaid density histograms of a few samples (e.g. pair vs non-pair cosine)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = [np.asarray(v, dtype=float) for v in samples.values() if len(v)]
+    lo = min(float(v.min()) for v in values) if values else 0.0
+    hi = max(float(v.max()) for v in values) if values else 1.0
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 40)
+    for name, v in samples.items():
+        if len(v):
+            ax.hist(np.asarray(v, dtype=float), bins=bins, alpha=0.55, density=True, label=f"{name} (n={len(v)})")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,212 @@
+"""Zero-shot evaluations with CT-FM's protocols; each writes results.json, PNG figures and one
+self-contained report.html into --out, with the paper's figures beside ours.
+
+Examples:
+  ctfm evaluate retrieval --organmnist organmnist3d_64.npz --weights model_dir --out eval/organmnist
+  ctfm evaluate retrieval store/ --annotations mir.csv --relevance cancer_flag,lesion_group --out eval/mir
+  ctfm evaluate semantic-search pairs.csv --label heart --weights model_dir --out eval/search
+  ctfm evaluate clustering store/ --labels labels.csv --out eval/clusters
+  ctfm evaluate clustering --organmnist organmnist3d_64.npz --weights model_dir --out eval/clusters
+  ctfm evaluate concepts scan1.nii.gz scan2.nii.gz --weights model_dir --out eval/concepts
+  ctfm evaluate stability store/ --manifest rescans.csv --out eval/stability
+  ctfm evaluate saliency scan.nii.gz --labels tumour.nii.gz --weights model_dir --out eval/saliency
+"""
+
+from __future__ import annotations
+
+import json
+
+
+# ---- shared options -----------------------------------------------------------------------
+def _out(p) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (results.json, figures, report.html)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+
+def _weights(p) -> None:
+    p.add_argument("--weights", metavar="SOURCE", help="weights folder, hf-hub:ORG/NAME, .safetensors or .ckpt (default: random init, for testing)")
+    p.add_argument("--model", default="ct-fm", help="registry name of the encoder (default ct-fm)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init when no weights are given (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when visible, else CPU)")
+
+
+def _store_filters(p) -> None:
+    p.add_argument("--mode", choices=["whole", "patches"], help="use the store's rows of this embedding mode")
+    p.add_argument("--weights-sha256", metavar="PREFIX", help="use the rows computed with these weights (a sha256 prefix)")
+    p.add_argument("--pool", choices=["avg", "mean", "max", "min"], help="use the rows stored with this pooling")
+    p.add_argument("--overlap", type=float, help="use the rows computed with this window overlap")
+
+
+def _filters(args) -> dict:
+    return {"mode": args.mode, "weights_sha256": args.weights_sha256, "pool": args.pool, "overlap": args.overlap}
+
+
+def _device(args) -> str:
+    from ctfm.embedding.runner import default_device
+
+    return args.device or default_device()
+
+
+def _emit(result: dict, as_json: bool) -> int:
+    from ctfm.evaluate.report import jsonable
+
+    brief = {k: v for k, v in result.items() if k not in ("per_query", "per_pair", "per_dimension_icc", "per_case")}
+    if as_json:
+        print(json.dumps(jsonable(brief), indent=2, allow_nan=False))
+    else:
+        print(f"{result['evaluation']}: results {result['results']}, report {result['report']}")
+    return 0
+
+
+# ---- one function per subcommand ----------------------------------------------------------
+def register_retrieval(sub) -> None:
+    p = sub.add_parser("retrieval", help="OrganMNIST3D (L2; AP/HR/F1 at 3, 5, 10) or 3D-MIR (min-pooled patches, cosine; P@k, mAP)")
+    p.add_argument("store", nargs="?", metavar="STORE", help="3D-MIR: a store with patch embeddings of the annotated scans")
+    p.add_argument("--organmnist", metavar="NPZ", help="OrganMNIST3D protocol on MedMNIST's organmnist3d_64.npz")
+    p.add_argument("--queries", default="val+test", choices=["val+test", "test", "val"], help="OrganMNIST3D query splits (default val+test; gallery: train)")
+    p.add_argument("--limit", type=int, help="OrganMNIST3D: use at most this many gallery and query volumes (a quick look)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--annotations", metavar="SHEET", help="3D-MIR: CSV/Parquet/XLSX with scan, split (train/test), group and relevance columns")
+    p.add_argument("--relevance", default="", metavar="COLS", help="3D-MIR: comma-separated attribute columns; a hit has the query's value")
+    p.add_argument("--scan-column", default="scan")
+    p.add_argument("--split-column", default="split")
+    p.add_argument("--group-column", default="group", help="queries retrieve within their group (e.g. organ); absent column: one group")
+    _weights(p)
+    _store_filters(p)
+    _out(p)
+    p.set_defaults(_evaluate=run_retrieval)
+
+
+def run_retrieval(args) -> int:
+    from ctfm.errors import OptionError
+    from ctfm.evaluate import retrieval
+
+    if bool(args.organmnist) == bool(args.store):
+        raise OptionError("retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)")
+    if args.organmnist:
+        result = retrieval.run_organmnist(args.organmnist, args.out, args.weights, args.model, args.seed, args.queries, _device(args), args.batch_size, args.limit)
+    else:
+        if not args.annotations:
+            raise OptionError("retrieval STORE needs --annotations SHEET (3D-MIR protocol)")
+        attributes = [a.strip() for a in args.relevance.split(",") if a.strip()]
+        result = retrieval.run_mir(args.store, args.annotations, args.out, attributes, args.scan_column, args.split_column, args.group_column, **_filters(args))
+    return _emit(result, args.json)
+
+
+def register_semantic_search(sub) -> None:
+    p = sub.add_parser("semantic-search", help="label-centroid queries across labelled scans (64^3 at 1 mm, cosine): error in mm, inside-label rate")
+    p.add_argument("pairs", metavar="SHEET", help="CSV/Parquet with columns image, labels (one row per labelled scan); the first row is the query unless --query")
+    p.add_argument("--label", action="append", required=True, metavar="NAME_OR_VALUE", help="label to search for (name or value; repeat for several)")
+    p.add_argument("--query", metavar="IMAGE", help="the query scan (default: the first row of the sheet); every other row is a target")
+    p.add_argument("--all-pairs", action="store_true", help="every scan queries every other scan (default: one query against all)")
+    p.add_argument("--overlap", type=float, default=0.625, help="window overlap in the target (default 0.625, as CT-FM)")
+    p.add_argument("--batch-size", type=int, default=4)
+    _weights(p)
+    _out(p)
+    p.set_defaults(_evaluate=run_semantic_search)
+
+
+def run_semantic_search(args) -> int:
+    from ctfm.evaluate import semantic_search
+
+    result = semantic_search.run_semantic_search(args.pairs, args.out, labels=args.label, query=args.query, all_pairs=args.all_pairs, weights=args.weights, model=args.model, seed=args.seed, overlap=args.overlap, batch_size=args.batch_size, device=_device(args))
+    return _emit(result, args.json)
+
+
+def register_clustering(sub) -> None:
+    p = sub.add_parser("clustering", help="t-SNE and UMAP figures; silhouette, kNN accuracy, ARI of k-means against labels")
+    p.add_argument("store", nargs="?", metavar="STORE", help="a store whose scans the labels sheet names")
+    p.add_argument("--labels", metavar="SHEET", help="CSV/Parquet/XLSX with columns scan, label")
+    p.add_argument("--scan-column", default="scan")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--organmnist", metavar="NPZ", help="instead: all OrganMNIST3D volumes, labelled by organ")
+    p.add_argument("--limit", type=int, help="OrganMNIST3D: at most this many volumes")
+    p.add_argument("--k", type=int, default=5, help="neighbours of the kNN accuracy (default 5)")
+    p.add_argument("--perplexity", type=float, default=100.0, help="t-SNE perplexity (default 100, as CT-FM; capped below N/3)")
+    p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
+    p.add_argument("--batch-size", type=int, default=8)
+    _weights(p)
+    _store_filters(p)
+    _out(p)
+    p.set_defaults(_evaluate=run_clustering)
+
+
+def run_clustering(args) -> int:
+    from ctfm.errors import OptionError
+    from ctfm.evaluate import clustering
+
+    if bool(args.organmnist) == bool(args.store):
+        raise OptionError("clustering: give either STORE --labels SHEET or --organmnist NPZ")
+    if args.organmnist:
+        vectors, labels, prov = clustering.organmnist_vectors(args.organmnist, args.weights, args.model, args.seed, _device(args), args.batch_size, args.limit)
+        title = "OrganMNIST3D"
+    else:
+        if not args.labels:
+            raise OptionError("clustering STORE needs --labels SHEET (columns scan, label)")
+        vectors, labels, prov = clustering.labelled_store_vectors(args.store, args.labels, args.scan_column, args.label_column, **_filters(args))
+        title = str(args.labels)
+    result = clustering.run_clustering(vectors, labels, args.out, prov, title, k=args.k, perplexity=args.perplexity, with_umap=not args.no_umap)
+    return _emit(result, args.json)
+
+
+def register_concepts(sub) -> None:
+    p = sub.add_parser("concepts", help="dense features -> PCA -> colour overlays on slices (one PCA over all scans)")
+    p.add_argument("scans", nargs="+", metavar="SCAN")
+    p.add_argument("--zoom", type=float, default=1.0, help="resample the scan this much finer before the encoder (finer feature grid, slower; default 1)")
+    _weights(p)
+    _out(p)
+    p.set_defaults(_evaluate=run_concepts)
+
+
+def run_concepts(args) -> int:
+    from ctfm.evaluate.concepts import run_concepts as run
+
+    return _emit(run(args.scans, args.out, args.weights, args.model, args.seed, args.zoom, _device(args)), args.json)
+
+
+def register_stability(sub) -> None:
+    p = sub.add_parser("stability", help="test-retest pairs: pair vs non-pair cosine, per-dimension ICC, rank-1 re-identification")
+    p.add_argument("store", metavar="STORE", help="a store holding both scans of every pair")
+    p.add_argument("--manifest", required=True, metavar="SHEET", help="CSV/Parquet/XLSX with columns scan_a, scan_b[, subject]")
+    _store_filters(p)
+    _out(p)
+    p.set_defaults(_evaluate=run_stability)
+
+
+def run_stability(args) -> int:
+    from ctfm.evaluate.stability import run_stability as run
+
+    return _emit(run(args.store, args.manifest, args.out, **_filters(args)), args.json)
+
+
+def register_saliency(sub) -> None:
+    p = sub.add_parser("saliency", help="occlusion saliency (mask 10, overlap 0.25, 1 - cosine) as NIfTI on the input grid + slice overlays")
+    p.add_argument("scan", metavar="SCAN")
+    p.add_argument("--labels", metavar="PATH", help="a label map (tumour, organ): how much saliency falls inside it")
+    p.add_argument("--mask-size", type=int, default=10, help="occluder size in voxels at 3 mm (default 10, as CT-FM)")
+    p.add_argument("--overlap", type=float, default=0.25, help="occluder overlap (default 0.25, as CT-FM)")
+    p.add_argument("--batch", type=int, default=12, help="occluded copies per forward pass (default 12)")
+    _weights(p)
+    _out(p)
+    p.set_defaults(_evaluate=run_saliency)
+
+
+def run_saliency(args) -> int:
+    from ctfm.evaluate.saliency import run_saliency as run
+
+    result = run(args.scan, args.out, args.weights, args.model, args.seed, args.labels, args.mask_size, args.overlap, args.batch, _device(args))
+    return _emit(result, args.json)
+
+
+# Each entry adds one subcommand (its parser and its run function).
+SUBCOMMANDS = (register_retrieval, register_semantic_search, register_clustering, register_concepts, register_stability, register_saliency)
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
+    for register in SUBCOMMANDS:
+        register(sub)
+
+
+def run(args) -> int:
+    return args._evaluate(args)

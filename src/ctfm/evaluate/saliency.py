@@ -1,0 +1,146 @@
+"""Occlusion saliency of an embedding, as CT-FM computes it for LUNG1 scans.
+
+The scan is preprocessed at 3 mm isotropic (SPL, crop to HU > 0, [-1024, 2048] -> [0, 1]); MONAI's
+``OcclusionSensitivity`` slides a 10-voxel Gaussian occluder with overlap 0.25 over it; at each
+position the saliency is ``1 - cosine(embedding of the scan, embedding of the occluded scan)``
+(512-d, the stride-16 map averaged). The map is written on the input scan's own grid as NIfTI
+(linear interpolation through the two affines) and shown as overlays on slices. With a label map
+(a tumour, an organ) the report also says how much of the saliency falls inside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctfm.errors import OptionError
+
+MASK_SIZE, OVERLAP = 10, 0.25
+SALIENCY_SPACING_MM = (3.0, 3.0, 3.0)
+PAPER_NOTE = "CT-FM shows occlusion saliency maps of 10 LUNG1 scans (qualitative: saliency concentrates on anatomy and on the tumour); no number is published"
+
+
+def saliency_spec():
+    """The preprocessing of CT-FM's saliency script: ct-fm-patches at 3 mm isotropic."""
+    from ctfm.preprocess import get_preset
+
+    return get_preset("ct-fm-patches").with_(name="ct-fm-saliency-3mm", spacing_mm=SALIENCY_SPACING_MM, patch_size_mm=None, description="CT-FM saliency: SPL, 3 mm isotropic, crop to HU > 0, [-1024, 2048] -> [0, 1]")
+
+
+class EmbeddingChange(nn.Module):
+    """x [B, 1, D, H, W] -> [B, 1]: 1 - cosine(encoder.embed(x), reference [512])."""
+
+    def __init__(self, encoder, reference: torch.Tensor):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("reference", reference.reshape(1, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vectors = self.encoder.embed(x)
+        return (1.0 - torch.nn.functional.cosine_similarity(vectors, self.reference.to(vectors.dtype), dim=1))[:, None]
+
+
+def occlusion_saliency(encoder, volume: torch.Tensor, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12) -> np.ndarray:
+    """volume [1, 1, D, H, W] in [0, 1] -> saliency [D, H, W] (1 - cosine to the unoccluded embedding)."""
+    from monai.visualize import OcclusionSensitivity
+
+    if not 0 <= overlap < 1:
+        raise OptionError(f"overlap {overlap}: expected a fraction in [0, 1)")
+    if mask_size < 1 or any(s < mask_size for s in volume.shape[2:]):
+        raise OptionError(f"mask size {mask_size}: must be >= 1 and fit in the preprocessed volume {tuple(volume.shape[2:])}")
+    encoder = encoder.eval()
+    import warnings
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)  # inside MONAI
+        reference = encoder.embed(volume)[0]
+        change = EmbeddingChange(encoder, reference).eval()
+        occlusion = OcclusionSensitivity(nn_module=change, mask_size=mask_size, n_batch=n_batch, overlap=overlap, activate=False, verbose=False)
+        sensitivity, _ = occlusion(volume)
+    return np.asarray(sensitivity[0, 0].detach().cpu().numpy(), dtype=np.float32)
+
+
+def onto_grid(values: np.ndarray, values_affine: np.ndarray, grid_affine: np.ndarray, grid_shape, order: int = 1) -> np.ndarray:
+    """Resample ``values`` (on ``values_affine``) onto another voxel grid of the same world (mm)."""
+    from scipy.ndimage import affine_transform
+
+    to_values = np.linalg.solve(np.asarray(values_affine, np.float64), np.asarray(grid_affine, np.float64))
+    return affine_transform(values.astype(np.float32), to_values[:3, :3], offset=to_values[:3, 3], output_shape=tuple(int(s) for s in grid_shape), order=order, mode="constant", cval=0.0)
+
+
+def overlay_figure(image: np.ndarray, saliency: np.ndarray, path, title: str = "", vmin: float = 0.0, vmax: float = 1.0) -> Path:
+    """Axial, coronal and sagittal slices through the saliency peak, magma at alpha 0.5 over gray.
+
+    ``image`` and ``saliency`` share an [S, P, L]-ordered grid (the preprocessed scan)."""
+    from scipy.ndimage import gaussian_filter
+
+    from ctfm.evaluate.figures import _pyplot, save_figure
+
+    plt = _pyplot()
+    shown = gaussian_filter(saliency, 1.0)
+    peak = np.unravel_index(int(np.argmax(shown)), shown.shape)
+    lo, hi = float(shown.min()), float(shown.max())
+    norm = (shown - lo) / (hi - lo) if hi > lo else np.zeros_like(shown)
+    views = [("axial", image[peak[0]], norm[peak[0]]), ("coronal", image[:, peak[1], :], norm[:, peak[1], :]), ("sagittal", image[:, :, peak[2]], norm[:, :, peak[2]])]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    for ax, (name, base, heat) in zip(axes, views):
+        ax.imshow(base, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.imshow(heat, cmap="magma", alpha=0.5, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def saliency_in_label(saliency: np.ndarray, labels: np.ndarray) -> dict:
+    """How much saliency falls inside ``labels > 0`` (same grid): mean inside / outside, their
+    ratio, and the fraction of the top-1 % voxels inside."""
+    inside = labels > 0
+    if not inside.any() or inside.all():
+        raise OptionError("the label map must have voxels both inside and outside the label on the saliency grid")
+    top = saliency >= np.quantile(saliency, 0.99)
+    mean_in, mean_out = float(saliency[inside].mean()), float(saliency[~inside].mean())
+    return {"mean_inside": mean_in, "mean_outside": mean_out, "ratio": mean_in / mean_out if mean_out > 0 else None, "top1pct_inside_fraction": float(inside[top].mean()), "label_fraction_of_volume": float(inside.mean())}
+
+
+def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, labels=None, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> dict:
+    """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
+    from monai.data import MetaTensor
+
+    from ctfm.evaluate.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.report import Report
+    from ctfm.io import load_labels, save_nifti
+    from ctfm.io.hashing import content_hash
+    from ctfm.preprocess import load_usable_ct, preprocess
+
+    if encoder is None:
+        encoder, weights_fields = load_encoder(weights, model, seed, device)
+    image, record = load_usable_ct(scan)
+    spec = saliency_spec()
+    prepared = preprocess(image, spec)
+    volume = prepared.as_tensor()[None].to(device)
+    saliency = occlusion_saliency(encoder, volume, mask_size, overlap, n_batch)
+    prepared_affine = np.asarray(prepared.affine, np.float64)
+    image_affine = np.asarray(image.affine, np.float64)
+    on_input = onto_grid(saliency, prepared_affine, image_affine, image.shape[1:])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    nifti = save_nifti(MetaTensor(torch.from_numpy(on_input)[None], affine=torch.from_numpy(image_affine)), out / "saliency.nii.gz")
+    figure = overlay_figure(np.asarray(prepared[0]), saliency, out / "saliency_overlay.png", f"{Path(scan).name}: 1 - cosine under occlusion (mask {mask_size}, overlap {overlap})")
+    summary = {"min": float(saliency.min()), "max": float(saliency.max()), "mean": float(saliency.mean()), "preprocessed_shape": list(saliency.shape), "input_shape": [int(s) for s in image.shape[1:]]}
+    report = Report("Saliency (occlusion)", f"{Path(scan).name}: mask {mask_size} voxels at 3 mm, overlap {overlap}, saliency = 1 - cosine of the embeddings")
+    report.heading("Map").table([{"figure": k, "value": v} for k, v in summary.items() if not isinstance(v, list)], digits=5).figure(figure, "slices through the saliency peak (map smoothed by 1 voxel for display; the NIfTI holds the raw map)")
+    results = {"evaluation": "saliency", "scan": os.path.abspath(scan), "mask_size": mask_size, "overlap": overlap, "spacing_mm": list(SALIENCY_SPACING_MM), "map": summary, "nifti": nifti.name, "paper": PAPER_NOTE, "figures": [figure.name]}
+    if labels is not None:
+        label_map = load_labels(labels, image)
+        on_prepared = onto_grid(np.asarray(label_map.labels[0], np.float32), image_affine, prepared_affine, saliency.shape, order=0)
+        results["in_label"] = saliency_in_label(saliency, on_prepared)
+        report.heading(f"Inside the label ({Path(labels).name})").table([{"figure": k, "value": v} for k, v in results["in_label"].items()], digits=4)
+    report.paragraph(f"Paper: {PAPER_NOTE}.")
+    prov = {**(weights_fields or {}), "scan": os.path.abspath(scan), "scan_content_hash": content_hash(image), "preset": spec.name, "preset_hash": spec.content_hash(), "labels": os.path.abspath(labels) if labels else None}
+    paths = write_outputs(out, results, prov, report)
+    return {**results, **paths, "nifti_path": os.fspath(nifti)}
