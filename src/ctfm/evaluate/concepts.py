@@ -92,6 +92,11 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
 
     if not scans:
         raise OptionError("give at least one scan")
+    for scan in scans:
+        if not Path(scan).exists():
+            from ctfm.errors import CTInputError
+
+            raise CTInputError(scan, "no such file or folder", "give the path of a CT scan")
     if encoder is None:
         encoder, weights_fields = load_encoder(weights, model, seed, device)
     spec = concepts_spec(preprocessing_for(encoder, model, "dense"), zoom)

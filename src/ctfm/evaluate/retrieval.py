@@ -166,11 +166,11 @@ def load_organmnist3d(path: str | os.PathLike, layout: str = "retrieval") -> dic
     return splits
 
 
-def organmnist_retrieval(npz: str | os.PathLike, encoder, queries: str = "val+test", batch_size: int = 8, device: str = "cpu", limit: int | None = None) -> dict:
-    """Run the OrganMNIST3D protocol; returns per-query arrays, summaries and the vectors."""
+def organmnist_retrieval(splits: dict, encoder, queries: str = "val+test", batch_size: int = 8, device: str = "cpu", limit: int | None = None) -> dict:
+    """Run the OrganMNIST3D protocol on ``load_organmnist3d(path, "retrieval")``; returns per-query
+    arrays, summaries and the vectors."""
     from ctfm.evaluate.inputs import encode_batches
 
-    splits = load_organmnist3d(npz, "retrieval")
     query_splits = {"val+test": ("val", "test"), "test": ("test",), "val": ("val",)}.get(queries)
     if query_splits is None:
         raise OptionError(f"queries {queries!r}: expected val+test, test or val")
@@ -244,8 +244,9 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
     from ctfm.evaluate.inputs import load_encoder, sha256_file, write_outputs
     from ctfm.evaluate.report import Report
 
+    splits = load_organmnist3d(npz, "retrieval")
     encoder, fields = load_encoder(weights, model, seed, device)
-    run = organmnist_retrieval(npz, encoder, queries=queries, batch_size=batch_size, device=device, limit=limit)
+    run = organmnist_retrieval(splits, encoder, queries=queries, batch_size=batch_size, device=device, limit=limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ours = {m: v["mean"] for m, v in run["summary"].items()}

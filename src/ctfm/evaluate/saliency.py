@@ -117,9 +117,9 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     from ctfm.io.hashing import content_hash
     from ctfm.preprocess import load_usable_ct, preprocess
 
+    image, record = load_usable_ct(scan)
     if encoder is None:
         encoder, weights_fields = load_encoder(weights, model, seed, device)
-    image, record = load_usable_ct(scan)
     spec = saliency_spec()
     prepared = preprocess(image, spec)
     volume = prepared.as_tensor()[None].to(device)
