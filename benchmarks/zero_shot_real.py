@@ -8,7 +8,7 @@ pretraining; the other real 3D scans are the pretraining set.
 1. Encoders: a narrow CT-FM encoder (init_filters 8) at its seeded random initialisation, and the
    same one after ``ctfm pretrain`` for ``--steps`` steps (CT-FM's intra-sample NT-Xent and view
    augmentations; crops 8x32x32 voxels, 12 per scan) on the pretraining scans.
-2. Organ-crop retrieval: scans preprocessed with ct-fm-patches (SPL, 3x1x1 mm, crop to HU > 0,
+2. Organ-crop retrieval (ctfm.evaluate.retrieval.crop_retrieval): scans preprocessed with ct-fm-patches (SPL, 3x1x1 mm, crop to HU > 0,
    [-1024, 2048] -> [0, 1]); for each organ with enough voxels in both scans, up to ``--crops``
    crops of 8x64x64 voxels (24x64x64 mm) centred on random organ voxels; crops of A query the crops
    of B and the reverse (cosine); relevance = same organ; P@1, P@5, P@10 (means over queries, 95 %
@@ -50,7 +50,6 @@ PRETRAIN_SCANS = [
     "liver_3slice_dicomseg/dicom",
 ]
 STABILITY_SCANS = [SCAN_A[0], SCAN_B[0], *PRETRAIN_SCANS[:-1]]  # the 3-slice liver series is too thin to resample
-CROP = (8, 64, 64)  # voxels at 3x1x1 mm
 MIN_CENTRES = 50  # an organ needs this many candidate crop centres in each scan
 KS = (1, 5, 10)
 PRETRAIN_SETTINGS = {
@@ -76,70 +75,6 @@ def pretrain(data: Path, out: Path, steps: int, seed: int) -> Path:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     return out / "pretrain" / "export"
-
-
-# ---- organ crops -----------------------------------------------------------------------------
-def prepared_with_labels(image_path: Path, labels_path: Path):
-    """(volume [S, P, L] in [0, 1], labels on that grid, names, affine) with ct-fm-patches."""
-    from ctfm.evaluate.saliency import onto_grid
-    from ctfm.io import load_labels
-    from ctfm.preprocess import get_preset, load_usable_ct, preprocess
-
-    image, _ = load_usable_ct(image_path)
-    labels = load_labels(labels_path, image)
-    prepared = preprocess(image, get_preset("ct-fm-patches"))
-    affine = np.asarray(prepared.affine, np.float64)
-    on_grid = onto_grid(np.asarray(labels.labels[0], np.float32), np.asarray(image.affine, np.float64), affine, prepared.shape[1:], order=0).round().astype(int)
-    return np.asarray(prepared[0], np.float32), on_grid, labels.names, affine
-
-
-def organ_crops(volume, labels, names, organs, per_organ: int, seed: int):
-    """(crops [N, 1, d, h, w], organ names [N]) centred on random voxels of each organ."""
-    rng = np.random.default_rng(seed)
-    half = np.asarray(CROP) // 2
-    inner = np.zeros_like(labels, dtype=bool)
-    inner[half[0] : labels.shape[0] - half[0], half[1] : labels.shape[1] - half[1], half[2] : labels.shape[2] - half[2]] = True
-    crops, tags = [], []
-    for organ in organs:
-        value = next(v for v, n in names.items() if n == organ)
-        centres = np.argwhere((labels == value) & inner)
-        for c in centres[rng.choice(len(centres), size=min(per_organ, len(centres)), replace=False)]:
-            lo = c - half
-            crops.append(volume[lo[0] : lo[0] + CROP[0], lo[1] : lo[1] + CROP[1], lo[2] : lo[2] + CROP[2]])
-            tags.append(organ)
-    return np.stack(crops)[:, None], np.asarray(tags)
-
-
-def common_organs(a, b) -> list[str]:
-    half = np.asarray(CROP) // 2
-    out = []
-    for (volume_a, labels_a, names_a, _), (volume_b, labels_b, names_b, _) in [(a, b)]:
-        for value, name in sorted(names_a.items()):
-            other = next((v for v, n in names_b.items() if n == name), None)
-            if other is None:
-                continue
-            counts = []
-            for labels, v in ((labels_a, value), (labels_b, other)):
-                inner = labels[half[0] : labels.shape[0] - half[0], half[1] : labels.shape[1] - half[1], half[2] : labels.shape[2] - half[2]]
-                counts.append(int((inner == v).sum()))
-            if min(counts) >= MIN_CENTRES:
-                out.append(name)
-    return out
-
-
-def crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b) -> dict:
-    from ctfm.evaluate.inputs import encode_batches
-    from ctfm.evaluate.retrieval import precision_at_k, rank, summarise_per_query
-
-    va, vb = encode_batches(encoder, crops_a, 16), encode_batches(encoder, crops_b, 16)
-    out = {}
-    for name, (q, qt, g, gt) in {"A->B": (va, tags_a, vb, tags_b), "B->A": (vb, tags_b, va, tags_a)}.items():
-        order, _ = rank(q, g, "cosine", max(KS))
-        relevant = gt[order] == qt[:, None]
-        per_query = {f"P@{k}": [precision_at_k(r, k) for r in relevant] for k in KS}
-        chance = float(np.mean([np.mean(gt == t) for t in qt]))
-        out[name] = {**summarise_per_query(per_query), "chance": chance, "n_queries": int(len(q)), "n_gallery": int(len(g))}
-    return out
 
 
 # ---- rescans ---------------------------------------------------------------------------------
@@ -182,6 +117,7 @@ def main() -> None:
     import torch
 
     import ctfm
+    from ctfm.evaluate.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
     from ctfm.evaluate.semantic_search import semantic_search_cases, summarise_label
     from ctfm.evaluate.stability import stability
     from ctfm.models import create_model
@@ -201,15 +137,15 @@ def main() -> None:
     for encoder in encoders.values():
         encoder.eval()
 
-    a = prepared_with_labels(data / SCAN_A[0], data / SCAN_A[1])
-    b = prepared_with_labels(data / SCAN_B[0], data / SCAN_B[1])
-    organs = common_organs(a, b)
+    a = labelled_volume(data / SCAN_A[0], data / SCAN_A[1])
+    b = labelled_volume(data / SCAN_B[0], data / SCAN_B[1])
+    organs = common_labels([a, b], min_centres=MIN_CENTRES)
     crops_a, tags_a = organ_crops(*a[:3], organs, args.crops, args.seed)
     crops_b, tags_b = organ_crops(*b[:3], organs, args.crops, args.seed + 1)
     results: dict = {"organs": organs, "crops": {"A": len(tags_a), "B": len(tags_b)}, "retrieval": {}, "search": {}, "stability": {}, "seconds": {}}
     for name, encoder in encoders.items():
         t = time.time()
-        results["retrieval"][name] = crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b)
+        results["retrieval"][name] = crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b, KS)
         results["seconds"][f"retrieval {name}"] = time.time() - t
 
     if not args.skip_search:

@@ -164,3 +164,27 @@ def test_saliency_and_concepts_cli(tmp_path, capsys, tiny_weights):
     printed = json.loads(out)
     assert len(printed["explained_variance_ratio"]) == 3 and sum(printed["explained_variance_ratio"]) <= 1.0 + 1e-6
     assert len(printed["figures"]) == 2 and all((tmp_path / "concepts" / f).exists() for f in printed["figures"])
+
+
+def test_semantic_search_cli_on_phantoms(tmp_path, capsys, tiny_weights):
+    import shutil
+
+    image, labels = _phantom(tmp_path, 0)
+    other, other_labels = _phantom(tmp_path, 1)
+    copy = tmp_path / "copy.nii.gz"
+    shutil.copy(image, copy)
+    (tmp_path / "sheet.csv").write_text(f"image,labels\n{image.name},{labels.name}\n{copy.name},{labels.name}\n{other.name},{other_labels.name}\n")
+    argv = ["evaluate", "semantic-search", str(tmp_path / "sheet.csv"), "--label", "liver", "--weights", str(tiny_weights), "--device", "cpu", "--spacing-mm", "4", "--window", "16", "--overlap", "0.5", "--out", str(tmp_path / "ss"), "--json"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["protocol"] == "custom" and printed["window_voxels"] == 16
+    summary = printed["per_label"]["liver"]["none"]
+    assert summary["pairs"] == 2 and 0 <= summary["inside_label_rate"] <= 1 and summary["error_mm_mean"] >= 0
+    cases = json.loads((tmp_path / "ss" / "results.json").read_text())["per_case"]
+    to_copy = next(c for c in cases if c["target"].endswith("copy.nii.gz"))
+    assert to_copy["target_centroid_mm"] == pytest.approx(to_copy["query_point_mm"])  # the same scan
+    assert to_copy["none"]["error_mm"] < 64.0  # within a window of the truth
+    assert set(to_copy["weighted"]) == {"point_mm", "score", "error_mm", "inside_label"}
+    code, _, err = _run(capsys, *argv[:3], "--label", "heart", *argv[5:])
+    assert code == 2 and "no label named 'heart'" in err and len(err.strip().splitlines()) == 1

@@ -200,3 +200,25 @@ def test_pca_colours_separate_two_regions():
     gap = abs(rgb[:2, ..., 0].mean() - rgb[2:3, ..., 0].mean())  # the two regions at the two ends of PC1
     assert gap > 0.5 and gap > 4 * rgb[:2, ..., 0].std()
     assert rgb[3, 3, 3].tolist() == [0, 0, 0]  # outside the mask
+
+
+# ---- semantic search -----------------------------------------------------------------------
+def test_centroid_label_at_and_label_value_by_hand():
+    from ctfm.evaluate import semantic_search
+
+    labels = np.zeros((4, 4, 4), int)
+    labels[0, 0, 0] = labels[2, 0, 0] = 7
+    affine = np.diag([2.0, 3.0, 1.0, 1.0])
+    affine[:3, 3] = [10.0, 0.0, -5.0]
+    assert semantic_search.centroid_mm(labels, affine, 7).tolist() == pytest.approx([12.0, 0.0, -5.0])  # voxel (1, 0, 0)
+    assert semantic_search.centroid_mm(labels, affine, 3) is None
+    assert semantic_search.label_at(labels, affine, [14.4, 1.0, -5.2]) == 7  # nearest voxel (2, 0, 0)
+    assert semantic_search.label_at(labels, affine, [12.0, 0.0, -5.0]) == 0  # the centroid itself is not in the label
+    assert semantic_search.label_at(labels, affine, [100.0, 0.0, 0.0]) == 0  # outside the grid
+    names = {7: "Heart", 3: "liver"}
+    assert semantic_search.label_value(names, "heart") == 7 and semantic_search.label_value(names, "3") == 3
+    with pytest.raises(CTInputError, match="no label named 'lung'"):
+        semantic_search.label_value(names, "lung")
+    summary = semantic_search.summarise_label([{"error_mm": 10.0, "inside_label": True}, {"error_mm": 30.0, "inside_label": False}])
+    assert (summary["error_mm_mean"], summary["error_mm_median"], summary["inside_label_rate"]) == (20.0, 20.0, 0.5)
+    assert summary["error_mm_sd"] == pytest.approx(math.sqrt(200.0))

@@ -100,6 +100,9 @@ def register_semantic_search(sub) -> None:
     p.add_argument("--query", metavar="IMAGE", help="the query scan (default: the first row of the sheet); every other row is a target")
     p.add_argument("--all-pairs", action="store_true", help="every scan queries every other scan (default: one query against all)")
     p.add_argument("--overlap", type=float, default=0.625, help="window overlap in the target (default 0.625, as CT-FM)")
+    p.add_argument("--refine", default="none,weighted", help="predicted points to report, comma-separated: none (best window centre, CT-FM), weighted, fine (default none,weighted)")
+    p.add_argument("--spacing-mm", type=float, default=1.0, help="isotropic spacing (default 1, CT-FM's protocol; coarser for a quick look)")
+    p.add_argument("--window", type=int, default=64, help="window size in voxels (default 64, CT-FM's protocol)")
     p.add_argument("--batch-size", type=int, default=4)
     _weights(p)
     _out(p)
@@ -109,7 +112,7 @@ def register_semantic_search(sub) -> None:
 def run_semantic_search(args) -> int:
     from ctfm.evaluate import semantic_search
 
-    result = semantic_search.run_semantic_search(args.pairs, args.out, labels=args.label, query=args.query, all_pairs=args.all_pairs, weights=args.weights, model=args.model, seed=args.seed, overlap=args.overlap, batch_size=args.batch_size, device=_device(args))
+    result = semantic_search.run_semantic_search(args.pairs, args.out, labels=args.label, query=args.query, all_pairs=args.all_pairs, weights=args.weights, model=args.model, seed=args.seed, overlap=args.overlap, batch_size=args.batch_size, device=_device(args), refinements=tuple(r.strip() for r in args.refine.split(",") if r.strip()), spacing_mm=args.spacing_mm, window_voxels=args.window)
     return _emit(result, args.json)
 
 

@@ -295,3 +295,76 @@ def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "s
     prov = {**vectors.provenance(), "annotations": os.path.abspath(sheet_path), "annotations_sha256": sha256_file(sheet_path)}
     paths = write_outputs(out, results, prov, report)
     return {**results, **paths}
+
+
+# --------------------------------------------------------------------------- organ crops
+ORGAN_CROP_VOXELS = (8, 64, 64)  # at ct-fm-patches' 3x1x1 mm: 24x64x64 mm
+
+
+def labelled_volume(image_path, labels_path, spec=None):
+    """``(volume [S, P, L] in [0, 1], labels on that grid, {value: name}, affine)``: a scan
+    preprocessed with ``spec`` (default ct-fm-patches) and its label map put on the same grid."""
+    from ctfm.evaluate.saliency import onto_grid
+    from ctfm.io import load_labels
+    from ctfm.preprocess import get_preset, load_usable_ct, preprocess
+
+    image, _ = load_usable_ct(image_path)
+    labels = load_labels(labels_path, image)
+    prepared = preprocess(image, spec or get_preset("ct-fm-patches"))
+    affine = np.asarray(prepared.affine, np.float64)
+    on_grid = onto_grid(np.asarray(labels.labels[0], np.float32), np.asarray(image.affine, np.float64), affine, prepared.shape[1:], order=0).round().astype(int)
+    return np.asarray(prepared[0], np.float32), on_grid, dict(labels.names), affine
+
+
+def _inner(labels: np.ndarray, crop) -> np.ndarray:
+    half = np.asarray(crop) // 2
+    inner = np.zeros(labels.shape, dtype=bool)
+    inner[half[0] : labels.shape[0] - crop[0] + half[0] + 1, half[1] : labels.shape[1] - crop[1] + half[1] + 1, half[2] : labels.shape[2] - crop[2] + half[2] + 1] = True
+    return inner
+
+
+def common_labels(volumes: list, crop=ORGAN_CROP_VOXELS, min_centres: int = 50) -> list[str]:
+    """Label names with at least ``min_centres`` possible crop centres in every labelled volume."""
+    names = None
+    for _, labels, label_names, _ in volumes:
+        inner = _inner(labels, crop)
+        present = {name for value, name in label_names.items() if value > 0 and int(((labels == value) & inner).sum()) >= min_centres}
+        names = present if names is None else names & present
+    return sorted(names or [])
+
+
+def organ_crops(volume, labels, names: dict, organs: list[str], per_organ: int, seed: int, crop=ORGAN_CROP_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """``(crops [N, 1, d, h, w], organ names [N])``: up to ``per_organ`` crops per organ centred on
+    random voxels of it (whole crops inside the volume)."""
+    rng = np.random.default_rng(seed)
+    half = np.asarray(crop) // 2
+    inner = _inner(labels, crop)
+    by_name = {n: v for v, n in names.items()}
+    crops, tags = [], []
+    for organ in organs:
+        centres = np.argwhere((labels == by_name[organ]) & inner)
+        for c in centres[rng.choice(len(centres), size=min(per_organ, len(centres)), replace=False)]:
+            lo = c - half
+            crops.append(volume[lo[0] : lo[0] + crop[0], lo[1] : lo[1] + crop[1], lo[2] : lo[2] + crop[2]])
+            tags.append(organ)
+    if not crops:
+        raise OptionError("no organ crops: no label has enough voxels away from the volume's edges")
+    return np.stack(crops)[:, None], np.asarray(tags)
+
+
+def crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b, ks=(1, 5, 10), batch_size: int = 16, device: str = "cpu") -> dict:
+    """Organ crops of scan A query those of scan B and the reverse (cosine); relevance = same
+    organ; ``P@k`` with bootstrap intervals and the chance level (the expected P@k of a random
+    ranking) per direction."""
+    from ctfm.evaluate.inputs import encode_batches
+
+    va, vb = encode_batches(encoder, crops_a, batch_size, device), encode_batches(encoder, crops_b, batch_size, device)
+    out = {}
+    for name, (q, qt, g, gt) in {"A->B": (va, tags_a, vb, tags_b), "B->A": (vb, tags_b, va, tags_a)}.items():
+        usable = [k for k in ks if k <= len(g)]
+        order, _ = rank(q, g, "cosine", max(usable))
+        relevant = gt[order] == qt[:, None]
+        per_query = {f"P@{k}": [precision_at_k(r, k) for r in relevant] for k in usable}
+        chance = float(np.mean([np.mean(gt == t) for t in qt]))
+        out[name] = {**summarise_per_query(per_query), "chance": chance, "n_queries": int(len(q)), "n_gallery": int(len(g))}
+    return out

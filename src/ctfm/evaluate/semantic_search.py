@@ -37,11 +37,17 @@ PAPER = {  # CT-FM's heart-centroid search over 469 thorax pairs of TotalSegment
 }
 
 
-def search_spec():
-    """CT-FM's semantic-search preprocessing: ct-fm-patches at 1 mm isotropic, 64^3 windows."""
+def search_spec(spacing_mm: float = 1.0, window_voxels: int = 64):
+    """CT-FM's semantic-search preprocessing: ct-fm-patches at 1 mm isotropic, 64^3 windows
+    (other spacings and window sizes for quick looks; the default is the protocol)."""
     from ctfm.preprocess import get_preset
 
-    return get_preset("ct-fm-patches").with_(name="ct-fm-search-1mm", spacing_mm=(1.0, 1.0, 1.0), patch_size_mm=WINDOW_MM, description="CT-FM semantic search: SPL, 1 mm, crop to HU > 0, [-1024, 2048] -> [0, 1], 64^3 windows")
+    if spacing_mm <= 0 or window_voxels < 16:
+        raise OptionError(f"spacing {spacing_mm} mm, window {window_voxels} voxels: expected a positive spacing and a window of at least 16 voxels")
+    if (spacing_mm, window_voxels) == (1.0, 64):
+        return get_preset("ct-fm-patches").with_(name="ct-fm-search-1mm", spacing_mm=(1.0, 1.0, 1.0), patch_size_mm=WINDOW_MM, description="CT-FM semantic search: SPL, 1 mm, crop to HU > 0, [-1024, 2048] -> [0, 1], 64^3 windows")
+    size = (float(window_voxels * spacing_mm),) * 3
+    return get_preset("ct-fm-patches").with_(name=f"ct-fm-search-{spacing_mm:g}mm-{window_voxels}", spacing_mm=(float(spacing_mm),) * 3, patch_size_mm=size, description=f"semantic search at {spacing_mm:g} mm, {window_voxels}^3 windows")
 
 
 def label_value(names: dict[int, str], label: str | int, where=None) -> int:
@@ -151,12 +157,16 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
     return {"cases": cases, "skipped": skipped, "store_computation": list(session.patch_vectors.key)}
 
 
-def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None) -> dict:
+def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> dict:
     """The evaluation end to end: store in ``out/store``, results.json, figure, report.html."""
     from ctfm.evaluate.figures import grouped_bars
     from ctfm.evaluate.inputs import load_encoder, sha256_file, write_outputs
     from ctfm.evaluate.report import Report
 
+    spec = search_spec(spacing_mm, window_voxels)
+    for refine in refinements:
+        if refine not in REFINEMENTS:
+            raise OptionError(f"refinement {refine!r}: expected one of {', '.join(REFINEMENTS)}")
     scans = read_labelled_sheet(sheet)
     for scan in scans:
         for key in ("image", "labels"):
@@ -176,7 +186,7 @@ def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_
         encoder, weights_fields = load_encoder(weights, model, seed, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = semantic_search_cases(scans, labels, pairs, encoder, refinements, store=out / "store", overlap=overlap, batch_size=batch_size, device=device)
+    run = semantic_search_cases(scans, labels, pairs, encoder, refinements, store=out / "store", overlap=overlap, batch_size=batch_size, device=device, spec=spec)
     per_label = {}
     for label in labels:
         cases = [c for c in run["cases"] if c["label"] == str(label)]
@@ -190,14 +200,14 @@ def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_
         p = PAPER[name]
         rows.append({"label": f"heart ({name}, paper)", "prediction": "best window centre", "pairs": p["pairs"], "error mm mean": p["error_mm_mean"], "95% CI": "", "SD": p["error_mm_sd"], "median": p["error_mm_median"], "inside label": p["inside_label_rate"]})
     figure = grouped_bars({f"{label} ({'CT-FM protocol' if r == 'none' else r})": {"error mm (mean)": s["error_mm_mean"], "error mm (median)": s["error_mm_median"]} for label, by in per_label.items() for r, s in by.items() if s.get("pairs")} | {"heart (CT-FM paper)": {"error mm (mean)": PAPER["CT-FM"]["error_mm_mean"], "error mm (median)": PAPER["CT-FM"]["error_mm_median"]}}, out / "semantic_search_error.png", "distance from the predicted point to the target's label centroid", "mm")
-    report = Report("Semantic search (label centroids)", f"{len(scans)} labelled scans, {len(pairs)} query-target pairs, labels {', '.join(map(str, labels))}; 64^3 windows at 1 mm, overlap {overlap}, cosine")
+    report = Report("Semantic search (label centroids)", f"{len(scans)} labelled scans, {len(pairs)} query-target pairs, labels {', '.join(map(str, labels))}; {window_voxels}^3 windows at {spacing_mm:g} mm, overlap {overlap}, cosine" + ("" if spec.name == "ct-fm-search-1mm" else " (not CT-FM's 64^3 at 1 mm)"))
     report.heading("Results beside the paper's").table(rows, digits=3).figure(figure, "errors in mm; the paper's figures are for the heart over 469 thorax pairs")
     report.paragraph("The inside-label rate tests the one target voxel at the predicted point; the paper's test is looser (any voxel of a label crop), so its rate is an upper bound on this one.")
     case_rows = [{"query": Path(c["query"]).name, "target": Path(c["target"]).name, "label": c["label"], **{f"{r} error mm": c[r]["error_mm"] for r in refinements}, **{f"{r} inside": c[r]["inside_label"] for r in refinements}} for c in run["cases"]]
     report.heading("Cases").table(case_rows, digits=1)
     if run["skipped"]:
         report.heading("Skipped").table(run["skipped"])
-    results = {"evaluation": "semantic-search", "labels": [str(v) for v in labels], "window_mm": list(WINDOW_MM), "spacing_mm": [1.0, 1.0, 1.0], "overlap": overlap, "refinements": list(refinements), "per_label": per_label, "per_case": run["cases"], "skipped": run["skipped"], "paper": PAPER, "figures": [figure.name]}
-    prov = {**(weights_fields or {}), "sheet": os.path.abspath(sheet), "sheet_sha256": sha256_file(sheet), "store": os.path.abspath(out / "store"), "computation": run["store_computation"], "preset": search_spec().name, "preset_hash": search_spec().content_hash()}
+    results = {"evaluation": "semantic-search", "labels": [str(v) for v in labels], "window_voxels": window_voxels, "spacing_mm": [float(spacing_mm)] * 3, "protocol": "ct-fm" if spec.name == "ct-fm-search-1mm" else "custom", "overlap": overlap, "refinements": list(refinements), "per_label": per_label, "per_case": run["cases"], "skipped": run["skipped"], "paper": PAPER, "figures": [figure.name]}
+    prov = {**(weights_fields or {}), "sheet": os.path.abspath(sheet), "sheet_sha256": sha256_file(sheet), "store": os.path.abspath(out / "store"), "computation": run["store_computation"], "preset": spec.name, "preset_hash": spec.content_hash()}
     paths = write_outputs(out, results, prov, report)
     return {**results, **paths}
