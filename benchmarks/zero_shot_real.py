@@ -64,13 +64,13 @@ PRETRAIN_SETTINGS = {
 }
 
 
-def pretrain(data: Path, out: Path, steps: int, seed: int) -> Path:
+def pretrain(data: Path, out: Path, steps: int, seed: int, overrides: dict | None = None) -> Path:
     """``ctfm pretrain`` on the pretraining scans for ``steps`` steps; returns the export folder."""
     manifest = out / "pretrain_scans.csv"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text("path\n" + "".join(f"{data / rel}\n" for rel in PRETRAIN_SCANS))
     epochs = max(1, steps // PRETRAIN_SETTINGS["steps_per_epoch"])
-    settings = {**PRETRAIN_SETTINGS, "max_epochs": epochs, "data": str(manifest), "out": str(out / "pretrain"), "seed": seed}
+    settings = {**PRETRAIN_SETTINGS, **(overrides or {}), "max_epochs": epochs, "data": str(manifest), "out": str(out / "pretrain"), "seed": seed}
     command = [sys.executable, "-m", "ctfm", "pretrain", "--preset", "tiny", *[f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="pretraining steps (default 500)")
     parser.add_argument("--crops", type=int, default=20, help="crops per organ and scan (default 20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=PRETRAIN_SETTINGS["batch_size"], help="pretraining scans per step (default 4)")
+    parser.add_argument("--num-crops", type=int, default=PRETRAIN_SETTINGS["num_crops"], help="pretraining crops per scan (default 12)")
+    parser.add_argument("--stability-scans", type=int, default=len(STABILITY_SCANS), help=f"how many of the {len(STABILITY_SCANS)} stability scans to use (default all)")
     parser.add_argument("--skip-search", action="store_true", help="skip the semantic-search part")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -123,7 +126,8 @@ def main() -> None:
     from ctfm.models import create_model
 
     started = time.time()
-    export = pretrain(data, out, args.steps, args.seed)
+    overrides = {"batch_size": args.batch_size, "num_crops": args.num_crops}
+    export = pretrain(data, out, args.steps, args.seed, overrides)
     pretrain_minutes = (time.time() - started) / 60
     from ctfm.pretrain.config import resolve_config
     from ctfm.pretrain.train import build_module
@@ -131,7 +135,7 @@ def main() -> None:
     # The pretraining run initialises from torch.manual_seed(seed): the same start (as pretrain_learns.py).
     torch.manual_seed(args.seed)
     encoders = {
-        "random init": build_module(resolve_config("tiny", overrides={**PRETRAIN_SETTINGS, "data": "unused", "out": str(out / "unused"), "seed": args.seed})).encoder,
+        "random init": build_module(resolve_config("tiny", overrides={**PRETRAIN_SETTINGS, **overrides, "data": "unused", "out": str(out / "unused"), "seed": args.seed})).encoder,
         "pretrained": create_model("ct-fm", weights=str(export)),
     }
     for encoder in encoders.values():
@@ -159,7 +163,7 @@ def main() -> None:
 
     rescans = out / "rescans"
     rescans.mkdir(exist_ok=True)
-    originals = [data / rel for rel in STABILITY_SCANS]
+    originals = [data / rel for rel in STABILITY_SCANS[: args.stability_scans]]
     copies = [simulated_rescan(p, rescans, args.seed + i) for i, p in enumerate(originals)]
     for name, encoder in encoders.items():
         t = time.time()
@@ -179,7 +183,7 @@ def main() -> None:
 def print_tables(results: dict, args) -> None:
     import torch
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; pretraining {results['pretrain_minutes']:.1f} min ({args.steps} steps), total {results['total_minutes']:.1f} min")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; pretraining {results['pretrain_minutes']:.1f} min ({args.steps} steps of {args.batch_size} scans x {args.num_crops} crops), total {results['total_minutes']:.1f} min")
     print(f"\norgans in both scans ({len(results['organs'])}): {', '.join(results['organs'])}; crops A {results['crops']['A']}, B {results['crops']['B']}\n")
     print("| encoder | direction | " + " | ".join(f"P@{k} [95% CI]" for k in KS) + " | chance P@k |")
     print("|---|---|" + "---|" * (len(KS) + 1))

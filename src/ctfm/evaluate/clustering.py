@@ -88,7 +88,7 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
     except ImportError:
         from ctfm.errors import MissingDependencyError
 
-        raise MissingDependencyError("UMAP figures need umap-learn: pip install umap-learn (or pass --no-umap)") from None
+        raise MissingDependencyError("UMAP figures need umap-learn: pip install 'ctfm[eval]' or umap-learn (or pass --no-umap)") from None
     import warnings
 
     n = len(vectors)

@@ -54,35 +54,12 @@ def pca_colours(features: list[np.ndarray], masks: list[np.ndarray], n_component
     return colours, pca.explained_variance_ratio_
 
 
-def overlay_slices(image: np.ndarray, rgb: np.ndarray, path, title: str = "") -> Path:
-    """Axial, coronal, sagittal centre slices of ``image`` [S, P, L] in [0, 1] with ``rgb``
-    [S, P, L, 3] (same grid) blended at alpha 0.5 where it is non-zero."""
-    from ctfm.evaluate.figures import _pyplot, save_figure
-
-    plt = _pyplot()
-    centre = [s // 2 for s in image.shape]
-    cuts = [("axial", (centre[0], slice(None), slice(None))), ("coronal", (slice(None), centre[1], slice(None))), ("sagittal", (slice(None), slice(None), centre[2]))]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
-    for col, (name, index) in enumerate(cuts):
-        base = image[index]
-        colour = rgb[index]
-        alpha = (colour.sum(axis=-1) > 0).astype(np.float32) * 0.6
-        axes[0][col].imshow(base, cmap="gray", vmin=0, vmax=0.5, interpolation="nearest")
-        axes[0][col].imshow(np.dstack([colour, alpha]), interpolation="nearest")
-        axes[0][col].set_title(f"{name}: PCA colours over the scan", fontsize=9)
-        axes[1][col].imshow(colour, interpolation="nearest")
-        axes[1][col].set_title(f"{name}: PCA colours", fontsize=9)
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
-
-
 def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, zoom: float = 1.0, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> dict:
     """Concept maps of ``scans``: one PCA over all; a figure and a NIfTI of the colours per scan."""
     import nibabel as nib
 
     from ctfm.embedding.modes import EmbedOptions, embed_dense
+    from ctfm.evaluate.figures import overlay_figure
     from ctfm.evaluate.inputs import load_encoder, write_outputs
     from ctfm.evaluate.report import Report
     from ctfm.io.hashing import content_hash
@@ -126,7 +103,7 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
         stem = Path(scan).name.split(".")[0]
         fine = np.stack([onto_grid(rgb[..., c], features.affine, affine, volume.shape) for c in range(3)], axis=-1)
         fine = np.clip(fine, 0, 1)
-        figures.append(overlay_slices(volume, fine, out / f"concepts_{stem}.png", f"{Path(scan).name}: first three principal components of the dense features"))
+        figures.append(overlay_figure(volume, fine, affine, out / f"concepts_{stem}.png", f"{Path(scan).name}: first three principal components of the dense features as RGB", base_range=(0.0, 0.5), alpha=0.6))
         nifti = out / f"concepts_{stem}.nii.gz"
         img = nib.Nifti1Image(rgb.astype(np.float32), features.affine)
         with atomic_path(nifti, suffix=".nii.gz") as tmp:

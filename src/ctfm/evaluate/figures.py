@@ -142,3 +142,45 @@ def histograms(samples: dict[str, np.ndarray], path: str | os.PathLike, title: s
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """[X, Y, Z, ...] on ``affine``'s grid reordered so that its first three axes run towards R, A, S."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(np.asarray(affine, np.float64)))
+
+
+def overlay_figure(base: np.ndarray, overlay: np.ndarray, affine: np.ndarray, path: str | os.PathLike, title: str = "", centre_voxel=None, base_range: tuple[float, float] = (0.0, 1.0), cmap: str = "magma", alpha=0.5) -> Path:
+    """Axial, coronal and sagittal slices of ``base`` [X, Y, Z] with ``overlay`` on the same grid
+    ([X, Y, Z] scalars in [0, 1] drawn with ``cmap``, or [X, Y, Z, 3] RGB drawn where non-zero),
+    in radiological convention with true physical aspect, through ``centre_voxel`` (default the
+    centre). ``affine`` maps the grid's voxels to world mm."""
+    plt = _pyplot()
+    affine = np.asarray(affine, np.float64)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    ornt = __import__("nibabel").orientations.io_orientation(affine)
+    order = np.argsort(ornt[:, 0])
+    sx, sy, sz = (float(spacing[int(i)]) for i in order)
+    marker = np.zeros(base.shape, np.float32)
+    centre = [s // 2 for s in base.shape] if centre_voxel is None else [int(v) for v in centre_voxel]
+    marker[tuple(centre)] = 1.0
+    base_r, over_r, mark_r = _ras(base, affine), _ras(overlay, affine), _ras(marker, affine)
+    x, y, z = (int(v[0]) for v in np.nonzero(mark_r))
+    rgb = over_r.ndim == 4
+    views = [
+        ("axial", base_r[::-1, ::-1, z].T, np.swapaxes(over_r[::-1, ::-1, z], 0, 1), sy / sx),
+        ("coronal", base_r[::-1, y, ::-1].T, np.swapaxes(over_r[::-1, y, ::-1], 0, 1), sz / sx),
+        ("sagittal", base_r[x, ::-1, ::-1].T, np.swapaxes(over_r[x, ::-1, ::-1], 0, 1), sz / sy),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, (name, plane, heat, aspect) in zip(axes, views):
+        ax.imshow(plane, cmap="gray", vmin=base_range[0], vmax=base_range[1], aspect=aspect, interpolation="nearest")
+        if rgb:
+            ax.imshow(np.dstack([np.clip(heat, 0, 1), (heat.sum(axis=-1) > 0) * float(alpha)]), aspect=aspect, interpolation="nearest")
+        else:
+            ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

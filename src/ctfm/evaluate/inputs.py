@@ -149,9 +149,9 @@ def store_vectors(store_path: str | os.PathLike, pool_patches: str | None = None
 
 
 def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a CSV, TSV, Parquet or XLSX sheet as dicts (strings stripped); ``required`` columns
-    must be present."""
-    import pandas as pd
+    """Rows of a CSV, TSV, Parquet or XLSX sheet as dicts (header names and text cells stripped);
+    ``required`` columns must be present."""
+    import csv
 
     path = Path(path)
     if not path.is_file():
@@ -159,28 +159,37 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif suffix in (".xlsx", ".xls"):
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        elif suffix in (".xlsx", ".xlsm"):
             try:
-                import openpyxl  # noqa: F401
+                import openpyxl
             except ImportError:
                 from ctfm.errors import MissingDependencyError
 
                 raise MissingDependencyError(f"{path}: reading XLSX sheets needs openpyxl (pip install openpyxl), or save the sheet as CSV") from None
-            frame = pd.read_excel(path)
+            sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
+            values = [["" if v is None else v for v in row] for row in sheet.iter_rows(values_only=True)]
+            rows = [dict(zip([str(h) for h in values[0]], row)) for row in values[1:]] if values else []
         else:
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    except (ValueError, OSError, UnicodeDecodeError, csv.Error) as exc:
         from ctfm.errors import one_line
 
         raise CTInputError(path, f"unreadable sheet: {one_line(exc)}", "give a CSV (comma-separated, header row), TSV, Parquet or XLSX file") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in required if c not in frame.columns]
+    rows = [{str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None} for row in rows]
+    columns = list(rows[0]) if rows else []
+    if not columns and suffix not in (".parquet", ".xlsx", ".xlsm"):
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            columns = [c.strip() for c in next(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","), [])]
+    missing = [c for c in required if c not in columns]
     if missing:
-        raise CTInputError(path, f"missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns) or 'none'})", f"add a header row with {', '.join(required)}")
-    if frame.empty:
+        raise CTInputError(path, f"missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})", f"add a header row with {', '.join(required)}")
+    if not rows:
         raise CTInputError(path, "no rows", "add one row per scan")
-    return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in frame.to_dict("records")]
+    return rows
 
 
 def load_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):

@@ -72,28 +72,18 @@ def onto_grid(values: np.ndarray, values_affine: np.ndarray, grid_affine: np.nda
     return affine_transform(values.astype(np.float32), to_values[:3, :3], offset=to_values[:3, 3], output_shape=tuple(int(s) for s in grid_shape), order=order, mode="constant", cval=0.0)
 
 
-def overlay_figure(image: np.ndarray, saliency: np.ndarray, path, title: str = "", vmin: float = 0.0, vmax: float = 1.0) -> Path:
-    """Axial, coronal and sagittal slices through the saliency peak, magma at alpha 0.5 over gray.
-
-    ``image`` and ``saliency`` share an [S, P, L]-ordered grid (the preprocessed scan)."""
+def saliency_figure(image: np.ndarray, saliency: np.ndarray, affine: np.ndarray, path, title: str = "") -> Path:
+    """Slices through the saliency peak (map smoothed by one voxel and min-max scaled for display)
+    over the preprocessed scan, radiological convention; ``affine`` of the shared grid."""
     from scipy.ndimage import gaussian_filter
 
-    from ctfm.evaluate.figures import _pyplot, save_figure
+    from ctfm.evaluate.figures import overlay_figure
 
-    plt = _pyplot()
     shown = gaussian_filter(saliency, 1.0)
     peak = np.unravel_index(int(np.argmax(shown)), shown.shape)
     lo, hi = float(shown.min()), float(shown.max())
     norm = (shown - lo) / (hi - lo) if hi > lo else np.zeros_like(shown)
-    views = [("axial", image[peak[0]], norm[peak[0]]), ("coronal", image[:, peak[1], :], norm[:, peak[1], :]), ("sagittal", image[:, :, peak[2]], norm[:, :, peak[2]])]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
-    for ax, (name, base, heat) in zip(axes, views):
-        ax.imshow(base, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.imshow(heat, cmap="magma", alpha=0.5, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    return overlay_figure(image, norm, affine, path, title, centre_voxel=peak, base_range=(0.0, 0.5))
 
 
 def saliency_in_label(saliency: np.ndarray, labels: np.ndarray) -> dict:
@@ -130,7 +120,7 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     nifti = save_nifti(MetaTensor(torch.from_numpy(on_input)[None], affine=torch.from_numpy(image_affine)), out / "saliency.nii.gz")
-    figure = overlay_figure(np.asarray(prepared[0]), saliency, out / "saliency_overlay.png", f"{Path(scan).name}: 1 - cosine under occlusion (mask {mask_size}, overlap {overlap})")
+    figure = saliency_figure(np.asarray(prepared[0]), saliency, prepared_affine, out / "saliency_overlay.png", f"{Path(scan).name}: 1 - cosine under occlusion (mask {mask_size}, overlap {overlap})")
     summary = {"min": float(saliency.min()), "max": float(saliency.max()), "mean": float(saliency.mean()), "preprocessed_shape": list(saliency.shape), "input_shape": [int(s) for s in image.shape[1:]]}
     report = Report("Saliency (occlusion)", f"{Path(scan).name}: mask {mask_size} voxels at 3 mm, overlap {overlap}, saliency = 1 - cosine of the embeddings")
     report.heading("Map").table([{"figure": k, "value": v} for k, v in summary.items() if not isinstance(v, list)], digits=5).figure(figure, "slices through the saliency peak (map smoothed by 1 voxel for display; the NIfTI holds the raw map)")
