@@ -202,17 +202,16 @@ def load_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, devic
     return encoder, fields
 
 
-def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: str = "cpu") -> np.ndarray:
-    """[N, D, H, W] (or [N, 1, D, H, W]) float32 in [0, 1] -> [N, 512] pooled embeddings."""
+def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: str = "cpu", precision: str = "fp32") -> np.ndarray:
+    """[N, D, H, W] (or [N, 1, D, H, W]) float32 in [0, 1] -> [N, 512] pooled embeddings, encoded
+    as every stored patch and region query is (:func:`ctfm.embedding.modes.encode_windows`)."""
     import torch
+
+    from ctfm.embedding.modes import encode_windows
 
     if volumes.ndim == 4:
         volumes = volumes[:, None]
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(volumes), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(volumes[i : i + batch_size], dtype=np.float32)).to(device)
-            out.append(encoder.embed(x).float().cpu().numpy())
+    out = [encode_windows(encoder, torch.from_numpy(np.ascontiguousarray(volumes[i : i + batch_size], dtype=np.float32)), device, precision).numpy() for i in range(0, len(volumes), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
