@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=PRETRAIN_SETTINGS["batch_size"], help="pretraining scans per step (default 4)")
     parser.add_argument("--num-crops", type=int, default=PRETRAIN_SETTINGS["num_crops"], help="pretraining crops per scan (default 12)")
     parser.add_argument("--stability-scans", type=int, default=len(STABILITY_SCANS), help=f"how many of the {len(STABILITY_SCANS)} stability scans to use (default all)")
+    parser.add_argument("--search-spacing", type=float, default=1.0, help="semantic search: isotropic spacing in mm (default 1, CT-FM's protocol); the window keeps 64 mm")
     parser.add_argument("--skip-search", action="store_true", help="skip the semantic-search part")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -121,7 +122,7 @@ def main() -> None:
 
     import ctfm
     from ctfm.evaluate.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
-    from ctfm.evaluate.semantic_search import semantic_search_cases, summarise_label
+    from ctfm.evaluate.semantic_search import search_spec, semantic_search_cases, summarise_label
     from ctfm.evaluate.stability import stability
     from ctfm.models import create_model
 
@@ -156,7 +157,8 @@ def main() -> None:
         scans = [{"image": str(data / SCAN_A[0]), "labels": str(data / SCAN_A[1])}, {"image": str(data / SCAN_B[0]), "labels": str(data / SCAN_B[1])}]
         for name, encoder in encoders.items():
             t = time.time()
-            run = semantic_search_cases(scans, organs, [(0, 1), (1, 0)], encoder, ("none", "weighted"), store=out / f"search_store_{name.replace(' ', '_')}")
+            spec = search_spec(args.search_spacing, int(round(64 / args.search_spacing)))
+            run = semantic_search_cases(scans, organs, [(0, 1), (1, 0)], encoder, ("none", "weighted"), store=out / f"search_store_{name.replace(' ', '_')}", spec=spec)
             results["search"][name] = {refine: summarise_label([c[refine] for c in run["cases"]]) for refine in ("none", "weighted")}
             results["search"][name]["skipped"] = len(run["skipped"])
             results["seconds"][f"search {name}"] = time.time() - t
@@ -191,6 +193,7 @@ def print_tables(results: dict, args) -> None:
         for direction, r in by_direction.items():
             print(f"| {name} | {direction} | " + " | ".join(f"{r[f'P@{k}']['mean']:.3f} [{r[f'P@{k}']['low']:.3f}, {r[f'P@{k}']['high']:.3f}]" for k in KS) + f" | {r['chance']:.3f} |")
     if results["search"]:
+        print(f"\nsemantic search at {args.search_spacing:g} mm, {int(round(64 / args.search_spacing))}^3 windows, overlap 0.625")
         print("\n| encoder | prediction | pairs | error mm mean [95% CI] | median | inside-label rate |")
         print("|---|---|---|---|---|---|")
         for name, by_refine in results["search"].items():

@@ -4,7 +4,7 @@ self-contained report.html into --out, with the paper's figures beside ours.
 Examples:
   ctfm evaluate retrieval --organmnist organmnist3d_64.npz --weights model_dir --out eval/organmnist
   ctfm evaluate retrieval store/ --annotations mir.csv --relevance cancer_flag,lesion_group --out eval/mir
-  ctfm evaluate semantic-search pairs.csv --label heart --weights model_dir --out eval/search
+  ctfm evaluate semantic-search labelled.csv --label heart --weights model_dir --out eval/search
   ctfm evaluate clustering store/ --labels labels.csv --out eval/clusters
   ctfm evaluate clustering --organmnist organmnist3d_64.npz --weights model_dir --out eval/clusters
   ctfm evaluate concepts scan1.nii.gz scan2.nii.gz --weights model_dir --out eval/concepts
