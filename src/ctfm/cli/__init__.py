@@ -21,10 +21,12 @@ VERBS = {
     "cohort": ("ctfm.cli.cohort", "select IDC cohorts, scan local archives, cache preprocessed volumes"),
     "demo": ("ctfm.cli.demo", "run the main job on a synthetic scan (or --input PATH) and write a figure"),
     "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
+    "index": ("ctfm.cli.index", "build, update and inspect the FAISS index beside a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
+    "search": ("ctfm.cli.search", "search a store for similar scans or for the region around a point"),
     "store": ("ctfm.cli.store", "summarise, check and compact an embedding store"),
     "synth": ("ctfm.cli.synth", "write labelled synthetic torso phantoms"),
 }
