@@ -85,7 +85,7 @@ class SegmentationFinetuner(L.LightningModule):
     def training_step(self, batch, batch_idx):
         outputs = self.model(batch["image"])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        loss = self.criterion(list(outputs), batch["label"])
+        loss = self.criterion(list(outputs), batch["label"].float())  # float: the loss resizes the target (nearest) per level
         if not torch.isfinite(loss):
             from ctfm.errors import CTInputError
 
