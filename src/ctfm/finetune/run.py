@@ -266,6 +266,8 @@ def run_finetune(config: RunConfig, task: FinetuneTask, resume: bool = True, ext
     module = task.build_module(config)
     trainer = build_trainer(config, task, val_loader is not None, extra_callbacks, progress_bar=progress_bar)
     last = out / "checkpoints" / "last.ckpt"
+    warnings.filterwarnings("ignore", message=".*validation_step.*but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=str(last) if resume and last.exists() else None)
     best = out / "checkpoints" / "best.ckpt"
     if trainer.global_rank != 0:

@@ -183,6 +183,16 @@ class PreprocessedCases:
             self._memory[i] = item
         return item
 
+    def prepare(self) -> None:
+        """Preprocess (and cache) every case now, so that bad inputs stop the run before training."""
+        for i in range(len(self.cases)):
+            if not (self.cache_dir / f"{self.cases[i].name}-{self.key(i)}.npz").is_file():
+                item = self._preprocess(i)
+                from ctfm.runtime import atomic_path
+
+                with atomic_path(self.cache_dir / f"{self.cases[i].name}-{self.key(i)}.npz", suffix=".npz") as tmp:
+                    np.savez(tmp, image=item[0], label=item[1])
+
     def _preprocess(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         from ctfm.finetune.data import load_case
         from ctfm.preprocess import build_paired_transforms
@@ -318,7 +328,10 @@ class SegmentationTask(FinetuneTask):
         data, train, val = self.data(config)
         spec = training_spec(config)
         cache = Path(config.cache) if config.cache else Path(config.out) / "cache"
-        train_set = SegTrainDataset(PreprocessedCases(train, data, spec, cache), config, len(data.classes))
+        train_cases = PreprocessedCases(train, data, spec, cache)
+        train_cases.prepare()
+        PreprocessedCases(val, data, spec, cache).prepare()
+        train_set = SegTrainDataset(train_cases, config, len(data.classes))
         loader = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochIndexSampler(samples_per_epoch(config, len(train))), num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
         val_loader = None
         if val and config.val_every_n_epochs > 0:
