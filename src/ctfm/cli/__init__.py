@@ -23,6 +23,7 @@ VERBS = {
     "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
+    "predict": ("ctfm.cli.predict", "predict segmentation label maps on each input's own grid (NIfTI, DICOM SEG)"),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
     "store": ("ctfm.cli.store", "summarise, check and compact an embedding store"),
