@@ -48,7 +48,7 @@ def child(args) -> dict:
 
     from ctfm.io import load_ct
     from ctfm.predict import aggregation
-    from ctfm.predict.seg import inference_spec, predict_volume
+    from ctfm.predict.seg import inference_spec, network_input, predict_prepared
     from ctfm.preprocess import build_transforms
 
     torch.set_num_threads(args.threads)
@@ -66,7 +66,11 @@ def child(args) -> dict:
                 return [w for w in windows if w[0].start in starts]
 
             aggregation.monai_windows = first_levels
-        labels = predict_volume(image, loaded, settings)
+        prepared = network_input(image, loaded)
+        if not args.save:
+            del image  # as ctfm predict seg does: the HU volume is not held while predicting
+        labels = predict_prepared(*prepared, loaded, settings)
+        del prepared
         result = {"labels_shape": list(labels.shape)}
         if args.save:
             # network-grid labels for the agreement check (exact without resampling back)

@@ -54,7 +54,7 @@ class LinearHeadSplit:
     def __init__(self, model: nn.Module):
         self.model = model
         self.head = model.up_layers[-1]["head"]
-        self.weight = self.head.weight.detach().flatten(1).float()  # [N, F]
+        self.weight = self.head.weight.detach().flatten(1).float()  # [N, F], on the model's device
         self.bias = self.head.bias.detach().float() if self.head.bias is not None else None
 
     @staticmethod
@@ -64,12 +64,13 @@ class LinearHeadSplit:
         return isinstance(head, nn.Conv3d) and head.kernel_size == (1, 1, 1) and head.in_channels < head.out_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.model.up_layers[-1]
-        layer["head"] = nn.Identity()
+        """[B, C, D, H, W] -> [B, F, D, H, W]; the deep-supervision heads (unused in eval) are skipped."""
+        layer, dsdepth = self.model.up_layers[-1], self.model.dsdepth
+        layer["head"], self.model.dsdepth = nn.Identity(), 1
         try:
             return self.model(x)
         finally:
-            layer["head"] = self.head
+            layer["head"], self.model.dsdepth = self.head, dsdepth
 
     def apply_head(self, f: torch.Tensor) -> torch.Tensor:
         out = torch.einsum("nf,f...->n...", self.weight, f)
@@ -133,7 +134,7 @@ def streamed_sliding_window(
     # so the open rows [base, start + roi) always fit in roi_size[0] rows.
     depth = settings.roi_size[0]
     acc: torch.Tensor | None = None  # [F, depth, H, W] sum of weighted outputs
-    cnt = torch.zeros((depth, padded[1], padded[2]), dtype=torch.float32)  # sum of weights
+    cnt = torch.zeros((depth, padded[1], padded[2]), dtype=torch.float32, device=inputs.device)  # sum of weights
     base = 0  # first unfinished row
 
     def ring(lo: int, hi: int):
@@ -177,7 +178,7 @@ def streamed_sliding_window(
                 out = forward(data)
             out = out.float()
             if acc is None:
-                acc = torch.zeros((out.shape[1], depth, padded[1], padded[2]), dtype=torch.float32)
+                acc = torch.zeros((out.shape[1], depth, padded[1], padded[2]), dtype=torch.float32, device=out.device)
             for b, (zs, ys, xs) in enumerate(batch):
                 for ring_slice, offset, n in ring(zs.start, zs.stop):
                     w = weight[offset : offset + n]

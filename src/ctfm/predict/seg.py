@@ -162,18 +162,25 @@ def _precision_context(precision: str, device: str):
     raise OptionError(f"--precision {precision!r}: choose fp32 or bf16")
 
 
-def predict_volume(image, loaded, settings: WindowSettings | None = None, precision: str = "fp32", device: str = "cpu", progress=None) -> np.ndarray:
-    """Labels [X, Y, Z] on the grid of ``image`` ([1, X, Y, Z] HU MetaTensor from load_ct)."""
+def network_input(image, loaded, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, tuple, np.ndarray]:
+    """``(x [1, C, D, H, W], input affine, input shape, network affine)`` of a loaded CT."""
     from ctfm.preprocess import build_transforms
 
+    net = build_transforms(inference_spec(loaded.spec))(image)
+    net_affine = np.asarray(net.affine, dtype=np.float64)
+    x = net.as_tensor()[None].float().to(device)
+    return x, np.asarray(image.affine, dtype=np.float64), tuple(image.shape[1:]), net_affine
+
+
+def predict_volume(image, loaded, settings: WindowSettings | None = None, precision: str = "fp32", device: str = "cpu", progress=None) -> np.ndarray:
+    """Labels [X, Y, Z] on the grid of ``image`` ([1, X, Y, Z] HU MetaTensor from load_ct)."""
+    return predict_prepared(*network_input(image, loaded, device), loaded, settings, precision, device, progress)
+
+
+def predict_prepared(x, input_affine, input_shape, net_affine, loaded, settings=None, precision: str = "fp32", device: str = "cpu", progress=None) -> np.ndarray:
+    """:func:`predict_volume` from :func:`network_input`'s result (the HU volume may be freed first)."""
     model, labels, spec, info = loaded
     settings = settings or WindowSettings.from_dict(info["inference"])
-    input_affine = np.asarray(image.affine, dtype=np.float64)
-    input_shape = tuple(image.shape[1:])
-    net = build_transforms(inference_spec(spec))(image)
-    net_affine = np.asarray(net.affine, dtype=np.float64)
-    x = net.as_tensor()[None].float().to(device)  # [1, C, D, H, W]
-    del net
     inverter = GridInverter(input_affine, input_shape, net_affine, x.shape[2:], len(labels))
     model = model.to(device).eval()
     for first, logits in streamed_sliding_window(x, model, settings, autocast=_precision_context(precision, device), progress=progress):
@@ -236,7 +243,12 @@ def predict_seg(
             continue
         try:
             image, record = load_ct(source.path, series_uid=source.series_uid)
-            labels = predict_volume(image, loaded, settings, precision=precision, device=device)
+            prepared = network_input(image, loaded, device)
+            geometry = image[:, :1, :1, :1].clone()  # keeps the affine, frees the HU volume while predicting
+            del image
+            labels = predict_prepared(*prepared, loaded, settings, precision=precision, device=device)
+            del prepared
+            image = load_ct(source.path, series_uid=source.series_uid)[0] if statistics else geometry
             if keep is not None:
                 labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
             provenance = writers.provenance(loaded, source, record, settings, precision)
