@@ -26,6 +26,7 @@ VERBS = {
     "index": ("ctfm.cli.index", "build, update and inspect the FAISS index beside a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
+    "predict": ("ctfm.cli.predict", "predict segmentation label maps on each input's own grid (NIfTI, DICOM SEG)"),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
     "search": ("ctfm.cli.search", "search a store for similar scans or for the region around a point"),
