@@ -92,7 +92,8 @@ class Viewer {
 
   async setScan(entry, cursor) {
     this.scan = entry;
-    this.cursor = cursor || entry.display.shape.map(n => Math.floor(n / 2));
+    const shape = entry.display.shape;
+    this.cursor = (cursor || shape.map(n => (n - 1) / 2)).map((v, i) => Math.max(0, Math.min(shape[i] - 1, Math.round(v))));
     $(".scan-title", this.root).textContent = entry.name;
     $(".scan-title", this.root).classList.remove("muted");
     for (const axis of AXES) {
