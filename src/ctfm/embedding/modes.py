@@ -30,6 +30,7 @@ from ctfm.preprocess.spec import EMBEDDING_PRESETS
 MODES = ("whole", "patches", "dense")
 POOLINGS = ("mean", "max", "min")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+DEFAULT_WINDOW_VOXELS = (24, 128, 128)  # CT-FM's sliding window at 3x1x1 mm, where a spec names none
 
 
 @dataclass
@@ -148,25 +149,35 @@ def embed_whole(encoder, image, options: EmbedOptions | None = None) -> np.ndarr
     return encode_whole(encoder, prepare(image, options.spec), options)
 
 
+def window_size(spec: PreprocessSpec) -> tuple[int, int, int]:
+    """The sliding-window size (voxels, spec axis order) that patches mode uses with ``spec``."""
+    return tuple(spec.patch_size_voxels or DEFAULT_WINDOW_VOXELS)
+
+
+def encode_windows(encoder, windows: torch.Tensor, device: str = "cpu", precision: str = "fp32") -> torch.Tensor:
+    """Preprocessed windows [B, 1, D, H, W] -> [B, 512] float32 on the CPU: the last map of the
+    encoder, globally averaged (what every patch row and every region query is)."""
+    from ctfm.models.networks import pool_embedding
+
+    with torch.inference_mode(), _autocast(device, precision):
+        return pool_embedding(encoder(windows.to(device))[-1]).float().cpu()
+
+
 def embed_patches(encoder, image, options: EmbedOptions | None = None) -> PatchEmbeddings:
     """[1, X, Y, Z] HU MetaTensor -> a patch grid of 512-d vectors with world centres."""
     from monai.inferers import SlidingWindowSplitter
 
-    from ctfm.models.networks import pool_embedding
-
     options = options or EmbedOptions(mode="patches")
     prepared = preprocess(image, options.spec)
     affine = np.asarray(prepared.affine, dtype=np.float64)
-    size = tuple(options.patch_size or options.spec.patch_size_voxels or (24, 128, 128))
+    size = tuple(options.patch_size or window_size(options.spec))
     splitter = SlidingWindowSplitter(size, overlap=options.overlap)
     volume = prepared.as_tensor()[None]  # [1, 1, D, H, W]
     vectors, starts = [], []
     batch, batch_starts = [], []
 
     def flush():
-        x = torch.cat(batch).to(options.device)
-        with torch.inference_mode(), _autocast(options.device, options.precision):
-            vectors.append(pool_embedding(encoder(x)[-1]).float().cpu())
+        vectors.append(encode_windows(encoder, torch.cat(batch), options.device, options.precision))
         starts.extend(batch_starts)
         batch.clear()
         batch_starts.clear()

@@ -1,0 +1,103 @@
+"""Build, update and inspect the FAISS vector index beside an embedding store.
+
+An index covers one run (computation key: model, weights, preset, mode, pool, precision,
+overlap) at one level: `scan` (one vector per scan) or `patch` (one per sliding window). It is
+written to STORE/index/ and records the scan rows it covers; when the store changes it is stale
+(`status` says so, `update` extends or rebuilds it, searches fall back to exact search).
+
+Examples:
+  ctfm index build store/                          exact (flat) cosine index of the scan vectors
+  ctfm index build store/ --level patch --kind hnsw --metric cosine
+  ctfm index build store/ --kind ivf --nlist 4096 --nprobe 32 --run 3f2a
+  ctfm index update store/ --level patch           add scans embedded since the build
+  ctfm index status store/ [--json]                runs, indexes, staleness
+  ctfm index check store/                          exit 1 when any index is stale
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
+    build = sub.add_parser("build", help="build (or rebuild) an index over one run's vectors")
+    build.add_argument("store", metavar="STORE")
+    build.add_argument("--level", default="scan", choices=["scan", "patch"], help="scan vectors (default) or patch (window) vectors")
+    build.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"], help="flat: exact (default); ivf: inverted lists; hnsw: graph")
+    build.add_argument("--metric", default="cosine", choices=["cosine", "l2"], help="cosine (default; score = cosine similarity) or l2 (score = -distance)")
+    build.add_argument("--run", metavar="DIGEST", help="the run to index when the store holds several (digest or prefix, see `ctfm index status`)")
+    build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
+    build.add_argument("--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)")
+    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
+    build.add_argument("--ef-construction", type=int, default=80, help="hnsw: build-time candidate list (default 80)")
+    build.add_argument("--ef-search", type=int, default=64, help="hnsw: search-time candidate list (default 64; stored as the search default)")
+    build.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    update = sub.add_parser("update", help="extend an index with new scans, or rebuild it when scans changed")
+    update.add_argument("store", metavar="STORE")
+    update.add_argument("--level", default="scan", choices=["scan", "patch"])
+    update.add_argument("--run", metavar="DIGEST")
+    for name, text in (("status", "runs of the store and the state of each index"), ("check", "exit 1 when any index is stale")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("store", metavar="STORE")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    from ctfm.store import open_store
+    from ctfm.store.index import IndexParams, build_index, update_index
+
+    store = open_store(args.store)
+    if args.index_command == "build":
+        params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search)
+        index = build_index(store, args.level, params, run=args.run)
+        if args.json:
+            print(json.dumps({k: v for k, v in index.manifest.items() if k != "covered"}, indent=2))
+        else:
+            m = index.manifest
+            print(f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}")
+        return 0
+    if args.index_command == "update":
+        index, done = update_index(store, args.level, run=args.run)
+        print(f"{index.path}: {done}; {index.ntotal} vectors from {index.manifest['scans']} scan(s)")
+        return 0
+    status = index_status(store)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    if args.index_command == "check":
+        return 1 if any(i["stale"] for i in status["indexes"]) else 0
+    return 0
+
+
+def index_status(store) -> dict:
+    """Runs by level (digest, key, counts) and every index with its staleness."""
+    from ctfm.store.index import list_indexes, load_index
+    from ctfm.store.vectors import list_runs
+
+    runs = {level: list_runs(store, level) for level in ("scan", "patch")}
+    indexes = []
+    for manifest in list_indexes(store):
+        index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
+        state = index.staleness(store)
+        indexes.append({
+            "level": manifest["level"], "run": manifest["digest"], "kind": manifest["params"]["kind"], "metric": manifest["params"]["metric"],
+            "vectors": manifest["vectors"], "scans": manifest["scans"], "created_at": manifest["created_at"], "stale": state.stale,
+            "state": state.describe(), "added": len(state.added), "changed": len(state.changed), "path": str(index.path),
+        })
+    return {"store": str(store.root), "runs": runs, "indexes": indexes}
+
+
+def _print_status(status: dict) -> None:
+    from ctfm.store.vectors import describe_run
+
+    print(f"store {status['store']}")
+    for level, runs in status["runs"].items():
+        print(f"{level}-level runs: {len(runs)}")
+        for r in runs:
+            print(f"  {describe_run(r)}")
+    if not status["indexes"]:
+        print("no index (build one: ctfm index build STORE [--level scan|patch])")
+    for i in status["indexes"]:
+        print(f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}")

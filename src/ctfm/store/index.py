@@ -1,0 +1,399 @@
+"""A FAISS index beside the store, over the vectors of exactly one run at one level.
+
+Files (``STORE/index/``), per level and run digest (format in docs/store.md)::
+
+    <level>-<digest>.json                 the manifest: what the index covers (written last)
+    <level>-<digest>.<build>.faiss        the FAISS index, rows in the order of ...
+    <level>-<digest>.<build>.ids.parquet  scan_id, write_id (, patch_index) of every index row
+
+The manifest names its build's files, so a crash mid-build leaves the previous index usable.
+It records the computation key (model, weights, preset, mode, pool, precision, overlap) and the
+scan rows ``(scan_id, write_id)`` covered; an index is **stale** when the store's rows of that
+run differ (scans added: :func:`update_index` extends it; scans re-embedded or removed: it is
+rebuilt). Vectors of another run are never added (:class:`MixedKeysError`).
+
+Kinds: ``flat`` (exact, the default), ``ivf`` (inverted lists, ``nlist``/``nprobe``),
+``hnsw`` (graph, ``m``/``ef_construction``/``ef_search``). Metrics: ``cosine`` (vectors
+L2-normalised, inner product; score = cosine similarity) and ``l2`` (score = -distance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.errors import OptionError, UserError
+from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
+from ctfm.store.schema import RUN_KEY
+from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_rows, select_run
+
+KINDS = ("flat", "ivf", "hnsw")
+METRICS = ("cosine", "l2")
+FORMAT_VERSION = 1
+INDEX_DIR = "index"
+
+
+class StaleIndexError(UserError):
+    """The store's rows of the index's run changed since the index was built."""
+
+
+class MixedKeysError(UserError):
+    """Vectors of another computation key were offered to an index."""
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        from ctfm.errors import MissingDependencyError
+
+        raise MissingDependencyError("the vector index needs FAISS: pip install faiss-cpu") from None
+    return faiss
+
+
+@dataclass
+class IndexParams:
+    """How to build (and by default search) an index."""
+
+    kind: str = "flat"
+    metric: str = "cosine"
+    nlist: int | None = None  # ivf: inverted lists (default ~4 sqrt(N))
+    nprobe: int = 16  # ivf: lists visited per query
+    m: int = 32  # hnsw: links per node
+    ef_construction: int = 80  # hnsw: candidate list while building
+    ef_search: int = 64  # hnsw: candidate list while searching
+    train_size: int | None = None  # ivf: vectors sampled to train the quantiser (default 64 per list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise OptionError(f"index kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if self.metric not in METRICS:
+            raise OptionError(f"metric {self.metric!r}: expected one of {', '.join(METRICS)}")
+        for name in ("nprobe", "m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"{name} {getattr(self, name)}: must be >= 1")
+        if self.nlist is not None and self.nlist < 1:
+            raise OptionError(f"nlist {self.nlist}: must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def index_dir(store) -> Path:
+    return Path(store.root) / INDEX_DIR
+
+
+def manifest_path(store, level: str, digest: str) -> Path:
+    return index_dir(store) / f"{level}-{digest}.json"
+
+
+def default_nlist(n: int) -> int:
+    """~4 sqrt(N) lists, at most N / 39 (FAISS wants >= 39 training vectors per list)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
+
+
+def new_faiss_index(dim: int, params: IndexParams, n: int):
+    """An empty (untrained for ivf) FAISS index for ``n`` vectors of ``dim``."""
+    faiss = _faiss()
+    metric = faiss.METRIC_INNER_PRODUCT if params.metric == "cosine" else faiss.METRIC_L2
+    if params.kind == "flat":
+        return faiss.IndexFlatIP(dim) if params.metric == "cosine" else faiss.IndexFlatL2(dim)
+    if params.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params.m, metric)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+        return index
+    nlist = params.nlist or default_nlist(n)
+    quantizer = faiss.IndexFlatIP(dim) if params.metric == "cosine" else faiss.IndexFlatL2(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+    index.nprobe = min(params.nprobe, nlist)
+    index._quantizer = quantizer  # keep the quantiser alive with the index (SWIG ownership)
+    return index
+
+
+def prepare_vectors(matrix: np.ndarray, metric: str) -> np.ndarray:
+    """float32, C-contiguous, L2-normalised for cosine (zero vectors stay zero)."""
+    x = np.ascontiguousarray(matrix, dtype=np.float32)
+    if metric == "cosine":
+        x = x.copy()
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def train_and_add(index, vectors: np.ndarray, params: IndexParams) -> None:
+    """Train (ivf) on a seeded sample, then add ``vectors`` (already prepared)."""
+    if params.kind == "ivf" and not index.is_trained:
+        n_train = min(len(vectors), params.train_size or 64 * index.nlist)
+        rng = np.random.default_rng(params.seed)
+        sample = vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        index.train(sample)
+    if len(vectors):
+        index.add(vectors)
+
+
+def _rows_digest(covered) -> str:
+    h = hashlib.sha256()
+    for scan_id, write_id in sorted(covered):
+        h.update(f"{scan_id}:{write_id}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Staleness:
+    """How the store's rows of the run differ from what the index covers."""
+
+    added: list[str] = field(default_factory=list)  # scan ids new in the store
+    changed: list[str] = field(default_factory=list)  # re-embedded (new write id) or removed
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.added or self.changed)
+
+    def describe(self) -> str:
+        parts = []
+        if self.added:
+            parts.append(f"{len(self.added)} scan(s) added to the store since it was built")
+        if self.changed:
+            parts.append(f"{len(self.changed)} scan(s) re-embedded or removed")
+        return ", ".join(parts) or "up to date"
+
+
+class VectorIndex:
+    """A loaded index: ``search(queries, k)`` over one run's vectors at one level.
+
+    ``ids``: the index rows' ``scan_id``, ``write_id`` (and ``patch_index``) arrays;
+    ``manifest``: the JSON manifest (key, params, covered rows, build facts).
+    """
+
+    def __init__(self, faiss_index, manifest: dict, ids: dict, path: Path | None = None):
+        self.faiss_index = faiss_index
+        self.manifest = manifest
+        self.ids = ids
+        self.path = path
+
+    @property
+    def key(self) -> tuple:
+        return tuple(self.manifest["key"][k] for k in RUN_KEY)
+
+    @property
+    def level(self) -> str:
+        return self.manifest["level"]
+
+    @property
+    def params(self) -> IndexParams:
+        return IndexParams(**self.manifest["params"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    def covered(self) -> set[tuple[str, str]]:
+        return {tuple(pair) for pair in self.manifest["covered"]}
+
+    def staleness(self, store) -> Staleness:
+        """Compare the covered rows with the store's current rows of the same run."""
+        current = {(sid, row["write_id"]) for sid, row in run_scan_rows(store, self.key).items()}
+        covered = self.covered()
+        current_ids = {s for s, _ in current}
+        covered_ids = {s for s, _ in covered}
+        added = sorted(current_ids - covered_ids)
+        changed = sorted({s for s, _ in covered - current})
+        return Staleness(added=added, changed=changed)
+
+    def check_key(self, key: tuple, what: str = "the query") -> None:
+        """Refuse vectors of another computation (other weights, preset, pool, ...)."""
+        if tuple(key) != self.key:
+            differing = [f"{name} {mine!r} vs {theirs!r}" for name, mine, theirs in zip(RUN_KEY, self.key, key) if mine != theirs]
+            raise MixedKeysError(f"{self.path or 'index'}: {what} was computed differently from the index's vectors ({'; '.join(differing)}) (embed it with the store's model, weights and preset, or build an index of that run with --run)")
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``queries`` [Q, d] -> ``(scores [Q, k], rows [Q, k])``; rows index ``ids`` (-1: none).
+
+        Score: cosine similarity, or minus the Euclidean distance (higher is better for both).
+        ``allowed``: index rows a hit may come from (a record filter).
+        """
+        faiss = _faiss()
+        params = self.params
+        q = prepare_vectors(np.atleast_2d(queries), params.metric)
+        if q.shape[1] != self.faiss_index.d:
+            raise OptionError(f"query vectors have {q.shape[1]} values, the index holds {self.faiss_index.d}-d vectors")
+        k = max(1, min(int(k), self.ntotal)) if self.ntotal else 1
+        kwargs = {}
+        if params.kind == "ivf":
+            kwargs["nprobe"] = min(nprobe or params.nprobe, self.faiss_index.nlist)
+        if params.kind == "hnsw":
+            kwargs["efSearch"] = max(ef_search or params.ef_search, k)
+        if allowed is not None:
+            kwargs["sel"] = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        search_params = None
+        if kwargs:
+            cls = {"ivf": faiss.SearchParametersIVF, "hnsw": faiss.SearchParametersHNSW}.get(params.kind, faiss.SearchParameters)
+            search_params = cls(**kwargs)
+        scores, rows = self.faiss_index.search(q, k, params=search_params)
+        if params.metric == "l2":
+            scores = -np.sqrt(np.maximum(scores, 0.0))
+        scores[rows < 0] = -np.inf
+        return scores, rows
+
+    def allowed_rows(self, scan_ids: set[str] | None) -> np.ndarray | None:
+        if scan_ids is None:
+            return None
+        return np.flatnonzero(np.isin(self.ids["scan_id"], np.asarray(sorted(scan_ids), dtype=object)))
+
+
+def _ids_table(vectors: RunVectors):
+    import pyarrow as pa
+
+    columns = {"scan_id": pa.array(vectors.scan_id.tolist(), pa.string()), "write_id": pa.array(vectors.write_id.tolist(), pa.string())}
+    if vectors.level == "patch":
+        columns["patch_index"] = pa.array(vectors.patch_index, pa.int32())
+    return pa.table(columns)
+
+
+def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexParams, covered, seconds: float, extra: dict | None = None) -> Path:
+    faiss = _faiss()
+    from ctfm import __version__
+
+    digest = run_digest(key)
+    folder = index_dir(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    build = uuid.uuid4().hex[:12]
+    stem = f"{level}-{digest}.{build}"
+    with atomic_path(folder / f"{stem}.faiss") as tmp:
+        faiss.write_index(faiss_index, str(tmp))
+    write_parquet_atomic(ids_table, folder / f"{stem}.ids.parquet")
+    manifest = {
+        "format": FORMAT_VERSION,
+        "level": level,
+        "digest": digest,
+        "key": {k: v for k, v in key_dict(key).items()},
+        "params": params.to_dict(),
+        "dim": int(faiss_index.d),
+        "vectors": int(faiss_index.ntotal),
+        "scans": len({s for s, _ in covered}),
+        "covered": sorted([list(pair) for pair in covered]),
+        "rows_sha256": _rows_digest(covered),
+        "faiss_file": f"{stem}.faiss",
+        "ids_file": f"{stem}.ids.parquet",
+        "build_seconds": round(seconds, 3),
+        "created_at": utc_now(),
+        "package_version": __version__,
+        "faiss_version": faiss.__version__,
+        **(extra or {}),
+    }
+    path = manifest_path(store, level, digest)
+    previous = json.loads(path.read_text()) if path.exists() else None
+    write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    if previous:  # the old build's files, now unreferenced
+        for name in (previous.get("faiss_file"), previous.get("ids_file")):
+            if name and name not in (manifest["faiss_file"], manifest["ids_file"]):
+                (folder / name).unlink(missing_ok=True)
+    return path
+
+
+def build_index(store, level: str = "scan", params: IndexParams | None = None, run: str | None = None) -> VectorIndex:
+    """Build (or rebuild) the index of one run at ``level`` over every current row of it."""
+    params = params or IndexParams()
+    key = select_run(store, level, run)
+    start = time.perf_counter()
+    vectors = load_run_vectors(store, level, key)
+    x = prepare_vectors(vectors.matrix, params.metric)
+    index = new_faiss_index(x.shape[1], params, len(x))
+    train_and_add(index, x, params)
+    seconds = time.perf_counter() - start
+    _write(store, level, key, index, _ids_table(vectors), params, vectors.covered(), seconds)
+    return load_index(store, level, run=run_digest(key))
+
+
+def update_index(store, level: str = "scan", run: str | None = None) -> tuple[VectorIndex, str]:
+    """Bring an index up to date: ``(index, what was done)``, one of "up to date", "extended"
+    (only new scans: their vectors are added; ivf keeps its trained lists) or "rebuilt" (scans
+    re-embedded or removed, or no index yet)."""
+    key = select_run(store, level, run)
+    path = manifest_path(store, level, run_digest(key))
+    if not path.exists():
+        return build_index(store, level, run=run_digest(key)), "built"
+    index = load_index(store, level, run=run_digest(key), on_stale="ignore")
+    state = index.staleness(store)
+    if not state.stale:
+        return index, "up to date"
+    if state.changed:
+        return build_index(store, level, index.params, run=run_digest(key)), "rebuilt"
+    start = time.perf_counter()
+    vectors = load_run_vectors(store, level, key)
+    new = np.isin(vectors.scan_id, np.asarray(state.added, dtype=object))
+    added = RunVectors(key, level, vectors.matrix[new], vectors.scan_id[new], vectors.write_id[new], {s: vectors.scans[s] for s in state.added},
+                       patch_index=None if vectors.patch_index is None else vectors.patch_index[new])
+    train_and_add(index.faiss_index, prepare_vectors(added.matrix, index.params.metric), index.params)
+    import pyarrow as pa
+
+    ids = pa.concat_tables([_ids_from_arrays(index.ids, level), _ids_table(added)])
+    covered = index.covered() | added.covered()
+    _write(store, level, key, index.faiss_index, ids, index.params, covered, index.manifest.get("build_seconds", 0) + time.perf_counter() - start)
+    return load_index(store, level, run=run_digest(key)), "extended"
+
+
+def _ids_from_arrays(ids: dict, level: str):
+    import pyarrow as pa
+
+    columns = {"scan_id": pa.array(ids["scan_id"].tolist(), pa.string()), "write_id": pa.array(ids["write_id"].tolist(), pa.string())}
+    if level == "patch":
+        columns["patch_index"] = pa.array(ids["patch_index"], pa.int32())
+    return pa.table(columns)
+
+
+def list_indexes(store) -> list[dict]:
+    """The manifests of every index beside the store."""
+    folder = index_dir(store)
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*-*.json"))]
+
+
+def load_index(store, level: str = "scan", run: str | None = None, on_stale: str = "error") -> VectorIndex:
+    """The index of ``level`` (of run ``run``, or the only one), checked against the store.
+
+    ``on_stale``: ``"error"`` (a :class:`StaleIndexError` saying what changed and the command
+    that fixes it), ``"warn"`` or ``"ignore"``.
+    """
+    faiss = _faiss()
+    import pyarrow.parquet as pq
+
+    if level not in LEVELS:
+        raise OptionError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
+    manifests = [m for m in list_indexes(store) if m["level"] == level and (run is None or m["digest"].startswith(run))]
+    if not manifests:
+        raise OptionError(f"{store.root}: no {level}-level index{f' of run {run}' if run else ''} (build one: ctfm index build {store.root} --level {level})")
+    if len(manifests) > 1:
+        raise OptionError(f"{store.root}: {len(manifests)} {level}-level indexes (runs {', '.join(m['digest'] for m in manifests)}): choose one with --run DIGEST")
+    manifest = manifests[0]
+    if manifest.get("format") != FORMAT_VERSION:
+        raise OptionError(f"{manifest_path(store, level, manifest['digest'])}: index format {manifest.get('format')} (this ctfm reads {FORMAT_VERSION}; rebuild it: ctfm index build {store.root} --level {level})")
+    folder = index_dir(store)
+    faiss_index = faiss.read_index(str(folder / manifest["faiss_file"]))
+    table = pq.read_table(folder / manifest["ids_file"])
+    ids = {"scan_id": np.asarray(table.column("scan_id").to_pylist(), dtype=object), "write_id": np.asarray(table.column("write_id").to_pylist(), dtype=object)}
+    if "patch_index" in table.column_names:
+        ids["patch_index"] = table.column("patch_index").to_numpy().astype(np.int64)
+    index = VectorIndex(faiss_index, manifest, ids, manifest_path(store, level, manifest["digest"]))
+    if manifest["params"]["kind"] == "ivf":
+        faiss.extract_index_ivf(faiss_index).nprobe = min(manifest["params"]["nprobe"], faiss_index.nlist)
+    if on_stale != "ignore":
+        state = index.staleness(store)
+        if state.stale:
+            message = f"{index.path}: the {level}-level index is stale: {state.describe()} (run: ctfm index update {store.root} --level {level})"
+            if on_stale == "error":
+                raise StaleIndexError(message)
+            import warnings
+
+            warnings.warn(message, stacklevel=2)
+    return index
