@@ -386,3 +386,23 @@ def test_serve_refuses_bad_stores_and_weights(built, tmp_path, capsys):
     assert main(["serve", str(built["store"]), "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
     assert main(["serve", str(built["store"]), "--max-upload-mb", "0"]) == 2
+
+
+def test_display_grids_keep_world_points_whatever_the_stored_orientation():
+    import torch
+    from monai.data import MetaTensor
+
+    from ctfm.app.volumes import to_display
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 1000, size=(6, 5, 4)).astype(np.float32)
+    lps = np.array([[-2.0, 0, 0, 10], [0, -1.5, 0, 20], [0, 0, 3.0, -5], [0, 0, 0, 1]])  # L, P, S axes in RAS mm
+    permuted = np.array([[0, 0, 2.0, 1], [1.5, 0, 0, 2], [0, -3.0, 0, 3], [0, 0, 0, 1]])  # axes swapped and flipped
+    for affine in (np.diag([2.0, 1.5, 3.0, 1.0]), lps, permuted):
+        display = to_display(MetaTensor(torch.from_numpy(hu)[None], affine=torch.as_tensor(affine)))
+        assert np.all(np.diag(display.affine)[:3] > 0) and np.allclose(display.affine[:3, :3], np.diag(np.diag(display.affine[:3, :3])))
+        for ijk in [(0, 0, 0), (5, 4, 3), (2, 3, 1)]:
+            world = affine @ np.append(ijk, 1.0)
+            shown = display.voxel_of(world[:3])
+            assert display.hu[tuple(shown)] == hu[ijk]  # the same voxel at the same world point
+        np.testing.assert_array_equal(display.reorient(hu), display.hu)
