@@ -12,6 +12,8 @@ Targets: click to results <= 1 s, first slice <= 1 s after choosing a scan.
     python benchmarks/app_speed.py --n 100 --trials 10            # full size (store build: minutes)
     python benchmarks/app_speed.py --n 100 --store /tmp/s --keep  # keep the store for a re-run
     python benchmarks/app_speed.py --store /tmp/s --reuse         # measure an existing store
+    python benchmarks/app_speed.py --store /tmp/s --reuse --real ../shared/data/abdomen_dicom/dicom
+                                      # add real CTs to the store and time them too
 
 Needs Debian's chromium and the playwright package (no browser download).
 """
@@ -45,7 +47,16 @@ def build(root: Path, n: int, init_filters: int) -> dict:
     return {"store": root / "store", "weights": weights}
 
 
-def measure(store: Path, weights: Path, trials: int, query: str) -> dict:
+def add_real(built: dict, paths: list[str]) -> list[str]:
+    """Embed real CTs into the store the same way (same weights, overlap); their scan ids."""
+    import ctfm
+
+    run = ctfm.embed(paths, weights=str(built["weights"]), mode="patches", overlap=0.5, out=str(built["store"]), device="cpu", progress=True)
+    print(f"real scans: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed", flush=True)
+    return [r["scan_id"] for r in run]
+
+
+def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[str] = ()) -> dict:
     from app_browser import Server, launch
     from playwright.sync_api import sync_playwright
 
@@ -57,8 +68,10 @@ def measure(store: Path, weights: Path, trials: int, query: str) -> dict:
         page.wait_for_selector("body[data-ready='1']", timeout=60_000)
         n_scans = page.locator("#scan-list li").count()
         step = max(1, n_scans // max(trials, 1))
-        for t in range(trials):
-            item = page.locator("#scan-list li").nth((t * step + 1) % n_scans)
+        chosen = [f"#scan-list li[data-scan-id='{sid}']" for sid in real_ids]
+        chosen += [None] * trials
+        for t, selector in enumerate(chosen):
+            item = page.locator(selector) if selector else page.locator("#scan-list li").nth((t * step + 1) % n_scans)
             item.scroll_into_view_if_needed()
             item.click()
             page.wait_for_function("window.ctfmTimings.firstSlice !== undefined", timeout=60_000)
@@ -71,18 +84,25 @@ def measure(store: Path, weights: Path, trials: int, query: str) -> dict:
             page.wait_for_selector("#match-viewer .view[data-axis='sagittal'] canvas[data-overlay='heatmap']", timeout=120_000)
             timing = page.evaluate("window.ctfmTimings")
             rows.append({
+                "scan": "real" if selector else "phantom",
+                "shape": page.locator("#scan-list li.active .meta").inner_text().split(" ")[0],
                 "first_slice_ms": timing["firstSlice"] - timing["scanChosen"],
                 "click_to_hits_ms": timing["hitsShown"] - timing["clicked"],
                 "click_to_thumbnails_ms": timing["thumbnailsShown"] - timing["clicked"],
                 "hit_with_heatmap_ms": timing["hitShown"] - timing["thumbnailsShown"],
                 "hits": page.locator("#hit-list .hit").count(),
             })
-            print(json.dumps({"query": query, **{k: round(v, 1) for k, v in rows[-1].items()}}), flush=True)
+            print(json.dumps({"query": query, **{k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}}), flush=True)
         browser.close()
-    summary = {"query": query, "scans": n_scans, "trials": len(rows)}
-    for key in ("first_slice_ms", "click_to_hits_ms", "click_to_thumbnails_ms", "hit_with_heatmap_ms"):
-        values = [r[key] for r in rows]
-        summary[key] = {"median": round(statistics.median(values), 1), "max": round(max(values), 1)}
+    summary = {"query": query, "scans": n_scans}
+    for kind in ("phantom", "real"):
+        picked = [r for r in rows if r["scan"] == kind]
+        if not picked:
+            continue
+        part = summary.setdefault(kind, {"trials": len(picked)})
+        for key in ("first_slice_ms", "click_to_hits_ms", "click_to_thumbnails_ms", "hit_with_heatmap_ms"):
+            values = [r[key] for r in picked]
+            part[key] = {"median": round(statistics.median(values), 1), "max": round(max(values), 1)}
     return summary
 
 
@@ -94,12 +114,14 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="measure the store already in --store")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--init-filters", type=int, default=4, help="width of the random CT-FM the store is embedded with (default 4: 64-d vectors)")
+    parser.add_argument("--real", nargs="*", default=[], help="real CT files or DICOM folders to add to the store and time as well")
     parser.add_argument("--query", nargs="+", default=["stored", "centred"], choices=["stored", "centred"])
     args = parser.parse_args()
     root = args.store or Path(tempfile.mkdtemp(prefix="ctfm-app-speed-"))
     try:
         built = {"store": root / "store", "weights": root / "weights"} if args.reuse else build(root, args.n, args.init_filters)
-        results = [measure(built["store"], built["weights"], args.trials, q) for q in args.query]
+        real_ids = add_real(built, args.real) if args.real else []
+        results = [measure(built["store"], built["weights"], args.trials, q, real_ids) for q in args.query]
         print(json.dumps(results, indent=2))
     finally:
         if args.store is None and not args.keep:
