@@ -27,6 +27,6 @@ def build_store(root: Path, n_scans: int = 3) -> dict:
 
 
 def copy_store(built: dict, target: Path) -> Path:
-    """A private copy of a built store (for tests that add scans to it)."""
-    shutil.copytree(built["store"], target)
+    """A private copy of a built store, without what a server wrote there (for tests that add scans)."""
+    shutil.copytree(built["store"], target, ignore=shutil.ignore_patterns("app-cache", "app-uploads"))
     return target

@@ -406,3 +406,39 @@ def test_display_grids_keep_world_points_whatever_the_stored_orientation():
             shown = display.voxel_of(world[:3])
             assert display.hu[tuple(shown)] == hu[ijk]  # the same voxel at the same world point
         np.testing.assert_array_equal(display.reorient(hu), display.hu)
+
+
+def test_without_the_weights_the_app_searches_stored_windows_and_refuses_uploads(built):
+    app, state = build_app(built["store"], device="cpu")  # the store's weights are a file: not rebuilt
+    with TestClient(app, raise_server_exceptions=False) as c:
+        info = c.get("/api/info").json()
+        assert info["search"] == {"query": "stored", "refine": "weighted", "can_embed": False}
+        sid = c.get("/api/scans").json()["scans"][0]["id"]
+        point = state.vectors.centers_mm[np.flatnonzero(state.vectors.scan_id == sid)[0]].tolist()
+        assert len(c.post("/api/search", json={"scan_id": sid, "point_mm": point, "k": 5}).json()["hits"]) == 2
+        _error(c.post("/api/search", json={"scan_id": sid, "point_mm": point, "query": "centred"}), 400, "weights")
+        _error(c.post("/api/scans", files={"file": ("a.nii", b"x" * 400, "application/octet-stream")}), 400, "--weights")
+
+
+def test_random_weights_are_named():
+    from ctfm.app.state import weights_are_random
+
+    assert "random initialisation (seed 3)" in weights_are_random("ab" * 32, {"provenance": {"source": "random-init", "seed": 3}})
+    assert "randomly initialised encoder" in weights_are_random("state:" + "0" * 64, {})
+    assert weights_are_random("ab" * 32, {"provenance": {"source": "converted"}}) is None
+
+
+def test_display_volumes_are_kept_in_the_servers_folder(built, tmp_path):
+    store = copy_store(built, tmp_path / "store")
+    _, state = build_app(store, weights=str(built["weights"]), device="cpu")
+    sid = state.order[0]
+    first = np.asarray(state.volumes.get(sid).hu).copy()
+    folder = store / "app-cache"
+    assert len(list(folder.glob("*.json"))) == 1 and len(list(folder.glob("*.npy"))) == 1
+    state.warm_up().join(timeout=120)
+    assert len(list(folder.glob("*.json"))) == 3
+    _, again = build_app(store, weights=str(built["weights"]), device="cpu")  # a restart reads the memory map
+    volume = again.volumes.get(sid)
+    assert isinstance(volume.hu, np.memmap)
+    np.testing.assert_array_equal(np.asarray(volume.hu), first)
+    np.testing.assert_allclose(volume.affine, state.volumes.get(sid).affine)

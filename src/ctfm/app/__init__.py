@@ -36,4 +36,5 @@ def serve(store, host: str = "127.0.0.1", port: int = 8000, on_start=None, **kwa
     server = uvicorn.Server(config)
     if on_start is not None:
         on_start(url, state)
+    state.warm_up()  # scans converted for display in the background: first slices from a memory map
     server.run(sockets=[sock])

@@ -3,7 +3,7 @@
 The app works on one computation of the store (a patch-level run: one model, weights, preset,
 pooling and overlap; :func:`ctfm.store.vectors.select_run`), so every vector it compares was
 computed the same way. Volumes, patch vectors and the encoder stay in the process, so a click
-costs one query embedding and one matrix product.
+costs one matrix product over the run's windows (plus one window embedding for a centred query).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError
 
 UPLOAD_FOLDER = "app-uploads"  # inside the store: the server's own folder for uploaded scans
+DISPLAY_FOLDER = "app-cache"  # inside the store: scans converted for display (int16 .npy, memory-mapped)
 
 
 class NotFound(OptionError):
@@ -55,7 +56,7 @@ class AppState:
             search with the encoder, many window embeddings per hit).
     """
 
-    def __init__(self, store, weights=None, run: str | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 12, query_from: str = "stored", refine: str = "weighted"):
+    def __init__(self, store, weights=None, run: str | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, query_from: str = "stored", refine: str = "weighted"):
         from ctfm.app.uploads import UploadFolder
         from ctfm.app.volumes import VolumeCache
         from ctfm.embedding.runner import default_device
@@ -72,6 +73,7 @@ class AppState:
         self.query_from, self.refine = query_from, refine
         self.device = device or default_device()
         self.uploads = UploadFolder(self.root / UPLOAD_FOLDER, int(max_upload_mb * 2**20))
+        self.display_folder = self.root / DISPLAY_FOLDER
         self.volumes = VolumeCache(self._load_volume, capacity=volume_cache)
         self._lock = threading.RLock()
         self._heatmaps: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -182,13 +184,59 @@ class AppState:
         entry["display"] = self.volumes.get(scan_id).geometry()
         return entry
 
-    def _load_volume(self, scan_id: str):
-        from ctfm.app.volumes import to_display
-        from ctfm.preprocess import load_usable_ct
-
+    def _display_stem(self, scan_id: str) -> str:
         row = self.row(scan_id)
-        image, _ = load_usable_ct(row["source_path"], series_uid=row.get("series_uid"))
-        return to_display(image)
+        return f"{scan_id.replace('#', '_')}-{str(row.get('content_hash') or 'nohash')[:16]}"
+
+    def _load_volume(self, scan_id: str):
+        """The scan's display volume: from the server's folder when converted before, else read
+        from its source (the store's own path for that id), converted and kept there."""
+        from ctfm.app.volumes import load_display, save_display, to_display
+        from ctfm.io import load_ct
+
+        stem = self._display_stem(scan_id)
+        volume = load_display(self.display_folder, stem)
+        if volume is not None:
+            return volume
+        row = self.row(scan_id)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the scan was checked when it was embedded
+            image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
+        volume = to_display(image)
+        try:
+            save_display(volume, self.display_folder, stem)
+        except OSError:  # a read-only store: the memory cache still serves
+            pass
+        return volume
+
+    def warm_up(self) -> threading.Thread:
+        """Convert, in a background thread, every scan not yet in the server's folder (first
+        slices then come from a memory map). Returns the thread (daemon)."""
+        from ctfm.app.volumes import save_display, to_display
+        from ctfm.io import load_ct
+
+        def work():
+            import warnings
+
+            for scan_id in list(self.order):
+                try:
+                    stem = self._display_stem(scan_id)
+                    if (self.display_folder / f"{stem}.json").exists() or scan_id in self.volumes:
+                        continue
+                    row = self.row(scan_id)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
+                    save_display(to_display(image), self.display_folder, stem)
+                    del image
+                except Exception:  # a scan that cannot be read now is reported when it is chosen
+                    continue
+
+        thread = threading.Thread(target=work, name="ctfm-app-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def info(self) -> dict:
         from ctfm import __version__

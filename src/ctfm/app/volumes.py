@@ -1,7 +1,9 @@
 """Scans as the viewer shows them: reoriented to RAS, windowed, cut into PNG slices.
 
-A scan is loaded once (``ctfm.io.load_ct``) and kept in a small cache as int16 HU on its
-closest-canonical (RAS) grid, so slices, thumbnails and clicks need no disk access. Slices follow
+A scan is loaded once (``ctfm.io.load_ct``), reoriented to its closest-canonical (RAS) grid and
+kept as int16 HU: in memory (the last few scans shown) and in the server's own folder as a
+memory-mapped ``.npy`` (:func:`save_display`), so that choosing any scan again, or after a
+restart, draws its first slice without decoding the source (DICOM, JPEG 2000, gzip) again. Slices follow
 radiological convention: axial seen from the feet (patient's right on the viewer's left,
 anterior up), coronal seen from the front (right on the left, superior up), sagittal seen from
 the patient's left (anterior on the left, superior up).
@@ -13,6 +15,7 @@ import io
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -156,6 +159,41 @@ def colour_overlay(values: np.ndarray, opacity: float = 0.6) -> np.ndarray:
     rgba = colormaps["magma"](np.clip(finite, 0.0, 1.0))
     rgba[..., 3] = np.where(np.isfinite(values), opacity * np.clip(finite, 0.0, 1.0) ** 0.5, 0.0)
     return (rgba * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_display(volume: DisplayVolume, folder: Path, stem: str) -> None:
+    """Write a display volume as ``stem.npy`` (int16 HU) + ``stem.json`` (geometry), each
+    complete or absent (the JSON is renamed into place last, and marks the entry complete)."""
+    import json
+    import os
+    import uuid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    array_tmp, meta_tmp = folder / f".{stem}.{token}.npy", folder / f".{stem}.{token}.json"
+    try:
+        np.save(array_tmp, volume.hu)
+        meta_tmp.write_text(json.dumps({"affine": volume.affine.tolist(), "to_ras": volume.to_ras.tolist(), "source_shape": list(volume.source_shape), "shape": list(volume.shape)}))
+        os.replace(array_tmp, folder / f"{stem}.npy")
+        os.replace(meta_tmp, folder / f"{stem}.json")
+    finally:
+        array_tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
+
+
+def load_display(folder: Path, stem: str) -> DisplayVolume | None:
+    """A display volume written by :func:`save_display`, memory-mapped; None when absent or damaged."""
+    import json
+
+    meta_path, array_path = folder / f"{stem}.json", folder / f"{stem}.npy"
+    try:
+        meta = json.loads(meta_path.read_text())
+        hu = np.load(array_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if list(hu.shape) != meta.get("shape") or hu.dtype != np.int16:
+        return None
+    return DisplayVolume(hu, np.asarray(meta["affine"], dtype=np.float64), np.asarray(meta["to_ras"], dtype=np.float64), tuple(meta["source_shape"]))
 
 
 class VolumeCache:
