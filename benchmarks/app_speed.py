@@ -3,7 +3,8 @@
 Builds a store of N synthetic phantoms with precomputed patch embeddings (``ctfm embed --mode
 patches``, a narrow random CT-FM so that building it takes minutes, not hours), starts
 ``ctfm serve`` on it, and for each trial, in the page: chooses a scan not seen before (its
-volume is loaded from disk), waits for the first slice; clicks a point, waits for the hit list
+volume is read from disk: by default after the server has converted every scan for display,
+which it does in the background at start; ``--cold`` measures at once), waits for the first slice; clicks a point, waits for the hit list
 and then for its thumbnails; selects the first hit and waits for its heatmap views. The times
 are the page's own ``performance.now()`` marks (``window.ctfmTimings``).
 
@@ -56,7 +57,7 @@ def add_real(built: dict, paths: list[str]) -> list[str]:
     return [r["scan_id"] for r in run]
 
 
-def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[str] = ()) -> dict:
+def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[str] = (), warm: bool = True) -> dict:
     from app_browser import Server, launch
     from playwright.sync_api import sync_playwright
 
@@ -67,6 +68,14 @@ def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[
         page.goto(server.url)
         page.wait_for_selector("body[data-ready='1']", timeout=60_000)
         n_scans = page.locator("#scan-list li").count()
+        if warm:  # let the server's background conversion of the scans for display finish first
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                cache = page.evaluate("fetch('/api/info').then(r => r.json()).then(i => i.display_cache)")
+                if cache["converted"] >= cache["scans"]:
+                    break
+                time.sleep(1)
+            print(f"display cache: {cache}", flush=True)
         step = max(1, n_scans // max(trials, 1))
         chosen = [f"#scan-list li[data-scan-id='{sid}']" for sid in real_ids]
         chosen += [None] * trials
@@ -94,7 +103,7 @@ def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[
             })
             print(json.dumps({"query": query, **{k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}}), flush=True)
         browser.close()
-    summary = {"query": query, "scans": n_scans}
+    summary = {"query": query, "scans": n_scans, "display_cache": "converted before" if warm else "as found"}
     for kind in ("phantom", "real"):
         picked = [r for r in rows if r["scan"] == kind]
         if not picked:
@@ -114,6 +123,7 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="measure the store already in --store")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--init-filters", type=int, default=4, help="width of the random CT-FM the store is embedded with (default 4: 64-d vectors)")
+    parser.add_argument("--cold", action="store_true", help="measure at once, without waiting for the server to convert the scans for display")
     parser.add_argument("--real", nargs="*", default=[], help="real CT files or DICOM folders to add to the store and time as well")
     parser.add_argument("--query", nargs="+", default=["stored", "centred"], choices=["stored", "centred"])
     args = parser.parse_args()
@@ -121,7 +131,7 @@ def main() -> int:
     try:
         built = {"store": root / "store", "weights": root / "weights"} if args.reuse else build(root, args.n, args.init_filters)
         real_ids = add_real(built, args.real) if args.real else []
-        results = [measure(built["store"], built["weights"], args.trials, q, real_ids) for q in args.query]
+        results = [measure(built["store"], built["weights"], args.trials, q, real_ids, warm=not args.cold) for q in args.query]
         print(json.dumps(results, indent=2))
     finally:
         if args.store is None and not args.keep:

@@ -65,6 +65,43 @@ class Server:
         self.stop()
 
 
+class InProcessServer:
+    """The app served by uvicorn in a thread of this process (no second interpreter to start);
+    ``url`` once it listens, ``state`` the server's AppState."""
+
+    def __init__(self, store, **kwargs):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from ctfm.app import build_app
+
+        app, self.state = build_app(store, **kwargs)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started, "the in-process server did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 def launch(playwright):
     """Headless system Chromium (no sandbox: tests may run as root in a container)."""
     return playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])

@@ -9,14 +9,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("ctfm.search", reason="the app searches with ctfm.search (region search)")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser tests drive Chromium with Playwright (pip install playwright)")
 
-from app_browser import CHANGED_PIXELS_JS, SNAPSHOT_JS, Server, artefact_dir, chromium_path, launch  # noqa: E402
+from app_browser import CHANGED_PIXELS_JS, SNAPSHOT_JS, InProcessServer, artefact_dir, chromium_path, launch  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
 
 def test_click_a_point_see_hits_and_the_heatmap(app_store):
     chromium_path()  # skip with the reason before starting anything
-    with Server(app_store["store"], "--weights", str(app_store["weights"])) as server, playwright_api.sync_playwright() as p:
+    with InProcessServer(app_store["store"], weights=str(app_store["weights"]), device="cpu") as server, playwright_api.sync_playwright() as p:
         browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 980})
@@ -78,4 +78,3 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store):
             assert all(u.startswith(server.url) for u in requests), [u for u in requests if not u.startswith(server.url)]
         finally:
             browser.close()
-    assert "Traceback" not in server.stop()

@@ -254,6 +254,7 @@ class AppState:
                 "message": self.weights_note,
             },
             "search": {"query": self.query_from, "refine": self.refine, "can_embed": self.can_embed},
+            "display_cache": {"scans": len(self.rows), "converted": sum((self.display_folder / f"{self._display_stem(s)}.json").exists() for s in self.order)},
             "ctfm_version": __version__,
             "max_upload_mb": self.uploads.max_bytes / 2**20,
         }
