@@ -31,10 +31,12 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def synthetic(n: int, dim: int, clusters: int, seed: int, rng_basis) -> np.ndarray:
-    """[n, dim] float32 unit vectors (see the module docstring), in 100k blocks to bound memory."""
+def synthetic(n: int, dim: int, clusters: int, seed: int, rng_basis, separation: float = 1.0) -> np.ndarray:
+    """[n, dim] float32 unit vectors (see the module docstring), in 100k blocks to bound memory.
+    ``separation``: spread of the cluster centres relative to the clusters' own spread (1:
+    overlapping clusters, hard for IVF; 3: well separated)."""
     latent_dim = 64
-    centres = rng_basis.normal(size=(clusters, latent_dim)).astype(np.float32) * 3.0
+    centres = rng_basis.normal(size=(clusters, latent_dim)).astype(np.float32) * separation
     basis = rng_basis.normal(size=(latent_dim, dim)).astype(np.float32) / np.sqrt(latent_dim)
     rng = np.random.default_rng(seed)
     out = np.empty((n, dim), dtype=np.float32)
@@ -49,15 +51,25 @@ def synthetic(n: int, dim: int, clusters: int, seed: int, rng_basis) -> np.ndarr
     return out
 
 
-def latency(index, queries: np.ndarray, k: int, **kw) -> tuple[float, np.ndarray]:
-    """Mean ms per query, one query at a time; and the rows found [Q, k]."""
+def latency(index, queries: np.ndarray, k: int, threads=(1, 2), **kw) -> tuple[dict, np.ndarray]:
+    """ms per query: one query at a time with each thread count (``single_<t>t``), and the
+    whole batch at once with the most threads (``batch``); and the rows found [Q, k]."""
+    import faiss
+
+    out = {}
     rows = np.empty((len(queries), k), dtype=np.int64)
-    index.search(queries[:1], k, **kw)  # warm-up
+    for t in threads:
+        faiss.omp_set_num_threads(t)
+        index.search(queries[:1], k, **kw)  # warm-up
+        start = time.perf_counter()
+        for i in range(len(queries)):
+            _, r = index.search(queries[i : i + 1], k, **kw)
+            rows[i] = r[0]
+        out[f"ms_single_{t}t"] = round((time.perf_counter() - start) * 1000 / len(queries), 2)
     start = time.perf_counter()
-    for i in range(len(queries)):
-        _, r = index.search(queries[i : i + 1], k, **kw)
-        rows[i] = r[0]
-    return (time.perf_counter() - start) * 1000 / len(queries), rows
+    index.search(queries, k, **kw)
+    out["ms_batch"] = round((time.perf_counter() - start) * 1000 / len(queries), 3)
+    return out, rows
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -81,6 +93,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--clusters", type=int, default=2000)
+    parser.add_argument("--separation", type=float, default=1.0, help="cluster centre spread / cluster spread (1: overlapping, 3: separated)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", default="8,16,32,64")
@@ -90,14 +103,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
-    faiss.omp_set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)  # builds use all of them; latency() sweeps 1..threads
     k = 10
     rng_basis = np.random.default_rng(1234)
     t0 = time.perf_counter()
-    data = synthetic(args.n, args.dim, args.clusters, seed=0, rng_basis=rng_basis)
-    queries = synthetic(args.queries, args.dim, args.clusters, seed=1, rng_basis=np.random.default_rng(1234))
+    data = synthetic(args.n, args.dim, args.clusters, seed=0, rng_basis=rng_basis, separation=args.separation)
+    queries = synthetic(args.queries, args.dim, args.clusters, seed=1, rng_basis=np.random.default_rng(1234), separation=args.separation)
     print(f"data: {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s, rss {rss_gib():.2f} GiB", flush=True)
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "n": args.n, "dim": args.dim, "queries": args.queries, "clusters": args.clusters, "faiss": faiss.__version__, "runs": []}
+    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "n": args.n, "dim": args.dim, "queries": args.queries, "clusters": args.clusters, "separation": args.separation, "faiss": faiss.__version__, "runs": []}
 
     flat_params = IndexParams(kind="flat", metric="cosine")
     t0 = time.perf_counter()
@@ -106,11 +119,12 @@ def main() -> None:
     flat_build = time.perf_counter() - t0
     exact = as_vector_index(flat, flat_params)
     _, truth = exact.search(queries, k)  # batched exact answer
-    ms, _ = latency(exact, queries[:5], k)
-    results["runs"].append({"kind": "flat", "n": args.n, "build_s": round(flat_build, 1), "ms_per_query": round(ms, 2), "recall_at_10": 1.0, "rss_gib": round(rss_gib(), 2)})
+    ms, _ = latency(exact, queries[:5], k, threads=(args.threads,))
+    results["runs"].append({"kind": "flat", "n": args.n, "build_s": round(flat_build, 1), **ms, "recall_at_10": 1.0, "rss_gib": round(rss_gib(), 2)})
     print(results["runs"][-1], flush=True)
     del flat, exact
 
+    faiss.omp_set_num_threads(args.threads)
     ivf_params = IndexParams(kind="ivf", metric="cosine", nlist=args.nlist)
     t0 = time.perf_counter()
     ivf = new_faiss_index(args.dim, ivf_params, args.n)
@@ -119,7 +133,7 @@ def main() -> None:
     wrapped = as_vector_index(ivf, ivf_params)
     for nprobe in [int(v) for v in args.nprobe.split(",")]:
         ms, found = latency(wrapped, queries, k, nprobe=nprobe)
-        results["runs"].append({"kind": "ivf", "n": args.n, "nlist": args.nlist, "nprobe": nprobe, "train_size": 64 * args.nlist, "build_s": round(ivf_build, 1), "ms_per_query": round(ms, 2), "recall_at_10": round(recall_at(found, truth), 4), "rss_gib": round(rss_gib(), 2)})
+        results["runs"].append({"kind": "ivf", "n": args.n, "nlist": args.nlist, "nprobe": nprobe, "train_size": 64 * args.nlist, "build_s": round(ivf_build, 1), **ms, "recall_at_10": round(recall_at(found, truth), 4), "rss_gib": round(rss_gib(), 2)})
         print(results["runs"][-1], flush=True)
     del ivf, wrapped
 
@@ -134,13 +148,14 @@ def main() -> None:
             del sub_flat
         hnsw_params = IndexParams(kind="hnsw", metric="cosine", m=args.hnsw_m)
         t0 = time.perf_counter()
+        faiss.omp_set_num_threads(args.threads)
         hnsw = new_faiss_index(args.dim, hnsw_params, n)
         train_and_add(hnsw, sub, hnsw_params)
         hnsw_build = time.perf_counter() - t0
         wrapped = as_vector_index(hnsw, hnsw_params)
         for ef in [int(v) for v in args.ef_search.split(",")]:
             ms, found = latency(wrapped, queries, k, ef_search=ef)
-            results["runs"].append({"kind": "hnsw", "n": n, "m": args.hnsw_m, "ef_construction": hnsw_params.ef_construction, "ef_search": ef, "build_s": round(hnsw_build, 1), "ms_per_query": round(ms, 2), "recall_at_10": round(recall_at(found, sub_truth), 4), "rss_gib": round(rss_gib(), 2)})
+            results["runs"].append({"kind": "hnsw", "n": n, "m": args.hnsw_m, "ef_construction": hnsw_params.ef_construction, "ef_search": ef, "build_s": round(hnsw_build, 1), **ms, "recall_at_10": round(recall_at(found, sub_truth), 4), "rss_gib": round(rss_gib(), 2)})
             print(results["runs"][-1], flush=True)
     if args.out:
         with open(args.out, "w") as fh:

@@ -42,7 +42,7 @@ from ctfm.search.query import (
     resolve_scan,
     run_spec,
 )
-from ctfm.search.regions import grid_stride, pattern_search, resample_to_grid, weighted_centre, window_half_extent_mm, window_similarity_grid
+from ctfm.search.regions import grid_stride, pattern_search, similarity_on_grid, weighted_centre, window_half_extent_mm
 from ctfm.store.index import StaleIndexError, list_indexes, load_index, prepare_vectors
 from ctfm.store.vectors import RunVectors, load_run_vectors, matching_scans, run_digest, select_run
 
@@ -424,9 +424,8 @@ class SearchSession:
         grid = self._target_grid(target)
         image, prepared = self._prepared_scan(grid.row["source_path"])
         scores = grid.unit @ vector
-        values = window_similarity_grid(grid.starts, scores, self.window_size, prepared.shape[1:])
         affine = np.asarray(image.affine, dtype=np.float64)
-        volume = resample_to_grid(values, np.asarray(prepared.affine, dtype=np.float64), image.shape[1:], affine)
+        volume = similarity_on_grid(grid.starts, scores, self.window_size, tuple(prepared.shape[1:]), np.asarray(prepared.affine, dtype=np.float64), tuple(image.shape[1:]), affine)
         floor = float(np.nanmin(volume)) if np.isfinite(volume).any() else float(scores.min())
         return np.nan_to_num(volume, nan=floor).astype(np.float32), affine
 
