@@ -179,7 +179,7 @@ class SearchSession:
 
     def _encoder(self, key: tuple, required: str | None = None):
         if not self._encoder_checked and (self.encoder is not None or self.weights is not None):
-            self.encoder = load_encoder(key, self.weights, self.encoder)
+            self.encoder = load_encoder(key, self.weights, self.encoder).to(self.device)
             self._encoder_checked = True
         if self.encoder is None and required:
             raise OptionError(f"{required} needs the store's weights (model {key[1]}, weights sha256 {str(key[2])[:16]}...): give --weights (weights= in Python)")
