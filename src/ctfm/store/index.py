@@ -115,7 +115,6 @@ def new_faiss_index(dim: int, params: IndexParams, n: int):
     quantizer = faiss.IndexFlatIP(dim) if params.metric == "cosine" else faiss.IndexFlatL2(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
     index.nprobe = min(params.nprobe, nlist)
-    index._quantizer = quantizer  # keep the quantiser alive with the index (SWIG ownership)
     return index
 
 
