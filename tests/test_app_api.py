@@ -386,6 +386,19 @@ def test_serve_refuses_bad_stores_and_weights(built, tmp_path, capsys):
     assert main(["serve", str(built["store"]), "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
     assert main(["serve", str(built["store"]), "--max-upload-mb", "0"]) == 2
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        capsys.readouterr()
+        assert main(["serve", str(built["store"]), "--weights", str(built["weights"]), "--port", str(taken.getsockname()[1])]) == 2
+        assert "already in use" in capsys.readouterr().err
+        assert main(["serve", str(built["store"]), "--host", "192.0.2.77", "--port", "0"]) == 2  # not an address of this machine
+        assert "cannot bind" in capsys.readouterr().err
+    finally:
+        taken.close()
 
 
 def test_display_grids_keep_world_points_whatever_the_stored_orientation():

@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
-    parser.add_argument("--weights", help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file); checked against the store; needed unless it used ctfm's seeded random init")
+    parser.add_argument("--weights", help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: needed for uploads and centred query windows (a store embedded with ctfm's seeded random init needs none)")
     parser.add_argument("--run", help="digest of the patch-level run to serve, when the store holds several (ctfm store info lists them)")
     parser.add_argument("--query", default="stored", choices=["stored", "centred"], help="default query vector: stored (the query scan's stored window nearest the click; milliseconds) or centred (the window centred on the click, embedded: the reference protocol, about a second or more per click on a CPU); the page can switch")
     parser.add_argument("--refine", default="weighted", choices=["weighted", "fine", "none"], help="how hits move from their best window to a point (default weighted: no model run; fine: pattern search with the encoder, slow on a CPU)")
