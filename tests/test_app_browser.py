@@ -74,6 +74,9 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store):
             page.hover("#match-viewer .view[data-axis='axial'] canvas")
             page.mouse.wheel(0, 100)
             page.wait_for_function(f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{before}'", timeout=30_000)
+            after_wheel = page.get_attribute("#match-viewer .view[data-axis='axial'] canvas", "data-drawn")
+            page.keyboard.press("PageUp")
+            page.wait_for_function(f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{after_wheel}'", timeout=30_000)
             assert not errors, errors
             assert all(u.startswith(server.url) for u in requests), [u for u in requests if not u.startswith(server.url)]
         finally:

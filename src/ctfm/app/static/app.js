@@ -77,6 +77,8 @@ class Viewer {
       this.views[axis] = view;
       canvas.addEventListener("click", ev => this.click(view, ev));
       canvas.addEventListener("wheel", ev => { ev.preventDefault(); this.step(axis, ev.deltaY > 0 ? 1 : -1); }, { passive: false });
+      canvas.addEventListener("mouseenter", () => { app.hovered = { viewer: this, axis }; });
+      canvas.addEventListener("mouseleave", () => { if (app.hovered && app.hovered.viewer === this && app.hovered.axis === axis) app.hovered = null; });
       slider.addEventListener("input", () => { this.setIndex(axis, Number(slider.value)); });
     }
   }
@@ -356,6 +358,16 @@ async function start() {
   $("#show-heatmap").addEventListener("change", ev => { app.showHeatmap = ev.target.checked; app.match.redrawAll(); });
   $("#heatmap-opacity").addEventListener("input", ev => { app.opacity = Number(ev.target.value) / 100; AXES.forEach(a => app.match.draw(app.match.views[a])); });
   $("#scan-filter").addEventListener("input", renderScans);
+  // Arrow keys and Page Up/Down scroll the view under the mouse (1 or 10 slices).
+  document.addEventListener("keydown", ev => {
+    const focus = document.activeElement;
+    const typing = focus && (["SELECT", "TEXTAREA"].includes(focus.tagName) || (focus.tagName === "INPUT" && ["text", "search", "number", "range"].includes(focus.type)));
+    if (!app.hovered || typing) return;
+    const steps = { ArrowUp: -1, ArrowDown: 1, PageUp: -10, PageDown: 10 };
+    if (!(ev.key in steps)) return;
+    ev.preventDefault();
+    app.hovered.viewer.step(app.hovered.axis, steps[ev.key]);
+  });
   $("#upload-form").addEventListener("submit", upload);
   try {
     app.info = await api("/api/info");
