@@ -455,3 +455,10 @@ def test_display_volumes_are_kept_in_the_servers_folder(built, tmp_path):
     assert isinstance(volume.hu, np.memmap)
     np.testing.assert_array_equal(np.asarray(volume.hu), first)
     np.testing.assert_allclose(volume.affine, state.volumes.get(sid).affine)
+
+
+def test_errors_name_scans_by_id_not_by_the_servers_paths(client, built):
+    sid = client.get("/api/scans").json()["scans"][0]["id"]
+    corner = _world(client.get(f"/api/scans/{sid}").json(), (0, 0, 0))  # air, outside the cropped windows
+    error = _error(client.post("/api/search", json={"scan_id": sid, "point_mm": corner, "k": 3}), 400, f"scan {sid}", "outside every stored window")
+    assert str(built["root"]) not in error and ".nii" not in error

@@ -8,6 +8,7 @@ costs one matrix product over the run's windows (plus one window embedding for a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -276,7 +277,8 @@ class AppState:
             if cache_key in self._queries:
                 self._queries.move_to_end(cache_key)
                 return self._queries[cache_key]
-            query = self.session.region_query(scan_id, [float(v) for v in point_mm], source)
+            with _by_id(scan_id):
+                query = self.session.region_query(scan_id, [float(v) for v in point_mm], source)
             self._queries[cache_key] = query
             while len(self._queries) > 32:
                 self._queries.popitem(last=False)
@@ -287,7 +289,7 @@ class AppState:
         if target is not None:
             self.row(target)
         query = self.query(scan_id, point_mm, query_from)
-        with self._lock:
+        with self._lock, _by_id(target or scan_id):
             hits = self.session.search_point(query, None, k=k, target=target, refine=refine or self.refine)
         return [
             {"scan_id": h.scan_id, "point_mm": [round(v, 2) for v in h.point_mm], "score": round(h.score, 5), "rank": h.rank, "window_score": round(h.window_score, 5), "name": self._name(self.rows[h.scan_id]), "query": query.source}
@@ -310,7 +312,8 @@ class AppState:
             if cache_key in self._heatmaps:
                 self._heatmaps.move_to_end(cache_key)
                 return self._heatmaps[cache_key]
-            source_grid, _ = self.session.similarity_volume(query, target)
+            with _by_id(target):
+                source_grid, _ = self.session.similarity_volume(query, target)
         volume = self.volumes.get(target).reorient(np.asarray(source_grid, dtype=np.float32))
         low, high = float(np.min(volume)), float(np.max(volume))
         volume = ((volume - low) / (high - low) if high > low else np.ones_like(volume)).astype(np.float32)
@@ -385,6 +388,17 @@ class AppState:
             raise CTInputError(filename, "the scan was embedded but is not in the store's run", "check the store with ctfm store check")
         self.reload()
         return self.scan_entry(result[0]["scan_id"])
+
+
+@contextlib.contextmanager
+def _by_id(scan_id: str):
+    """Input errors about a scan named by its store id, not by the server's path to it."""
+    try:
+        yield
+    except CTInputError as exc:
+        if exc.path is None or exc.path == scan_id:
+            raise
+        raise CTInputError(f"scan {scan_id}", exc.problem, exc.fix) from None
 
 
 def _spec_of(row: dict):
