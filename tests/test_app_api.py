@@ -462,3 +462,11 @@ def test_errors_name_scans_by_id_not_by_the_servers_paths(client, built):
     corner = _world(client.get(f"/api/scans/{sid}").json(), (0, 0, 0))  # air, outside the cropped windows
     error = _error(client.post("/api/search", json={"scan_id": sid, "point_mm": corner, "k": 3}), 400, f"scan {sid}", "outside every stored window")
     assert str(built["root"]) not in error and ".nii" not in error
+
+
+def test_the_display_folder_keeps_to_its_budget(built, tmp_path):
+    store = copy_store(built, tmp_path / "store")
+    _, state = build_app(store, weights=str(built["weights"]), device="cpu", display_cache_gb=1.5 * 48 * 40 * 30 * 2 / 2**30)
+    state.warm_up().join(timeout=120)
+    assert len(list((store / "app-cache").glob("*.npy"))) == 1  # room for one scan, not two
+    assert state.volumes.get(state.order[2]).shape == (48, 40, 30)  # the others still open, from their sources

@@ -53,11 +53,13 @@ class AppState:
             query scan's stored window nearest the click: no model run, milliseconds) or
             ``centred`` (the window centred on the click, embedded: the reference protocol,
             about a second or more per click on a CPU); requests may choose either.
+        display_cache_gb: disk budget of the scans converted for display (``STORE/app-cache``);
+            past it, scans are read from their sources when chosen.
         refine: the default hit refinement (``weighted``: no model run; ``fine``: pattern
             search with the encoder, many window embeddings per hit).
     """
 
-    def __init__(self, store, weights=None, run: str | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, query_from: str = "stored", refine: str = "weighted"):
+    def __init__(self, store, weights=None, run: str | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
         from ctfm.app.uploads import UploadFolder
         from ctfm.app.volumes import VolumeCache
         from ctfm.embedding.runner import default_device
@@ -75,6 +77,8 @@ class AppState:
         self.device = device or default_device()
         self.uploads = UploadFolder(self.root / UPLOAD_FOLDER, int(max_upload_mb * 2**20))
         self.display_folder = self.root / DISPLAY_FOLDER
+        self.display_budget = int(display_cache_gb * 2**30)
+        self._display_bytes: int | None = None
         self.volumes = VolumeCache(self._load_volume, capacity=volume_cache)
         self._lock = threading.RLock()
         self._heatmaps: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -206,11 +210,22 @@ class AppState:
             warnings.simplefilter("ignore")  # the scan was checked when it was embedded
             image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
         volume = to_display(image)
-        try:
-            save_display(volume, self.display_folder, stem)
-        except OSError:  # a read-only store: the memory cache still serves
-            pass
+        if self._display_room(volume.hu.nbytes):
+            try:
+                save_display(volume, self.display_folder, stem)
+            except OSError:  # a read-only store: the memory cache still serves
+                pass
         return volume
+
+    def _display_room(self, nbytes: int) -> bool:
+        """Whether the display folder may grow by ``nbytes`` within its budget."""
+        with self._lock:
+            if self._display_bytes is None:
+                self._display_bytes = sum(p.stat().st_size for p in self.display_folder.glob("*.npy")) if self.display_folder.is_dir() else 0
+            if self._display_bytes + nbytes > self.display_budget:
+                return False
+            self._display_bytes += nbytes
+            return True
 
     def warm_up(self) -> threading.Thread:
         """Convert, in a background thread, every scan not yet in the server's folder (first
@@ -230,8 +245,11 @@ class AppState:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
-                    save_display(to_display(image), self.display_folder, stem)
+                    volume = to_display(image)
                     del image
+                    if not self._display_room(volume.hu.nbytes):
+                        return  # the folder's budget is spent: further scans are read from their sources
+                    save_display(volume, self.display_folder, stem)
                 except Exception:  # a scan that cannot be read now is reported when it is chosen
                     continue
 

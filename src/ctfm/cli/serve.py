@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run", help="digest of the patch-level run to serve, when the store holds several (ctfm store info lists them)")
     parser.add_argument("--query", default="stored", choices=["stored", "centred"], help="default query vector: stored (the query scan's stored window nearest the click; milliseconds) or centred (the window centred on the click, embedded: the reference protocol, about a second or more per click on a CPU); the page can switch")
     parser.add_argument("--refine", default="weighted", choices=["weighted", "fine", "none"], help="how hits move from their best window to a point (default weighted: no model run; fine: pattern search with the encoder, slow on a CPU)")
+    parser.add_argument("--display-cache-gb", type=float, default=20.0, help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read from their sources when chosen")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -33,6 +34,8 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise OptionError(f"--port {args.port}: expected 0..65535")
+    if not args.display_cache_gb >= 0:
+        raise OptionError(f"--display-cache-gb {args.display_cache_gb:g}: expected a size in GiB (0 turns the folder off)")
     if not args.max_upload_mb > 0:
         raise OptionError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size in MiB")
 
@@ -42,5 +45,5 @@ def run(args) -> int:
         if state.weights_note:
             print(f"warning: {state.weights_note}", file=sys.stderr, flush=True)
 
-    serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=args.run, device=args.device, query_from=args.query, refine=args.refine, on_start=announce)
+    serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=args.run, device=args.device, query_from=args.query, refine=args.refine, display_cache_gb=args.display_cache_gb, on_start=announce)
     return 0
