@@ -9,14 +9,16 @@ pytest.importorskip("fastapi")
 pytest.importorskip("ctfm.search", reason="the app searches with ctfm.search (region search)")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser tests drive Chromium with Playwright (pip install playwright)")
 
+from app_fixtures import copy_store  # noqa: E402
 from app_browser import CHANGED_PIXELS_JS, SNAPSHOT_JS, InProcessServer, artefact_dir, chromium_path, launch  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
 
-def test_click_a_point_see_hits_and_the_heatmap(app_store):
+def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
     chromium_path()  # skip with the reason before starting anything
-    with InProcessServer(app_store["store"], weights=str(app_store["weights"]), device="cpu") as server, playwright_api.sync_playwright() as p:
+    store = copy_store(app_store, tmp_path / "store")  # the upload below adds a scan
+    with InProcessServer(store, weights=str(app_store["weights"]), device="cpu") as server, playwright_api.sync_playwright() as p:
         browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 980})
@@ -77,6 +79,20 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store):
             after_wheel = page.get_attribute("#match-viewer .view[data-axis='axial'] canvas", "data-drawn")
             page.keyboard.press("PageUp")
             page.wait_for_function(f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{after_wheel}'", timeout=30_000)
+
+            # Upload a NIfTI scan from the page: it is embedded, listed and chosen.
+            from ctfm.synth import make_phantom, write_phantom
+
+            upload, _ = write_phantom(make_phantom(11, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), tmp_path / "up", stem="uploaded")
+            page.set_input_files("#upload-file", str(upload))
+            page.click("#upload-button")
+            try:
+                page.wait_for_function("document.querySelectorAll('#scan-list li').length === 4", timeout=90_000)
+            except playwright_api.TimeoutError:
+                raise AssertionError(f"upload not listed: {page.inner_text('#upload-status')} / {page.inner_text('#message')}") from None
+            assert "added" in page.inner_text("#upload-status")
+            page.wait_for_selector("#scan-list li.active:has-text('40×32×24')", timeout=30_000)  # the new scan is chosen
+            page.wait_for_selector("#query-viewer .view[data-axis='axial'] canvas[data-drawn]", timeout=30_000)
             assert not errors, errors
             assert all(u.startswith(server.url) for u in requests), [u for u in requests if not u.startswith(server.url)]
         finally:
