@@ -80,6 +80,11 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
             page.keyboard.press("PageUp")
             page.wait_for_function(f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{after_wheel}'", timeout=30_000)
 
+            # The match becomes the query: a search from the crosshair in that scan.
+            page.click("#search-from-match")
+            page.wait_for_function(f"document.querySelector('#hit-list .hit') && ![...document.querySelectorAll('#hit-list .hit')].some(h => h.dataset.scanId === '{ids[0]}')", timeout=30_000)
+            assert query_id in [page.locator("#hit-list .hit").nth(i).get_attribute("data-scan-id") for i in range(page.locator("#hit-list .hit").count())]
+
             # Upload a NIfTI scan from the page: it is embedded, listed and chosen.
             from ctfm.synth import make_phantom, write_phantom
 

@@ -339,6 +339,7 @@ async function selectHit(n) {
     app.match.overlay = { query_scan: hit.query_scan, point_mm: hit.query_point, query: hit.query_mode };
     await app.match.setScan(entry, mulAffine(entry.display.inverse_affine, hit.point_mm));
     app.match.root.dataset.hit = `${hit.scan_id}`;
+    $("#search-from-match").disabled = false;
     window.ctfmTimings.hitShown = performance.now();
   } catch (err) { showMessage(err.message); }
 }
@@ -358,6 +359,12 @@ async function start() {
   $("#show-heatmap").addEventListener("change", ev => { app.showHeatmap = ev.target.checked; app.match.redrawAll(); });
   $("#heatmap-opacity").addEventListener("input", ev => { app.opacity = Number(ev.target.value) / 100; AXES.forEach(a => app.match.draw(app.match.views[a])); });
   $("#scan-filter").addEventListener("input", renderScans);
+  $("#search-from-match").addEventListener("click", async () => {
+    if (!app.match.scan) return;
+    await app.query.setScan(app.match.scan, app.match.cursor.slice());
+    renderScans();
+    search(app.query);
+  });
   // Arrow keys and Page Up/Down scroll the view under the mouse (1 or 10 slices).
   document.addEventListener("keydown", ev => {
     const focus = document.activeElement;
