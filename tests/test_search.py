@@ -150,3 +150,48 @@ def test_bad_input_gets_one_line(world, capsys, tmp_path):
         hits = SearchSession(store).search_scans(str(outside), k=2)
     assert len(hits) == 2
     assert main(["index", "check", store]) == 1
+
+
+# ---- the refinement and heatmap arithmetic on hand-sized inputs ------------------------------
+def test_window_cells_average_the_windows_covering_each_voxel():
+    from ctfm.search.regions import similarity_on_grid, window_cells, window_similarity_grid
+
+    starts = np.array([[0, 0, 0], [0, 2, 0]])
+    edges, means = window_cells(starts, np.array([1.0, 3.0]), (1, 4, 1), (1, 7, 1))
+    assert [e.tolist() for e in edges] == [[0, 1], [0, 2, 4, 6, 7], [0, 1]]
+    np.testing.assert_allclose(means[0, :, 0], [1.0, 2.0, 3.0, np.nan])
+    grid = window_similarity_grid(starts, np.array([1.0, 3.0]), (1, 4, 1), (1, 7, 1))
+    np.testing.assert_allclose(grid[0, :, 0], [1, 1, 2, 2, 3, 3, np.nan])
+    # Onto a grid with axes swapped and the second one flipped: the same world voxels, same values.
+    prepared_affine = np.eye(4)
+    target_affine = np.array([[0, 0, 1, 0], [0, -1, 0, 6], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # target (i,j,k) -> prepared (k, 6-j, i)
+    out = similarity_on_grid(starts, np.array([1.0, 3.0]), (1, 4, 1), (1, 7, 1), prepared_affine, (1, 7, 1), target_affine)
+    np.testing.assert_allclose(out[0, :, 0], [np.nan, 3, 3, 2, 2, 1, 1])
+
+
+def test_weighted_centre_and_pattern_search_on_known_landscapes():
+    from ctfm.search.regions import pattern_search, weighted_centre
+
+    centres = np.array([[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [100, 0, 0]])
+    point, best = weighted_centre(centres, np.array([0.5, 1.0, 0.9, 0.0]), np.array([10.0, 10, 10]), sharpness=10.0)
+    # spread = 1.0 - median 0.7; weights exp(-10 * (1 - s) / 0.3) over the windows overlapping the best (not the one at 100)
+    w = np.exp(-10 * (1.0 - np.array([0.5, 1.0, 0.9])) / 0.3)
+    assert best == 1
+    np.testing.assert_allclose(point, [(w * [0.0, 10, 20]).sum() / w.sum(), 0, 0])
+    flat, _ = weighted_centre(centres, np.ones(4), np.array([10.0, 10, 10]))
+    np.testing.assert_allclose(flat, centres[0])  # no spread: the best window's centre
+    target = np.array([7.0, -3.0, 12.0])
+    found, score, used = pattern_search(lambda p: -np.abs(np.asarray(p) - target).sum(axis=1), np.array([[0.0, 0, 0]]), np.array([8.0, 8, 8]))
+    np.testing.assert_allclose(found, target)
+    assert score == 0 and used < 400
+
+
+def test_a_file_outside_the_store_is_embedded_the_stores_way(world, tmp_path):
+    outside = write_phantom(make_phantom(5, shape=(48, 40, 30), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="outside")[0]
+    session = SearchSession(world["store"], weights=str(world["weights"]))
+    vector, ref = session.scan_vector(str(outside))
+    assert not ref.in_store and len(session.search_scans(str(outside), k=2)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = ctfm.embed([str(outside)], weights=str(world["weights"]), mode="patches", overlap=0.5, preset=WINDOW_SPEC, device="cpu")
+    np.testing.assert_allclose(vector, records[0]["embedding"], atol=1e-6)  # the same chain as ctfm embed

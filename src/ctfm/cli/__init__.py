@@ -30,6 +30,7 @@ VERBS = {
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
     "search": ("ctfm.cli.search", "search a store for similar scans or for the region around a point"),
+    "serve": ("ctfm.cli.serve", "serve the semantic-search app over a store in the browser"),
     "store": ("ctfm.cli.store", "summarise, check and compact an embedding store"),
     "synth": ("ctfm.cli.synth", "write labelled synthetic torso phantoms"),
 }
