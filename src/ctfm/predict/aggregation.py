@@ -79,6 +79,12 @@ class LinearHeadSplit:
         return out
 
 
+# Finished rows are handed on two at a time: each row becomes [N, H, W] class scores (118 x 410 x 410
+# float32 is 79 MB for a large abdomen at 1 mm), and the consumer's softmax doubles that, so the
+# chunk size, not the ring buffer, decides the peak at the moment rows are finished.
+FINISHED_ROWS_PER_YIELD = 2
+
+
 def monai_windows(image_size, settings: WindowSettings) -> list[tuple[slice, slice, slice]]:
     """MONAI's window slices for ``image_size`` (already padded to >= roi), in MONAI's order."""
     from monai.data.utils import dense_patch_slices
@@ -150,8 +156,8 @@ def streamed_sliding_window(
     def finish(upto: int):
         nonlocal base
         upto = min(upto, padded[0])
-        for lo in range(base, upto, 8):
-            hi = min(lo + 8, upto)
+        for lo in range(base, upto, FINISHED_ROWS_PER_YIELD):
+            hi = min(lo + FINISHED_ROWS_PER_YIELD, upto)
             keep_lo, keep_hi = max(lo, z_pad), min(hi, z_pad + size[0])
             for ring_slice, offset, n in ring(lo, hi):
                 r0 = lo + offset
