@@ -25,6 +25,7 @@ VERBS = {
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
+    "probe": ("ctfm.cli.probe", "fit probes (logistic, kNN, MLP) on a store's embeddings for labels, with CIs"),
     "store": ("ctfm.cli.store", "summarise, check and compact an embedding store"),
     "synth": ("ctfm.cli.synth", "write labelled synthetic torso phantoms"),
 }

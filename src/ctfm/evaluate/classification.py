@@ -9,9 +9,9 @@ The point estimates agree with scikit-learn (``roc_auc_score``, ``average_precis
 
     >>> m = binary_metrics(y, p, threshold=0.4)                   # doctest: +SKIP
     >>> m["auroc"], m["sensitivity"]                              # doctest: +SKIP
-    >>> ci = bootstrap_binary(y, p, threshold=0.4, n_boot=1000)   # doctest: +SKIP
-    >>> ci["auroc"]                                               # doctest: +SKIP
-    {'value': 0.91, 'low': 0.88, 'high': 0.93}
+    >>> ci = bootstrap_binary(y, p, threshold=0.4, n_resamples=1000)  # doctest: +SKIP
+    >>> str(ci["auroc"])                                              # doctest: +SKIP
+    '0.910 [0.880, 0.930]'
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ CHUNK = 128  # resamples per weight matrix (memory: CHUNK x n float64)
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def resample_weights(n: int, n_boot: int, seed: int = 0, groups=None):
+def resample_weights(n: int, n_resamples: int, seed: int = 0, groups=None):
     """Yield weight matrices [chunk, n]: how often each case is drawn in each resample.
 
     ``groups`` (length n): resample whole groups (a cluster bootstrap, e.g. over patients), each
@@ -34,11 +34,11 @@ def resample_weights(n: int, n_boot: int, seed: int = 0, groups=None):
     if groups is None:
         codes, n_units = np.arange(n), n
     else:
-        _, codes = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+        _, codes = np.unique(np.asarray(groups), return_inverse=True)  # as stats._resample_indices
         n_units = int(codes.max()) + 1
     done = 0
-    while done < n_boot:
-        chunk = min(CHUNK, n_boot - done)
+    while done < n_resamples:
+        chunk = min(CHUNK, n_resamples - done)
         draws = rng.integers(0, n_units, size=(chunk, n_units))
         counts = np.bincount((draws + np.arange(chunk)[:, None] * n_units).ravel(), minlength=chunk * n_units).reshape(chunk, n_units)
         yield counts[:, codes].astype(np.float64)
@@ -145,56 +145,56 @@ def primary_metric(task: str) -> str:
     return "auroc" if task == "binary" else "balanced_accuracy"
 
 
-# ---- intervals -------------------------------------------------------------------------------
-def _interval(point: float, samples: np.ndarray, level: float) -> dict:
-    samples = samples[np.isfinite(samples)]
-    if not len(samples) or not np.isfinite(point):
-        return {"value": point, "low": float("nan"), "high": float("nan")}
-    alpha = (1 - level) / 2
-    low, high = np.quantile(samples, [alpha, 1 - alpha])
-    return {"value": point, "low": float(low), "high": float(high)}
+# ---- intervals (the shapes of ctfm.evaluate.stats) ---------------------------------------
+def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: float):
+    from ctfm.evaluate.stats import Interval, _percentiles
+
+    low, high = _percentiles(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
+    return Interval(point, low, high, confidence, n_resamples, int(np.isfinite(samples).sum()))
 
 
-def bootstrap_metrics(metric_fn, n: int, n_boot: int = 1000, seed: int = 0, groups=None, level: float = 0.95) -> dict[str, dict]:
-    """Percentile bootstrap CIs: ``metric_fn(weights [R, n]) -> {name: [R]}``; the point estimate
-    is ``metric_fn`` at unit weights. Returns name -> {value, low, high}."""
+def bootstrap_metrics(metric_fn, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of several metrics at once: ``metric_fn(weights [R, n]) ->
+    {name: [R]}``, the estimate at unit weights. Returns name -> :class:`ctfm.evaluate.stats.Interval`.
+
+    The resamples are those of :func:`ctfm.evaluate.stats.bootstrap_ci` with the same seed (the
+    same draws of cases or groups), so both give the same interval; this one is vectorised.
+    """
     point = {k: float(v[0]) for k, v in metric_fn(np.ones((1, n))).items()}
     samples: dict[str, list] = {k: [] for k in point}
-    for weights in resample_weights(n, n_boot, seed, groups):
+    for weights in resample_weights(n, n_resamples, seed, groups):
         for k, v in metric_fn(weights).items():
             samples[k].append(v)
-    return {k: _interval(point[k], np.concatenate(samples[k]) if samples[k] else np.array([]), level) for k in point}
+    return {k: _interval(point[k], np.concatenate(samples[k]) if samples[k] else np.array([]), n_resamples, confidence) for k in point}
 
 
-def bootstrap_binary(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0, groups=None, level: float = 0.95) -> dict[str, dict]:
-    return bootstrap_metrics(lambda w: binary_metrics_weighted(y, p, threshold, w), len(y), n_boot, seed, groups, level)
+def bootstrap_binary(y, p, threshold: float = 0.5, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
+    return bootstrap_metrics(lambda w: binary_metrics_weighted(y, p, threshold, w), len(y), n_resamples, seed, groups, confidence)
 
 
-def bootstrap_multiclass(y, probabilities, n_boot: int = 1000, seed: int = 0, groups=None, level: float = 0.95) -> dict[str, dict]:
-    return bootstrap_metrics(lambda w: multiclass_metrics_weighted(y, probabilities, w), len(y), n_boot, seed, groups, level)
+def bootstrap_multiclass(y, probabilities, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
+    return bootstrap_metrics(lambda w: multiclass_metrics_weighted(y, probabilities, w), len(y), n_resamples, seed, groups, confidence)
 
 
-def paired_bootstrap(metric_fn_a, metric_fn_b, n: int, n_boot: int = 1000, seed: int = 0, groups=None, level: float = 0.95) -> dict[str, dict]:
-    """Difference B - A of every metric on the same resamples of the same cases.
+def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
+    """A minus B of every metric on the same resamples of the same cases; name ->
+    :class:`ctfm.evaluate.stats.PairedComparison` (two-sided p: twice the smaller tail at zero)."""
+    from ctfm.evaluate.stats import PairedComparison, _percentiles
 
-    Returns name -> {a, b, difference, low, high, p_value}; the two-sided p-value is twice the
-    smaller tail of the resampled differences around zero.
-    """
     ones = np.ones((1, n))
     a0, b0 = metric_fn_a(ones), metric_fn_b(ones)
     diffs: dict[str, list] = {k: [] for k in a0}
-    for weights in resample_weights(n, n_boot, seed, groups):
+    for weights in resample_weights(n, n_resamples, seed, groups):
         a, b = metric_fn_a(weights), metric_fn_b(weights)
         for k in a0:
-            diffs[k].append(b[k] - a[k])
+            diffs[k].append(a[k] - b[k])
     out = {}
     for k in a0:
         d = np.concatenate(diffs[k]) if diffs[k] else np.array([])
-        d = d[np.isfinite(d)]
-        point = float(b0[k][0] - a0[k][0])
-        interval = _interval(point, d, level)
-        p_value = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))) if len(d) else float("nan")
-        out[k] = {"a": float(a0[k][0]), "b": float(b0[k][0]), "difference": point, "low": interval["low"], "high": interval["high"], "p_value": p_value}
+        finite = d[np.isfinite(d)]
+        low, high = _percentiles(d, confidence)
+        p_value = float(min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0)))) if len(finite) else float("nan")
+        out[k] = PairedComparison(float(a0[k][0]), float(b0[k][0]), float(a0[k][0] - b0[k][0]), low, high, p_value, "paired bootstrap")
     return out
 
 
