@@ -21,6 +21,8 @@ VERBS = {
     "cohort": ("ctfm.cli.cohort", "select IDC cohorts, scan local archives, cache preprocessed volumes"),
     "demo": ("ctfm.cli.demo", "run the main job on a synthetic scan (or --input PATH) and write a figure"),
     "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
+    "evaluate": ("ctfm.cli.evaluate", "score predictions against references (segmentation: Dice, HD95, NSD)"),
+    "finetune": ("ctfm.cli.finetune", "fine-tune a CT-FM model on labelled scans (segmentation)"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
