@@ -1,0 +1,1 @@
+"""Prediction with fine-tuned models (classification here; segmentation in its own module)."""
