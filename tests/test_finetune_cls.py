@@ -136,3 +136,20 @@ def test_bad_manifests_are_one_line_errors(phantoms, tmp_path, capsys, case, exp
     assert main(["finetune", "cls", "--preset", "tiny", *sets, *task, "--set", f"out={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and expected in err and len(err.splitlines()) == 1, err
+
+
+def test_predict_records_unreadable_inputs_and_exits_1(phantoms, tmp_path, capsys):
+    from ctfm.finetune.cls import finetune_cls
+
+    paths = phantoms["paths"]
+    manifest = _manifest(tmp_path / "cases.csv", [[p, i % 2, "train" if i < 4 else "val"] for i, p in enumerate(paths)], ["path", "abnormal", "split"])
+    export = finetune_cls(resolve_cls_config("tiny", overrides={"data": str(manifest), "out": str(tmp_path / "run"), "max_epochs": 1, "steps_per_epoch": 1}), progress_bar=False)
+    label_map = paths[0].with_name(paths[0].name.replace(".nii.gz", "_labels.nii.gz"))
+    preds = tmp_path / "preds.csv"
+    capsys.readouterr()
+    assert main(["predict", "cls", str(paths[1]), str(label_map), "--model", str(export), "-o", str(preds), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not HU" in err[0]
+    with open(preds) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [bool(r["error"]) for r in rows] == [False, True] and rows[1]["p_abnormal"] == ""
