@@ -67,15 +67,15 @@ class _Ranking:
         neg = np.add.reduceat(w * (1.0 - self.positive), self.starts, axis=1)
         return pos, neg
 
-    def auroc(self, weights):
+    def auroc(self, weights, blocks=None):
         """[R] AUROC per weight row (ties count one half): Mann-Whitney on weighted counts."""
-        pos, neg = self._blocks(weights)
+        pos, neg = blocks if blocks is not None else self._blocks(weights)
         below = np.cumsum(neg, axis=1) - neg
         return _safe_div((pos * (below + 0.5 * neg)).sum(axis=1), pos.sum(axis=1) * neg.sum(axis=1))
 
-    def average_precision(self, weights):
+    def average_precision(self, weights, blocks=None):
         """[R] average precision per weight row (scikit-learn's step definition)."""
-        pos, neg = self._blocks(weights)
+        pos, neg = blocks if blocks is not None else self._blocks(weights)
         pos, neg = pos[:, ::-1], neg[:, ::-1]  # thresholds from the highest score down
         tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
         precision = np.nan_to_num(_safe_div(tp, tp + fp))
@@ -98,7 +98,8 @@ def binary_metrics_weighted(y, p, threshold: float, weights) -> dict[str, np.nda
     """Every binary metric for each row of ``weights`` [R, n]: name -> [R]."""
     ranking = _Ranking(y, p)
     p = np.asarray(p, dtype=np.float64)
-    out = {"auroc": ranking.auroc(weights), "average_precision": ranking.average_precision(weights)}
+    blocks = ranking._blocks(weights)
+    out = {"auroc": ranking.auroc(weights, blocks), "average_precision": ranking.average_precision(weights, blocks)}
     out.update(_threshold_metrics(y, p >= threshold, weights))
     out.update(_threshold_metrics(y, p >= 0.5, weights, "@0.5"))
     return out
