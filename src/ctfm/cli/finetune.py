@@ -39,7 +39,9 @@ def add_seg(sub) -> None:
 
 
 # Tasks register here; each adds its own subcommand (and its run function).
-TASKS = [add_seg]
+from ctfm.cli.finetune_cls import add_cls  # noqa: E402
+
+TASKS = [add_seg, add_cls]
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +54,7 @@ def run(args) -> int:
     if not getattr(args, "_task_run", None):
         from ctfm.errors import OptionError
 
-        raise OptionError("ctfm finetune needs a task: seg (see ctfm finetune --help)")
+        raise OptionError("ctfm finetune needs a task: seg or cls (see ctfm finetune --help)")
     return args._task_run(args)
 
 
