@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", default="8,16,32,64")
+    parser.add_argument("--kinds", default="flat,ivf,hnsw", help="which indexes to build (flat is always the ground truth)")
+    parser.add_argument("--ivf-codec", default="flat", help="ivf list codec: flat, sq8, pq<M>")
+    parser.add_argument("--refine", default="0", help="ivf: re-ranking factors to try (search-time; >0 keeps the full vectors)")
     parser.add_argument("--hnsw-n", type=int, default=100_000, help="vectors for the HNSW run (its build is the slow one; 0 skips it)")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--ef-search", default="32,64,128")
@@ -119,25 +122,30 @@ def main() -> None:
     flat_build = time.perf_counter() - t0
     exact = as_vector_index(flat, flat_params)
     _, truth = exact.search(queries, k)  # batched exact answer
-    ms, _ = latency(exact, queries[:5], k, threads=(args.threads,))
-    results["runs"].append({"kind": "flat", "n": args.n, "build_s": round(flat_build, 1), **ms, "recall_at_10": 1.0, "rss_gib": round(rss_gib(), 2)})
-    print(results["runs"][-1], flush=True)
+    kinds = set(args.kinds.split(","))
+    if "flat" in kinds:
+        ms, _ = latency(exact, queries[:5], k, threads=(args.threads,))
+        results["runs"].append({"kind": "flat", "n": args.n, "build_s": round(flat_build, 1), **ms, "recall_at_10": 1.0, "rss_gib": round(rss_gib(), 2)})
+        print(results["runs"][-1], flush=True)
     del flat, exact
 
-    faiss.omp_set_num_threads(args.threads)
-    ivf_params = IndexParams(kind="ivf", metric="cosine", nlist=args.nlist)
-    t0 = time.perf_counter()
-    ivf = new_faiss_index(args.dim, ivf_params, args.n)
-    train_and_add(ivf, data, ivf_params)
-    ivf_build = time.perf_counter() - t0
-    wrapped = as_vector_index(ivf, ivf_params)
-    for nprobe in [int(v) for v in args.nprobe.split(",")]:
-        ms, found = latency(wrapped, queries, k, nprobe=nprobe)
-        results["runs"].append({"kind": "ivf", "n": args.n, "nlist": args.nlist, "nprobe": nprobe, "train_size": 64 * args.nlist, "build_s": round(ivf_build, 1), **ms, "recall_at_10": round(recall_at(found, truth), 4), "rss_gib": round(rss_gib(), 2)})
-        print(results["runs"][-1], flush=True)
-    del ivf, wrapped
+    if "ivf" in kinds:
+        faiss.omp_set_num_threads(args.threads)
+        refines = [int(v) for v in args.refine.split(",")]
+        ivf_params = IndexParams(kind="ivf", metric="cosine", nlist=args.nlist, codec=args.ivf_codec, refine=max(refines))
+        t0 = time.perf_counter()
+        ivf = new_faiss_index(args.dim, ivf_params, args.n)
+        train_and_add(ivf, data, ivf_params)
+        ivf_build = time.perf_counter() - t0
+        wrapped = as_vector_index(ivf, ivf_params)
+        for refine in refines:
+            for nprobe in [int(v) for v in args.nprobe.split(",")]:
+                ms, found = latency(wrapped, queries, k, nprobe=nprobe, **({"refine": refine} if refine else {}))
+                results["runs"].append({"kind": "ivf", "codec": args.ivf_codec, "refine": refine, "n": args.n, "nlist": args.nlist, "nprobe": nprobe, "train_size": 64 * args.nlist, "build_s": round(ivf_build, 1), **ms, "recall_at_10": round(recall_at(found, truth), 4), "rss_gib": round(rss_gib(), 2)})
+                print(results["runs"][-1], flush=True)
+        del ivf, wrapped
 
-    if args.hnsw_n:
+    if args.hnsw_n and "hnsw" in kinds:
         n = min(args.hnsw_n, args.n)
         sub = data[:n]
         sub_truth = truth

@@ -61,8 +61,9 @@ def test_flat_index_round_trip_equals_exact_search(store):
 
 def test_l2_ivf_and_hnsw_indexes_find_the_exact_neighbours_on_a_small_store(store):
     ids_matrix = None
-    for kind in ("flat", "ivf", "hnsw"):
-        index = build_index(store, "patch", IndexParams(kind=kind, metric="l2", nlist=2, nprobe=2))
+    for kind, codec, refine in (("flat", "flat", 0), ("ivf", "flat", 0), ("ivf", "pq4x4", 30), ("ivf", "sq8", 5), ("hnsw", "flat", 0)):
+        index = build_index(store, "patch", IndexParams(kind=kind, metric="l2", nlist=2, nprobe=2, codec=codec, refine=refine))
+        kind = f"{kind}/{codec}/{refine}"
         ids = list(zip(index.ids["scan_id"], index.ids["patch_index"]))
         matrix = np.stack([store.rows[s][1][p] for s, p in ids])
         if ids_matrix is None:
