@@ -22,3 +22,11 @@ def data_path(relative: str) -> Path:
 @pytest.fixture
 def shared_data():
     return data_path
+
+
+@pytest.fixture(scope="session")
+def app_store(tmp_path_factory):
+    """A small patches-mode store of phantoms for the app's API and browser tests (built once)."""
+    from app_fixtures import build_store
+
+    return build_store(tmp_path_factory.mktemp("app"))

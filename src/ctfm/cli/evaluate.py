@@ -1,5 +1,6 @@
-"""Zero-shot evaluations with CT-FM's protocols; each writes results.json, PNG figures and one
-self-contained report.html into --out, with the paper's figures beside ours.
+"""Zero-shot evaluations with CT-FM's protocols (each writes results.json, PNG figures and one
+self-contained report.html into --out, with the paper's figures beside ours), and segmentation
+scores (`ctfm evaluate seg`).
 
 Examples:
   ctfm evaluate retrieval --organmnist organmnist3d_64.npz --weights model_dir --out eval/organmnist
@@ -10,6 +11,7 @@ Examples:
   ctfm evaluate concepts scan1.nii.gz scan2.nii.gz --weights model_dir --out eval/concepts
   ctfm evaluate stability store/ --manifest rescans.csv --out eval/stability
   ctfm evaluate saliency scan.nii.gz --labels tumour.nii.gz --weights model_dir --out eval/saliency
+  ctfm evaluate seg --pred predictions/ --truth labels/ --out eval/seg
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def register_retrieval(sub) -> None:
     _weights(p)
     _store_filters(p)
     _out(p)
-    p.set_defaults(_evaluate=run_retrieval)
+    p.set_defaults(_evaluate_run=run_retrieval)
 
 
 def run_retrieval(args) -> int:
@@ -106,7 +108,7 @@ def register_semantic_search(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     _weights(p)
     _out(p)
-    p.set_defaults(_evaluate=run_semantic_search)
+    p.set_defaults(_evaluate_run=run_semantic_search)
 
 
 def run_semantic_search(args) -> int:
@@ -131,7 +133,7 @@ def register_clustering(sub) -> None:
     _weights(p)
     _store_filters(p)
     _out(p)
-    p.set_defaults(_evaluate=run_clustering)
+    p.set_defaults(_evaluate_run=run_clustering)
 
 
 def run_clustering(args) -> int:
@@ -158,7 +160,7 @@ def register_concepts(sub) -> None:
     p.add_argument("--zoom", type=float, default=1.0, help="resample the scan this much finer before the encoder (finer feature grid, slower; default 1)")
     _weights(p)
     _out(p)
-    p.set_defaults(_evaluate=run_concepts)
+    p.set_defaults(_evaluate_run=run_concepts)
 
 
 def run_concepts(args) -> int:
@@ -173,7 +175,7 @@ def register_stability(sub) -> None:
     p.add_argument("--manifest", required=True, metavar="SHEET", help="CSV/Parquet/XLSX with columns scan_a, scan_b[, subject]")
     _store_filters(p)
     _out(p)
-    p.set_defaults(_evaluate=run_stability)
+    p.set_defaults(_evaluate_run=run_stability)
 
 
 def run_stability(args) -> int:
@@ -191,7 +193,7 @@ def register_saliency(sub) -> None:
     p.add_argument("--batch", type=int, default=12, help="occluded copies per forward pass (default 12)")
     _weights(p)
     _out(p)
-    p.set_defaults(_evaluate=run_saliency)
+    p.set_defaults(_evaluate_run=run_saliency)
 
 
 def run_saliency(args) -> int:
@@ -201,8 +203,14 @@ def run_saliency(args) -> int:
     return _emit(result, args.json)
 
 
-# Each entry adds one subcommand (its parser and its run function).
-SUBCOMMANDS = (register_retrieval, register_semantic_search, register_clustering, register_concepts, register_stability, register_saliency)
+def register_seg(sub) -> None:
+    from ctfm.cli.evaluate_seg import add_seg
+
+    add_seg(sub)
+
+
+# Each entry adds one subcommand (its parser and its run function, as ``_evaluate_run``).
+SUBCOMMANDS = (register_retrieval, register_semantic_search, register_clustering, register_concepts, register_stability, register_saliency, register_seg)
 
 
 def add_arguments(parser) -> None:
@@ -212,4 +220,4 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    return args._evaluate(args)
+    return args._evaluate_run(args)

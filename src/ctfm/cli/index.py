@@ -9,6 +9,7 @@ Examples:
   ctfm index build store/                          exact (flat) cosine index of the scan vectors
   ctfm index build store/ --level patch --kind hnsw --metric cosine
   ctfm index build store/ --kind ivf --nlist 4096 --nprobe 32 --run 3f2a
+  ctfm index build store/ --kind ivf --codec pq64 --refine 10 --nprobe 128   millions of vectors
   ctfm index update store/ --level patch           add scans embedded since the build
   ctfm index status store/ [--json]                runs, indexes, staleness
   ctfm index check store/                          exit 1 when any index is stale
@@ -29,6 +30,8 @@ def add_arguments(parser) -> None:
     build.add_argument("--run", metavar="DIGEST", help="the run to index when the store holds several (digest or prefix, see `ctfm index status`)")
     build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
     build.add_argument("--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)")
+    build.add_argument("--codec", default="flat", help="ivf: how lists store vectors: flat (default), sq8 (1 byte per value) or pq<M> (M bytes per vector, e.g. pq64)")
+    build.add_argument("--refine", type=int, default=0, help="ivf: keep the full vectors too and re-rank REFINE x k candidates exactly (e.g. 10 with pq)")
     build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
     build.add_argument("--ef-construction", type=int, default=80, help="hnsw: build-time candidate list (default 80)")
     build.add_argument("--ef-search", type=int, default=64, help="hnsw: search-time candidate list (default 64; stored as the search default)")
@@ -49,7 +52,7 @@ def run(args) -> int:
 
     store = open_store(args.store)
     if args.index_command == "build":
-        params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search)
+        params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search, codec=args.codec, refine=args.refine)
         index = build_index(store, args.level, params, run=args.run)
         if args.json:
             print(json.dumps({k: v for k, v in index.manifest.items() if k != "covered"}, indent=2))

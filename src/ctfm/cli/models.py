@@ -12,6 +12,7 @@ Examples:
   ctfm models convert pretrained.ckpt --model ct-fm-segresnet --out weights/seg-init
   ctfm models init ct-fm --seed 0 --out weights/ct-fm-random
   ctfm models init ct-fm --seed 3 --init-filters 8 --out weights/tiny
+  ctfm models init ct-fm-segresnet --seed 0 --labels totalseg-v2 --out weights/seg-random
 
 Exit status: 0 on success, 2 for bad input (unknown model, weights that do not fit, no network).
 """
@@ -66,7 +67,8 @@ def add_arguments(parser) -> None:
 def _add_writing_arguments(p) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="the weights folder to write")
     p.add_argument("--init-filters", type=int, metavar="N", help="width of the first level (default: the model's, 32 for ct-fm)")
-    p.add_argument("--out-channels", type=int, metavar="N", help="output classes (segmentation models only)")
+    p.add_argument("--out-channels", type=int, metavar="N", help="output classes including background (segmentation models only)")
+    p.add_argument("--labels", metavar="MAP", help="class names written with the weights (segmentation models only): totalseg-v2, a JSON file, or liver,spleen (0 is background); sets --out-channels")
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
 
 
@@ -90,7 +92,35 @@ def _overrides(args, name: str) -> dict:
         if args.out_channels < 1:
             raise CTInputError(None, f"--out-channels must be a positive integer, got {args.out_channels}", "give the number of classes including background")
         overrides["out_channels"] = args.out_channels
+    if getattr(args, "labels", None) is not None:
+        from ctfm.models.labelmaps import resolve_labels
+
+        if "out_channels" not in entry.kwargs:
+            raise CTInputError(None, f"--labels applies to segmentation models, not {name!r}", "drop it, or use ct-fm-segresnet")
+        n = len(resolve_labels(args.labels))
+        if overrides.get("out_channels", n) != n:
+            raise CTInputError(None, f"--out-channels {overrides['out_channels']} disagrees with --labels ({n} classes including background)", "give one of them")
+        overrides["out_channels"] = n
     return overrides
+
+
+def _save(model, args, name: str, provenance: dict):
+    """save_pretrained, or for a segmentation model save_segmentation_model with its class names."""
+    from ctfm.models import save_pretrained
+
+    if "out_channels" in _entry_kwargs(name):
+        from ctfm.models.labelmaps import default_labels
+        from ctfm.models.segmentation import save_segmentation_model
+
+        labels = args.labels if getattr(args, "labels", None) is not None else default_labels(int(model.out_channels))
+        return save_segmentation_model(model, args.out, labels, provenance=provenance, overwrite=args.overwrite)
+    return save_pretrained(model, args.out, name=name, provenance=provenance, overwrite=args.overwrite)
+
+
+def _entry_kwargs(name: str) -> dict:
+    from ctfm.models import get_entry
+
+    return get_entry(name).kwargs
 
 
 def model_table() -> list[dict]:
@@ -132,7 +162,7 @@ def _download(args) -> int:
 
 
 def _convert(args) -> int:
-    from ctfm.models import init_model, load_weights, save_pretrained
+    from ctfm.models import init_model, load_weights
     from ctfm.models.weights import portable_source
 
     model = init_model(args.model, args.seed, **_overrides(args, args.model))
@@ -149,16 +179,16 @@ def _convert(args) -> int:
         provenance["seed"] = args.seed  # the parts outside the checkpoint were drawn from it
     if info.metadata and info.format in ("ckpt", "torch"):
         provenance.update({k: info.metadata[k] for k in ("epoch", "global_step") if k in info.metadata})
-    folder = save_pretrained(model, args.out, name=args.model, provenance=provenance, overwrite=args.overwrite)
+    folder = _save(model, args, args.model, provenance)
     _report(folder, f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded into the {info.loaded_into})")
     return 0
 
 
 def _init(args) -> int:
-    from ctfm.models import init_model, save_pretrained
+    from ctfm.models import init_model
 
     model = init_model(args.model, args.seed, **_overrides(args, args.model))
-    folder = save_pretrained(model, args.out, name=args.model, provenance={"source": "random-init", "seed": args.seed}, overwrite=args.overwrite)
+    folder = _save(model, args, args.model, {"source": "random-init", "seed": args.seed})
     _report(folder, f"random initialisation, seed {args.seed}")
     return 0
 

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--run", metavar="DIGEST", help="the run to search when the store holds several (see `ctfm index status`)")
     parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="keep scans whose record column equals VALUE (repeatable; VALUE may be a|b|c)")
     parser.add_argument("--query-from", default="auto", choices=["auto", "centred", "stored"], help="region query window: centred on the point (needs --weights) or the stored window nearest it; auto: centred with --weights")
-    parser.add_argument("--refine", default="auto", choices=["auto", "fine", "weighted", "none"], help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the top windows), none (best window centre); auto: fine with --weights")
+    parser.add_argument("--refine", default="auto", choices=["auto", "fine", "weighted", "none"], help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the top windows), none (best window centre); auto: fine for --target with --weights, else weighted")
     parser.add_argument("--include-self", action="store_true", help="let the query scan itself be a hit")
     parser.add_argument("--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector")
     parser.add_argument("--device", default="cpu", help="where the encoder runs (default cpu)")

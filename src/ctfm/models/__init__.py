@@ -7,13 +7,15 @@
 
 Layout (timm-style): ``networks`` the modules, ``registry`` the named architectures (a leaf),
 ``weights`` sources, strict loading and the folder format (no model names), ``factory`` where
-they meet (``create_model``, ``init_model``, ``save_pretrained``). Importing this package needs
+they meet (``create_model``, ``init_model``, ``save_pretrained``), ``segmentation`` the
+segmentation model from any source with its class names (``labelmaps``). Importing this package needs
 neither Lightning nor the CLI.
 """
 
 from ctfm.models.factory import build_sidecar, create_model, download_weights, init_model, load_weights, resolve_weights, save_pretrained
 from ctfm.models.networks import CTEncoder, CTSegResNet, pool_embedding
 from ctfm.models.registry import ModelEntry, find_entry, get_entry, list_models, register_model
+from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model, save_segmentation_model
 
 __all__ = [
     "CTEncoder",
@@ -26,9 +28,12 @@ __all__ = [
     "get_entry",
     "init_model",
     "list_models",
+    "LoadedSegmentation",
+    "load_segmentation_model",
     "load_weights",
     "pool_embedding",
     "register_model",
     "resolve_weights",
     "save_pretrained",
+    "save_segmentation_model",
 ]

@@ -116,10 +116,11 @@ def _folder_arch(weights) -> dict:
         return {}  # load_weights reports a damaged config.json with the fix
 
 
-def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | None = None, preprocess=None) -> dict:
+def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | None = None, preprocess=None, extra: dict | None = None) -> dict:
     """The ctfm.json content: model, PreprocessSpec, embedding pooling, weights sha256, provenance.
 
-    ``preprocess`` is the PreprocessSpec the weights were trained with (default: the registry's).
+    ``preprocess`` is the PreprocessSpec the weights were trained with (default: the registry's);
+    ``extra`` adds top-level entries (a segmentation model's ``labels`` and ``inference``).
     """
     entry = get_entry(name)
     arch = arch_config(model)
@@ -141,10 +142,11 @@ def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | N
         },
         "weights": {"file": WEIGHTS_NAME, "sha256": sha256, "parameters": sum(p.numel() for p in model.parameters())},
         "provenance": {**provenance, "ctfm_version": __version__},
+        **(extra or {}),
     }
 
 
-def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct-fm", provenance: dict | None = None, overwrite: bool = False, preprocess=None) -> Path:
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct-fm", provenance: dict | None = None, overwrite: bool = False, preprocess=None, extra: dict | None = None) -> Path:
     """Write ``model`` as a weights folder (config.json, model.safetensors, ctfm.json) -> the folder.
 
     ``name`` is the registered model it was created as (checked before anything is written).
@@ -155,7 +157,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct
     if isinstance(entry.builder, type) and not isinstance(model, entry.builder):
         raise OptionError(f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with")
     return _weights.write_weights_folder(
-        model, folder, sidecar=lambda sha256: build_sidecar(model, name, sha256, provenance, preprocess=preprocess), overwrite=overwrite
+        model, folder, sidecar=lambda sha256: build_sidecar(model, name, sha256, provenance, preprocess=preprocess, extra=extra), overwrite=overwrite
     )
 
 

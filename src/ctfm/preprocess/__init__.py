@@ -2,7 +2,7 @@
 and the checks that a loaded image is a usable CT."""
 
 from ctfm.preprocess.spec import PRESETS, ForegroundCrop, PreprocessSpec, Window, get_preset, list_presets
-from ctfm.preprocess.transforms import build_transforms, preprocess
+from ctfm.preprocess.transforms import build_paired_transforms, build_transforms, preprocess
 from ctfm.preprocess.validate import Check, check_ct, hu_statistics, is_usable, load_usable_ct, require_usable
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ForegroundCrop",
     "PreprocessSpec",
     "Window",
+    "build_paired_transforms",
     "build_transforms",
     "check_ct",
     "get_preset",

@@ -97,3 +97,60 @@ def _window(window: Window):
 def preprocess(image, spec: PreprocessSpec):
     """Apply ``spec`` to one loaded CT ([1, X, Y, Z] HU MetaTensor); returns a MetaTensor."""
     return build_transforms(spec)(image)
+
+
+def build_paired_transforms(spec: PreprocessSpec, image_key: str = "image", label_key: str = "label"):
+    """The dictionary variant of :func:`build_transforms` for an image and its label map.
+
+    The image goes through exactly the steps of ``build_transforms(spec)``; the label map
+    [1, X, Y, Z] through the same spatial steps with nearest-neighbour resampling, the image's
+    foreground box and zero (background) padding. For fine-tuning; one spec defines both chains.
+    """
+    from monai.transforms import (
+        CenterSpatialCropd,
+        Compose,
+        CropForegroundd,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    if len(spec.windows) != 1:
+        raise ValueError(f"spec {spec.name!r} stacks {len(spec.windows)} windows along a spatial axis; a label map cannot follow it")
+    keys = (image_key, label_key)
+    steps = [Orientationd(keys=keys, axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    crop = None
+    if spec.foreground_crop is not None:
+        crop = CropForegroundd(keys=keys, source_key=image_key, select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels)
+    if crop is not None and spec.foreground_crop.before_resampling:
+        steps.append(crop)
+    if spec.spacing_mm is not None:
+        steps.append(Spacingd(keys=keys, pixdim=spec.spacing_mm, mode=(spec.interpolation, "nearest")))
+    if crop is not None and not spec.foreground_crop.before_resampling:
+        steps.append(crop)
+    size = spec.patch_size_voxels
+    window = _window(spec.windows[0])
+    pad_value = spec.pad_value_hu
+    window_first = spec.pad_mode == "constant" and spec.size_policy != "none"
+    if window_first:  # as build_transforms: window first, pad with the windowed pad value
+        steps.append(_window_d(spec.windows[0], image_key))
+        pad_value = float(window(torch.tensor([[[[spec.pad_value_hu]]]], dtype=torch.float32)).flatten()[0])
+    image_pad = {"value": pad_value} if spec.pad_mode == "constant" else {}
+    if spec.size_policy in ("pad", "pad_then_center_crop"):
+        steps.append(SpatialPadd(keys=image_key, spatial_size=size, mode=spec.pad_mode, **image_pad))
+        steps.append(SpatialPadd(keys=label_key, spatial_size=size, mode="constant", value=0))
+        if spec.size_policy == "pad_then_center_crop":
+            steps.append(CenterSpatialCropd(keys=keys, roi_size=size))
+    elif spec.size_policy == "pad_or_crop":
+        steps.append(ResizeWithPadOrCropd(keys=image_key, spatial_size=size, mode=spec.pad_mode, **image_pad))
+        steps.append(ResizeWithPadOrCropd(keys=label_key, spatial_size=size, mode="constant", value=0))
+    if not window_first:
+        steps.append(_window_d(spec.windows[0], image_key))
+    return Compose(steps)
+
+
+def _window_d(window: Window, key: str):
+    from monai.transforms import ScaleIntensityRanged
+
+    return ScaleIntensityRanged(keys=key, a_min=window.low_hu, a_max=window.high_hu, b_min=0.0, b_max=1.0, clip=True)

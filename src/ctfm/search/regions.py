@@ -87,37 +87,61 @@ def pattern_search(score_at, starts_vox, initial_step: np.ndarray, max_evaluatio
     return centre, best, used
 
 
+def window_cells(starts: np.ndarray, scores: np.ndarray, size, shape) -> tuple[list[np.ndarray], np.ndarray]:
+    """The mean similarity of the windows covering each voxel, as the piecewise-constant function
+    it is: ``(edges, means)``: per axis the cell edges (voxel indices, from 0 to ``shape``), and
+    ``means`` [cells0, cells1, cells2] (NaN where no window reaches). Voxel ``v`` lies in cell
+    ``searchsorted(edges, v, "right") - 1`` on each axis."""
+    edges = []
+    for axis in range(3):
+        cut = np.concatenate([[0, shape[axis]], starts[:, axis], starts[:, axis] + size[axis]])
+        edges.append(np.unique(np.clip(cut, 0, shape[axis])))
+    total = np.zeros([len(e) - 1 for e in edges], dtype=np.float64)
+    count = np.zeros_like(total)
+    for start, score in zip(starts, scores):
+        box = tuple(slice(np.searchsorted(edges[a], min(start[a], shape[a])), np.searchsorted(edges[a], min(start[a] + size[a], shape[a]))) for a in range(3))
+        total[box] += score
+        count[box] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return edges, np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def window_similarity_grid(starts: np.ndarray, scores: np.ndarray, size, shape) -> np.ndarray:
     """Mean similarity of the windows covering each voxel of a preprocessed grid ``shape``
-    (NaN where no window reaches)."""
-    full = np.maximum(np.asarray(shape), (starts + np.asarray(size)).max(0))
-    total = np.zeros(full, dtype=np.float32)
-    count = np.zeros(full, dtype=np.float32)
-    for (a, b, c), s in zip(starts, scores):
-        region = (slice(a, a + size[0]), slice(b, b + size[1]), slice(c, c + size[2]))
-        total[region] += s
-        count[region] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        grid = total / count
-    return grid[: shape[0], : shape[1], : shape[2]]
+    (NaN where no window reaches), at full voxel resolution."""
+    edges, means = window_cells(starts, scores, size, shape)
+    index = [np.searchsorted(e, np.arange(n), side="right") - 1 for e, n in zip(edges, shape)]
+    return means[np.ix_(*index)].astype(np.float32)
 
 
-def resample_to_grid(values: np.ndarray, values_affine: np.ndarray, shape, affine: np.ndarray, fill: float = np.nan) -> np.ndarray:
-    """``values`` (on ``values_affine``'s grid) sampled trilinearly at every voxel of the grid
-    ``shape``/``affine`` (world mm, RAS), slice by slice along the last axis."""
-    from scipy.ndimage import map_coordinates
+def similarity_on_grid(starts: np.ndarray, scores: np.ndarray, size, prepared_shape, prepared_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
+    """[X, Y, Z] float32 on the grid ``shape``/``affine`` (RAS): each voxel takes the covering
+    mean of the preprocessed voxel nearest it (NaN outside the windows).
 
-    to_values = np.linalg.solve(values_affine, affine)  # target voxel -> values voxel
-    finite = np.isfinite(values)
-    filled = np.where(finite, values, 0.0).astype(np.float32)
-    weight = finite.astype(np.float32)
-    out = np.empty(tuple(shape), dtype=np.float32)
-    ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    for k in range(shape[2]):
-        ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
-        coords = (to_values @ ijk)[:3]
-        v = map_coordinates(filled, coords, order=1, mode="constant", cval=0.0)
-        w = map_coordinates(weight, coords, order=1, mode="constant", cval=0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, :, k] = np.where(w > 0.5, v / np.maximum(w, 1e-6), fill).reshape(shape[0], shape[1])
+    The preprocessed grid is the target's own axes reordered and resampled, so the map between
+    the two grids is an axis permutation with scales: then the lookup is one gather per axis
+    (about a second for 512x512x300); an oblique map falls back to a general resampling.
+    """
+    edges, means = window_cells(starts, scores, size, prepared_shape)
+    to_prepared = np.linalg.solve(prepared_affine, affine)  # target voxel -> preprocessed voxel
+    m, offset = to_prepared[:3, :3], to_prepared[:3, 3]
+    source_axis = np.argmax(np.abs(m), axis=0)  # for each target axis
+    separable = len(set(source_axis.tolist())) == 3 and all(np.sum(np.abs(m[:, t]) > 1e-6 * np.abs(m).max()) == 1 for t in range(3))
+    if not separable:
+        from scipy.ndimage import affine_transform
+
+        grid = window_similarity_grid(starts, scores, size, prepared_shape)
+        return affine_transform(grid, matrix=m, offset=offset, output_shape=tuple(int(v) for v in shape), order=0, mode="constant", cval=np.nan).astype(np.float32)
+    index, valid = [], []
+    for t in range(3):
+        a = source_axis[t]
+        voxel = np.round(m[a, t] * np.arange(shape[t]) + offset[a]).astype(np.int64)
+        inside = (voxel >= 0) & (voxel < prepared_shape[a])
+        index.append(np.clip(np.searchsorted(edges[a], voxel, side="right") - 1, 0, means.shape[a] - 1))
+        valid.append(inside)
+    permuted = np.transpose(means.astype(np.float32), axes=source_axis)  # axis t: the source axis of target axis t
+    out = permuted[np.ix_(*index)]
+    out[~valid[0], :, :] = np.nan
+    out[:, ~valid[1], :] = np.nan
+    out[:, :, ~valid[2]] = np.nan
     return out

@@ -18,7 +18,9 @@ Which query vector a region search uses (``query_from``):
 
 Refinement of each hit (``refine``): ``"fine"`` (pattern search with the encoder, to a voxel),
 ``"weighted"`` (similarity-weighted centre of the top windows around the best one), ``"none"``
-(the best window's centre); ``"auto"``: ``fine`` with an encoder, else ``weighted``.
+(the best window's centre); ``"auto"``: ``fine`` for a single target when the session has an
+encoder, else ``weighted`` (a store-wide search refines k hits; ``fine`` costs ~100 window
+embeddings each).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ctfm.search.query import (
     resolve_scan,
     run_spec,
 )
-from ctfm.search.regions import grid_stride, pattern_search, resample_to_grid, weighted_centre, window_half_extent_mm, window_similarity_grid
+from ctfm.search.regions import grid_stride, pattern_search, similarity_on_grid, weighted_centre, window_half_extent_mm
 from ctfm.store.index import StaleIndexError, list_indexes, load_index, prepare_vectors
 from ctfm.store.vectors import RunVectors, load_run_vectors, matching_scans, run_digest, select_run
 
@@ -137,6 +139,8 @@ class SearchSession:
     _prepared: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _transient: dict = field(default_factory=dict, init=False, repr=False)
     _encoder_checked: bool = field(default=False, init=False, repr=False)
+    _spec: object = field(default=None, init=False, repr=False)
+    _spans: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         from ctfm.store import EmbeddingStore, open_store
@@ -159,6 +163,7 @@ class SearchSession:
             ids = patch.scan_id
             cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1 if len(ids) else np.zeros(0, dtype=int)
             self._bounds = np.concatenate([[0], cuts, [len(ids)]]).astype(np.int64)
+            self._spans = {str(ids[lo]): (int(lo), int(hi)) for lo, hi in zip(self._bounds[:-1], self._bounds[1:]) if hi > lo}
             self._patch = patch
         return self._patch
 
@@ -174,7 +179,7 @@ class SearchSession:
 
     def _encoder(self, key: tuple, required: str | None = None):
         if not self._encoder_checked and (self.encoder is not None or self.weights is not None):
-            self.encoder = load_encoder(key, self.weights, self.encoder)
+            self.encoder = load_encoder(key, self.weights, self.encoder).to(self.device)
             self._encoder_checked = True
         if self.encoder is None and required:
             raise OptionError(f"{required} needs the store's weights (model {key[1]}, weights sha256 {str(key[2])[:16]}...): give --weights (weights= in Python)")
@@ -202,18 +207,24 @@ class SearchSession:
         from ctfm.preprocess import load_usable_ct, preprocess
 
         image, _ = load_usable_ct(path)
-        spec = run_spec(next(iter(self.patch_vectors.scans.values())))
-        entry = (image, preprocess(image, spec))
+        entry = (image, preprocess(image, self.spec))
         self._prepared[path] = entry
         while len(self._prepared) > PREPARED_CACHE:
             self._prepared.popitem(last=False)
         return entry
 
     @property
+    def spec(self):
+        """The PreprocessSpec of the patch run (one per run: it is part of the key)."""
+        if self._spec is None:
+            self._spec = run_spec(next(iter(self.patch_vectors.scans.values())))
+        return self._spec
+
+    @property
     def window_size(self) -> tuple[int, int, int]:
         from ctfm.embedding.modes import window_size
 
-        return window_size(run_spec(next(iter(self.patch_vectors.scans.values()))))
+        return window_size(self.spec)
 
     # ---- scans ----------------------------------------------------------------------------
     def resolve(self, text: str, level: str = "patch") -> ScanRef:
@@ -272,11 +283,10 @@ class SearchSession:
         if scan_id in self._transient:
             return self._transient[scan_id]
         vectors = self.patch_vectors
-        firsts = vectors.scan_id[self._bounds[:-1]]
-        i = int(np.searchsorted(firsts, scan_id))
-        if i >= len(firsts) or firsts[i] != scan_id:
+        span = self._spans.get(scan_id)
+        if span is None:
             raise OptionError(f"scan {scan_id}: has no patch vectors in the store's patch run (embed it with --mode patches)")
-        lo, hi = self._bounds[i], self._bounds[i + 1]
+        lo, hi = span
         return _Grid(scan_id, vectors.scans[scan_id], self._patch_unit[lo:hi], vectors.centers_mm[lo:hi], vectors.starts[lo:hi])
 
     def _remember_transient(self, ref: ScanRef, row: dict) -> _Grid:
@@ -297,7 +307,7 @@ class SearchSession:
         if ref.in_store:
             return self._grid_of(ref.scan_id)
         encoder = self._encoder(self.patch_vectors.key, required=f"{ref.path}: a target outside the store")
-        row = embed_file(ref.path, self.patch_vectors.key, run_spec(next(iter(self.patch_vectors.scans.values()))), encoder, self.device)
+        row = embed_file(ref.path, self.patch_vectors.key, self.spec, encoder, self.device)
         return self._remember_transient(ref, row)
 
     def region_query(self, scan: str | ScanRef, point_mm, query_from: str = "auto") -> RegionQuery:
@@ -312,7 +322,7 @@ class SearchSession:
             if not ref.in_store:
                 raise OptionError(f"{ref.text}: not in the store, so it has no stored windows (give --weights to embed it)")
             grid = self._grid_of(ref.scan_id)
-            half = window_half_extent_mm(run_spec(ref.row), self.window_size)
+            half = window_half_extent_mm(self.spec, self.window_size)
             inside = np.all(np.abs(grid.centers_mm - point) <= half + 1e-6, axis=1)
             if not inside.any():
                 raise CTInputError(ref.source_path, f"point ({', '.join(f'{v:g}' for v in point)}) mm lies outside every stored window of the scan", "give x,y,z in world millimetres (RAS) inside the scan")
@@ -351,7 +361,9 @@ class SearchSession:
             raise OptionError(f"refine {refine!r}: expected one of {', '.join(REFINEMENTS)}")
         query = scan if isinstance(scan, RegionQuery) else self.region_query(scan, point_mm, query_from)
         encoder = self._encoder(self.patch_vectors.key)
-        mode = refine if refine != "auto" else ("fine" if encoder is not None else "weighted")
+        # auto: fine for a single target (one hit), weighted across the store (fine costs ~100
+        # window embeddings per hit); "fine" asks for it on every hit.
+        mode = refine if refine != "auto" else ("fine" if encoder is not None and target is not None else "weighted")
         if mode == "fine" and encoder is None:
             self._encoder(self.patch_vectors.key, required="fine refinement")
         if target is not None:
@@ -385,9 +397,8 @@ class SearchSession:
 
     def _refined_hit(self, rank: int, grid: _Grid, vector: np.ndarray, mode: str) -> RegionHit:
         scores = grid.unit @ vector
-        spec = run_spec(grid.row)
         size = self.window_size
-        point, best = weighted_centre(grid.centers_mm, scores, window_half_extent_mm(spec, size))
+        point, best = weighted_centre(grid.centers_mm, scores, window_half_extent_mm(self.spec, size))
         score = float(scores[best])
         if mode == "none":
             point = grid.centers_mm[best]
@@ -413,9 +424,8 @@ class SearchSession:
         grid = self._target_grid(target)
         image, prepared = self._prepared_scan(grid.row["source_path"])
         scores = grid.unit @ vector
-        values = window_similarity_grid(grid.starts, scores, self.window_size, prepared.shape[1:])
         affine = np.asarray(image.affine, dtype=np.float64)
-        volume = resample_to_grid(values, np.asarray(prepared.affine, dtype=np.float64), image.shape[1:], affine)
+        volume = similarity_on_grid(grid.starts, scores, self.window_size, tuple(prepared.shape[1:]), np.asarray(prepared.affine, dtype=np.float64), tuple(image.shape[1:]), affine)
         floor = float(np.nanmin(volume)) if np.isfinite(volume).any() else float(scores.min())
         return np.nan_to_num(volume, nan=floor).astype(np.float32), affine
 

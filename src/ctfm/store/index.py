@@ -12,8 +12,9 @@ scan rows ``(scan_id, write_id)`` covered; an index is **stale** when the store'
 run differ (scans added: :func:`update_index` extends it; scans re-embedded or removed: it is
 rebuilt). Vectors of another run are never added (:class:`MixedKeysError`).
 
-Kinds: ``flat`` (exact, the default), ``ivf`` (inverted lists, ``nlist``/``nprobe``),
-``hnsw`` (graph, ``m``/``ef_construction``/``ef_search``). Metrics: ``cosine`` (vectors
+Kinds: ``flat`` (exact, the default), ``ivf`` (inverted lists, ``nlist``/``nprobe``; lists
+stored flat, as 8-bit scalars (``sq8``) or product-quantised (``pq64``), optionally re-ranked
+exactly over ``refine * k`` candidates), ``hnsw`` (graph, ``m``/``ef_construction``/``ef_search``). Metrics: ``cosine`` (vectors
 L2-normalised, inner product; score = cosine similarity) and ``l2`` (score = -distance).
 """
 
@@ -70,6 +71,8 @@ class IndexParams:
     ef_construction: int = 80  # hnsw: candidate list while building
     ef_search: int = 64  # hnsw: candidate list while searching
     train_size: int | None = None  # ivf: vectors sampled to train the quantiser (default 64 per list)
+    codec: str = "flat"  # ivf: how list entries are stored: flat, sq8, pq<M> or pq<M>x<bits>
+    refine: int = 0  # > 0: keep the full vectors and re-rank refine * k candidates exactly
     seed: int = 0
 
     def __post_init__(self):
@@ -82,9 +85,43 @@ class IndexParams:
                 raise OptionError(f"{name} {getattr(self, name)}: must be >= 1")
         if self.nlist is not None and self.nlist < 1:
             raise OptionError(f"nlist {self.nlist}: must be >= 1")
+        if self.refine < 0:
+            raise OptionError(f"refine {self.refine}: must be >= 0 (0: no re-ranking)")
+        codec_factory(self.codec)
+
+    @staticmethod
+    def from_manifest(data: dict) -> IndexParams:
+        """The params a manifest records (keys of older or newer ctfm versions ignored)."""
+        known = set(IndexParams.__dataclass_fields__)
+        return IndexParams(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def codec_factory(codec: str) -> str:
+    """The FAISS factory string of an IVF list codec: ``flat`` -> Flat, ``sq8`` -> SQ8,
+    ``pq64`` -> PQ64 (64 sub-vectors of 8 bits), ``pq64x4`` -> PQ64x4."""
+    import re
+
+    text = str(codec).lower()
+    if text == "flat":
+        return "Flat"
+    if text == "sq8":
+        return "SQ8"
+    match = re.fullmatch(r"pq(\d+)(?:x(\d+))?", text)
+    if match:
+        return f"PQ{match.group(1)}" + (f"x{match.group(2)}" if match.group(2) else "")
+    raise OptionError(f"codec {codec!r}: expected flat, sq8, pq<M> or pq<M>x<bits> (e.g. pq64)")
+
+
+def ivf_part(index):
+    """The IVF index inside ``index`` (under a refine wrapper), or None."""
+    faiss = _faiss()
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
 
 
 def index_dir(store) -> Path:
@@ -112,10 +149,11 @@ def new_faiss_index(dim: int, params: IndexParams, n: int):
         index.hnsw.efSearch = params.ef_search
         return index
     nlist = params.nlist or default_nlist(n)
-    quantizer = faiss.IndexFlatIP(dim) if params.metric == "cosine" else faiss.IndexFlatL2(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
+    index = faiss.index_factory(dim, f"IVF{nlist},{codec_factory(params.codec)}", metric)
     index.nprobe = min(params.nprobe, nlist)
-    index._quantizer = quantizer  # keep the quantiser alive with the index (SWIG ownership)
+    if params.refine:
+        index = faiss.IndexRefineFlat(index)
+        index.k_factor = float(params.refine)
     return index
 
 
@@ -132,7 +170,7 @@ def prepare_vectors(matrix: np.ndarray, metric: str) -> np.ndarray:
 def train_and_add(index, vectors: np.ndarray, params: IndexParams) -> None:
     """Train (ivf) on a seeded sample, then add ``vectors`` (already prepared)."""
     if params.kind == "ivf" and not index.is_trained:
-        n_train = min(len(vectors), params.train_size or 64 * index.nlist)
+        n_train = min(len(vectors), params.train_size or 64 * ivf_part(index).nlist)
         rng = np.random.default_rng(params.seed)
         sample = vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
         index.train(sample)
@@ -190,7 +228,7 @@ class VectorIndex:
 
     @property
     def params(self) -> IndexParams:
-        return IndexParams(**self.manifest["params"])
+        return IndexParams.from_manifest(self.manifest["params"])
 
     @property
     def ntotal(self) -> int:
@@ -215,11 +253,12 @@ class VectorIndex:
             differing = [f"{name} {mine!r} vs {theirs!r}" for name, mine, theirs in zip(RUN_KEY, self.key, key) if mine != theirs]
             raise MixedKeysError(f"{self.path or 'index'}: {what} was computed differently from the index's vectors ({'; '.join(differing)}) (embed it with the store's model, weights and preset, or build an index of that run with --run)")
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None, ef_search: int | None = None, refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` [Q, d] -> ``(scores [Q, k], rows [Q, k])``; rows index ``ids`` (-1: none).
 
         Score: cosine similarity, or minus the Euclidean distance (higher is better for both).
-        ``allowed``: index rows a hit may come from (a record filter).
+        ``allowed``: index rows a hit may come from (a record filter); ``nprobe``, ``ef_search``,
+        ``refine``: override the stored search defaults.
         """
         faiss = _faiss()
         params = self.params
@@ -229,15 +268,20 @@ class VectorIndex:
         k = max(1, min(int(k), self.ntotal)) if self.ntotal else 1
         kwargs = {}
         if params.kind == "ivf":
-            kwargs["nprobe"] = min(nprobe or params.nprobe, self.faiss_index.nlist)
+            kwargs["nprobe"] = min(nprobe or params.nprobe, ivf_part(self.faiss_index).nlist)
         if params.kind == "hnsw":
             kwargs["efSearch"] = max(ef_search or params.ef_search, k)
-        if allowed is not None:
-            kwargs["sel"] = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
+        if selector is not None:
+            kwargs["sel"] = selector
         search_params = None
         if kwargs:
             cls = {"ivf": faiss.SearchParametersIVF, "hnsw": faiss.SearchParametersHNSW}.get(params.kind, faiss.SearchParameters)
             search_params = cls(**kwargs)
+        if params.kind == "ivf" and params.refine:
+            search_params = faiss.IndexRefineSearchParameters(k_factor=float(refine or params.refine), base_index_params=search_params)
+            if selector is not None:
+                search_params.sel = selector
         scores, rows = self.faiss_index.search(q, k, params=search_params)
         if params.metric == "l2":
             scores = -np.sqrt(np.maximum(scores, 0.0))
@@ -386,7 +430,8 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
         ids["patch_index"] = table.column("patch_index").to_numpy().astype(np.int64)
     index = VectorIndex(faiss_index, manifest, ids, manifest_path(store, level, manifest["digest"]))
     if manifest["params"]["kind"] == "ivf":
-        faiss.extract_index_ivf(faiss_index).nprobe = min(manifest["params"]["nprobe"], faiss_index.nlist)
+        ivf = ivf_part(faiss_index)
+        ivf.nprobe = min(manifest["params"]["nprobe"], ivf.nlist)
     if on_stale != "ignore":
         state = index.staleness(store)
         if state.stale:

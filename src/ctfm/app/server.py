@@ -1,0 +1,186 @@
+"""The HTTP side of the app: FastAPI routes over an :class:`ctfm.app.state.AppState`.
+
+Every refusal is a JSON object ``{"error": "<one line>"}`` with a 4xx status; anything else that
+goes wrong is a 500 with a one-line message, never a traceback. Scans are addressed by their
+store id only. The page and its scripts are files of this package (``ctfm/app/static``): nothing
+is loaded from the network, the API page included.
+"""
+
+import logging
+import time
+from importlib import resources
+from typing import Literal, Optional
+
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ctfm.errors import UserError, one_line
+
+log = logging.getLogger("ctfm.app")
+Axis = Literal["axial", "coronal", "sagittal"]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scan_id: str = Field(description="store id of the scan the point lies in")
+    point_mm: list[float] = Field(min_length=3, max_length=3, description="the query point [x, y, z], world mm, RAS")
+    k: int = Field(10, ge=1, le=100, description="number of hits")
+    target: Optional[str] = Field(None, description="search this one scan (store id) instead of the whole store")
+    query: Optional[Literal["centred", "stored"]] = Field(None, description="centred: embed the window centred on the point (needs the weights); stored: the query scan's stored window nearest the point (no model run); default: the server's")
+    refine: Optional[Literal["fine", "weighted", "none"]] = Field(None, description="how a hit is moved from its best window to a point: fine (pattern search with the encoder), weighted (similarity-weighted centre of the top windows), none; default: the server's")
+
+
+class Hit(BaseModel):
+    scan_id: str = Field(description="store id of the scan hit")
+    point_mm: list[float] = Field(description="the hit, world mm, RAS, in that scan's frame")
+    score: float = Field(description="cosine similarity of the query and the hit")
+    rank: int
+    window_score: float = Field(description="cosine of the query and the best stored window of that scan")
+    name: str
+    query: str = Field(description="how the query vector was made: centred or stored")
+
+
+class SearchResponse(BaseModel):
+    hits: list[Hit]
+    ms: float = Field(description="server time of the search, milliseconds")
+
+
+def create_app(state) -> FastAPI:
+    """The FastAPI application serving ``state`` (an :class:`ctfm.app.state.AppState`)."""
+    from ctfm import __version__
+    from ctfm.app.state import NotFound
+    from ctfm.app.uploads import UploadRefused
+    from ctfm.app.volumes import WINDOWS
+
+    static = resources.files("ctfm.app") / "static"
+    app = FastAPI(
+        title="ctfm semantic search",
+        version=__version__,
+        description="Click a point in a CT, find the most similar places in every scan of an embedding store.",
+        docs_url=None,  # FastAPI's own pages load scripts from the network; /docs is bundled instead
+        redoc_url=None,
+    )
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        parts = []
+        for item in exc.errors():
+            loc = list(item.get("loc", ()))
+            kind, names = (loc[0], loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else ("", loc)
+            where = ".".join(str(p) for p in names if not isinstance(p, int)) or ("request body" if kind == "body" else "")
+            parts.append(f"{where or 'request'}: {item.get('msg', 'invalid')}")
+        return error(422, "; ".join(parts) or "malformed request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such page or endpoint: {request.url.path}"
+        return error(exc.status_code, message)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound):
+        return error(404, str(exc))
+
+    @app.exception_handler(UploadRefused)
+    async def _refused(request: Request, exc: UploadRefused):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(UserError)
+    async def _user(request: Request, exc: UserError):
+        return error(400, one_line(exc, 400))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, one_line(exc, 300))
+        return error(500, f"internal error (a bug in ctfm {__version__}): {type(exc).__name__}: {one_line(exc, 200)}")
+
+    @app.middleware("http")
+    async def _upload_limit(request: Request, call_next):
+        # Refused before a byte of the body is read: the multipart parser would spool it to disk.
+        if request.method == "POST" and request.url.path == "/api/scans":
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return error(411, "an upload needs a Content-Length header (send the file as multipart/form-data)")
+            limit = state.uploads.max_bytes
+            if int(length) > limit + 2**20:  # the multipart envelope around the file
+                return error(413, f"upload of {int(length) / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB (upload a smaller file or start the server with a larger --max-upload-mb)")
+        return await call_next(request)
+
+    png = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
+
+    # ---- the page ------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    def api_page():
+        return FileResponse(str(static / "api.html"), media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str):
+        allowed = {"app.js": "text/javascript", "app.css": "text/css", "api.js": "text/javascript"}
+        if name not in allowed:
+            return error(404, f"no such file: {name}")
+        return FileResponse(str(static / name), media_type=allowed[name])
+
+    # ---- the API -------------------------------------------------------------------------
+    @app.get("/api/info", summary="The store, its computation and its provenance")
+    def info():
+        return state.info()
+
+    @app.get("/api/scans", summary="Every scan of the store's patch run: id, name, shape, spacing, provenance")
+    def scans():
+        return {"scans": state.scan_list()}
+
+    @app.get("/api/scans/{scan_id}", summary="One scan and its display geometry (loads it into the cache)")
+    def scan(scan_id: str):
+        return state.scan_detail(scan_id)
+
+    @app.get("/api/scans/{scan_id}/slice", responses=png, response_class=Response, summary="One slice as a PNG, windowed")
+    def slice_png(
+        scan_id: str,
+        axis: Axis = Query(..., description="the view"),
+        index: int = Query(..., description="slice number along the view's axis of the display grid"),
+        window: Literal["soft", "lung", "bone", "brain"] = Query("soft", description=", ".join(f"{k}: L{v[0]:g} W{v[1]:g}" for k, v in WINDOWS.items())),
+        size: Optional[int] = Query(None, ge=16, le=1024, description="thumbnail: at most this many pixels on the longer side, square mm"),
+    ):
+        return Response(state.slice_png(scan_id, axis, index, window, size), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/scans/{scan_id}/heatmap", responses=png, response_class=Response, summary="Similarity to a query point, as an RGBA overlay slice (PNG) or the volume (NIfTI)")
+    def heatmap(
+        scan_id: str,
+        query_scan: str = Query(..., description="store id of the scan the query point lies in"),
+        x: float = Query(..., description="query point, RAS mm"),
+        y: float = Query(...),
+        z: float = Query(...),
+        axis: Optional[Axis] = Query(None, description="the view (with index); omit both for the NIfTI volume"),
+        index: Optional[int] = Query(None, description="slice number (with axis)"),
+        query: Optional[Literal["centred", "stored"]] = Query(None, description="the query vector, as in POST /api/search (default: the server's)"),
+    ):
+        point = [x, y, z]
+        if (axis is None) != (index is None):
+            return error(422, "axis and index go together: give both for a slice, neither for the volume")
+        if axis is None:
+            data = state.heatmap_nifti(scan_id, query_scan, point, query)
+            return Response(data, media_type="application/gzip", headers={"Content-Disposition": f'attachment; filename="heatmap-{scan_id}.nii.gz"'})
+        return Response(state.heatmap_png(scan_id, query_scan, point, axis, index, query), media_type="image/png")
+
+    @app.post("/api/search", response_model=SearchResponse, summary="The top-k most similar places to a point, across the store or in one target scan")
+    def search(request: SearchRequest):
+        start = time.perf_counter()
+        hits = state.search(request.scan_id, request.point_mm, request.k, request.target, request.query, request.refine)
+        return {"hits": hits, "ms": round((time.perf_counter() - start) * 1000.0, 1)}
+
+    @app.post("/api/scans", status_code=201, summary="Upload a NIfTI file or a zipped DICOM series; it is embedded with the store's model and added")
+    def upload(file: UploadFile = File(..., description=".nii, .nii.gz, or .zip of one DICOM series")):
+        return state.add_upload(file.file, file.filename or "upload")
+
+    return app

@@ -1,0 +1,425 @@
+"""What the server keeps in memory: one store run, its scans, their volumes, the encoder.
+
+The app works on one computation of the store (a patch-level run: one model, weights, preset,
+pooling and overlap; :func:`ctfm.store.vectors.select_run`), so every vector it compares was
+computed the same way. Volumes, patch vectors and the encoder stay in the process, so a click
+costs one matrix product over the run's windows (plus one window embedding for a centred query).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.errors import CTInputError, OptionError
+
+UPLOAD_FOLDER = "app-uploads"  # inside the store: the server's own folder for uploaded scans
+DISPLAY_FOLDER = "app-cache"  # inside the store: scans converted for display (int16 .npy, memory-mapped)
+
+
+class NotFound(OptionError):
+    """A scan id that is not in the store's run (answered 404)."""
+
+
+def weights_are_random(weights_sha256: str | None, sidecar: dict | None) -> str | None:
+    """Why the run's weights are a random initialisation (a sentence), or None when they are not
+    known to be: an in-memory init (``state:`` sha) or a folder whose provenance says
+    ``random-init``."""
+    provenance = (sidecar or {}).get("provenance") or {}
+    if provenance.get("source") == "random-init":
+        return f"these weights are a random initialisation (seed {provenance.get('seed', '?')}), not a trained model: similarities show the plumbing, not anatomy"
+    if str(weights_sha256 or "").startswith("state:"):
+        return "the store was embedded with a randomly initialised encoder (no weights given): similarities show the plumbing, not anatomy"
+    return None
+
+
+class AppState:
+    """The server's view of a store (see the module docstring).
+
+    Args:
+        store: the store folder.
+        weights: the weights the run was computed with (folder, ``hf-hub:ORG/NAME``, file):
+            needed to embed query points and uploads; checked against the run's sha256. Without
+            it, a run embedded with ctfm's seeded random init is rebuilt from the seed.
+        run: digest (or unique prefix) of the patch-level run, when the store holds several.
+        max_upload_mb: the upload size limit.
+        device: where the encoder runs (default: CUDA when visible, else CPU).
+        query_from: the default query vector (:mod:`ctfm.search.session`): ``stored`` (the
+            query scan's stored window nearest the click: no model run, milliseconds) or
+            ``centred`` (the window centred on the click, embedded: the reference protocol,
+            about a second or more per click on a CPU); requests may choose either.
+        display_cache_gb: disk budget of the scans converted for display (``STORE/app-cache``);
+            past it, scans are read from their sources when chosen.
+        refine: the default hit refinement (``weighted``: no model run; ``fine``: pattern
+            search with the encoder, many window embeddings per hit).
+    """
+
+    def __init__(self, store, weights=None, run: str | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
+        from ctfm.app.uploads import UploadFolder
+        from ctfm.app.volumes import VolumeCache
+        from ctfm.embedding.runner import default_device
+        from ctfm.search.session import QUERY_SOURCES, REFINEMENTS
+        from ctfm.store import open_store
+
+        self.store = open_store(store)
+        self.root = self.store.root
+        if query_from not in QUERY_SOURCES:
+            raise OptionError(f"query {query_from!r}: expected one of {', '.join(QUERY_SOURCES)}")
+        if refine not in REFINEMENTS:
+            raise OptionError(f"refine {refine!r}: expected one of {', '.join(REFINEMENTS)}")
+        self.run_name = run
+        self.query_from, self.refine = query_from, refine
+        self.device = device or default_device()
+        self.uploads = UploadFolder(self.root / UPLOAD_FOLDER, int(max_upload_mb * 2**20))
+        self.display_folder = self.root / DISPLAY_FOLDER
+        self.display_budget = int(display_cache_gb * 2**30)
+        self._display_bytes: int | None = None
+        self.volumes = VolumeCache(self._load_volume, capacity=volume_cache)
+        self._lock = threading.RLock()
+        self._heatmaps: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._queries: OrderedDict[tuple, object] = OrderedDict()
+        self.encoder = None
+        self.reload()
+        self.encoder, self.weights_note, self.sidecar = self._build_encoder(weights)
+        self.session.encoder = self.encoder
+
+    # ---- the store's run -----------------------------------------------------------------
+    def reload(self) -> None:
+        """Open the store's patch run for search (at start, and after an upload)."""
+        from ctfm.search import SearchSession
+
+        with self._lock:
+            session = SearchSession(self.store, run=self.run_name, encoder=self.encoder, device=self.device)
+            vectors = session.patch_vectors  # read once; an OptionError names the runs to choose from
+            self.session = session
+            self.key = vectors.key
+            self.vectors = vectors
+            self.rows = vectors.scans
+            self.order = sorted(self.rows, key=lambda s: (self._name(self.rows[s]), s))
+            self.spec = _spec_of(next(iter(self.rows.values())))
+            self._heatmaps.clear()
+            self._queries.clear()
+
+    @property
+    def key_fields(self) -> dict:
+        from ctfm.store.schema import RUN_KEY
+
+        return dict(zip(RUN_KEY, self.key))
+
+    def _build_encoder(self, weights):
+        """``(encoder or None, random-weights note, sidecar)``: the run's encoder, checked
+        against its sha256. Without ``weights``, a run embedded with ctfm's seeded random init
+        is rebuilt from the seed; any other run is served without an encoder (stored query
+        windows, no uploads)."""
+        from ctfm.embedding.runner import DEFAULT_SEED, weights_sha256_of
+        from ctfm.models import init_model
+        from ctfm.search.query import load_encoder
+
+        fields = self.key_fields
+        expected = str(fields["weights_sha256"])
+        encoder = None
+        if weights is not None:
+            encoder = load_encoder(self.key, weights=weights)
+        elif expected.startswith("state:"):
+            candidate = init_model(fields["model"], DEFAULT_SEED, **self._arch_overrides())
+            if weights_sha256_of(candidate) == expected:
+                encoder = candidate
+        info = getattr(encoder, "weights_info", None)
+        sidecar = getattr(info, "metadata", None) if info is not None else None
+        sidecar = sidecar if isinstance(sidecar, dict) else {}
+        if encoder is not None:
+            encoder = encoder.eval().to(self.device)
+        return encoder, weights_are_random(expected, sidecar), sidecar
+
+    def _arch_overrides(self) -> dict:
+        """Constructor overrides of an in-memory run (the vector width says the first level's)."""
+        dim = int(self.vectors.matrix.shape[1])
+        return {} if dim == 512 else {"init_filters": dim // 16}
+
+    @property
+    def can_embed(self) -> bool:
+        return self.encoder is not None
+
+    # ---- scans ---------------------------------------------------------------------------
+    @staticmethod
+    def _name(row: dict) -> str:
+        path = str(row.get("source_path") or "")
+        base = os.path.basename(path.rstrip("/")) or row["scan_id"]
+        return row.get("series_description") or base
+
+    def row(self, scan_id: str) -> dict:
+        row = self.rows.get(scan_id)
+        if row is None:
+            raise NotFound(f"scan {scan_id!r} is not in the store's run (GET /api/scans lists the ids)")
+        return row
+
+    def scan_entry(self, scan_id: str) -> dict:
+        row = self.row(scan_id)
+        return {
+            "id": scan_id,
+            "name": self._name(row),
+            "shape": list(row.get("shape") or []),
+            "spacing_mm": [float(v) for v in row.get("spacing_mm") or []],
+            "orientation": row.get("orientation"),
+            "format": row.get("format"),
+            "n_patches": row.get("n_patches"),
+            "uploaded": Path(str(row.get("source_path"))).parent == self.uploads.root,
+            "provenance": {
+                "model": row.get("model"),
+                "weights_sha256": row.get("weights_sha256"),
+                "preset": row.get("preset"),
+                "preset_hash": row.get("preset_hash"),
+                "content_hash": row.get("content_hash"),
+                "series_uid": row.get("series_uid"),
+                "package_version": row.get("package_version"),
+                "created_at": row.get("created_at"),
+            },
+        }
+
+    def scan_list(self) -> list[dict]:
+        return [self.scan_entry(s) for s in self.order]
+
+    def scan_detail(self, scan_id: str) -> dict:
+        entry = self.scan_entry(scan_id)
+        entry["display"] = self.volumes.get(scan_id).geometry()
+        return entry
+
+    def _display_stem(self, scan_id: str) -> str:
+        row = self.row(scan_id)
+        return f"{scan_id.replace('#', '_')}-{str(row.get('content_hash') or 'nohash')[:16]}"
+
+    def _load_volume(self, scan_id: str):
+        """The scan's display volume: from the server's folder when converted before, else read
+        from its source (the store's own path for that id), converted and kept there."""
+        from ctfm.app.volumes import load_display, save_display, to_display
+        from ctfm.io import load_ct
+
+        stem = self._display_stem(scan_id)
+        volume = load_display(self.display_folder, stem)
+        if volume is not None:
+            return volume
+        row = self.row(scan_id)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the scan was checked when it was embedded
+            image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
+        volume = to_display(image)
+        if self._display_room(volume.hu.nbytes):
+            try:
+                save_display(volume, self.display_folder, stem)
+            except OSError:  # a read-only store: the memory cache still serves
+                pass
+        return volume
+
+    def _display_room(self, nbytes: int) -> bool:
+        """Whether the display folder may grow by ``nbytes`` within its budget."""
+        with self._lock:
+            if self._display_bytes is None:
+                self._display_bytes = sum(p.stat().st_size for p in self.display_folder.glob("*.npy")) if self.display_folder.is_dir() else 0
+            if self._display_bytes + nbytes > self.display_budget:
+                return False
+            self._display_bytes += nbytes
+            return True
+
+    def warm_up(self) -> threading.Thread:
+        """Convert, in a background thread, every scan not yet in the server's folder (first
+        slices then come from a memory map). Returns the thread (daemon)."""
+        from ctfm.app.volumes import save_display, to_display
+        from ctfm.io import load_ct
+
+        def work():
+            import warnings
+
+            for scan_id in list(self.order):
+                try:
+                    stem = self._display_stem(scan_id)
+                    if (self.display_folder / f"{stem}.json").exists() or scan_id in self.volumes:
+                        continue
+                    row = self.row(scan_id)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
+                    volume = to_display(image)
+                    del image
+                    if not self._display_room(volume.hu.nbytes):
+                        return  # the folder's budget is spent: further scans are read from their sources
+                    save_display(volume, self.display_folder, stem)
+                except Exception:  # a scan that cannot be read now is reported when it is chosen
+                    continue
+
+        thread = threading.Thread(target=work, name="ctfm-app-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def info(self) -> dict:
+        from ctfm import __version__
+
+        fields = self.key_fields
+        return {
+            "store": self.root.name,
+            "scans": len(self.rows),
+            "patches": int(self.vectors.matrix.shape[0]),
+            "run": {**{k: v for k, v in fields.items()}, "digest": self.vectors.digest, "preset": self.spec.name, "vector_dim": int(self.vectors.matrix.shape[1])},
+            "weights": {
+                "sha256": fields["weights_sha256"],
+                "source": (self.sidecar.get("provenance") or {}).get("source") if self.sidecar else None,
+                "random": self.weights_note is not None,
+                "message": self.weights_note,
+            },
+            "search": {"query": self.query_from, "refine": self.refine, "can_embed": self.can_embed},
+            "display_cache": {"scans": len(self.rows), "converted": sum((self.display_folder / f"{self._display_stem(s)}.json").exists() for s in self.order)},
+            "ctfm_version": __version__,
+            "max_upload_mb": self.uploads.max_bytes / 2**20,
+        }
+
+    # ---- slices --------------------------------------------------------------------------
+    def slice_png(self, scan_id: str, axis: str, index: int, window: str, size: int | None = None) -> bytes:
+        from ctfm.app.volumes import render_slice
+
+        self.row(scan_id)
+        return render_slice(self.volumes.get(scan_id), axis, index, window, size)
+
+    # ---- search and heatmaps -------------------------------------------------------------
+    def query(self, scan_id: str, point_mm, query_from: str | None = None):
+        """The region query at a point (cached: a search and its heatmaps share one embedding)."""
+        self._check_point(scan_id, point_mm)
+        source = query_from or self.query_from
+        cache_key = (scan_id, tuple(round(float(v), 3) for v in point_mm), source)
+        with self._lock:
+            if cache_key in self._queries:
+                self._queries.move_to_end(cache_key)
+                return self._queries[cache_key]
+            with _by_id(scan_id):
+                query = self.session.region_query(scan_id, [float(v) for v in point_mm], source)
+            self._queries[cache_key] = query
+            while len(self._queries) > 32:
+                self._queries.popitem(last=False)
+            return query
+
+    def search(self, scan_id: str, point_mm, k: int, target: str | None, query_from: str | None = None, refine: str | None = None) -> list[dict]:
+        """Top-``k`` hits ``{scan_id, point_mm, score, window_score, rank}`` for a point of a scan."""
+        if target is not None:
+            self.row(target)
+        query = self.query(scan_id, point_mm, query_from)
+        with self._lock, _by_id(target or scan_id):
+            hits = self.session.search_point(query, None, k=k, target=target, refine=refine or self.refine)
+        return [
+            {"scan_id": h.scan_id, "point_mm": [round(v, 2) for v in h.point_mm], "score": round(h.score, 5), "rank": h.rank, "window_score": round(h.window_score, 5), "name": self._name(self.rows[h.scan_id]), "query": query.source}
+            for h in hits
+        ]
+
+    def _check_point(self, scan_id: str, point_mm) -> None:
+        self.row(scan_id)
+        if len(point_mm) != 3 or not np.all(np.isfinite(np.asarray(point_mm, dtype=np.float64))):
+            raise OptionError(f"point {list(point_mm)}: expected three finite numbers x, y, z (mm, RAS)")
+        if not self.volumes.get(scan_id).contains(point_mm):
+            raise OptionError(f"point {[round(float(v), 1) for v in point_mm]} mm lies outside scan {scan_id} (click inside the image)")
+
+    def heatmap_volume(self, target: str, query_scan: str, point_mm, query_from: str | None = None) -> np.ndarray:
+        """Similarity to the query point on the target's display grid, [X, Y, Z] scaled to [0, 1]."""
+        self.row(target)
+        query = self.query(query_scan, point_mm, query_from)
+        cache_key = (target, query_scan, tuple(round(float(v), 3) for v in point_mm), query.source)
+        with self._lock:
+            if cache_key in self._heatmaps:
+                self._heatmaps.move_to_end(cache_key)
+                return self._heatmaps[cache_key]
+            with _by_id(target):
+                source_grid, _ = self.session.similarity_volume(query, target)
+        volume = self.volumes.get(target).reorient(np.asarray(source_grid, dtype=np.float32))
+        low, high = float(np.min(volume)), float(np.max(volume))
+        volume = ((volume - low) / (high - low) if high > low else np.ones_like(volume)).astype(np.float32)
+        with self._lock:
+            self._heatmaps[cache_key] = volume
+            while len(self._heatmaps) > 16:
+                self._heatmaps.popitem(last=False)
+        return volume
+
+    def heatmap_png(self, target: str, query_scan: str, point_mm, axis: str, index: int, query_from: str | None = None) -> bytes:
+        from ctfm.app.volumes import colour_overlay, png_bytes
+
+        volume = self.heatmap_volume(target, query_scan, point_mm, query_from)
+        display = self.volumes.get(target)
+        return png_bytes(colour_overlay(display.view(volume, axis, index)))
+
+    def heatmap_nifti(self, target: str, query_scan: str, point_mm, query_from: str | None = None) -> bytes:
+        import gzip
+
+        import nibabel as nib
+
+        volume = self.heatmap_volume(target, query_scan, point_mm, query_from)
+        image = nib.Nifti1Image(np.nan_to_num(volume, nan=0.0).astype(np.float32), self.volumes.get(target).affine)
+        image.header["descrip"] = f"ctfm similarity to {query_scan} at {[round(float(v), 1) for v in point_mm]} mm".encode()[:79]
+        return gzip.compress(image.to_bytes(), compresslevel=1)
+
+    # ---- uploads -------------------------------------------------------------------------
+    def add_upload(self, stream, filename: str) -> dict:
+        """Check, store, embed (the run's model, weights, preset, pooling, overlap) and add a scan."""
+        import ctfm
+
+        if self.encoder is None:
+            raise OptionError("this server was started without the store's weights, so it cannot embed uploads the store's way (restart it with --weights)")
+        from ctfm.io.sources import discover_inputs
+
+        path = self.uploads.receive(stream, filename)
+        fields = self.key_fields
+        try:
+            sources = discover_inputs([str(path)])
+        except CTInputError as exc:
+            self.uploads.discard(path)
+            raise CTInputError(filename, "the upload is not a usable CT", exc.problem) from None
+        except BaseException:
+            self.uploads.discard(path)
+            raise
+        if len(sources) != 1:
+            self.uploads.discard(path)
+            found = "no CT series" if not sources else f"{len(sources)} series"
+            raise CTInputError(filename, f"the upload is not a usable CT: it holds {found}", "upload one NIfTI file or a zip of exactly one DICOM CT series")
+        try:
+            result = ctfm.embed(
+                [str(path)],
+                encoder=self.encoder,
+                model=fields["model"],
+                mode="patches",
+                out=str(self.root),
+                precision=fields["precision"],
+                device=self.device,
+                overlap=float(fields["overlap"]),
+                pool=fields["pool"],
+                preset=self.spec,
+            )
+        except BaseException:
+            self.uploads.discard(path)
+            raise
+        if result.summary.failed:
+            self.uploads.discard(path)
+            _, message = result.summary.failed[0]
+            raise CTInputError(filename, "the upload is not a usable CT", message.replace(str(path), "the upload"))
+        if not result:
+            self.uploads.discard(path)
+            raise CTInputError(filename, "the scan was embedded but is not in the store's run", "check the store with ctfm store check")
+        self.reload()
+        return self.scan_entry(result[0]["scan_id"])
+
+
+@contextlib.contextmanager
+def _by_id(scan_id: str):
+    """Input errors about a scan named by its store id, not by the server's path to it."""
+    try:
+        yield
+    except CTInputError as exc:
+        if exc.path is None or exc.path == scan_id:
+            raise
+        raise CTInputError(f"scan {scan_id}", exc.problem, exc.fix) from None
+
+
+def _spec_of(row: dict):
+    from ctfm.preprocess import PreprocessSpec
+
+    return PreprocessSpec.from_json(row["preprocess_spec"])

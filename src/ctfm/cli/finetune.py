@@ -1,0 +1,69 @@
+"""Fine-tune a CT-FM model on labelled scans: `ctfm finetune seg` (segmentation).
+
+Examples:
+  ctfm synth --out phantoms --n 3 && ctfm finetune seg --preset tiny --set data=phantoms.csv --set out=runs/tiny-seg
+  ctfm finetune seg --preset ct-fm-totalseg --set data=TotalSegmentatorV2/ --set encoder_weights=hf-hub:project-lighter/ct_fm_feature_extractor
+  ctfm finetune seg --preset ct-fm-totalseg --set data=TS/ --set percentage=2 --set out=runs/ts-2pct
+  ctfm finetune seg --preset ct-fm-msd --set data=Task06_Lung/ --set 'classes=["cancer"]' --set devices=8 --set num_nodes=2
+  ctfm finetune seg --config my_run.yaml --set 'freeze=["encoder"]'
+
+Presets: ct-fm-totalseg (CT-FM's TotalSegmentator v2 recipe: 96x160x160 crops centred on
+foreground classes, deep-supervision Dice+CE, AdamW 2e-4, warm-up cosine, 300 epochs, validation
+every 5 epochs, best checkpoint by macro Dice, 4 GPUs DDP), ct-fm-msd (MSD tumour tasks) and tiny
+(a laptop CPU in minutes). Data: a manifest (CSV/Parquet: image, label[, split]), a
+TotalSegmentator v2 folder (meta.csv) or an MSD task folder (dataset.json). The run folder gets
+config.yaml, metrics.csv, tensorboard/, checkpoints/ (every N epochs, last, best) and export/
+(ctfm predict seg SCANS --model RUN). A run whose folder has checkpoints/last.ckpt resumes from it
+exactly (--no-resume starts over). Keys and the recipe: docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(parser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config (values only); may name a preset with `preset: NAME`")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (JSON value or string); repeatable")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.ckpt in the run folder")
+
+
+def add_seg(sub) -> None:
+    """``ctfm finetune seg``."""
+    from ctfm.cli import finetune as this
+
+    p = sub.add_parser("seg", help="fine-tune a segmentation model (SegResNetDS with the CT-FM encoder)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["ct-fm-totalseg", "ct-fm-msd", "tiny"], help="start from a preset (default: ct-fm-totalseg unless the file names one)")
+    _common(p)
+    p.set_defaults(_task_run=this.run_seg)
+
+
+# Tasks register here; each adds its own subcommand (and its run function).
+from ctfm.cli.finetune_cls import add_cls  # noqa: E402
+
+TASKS = [add_seg, add_cls]
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="task", metavar="TASK")
+    for add in TASKS:
+        add(sub)
+
+
+def run(args) -> int:
+    if not getattr(args, "_task_run", None):
+        from ctfm.errors import OptionError
+
+        raise OptionError("ctfm finetune needs a task: seg or cls (see ctfm finetune --help)")
+    return args._task_run(args)
+
+
+def run_seg(args) -> int:
+    from ctfm.finetune.run import parse_set
+    from ctfm.finetune.seg import finetune_seg, resolve_seg_config
+
+    preset = args.preset or (None if args.config else "ct-fm-totalseg")
+    config = resolve_seg_config(preset, args.config, parse_set(args.sets))
+    export = finetune_seg(config, resume=not args.no_resume)
+    print(f"done: run folder {config.out}; model exported to {export} (use: ctfm predict seg SCANS --model {config.out} -o OUTDIR)")
+    return 0

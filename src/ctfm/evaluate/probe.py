@@ -1,0 +1,562 @@
+"""Probes on frozen embeddings: labels joined to a store's scan rows, cross-validated fits.
+
+The frozen-encoder protocol:
+
+- **Join.** A label CSV joins the store's scan rows by a key column (``scan_id``, ``series_uid``
+  or ``source_path``); scans without a label and labels without a scan are counted and reported.
+- **Outer split.** ``cv`` folds (stratified; grouped by ``group`` so that every patient stays in
+  one fold) or a ``split`` column (``train``/``val`` rows fit, ``test`` rows are scored). The folds
+  depend on the labels, groups and seed only, so every store compared sees the same folds.
+- **Inner selection.** On each outer training part only: an inner stratified (grouped) CV picks the
+  hyperparameter (logistic: 13 values of C from 1e-6 to 1e6 on standardised features; kNN with
+  cosine distance: k; MLP: the L2 weight) by AUROC (binary) or balanced accuracy (multi-class),
+  and, for a binary target, the decision threshold (Youden's J on the inner out-of-fold scores).
+  The test part is never looked at until its probabilities are predicted.
+- **Targets.** Each target column gets its own probe (several binary columns = multi-label).
+
+    >>> inputs = load_probe_inputs("store/", "labels.csv", ["abnormal"], key="series_uid")   # doctest: +SKIP
+    >>> target = encode_target("abnormal", inputs.columns["abnormal"], "auto")                # doctest: +SKIP
+    >>> folds = outer_folds(target.y, None, cv=5)                                             # doctest: +SKIP
+    >>> fit = cross_validated_predictions(inputs.features, target, folds, method="logistic")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.errors import CTInputError, OptionError
+
+KEYS = ("scan_id", "series_uid", "source_path")
+METHODS = ("logistic", "knn", "mlp")
+TASKS = ("auto", "binary", "multiclass", "multilabel")
+C_GRID = tuple(float(c) for c in np.logspace(-6, 6, 13))  # the 13 regularisation strengths
+K_GRID = (1, 3, 5, 7, 11, 15, 21, 31, 51)
+MLP_ALPHA_GRID = (1e-4, 1e-2, 1.0)
+MLP_HIDDEN = 256
+MISSING = {"", "na", "nan", "none", "null"}
+TRAIN_VALUES, TEST_VALUES = {"train", "training", "val", "valid", "validation"}, {"test", "testing"}
+
+
+# ---- the join --------------------------------------------------------------------------------
+@dataclass
+class ProbeInputs:
+    """Store rows that have a label row: features [N, D] and the label file's columns for them."""
+
+    store: str
+    keys: list[str]
+    scan_ids: list[str]
+    features: np.ndarray
+    columns: dict[str, list[str]]
+    join: dict
+    run: dict
+
+
+def read_label_file(path, key: str, needed: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(key values, {column: values}) of a label CSV; one-line errors for a missing file or column."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTInputError(path, "no such label file", "give a CSV with a header row")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    for column in [key, *needed]:
+        if column not in header:
+            raise CTInputError(path, f"no column {column!r} (columns: {', '.join(header) or 'none'})", f"add it, or choose another with --key/--target/--group-column/--split-column")
+    keys = [(r[key] or "").strip() for r in rows]
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if k and k in seen:
+            raise CTInputError(path, f"key {key}={k!r} appears on rows {seen[k] + 2} and {i + 2}", "give one label row per scan")
+        seen[k] = i
+    return keys, {c: [(r[c] or "").strip() for r in rows] for c in needed}
+
+
+def _normalise_key(key: str, value) -> str | None:
+    if value is None or value == "":
+        return None
+    return os.path.abspath(value) if key == "source_path" else str(value)
+
+
+def select_run(rows: list[dict], select: dict[str, str] | None, store) -> list[dict]:
+    """The scan rows of one computation key: ``select`` filters by key field (a prefix matches
+    for weights_sha256/preset_hash); more than one run left is an error listing them."""
+    from ctfm.store import RUN_KEY
+
+    for field_name, wanted in (select or {}).items():
+        if field_name not in (*RUN_KEY, "preset"):
+            raise OptionError(f"--select {field_name}={wanted}: no such run field (fields: {', '.join((*RUN_KEY, 'preset'))})")
+        if field_name in ("weights_sha256", "preset_hash"):
+            rows = [r for r in rows if str(r.get(field_name) or "").startswith(wanted)]
+        else:
+            rows = [r for r in rows if str(r.get(field_name)) == str(wanted) or (field_name == "overlap" and _float_equal(r.get(field_name), wanted))]
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(tuple(r.get(k) for k in RUN_KEY), []).append(r)
+    if not runs:
+        raise CTInputError(store, "no scan rows" + (" match --select" if select else ""), "embed scans into it with `ctfm embed --out STORE`, or check --select")
+    if len(runs) > 1:
+        listed = "; ".join(f"mode={k[0]} model={k[1]} weights={str(k[2])[:12]} pool={k[4]} precision={k[5]} overlap={k[6]:g} ({len(v)} scans)" for k, v in runs.items())
+        raise CTInputError(store, f"holds {len(runs)} runs ({listed})", "pick one with --select FIELD=VALUE, e.g. --select mode=whole or --select weights_sha256=PREFIX")
+    return next(iter(runs.values()))
+
+
+def _float_equal(a, b) -> bool:
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except (TypeError, ValueError):
+        return False
+
+
+def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "scan_id", select: dict | None = None) -> ProbeInputs:
+    """Join the label file to the scan rows of one run of a store (see the module docstring)."""
+    from ctfm.store import RUN_KEY, open_store
+
+    if key not in KEYS:
+        raise OptionError(f"--key {key}: not a join key (choose {', '.join(KEYS)})")
+    store = open_store(store_path)
+    label_keys, label_columns = read_label_file(labels_path, key, columns)
+    rows = select_run(store.scans().to_pylist(), select, store.root)
+    empty = [r for r in rows if not r.get("embedding")]
+    if empty:
+        raise CTInputError(store.root, f"{len(empty)} of {len(rows)} scan rows have no embedding", "re-run `ctfm embed` into a fresh store")
+    by_key: dict[str, dict] = {}
+    duplicated = 0
+    for r in rows:
+        value = _normalise_key(key, r.get(key))
+        if value is None:
+            continue
+        if value in by_key:
+            duplicated += 1
+        by_key[value] = r
+    if duplicated:
+        raise CTInputError(store.root, f"{duplicated} scan rows share a {key} with another row", "join on a unique key, e.g. --key scan_id")
+    label_index = {}
+    for i, k in enumerate(label_keys):
+        value = _normalise_key(key, k)
+        if value is not None:
+            label_index[value] = i
+    matched = [k for k in by_key if k in label_index]
+    if not matched:
+        example_store = next(iter(by_key), None)
+        example_label = next(iter(label_index), None)
+        raise CTInputError(labels_path, f"no label row matches a scan of the store by {key} (store has e.g. {example_store!r}, labels e.g. {example_label!r})", "check --key and the key column's values")
+    order = [label_index[k] for k in matched]
+    features = np.asarray([by_key[k]["embedding"] for k in matched], dtype=np.float32)
+    if not np.all(np.isfinite(features)):
+        raise CTInputError(store.root, "embeddings contain NaN or infinity", "run `ctfm store check` and re-embed those scans")
+    first = by_key[matched[0]]
+    join = {
+        "key": key,
+        "store_rows": len(rows),
+        "label_rows": len(label_keys),
+        "matched": len(matched),
+        "scans_without_label": len(by_key) - len(matched) + sum(1 for r in rows if _normalise_key(key, r.get(key)) is None),
+        "labels_without_scan": len(label_keys) - len(matched),
+        "examples_scans_without_label": [k for k in by_key if k not in label_index][:5],
+        "examples_labels_without_scan": [k for k in label_index if k not in by_key][:5],
+    }
+    run = {k: first.get(k) for k in RUN_KEY} | {"preset": first.get("preset"), "package_version": first.get("package_version"), "dim": int(features.shape[1])}
+    return ProbeInputs(
+        store=str(store.root),
+        keys=matched,
+        scan_ids=[by_key[k]["scan_id"] for k in matched],
+        features=features,
+        columns={c: [vals[i] for i in order] for c, vals in label_columns.items()},
+        join=join,
+        run=run,
+    )
+
+
+# ---- targets ---------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One label column encoded: ``y`` [N] class index, -1 where the label is missing."""
+
+    name: str
+    task: str  # binary | multiclass
+    classes: list[str]
+    y: np.ndarray
+    missing: int = 0
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.y >= 0)
+
+
+def _as_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def encode_target(name: str, values: list[str], task: str = "auto", source=None) -> Target:
+    """Encode a label column. Binary: 0/1 (numeric) only; multi-class: any values (numbers sort
+    numerically). ``auto``: binary when every value is 0 or 1, multi-class otherwise."""
+    missing = np.array([v.strip().lower() in MISSING for v in values])
+    present = [v.strip() for v, m in zip(values, missing) if not m]
+    numbers = [_as_number(v) for v in present]
+    zero_one = all(n is not None and n in (0.0, 1.0) for n in numbers)
+    if task == "auto":
+        task = "binary" if zero_one else "multiclass"
+    elif task == "multilabel":
+        task = "binary"
+    if task == "binary":
+        bad = next((v for v, n in zip(present, numbers) if n is None or n not in (0.0, 1.0)), None)
+        if bad is not None:
+            raise CTInputError(source, f"column {name!r} has the label {bad!r}, not 0 or 1, for a binary task", "code the target as 0/1, or use --task multiclass")
+        classes = ["0", "1"]
+        codes = [int(n) for n in numbers]
+    else:
+        if all(n is not None for n in numbers):
+            distinct = sorted(set(present), key=lambda v: float(v))
+        else:
+            distinct = sorted(set(present))
+        classes = distinct
+        index = {c: i for i, c in enumerate(classes)}
+        codes = [index[v] for v in present]
+    y = np.full(len(values), -1, dtype=int)
+    y[~missing] = codes
+    counts = np.bincount(y[y >= 0], minlength=len(classes))
+    if (counts > 0).sum() < 2:
+        only = classes[int(np.argmax(counts))] if counts.sum() else "none"
+        raise CTInputError(source, f"target {name!r} has one class ({int(counts.sum())} labelled scans, all {only!r})", "a probe needs at least two classes; check the column and the join")
+    return Target(name=name, task=task, classes=classes, y=y, missing=int(missing.sum()))
+
+
+# ---- splits ----------------------------------------------------------------------------------
+def outer_folds(y, groups=None, cv: int = 5, split=None, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(train, test)] positions into ``y`` (the labelled rows of one target).
+
+    ``split`` (values train/val/test) gives one fold; otherwise ``cv`` stratified folds, grouped by
+    ``groups`` (StratifiedGroupKFold) so that no group is on both sides.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    if split is not None:
+        split = np.asarray([str(s).strip().lower() for s in split])
+        unknown = sorted(set(split) - TRAIN_VALUES - TEST_VALUES)
+        if unknown:
+            raise OptionError(f"--split-column: values {unknown} are neither train/val nor test (rename them, or leave them out of the label file)")
+        train, test = np.flatnonzero(np.isin(split, list(TRAIN_VALUES))), np.flatnonzero(np.isin(split, list(TEST_VALUES)))
+        if not len(train) or not len(test):
+            raise OptionError("--split-column: needs both training (train/val) and test rows among the labelled scans")
+        if groups is not None:
+            shared = set(np.asarray(groups)[train]) & set(np.asarray(groups)[test])
+            if shared:
+                raise OptionError(f"--split-column puts {len(shared)} group(s) on both sides (e.g. {sorted(shared)[0]!r}); fix the split or drop --group-column")
+        return [(train, test)]
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    n_groups = len(set(groups)) if groups is not None else len(y)
+    if cv < 2:
+        raise OptionError(f"--cv {cv}: needs at least 2 folds")
+    if cv > n_groups:
+        raise OptionError(f"--cv {cv}: more folds than {'groups' if groups is not None else 'labelled scans'} ({n_groups})")
+    if counts.min() < cv:
+        warnings.warn(f"the rarest class has {counts.min()} scans, fewer than --cv {cv}: some test folds lack it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if groups is not None:
+            splitter = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
+            return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y, np.asarray(groups))]
+        splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+        return [(tr, te) for tr, te in splitter.split(np.zeros(len(y)), y)]
+
+
+def _inner_folds(y, groups, k: int, seed: int):
+    """Inner folds on a training part, or None when a class is too rare to split."""
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    n_groups = len(set(groups)) if groups is not None else len(y)
+    k = min(k, int(counts.min()), n_groups)
+    if k < 2 or len(counts) < 2:
+        return None
+    folds = outer_folds(y, groups, cv=k, seed=seed) if groups is not None else None
+    if folds is None:
+        from sklearn.model_selection import StratifiedKFold
+
+        folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    # every inner training part must hold every class
+    if any(len(np.unique(y[tr])) < len(counts) for tr, _ in folds):
+        return None
+    return folds
+
+
+# ---- the three probes ------------------------------------------------------------------------
+def _full_proba(model, X, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class (a class absent from training gets 0)."""
+    proba = model.predict_proba(X)
+    out = np.zeros((len(X), n_classes))
+    out[:, model.classes_.astype(int)] = proba
+    return out
+
+
+class LogisticPath:
+    """Standardised features, L2 logistic regression along :data:`C_GRID` (warm-started)."""
+
+    grid = C_GRID
+    param = "C"
+    default = 1.0
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def path(self, X_train, y_train, X_eval, n_classes):
+        """[len(grid)] probabilities [n_eval, C] along the grid (small C first)."""
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler().fit(X_train)
+        Xt, Xe = scaler.transform(X_train), scaler.transform(X_eval)
+        model = LogisticRegression(max_iter=300, warm_start=True)
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for c in self.grid:
+                model.set_params(C=c)
+                model.fit(Xt, y_train)
+                out.append(_full_proba(model, Xe, n_classes))
+        return out
+
+    def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=1000)).fit(X_train, y_train)
+        proba = model.predict_proba(X_eval)
+        out = np.zeros((len(X_eval), n_classes))
+        out[:, model.classes_.astype(int)] = proba
+        return out
+
+
+class KNNPath:
+    """k nearest neighbours by cosine distance, uniform votes; one neighbour search serves every k."""
+
+    grid = K_GRID
+    param = "k"
+    default = 5
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    @staticmethod
+    def _neighbours(X_train, X_eval, k):
+        from sklearn.neighbors import NearestNeighbors
+
+        return NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(X_train).kneighbors(X_eval, return_distance=False)
+
+    @staticmethod
+    def _votes(neighbour_labels, k, n_classes):
+        first = neighbour_labels[:, :k]
+        return np.stack([(first == c).mean(axis=1) for c in range(n_classes)], axis=1)
+
+    def path(self, X_train, y_train, X_eval, n_classes):
+        ks = [k for k in self.grid if k <= len(X_train)]
+        labels = np.asarray(y_train)[self._neighbours(X_train, X_eval, max(ks))]
+        return [self._votes(labels, k, n_classes) if k <= len(X_train) else None for k in self.grid]
+
+    def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
+        k = min(int(value), len(X_train))
+        labels = np.asarray(y_train)[self._neighbours(X_train, X_eval, k)]
+        return self._votes(labels, k, n_classes)
+
+
+class MLPPath:
+    """Standardised features, one hidden layer of 256 ReLU units (Adam), L2 weight from the grid."""
+
+    grid = MLP_ALPHA_GRID
+    param = "alpha"
+    default = 1e-2
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=value, max_iter=200, random_state=self.seed)).fit(X_train, y_train)
+        proba = model.predict_proba(X_eval)
+        out = np.zeros((len(X_eval), n_classes))
+        out[:, model.classes_.astype(int)] = proba
+        return out
+
+    def path(self, X_train, y_train, X_eval, n_classes):
+        return [self.fit_predict(X_train, y_train, X_eval, n_classes, a) for a in self.grid]
+
+
+PROBES = {"logistic": LogisticPath, "knn": KNNPath, "mlp": MLPPath}
+
+
+def _selection_score(task: str, y, proba) -> float:
+    from ctfm.evaluate.classification import binary_metrics, multiclass_metrics
+
+    if proba is None:
+        return -np.inf
+    if task == "binary":
+        value = binary_metrics(y, proba[:, 1])["auroc"]
+    else:
+        value = multiclass_metrics(y, proba)["balanced_accuracy"]
+    return float(value) if np.isfinite(value) else -np.inf
+
+
+@dataclass
+class FoldFit:
+    """One outer fold: the chosen hyperparameter, how it was chosen, the threshold, test probabilities."""
+
+    param: str
+    value: float
+    selection: str  # inner-cv | fixed
+    inner_scores: list[float]
+    threshold: float | None
+    test_proba: np.ndarray
+
+
+def fit_fold(method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0) -> FoldFit:
+    """Choose the hyperparameter (and binary threshold) by inner CV on the training part, refit on
+    all of it, predict the test part. Too few cases per class for inner CV: the method's default."""
+    from ctfm.evaluate.classification import youden_threshold
+
+    probe = PROBES[method](seed)
+    folds = _inner_folds(y_train, groups_train, inner_cv, seed)
+    if folds is None:
+        value = probe.default
+        if method == "knn":
+            value = min(value, len(X_train))
+        proba = probe.fit_predict(X_train, y_train, X_test, n_classes, value)
+        return FoldFit(probe.param, float(value), "fixed", [], 0.5 if task == "binary" else None, proba)
+    oof = [np.zeros((len(y_train), n_classes)) for _ in probe.grid]
+    valid = [True] * len(probe.grid)
+    for tr, va in folds:
+        for i, proba in enumerate(probe.path(X_train[tr], y_train[tr], X_train[va], n_classes)):
+            if proba is None:
+                valid[i] = False
+            else:
+                oof[i][va] = proba
+    scores = [_selection_score(task, y_train, oof[i]) if valid[i] else -np.inf for i in range(len(probe.grid))]
+    best = int(np.argmax(scores))  # the first best: the strongest regularisation / smallest k
+    threshold = youden_threshold(y_train, oof[best][:, 1]) if task == "binary" else None
+    proba = probe.fit_predict(X_train, y_train, X_test, n_classes, probe.grid[best])
+    return FoldFit(probe.param, float(probe.grid[best]), "inner-cv", [float(s) for s in scores], threshold, proba)
+
+
+@dataclass
+class TargetPredictions:
+    """Out-of-fold predictions of one target: rows (positions in the labelled rows), fold, probabilities."""
+
+    target: Target
+    rows: np.ndarray
+    fold: np.ndarray
+    proba: np.ndarray
+    threshold: np.ndarray
+    fits: list[FoldFit] = field(default_factory=list)
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.target.y[self.rows]
+
+    @property
+    def score(self) -> np.ndarray:
+        """Binary: the positive-class probability [n]; multi-class: probabilities [n, C]."""
+        return self.proba[:, 1] if self.target.task == "binary" else self.proba
+
+
+def cross_validated_predictions(features, target: Target, folds, method: str = "logistic", groups=None, inner_cv: int = 3, seed: int = 0) -> TargetPredictions:
+    """Out-of-fold probabilities of ``target`` over ``folds`` (positions into its labelled rows)."""
+    if method not in PROBES:
+        raise OptionError(f"--method {method}: unknown (choose {', '.join(METHODS)})")
+    labelled = target.labelled
+    X, y = np.asarray(features)[labelled], target.y[labelled]
+    g = None if groups is None else np.asarray(groups)[labelled]
+    rows, fold_ids, probas, thresholds, fits = [], [], [], [], []
+    for f, (tr, te) in enumerate(folds):
+        fit = fit_fold(method, X[tr], y[tr], None if g is None else g[tr], X[te], target.task, len(target.classes), inner_cv, seed + f)
+        rows.append(labelled[te])
+        fold_ids.append(np.full(len(te), f))
+        probas.append(fit.test_proba)
+        thresholds.append(np.full(len(te), fit.threshold if fit.threshold is not None else np.nan))
+        fits.append(fit)
+    return TargetPredictions(target, np.concatenate(rows), np.concatenate(fold_ids), np.concatenate(probas), np.concatenate(thresholds), fits)
+
+
+# ---- few-shot --------------------------------------------------------------------------------
+def parse_shots(text: str) -> list[int | str]:
+    """"1,2,5,all" -> [1, 2, 5, "all"]."""
+    out: list[int | str] = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if item == "all":
+            out.append("all")
+        elif item.isdigit() and int(item) > 0:
+            out.append(int(item))
+        else:
+            raise OptionError(f"--shots {text}: {item!r} is neither a positive whole number nor 'all' (e.g. --shots 1,2,5,10,all)")
+    return out
+
+
+def few_shot_draw(y_train, shots: int, rng) -> np.ndarray | None:
+    """Positions of ``shots`` cases per class drawn from ``y_train``; None if a class has fewer."""
+    picks = []
+    for c in np.unique(y_train):
+        members = np.flatnonzero(y_train == c)
+        if len(members) < shots:
+            return None
+        picks.append(rng.choice(members, size=shots, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def few_shot_curve(features, target: Target, folds, shots: list, repeats: int = 10, method: str = "logistic", groups=None, inner_cv: int = 3, seed: int = 0) -> dict:
+    """The primary metric against k labelled cases per class: for every k and repeat, each outer
+    fold's training part is cut to k cases per class (drawn with a seed made of seed, repeat, fold
+    and k, so every store sees the same draws), the probe is fitted, and the pooled out-of-fold
+    metric is recorded. Returns {shots: {"values": [repeats], "mean", "sd", "selection"}}."""
+    from ctfm.evaluate.classification import binary_metrics, multiclass_metrics, primary_metric
+
+    labelled = target.labelled
+    X, y = np.asarray(features)[labelled], target.y[labelled]
+    g = None if groups is None else np.asarray(groups)[labelled]
+    metric = primary_metric(target.task)
+    curve = {}
+    for shot_index, k in enumerate(shots):
+        values, selections = [], set()
+        for r in range(1 if k == "all" else repeats):
+            rows, probas, ok = [], [], True
+            for f, (tr, te) in enumerate(folds):
+                if k == "all":
+                    chosen = tr
+                else:
+                    pick = few_shot_draw(y[tr], int(k), np.random.default_rng([seed, r, f, shot_index, int(k)]))
+                    if pick is None:
+                        ok = False
+                        break
+                    chosen = tr[pick]
+                fit = fit_fold(method, X[chosen], y[chosen], None if g is None else g[chosen], X[te], target.task, len(target.classes), inner_cv, seed + f)
+                selections.add(fit.selection)
+                rows.append(te)
+                probas.append(fit.test_proba)
+            if not ok:
+                break
+            rows_all, proba_all = np.concatenate(rows), np.concatenate(probas)
+            m = binary_metrics(y[rows_all], proba_all[:, 1]) if target.task == "binary" else multiclass_metrics(y[rows_all], proba_all)
+            values.append(float(m[metric]))
+        if values:
+            curve[str(k)] = {"shots": k, "values": values, "mean": float(np.mean(values)), "sd": float(np.std(values)), "selection": sorted(selections)}
+    return {"metric": metric, "repeats": repeats, "points": curve}

@@ -1,0 +1,383 @@
+"""Segmentation training data: manifests, TotalSegmentator v2 folders, MSD task folders.
+
+Every source becomes a list of :class:`SegCase` (image, label, split) and a class map
+(label value -> name, 0 = background). :func:`load_case` reads the image with the project's CT
+loader and the labels with its label loader onto the image grid, refusing a label map made on
+another grid (a different shape, spacing or origin; a flipped axis order is the same grid) and
+label values outside the class map, each with a one-line error.
+
+Sources::
+
+    manifest.csv / .parquet   columns image, label[, split]  (split: train / val / test; default train)
+    TotalSegmentator v2       <folder>/meta.csv (image_id + a split column), <folder>/<id>/ct.nii.gz,
+                              <folder>/<id>/segmentations/<class>.nii.gz combined through the class map
+    MSD task                  <folder>/dataset.json ("training": [{"image", "label"}], "labels",
+                              "testing"); optional per-entry "fold" (VISTA3D-style 5-fold lists)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.errors import CTInputError, OptionError, one_line
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
+TOTALSEG_SEGMENTATIONS = "segmentations"  # per-subject folder of one binary mask per class
+
+
+@dataclass(frozen=True)
+class SegCase:
+    """One labelled scan. ``label`` is a label-map file, or (TotalSegmentator) a folder of binary masks."""
+
+    name: str
+    image: str
+    label: str | None
+    split: str = "train"
+
+
+@dataclass
+class SegData:
+    """Cases and the class map of a data source.
+
+    ``source_labels``: label value in the files -> name (0 = background), all values the files
+    may hold. ``classes``: training channel -> name (0 = background), the classes trained on.
+    ``value_map``: file label value -> training channel (values of untrained classes -> 0).
+    """
+
+    cases: list[SegCase]
+    source_labels: dict[int, str]
+    classes: dict[int, str] = field(default_factory=dict)
+    value_map: dict[int, int] = field(default_factory=dict)
+    kind: str = "manifest"
+    where: str = ""
+
+    def split(self, name: str) -> list[SegCase]:
+        return [case for case in self.cases if case.split == name]
+
+    def select(self, names: list[str] | None) -> "SegData":
+        """Train on ``names`` (all classes when empty): channels 1..K in the order given."""
+        by_name = {name: value for value, name in self.source_labels.items() if value != 0}
+        names = list(names or [self.source_labels[v] for v in sorted(by_name.values())])
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise OptionError(f"classes {unknown} are not in the class map of {self.where} ({len(by_name)} classes, e.g. {', '.join(list(by_name)[:5])})")
+        if len(set(names)) != len(names):
+            raise OptionError(f"classes {names}: each class once")
+        classes = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
+        value_map = {value: 0 for value in self.source_labels}
+        value_map.update({by_name[n]: i + 1 for i, n in enumerate(names)})
+        return SegData(self.cases, self.source_labels, classes, value_map, self.kind, self.where)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def open_seg_data(data: str | os.PathLike, class_map=None, split_column: str = "split", val_fold: int = 4, val_fraction: float = 0.0, seed: int = 0) -> SegData:
+    """A manifest file, a TotalSegmentator folder (meta.csv) or an MSD folder (dataset.json) -> SegData.
+
+    ``class_map``: a map (dict, ``totalseg-v2``, JSON file); default: the MSD ``labels``, the
+    built-in TotalSegmentator v2 map for TotalSegmentator folders, else the names stored with the
+    first label file. ``val_fraction`` carves a seeded validation split out of the training cases
+    when the source has none.
+    """
+    path = Path(data)
+    if not str(data):
+        raise OptionError("data is empty: give a manifest (CSV/Parquet with image, label[, split]), a TotalSegmentator folder or an MSD task folder (--set data=PATH)")
+    if path.is_dir() and (path / "meta.csv").is_file():
+        cases, kind = totalseg_cases(path, split_column), "totalseg"
+        labels = _class_map(class_map if class_map is not None else "totalseg-v2", path)
+    elif path.is_dir() and (path / "dataset.json").is_file():
+        cases, msd_labels = msd_cases(path, val_fold)
+        kind = "msd"
+        labels = _class_map(class_map, path) if class_map is not None else msd_labels
+    elif path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq", ".tsv"):
+        cases, kind = manifest_cases(path), "manifest"
+        labels = _class_map(class_map, path) if class_map is not None else _names_from_first_label(cases, path)
+    elif path.exists():
+        raise CTInputError(path, "is neither a manifest (.csv/.parquet) nor a folder with meta.csv (TotalSegmentator) or dataset.json (MSD)", "give one of those")
+    else:
+        raise CTInputError(path, "no such file or folder", "check the data path")
+    if not cases:
+        raise CTInputError(path, "lists no cases", "add image/label pairs")
+    if val_fraction and not any(case.split == "val" for case in cases):
+        cases = _carve_validation(cases, val_fraction, seed)
+    return SegData(cases, labels, kind=kind, where=str(path))
+
+
+def manifest_cases(path: Path) -> list[SegCase]:
+    """Rows of a CSV/Parquet manifest with columns ``image``, ``label`` and optionally ``split``, ``name``.
+
+    Relative paths are taken from the manifest's folder.
+    """
+    rows = _read_table(path)
+    if not rows:
+        return []
+    missing = [c for c in ("image", "label") if c not in rows[0]]
+    if missing:
+        raise CTInputError(path, f"manifest lacks column(s) {missing} (has {sorted(rows[0])})", "give columns image, label and optionally split")
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        image, label = str(row.get("image") or "").strip(), str(row.get("label") or "").strip()
+        if not image:
+            raise CTInputError(path, f"row {number}: empty image", "fill in the image path")
+        split = _split_name(row.get("split") or "train", path, number)
+        if not label and split != "test":
+            raise CTInputError(path, f"row {number}: empty label for a {split} case", "fill in the label path, or mark the row split=test")
+        name = str(row.get("name") or "").strip() or _stem(image)
+        cases.append(SegCase(name, str(_relative_to(path.parent, image)), str(_relative_to(path.parent, label)) if label else None, split))
+    _unique_names(cases, path)
+    return cases
+
+
+def totalseg_cases(folder: Path, split_column: str = "split") -> list[SegCase]:
+    """Subjects of a TotalSegmentator v2 folder; splits from ``meta.csv`` column ``split_column``.
+
+    TotalSegmentator's own meta.csv is ``;``-separated with ``image_id`` and ``split`` (train /
+    val / test); CT-FM's recipe uses the VISTA3D split in a ``vista_split`` column.
+    """
+    rows = _read_table(folder / "meta.csv")
+    if not rows:
+        return []
+    if "image_id" not in rows[0]:
+        raise CTInputError(folder / "meta.csv", f"lacks column image_id (has {sorted(rows[0])})", "give TotalSegmentator's meta.csv")
+    if split_column not in rows[0]:
+        raise CTInputError(folder / "meta.csv", f"lacks split column {split_column!r} (has {sorted(rows[0])})", f"add it, or choose another with --set split_column={'split' if 'split' in rows[0] else 'NAME'}")
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        subject = str(row["image_id"]).strip()
+        if not subject:
+            continue
+        cases.append(SegCase(subject, str(folder / subject / "ct.nii.gz"), str(folder / subject / TOTALSEG_SEGMENTATIONS), _split_name(row[split_column], folder / "meta.csv", number)))
+    return cases
+
+
+def msd_cases(folder: Path, val_fold: int = 4) -> tuple[list[SegCase], dict[int, str]]:
+    """Cases and class map of a Medical Segmentation Decathlon task folder (``dataset.json``).
+
+    Training entries with a ``fold`` go to val when ``fold == val_fold`` (CT-FM's VISTA3D split:
+    folds 0-3 train, fold 4 val); ``testing`` entries (images only) are the test split.
+    """
+    path = folder / "dataset.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        training, testing = meta.get("training", []), meta.get("testing", [])
+        labels = {int(k): str(v) for k, v in meta.get("labels", {}).items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise CTInputError(path, f"not an MSD dataset.json ({one_line(exc)})", 'it holds "training": [{"image": ..., "label": ...}] and "labels"') from None
+    if not labels:
+        raise CTInputError(path, 'has no "labels" class map', 'add "labels": {"0": "background", "1": ...}')
+    labels[0] = "background"
+    cases = []
+    for entry in training:
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise CTInputError(path, f"training entry {entry!r} lacks image/label", 'each entry is {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}')
+        split = "val" if "fold" in entry and int(entry["fold"]) == val_fold else "train"
+        cases.append(SegCase(_stem(entry["image"]), str(_relative_to(folder, entry["image"])), str(_relative_to(folder, entry["label"])), split))
+    for entry in testing:
+        image = entry["image"] if isinstance(entry, dict) else entry
+        cases.append(SegCase(_stem(image), str(_relative_to(folder, image)), str(_relative_to(folder, entry["label"])) if isinstance(entry, dict) and entry.get("label") else None, "test"))
+    _unique_names(cases, path)
+    return cases, dict(sorted(labels.items()))
+
+
+def few_shot(cases: list[SegCase], percentage: float) -> list[SegCase]:
+    """The first ``round(len * percentage / 100)`` cases (at least one), as CT-FM's few-shot runs take them."""
+    if not 0 < percentage <= 100:
+        raise OptionError(f"percentage {percentage}: expected a share of the training cases in (0, 100]")
+    if percentage == 100:
+        return list(cases)
+    return list(cases[: max(1, round(len(cases) * percentage / 100))])
+
+
+def _carve_validation(cases: list[SegCase], fraction: float, seed: int) -> list[SegCase]:
+    if not 0 < fraction < 1:
+        raise OptionError(f"val_fraction {fraction}: expected a share in (0, 1)")
+    train = [i for i, case in enumerate(cases) if case.split == "train"]
+    if len(train) < 2:
+        return cases
+    n_val = max(1, round(len(train) * fraction))
+    chosen = set(np.random.default_rng(seed).choice(train, size=n_val, replace=False).tolist())
+    return [SegCase(c.name, c.image, c.label, "val") if i in chosen else c for i, c in enumerate(cases)]
+
+
+# --------------------------------------------------------------------------- reading one case
+
+
+def load_case(case: SegCase, data: SegData):
+    """(image MetaTensor [1, X, Y, Z] HU, labels MetaTensor [1, X, Y, Z] int16 of training channels).
+
+    Raises:
+        CTInputError: the label map lies on another grid than the image, or holds values outside
+            the class map; a TotalSegmentator mask is missing.
+    """
+    from ctfm.io import load_ct, load_labels
+
+    image, _ = load_ct(case.image)
+    if case.label is None:
+        raise CTInputError(case.image, "has no label map", "give a label for training and validation cases")
+    label_path = Path(case.label)
+    if label_path.is_dir():
+        values = _combine_masks(label_path, image, data)
+    else:
+        require_same_grid(label_path, image)
+        values = load_labels(label_path, image).labels.numpy()[0]
+        check_label_values(values, data.source_labels, label_path)
+    mapped = map_values(values, data.value_map or {v: v for v in data.source_labels})
+    import torch
+    from monai.data import MetaTensor
+
+    return image, MetaTensor(torch.from_numpy(mapped)[None], affine=image.affine, meta={"filename_or_obj": str(label_path)})
+
+
+def map_values(values: np.ndarray, value_map: dict[int, int]) -> np.ndarray:
+    """Relabel file values to training channels through a lookup table -> int16 array."""
+    top = max(max(value_map), int(values.max()) if values.size else 0)
+    low = min(min(value_map), int(values.min()) if values.size else 0)
+    table = np.zeros(top - low + 1, dtype=np.int16)
+    for value, channel in value_map.items():
+        table[value - low] = channel
+    return table[values.astype(np.int64) - low]
+
+
+def check_label_values(values: np.ndarray, class_map: dict[int, str], path) -> None:
+    """Refuse label values that the class map does not name."""
+    present = np.unique(values)
+    unknown = [int(v) for v in present if int(v) not in class_map]
+    if unknown:
+        shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+        raise CTInputError(path, f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, {len(class_map) - 1} classes)", "give the class map these labels were made with (--set class_map=...), or fix the label map")
+
+
+def require_same_grid(label_path: Path, image) -> None:
+    """Refuse a label volume whose voxel grid is not the image's (axis order and flips may differ).
+
+    DICOM SEG / RTSTRUCT are placed by their frame of reference and not checked here.
+    """
+    from ctfm.io.volume import read_volume, volume_format
+
+    if volume_format(label_path) is None:
+        return
+    array, affine, _ = read_volume(label_path)
+    shape = tuple(array.shape[:3])
+    grid = np.asarray(image.affine.detach().cpu().numpy() if hasattr(image.affine, "detach") else image.affine, dtype=np.float64)
+    grid_shape = tuple(int(n) for n in image.shape[1:])
+    if not same_grid(affine, shape, grid, grid_shape):
+        spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        grid_spacing = np.sqrt((grid[:3, :3] ** 2).sum(axis=0))
+        raise CTInputError(
+            label_path,
+            f"label map on another grid than its image (labels {'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm, "
+            f"image {'x'.join(map(str, grid_shape))} of {'x'.join(f'{v:.3g}' for v in grid_spacing)} mm{', origins differ' if shape == grid_shape else ''})",
+            "give the label map made on this scan, or resample it onto the scan's grid first",
+        )
+
+
+def same_grid(affine_a, shape_a, affine_b, shape_b, tolerance: float = 1e-3) -> bool:
+    """True when two grids hold the same voxel centres (one may be the other with axes permuted or flipped)."""
+    a_to_b = np.linalg.inv(np.asarray(affine_b, dtype=np.float64)) @ np.asarray(affine_a, dtype=np.float64)
+    rotation, offset = a_to_b[:3, :3], a_to_b[:3, 3]
+    permutation = np.rint(rotation)
+    if not (np.all(np.abs(permutation).sum(axis=0) == 1) and np.all(np.abs(permutation).sum(axis=1) == 1)):
+        return False
+    if np.abs(rotation - permutation).max() * max(max(shape_a), 1) > tolerance:
+        return False
+    corners_a = np.array(np.meshgrid(*[[0, n - 1] for n in shape_a], indexing="ij")).reshape(3, -1)
+    mapped = permutation @ corners_a + offset[:, None]
+    if np.abs(mapped - np.rint(mapped)).max() > tolerance * 10:
+        return False
+    low, high = np.rint(mapped).min(axis=1), np.rint(mapped).max(axis=1)
+    return bool(np.all(low == 0) and np.all(high == np.asarray(shape_b) - 1))
+
+
+def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
+    """One label map from ``<folder>/<class>.nii.gz`` binary masks: value = the class's value in the map.
+
+    Only the trained classes are read (all when ``data.value_map`` is unset); a later class wins overlaps.
+    """
+    from ctfm.io import load_labels
+
+    wanted = [v for v in sorted(data.source_labels) if v != 0 and (not data.value_map or data.value_map.get(v, 0) != 0)]
+    combined = np.zeros(tuple(int(n) for n in image.shape[1:]), dtype=np.int16)
+    for value in wanted:
+        mask_path = folder / f"{data.source_labels[value]}.nii.gz"
+        if not mask_path.is_file():
+            raise CTInputError(mask_path, f"missing mask of class {data.source_labels[value]!r}", "give the complete TotalSegmentator subject folder, or train on fewer classes (--set classes=[...])")
+        require_same_grid(mask_path, image)
+        mask = load_labels(mask_path, image).labels.numpy()[0]
+        if mask.size and (mask.min() < 0 or mask.max() > 1):
+            raise CTInputError(mask_path, f"a TotalSegmentator mask holds values {int(mask.min())}..{int(mask.max())}, expected 0/1", "give the binary mask of one class")
+        combined[mask > 0] = value
+    return combined
+
+
+def _class_map(spec, where) -> dict[int, str]:
+    from ctfm.models.labelmaps import resolve_labels
+
+    return dict(resolve_labels(spec))
+
+
+def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, str]:
+    """The names stored with the first label file (NIfTI label table, JSON sidecar, SEG segment labels)."""
+    from ctfm.io.labels import _detect_format, _nifti_header_names, _sidecar_names
+
+    for case in cases:
+        if case.label:
+            path = Path(case.label)
+            fmt = _detect_format(path)
+            names = _nifti_header_names(path) if fmt == "nifti" else {}
+            names.update(_sidecar_names(path))
+            if not names:
+                raise CTInputError(path, "the label file names no classes, and no class map was given", "give --set class_map=FILE.json ({\"0\": \"background\", \"1\": \"liver\", ...}) or a built-in map such as totalseg-v2")
+            return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}
+    raise CTInputError(manifest, "no case has a label", "add label paths")
+
+
+def _read_table(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise CTInputError(path, "no such file", "check the path")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:
+            raise CTInputError(path, f"unreadable Parquet file ({one_line(exc)})", "write the manifest again") from None
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.splitlines()[0] if text.strip() else ""
+    delimiter = ";" if first.count(";") > first.count(",") else ("\t" if first.count("\t") > first.count(",") else ",")
+    return [{(k or "").strip(): v for k, v in row.items()} for row in csv.DictReader(text.splitlines(), delimiter=delimiter)]
+
+
+def _split_name(value, path, row: int) -> str:
+    name = _SPLIT_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise CTInputError(path, f"row {row}: unknown split {value!r}", f"use one of {', '.join(SPLITS)}")
+    return name
+
+
+def _stem(path: str) -> str:
+    name = Path(str(path)).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _relative_to(folder: Path, path: str) -> Path:
+    path = Path(str(path)).expanduser()
+    return path if path.is_absolute() else (folder / path)
+
+
+def _unique_names(cases: list[SegCase], where) -> None:
+    seen: dict[str, str] = {}
+    for case in cases:
+        if case.name in seen and seen[case.name] != case.image:
+            raise CTInputError(where, f"two cases are both named {case.name!r} ({seen[case.name]}, {case.image})", "give each case its own file name or a name column")
+        seen[case.name] = case.image
