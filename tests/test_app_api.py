@@ -297,21 +297,23 @@ def _zip_with(name: str, data: bytes = b"x", symlink: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(
-    ("name", "payload", "status", "words"),
-    [
-        ("notes.txt", b"hello, not a scan", 415, ("unknown type",)),
-        ("scan.nii.gz", gzip.compress(b"just text inside gzip" * 50), 415, ("gzip", "not a NIfTI")),
-        ("slice.dcm", b"\0" * 128 + b"DICM" + b"\0" * 200, 415, ("DICOM file", ".zip")),
-        ("empty.nii", b"", 400, ("empty",)),
-        ("evil.zip", _zip_with("../../outside.dcm"), 400, ("..",)),
-        ("evil.zip", _zip_with("/etc/cron.d/evil"), 400, ("absolute",)),
-        ("evil.zip", _zip_with("C:\\windows\\evil.dcm"), 400, ("absolute",)),
-        ("evil.zip", _zip_with("series/link", b"/etc/passwd", symlink=True), 400, ("symbolic link",)),
-        ("broken.zip", b"PK\x03\x04" + b"\0" * 100, 400, ("damaged zip",)),
-        ("notct.zip", _zip_with("series/readme.txt", b"no dicom here"), 400, ("not a usable CT",)),
-    ],
-)
+# Explicit ids: the payloads hold gzip/zip timestamps, and ids made from them would differ between
+# pytest-xdist workers (which must collect identical test names).
+BAD_UPLOADS = [
+    ("notes.txt", b"hello, not a scan", 415, ("unknown type",)),
+    ("scan.nii.gz", gzip.compress(b"just text inside gzip" * 50), 415, ("gzip", "not a NIfTI")),
+    ("slice.dcm", b"\0" * 128 + b"DICM" + b"\0" * 200, 415, ("DICOM file", ".zip")),
+    ("empty.nii", b"", 400, ("empty",)),
+    ("evil.zip", _zip_with("../../outside.dcm"), 400, ("..",)),
+    ("evil.zip", _zip_with("/etc/cron.d/evil"), 400, ("absolute",)),
+    ("evil.zip", _zip_with("C:\\windows\\evil.dcm"), 400, ("absolute",)),
+    ("evil.zip", _zip_with("series/link", b"/etc/passwd", symlink=True), 400, ("symbolic link",)),
+    ("broken.zip", b"PK\x03\x04" + b"\0" * 100, 400, ("damaged zip",)),
+    ("notct.zip", _zip_with("series/readme.txt", b"no dicom here"), 400, ("not a usable CT",)),
+]
+
+
+@pytest.mark.parametrize(("name", "payload", "status", "words"), BAD_UPLOADS, ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_UPLOADS)])
 def test_bad_uploads_are_refused_and_leave_nothing(upload_client, name, payload, status, words):
     before = len(upload_client.get("/api/scans").json()["scans"])
     kept = _uploads(upload_client)
