@@ -177,20 +177,26 @@ def streamed_sliding_window(
             groups[-1].append(w)
         else:
             groups.append([w])
+    # On a CPU the windows of a batch go through the network one at a time: in eval mode a window's
+    # output does not depend on its batch mates, batching buys no speed on a CPU, and one window's
+    # activations instead of sw_batch_size windows' is the largest saving of memory left.
+    one_at_a_time = inputs.device.type == "cpu"
     with torch.no_grad():
         for g, batch in enumerate(groups):
-            data = torch.cat([inputs[(slice(None), slice(None), *w)] for w in batch])
-            with autocast():
-                out = forward(data)
-            out = out.float()
-            if acc is None:
-                acc = torch.zeros((out.shape[1], depth, padded[1], padded[2]), dtype=torch.float32, device=out.device)
-            for b, (zs, ys, xs) in enumerate(batch):
-                for ring_slice, offset, n in ring(zs.start, zs.stop):
-                    w = weight[offset : offset + n]
-                    acc[:, ring_slice, ys, xs].addcmul_(out[b, :, offset : offset + n], w)
-                    cnt[ring_slice, ys, xs].add_(w)
-            del out, data
+            passes = [[w] for w in batch] if one_at_a_time else [batch]
+            for part in passes:
+                data = torch.cat([inputs[(slice(None), slice(None), *w)] for w in part])
+                with autocast():
+                    out = forward(data)
+                out = out.float()
+                if acc is None:
+                    acc = torch.zeros((out.shape[1], depth, padded[1], padded[2]), dtype=torch.float32, device=out.device)
+                for b, (zs, ys, xs) in enumerate(part):
+                    for ring_slice, offset, n in ring(zs.start, zs.stop):
+                        w = weight[offset : offset + n]
+                        acc[:, ring_slice, ys, xs].addcmul_(out[b, :, offset : offset + n], w)
+                        cnt[ring_slice, ys, xs].add_(w)
+                del out, data
             if progress is not None:
                 progress(len(batch))
             upto = groups[g + 1][0][0].start if g + 1 < len(groups) else padded[0]
