@@ -48,3 +48,23 @@ def test_specs_with_a_foreground_crop_are_not_bounded():
     assert supports_bounded(get_preset("ct-fm-1mm-320"))
     with pytest.raises(ValueError, match="foreground crop"):
         preprocess_bounded(MetaTensor(torch.zeros(1, 4, 4, 4)), get_preset("ct-fm-1mm-320").with_(foreground_crop=ForegroundCrop()))
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("scan", ["abdomen_3mm/example_ct.nii.gz"])
+def test_a_crop_after_resampling_runs_bounded_and_equals_the_chain(scan):
+    """Prediction's spec (ct-fm-patches without a size policy: resample, then crop HU > 0)."""
+    from ctfm.preprocess.bounded import preprocess_large, supports_bounded_crop
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image, _ = load_ct(data_path(scan))
+    spec = get_preset("ct-fm-patches")
+    assert spec.size_policy == "none" and supports_bounded_crop(spec) and not supports_bounded(spec)
+    eager = preprocess(image, spec)
+    large = preprocess_large(image, spec)
+    assert large.shape == eager.shape
+    assert float((large - eager).abs().max()) <= 1e-6
+    np.testing.assert_allclose(np.asarray(large.affine), np.asarray(eager.affine), atol=1e-6)
+    # a crop before resampling (head-ct) or padding after it is not value-independent: left to the chain
+    assert not supports_bounded_crop(get_preset("head-ct")) and not supports_bounded_crop(get_preset("ct-fm-ssl"))

@@ -164,9 +164,9 @@ def _precision_context(precision: str, device: str):
 
 def network_input(image, loaded, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, tuple, np.ndarray]:
     """``(x [1, C, D, H, W], input affine, input shape, network affine)`` of a loaded CT."""
-    from ctfm.preprocess import build_transforms
+    from ctfm.preprocess.bounded import preprocess_large
 
-    net = build_transforms(inference_spec(loaded.spec))(image)
+    net = preprocess_large(image, inference_spec(loaded.spec))  # the spec's chain, in bounded memory where it allows
     net_affine = np.asarray(net.affine, dtype=np.float64)
     x = net.as_tensor()[None].float().to(device)
     return x, np.asarray(image.affine, dtype=np.float64), tuple(image.shape[1:]), net_affine

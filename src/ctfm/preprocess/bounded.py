@@ -62,10 +62,39 @@ def _translate(affine: torch.Tensor, offset) -> torch.Tensor:
 SLAB_BYTES = 256e6  # resampling working set per slab (float64 grid, coordinates and values)
 
 
-def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = None):
+def supports_bounded_crop(spec: PreprocessSpec) -> bool:
+    """A foreground crop *after* resampling, nothing padded, one window: the resampled grid is
+    value-independent, so it can be filled slab by slab and cropped afterwards (in HU, as the chain
+    crops before windowing)."""
+    crop = spec.foreground_crop
+    return crop is not None and not crop.before_resampling and spec.size_policy == "none" and len(spec.windows) == 1 and spec.pad_mode == "constant"
+
+
+def preprocess_large(image, spec: PreprocessSpec):
+    """``preprocess(image, spec)`` in bounded memory wherever the spec allows, else eagerly.
+
+    The eager chain holds the input several times over in float64 while resampling (about 6.5 GB
+    for a 512 x 512 x 800 CT); the bounded paths hold the input, the output and one slab.
+    """
+    from monai.transforms import CropForeground
+
+    from ctfm.preprocess import preprocess
+    from ctfm.preprocess.transforms import AboveThreshold, _window
+
+    if supports_bounded(spec) and len(spec.windows) == 1:
+        return preprocess_bounded(image, spec)
+    if supports_bounded_crop(spec):
+        hu = preprocess_bounded(image, spec.with_(foreground_crop=None), apply_window=False)
+        crop = CropForeground(select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels)
+        return _window(spec.windows[0])(crop(hu))
+    return preprocess(image, spec)
+
+
+def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = None, apply_window: bool = True):
     """``preprocess(image, spec)`` computed a slab at a time; [1, X, Y, Z] HU -> [1, D, H, W].
 
     ``rows_per_slab`` defaults to what fits SLAB_BYTES (about 48 bytes per output voxel).
+    ``apply_window=False`` returns the resampled HU (for a crop that the chain applies before the window).
     """
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
@@ -101,7 +130,8 @@ def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = 
                 spatial_size=[h - l for l, h in zip(lo, hi)],
             )
             out[:, r0:r1, lo[1] : hi[1], lo[2] : hi[2]] = torch.as_tensor(slab, dtype=torch.float32)
-    out = _window(spec.windows[0])(out)
+    if apply_window:
+        out = _window(spec.windows[0])(out)
     return MetaTensor(out, affine=final_affine.to(torch.float64), meta={"filename_or_obj": image.meta.get("filename_or_obj", "") if hasattr(image, "meta") else ""})
 
 
