@@ -14,7 +14,7 @@ Prediction: MONAI's Gaussian sliding window on the test scan preprocessed with t
 PreprocessSpec (3 mm isotropic, SPL), argmax; Dice is computed on that grid against the test
 label map brought through the same spatial steps (nearest neighbour).
 
-    python benchmarks/finetune_seg_real.py [--pretrain-steps 60] [--finetune-steps 120] [--out /tmp/ftseg]
+    python benchmarks/finetune_seg_real.py [--pretrain-steps 60] [--finetune-steps 120] [--out DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=60)
     parser.add_argument("--finetune-steps", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="/tmp/ctfm-finetune-seg-real")
+    parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "ctfm-finetune-seg-real"))
     args = parser.parse_args(argv)
     if not (DATA / "abdomen_3mm").is_dir() or not (DATA / "abdomen_dicom").is_dir():
         print(f"skipped: real CT data not found at {DATA}", file=sys.stderr)

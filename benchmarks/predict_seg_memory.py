@@ -29,6 +29,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def main():
     p.add_argument("--z-levels", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--save")
-    p.add_argument("--work", default="/tmp/ctfm_predict_seg_bench")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ctfm_predict_seg_bench"))
     args = p.parse_args()
     if args.what == "_child":
         print(json.dumps(child(args)))
