@@ -56,6 +56,8 @@ def child(args) -> dict:
     loaded = _model(args.classes, args.init_filters)
     settings = aggregation.WindowSettings.from_dict(loaded.info["inference"])
     image, _ = load_ct(args.input)
+    # Timed separately: preprocessing (each side's own) and prediction. ctfm's prediction ends on
+    # the input grid (its inversion included); MONAI's ends on the network grid, as it does.
     start = time.perf_counter()
     if args.side == "ctfm":
         if args.z_levels:
@@ -70,24 +72,28 @@ def child(args) -> dict:
         prepared = network_input(image, loaded)
         if not args.save:
             del image  # as ctfm predict seg does: the HU volume is not held while predicting
+        preprocess_s = time.perf_counter() - start
         labels = predict_prepared(*prepared, loaded, settings)
+        predict_s = time.perf_counter() - start - preprocess_s
+        x = prepared[0]
         del prepared
         result = {"labels_shape": list(labels.shape)}
         if args.save:
-            # network-grid labels for the agreement check (exact without resampling back)
-            net = build_transforms(inference_spec(loaded.spec))(image)
-            x = net.as_tensor()[None].float()
+            # Network-grid labels for the agreement check (untimed): the streamed aggregation's own
+            # argmax, comparable voxel for voxel with MONAI's.
             result["net_labels"] = args.save
             np.save(args.save, aggregation.streamed_logits(x, loaded.model, settings).argmax(0).numpy().astype(np.uint8))
     else:
         net = build_transforms(inference_spec(loaded.spec))(image)
         x = net.as_tensor()[None].float()
         del image, net
+        preprocess_s = time.perf_counter() - start
         labels = aggregation.monai_logits(x, loaded.model, settings).argmax(0).numpy().astype(np.uint8)
+        predict_s = time.perf_counter() - start - preprocess_s
         result = {"labels_shape": list(labels.shape)}
         if args.save:
             np.save(args.save, labels)
-    result["seconds"] = round(time.perf_counter() - start, 2)
+    result.update(preprocess_seconds=round(preprocess_s, 2), predict_seconds=round(predict_s, 2), seconds=round(preprocess_s + predict_s, 2))
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return result
 
@@ -111,12 +117,28 @@ def agreement(args) -> dict:
     tmp = Path(args.work)
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
-    for rep in range(args.repeats):  # interleaved, so load on the shared machine hits both sides
-        ours = run_child("ctfm", args, save=str(tmp / "ours.npy"))
-        ref = run_child("monai", args, save=str(tmp / "monai.npy"))
-        rows.append({"ctfm": ours, "monai": ref})
-    a, b = np.load(tmp / "ours.npy"), np.load(tmp / "monai.npy")
-    return {"input": Path(args.input).name, "network_grid": list(a.shape), "identical_fraction": float((a == b).mean()), "runs": rows}
+    for rep in range(args.repeats):  # interleaved, which side first alternating, so load on the machine hits both
+        order = ("ctfm", "monai") if rep % 2 == 0 else ("monai", "ctfm")
+        # The network-grid labels are saved (untimed) in the first repeat only.
+        row = {side: run_child(side, args, save=str(tmp / f"{side}.npy") if rep == 0 else None) for side in order}
+        failed = {side: r["error"] for side, r in row.items() if "error" in r}
+        if failed:
+            raise SystemExit(f"predict_seg_memory agreement: a side failed: {failed}")
+        rows.append(row)
+    a, b = np.load(tmp / "ctfm.npy"), np.load(tmp / "monai.npy")
+    # Ratio of the medians over the interleaved repeats: ctfm seconds / MONAI seconds (< 1: ctfm faster).
+    med = {side: float(np.median([r[side]["seconds"] for r in rows])) for side in ("ctfm", "monai")}
+    med_predict = {side: float(np.median([r[side]["predict_seconds"] for r in rows])) for side in ("ctfm", "monai")}
+    return {
+        "input": Path(args.input).name,
+        "network_grid": list(a.shape),
+        "identical_fraction": float((a == b).mean()),
+        "median_seconds": med,
+        "median_predict_seconds": med_predict,
+        "ctfm_over_monai_seconds": round(med["ctfm"] / med["monai"], 3),
+        "ctfm_over_monai_predict_seconds": round(med_predict["ctfm"] / med_predict["monai"], 3),
+        "runs": rows,
+    }
 
 
 def memory(args) -> dict:

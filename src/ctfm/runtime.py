@@ -219,3 +219,54 @@ def parallel_map(fn, items, workers: int = 1, on_crash=None):
                 pool = new_pool()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_folder_trainer(config, callbacks=(), progress_bar: bool = True, **trainer_options):
+    """The Lightning Trainer of a training run (``ctfm pretrain``, ``ctfm finetune``) writing ``config.out``.
+
+    The run folder gets ``metrics.csv`` (CSV logger), ``tensorboard/`` (when a TensorBoard writer is
+    installed) and ``checkpoints/{epoch}-{step}.ckpt`` every ``checkpoint_every_n_epochs`` epochs
+    plus ``last.ckpt``, from which a run resumes. ``config`` is any run config with ``out``,
+    ``max_epochs``, ``max_steps``, ``accelerator``, ``devices``, ``num_nodes``, ``strategy``,
+    ``precision``, ``sync_batchnorm`` and ``checkpoint_every_n_epochs``; ``callbacks`` come after the
+    checkpoint and learning-rate callbacks; ``trainer_options`` go to ``lightning.Trainer`` as they are
+    (validation cadence, ``limit_train_batches``).
+    """
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    out = Path(config.out)
+    sync_batchnorm = config.sync_batchnorm
+    if sync_batchnorm and (config.accelerator == "cpu" or not torch.cuda.is_available()):
+        # torch's SyncBatchNorm runs on GPUs only; CPU processes keep per-process statistics
+        # (which only matters, and is only said, when there is more than one process).
+        if config.devices * config.num_nodes > 1:
+            warnings.warn("sync_batchnorm needs GPUs: on CPU each process keeps its own BatchNorm statistics", stacklevel=2)
+        sync_batchnorm = False
+    periodic = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}-{step}", every_n_epochs=config.checkpoint_every_n_epochs, save_top_k=-1, save_last=True)
+    loggers = [CSVLogger(save_dir=str(out), name="", version="")]
+    try:
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+    except ModuleNotFoundError:  # no TensorBoard writer installed: metrics.csv still records everything
+        pass
+    return L.Trainer(
+        default_root_dir=str(out),
+        max_epochs=config.max_epochs,
+        max_steps=config.max_steps,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        sync_batchnorm=sync_batchnorm,
+        use_distributed_sampler=False,  # EpochIndexSampler splits training samples across ranks itself
+        logger=loggers,
+        callbacks=[periodic, LearningRateMonitor(logging_interval="epoch"), *callbacks],
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        enable_progress_bar=progress_bar,
+        deterministic=False,
+        **trainer_options,
+    )

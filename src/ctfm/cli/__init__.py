@@ -41,6 +41,25 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
+def add_task_subcommands(parser, tasks) -> None:
+    """Subcommands of a verb with tasks (``ctfm finetune seg``, ``ctfm predict cls``): each function
+    in ``tasks`` adds its parser and sets ``_task_run``, the function that runs it."""
+    sub = parser.add_subparsers(dest="task", metavar="TASK")
+    for add in tasks:
+        add(sub)
+    parser.set_defaults(_task_names=list(sub.choices))
+
+
+def run_task(args, verb: str) -> int:
+    """Run the task subcommand ``args`` names; without one, a one-line error naming the tasks."""
+    if not getattr(args, "_task_run", None):
+        from ctfm.errors import OptionError
+
+        names = " or ".join(sorted(args._task_names)) if getattr(args, "_task_names", None) else "a task"
+        raise OptionError(f"ctfm {verb} needs a task: {names} (see ctfm {verb} --help)")
+    return args._task_run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctfm", description="Foundation models for computed tomography.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")

@@ -57,17 +57,15 @@ TASKS = [add_seg, add_cls]
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="task", metavar="TASK")
-    for add in TASKS:
-        add(sub)
+    from ctfm.cli import add_task_subcommands
+
+    add_task_subcommands(parser, TASKS)
 
 
 def run(args) -> int:
-    if not getattr(args, "_task_run", None):
-        from ctfm.errors import OptionError
+    from ctfm.cli import run_task
 
-        raise OptionError("ctfm predict needs a task: seg or cls (see ctfm predict --help)")
-    return args._task_run(args)
+    return run_task(args, "predict")
 
 
 def run_cls(args) -> int:

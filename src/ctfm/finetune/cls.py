@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
-from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, resolve_config, run_finetune, sample_random_state, samples_per_epoch
+from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
 
 RESERVED_COLUMNS = {"path", "split", "series_uid", "patient", "patient_id", "error", "scan_id"}
 LAYOUTS = ("stack", "channels")
@@ -37,7 +37,12 @@ LAYOUTS = ("stack", "channels")
 
 @dataclass
 class ClsConfig(RunConfig):
-    """Every value a classification fine-tuning run depends on (run keys: :class:`RunConfig`)."""
+    """Every value a classification fine-tuning run depends on (run keys: :class:`RunConfig`).
+
+    ``percentage`` keeps the first ``int(percentage / 100 * n)`` of the training and of the
+    validation cases, as the reference's head-CT runs did; ``freeze`` prefixes name the
+    classifier's parameters (``trunk`` for the encoder, ``head``).
+    """
 
     out: str = "runs/finetune-cls"
     data: str = ""  # manifest (CSV/Parquet): path, label column(s)[, split][, series_uid]
@@ -46,28 +51,20 @@ class ClsConfig(RunConfig):
     split_column: str = "split"  # train / val / test per row; absent: the reference split
     group_column: str = ""  # patient column the reference split keeps together (default: each path alone)
     split_ratios: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    percentage: float = 100.0  # keep the first int(percentage/100*n) training and validation cases
     preset: str = "head-ct"  # the PreprocessSpec preset of the inputs
     spacing_mm: list = field(default_factory=list)  # override the preset's spacing (orientation order)
     patch_voxels: list = field(default_factory=list)  # override the preset's size (voxels, orientation order)
     window_layout: str = "stack"  # stack: windows along the first spatial axis (1 channel); channels: one channel per window
-    encoder_weights: str = ""  # CT-FM encoder to start from (folder, hf-hub:, .ckpt); empty: random init
-    model_kwargs: dict = field(default_factory=dict)  # e.g. {"init_filters": 8}
     head_hidden: int = 256  # 0: a single Linear head
-    freeze: list = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. ["trunk"]
-    freeze_until_epoch: int = -1
     affine_p: float = 0.2
     rotate_range: float = 0.26
     scale_range: float = 0.2
-    cache: str = ""  # preprocessed inputs (default <out>/cache)
 
     def check(self) -> None:
         if self.task not in ("auto", "binary", "multilabel", "multiclass"):
             raise OptionError(f"task {self.task!r}: expected auto, binary, multilabel or multiclass")
         if self.window_layout not in LAYOUTS:
             raise OptionError(f"window_layout {self.window_layout!r}: expected stack or channels")
-        if not 0 < float(self.percentage) <= 100:
-            raise OptionError(f"percentage {self.percentage}: expected a share of the training cases in (0, 100]")
         if len(self.split_ratios) != 3 or abs(sum(self.split_ratios) - 1) > 1e-6 or min(self.split_ratios) < 0:
             raise OptionError(f"split_ratios {self.split_ratios}: expected three shares (train, val, test) summing to 1")
         if not 0.0 <= float(self.affine_p) <= 1.0:
@@ -373,20 +370,14 @@ class ClassificationTask(FinetuneTask):
     def build_dataloaders(self, config: ClsConfig):
         from torch.utils.data import DataLoader
 
-        from ctfm.pretrain.data import EpochIndexSampler
-
         task, _, train, val = self.data(config)
         spec = input_spec(config)
         cache = Path(config.cache) if config.cache else Path(config.out) / "cache"
-        train_set = ClsTrainDataset(PreprocessedInputs(train, spec, cache), config, spec, task)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochIndexSampler(samples_per_epoch(config, len(train))), num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+        loader = training_loader(config, ClsTrainDataset(PreprocessedInputs(train, spec, cache), config, spec, task), len(train))
         val_loader = None
         if val and config.val_every_n_epochs > 0:
-            from ctfm.runtime import rank_and_world_size
-
-            rank, world = rank_and_world_size()
-            mine = val[rank::world] if world > 1 else val
-            val_loader = DataLoader(ClsEvalDataset(PreprocessedInputs(mine, spec, cache), task), batch_size=config.batch_size, num_workers=min(config.num_workers, 2))
+            val_set = ClsEvalDataset(PreprocessedInputs(rank_share(val), spec, cache), task)
+            val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=min(config.num_workers, 2))
         return loader, val_loader
 
     def build_module(self, config: ClsConfig):
@@ -411,19 +402,11 @@ class ClassificationTask(FinetuneTask):
             warmup_multiplier=config.warmup_multiplier,
         )
 
-    def load_module(self, checkpoint: Path):
-        import torch
-
-        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        module = self.module_class(**{**state["hyper_parameters"], "encoder_weights": None})
-        module.load_state_dict(state["state_dict"])
-        return module, state
-
     def export(self, module, folder: Path, config: ClsConfig, provenance: dict) -> Path:
         from ctfm.models.classifier import save_classifier
 
         task, names, train, val = self.data(config)
-        provenance = {**provenance, "data": str(config.data), "train_cases": len(train), "val_cases": len(val), "percentage": config.percentage, "encoder_weights": config.encoder_weights or "random-init", "seed": config.seed}
+        provenance = {**provenance, **run_provenance(config, train, val)}
         return save_classifier(module.model, folder, task=task, labels=list(names), spec=input_spec(config), layout=config.window_layout, provenance=provenance)
 
 

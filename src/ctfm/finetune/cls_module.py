@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import warnings
 
-import lightning as L
 import numpy as np
 import torch
 
+from ctfm.finetune.module import FinetuneModule
 
-class ClassificationFinetuner(L.LightningModule):
+
+class ClassificationFinetuner(FinetuneModule):
     def __init__(
         self,
         task: str,
@@ -46,26 +47,7 @@ class ClassificationFinetuner(L.LightningModule):
             load_trunk_weights(self.model, encoder_weights)
         self.criterion = torch.nn.CrossEntropyLoss() if task == "multiclass" else torch.nn.BCEWithLogitsLoss()
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._apply_freeze(0)
-
-    # ---- freezing (as the segmentation module) ---------------------------------------------
-    def frozen(self, epoch: int) -> bool:
-        until = self.hparams.freeze_until_epoch
-        return bool(self.hparams.freeze) and (until < 0 or epoch < until)
-
-    def _apply_freeze(self, epoch: int) -> None:
-        prefixes = tuple(self.hparams.freeze or ())
-        freeze = self.frozen(epoch)
-        for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(not (freeze and name.startswith(prefixes)))
-
-    def on_train_epoch_start(self) -> None:
-        self._apply_freeze(self.current_epoch)
-        if self.frozen(self.current_epoch):
-            prefixes = tuple(self.hparams.freeze)
-            for name, module in self.model.named_modules():
-                if name.startswith(prefixes) and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+        self.apply_freeze(0)
 
     # ---- steps ---------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -81,12 +63,7 @@ class ClassificationFinetuner(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(self.model(batch["image"]), batch["target"])
-        if not torch.isfinite(loss):
-            from ctfm.errors import CTInputError
-
-            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step}", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
-        return loss
+        return self.checked_loss(loss, batch["image"].shape[0])
 
     def validation_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
@@ -103,15 +80,6 @@ class ClassificationFinetuner(L.LightningModule):
             probs = self.all_gather(probs).flatten(0, 1)
             targets = self.all_gather(targets).flatten(0, 1)
         self.log("val/auroc", validation_auroc(self.hparams.task, targets.cpu().numpy(), probs.cpu().numpy()), prog_bar=True, sync_dist=False)
-
-    def configure_optimizers(self):
-        from monai.optimizers import WarmupCosineSchedule
-
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        # Stepped per epoch, as CT-FM's recipe configures it (warm-up and t_total in epochs).
-        schedule = WarmupCosineSchedule(optimizer, warmup_steps=hp.warmup_epochs, t_total=hp.max_epochs, end_lr=hp.end_lr, warmup_multiplier=hp.warmup_multiplier)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
 
 def validation_auroc(task: str, targets: np.ndarray, probabilities: np.ndarray) -> float:

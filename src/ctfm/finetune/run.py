@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.pretrain.config import parse_set
-from ctfm.runtime import rank_and_world_size, write_text_atomic
+from ctfm.runtime import rank_and_world_size, run_folder_trainer, write_text_atomic
 
 __all__ = [
     "FinetuneTask",
@@ -37,10 +37,13 @@ __all__ = [
     "parse_set",
     "read_config_file",
     "resolve_config",
+    "rank_share",
     "run_finetune",
+    "run_provenance",
     "sample_random_state",
     "samples_per_epoch",
     "save_config",
+    "training_loader",
 ]
 
 
@@ -49,6 +52,13 @@ class RunConfig:
     """Settings every fine-tuning run shares; a task's config subclasses it and adds its own."""
 
     out: str = "runs/finetune"  # the run folder
+    data: str = ""  # the training data (a manifest or a dataset folder: the task says which)
+    cache: str = ""  # preprocessed cases (default <out>/cache)
+    percentage: float = 100.0  # few-shot: keep the first round(n * percentage / 100) cases (the task says of which splits)
+    encoder_weights: str = ""  # CT-FM encoder to start from (folder, hf-hub:, .ckpt, run folder); empty: random init
+    model_kwargs: dict = field(default_factory=dict)  # network arguments, e.g. {"init_filters": 8} for a narrow network
+    freeze: list = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. ["encoder"] or ["encoder.conv_init", "encoder.layers.0"]
+    freeze_until_epoch: int = -1  # unfreeze from this epoch on (-1: frozen throughout)
     seed: int = 0
     batch_size: int = 2  # samples per device and step
     num_workers: int = 4
@@ -137,6 +147,12 @@ def _check_run(config: RunConfig) -> None:
         raise OptionError(f"steps_per_epoch {config.steps_per_epoch}: expected a positive number, or -1 for one pass over the cases")
     if not config.lr > 0:
         raise OptionError(f"lr {config.lr}: expected a positive learning rate")
+    if not 0 < float(config.percentage) <= 100:
+        raise OptionError(f"percentage {config.percentage}: expected a share of the cases in (0, 100]")
+    if not isinstance(config.freeze, list) or not all(isinstance(p, str) and p for p in config.freeze):
+        raise OptionError(f"freeze {config.freeze!r}: expected a list of parameter-name prefixes, e.g. [\"encoder\"]")
+    if not isinstance(config.model_kwargs, dict):
+        raise OptionError(f"model_kwargs {config.model_kwargs!r}: expected a mapping of network arguments, e.g. {{\"init_filters\": 8}}")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
@@ -191,63 +207,68 @@ class FinetuneTask:
     def export(self, module, folder: Path, config, provenance: dict) -> Path:
         raise NotImplementedError
 
+    # Hyperparameters naming weights to start from: the checkpoint's state dict holds every weight,
+    # so a reload sets them to None instead of reading those files again.
+    initial_weight_keys: tuple[str, ...] = ("encoder_weights",)
+    module_class = None
+
     def load_module(self, checkpoint: Path):
-        """The module of a checkpoint of this task (state loaded with ``weights_only=True``)."""
+        """The module of a checkpoint of this task and the checkpoint (loaded with ``weights_only=True``)."""
         import torch
 
         state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        module = self.module_class(**state["hyper_parameters"])
+        hyper = dict(state["hyper_parameters"])
+        hyper.update({key: None for key in self.initial_weight_keys if key in hyper})
+        module = self.module_class(**hyper)
         module.load_state_dict(state["state_dict"])
         return module, state
 
-    module_class = None
+
+def training_loader(config: RunConfig, dataset, n_cases: int):
+    """The training DataLoader: samples identified by (epoch, index), ``samples_per_epoch`` an epoch."""
+    from torch.utils.data import DataLoader
+
+    from ctfm.pretrain.data import EpochIndexSampler
+
+    sampler = EpochIndexSampler(samples_per_epoch(config, n_cases))
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+
+
+def rank_share(cases: list) -> list:
+    """This process's share of the validation cases (every ``world``-th from its rank); the
+    metrics are gathered across ranks."""
+    rank, world = rank_and_world_size()
+    return cases[rank::world] if world > 1 else cases
+
+
+def run_provenance(config: RunConfig, train: list, val: list) -> dict[str, Any]:
+    """What an export records of the data and start of its run (task-specific keys added by the task)."""
+    return {
+        "data": str(config.data),
+        "train_cases": len(train),
+        "val_cases": len(val),
+        "percentage": config.percentage,
+        "encoder_weights": config.encoder_weights or "random-init",
+        "seed": config.seed,
+    }
 
 
 def build_trainer(config: RunConfig, task: FinetuneTask, has_validation: bool, extra_callbacks=(), progress_bar: bool = True):
-    """A Lightning Trainer writing the run folder: CSV + TensorBoard logs, periodic/last/best checkpoints."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    """The run folder's Trainer (:func:`ctfm.runtime.run_folder_trainer`) with validation every
+    ``val_every_n_epochs`` epochs and ``best.ckpt`` kept by the task's monitor."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    out = Path(config.out)
-    sync_batchnorm = config.sync_batchnorm
-    if sync_batchnorm and (config.accelerator == "cpu" or not torch.cuda.is_available()):
-        if config.devices * config.num_nodes > 1:
-            warnings.warn("sync_batchnorm needs GPUs: on CPU each process keeps its own BatchNorm statistics", stacklevel=2)
-        sync_batchnorm = False
-    callbacks = [
-        ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}-{step}", every_n_epochs=config.checkpoint_every_n_epochs, save_top_k=-1, save_last=True),
-        LearningRateMonitor(logging_interval="epoch"),
-    ]
     validate = has_validation and config.val_every_n_epochs > 0
+    callbacks = []
     if validate:
-        callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False))
-    loggers = [CSVLogger(save_dir=str(out), name="", version="")]
-    try:
-        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
-    except ModuleNotFoundError:  # no TensorBoard writer installed: metrics.csv still records everything
-        pass
-    return L.Trainer(
-        default_root_dir=str(out),
-        max_epochs=config.max_epochs,
-        max_steps=config.max_steps,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=config.strategy,
-        precision=config.precision,
-        sync_batchnorm=sync_batchnorm,
-        use_distributed_sampler=False,  # EpochIndexSampler splits training samples across ranks itself
+        callbacks.append(ModelCheckpoint(dirpath=Path(config.out) / "checkpoints", filename="best", monitor=task.monitor, mode=task.monitor_mode, save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False))
+    return run_folder_trainer(
+        config,
+        [*callbacks, *extra_callbacks],
+        progress_bar=progress_bar,
         check_val_every_n_epoch=config.val_every_n_epochs if validate else 1,
         limit_val_batches=1.0 if validate else 0,
         num_sanity_val_steps=0,
-        logger=loggers,
-        callbacks=[*callbacks, *extra_callbacks],
-        log_every_n_steps=1,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-        deterministic=False,
     )
 
 

@@ -22,12 +22,16 @@ from typing import Any
 import numpy as np
 
 from ctfm.errors import OptionError
-from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, resolve_config, run_finetune, sample_random_state, samples_per_epoch
+from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
 
 
 @dataclass
 class SegConfig(RunConfig):
-    """Every value a segmentation fine-tuning run depends on (run keys: :class:`RunConfig`)."""
+    """Every value a segmentation fine-tuning run depends on (run keys: :class:`RunConfig`).
+
+    ``percentage`` takes the first share of the training cases (validation stays whole), as
+    CT-FM's few-shot runs did; ``freeze`` prefixes name SegResNetDS parameters (``encoder``, ``up_layers``).
+    """
 
     out: str = "runs/finetune-seg"
     data: str = ""  # a manifest (image, label[, split]), a TotalSegmentator v2 folder (meta.csv) or an MSD task folder (dataset.json)
@@ -36,13 +40,7 @@ class SegConfig(RunConfig):
     split_column: str = "split"  # TotalSegmentator meta.csv column holding train / val / test
     val_fold: int = 4  # MSD entries with this "fold" validate
     val_fraction: float = 0.0  # carve a seeded validation share out of the training cases when the data has none
-    percentage: float = 100.0  # few-shot: train on the first round(n * percentage / 100) training cases
-    cache: str = ""  # preprocessed cases (default <out>/cache)
-    encoder_weights: str = ""  # CT-FM encoder to start from (folder, hf-hub:, .ckpt, run folder); empty: random init
     init_weights: str = ""  # a whole SegResNetDS (weights folder / fine-tuning run) to start from instead
-    model_kwargs: dict = field(default_factory=dict)  # e.g. {"init_filters": 8} for a narrow network
-    freeze: list = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. ["encoder"] or ["encoder.conv_init", "encoder.layers.0"]
-    freeze_until_epoch: int = -1  # unfreeze from this epoch on (-1: frozen throughout)
     # The preprocessing of the training volumes (one PreprocessSpec; docs/finetune.md).
     orientation: str = "SPL"
     spacing_mm: list = field(default_factory=list)  # empty: no resampling (CT-FM's TotalSegmentator run)
@@ -78,16 +76,12 @@ class SegConfig(RunConfig):
         for key in ("affine_p", "smooth_p", "intensity_scale_p", "intensity_shift_p", "noise_p"):
             if not 0.0 <= float(getattr(self, key)) <= 1.0:
                 raise OptionError(f"{key} {getattr(self, key)}: expected a probability in [0, 1]")
-        if not 0 < self.percentage <= 100:
-            raise OptionError(f"percentage {self.percentage}: expected a share of the training cases in (0, 100]")
         if not 0 <= self.sw_overlap < 1:
             raise OptionError(f"sw_overlap {self.sw_overlap}: expected a fraction in [0, 1)")
         if self.deep_supervision_weights not in ("same", "exp", "two"):
             raise OptionError(f"deep_supervision_weights {self.deep_supervision_weights!r}: expected same, exp or two")
         if self.encoder_weights and self.init_weights:
             raise OptionError("give encoder_weights (a CT-FM encoder) or init_weights (a whole segmentation model), not both")
-        if not isinstance(self.freeze, list) or not all(isinstance(p, str) and p for p in self.freeze):
-            raise OptionError(f"freeze {self.freeze!r}: expected a list of parameter-name prefixes, e.g. [\"encoder\"]")
 
 
 SEG_PRESETS: dict[str, dict[str, Any]] = {
@@ -300,6 +294,8 @@ class SegmentationTask(FinetuneTask):
     monitor = "val/macro_dice"
     monitor_mode = "max"
 
+    initial_weight_keys = ("encoder_weights", "init_weights")
+
     def __init__(self):
         self._data = None
 
@@ -323,23 +319,17 @@ class SegmentationTask(FinetuneTask):
     def build_dataloaders(self, config: SegConfig):
         from torch.utils.data import DataLoader
 
-        from ctfm.pretrain.data import EpochIndexSampler
-
         data, train, val = self.data(config)
         spec = training_spec(config)
         cache = Path(config.cache) if config.cache else Path(config.out) / "cache"
         train_cases = PreprocessedCases(train, data, spec, cache)
         train_cases.prepare()
         PreprocessedCases(val, data, spec, cache).prepare()
-        train_set = SegTrainDataset(train_cases, config, len(data.classes))
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochIndexSampler(samples_per_epoch(config, len(train))), num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+        loader = training_loader(config, SegTrainDataset(train_cases, config, len(data.classes)), len(train))
         val_loader = None
         if val and config.val_every_n_epochs > 0:
-            from ctfm.runtime import rank_and_world_size
-
-            rank, world = rank_and_world_size()
-            mine = val[rank::world] if world > 1 else val  # each rank validates its share; metrics gather across ranks
-            val_loader = DataLoader(SegValDataset(PreprocessedCases(mine, data, spec, cache), config), batch_size=1, num_workers=min(config.num_workers, 2))
+            val_set = SegValDataset(PreprocessedCases(rank_share(val), data, spec, cache), config)
+            val_loader = DataLoader(val_set, batch_size=1, num_workers=min(config.num_workers, 2))
         return loader, val_loader
 
     def build_module(self, config: SegConfig):
@@ -366,29 +356,11 @@ class SegmentationTask(FinetuneTask):
             deep_supervision_weights=config.deep_supervision_weights,
         )
 
-    def load_module(self, checkpoint: Path):
-        import torch
-
-        state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        hp = {**state["hyper_parameters"], "encoder_weights": None, "init_weights": None}  # the state dict holds every weight
-        module = self.module_class(**hp)
-        module.load_state_dict(state["state_dict"])
-        return module, state
-
     def export(self, module, folder: Path, config: SegConfig, provenance: dict) -> Path:
         from ctfm.models.segmentation import save_segmentation_model
 
         data, train, val = self.data(config)
-        provenance = {
-            **provenance,
-            "data": str(config.data),
-            "data_kind": data.kind,
-            "train_cases": len(train),
-            "val_cases": len(val),
-            "percentage": config.percentage,
-            "encoder_weights": config.encoder_weights or "random-init",
-            "seed": config.seed,
-        }
+        provenance = {**provenance, **run_provenance(config, train, val), "data_kind": data.kind}
         inference = {"roi_size": list(config.patch_size), "overlap": config.sw_overlap, "mode": "gaussian", "sw_batch_size": config.sw_batch_size}
         return save_segmentation_model(module.model, folder, labels=dict(data.classes), spec=training_spec(config), provenance=provenance, inference=inference, overwrite=True)
 

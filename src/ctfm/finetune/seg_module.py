@@ -10,11 +10,12 @@ validation volume, argmax, per-class Dice (background excluded, empty truth igno
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 
+from ctfm.finetune.module import FinetuneModule
 
-class SegmentationFinetuner(L.LightningModule):
+
+class SegmentationFinetuner(FinetuneModule):
     def __init__(
         self,
         class_names: list[str],
@@ -51,31 +52,7 @@ class SegmentationFinetuner(L.LightningModule):
             weight_mode=deep_supervision_weights,
         )
         self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=len(class_names))
-        self._apply_freeze(0)
-
-    # ---- freezing ------------------------------------------------------------------------
-    def frozen(self, epoch: int) -> bool:
-        until = self.hparams.freeze_until_epoch
-        return bool(self.hparams.freeze) and (until < 0 or epoch < until)
-
-    def _apply_freeze(self, epoch: int) -> None:
-        prefixes = tuple(self.hparams.freeze or ())
-        freeze = self.frozen(epoch)
-        for name, parameter in self.model.named_parameters():
-            parameter.requires_grad_(not (freeze and name.startswith(prefixes)))
-
-    def _frozen_norms_eval(self) -> None:
-        """BatchNorm layers inside frozen prefixes keep their running statistics."""
-        if not self.frozen(self.current_epoch):
-            return
-        prefixes = tuple(self.hparams.freeze)
-        for name, module in self.model.named_modules():
-            if name.startswith(prefixes) and isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-    def on_train_epoch_start(self) -> None:
-        self._apply_freeze(self.current_epoch)
-        self._frozen_norms_eval()
+        self.apply_freeze(0)
 
     # ---- steps ---------------------------------------------------------------------------
     def forward(self, image: torch.Tensor):
@@ -86,12 +63,7 @@ class SegmentationFinetuner(L.LightningModule):
         outputs = self.model(batch["image"])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         loss = self.criterion(list(outputs), batch["label"].float())  # float: the loss resizes the target (nearest) per level
-        if not torch.isfinite(loss):
-            from ctfm.errors import CTInputError
-
-            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step}", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
-        return loss
+        return self.checked_loss(loss, batch["image"].shape[0])
 
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Gaussian sliding window over [B, 1, D, H, W] -> logits [B, N, D, H, W]."""
@@ -101,7 +73,6 @@ class SegmentationFinetuner(L.LightningModule):
         return sliding_window_inference(image, roi_size=list(hp.roi_size), sw_batch_size=hp.sw_batch_size, predictor=self.model, overlap=hp.sw_overlap, mode="gaussian")
 
     def validation_step(self, batch, batch_idx):
-        n = len(self.hparams.class_names)
         logits = self.predict_logits(batch["image"])
         prediction = logits.argmax(dim=1, keepdim=True)
         self.dice(y_pred=prediction, y=batch["label"])
@@ -115,12 +86,3 @@ class SegmentationFinetuner(L.LightningModule):
         valid = per_class[~torch.isnan(per_class)]
         macro = float(valid.mean()) if valid.numel() else 0.0
         self.log("val/macro_dice", macro, prog_bar=True, sync_dist=False)
-
-    def configure_optimizers(self):
-        from monai.optimizers import WarmupCosineSchedule
-
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        # Stepped per epoch, as CT-FM's recipe configures it (warm-up and t_total in epochs).
-        schedule = WarmupCosineSchedule(optimizer, warmup_steps=hp.warmup_epochs, t_total=hp.max_epochs, end_lr=hp.end_lr, warmup_multiplier=hp.warmup_multiplier)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ctfm.errors import OptionError
 from ctfm.pretrain.config import PretrainConfig, save_config
-from ctfm.runtime import rank_and_world_size, write_text_atomic
+from ctfm.runtime import rank_and_world_size, run_folder_trainer, write_text_atomic
 
 
 def launch_rank() -> int:
@@ -60,43 +60,8 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
 
 
 def build_trainer(config: PretrainConfig, extra_callbacks=(), progress_bar: bool = True):
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    import torch
-
-    out = Path(config.out)
-    sync_batchnorm = config.sync_batchnorm
-    if sync_batchnorm and (config.accelerator == "cpu" or not torch.cuda.is_available()):
-        # torch's SyncBatchNorm runs on GPUs only; CPU processes keep per-process statistics.
-        warnings.warn("sync_batchnorm needs GPUs: on CPU each process keeps its own BatchNorm statistics", stacklevel=2)
-        sync_batchnorm = False
-    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", filename="{epoch}-{step}", every_n_epochs=config.checkpoint_every_n_epochs, save_top_k=-1, save_last=True)
-    loggers = [CSVLogger(save_dir=str(out), name="", version="")]
-    try:
-        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
-    except ModuleNotFoundError:  # TensorBoard writer not installed: metrics.csv still records everything
-        pass
-    return L.Trainer(
-        default_root_dir=str(out),
-        max_epochs=config.max_epochs,
-        max_steps=config.max_steps,
-        limit_train_batches=config.steps_per_epoch,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        num_nodes=config.num_nodes,
-        strategy=config.strategy,
-        precision=config.precision,
-        sync_batchnorm=sync_batchnorm,
-        use_distributed_sampler=False,  # EpochIndexSampler splits samples across ranks itself
-        logger=loggers,
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="epoch"), *extra_callbacks],
-        log_every_n_steps=1,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-        deterministic=False,
-    )
+    """The run folder's Trainer (:func:`ctfm.runtime.run_folder_trainer`), ``steps_per_epoch`` batches an epoch."""
+    return run_folder_trainer(config, extra_callbacks, progress_bar=progress_bar, limit_train_batches=config.steps_per_epoch)
 
 
 def loss_kwargs(config: PretrainConfig) -> dict:
