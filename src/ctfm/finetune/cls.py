@@ -372,7 +372,7 @@ class ClassificationTask(FinetuneTask):
 
         task, _, train, val = self.data(config)
         spec = input_spec(config)
-        cache = Path(config.cache) if config.cache else Path(config.out) / "cache"
+        cache = config.cache_dir()
         loader = training_loader(config, ClsTrainDataset(PreprocessedInputs(train, spec, cache), config, spec, task), len(train))
         val_loader = None
         if val and config.val_every_n_epochs > 0:

@@ -82,6 +82,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def cache_dir(self) -> Path:
+        """Where preprocessed cases are kept: ``cache``, else ``<out>/cache``."""
+        return Path(self.cache) if self.cache else Path(self.out) / "cache"
+
 
 def read_config_file(path: str | Path, presets: dict[str, dict[str, Any]], what: str = "fine-tuning") -> dict[str, Any]:
     """Values of a YAML or JSON config file; ``preset: NAME`` in it starts from that preset."""

@@ -321,7 +321,7 @@ class SegmentationTask(FinetuneTask):
 
         data, train, val = self.data(config)
         spec = training_spec(config)
-        cache = Path(config.cache) if config.cache else Path(config.out) / "cache"
+        cache = config.cache_dir()
         train_cases = PreprocessedCases(train, data, spec, cache)
         train_cases.prepare()
         PreprocessedCases(val, data, spec, cache).prepare()
