@@ -53,3 +53,35 @@ def one_line(exc: BaseException, limit: int = 160, with_type: bool = False) -> s
     if not text:
         return name
     return f"{name}: {text}" if with_type else text
+
+
+# extra name -> what `pip install 'ctfm[EXTRA]'` adds; the one place that maps a feature to its extra.
+EXTRAS = {
+    "train": "pretraining and fine-tuning (lightning, tensorboardX, pyyaml)",
+    "search": "the vector index (faiss-cpu)",
+    "app": "the browser app (fastapi, uvicorn, python-multipart)",
+    "dicom-seg": "DICOM SEG and SR output (highdicom)",
+    "eval": "evaluations, probes and figures (scikit-learn, matplotlib, umap-learn)",
+    "idc": "Imaging Data Commons cohorts (idc-index)",
+}
+
+
+def optional_import(module: str, extra: str, feature: str | None = None):
+    """Import ``module`` (a dependency of the optional ``extra``), or raise
+    :class:`MissingDependencyError` naming the pip command that installs it.
+
+    The one way ctfm imports a dependency that is not part of the core install, e.g.
+    ``faiss = optional_import("faiss", "search")`` at the top of a module that needs it.
+    """
+    import importlib
+
+    if extra not in EXTRAS:
+        raise ValueError(f"unknown extra {extra!r}; known: {', '.join(EXTRAS)}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module.split(".")[0]
+        what = feature or EXTRAS[extra]
+        raise MissingDependencyError(
+            f"{what} needs the optional package {missing}, which is not installed (pip install 'ctfm[{extra}]')"
+        ) from None
