@@ -162,11 +162,11 @@ def test_select_idc_cohort_errors_are_one_line():
 
 def test_missing_idc_index_names_the_pip_command(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "idc_index", None)  # simulated: the package is not installed
-    with pytest.raises(MissingDependencyError, match="pip install idc-index"):
+    with pytest.raises(MissingDependencyError, match=r"pip install .ctfm\[idc\]."):
         idc.idc_client()
     assert main(["cohort", "idc", "--out", str(tmp_path / "c.parquet")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "pip install idc-index" in err and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "pip install 'ctfm[idc]'" in err and len(err.splitlines()) == 1
 
 
 class _NetworkTouched(Exception):

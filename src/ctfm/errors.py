@@ -57,10 +57,10 @@ def one_line(exc: BaseException, limit: int = 160, with_type: bool = False) -> s
 
 # extra name -> what `pip install 'ctfm[EXTRA]'` adds; the one place that maps a feature to its extra.
 EXTRAS = {
-    "train": "pretraining and fine-tuning (lightning, tensorboardX, pyyaml)",
+    "train": "pretraining, fine-tuning and multi-device embedding (lightning, tensorboardX)",
     "search": "the vector index (faiss-cpu)",
-    "app": "the browser app (fastapi, uvicorn, python-multipart)",
-    "dicom-seg": "DICOM SEG and SR output (highdicom)",
+    "app": "the browser app (fastapi, uvicorn, python-multipart, pillow, matplotlib)",
+    "dicom-seg": "DICOM SEG labels in and out (highdicom)",
     "eval": "evaluations, probes and figures (scikit-learn, matplotlib, umap-learn)",
     "idc": "Imaging Data Commons cohorts (idc-index)",
 }

@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
+from ctfm.errors import optional_import
+
 __all__ = ["build_app", "serve"]
+
+uvicorn = optional_import("uvicorn", "app")
 
 
 def build_app(store, **kwargs):
@@ -23,8 +27,6 @@ def serve(store, host: str = "127.0.0.1", port: int = 8000, on_start=None, **kwa
     """Run the app with uvicorn until interrupted; ``on_start(url, state)`` once it listens."""
     import errno
     import socket
-
-    import uvicorn
 
     app, state = build_app(store, **kwargs)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

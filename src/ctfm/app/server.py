@@ -11,13 +11,23 @@ import time
 from importlib import resources
 from typing import Literal, Optional
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from ctfm.errors import UserError, one_line, optional_import
 
-from ctfm.errors import UserError, one_line
+# The app extra, through the one helper: a missing package is a one-line error naming ctfm[app].
+fastapi = optional_import("fastapi", "app")
+fastapi_responses = optional_import("fastapi.responses", "app")
+pydantic = optional_import("pydantic", "app")
+optional_import("python_multipart", "app")  # the upload route (File, UploadFile) needs it
+FastAPI, Request, UploadFile = fastapi.FastAPI, fastapi.Request, fastapi.UploadFile
+File, Query = fastapi.File, fastapi.Query
+RequestValidationError = fastapi.exceptions.RequestValidationError
+FileResponse, JSONResponse, Response = (
+    fastapi_responses.FileResponse,
+    fastapi_responses.JSONResponse,
+    fastapi_responses.Response,
+)
+BaseModel, ConfigDict, Field = pydantic.BaseModel, pydantic.ConfigDict, pydantic.Field
+StarletteHTTPException = optional_import("starlette.exceptions", "app").HTTPException
 
 log = logging.getLogger("ctfm.app")
 Axis = Literal["axial", "coronal", "sagittal"]

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import OptionError
+from ctfm.errors import OptionError, optional_import
+
+Image = optional_import("PIL.Image", "app")
+colormaps = optional_import("matplotlib", "app").colormaps
 
 # name -> (level, width) in HU: the usual presets of a CT workstation.
 WINDOWS = {
@@ -124,8 +127,6 @@ def windowed(image: np.ndarray, window: str) -> np.ndarray:
 
 def png_bytes(pixels: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
     """uint8 [rows, cols] (grey) or [rows, cols, 4] (RGBA) -> PNG; ``size`` (w, h) resizes first."""
-    from PIL import Image
-
     image = Image.fromarray(np.ascontiguousarray(pixels))
     if size is not None:
         image = image.resize(size, Image.BILINEAR)
@@ -153,8 +154,6 @@ def _thumbnail_size(volume: DisplayVolume, axis: str, shape, max_size: int | Non
 def colour_overlay(values: np.ndarray, opacity: float = 0.6) -> np.ndarray:
     """Similarity [rows, cols] in [0, 1] (NaN: no data) -> RGBA uint8, magma colours; low values
     are transparent so the anatomy stays visible."""
-    from matplotlib import colormaps
-
     finite = np.nan_to_num(values, nan=0.0)
     rgba = colormaps["magma"](np.clip(finite, 0.0, 1.0))
     rgba[..., 3] = np.where(np.isfinite(values), opacity * np.clip(finite, 0.0, 1.0) ** 0.5, 0.0)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, MissingDependencyError, OptionError, one_line
+from ctfm.errors import CTInputError, MissingDependencyError, OptionError, one_line, optional_import
 from ctfm.io.sources import read_manifest
 from ctfm.runtime import write_parquet_atomic
 
@@ -53,7 +53,6 @@ _FILTER_COLUMNS = {
 }
 
 IDC_DIR_TEMPLATE = "%collection_id/%PatientID/%StudyInstanceUID/%Modality_%SeriesInstanceUID"
-IDC_INSTALL_HINT = "pip install idc-index"
 
 # Columns of the bundled idc-index ``index`` copied into the manifest (when present).
 _IDC_COLUMNS = [
@@ -172,11 +171,8 @@ def _has_localizer(arr, n: int) -> np.ndarray:
 # ---- selecting from the Imaging Data Commons index ------------------------------------------
 def idc_client():
     """An ``idc_index.IDCClient``, or a one-line error naming the pip command."""
-    try:
-        from idc_index import IDCClient
-    except ImportError:
-        raise MissingDependencyError(f"the Imaging Data Commons index is not installed: the IDC cohort commands need the idc-index package ({IDC_INSTALL_HINT})") from None
-    return IDCClient()
+    idc_index = optional_import("idc_index", "idc", "IDC cohort selection and download")
+    return idc_index.IDCClient()
 
 
 @dataclass

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ctfm.embedding.modes import EmbedOptions
 from ctfm.embedding.runner import RunSummary, run_sources
+from ctfm.errors import optional_import
 from ctfm.io.sources import ScanSource
 from ctfm.runtime import rank_and_world_size
 
@@ -60,7 +61,7 @@ def run_distributed(sources: list[ScanSource], encoder, model_name: str, options
     import time
     import warnings
 
-    import lightning as L
+    L = optional_import("lightning", "train", "embedding on several devices or nodes")
 
     # Lightning's banners and tips are noise in a batch job's output; errors still show.
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ctfm.errors import CTInputError, one_line
+from ctfm.errors import CTInputError, one_line, optional_import
 from ctfm.io.volume import LPS_TO_RAS, VOLUME_SUFFIXES, read_volume, volume_format
 
 if TYPE_CHECKING:
@@ -434,8 +434,7 @@ def _sidecar_names(path: Path) -> dict[int, str]:
 
 def _dicom_seg_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np.ndarray, dict[int, str]]:
     """Label array [X, Y, Z] and names of a DICOM SEG; the higher segment number wins overlaps."""
-    import highdicom as hd
-
+    hd = optional_import("highdicom", "dicom-seg", "reading DICOM SEG labels")
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:

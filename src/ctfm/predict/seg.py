@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfm.errors import CTInputError, OptionError, UserError, one_line
+from ctfm.errors import CTInputError, OptionError, UserError, one_line, optional_import
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
 
 LABELS_SUFFIX = ".labels.json"
@@ -216,6 +216,8 @@ def predict_seg(
 
     if output_format not in ("nifti", "dicom-seg"):
         raise OptionError(f"--format {output_format!r}: choose nifti or dicom-seg")
+    if output_format == "dicom-seg":  # before any work: a missing writer is not a per-scan failure
+        optional_import("highdicom", "dicom-seg", "--format dicom-seg")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = model if isinstance(model, LoadedSegmentation) else load_segmentation_model(model, labels=labels)
     _precision_context(precision, device)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError
+from ctfm.errors import CTInputError, optional_import
 from ctfm.models.labelmaps import labels_to_json
 from ctfm.runtime import atomic_path, write_text_atomic
 
@@ -119,7 +119,7 @@ def dicom_seg_bytes(labels: np.ndarray, names: dict[int, str], source, provenanc
 
     Segment k (1..) is the k-th non-background class of ``names``; its SegmentLabel is the name.
     """
-    import highdicom as hd
+    hd = optional_import("highdicom", "dicom-seg", "--format dicom-seg")
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import OptionError, UserError
+from ctfm.errors import OptionError, UserError, optional_import
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
 from ctfm.store.schema import RUN_KEY
 from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_rows, select_run
@@ -47,16 +47,6 @@ class StaleIndexError(UserError):
 
 class MixedKeysError(UserError):
     """Vectors of another computation key were offered to an index."""
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        from ctfm.errors import MissingDependencyError
-
-        raise MissingDependencyError("the vector index needs FAISS: pip install faiss-cpu") from None
-    return faiss
 
 
 @dataclass
@@ -117,7 +107,7 @@ def codec_factory(codec: str) -> str:
 
 def ivf_part(index):
     """The IVF index inside ``index`` (under a refine wrapper), or None."""
-    faiss = _faiss()
+    faiss = optional_import("faiss", "search")
     try:
         return faiss.extract_index_ivf(index)
     except (RuntimeError, TypeError):
@@ -139,7 +129,7 @@ def default_nlist(n: int) -> int:
 
 def new_faiss_index(dim: int, params: IndexParams, n: int):
     """An empty (untrained for ivf) FAISS index for ``n`` vectors of ``dim``."""
-    faiss = _faiss()
+    faiss = optional_import("faiss", "search")
     metric = faiss.METRIC_INNER_PRODUCT if params.metric == "cosine" else faiss.METRIC_L2
     if params.kind == "flat":
         return faiss.IndexFlatIP(dim) if params.metric == "cosine" else faiss.IndexFlatL2(dim)
@@ -260,7 +250,7 @@ class VectorIndex:
         ``allowed``: index rows a hit may come from (a record filter); ``nprobe``, ``ef_search``,
         ``refine``: override the stored search defaults.
         """
-        faiss = _faiss()
+        faiss = optional_import("faiss", "search")
         params = self.params
         q = prepare_vectors(np.atleast_2d(queries), params.metric)
         if q.shape[1] != self.faiss_index.d:
@@ -304,7 +294,7 @@ def _ids_table(vectors: RunVectors):
 
 
 def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexParams, covered, seconds: float, extra: dict | None = None) -> Path:
-    faiss = _faiss()
+    faiss = optional_import("faiss", "search")
     from ctfm import __version__
 
     digest = run_digest(key)
@@ -409,7 +399,7 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
     ``on_stale``: ``"error"`` (a :class:`StaleIndexError` saying what changed and the command
     that fixes it), ``"warn"`` or ``"ignore"``.
     """
-    faiss = _faiss()
+    faiss = optional_import("faiss", "search")
     import pyarrow.parquet as pq
 
     if level not in LEVELS:
