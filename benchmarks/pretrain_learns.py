@@ -10,7 +10,7 @@ same architecture at random initialisation, on organ identification in abdomen_3
    32, 64 and 128 mm wide); train patches lie wholly in the superior half of the volume, test
    patches wholly in the inferior half, so no train and test patch share a voxel. Five draws of
    patch centres per size.
-3. Probes on frozen embeddings (the library's, ``ctfm.evaluate.probe``, with fixed
+3. Probes on frozen embeddings (the library's, ``ctfm.evaluate.probes.probe``, with fixed
    hyperparameters; ``probe_real.py`` runs the full ``ctfm probe`` protocol with CIs): kNN (k=5,
    cosine) and logistic regression (standardised, C=1);
    balanced accuracy, mean and spread over the draws, for the random initialisation and the
@@ -102,7 +102,7 @@ def probe(train_x, train_y, test_x, test_y) -> dict[str, float]:
     probes with this benchmark's fixed hyperparameters (``probe_real.py`` chooses them by inner CV)."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from ctfm.evaluate.probe import KNNPath, LogisticPath
+    from ctfm.evaluate.probes.probe import KNNPath, LogisticPath
 
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     knn = KNNPath().fit_predict(train_x, train_y, test_x, n_classes, 5)

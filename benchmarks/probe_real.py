@@ -11,7 +11,7 @@ CT-FM encoder pretrained for a fixed number of steps, with bootstrap CIs; and th
    five real scans (``REGIONS``: neck, chest, abdomen, pelvis), 40 per slab, probed with
    ``--group-column scan`` (folds leave whole scans out; CIs resample scans). Four regions
    (multi-class) and abdomen vs pelvis (binary, the two regions present in more than one scan).
-4. Every probe is the library's (``ctfm.evaluate.probe_run.run_probe``, the code behind ``ctfm
+4. Every probe is the library's (``ctfm.evaluate.probes.probe_run.run_probe``, the code behind ``ctfm
    probe``): each encoder's patch vectors go into a real store, the labels into a CSV, and the two
    stores are probed together (same cases, folds, draws; paired comparison).
 5. Timing: ``ctfm probe`` on a store of 10,000 synthetic 512-d vectors with 15 binary targets.
@@ -188,7 +188,7 @@ def main() -> None:
         print("\n".join(timing(out)))
         return
 
-    from ctfm.evaluate.probe_run import run_probe
+    from ctfm.evaluate.probes.probe_run import run_probe
     from ctfm.models import create_model
     from ctfm.pretrain.cache import build_cache
     from ctfm.pretrain.config import resolve_config

@@ -8,7 +8,7 @@ pretraining; the other real 3D scans are the pretraining set.
 1. Encoders: a narrow CT-FM encoder (init_filters 8) at its seeded random initialisation, and the
    same one after ``ctfm pretrain`` for ``--steps`` steps (CT-FM's intra-sample NT-Xent and view
    augmentations; crops 8x32x32 voxels, 12 per scan) on the pretraining scans.
-2. Organ-crop retrieval (ctfm.evaluate.retrieval.crop_retrieval): scans preprocessed with ct-fm-patches (SPL, 3x1x1 mm, crop to HU > 0,
+2. Organ-crop retrieval (ctfm.evaluate.zeroshot.retrieval.crop_retrieval): scans preprocessed with ct-fm-patches (SPL, 3x1x1 mm, crop to HU > 0,
    [-1024, 2048] -> [0, 1]); for each organ with enough voxels in both scans, up to ``--crops``
    crops of 8x64x64 voxels (24x64x64 mm) centred on random organ voxels; crops of A query the crops
    of B and the reverse (cosine); relevance = same organ; P@1, P@5, P@10 (means over queries, 95 %
@@ -83,7 +83,7 @@ def simulated_rescan(path: Path, out: Path, seed: int) -> Path:
     import torch
     from monai.data import MetaTensor
 
-    from ctfm.evaluate.saliency import onto_grid
+    from ctfm.evaluate.zeroshot.saliency import onto_grid
     from ctfm.io import save_nifti
     from ctfm.preprocess import load_usable_ct
 
@@ -121,9 +121,9 @@ def main() -> None:
     import torch
 
     import ctfm
-    from ctfm.evaluate.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
-    from ctfm.evaluate.semantic_search import search_spec, semantic_search_cases, summarise_label
-    from ctfm.evaluate.stability import stability
+    from ctfm.evaluate.zeroshot.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
+    from ctfm.evaluate.zeroshot.semantic_search import search_spec, semantic_search_cases, summarise_label
+    from ctfm.evaluate.zeroshot.stability import stability
     from ctfm.models import create_model
 
     started = time.time()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ctfm.errors import CTInputError, OptionError
-from ctfm.evaluate import clustering, retrieval, saliency, stability
-from ctfm.evaluate.concepts import pca_colours
-from ctfm.evaluate.inputs import StoreVectors
+from ctfm.evaluate.zeroshot import clustering, retrieval, saliency, stability
+from ctfm.evaluate.zeroshot.concepts import pca_colours
+from ctfm.evaluate.zeroshot.inputs import StoreVectors
 
 
 # ---- retrieval -----------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_pca_colours_separate_two_regions():
 
 # ---- semantic search -----------------------------------------------------------------------
 def test_centroid_label_at_and_label_value_by_hand():
-    from ctfm.evaluate import semantic_search
+    from ctfm.evaluate.zeroshot import semantic_search
 
     labels = np.zeros((4, 4, 4), int)
     labels[0, 0, 0] = labels[2, 0, 0] = 7

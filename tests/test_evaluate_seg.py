@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctfm.evaluate.segmentation import evaluate_segmentation, mask_metrics
+from ctfm.evaluate.metrics.segmentation import evaluate_segmentation, mask_metrics
 
 LABELS = {0: "background", 1: "liver", 2: "spleen"}
 

@@ -1,5 +1,5 @@
 """Probes on stored embeddings (`ctfm probe`): metrics against hand counts and scikit-learn, CIs
-against ctfm.evaluate.stats, planted signal vs shuffled labels, group splitting against leakage,
+against ctfm.evaluate.metrics.stats, planted signal vs shuffled labels, group splitting against leakage,
 the join's counts, few-shot draws, the outputs, and one-line errors for bad input.
 
 Stores are written with the real store writer from synthetic vectors.
@@ -15,10 +15,10 @@ import pytest
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 from ctfm.cli import main
-from ctfm.evaluate import classification as cm
-from ctfm.evaluate.probe import encode_target, few_shot_draw, outer_folds
-from ctfm.evaluate.probe_run import run_probe
-from ctfm.evaluate.stats import bootstrap_ci, paired_bootstrap
+from ctfm.evaluate.metrics import classification as cm
+from ctfm.evaluate.probes.probe import encode_target, few_shot_draw, outer_folds
+from ctfm.evaluate.probes.probe_run import run_probe
+from ctfm.evaluate.metrics.stats import bootstrap_ci, paired_bootstrap
 from ctfm.store import EmbeddingStore
 
 RUN = {"mode": "whole", "model": "ct-fm", "weights_sha256": "a" * 64, "preset_hash": "b" * 64, "pool": "mean", "precision": "fp32", "overlap": 0.0}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ctfm.evaluate.report import Report, jsonable, provenance, write_results
-from ctfm.evaluate.stats import bootstrap_ci, delong_test, delong_variance, paired_bootstrap, wilcoxon_paired
+from ctfm.evaluate.reports.report import Report, jsonable, provenance, write_results
+from ctfm.evaluate.metrics.stats import bootstrap_ci, delong_test, delong_variance, paired_bootstrap, wilcoxon_paired
 
 
 def test_bootstrap_of_a_constant_has_no_width():

@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ctfm.evaluate.figures import orthogonal_slices_figure
+    from ctfm.evaluate.reports.figures import orthogonal_slices_figure
     from ctfm.io import load_ct, save_nifti
     from ctfm.preprocess import check_ct, get_preset, preprocess, require_usable
 
@@ -122,8 +122,8 @@ def embed_cohort(out: Path, args) -> None:
 
 def zero_shot_examples(out: Path, args) -> None:
     """Organ-crop retrieval and semantic search of organ centroids between two labelled phantoms
-    (ctfm.evaluate.examples), with a narrow random encoder so that it takes seconds."""
-    from ctfm.evaluate.examples import demo_examples
+    (ctfm.evaluate.zeroshot.examples), with a narrow random encoder so that it takes seconds."""
+    from ctfm.evaluate.zeroshot.examples import demo_examples
     from ctfm.models import init_model
     from ctfm.synth import make_phantom, write_phantom
 

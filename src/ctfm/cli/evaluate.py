@@ -50,7 +50,7 @@ def _device(args) -> str:
 
 
 def _emit(result: dict, as_json: bool) -> int:
-    from ctfm.evaluate.report import jsonable
+    from ctfm.evaluate.reports.report import jsonable
 
     brief = {k: v for k, v in result.items() if k not in ("per_query", "per_pair", "per_dimension_icc", "per_case")}
     if as_json:
@@ -81,7 +81,7 @@ def register_retrieval(sub) -> None:
 
 def run_retrieval(args) -> int:
     from ctfm.errors import OptionError
-    from ctfm.evaluate import retrieval
+    from ctfm.evaluate.zeroshot import retrieval
 
     if bool(args.organmnist) == bool(args.store):
         raise OptionError("retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)")
@@ -112,7 +112,7 @@ def register_semantic_search(sub) -> None:
 
 
 def run_semantic_search(args) -> int:
-    from ctfm.evaluate import semantic_search
+    from ctfm.evaluate.zeroshot import semantic_search
 
     result = semantic_search.run_semantic_search(args.pairs, args.out, labels=args.label, query=args.query, all_pairs=args.all_pairs, weights=args.weights, model=args.model, seed=args.seed, overlap=args.overlap, batch_size=args.batch_size, device=_device(args), refinements=tuple(r.strip() for r in args.refine.split(",") if r.strip()), spacing_mm=args.spacing_mm, window_voxels=args.window)
     return _emit(result, args.json)
@@ -138,7 +138,7 @@ def register_clustering(sub) -> None:
 
 def run_clustering(args) -> int:
     from ctfm.errors import OptionError
-    from ctfm.evaluate import clustering
+    from ctfm.evaluate.zeroshot import clustering
 
     if bool(args.organmnist) == bool(args.store):
         raise OptionError("clustering: give either STORE --labels SHEET or --organmnist NPZ")
@@ -164,7 +164,7 @@ def register_concepts(sub) -> None:
 
 
 def run_concepts(args) -> int:
-    from ctfm.evaluate.concepts import run_concepts as run
+    from ctfm.evaluate.zeroshot.concepts import run_concepts as run
 
     return _emit(run(args.scans, args.out, args.weights, args.model, args.seed, args.zoom, _device(args)), args.json)
 
@@ -179,7 +179,7 @@ def register_stability(sub) -> None:
 
 
 def run_stability(args) -> int:
-    from ctfm.evaluate.stability import run_stability as run
+    from ctfm.evaluate.zeroshot.stability import run_stability as run
 
     return _emit(run(args.store, args.manifest, args.out, **_filters(args)), args.json)
 
@@ -197,7 +197,7 @@ def register_saliency(sub) -> None:
 
 
 def run_saliency(args) -> int:
-    from ctfm.evaluate.saliency import run_saliency as run
+    from ctfm.evaluate.zeroshot.saliency import run_saliency as run
 
     result = run(args.scan, args.out, args.weights, args.model, args.seed, args.labels, args.mask_size, args.overlap, args.batch, _device(args))
     return _emit(result, args.json)

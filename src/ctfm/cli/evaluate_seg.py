@@ -35,8 +35,8 @@ def run_seg(args) -> int:
     import json
     import math
 
-    from ctfm.evaluate.report import jsonable
-    from ctfm.evaluate.segmentation import evaluate_segmentation
+    from ctfm.evaluate.reports.report import jsonable
+    from ctfm.evaluate.metrics.segmentation import evaluate_segmentation
 
     results = evaluate_segmentation(args.pred, args.truth, labels=args.labels, compare=args.compare, out=args.out, nsd_tolerance_mm=args.nsd_tolerance, n_resamples=args.resamples)
     if args.json:

@@ -56,9 +56,9 @@ def _parse_select(items: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from ctfm.evaluate.probe import parse_shots
-    from ctfm.evaluate.probe_run import run_probe
-    from ctfm.evaluate.report import jsonable
+    from ctfm.evaluate.probes.probe import parse_shots
+    from ctfm.evaluate.probes.probe_run import run_probe
+    from ctfm.evaluate.reports.report import jsonable
 
     targets = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
     result = run_probe(

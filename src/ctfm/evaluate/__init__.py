@@ -1,1 +1,1 @@
-"""Evaluation, plots and reports."""
+"""Evaluations, split by job: ``metrics`` (one bootstrap engine; classification and segmentation scores), ``probes``, ``zeroshot`` (the zero-shot protocols) and ``reports`` (results, HTML reports, figures)."""

@@ -155,7 +155,7 @@ class ClsCase:
 
 def _encode_labels(rows: list[dict], columns: list[str], task: str, source) -> tuple[str, list[str], list[np.ndarray]]:
     """(task, output names, one target per row)."""
-    from ctfm.evaluate.probe import encode_target
+    from ctfm.evaluate.probes.probe import encode_target
 
     if task == "auto":
         task = "multilabel" if len(columns) > 1 else "auto"

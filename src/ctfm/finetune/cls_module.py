@@ -85,7 +85,7 @@ class ClassificationFinetuner(FinetuneModule):
 def validation_auroc(task: str, targets: np.ndarray, probabilities: np.ndarray) -> float:
     """AUROC of the validation cases: binary; macro over multi-label outputs; one-vs-rest macro for
     multi-class. 0.0 where undefined (a single class present), with a warning."""
-    from ctfm.evaluate.classification import binary_metrics, multiclass_metrics
+    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
 
     if task == "multiclass":
         present = np.unique(targets.astype(int))

@@ -33,7 +33,7 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     import torch
 
     from ctfm.errors import UserError, one_line
-    from ctfm.evaluate.report import provenance
+    from ctfm.evaluate.reports.report import provenance
     from ctfm.io.sources import discover_inputs
     from ctfm.models.classifier import classifier_folder, load_classifier, weights_sha256
     from ctfm.preprocess import PreprocessSpec

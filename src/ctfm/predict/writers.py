@@ -27,7 +27,7 @@ def output_paths(out: Path, name: str, output_format: str, statistics: bool) -> 
 
 
 def provenance(loaded, source, record, settings, precision: str) -> dict:
-    from ctfm.evaluate.report import provenance as base
+    from ctfm.evaluate.reports.report import provenance as base
 
     return base(
         model=loaded.info["model"],

@@ -53,7 +53,7 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
     ``b[i]`` ([N, D] each; ``subjects`` [N] groups pairs of one subject, default one per pair)."""
     from sklearn.metrics import roc_auc_score
 
-    from ctfm.evaluate.inputs import unit_rows
+    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     a, b = unit_rows(np.asarray(a, np.float64)), unit_rows(np.asarray(b, np.float64))
     n = len(a)
@@ -72,7 +72,7 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
 
 def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dict:
     """Every stability figure, with bootstrap 95 % intervals over subjects."""
-    from ctfm.evaluate.stats import bootstrap_ci
+    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     stats = pair_statistics(a, b, subjects)
     icc = icc_2_1(np.stack([np.asarray(a, np.float64), np.asarray(b, np.float64)], axis=1))
@@ -98,9 +98,9 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
 
 def run_stability(store, manifest, out, seed: int = 0, **filters) -> dict:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
-    from ctfm.evaluate.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.inputs import read_table, sha256_file, store_vectors, write_outputs
-    from ctfm.evaluate.report import Report
+    from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
+    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.reports.report import Report
 
     rows = read_table(manifest, required=("scan_a", "scan_b"))
     vectors = store_vectors(store, **filters)

@@ -217,7 +217,7 @@ def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: st
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report) -> dict:
     """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the paths."""
-    from ctfm.evaluate.report import provenance, write_results
+    from ctfm.evaluate.reports.report import provenance, write_results
 
     prov = provenance(**provenance_fields)
     results_path = write_results(out_dir, results, prov)

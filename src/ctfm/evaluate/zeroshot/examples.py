@@ -1,7 +1,7 @@
 """Two quick zero-shot examples for the demo (seconds on a CPU, any labelled pair of scans):
 organ-crop retrieval from one scan to the other, and semantic search of organ centroids.
 
-They are the protocols of :mod:`ctfm.evaluate.retrieval` and :mod:`ctfm.evaluate.semantic_search`
+They are the protocols of :mod:`ctfm.evaluate.zeroshot.retrieval` and :mod:`ctfm.evaluate.zeroshot.semantic_search`
 made small: crops of 8x32x32 voxels at 3x1x1 mm, and search windows of 32^3 voxels at 2 mm
 (the same 64 mm field of view as CT-FM's 64^3 at 1 mm) with overlap 0.25.
 """
@@ -18,7 +18,7 @@ DEMO_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "verte
 
 
 def demo_search_spec():
-    from ctfm.evaluate.semantic_search import search_spec
+    from ctfm.evaluate.zeroshot.semantic_search import search_spec
 
     return search_spec().with_(name="ct-fm-search-2mm-demo", spacing_mm=(2.0, 2.0, 2.0), description="demo: semantic search at 2 mm, 32^3 windows (64 mm)")
 
@@ -26,10 +26,10 @@ def demo_search_spec():
 def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: str = "cpu", say=print) -> dict:
     """Run both examples on ``scans`` ([{"image", "labels"}, ...], the first two used) and write
     ``out/retrieval/`` and ``out/semantic-search/`` (results.json + report.html each)."""
-    from ctfm.evaluate.inputs import write_outputs
-    from ctfm.evaluate.report import Report
-    from ctfm.evaluate.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
-    from ctfm.evaluate.semantic_search import semantic_search_cases, summarise_label
+    from ctfm.evaluate.zeroshot.inputs import write_outputs
+    from ctfm.evaluate.reports.report import Report
+    from ctfm.evaluate.zeroshot.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
+    from ctfm.evaluate.zeroshot.semantic_search import semantic_search_cases, summarise_label
     from ctfm.embedding.runner import weights_sha256_of
 
     out = Path(out)

@@ -407,7 +407,7 @@ PROBES = {"logistic": LogisticPath, "knn": KNNPath, "mlp": MLPPath}
 
 
 def _selection_score(task: str, y, proba) -> float:
-    from ctfm.evaluate.classification import binary_metrics, multiclass_metrics
+    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
 
     if proba is None:
         return -np.inf
@@ -433,7 +433,7 @@ class FoldFit:
 def fit_fold(method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0) -> FoldFit:
     """Choose the hyperparameter (and binary threshold) by inner CV on the training part, refit on
     all of it, predict the test part. Too few cases per class for inner CV: the method's default."""
-    from ctfm.evaluate.classification import youden_threshold
+    from ctfm.evaluate.metrics.classification import youden_threshold
 
     probe = PROBES[method](seed)
     folds = _inner_folds(y_train, groups_train, inner_cv, seed)
@@ -528,7 +528,7 @@ def few_shot_curve(features, target: Target, folds, shots: list, repeats: int = 
     fold's training part is cut to k cases per class (drawn with a seed made of seed, repeat, fold
     and k, so every store sees the same draws), the probe is fitted, and the pooled out-of-fold
     metric is recorded. Returns {shots: {"values": [repeats], "mean", "sd", "selection"}}."""
-    from ctfm.evaluate.classification import binary_metrics, multiclass_metrics, primary_metric
+    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics, primary_metric
 
     labelled = target.labelled
     X, y = np.asarray(features)[labelled], target.y[labelled]

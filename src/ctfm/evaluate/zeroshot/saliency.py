@@ -77,7 +77,7 @@ def saliency_figure(image: np.ndarray, saliency: np.ndarray, affine: np.ndarray,
     over the preprocessed scan, radiological convention; ``affine`` of the shared grid."""
     from scipy.ndimage import gaussian_filter
 
-    from ctfm.evaluate.figures import overlay_figure
+    from ctfm.evaluate.reports.figures import overlay_figure
 
     shown = gaussian_filter(saliency, 1.0)
     peak = np.unravel_index(int(np.argmax(shown)), shown.shape)
@@ -101,8 +101,8 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
 
-    from ctfm.evaluate.inputs import load_encoder, write_outputs
-    from ctfm.evaluate.report import Report
+    from ctfm.evaluate.zeroshot.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.reports.report import Report
     from ctfm.io import load_labels, save_nifti
     from ctfm.io.hashing import content_hash
     from ctfm.preprocess import load_usable_ct, preprocess

@@ -59,9 +59,9 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     import nibabel as nib
 
     from ctfm.embedding.modes import EmbedOptions, embed_dense
-    from ctfm.evaluate.figures import overlay_figure
-    from ctfm.evaluate.inputs import load_encoder, write_outputs
-    from ctfm.evaluate.report import Report
+    from ctfm.evaluate.reports.figures import overlay_figure
+    from ctfm.evaluate.zeroshot.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.reports.report import Report
     from ctfm.io.hashing import content_hash
     from ctfm.models.preprocessing import preprocessing_for
     from ctfm.preprocess import load_usable_ct, preprocess
@@ -96,7 +96,7 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     colours, explained = pca_colours([d.features for d in dense], masks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from ctfm.evaluate.saliency import onto_grid
+    from ctfm.evaluate.zeroshot.saliency import onto_grid
 
     figures, maps, per_scan = [], [], []
     for scan, features, (volume, affine), rgb in zip(scans, dense, prepared_images, colours):

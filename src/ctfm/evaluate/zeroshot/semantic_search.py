@@ -79,7 +79,7 @@ def label_at(labels: np.ndarray, affine: np.ndarray, point_mm) -> int:
 
 def summarise_label(cases: list[dict], seed: int = 0) -> dict:
     """Error (mm) mean, SD, median with a bootstrap interval of the mean; inside-label rate."""
-    from ctfm.evaluate.stats import bootstrap_ci
+    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     errors = np.asarray([c["error_mm"] for c in cases], float)
     inside = np.asarray([c["inside_label"] for c in cases], float)
@@ -92,7 +92,7 @@ def summarise_label(cases: list[dict], seed: int = 0) -> dict:
 
 def read_labelled_sheet(path) -> list[dict]:
     """Rows ``{"image", "labels"}`` of a sheet; relative paths are relative to the sheet."""
-    from ctfm.evaluate.inputs import read_table
+    from ctfm.evaluate.zeroshot.inputs import read_table
 
     rows = read_table(path, required=("image", "labels"))
     base = Path(path).resolve().parent
@@ -159,9 +159,9 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
 
 def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> dict:
     """The evaluation end to end: store in ``out/store``, results.json, figure, report.html."""
-    from ctfm.evaluate.figures import grouped_bars
-    from ctfm.evaluate.inputs import load_encoder, sha256_file, write_outputs
-    from ctfm.evaluate.report import Report
+    from ctfm.evaluate.reports.figures import grouped_bars
+    from ctfm.evaluate.zeroshot.inputs import load_encoder, sha256_file, write_outputs
+    from ctfm.evaluate.reports.report import Report
 
     spec = search_spec(spacing_mm, window_voxels)
     for refine in refinements:

@@ -20,7 +20,7 @@ both empty          NaN    NaN    NaN    ``absent`` (not counted in any mean)
 ==================  =====  =====  =====  =========================================
 
 A class's mean is over the cases where the value is defined; the macro figure is the mean over
-classes of those class means; 95 % intervals bootstrap the cases (:mod:`ctfm.evaluate.stats`).
+classes of those class means; 95 % intervals bootstrap the cases (:mod:`ctfm.evaluate.metrics.stats`).
 ``compare`` evaluates a second prediction set on the same truths and tests per-case Dice with a
 paired Wilcoxon signed-rank test, per class and for the per-case macro Dice.
 """
@@ -217,7 +217,7 @@ def _macro(matrix: np.ndarray) -> float:
 
 def summarise(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per-class means with bootstrap 95 % intervals over cases, and the macro means."""
-    from ctfm.evaluate.stats import bootstrap_ci
+    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     cases = sorted({r["case"] for r in rows})
     classes = [v for v in sorted(labels) if v != 0]
@@ -242,7 +242,7 @@ def summarise(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000,
 
 def compare_dice(rows_a: list[dict], rows_b: list[dict], labels: dict[int, str]) -> dict:
     """Paired Wilcoxon of per-case Dice, A (``--pred``) vs B (``--compare``), per class and for the per-case macro Dice."""
-    from ctfm.evaluate.stats import wilcoxon_paired
+    from ctfm.evaluate.metrics.stats import wilcoxon_paired
 
     cases = sorted({r["case"] for r in rows_a} & {r["case"] for r in rows_b})
     classes = [v for v in sorted(labels) if v != 0]
@@ -333,7 +333,7 @@ def _provenance(pred, truth, compare, pairs, labels) -> dict:
 
 
 def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dict[int, str]) -> None:
-    from ctfm.evaluate.report import write_results
+    from ctfm.evaluate.reports.report import write_results
     from ctfm.runtime import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)

@@ -146,9 +146,9 @@ def primary_metric(task: str) -> str:
     return "auroc" if task == "binary" else "balanced_accuracy"
 
 
-# ---- intervals (the shapes of ctfm.evaluate.stats) ---------------------------------------
+# ---- intervals (the shapes of ctfm.evaluate.metrics.stats) ---------------------------------------
 def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: float):
-    from ctfm.evaluate.stats import Interval, _percentiles
+    from ctfm.evaluate.metrics.stats import Interval, _percentiles
 
     low, high = _percentiles(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
     return Interval(point, low, high, confidence, n_resamples, int(np.isfinite(samples).sum()))
@@ -156,9 +156,9 @@ def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: f
 
 def bootstrap_metrics(metric_fn, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
     """Percentile bootstrap intervals of several metrics at once: ``metric_fn(weights [R, n]) ->
-    {name: [R]}``, the estimate at unit weights. Returns name -> :class:`ctfm.evaluate.stats.Interval`.
+    {name: [R]}``, the estimate at unit weights. Returns name -> :class:`ctfm.evaluate.metrics.stats.Interval`.
 
-    The resamples are those of :func:`ctfm.evaluate.stats.bootstrap_ci` with the same seed (the
+    The resamples are those of :func:`ctfm.evaluate.metrics.stats.bootstrap_ci` with the same seed (the
     same draws of cases or groups), so both give the same interval; this one is vectorised.
     """
     point = {k: float(v[0]) for k, v in metric_fn(np.ones((1, n))).items()}
@@ -179,8 +179,8 @@ def bootstrap_multiclass(y, probabilities, n_resamples: int = 1000, seed: int = 
 
 def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
     """A minus B of every metric on the same resamples of the same cases; name ->
-    :class:`ctfm.evaluate.stats.PairedComparison` (two-sided p: twice the smaller tail at zero)."""
-    from ctfm.evaluate.stats import PairedComparison, _percentiles
+    :class:`ctfm.evaluate.metrics.stats.PairedComparison` (two-sided p: twice the smaller tail at zero)."""
+    from ctfm.evaluate.metrics.stats import PairedComparison, _percentiles
 
     ones = np.ones((1, n))
     a0, b0 = metric_fn_a(ones), metric_fn_b(ones)

@@ -1,0 +1,1 @@
+"""CT-FM's zero-shot protocols, one module each: retrieval, semantic search, clustering, concepts, stability, saliency; their store and encoder inputs (``inputs``) and the demo's quick examples (``examples``)."""
