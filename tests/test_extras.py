@@ -27,10 +27,10 @@ REFUSED = [
 
 # packages that need no extra, imported module by module
 CORE_PACKAGES = ["ctfm.io", "ctfm.preprocess", "ctfm.models", "ctfm.embedding", "ctfm.store", "ctfm.synth"]
-LIGHT_PACKAGES = ["ctfm.search", "ctfm.predict", "ctfm.cohorts", "ctfm.cli"]
+LIGHT_PACKAGES = ["ctfm.search", "ctfm.predict", "ctfm.cohorts", "ctfm.evaluate", "ctfm.cli"]
 
 PROGRAM = r"""
-import contextlib, importlib, importlib.abc, io, json, pkgutil, sys
+import contextlib, importlib, importlib.abc, io, json, os, pkgutil, sys
 
 refused, core_packages, work = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 
@@ -68,13 +68,14 @@ from ctfm.synth import make_phantom, write_phantom
 phantoms = [make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)) for seed in (0, 1)]
 scans = [write_phantom(phantom, f"{work}/scans", stem=f"p{seed}")[0] for seed, phantom in enumerate(phantoms)]
 scan = scans[0]
-store, weights, seg = f"{work}/store", f"{work}/weights", f"{work}/seg"
+store, weights, seg, labels = f"{work}/store", f"{work}/weights", f"{work}/seg", f"{work}/labels.csv"
 verb("info", "info", scan, "--json")
 verb("models init", "models", "init", "ct-fm", "--seed", "0", "--out", weights, "--init-filters", "4")
 verb("embed", "embed", *scans, "--weights", weights, "--mode", "patches", "--out", store, "--no-progress")
 verb("store info", "store", "info", store, "--json")
 verb("search scans", "search", store, "--scan", scan, "-k", "1", "--json")
 verb("models init seg", "models", "init", "ct-fm-segresnet", "--seed", "0", "--out", seg, "--init-filters", "4")
+verb("predict seg", "predict", "seg", scan, "--model", seg, "-o", f"{work}/labels", "--no-progress")
 # a verb of each extra
 verb("train", "embed", scan, "--weights", weights, "--out", f"{work}/ddp", "--devices", "2", "--accelerator", "cpu")
 verb("train (pretrain)", "pretrain", "--preset", "tiny", "--set", f"data={work}/cache", "--set", f"out={work}/run")
@@ -82,6 +83,10 @@ verb("search", "index", "build", store)
 verb("app", "serve", store, "--port", "0")
 verb("dicom-seg", "predict", "seg", scan, "--model", seg, "--format", "dicom-seg", "-o", f"{work}/preds")
 verb("idc", "cohort", "idc", "--out", f"{work}/cohort.parquet")
+verb("eval", "probe", store, "--labels", labels, "--target", "organ", "--out", f"{work}/probes")
+verb("eval (evaluate)", "evaluate", "clustering", store, "--labels", labels, "--no-umap", "--out", f"{work}/clusters")
+verb("eval (demo)", "demo", "--out", f"{work}/demo")
+report["predicted"] = sorted(os.listdir(f"{work}/labels")) if os.path.isdir(f"{work}/labels") else []
 report["refused_loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in refused)
 print(json.dumps(report))
 """
@@ -104,7 +109,10 @@ def test_core_modules_import_without_any_extra(light):
     assert light["refused_loaded"] == []
 
 
-@pytest.mark.parametrize("key", ["info", "models init", "embed", "store info", "search scans", "models init seg"])
+CORE_VERBS = ["info", "models init", "embed", "store info", "search scans", "models init seg", "predict seg"]
+
+
+@pytest.mark.parametrize("key", CORE_VERBS)
 def test_core_verbs_run_without_any_extra(light, key):
     verb = light["verbs"][key]
     assert verb["code"] == 0, verb["stderr"]
@@ -116,16 +124,18 @@ def test_core_verbs_give_their_results(light):
     assert json.loads(light["verbs"]["store info"]["stdout"])["scans"] == 2
     hits = json.loads(light["verbs"]["search scans"]["stdout"])  # exact search: no index, no FAISS
     assert len(hits) == 1 and hits[0]["source_path"].endswith("p1.nii.gz")
+    assert {"p0.nii.gz", "p0.labels.json"} <= set(light["predicted"])
 
 
-@pytest.mark.parametrize("extra", ["train", "search", "app", "dicom-seg", "idc"])
-def test_a_verb_of_each_extra_names_it_in_one_line(light, extra):
-    verb = light["verbs"][extra]
+@pytest.mark.parametrize("key", ["train", "search", "app", "dicom-seg", "idc", "eval", "eval (evaluate)", "eval (demo)"])
+def test_a_verb_of_each_extra_names_it_in_one_line(light, key):
+    extra, verb = key.split()[0], light["verbs"][key]
     lines = verb["stderr"].strip().splitlines()
     assert verb["code"] == 2, verb["stderr"]
     assert len(lines) == 1 and lines[0].startswith("error: "), verb["stderr"]
     assert f"(pip install 'ctfm[{extra}]')" in lines[0]
     assert extra in EXTRAS
+    assert verb["stdout"] == ""  # refused before any work
 
 
 @pytest.mark.xfail(reason="pretrain imports lightning directly until pretrain/finetune move onto runs.py", strict=False)

@@ -61,7 +61,7 @@ EXTRAS = {
     "search": "the vector index (faiss-cpu)",
     "app": "the browser app (fastapi, uvicorn, python-multipart, pillow, matplotlib)",
     "dicom-seg": "DICOM SEG labels in and out (highdicom)",
-    "eval": "evaluations, probes and figures (scikit-learn, matplotlib, umap-learn)",
+    "eval": "evaluations, probes and figures (scikit-learn, matplotlib, umap-learn, openpyxl)",
     "idc": "Imaging Data Commons cohorts (idc-index)",
 }
 

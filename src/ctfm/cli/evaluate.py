@@ -220,4 +220,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ctfm.errors import optional_import
+
+    for module in ("matplotlib", "sklearn"):  # before any work: every evaluation writes figures, most score with sklearn
+        optional_import(module, "eval", f"ctfm evaluate {args.evaluation}")
     return args._evaluate_run(args)

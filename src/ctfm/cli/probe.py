@@ -56,10 +56,12 @@ def _parse_select(items: list[str]) -> dict:
 
 
 def run(args) -> int:
+    from ctfm.errors import optional_import
     from ctfm.evaluate.probes.probe import parse_shots
     from ctfm.evaluate.probes.probe_run import run_probe
     from ctfm.evaluate.reports.report import jsonable
 
+    optional_import("sklearn", "eval", "ctfm probe")  # before any work
     targets = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
     result = run_probe(
         args.stores,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctfm.errors import optional_import
+
 BINARY_METRICS = ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy@0.5", "f1@0.5", "sensitivity@0.5", "specificity@0.5")
 MULTICLASS_METRICS = ("auroc_ovr", "balanced_accuracy", "f1_macro", "accuracy")
 CHUNK = 128  # resamples per weight matrix (memory: CHUNK x n float64)
@@ -203,7 +205,7 @@ def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int 
 def youden_threshold(y, p) -> float:
     """The score threshold maximising sensitivity + specificity - 1 (predict positive at >= it).
     Chosen on training predictions only; ties go to the threshold nearest 0.5."""
-    from sklearn.metrics import roc_curve
+    roc_curve = optional_import("sklearn.metrics", "eval").roc_curve
 
     fpr, tpr, thresholds = roc_curve(np.asarray(y), np.asarray(p, dtype=np.float64))
     finite = np.isfinite(thresholds)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 
 METRICS = ("dice", "hd95", "nsd")
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -354,10 +354,10 @@ def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dic
 
 def overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
     """One row per case: truth, prediction and disagreement on the axial slice with the most truth voxels."""
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "eval")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_import("matplotlib.pyplot", "eval")
 
     from ctfm.runtime import atomic_path
 

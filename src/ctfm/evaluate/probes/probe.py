@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 
 KEYS = ("scan_id", "series_uid", "source_path")
 METHODS = ("logistic", "knn", "mlp")
@@ -238,7 +238,8 @@ def outer_folds(y, groups=None, cv: int = 5, split=None, seed: int = 0) -> list[
     ``split`` (values train/val/test) gives one fold; otherwise ``cv`` stratified folds, grouped by
     ``groups`` (StratifiedGroupKFold) so that no group is on both sides.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    StratifiedGroupKFold = optional_import("sklearn.model_selection", "eval").StratifiedGroupKFold
+    StratifiedKFold = optional_import("sklearn.model_selection", "eval").StratifiedKFold
 
     y = np.asarray(y)
     if split is not None:
@@ -282,7 +283,7 @@ def _inner_folds(y, groups, k: int, seed: int):
         return None
     folds = outer_folds(y, groups, cv=k, seed=seed) if groups is not None else None
     if folds is None:
-        from sklearn.model_selection import StratifiedKFold
+        StratifiedKFold = optional_import("sklearn.model_selection", "eval").StratifiedKFold
 
         folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     # every inner training part must hold every class
@@ -312,9 +313,9 @@ class LogisticPath:
 
     def path(self, X_train, y_train, X_eval, n_classes):
         """[len(grid)] probabilities [n_eval, C] along the grid (small C first)."""
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
+        ConvergenceWarning = optional_import("sklearn.exceptions", "eval").ConvergenceWarning
+        LogisticRegression = optional_import("sklearn.linear_model", "eval").LogisticRegression
+        StandardScaler = optional_import("sklearn.preprocessing", "eval").StandardScaler
 
         scaler = StandardScaler().fit(X_train)
         Xt, Xe = scaler.transform(X_train), scaler.transform(X_eval)
@@ -329,10 +330,10 @@ class LogisticPath:
         return out
 
     def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+        ConvergenceWarning = optional_import("sklearn.exceptions", "eval").ConvergenceWarning
+        LogisticRegression = optional_import("sklearn.linear_model", "eval").LogisticRegression
+        make_pipeline = optional_import("sklearn.pipeline", "eval").make_pipeline
+        StandardScaler = optional_import("sklearn.preprocessing", "eval").StandardScaler
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -355,7 +356,7 @@ class KNNPath:
 
     @staticmethod
     def _neighbours(X_train, X_eval, k):
-        from sklearn.neighbors import NearestNeighbors
+        NearestNeighbors = optional_import("sklearn.neighbors", "eval").NearestNeighbors
 
         return NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(X_train).kneighbors(X_eval, return_distance=False)
 
@@ -386,10 +387,10 @@ class MLPPath:
         self.seed = seed
 
     def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.neural_network import MLPClassifier
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+        ConvergenceWarning = optional_import("sklearn.exceptions", "eval").ConvergenceWarning
+        MLPClassifier = optional_import("sklearn.neural_network", "eval").MLPClassifier
+        make_pipeline = optional_import("sklearn.pipeline", "eval").make_pipeline
+        StandardScaler = optional_import("sklearn.preprocessing", "eval").StandardScaler
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

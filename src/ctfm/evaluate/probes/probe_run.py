@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.metrics import classification as cm
 from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, encode_target, few_shot_curve, load_probe_inputs, outer_folds
 
@@ -141,7 +141,8 @@ def run_probe(
         split = np.asarray(inputs[0].columns[split_column], dtype=object)
     args = (inputs, task, method, cv, split, groups, inner_cv, seed, n_resamples, shots, repeats, labels)
     if jobs > 1 and len(targets) > 1:
-        from joblib import Parallel, delayed
+        Parallel = optional_import("joblib", "eval").Parallel
+        delayed = optional_import("joblib", "eval").delayed
 
         entries = Parallel(n_jobs=jobs)(delayed(_probe_target)(t, *args) for t in targets)
     else:
@@ -190,11 +191,12 @@ def _short_names(paths: list[str]) -> list[str]:
 
 def _curves(entry, names, folder: Path) -> list[tuple[Path, str]]:
     """ROC and PR PNGs of a binary target (every store on one axis), a few-shot PNG if any."""
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "eval")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve, roc_curve
+    plt = optional_import("matplotlib.pyplot", "eval")
+    precision_recall_curve = optional_import("sklearn.metrics", "eval").precision_recall_curve
+    roc_curve = optional_import("sklearn.metrics", "eval").roc_curve
 
     figures = []
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in entry["target"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.errors import optional_import
 from ctfm.runtime import atomic_path
 
 
@@ -48,10 +49,10 @@ def orthogonal_slices_figure(panels: list[tuple[str, object, tuple[float, float]
 
     Each row shows the centre axial, coronal and sagittal slices with true physical aspect.
     """
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "eval")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_import("matplotlib.pyplot", "eval")
 
     fig, axes = plt.subplots(len(panels), 3, figsize=(11, 3.6 * len(panels)), squeeze=False)
     for row, (label, image, (vmin, vmax)) in enumerate(panels):
@@ -75,10 +76,10 @@ def orthogonal_slices_figure(panels: list[tuple[str, object, tuple[float, float]
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = optional_import("matplotlib", "eval")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_import("matplotlib.pyplot", "eval")
 
     return plt
 

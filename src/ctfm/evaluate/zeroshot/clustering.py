@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
 
@@ -45,8 +45,8 @@ def knn_accuracy(vectors: np.ndarray, labels, k: int = 5) -> float:
 
 def kmeans_ari(vectors: np.ndarray, labels, seed: int = 0) -> float:
     """Adjusted Rand index of k-means (k = number of distinct labels, unit vectors) against labels."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score
+    KMeans = optional_import("sklearn.cluster", "eval").KMeans
+    adjusted_rand_score = optional_import("sklearn.metrics", "eval").adjusted_rand_score
 
     from ctfm.evaluate.zeroshot.inputs import unit_rows
 
@@ -60,7 +60,7 @@ def kmeans_ari(vectors: np.ndarray, labels, seed: int = 0) -> float:
 
 def silhouette(vectors: np.ndarray, labels) -> float:
     """Mean silhouette of the labels under cosine distance (needs 2 <= labels < rows)."""
-    from sklearn.metrics import silhouette_score
+    silhouette_score = optional_import("sklearn.metrics", "eval").silhouette_score
 
     labels = np.asarray(labels)
     n_labels = len(np.unique(labels))
@@ -75,7 +75,7 @@ def clustering_metrics(vectors: np.ndarray, labels, k: int = 5, seed: int = 0) -
 
 def tsne_2d(vectors: np.ndarray, perplexity: float = 100.0, seed: int = 42) -> np.ndarray:
     """[N, 2] t-SNE (CT-FM: perplexity 100, random_state 42; perplexity capped below N)."""
-    from sklearn.manifold import TSNE
+    TSNE = optional_import("sklearn.manifold", "eval").TSNE
 
     n = len(vectors)
     return TSNE(n_components=2, perplexity=float(min(perplexity, max(1.0, (n - 1) / 3))), random_state=seed, init="pca").fit_transform(np.asarray(vectors, dtype=np.float64))
@@ -83,12 +83,7 @@ def tsne_2d(vectors: np.ndarray, perplexity: float = 100.0, seed: int = 42) -> n
 
 def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.ndarray:
     """[N, 2] UMAP (umap-learn, cosine metric)."""
-    try:
-        import umap
-    except ImportError:
-        from ctfm.errors import MissingDependencyError
-
-        raise MissingDependencyError("UMAP figures need umap-learn: pip install 'ctfm[eval]' or umap-learn (or pass --no-umap)") from None
+    umap = optional_import("umap", "eval", "the UMAP figure (--no-umap leaves it out)")
     import warnings
 
     n = len(vectors)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import OptionError
+from ctfm.errors import OptionError, optional_import
 
 BODY_HU = -500.0  # feature voxels whose centre is denser than this take part in the PCA
 PAPER_NOTE = "CT-FM shows PCA colour maps of dense features on two TotalSegmentator scans (qualitative: organs and tissue classes take distinct colours); no number is published"
@@ -33,7 +33,7 @@ def concepts_spec(spec, zoom: float = 1.0):
 def pca_colours(features: list[np.ndarray], masks: list[np.ndarray], n_components: int = 3, seed: int = 42) -> tuple[list[np.ndarray], np.ndarray]:
     """``features`` [C, d, h, w] per scan, ``masks`` [d, h, w] bool -> (RGB [d, h, w, 3] in [0, 1]
     per scan, zero outside the mask; explained variance ratios)."""
-    from sklearn.decomposition import PCA
+    PCA = optional_import("sklearn.decomposition", "eval").PCA
 
     rows = np.concatenate([f.reshape(f.shape[0], -1).T[m.reshape(-1)] for f, m in zip(features, masks)])
     if len(rows) <= n_components:

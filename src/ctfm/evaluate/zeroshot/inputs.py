@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 
 
 @dataclass
@@ -163,12 +163,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
 
             rows = pq.read_table(path).to_pylist()
         elif suffix in (".xlsx", ".xlsm"):
-            try:
-                import openpyxl
-            except ImportError:
-                from ctfm.errors import MissingDependencyError
-
-                raise MissingDependencyError(f"{path}: reading XLSX sheets needs openpyxl (pip install openpyxl), or save the sheet as CSV") from None
+            openpyxl = optional_import("openpyxl", "eval", f"{path}: reading an XLSX sheet (or save it as CSV)")
             sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
             values = [["" if v is None else v for v in row] for row in sheet.iter_rows(values_only=True)]
             rows = [dict(zip([str(h) for h in values[0]], row)) for row in values[1:]] if values else []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 
 KS = (3, 5, 10)
 METRICS = ("l2", "cosine")
@@ -90,7 +90,7 @@ def ranked_average_precision(relevant) -> float:
     when nothing is relevant."""
     import warnings
 
-    from sklearn.metrics import average_precision_score
+    average_precision_score = optional_import("sklearn.metrics", "eval").average_precision_score
 
     rel = np.asarray(relevant, dtype=int)
     if not rel.any():

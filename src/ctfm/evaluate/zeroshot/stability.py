@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, optional_import
 
 PAPER_NOTE = "CT-FM reports 'consistent performance across test-retest datasets' (RIDER Lung CT); the method and numbers are not published in its code"
 
@@ -51,7 +51,7 @@ def icc_2_1(values: np.ndarray) -> np.ndarray:
 def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
     """Pair and non-pair cosines, separation AUC and rank-1 re-identification of pairs ``a[i]``,
     ``b[i]`` ([N, D] each; ``subjects`` [N] groups pairs of one subject, default one per pair)."""
-    from sklearn.metrics import roc_auc_score
+    roc_auc_score = optional_import("sklearn.metrics", "eval").roc_auc_score
 
     from ctfm.evaluate.zeroshot.inputs import unit_rows
 
