@@ -33,9 +33,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ctfm.errors import optional_import
     from ctfm.evaluate.reports.figures import orthogonal_slices_figure
     from ctfm.io import load_ct, save_nifti
-    from ctfm.errors import optional_import
     from ctfm.preprocess import check_ct, get_preset, preprocess, require_usable
 
     for module in ("matplotlib", "sklearn"):  # before any work: the figure and the examples need the eval extra
