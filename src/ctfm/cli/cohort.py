@@ -18,7 +18,7 @@ cache     preprocesses each scan once (default ct-fm-ssl) into CACHE_DIR/volumes
 Exit status: 0 done (scan: also when some inputs are unreadable, they are rows of the manifest);
 1 download left series missing / cache failed on some scans (each recorded); 2 unusable arguments
 or input, or a download that got nothing (e.g. no network).
-The IDC commands need the idc-index package (pip install idc-index).
+The IDC commands need the idc-index package (pip install 'ctfm[idc]').
 """
 
 from __future__ import annotations
