@@ -123,6 +123,70 @@ def test_config_presets_files_and_overrides(tmp_path):
         resolve_pretrain_config("tiny", overrides={"learning_rate": 1})
 
 
+# config.yaml of a tiny run written before the shared run system (ctfm.runs): every key it held.
+OLD_TINY_CONFIG = """\
+accelerator: cpu
+batch_size: 2
+cache: ''
+cache_workers: 1
+checkpoint_every_n_epochs: 1
+crop_scale: [0.33, 1.0]
+crop_size: [32, 128, 128]
+data: scans/
+devices: 1
+flip_p: 0.5
+histogram_shift_p: 0.5
+loss: intrasample_ntxent
+loss_kwargs: {}
+lr: 0.0001
+max_epochs: 2
+max_steps: -1
+model: ct-fm
+model_kwargs: {init_filters: 8}
+num_crops: 4
+num_nodes: 1
+num_workers: 0
+out: runs/old
+precision: 32-true
+seed: 0
+smooth_p: 0.5
+spacing_mm: []
+steps_per_epoch: 4
+strategy: auto
+sync_batchnorm: false
+temperature: 0.1
+warmup_epochs: 0
+weight_decay: 1.0e-06
+"""
+
+
+def test_a_config_saved_before_the_run_system_still_resolves(tmp_path):
+    from ctfm.runs import save_config
+
+    (tmp_path / "config.yaml").write_text(OLD_TINY_CONFIG)
+    config = resolve_pretrain_config(None, tmp_path / "config.yaml")
+    assert config == resolve_pretrain_config("tiny", overrides={"data": "scans/", "out": "runs/old"})
+    save_config(config, tmp_path / "again.yaml")
+    saved = (tmp_path / "again.yaml").read_text()
+    old_keys = {line.split(":")[0] for line in OLD_TINY_CONFIG.splitlines()}
+    assert old_keys <= {line.split(":")[0] for line in saved.splitlines() if not line.startswith(" ")}  # no key renamed
+
+
+def test_a_checkpoint_with_the_old_optimizer_keys_exports(tmp_path):
+    from ctfm.models import create_model
+    from ctfm.pretrain.module import ContrastivePretrainer
+    from ctfm.pretrain.train import export_checkpoint
+
+    module = ContrastivePretrainer(model_kwargs={"init_filters": 4})
+    old_hyper = {"model": "ct-fm", "model_kwargs": {"init_filters": 4}, "loss": "intrasample_ntxent", "loss_kwargs": {"temperature": 0.1},
+                 "lr": 1e-4, "weight_decay": 1e-6, "warmup_epochs": 10, "max_epochs": 500, "projection": (256, 128)}
+    torch.save({"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "global_step": 8, "epoch": 1}, tmp_path / "old.ckpt")
+    export = export_checkpoint(tmp_path / "old.ckpt", tmp_path / "export")
+    encoder = create_model("ct-fm", weights=str(export))
+    for key, value in module.encoder.state_dict().items():
+        torch.testing.assert_close(encoder.state_dict()[key], value)
+
+
 @pytest.fixture(scope="module")
 def phantom_scans(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
