@@ -40,8 +40,24 @@ PRESETS = {"small": {"batch_size": 1, "devices": 1, "crops": [3, 4]}, "big": {"b
 
 
 def test_parse_set_reads_json_values_and_keeps_the_rest_as_strings():
-    values = parse_set(["lr=3e-4", 'model_kwargs={"init_filters": 8}', "data=scans/", "crops=[1, 2]", "sync_batchnorm=false", "out=a=b"])
-    assert values == {"lr": 3e-4, "model_kwargs": {"init_filters": 8}, "data": "scans/", "crops": [1, 2], "sync_batchnorm": False, "out": "a=b"}
+    values = parse_set(
+        [
+            "lr=3e-4",
+            'model_kwargs={"init_filters": 8}',
+            "data=scans/",
+            "crops=[1, 2]",
+            "sync_batchnorm=false",
+            "out=a=b",
+        ]
+    )
+    assert values == {
+        "lr": 3e-4,
+        "model_kwargs": {"init_filters": 8},
+        "data": "scans/",
+        "crops": [1, 2],
+        "sync_batchnorm": False,
+        "out": "a=b",
+    }
     for bad in ("lr", "=3"):
         with pytest.raises(OptionError, match="expected key=value"):
             parse_set([bad])
@@ -90,7 +106,9 @@ def test_bad_config_files_name_the_file(tmp_path):
 
 
 def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
-    config = resolve_config(DemoConfig, PRESETS, "small", overrides={"out": str(tmp_path / "run"), "model_kwargs": {"init_filters": 4}})
+    config = resolve_config(
+        DemoConfig, PRESETS, "small", overrides={"out": str(tmp_path / "run"), "model_kwargs": {"init_filters": 4}}
+    )
     save_config(config, RunFolder(config.out).config)
     assert resolve_config(DemoConfig, PRESETS, file=tmp_path / "run" / "config.yaml") == config
 
@@ -98,8 +116,15 @@ def test_the_saved_config_reads_back_as_the_same_config(tmp_path):
 def test_run_folder_names_and_run_checks(tmp_path):
     run = RunFolder(tmp_path / "run")
     assert run.config == tmp_path / "run" / "config.yaml" and run.metrics == tmp_path / "run" / "metrics.csv"
-    assert run.last == tmp_path / "run" / "checkpoints" / "last.ckpt" and run.best == tmp_path / "run" / "checkpoints" / "best.ckpt"
-    assert (run.export, run.tensorboard, run.cache) == (tmp_path / "run" / "export", tmp_path / "run" / "tensorboard", tmp_path / "run" / "cache")
+    assert (
+        run.last == tmp_path / "run" / "checkpoints" / "last.ckpt"
+        and run.best == tmp_path / "run" / "checkpoints" / "best.ckpt"
+    )
+    assert (run.export, run.tensorboard, run.cache) == (
+        tmp_path / "run" / "export",
+        tmp_path / "run" / "tensorboard",
+        tmp_path / "run" / "cache",
+    )
     assert not RunFolder.is_run(run.path) and run.resume_checkpoint() is None
     run.checkpoints.mkdir(parents=True)
     assert RunFolder.is_run(run.path)
@@ -109,13 +134,18 @@ def test_run_folder_names_and_run_checks(tmp_path):
     other.mkdir()
     (other / "resolved_config.yaml").write_text("{}")
     assert RunFolder.is_run(other) and not RunFolder.is_run(tmp_path / "nowhere")
-    assert DemoConfig(out=str(run.path)).cache_dir() == run.cache and DemoConfig(cache="elsewhere").cache_dir().name == "elsewhere"
+    assert (
+        DemoConfig(out=str(run.path)).cache_dir() == run.cache
+        and DemoConfig(cache="elsewhere").cache_dir().name == "elsewhere"
+    )
 
 
 def test_the_optimizer_config_is_the_runs_and_builds_adamw_with_a_warmup_cosine():
     config = DemoConfig(lr=0.1, weight_decay=0.01, warmup_epochs=2, max_epochs=10, end_lr=0.001, warmup_multiplier=0.1)
     optimizer = config.optimizer()
-    assert optimizer == OptimizerConfig(lr=0.1, weight_decay=0.01, warmup_epochs=2, total_epochs=10, end_lr=0.001, warmup_multiplier=0.1)
+    assert optimizer == OptimizerConfig(
+        lr=0.1, weight_decay=0.01, warmup_epochs=2, total_epochs=10, end_lr=0.001, warmup_multiplier=0.1
+    )
     assert OptimizerConfig.of(optimizer.to_dict()) == optimizer and OptimizerConfig.of(None) == OptimizerConfig()
     with pytest.raises(OptionError, match="optimizer keys \\['momentum'\\]"):
         OptimizerConfig.of({"momentum": 0.9})
@@ -126,7 +156,9 @@ def test_the_optimizer_config_is_the_runs_and_builds_adamw_with_a_warmup_cosine(
     assert adamw.defaults["weight_decay"] == 0.01
     reference_parameter = torch.nn.Parameter(torch.zeros(3))
     reference_optimizer = torch.optim.AdamW([reference_parameter], lr=0.1)
-    reference = WarmupCosineSchedule(reference_optimizer, warmup_steps=2, t_total=10, end_lr=0.001, warmup_multiplier=0.1)
+    reference = WarmupCosineSchedule(
+        reference_optimizer, warmup_steps=2, t_total=10, end_lr=0.001, warmup_multiplier=0.1
+    )
     ours, theirs = [], []
     for _ in range(10):
         ours.append(adamw.param_groups[0]["lr"])
@@ -139,7 +171,15 @@ def test_the_optimizer_config_is_the_runs_and_builds_adamw_with_a_warmup_cosine(
 
 
 def test_checkpoints_from_before_the_optimizer_config_still_load():
-    legacy = {"model": "ct-fm", "lr": 2e-4, "weight_decay": 1e-5, "warmup_epochs": 3, "max_epochs": 300, "end_lr": 2e-6, "warmup_multiplier": 0.1}
+    legacy = {
+        "model": "ct-fm",
+        "lr": 2e-4,
+        "weight_decay": 1e-5,
+        "warmup_epochs": 3,
+        "max_epochs": 300,
+        "end_lr": 2e-6,
+        "warmup_multiplier": 0.1,
+    }
     upgraded = upgrade_hyperparameters(legacy)
     assert upgraded == {"model": "ct-fm", "optimizer": OptimizerConfig(2e-4, 1e-5, 3, 300, 2e-6, 0.1).to_dict()}
     assert upgrade_hyperparameters(upgraded) == upgraded and "lr" in legacy  # the caller's mapping is left alone

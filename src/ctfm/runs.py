@@ -154,7 +154,9 @@ class RunConfig:
     batch_size: int = 2  # samples per device and step
     num_workers: int = 4
     max_epochs: int = 100
-    steps_per_epoch: int = -1  # optimiser steps an epoch (-1: one pass over the training cases, where the run has cases)
+    steps_per_epoch: int = (
+        -1
+    )  # optimiser steps an epoch (-1: one pass over the training cases, where the run has cases)
     max_steps: int = -1  # stop early after this many optimiser steps (-1: run max_epochs)
     # The optimiser (OptimizerConfig): AdamW, warm-up then cosine to end_lr, stepped per epoch.
     lr: float = 1e-4
@@ -209,7 +211,10 @@ class RunConfig:
         if not self.lr > 0:
             raise OptionError(f"lr {self.lr}: expected a positive learning rate")
         if not isinstance(self.model_kwargs, dict):
-            raise OptionError(f"model_kwargs {self.model_kwargs!r}: expected a mapping of network arguments, e.g. {{\"init_filters\": 8}}")
+            raise OptionError(
+                f"model_kwargs {self.model_kwargs!r}: expected a mapping of network arguments, e.g. "
+                '{"init_filters": 8}'
+            )
         if not isinstance(self.out, str) or not self.out:
             raise OptionError(f"out {self.out!r}: expected the run folder's path (--set out=runs/NAME)")
 
@@ -243,7 +248,9 @@ def _preset(name: str, presets: Mapping[str, Mapping[str, Any]], kind: str) -> d
     return dict(presets[name])
 
 
-def read_config_file(path: str | Path, presets: Mapping[str, Mapping[str, Any]], kind: str = "training") -> dict[str, Any]:
+def read_config_file(
+    path: str | Path, presets: Mapping[str, Mapping[str, Any]], kind: str = "training"
+) -> dict[str, Any]:
     """The values of a YAML or JSON config file (values only, no code); ``preset: NAME`` in it
     starts from that preset."""
     path = Path(path)
@@ -366,7 +373,9 @@ class RunFolder:
         path = Path(path)
         if not path.is_dir():
             return False
-        return (path / cls.CHECKPOINTS).is_dir() or any((path / name).is_file() for name in (cls.CONFIG, *cls.LEGACY_CONFIGS))
+        return (path / cls.CHECKPOINTS).is_dir() or any(
+            (path / name).is_file() for name in (cls.CONFIG, *cls.LEGACY_CONFIGS)
+        )
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -411,7 +420,9 @@ def build_trainer(
         # torch's SyncBatchNorm runs on GPUs only; CPU processes keep per-process statistics
         # (which only matters, and is only said, when there is more than one process).
         if config.devices * config.num_nodes > 1:
-            warnings.warn("sync_batchnorm needs GPUs: on CPU each process keeps its own BatchNorm statistics", stacklevel=2)
+            warnings.warn(
+                "sync_batchnorm needs GPUs: on CPU each process keeps its own BatchNorm statistics", stacklevel=2
+            )
         sync_batchnorm = False
     periodic = pl_callbacks.ModelCheckpoint(
         dirpath=folder.checkpoints,
@@ -438,7 +449,10 @@ def build_trainer(
     try:
         loggers.append(pl_loggers.TensorBoardLogger(save_dir=str(folder.path), name=RunFolder.TENSORBOARD, version=""))
     except ModuleNotFoundError:  # no TensorBoard writer installed: metrics.csv still records everything
-        warnings.warn(f"no TensorBoard writer installed (pip install 'ctfm[train]'): metrics go to {RunFolder.METRICS} only", stacklevel=2)
+        warnings.warn(
+            f"no TensorBoard writer installed (pip install 'ctfm[train]'): metrics go to {RunFolder.METRICS} only",
+            stacklevel=2,
+        )
     # A resumed run writes into its own, non-empty folder.
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")

@@ -21,8 +21,9 @@ def add_arguments(parser) -> None:
 
 
 def add_run_arguments(parser) -> None:
-    """The options every training verb shares (``ctfm pretrain``, ``ctfm finetune TASK``): --config, --set, --no-resume."""
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config (values only); may name a preset with `preset: NAME`")
+    """The options of every training verb (``ctfm pretrain``, ``ctfm finetune TASK``): --config, --set, --no-resume."""
+    config_help = "YAML or JSON config (values only); may name a preset with `preset: NAME`"
+    parser.add_argument("--config", metavar="FILE", help=config_help)
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (JSON value or string); repeatable")
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.ckpt in the run folder")
 

@@ -29,7 +29,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
-from ctfm.finetune.run import FinetuneConfig, FinetuneTask, epoch_order, rank_share, run_finetune, run_provenance, sample_random_state, training_loader
+from ctfm.finetune.run import (
+    FinetuneConfig,
+    FinetuneTask,
+    epoch_order,
+    rank_share,
+    run_finetune,
+    run_provenance,
+    sample_random_state,
+    training_loader,
+)
 from ctfm.runs import resolve_config
 
 RESERVED_COLUMNS = {"path", "split", "series_uid", "patient", "patient_id", "error", "scan_id"}

@@ -62,9 +62,11 @@ class FinetuneConfig(RunConfig):
     end_lr: float = 2e-6
     warmup_multiplier: float = 0.1
     # Fine-tuning's own keys.
-    percentage: float = 100.0  # few-shot: keep the first round(n * percentage / 100) cases (the task says of which splits)
+    # few-shot: keep the first round(n * percentage / 100) cases (the task says of which splits)
+    percentage: float = 100.0
     encoder_weights: str = ""  # CT-FM encoder to start from (folder, hf-hub:, .ckpt, run folder); empty: random init
-    freeze: list = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. ["encoder"] or ["encoder.conv_init", "encoder.layers.0"]
+    # parameter-name prefixes kept fixed, e.g. ["encoder"] or ["encoder.conv_init", "encoder.layers.0"]
+    freeze: list = field(default_factory=list)
     freeze_until_epoch: int = -1  # unfreeze from this epoch on (-1: frozen throughout)
     val_every_n_epochs: int = 5  # validate (and pick the best checkpoint) every N epochs; 0: never
 
@@ -164,7 +166,9 @@ def run_provenance(config: FinetuneConfig, train: list, val: list) -> dict[str, 
     }
 
 
-def run_finetune(config: FinetuneConfig, task: FinetuneTask, resume: bool = True, extra_callbacks=(), progress_bar: bool = True) -> Path:
+def run_finetune(
+    config: FinetuneConfig, task: FinetuneTask, resume: bool = True, extra_callbacks=(), progress_bar: bool = True
+) -> Path:
     """Train ``task`` with ``config``, resuming from ``<out>/checkpoints/last.ckpt`` when it exists;
     export the best (else the last) state to ``<out>/export``. Returns the export folder."""
     folder = seed_run(config)
@@ -178,13 +182,24 @@ def run_finetune(config: FinetuneConfig, task: FinetuneTask, resume: bool = True
         monitor=task.monitor,
         monitor_mode=task.monitor_mode,
     )
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=folder.resume_checkpoint(resume))
+    resume_from = folder.resume_checkpoint(resume)
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resume_from)
     if trainer.global_rank != 0:
         return folder.export
-    provenance = {"source": f"ctfm finetune {task.name}", "run": folder.path.name, "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
+    provenance = {
+        "source": f"ctfm finetune {task.name}",
+        "run": folder.path.name,
+        "global_step": int(trainer.global_step),
+        "epoch": int(trainer.current_epoch),
+    }
     if folder.best.exists():
         module, state = task.load_module(folder.best)
-        provenance.update(checkpoint=folder.BEST, best_epoch=int(state.get("epoch", -1)), best_step=int(state.get("global_step", -1)), monitor=task.monitor)
+        provenance.update(
+            checkpoint=folder.BEST,
+            best_epoch=int(state.get("epoch", -1)),
+            best_step=int(state.get("global_step", -1)),
+            monitor=task.monitor,
+        )
         callbacks = state.get("callbacks", {})
         for key, value in callbacks.items():
             if key.startswith("ModelCheckpoint") and isinstance(value, dict) and value.get("monitor") == task.monitor and value.get("best_model_score") is not None:

@@ -22,7 +22,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ctfm.errors import OptionError
-from ctfm.finetune.run import FinetuneConfig, FinetuneTask, epoch_order, rank_share, run_finetune, run_provenance, sample_random_state, training_loader
+from ctfm.finetune.run import (
+    FinetuneConfig,
+    FinetuneTask,
+    epoch_order,
+    rank_share,
+    run_finetune,
+    run_provenance,
+    sample_random_state,
+    training_loader,
+)
 from ctfm.runs import resolve_config
 
 

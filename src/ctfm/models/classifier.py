@@ -105,7 +105,8 @@ def classifier_folder(source) -> Path:
         if (candidate / CLASSIFIER_JSON).is_file():
             return candidate
     export = f"{RunFolder.EXPORT}/"
-    raise CTInputError(path, f"not a classifier (no {CLASSIFIER_JSON} here or in {export})", f"give the run folder of `ctfm finetune cls` or its {export} folder")
+    problem = f"not a classifier (no {CLASSIFIER_JSON} here or in {export})"
+    raise CTInputError(path, problem, f"give the run folder of `ctfm finetune cls` or its {export} folder")
 
 
 def load_classifier(source) -> tuple[CTClassifier, dict]:

@@ -66,7 +66,8 @@ def resolve_segmentation_source(source: str | os.PathLike) -> str | os.PathLike:
             if (run.export / WEIGHTS_NAME).is_file():
                 return run.export
             if RunFolder.is_run(path):
-                problem = f"is a run folder without {RunFolder.EXPORT}/{WEIGHTS_NAME} (the run has not finished or was not exported)"
+                missing = f"{RunFolder.EXPORT}/{WEIGHTS_NAME}"
+                problem = f"is a run folder without {missing} (the run has not finished or was not exported)"
                 raise CTInputError(path, problem, f"let the run finish, or give one of its {RunFolder.CHECKPOINTS}/*.ckpt")
     return source
 

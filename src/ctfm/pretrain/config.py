@@ -54,7 +54,7 @@ class PretrainConfig(RunConfig):
     def check(self) -> None:
         super().check()
         if self.steps_per_epoch < 1:
-            raise OptionError(f"steps_per_epoch {self.steps_per_epoch}: pretraining needs a positive number of steps an epoch")
+            raise OptionError(f"steps_per_epoch {self.steps_per_epoch}: pretraining needs a positive number of steps")
         if self.num_crops < 2:
             raise OptionError(f"num_crops {self.num_crops}: intra-sample contrast needs at least 2 crops")
         for key in ("flip_p", "histogram_shift_p", "smooth_p"):
@@ -62,7 +62,8 @@ class PretrainConfig(RunConfig):
                 raise OptionError(f"{key} {getattr(self, key)}: expected a probability in [0, 1]")
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise OptionError(f"crop_scale {self.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
-        if self.spacing_mm and (len(self.spacing_mm) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in self.spacing_mm)):
+        positive = all(isinstance(v, (int, float)) and v > 0 for v in self.spacing_mm)
+        if self.spacing_mm and (len(self.spacing_mm) != 3 or not positive):
             raise OptionError(f"spacing_mm {self.spacing_mm}: expected three positive numbers in mm (S, P, L), e.g. [2, 2, 2]")
         _check_loss(self)
 
@@ -89,7 +90,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_pretrain_config(preset: str | None = None, file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+def resolve_pretrain_config(
+    preset: str | None = None, file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> PretrainConfig:
     """The pretraining config of ``preset`` < ``file`` < ``overrides`` (:func:`ctfm.runs.resolve_config`)."""
     return resolve_config(PretrainConfig, PRESETS, preset, file, overrides)
 

@@ -63,7 +63,8 @@ class ContrastivePretrainer(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.save_hyperparameters({"optimizer": OptimizerConfig.of(optimizer or PretrainConfig().optimizer()).to_dict()})
+        optimizer = OptimizerConfig.of(optimizer or PretrainConfig().optimizer())
+        self.save_hyperparameters({"optimizer": optimizer.to_dict()})
         self.criterion = build_loss(loss, **(loss_kwargs or {}))  # an unknown name fails before the model is built
         self.encoder = create_model(model, **(model_kwargs or {}))
         self.projection_head = ProjectionHead(self.encoder.embedding_dim, *projection)
@@ -88,7 +89,8 @@ class ContrastivePretrainer(L.LightningModule):
             # Stop at once: a non-finite loss poisons every weight at the next optimiser step.
             precision = getattr(getattr(self, "trainer", None), "precision", "?") if self._trainer is not None else "?"
             fix = f"use precision 32-true or a lower lr; resume from {RunFolder.CHECKPOINTS}/{RunFolder.LAST}"
-            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step} (precision {precision})", fix)
+            problem = f"training diverged: non-finite loss at step {self.global_step} (precision {precision})"
+            raise CTInputError(None, problem, fix)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=views.shape[0])
         return loss
 
