@@ -196,3 +196,19 @@ def test_checkpoints_from_before_the_optimizer_config_still_load():
 
     assert upgrade_hyperparameters({"lr": 0.05}, TakesItsOwnLr) == {"lr": 0.05}
     assert TakesAnOptimizer(**upgrade_hyperparameters({"lr": 0.05}, TakesAnOptimizer)).optimizer["lr"] == 0.05
+
+
+def test_a_run_folder_is_a_weights_source(tmp_path):
+    """Every weights loader takes a run folder for the weights it exported, and says when it has none."""
+    from ctfm.models import create_model, save_pretrained
+
+    run = RunFolder(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    with pytest.raises(CTInputError, match="is a run folder without export/model.safetensors"):
+        create_model("ct-fm", weights=str(run.path), init_filters=4)
+    encoder = create_model("ct-fm", init_filters=4)
+    save_pretrained(encoder, run.export, name="ct-fm")
+    loaded = create_model("ct-fm", weights=str(run.path), init_filters=4)
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    assert RunFolder.exported(tmp_path / "nowhere", "model.safetensors") is None

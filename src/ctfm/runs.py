@@ -368,6 +368,19 @@ class RunFolder:
         return str(self.last) if resume and self.last.is_file() else None
 
     @classmethod
+    def exported(cls, path: str | Path, weights_file: str) -> Path | None:
+        """The ``export/`` folder of the run at ``path`` when it holds ``weights_file``; None when
+        ``path`` is not a run folder; a one-line :class:`CTInputError` for a run that has not exported."""
+        run = cls(path)
+        if (run.export / weights_file).is_file():
+            return run.export
+        if cls.is_run(path):
+            missing = f"{cls.EXPORT}/{weights_file}"
+            problem = f"is a run folder without {missing} (the run has not finished or was not exported)"
+            raise CTInputError(path, problem, f"let the run finish, or give one of its {cls.CHECKPOINTS}/*.ckpt")
+        return None
+
+    @classmethod
     def is_run(cls, path: str | Path) -> bool:
         """Whether ``path`` is a training run's folder: it holds a checkpoints/ folder or a saved config."""
         path = Path(path)

@@ -62,13 +62,9 @@ def resolve_segmentation_source(source: str | os.PathLike) -> str | os.PathLike:
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(_weights.HUB_PREFIX):
         path = Path(source).expanduser()
         if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
-            run = RunFolder(path)
-            if (run.export / WEIGHTS_NAME).is_file():
-                return run.export
-            if RunFolder.is_run(path):
-                missing = f"{RunFolder.EXPORT}/{WEIGHTS_NAME}"
-                problem = f"is a run folder without {missing} (the run has not finished or was not exported)"
-                raise CTInputError(path, problem, f"let the run finish, or give one of its {RunFolder.CHECKPOINTS}/*.ckpt")
+            export = RunFolder.exported(path, WEIGHTS_NAME)
+            if export is not None:
+                return export
     return source
 
 
