@@ -212,3 +212,28 @@ def test_a_run_folder_is_a_weights_source(tmp_path):
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
     assert RunFolder.exported(tmp_path / "nowhere", "model.safetensors") is None
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ["pretrain", "--preset", "tiny"],
+        ["finetune", "cls", "--preset", "tiny"],
+    ],
+)
+def test_training_without_the_train_extra_is_one_line(verb, tmp_path):
+    """Without lightning (the train extra), a training verb says which pip command installs it: exit 2, one line."""
+    import subprocess
+    import sys
+
+    without_lightning = (
+        "import sys; sys.modules['lightning'] = None; from ctfm.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [*verb, "--set", "data=scans/", "--set", f"out={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, "-c", without_lightning, *argv], capture_output=True, text=True, timeout=300
+    )
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: ") and "pip install 'ctfm[train]'" in errors[0]
+    assert not (tmp_path / "run").exists()
