@@ -11,7 +11,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctfm.errors import OptionError
-from ctfm.finetune.run import FinetuneConfig, FinetuneTask, epoch_order, run_finetune, sample_random_state, samples_per_epoch
+from ctfm.finetune.run import (
+    FinetuneConfig,
+    FinetuneTask,
+    epoch_order,
+    run_finetune,
+    sample_random_state,
+    samples_per_epoch,
+)
 from ctfm.runs import resolve_config
 
 

@@ -179,8 +179,10 @@ def test_a_checkpoint_with_the_old_optimizer_keys_loads(tmp_path):
     module = SegmentationFinetuner(class_names=["background", "liver"], model_kwargs={"init_filters": 4})
     old_hyper = {key: value for key, value in module.hparams.items() if key != "optimizer"}
     old_hyper.update(lr=2e-4, weight_decay=1e-5, warmup_epochs=3, max_epochs=300, end_lr=2e-6, warmup_multiplier=0.1)
-    torch.save({"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "epoch": 4, "global_step": 40}, tmp_path / "best.ckpt")
+    checkpoint = {"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "epoch": 4, "global_step": 40}
+    torch.save(checkpoint, tmp_path / "best.ckpt")
     loaded, state = SegmentationTask().load_module(tmp_path / "best.ckpt")
-    assert OptimizerConfig.of(loaded.hparams.optimizer) == OptimizerConfig(2e-4, 1e-5, 3, 300, 2e-6, 0.1) and state["epoch"] == 4
+    assert OptimizerConfig.of(loaded.hparams.optimizer) == OptimizerConfig(2e-4, 1e-5, 3, 300, 2e-6, 0.1)
+    assert state["epoch"] == 4
     for key, value in module.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)

@@ -178,9 +178,19 @@ def test_a_checkpoint_with_the_old_optimizer_keys_exports(tmp_path):
     from ctfm.pretrain.train import export_checkpoint
 
     module = ContrastivePretrainer(model_kwargs={"init_filters": 4})
-    old_hyper = {"model": "ct-fm", "model_kwargs": {"init_filters": 4}, "loss": "intrasample_ntxent", "loss_kwargs": {"temperature": 0.1},
-                 "lr": 1e-4, "weight_decay": 1e-6, "warmup_epochs": 10, "max_epochs": 500, "projection": (256, 128)}
-    torch.save({"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "global_step": 8, "epoch": 1}, tmp_path / "old.ckpt")
+    old_hyper = {
+        "model": "ct-fm",
+        "model_kwargs": {"init_filters": 4},
+        "loss": "intrasample_ntxent",
+        "loss_kwargs": {"temperature": 0.1},
+        "lr": 1e-4,
+        "weight_decay": 1e-6,
+        "warmup_epochs": 10,
+        "max_epochs": 500,
+        "projection": (256, 128),
+    }
+    checkpoint = {"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "global_step": 8, "epoch": 1}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
     export = export_checkpoint(tmp_path / "old.ckpt", tmp_path / "export")
     encoder = create_model("ct-fm", weights=str(export))
     for key, value in module.encoder.state_dict().items():
