@@ -41,7 +41,7 @@ PATCH = [32, 64, 64]
 
 
 def pretrain_encoder(out: Path, steps: int) -> Path:
-    from ctfm.pretrain.config import resolve_config
+    from ctfm.pretrain.config import resolve_pretrain_config
     from ctfm.pretrain.train import pretrain
 
     manifest = out / "pretrain_scans.csv"
@@ -50,7 +50,7 @@ def pretrain_encoder(out: Path, steps: int) -> Path:
         writer.writerow(["path"])
         for scan in PRETRAIN_SCANS:
             writer.writerow([str(DATA / scan)])
-    config = resolve_config("tiny", None, {
+    config = resolve_pretrain_config("tiny", None, {
         "data": str(manifest), "out": str(out / "pretrain"), "model_kwargs": ARCH, "spacing_mm": SPACING,
         "crop_size": [16, 48, 48], "num_crops": 4, "batch_size": 2, "max_epochs": 1, "steps_per_epoch": steps, "lr": 3e-4,
     })

@@ -158,11 +158,12 @@ def main() -> None:
     from lightning.pytorch.callbacks import Timer
 
     from ctfm.pretrain.cache import build_cache
-    from ctfm.pretrain.config import parse_set, resolve_config
+    from ctfm.pretrain.config import resolve_pretrain_config
+    from ctfm.runs import parse_set
     from ctfm.pretrain.train import build_module, pretrain
 
     build_cache([str(data / rel) for rel in PRETRAIN_SCANS], out / "cache", progress=False)
-    config = resolve_config("tiny", overrides={**BENCHMARK_SETTINGS, "data": str(out / "cache"), "out": str(out), "seed": args.seed, **parse_set(args.set)})
+    config = resolve_pretrain_config("tiny", overrides={**BENCHMARK_SETTINGS, "data": str(out / "cache"), "out": str(out), "seed": args.seed, **parse_set(args.set)})
     started = time.time()
     export = pretrain(config, resume=False, extra_callbacks=[Timer(duration={"minutes": args.minutes})], progress_bar=False)
     minutes = (time.time() - started) / 60

@@ -191,7 +191,7 @@ def main() -> None:
     from ctfm.evaluate.probes.probe_run import run_probe
     from ctfm.models import create_model
     from ctfm.pretrain.cache import build_cache
-    from ctfm.pretrain.config import resolve_config
+    from ctfm.pretrain.config import resolve_pretrain_config
     from ctfm.pretrain.train import build_module, pretrain
 
     settings = dict(BENCHMARK_SETTINGS)
@@ -201,7 +201,7 @@ def main() -> None:
     settings["max_epochs"] = args.steps // steps_per_epoch
     settings["checkpoint_every_n_epochs"] = settings["max_epochs"]
     build_cache([str(data / rel) for rel in PRETRAIN_SCANS], out / "cache", progress=False)
-    config = resolve_config("tiny", overrides={**settings, "data": str(out / "cache"), "out": str(out / "pretrain"), "seed": args.seed})
+    config = resolve_pretrain_config("tiny", overrides={**settings, "data": str(out / "cache"), "out": str(out / "pretrain"), "seed": args.seed})
     started = time.time()
     export = pretrain(config, resume=False, progress_bar=False)
     minutes = (time.time() - started) / 60

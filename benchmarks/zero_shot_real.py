@@ -130,13 +130,13 @@ def main() -> None:
     overrides = {"batch_size": args.batch_size, "num_crops": args.num_crops}
     export = pretrain(data, out, args.steps, args.seed, overrides)
     pretrain_minutes = (time.time() - started) / 60
-    from ctfm.pretrain.config import resolve_config
+    from ctfm.pretrain.config import resolve_pretrain_config
     from ctfm.pretrain.train import build_module
 
     # The pretraining run initialises from torch.manual_seed(seed): the same start (as pretrain_learns.py).
     torch.manual_seed(args.seed)
     encoders = {
-        "random init": build_module(resolve_config("tiny", overrides={**PRETRAIN_SETTINGS, **overrides, "data": "unused", "out": str(out / "unused"), "seed": args.seed})).encoder,
+        "random init": build_module(resolve_pretrain_config("tiny", overrides={**PRETRAIN_SETTINGS, **overrides, "data": "unused", "out": str(out / "unused"), "seed": args.seed})).encoder,
         "pretrained": create_model("ct-fm", weights=str(export)),
     }
     for encoder in encoders.values():

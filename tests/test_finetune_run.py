@@ -11,14 +11,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctfm.errors import OptionError
-from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, resolve_config, run_finetune, sample_random_state, samples_per_epoch
+from ctfm.finetune.run import (
+    FinetuneConfig,
+    FinetuneTask,
+    epoch_order,
+    run_finetune,
+    sample_random_state,
+    samples_per_epoch,
+)
+from ctfm.runs import resolve_config
 
 
 @dataclass
-class ToyConfig(RunConfig):
+class ToyConfig(FinetuneConfig):
     noise: float = 0.1
 
     def check(self):
+        super().check()
         if self.noise < 0:
             raise OptionError(f"noise {self.noise}: expected >= 0")
 

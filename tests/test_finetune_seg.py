@@ -168,3 +168,21 @@ def test_frozen_encoder_keeps_its_weights(phantom_manifest, tmp_path):
     after = torch.load(tmp_path / "frozen" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[f"model.{k}"]) for k in before if k.startswith("encoder.") and "running" not in k and "num_batches" not in k)
     assert any(not torch.equal(before[k], after[f"model.{k}"]) for k in before if k.startswith("up_layers."))
+
+
+def test_a_checkpoint_with_the_old_optimizer_keys_loads(tmp_path):
+    """Checkpoints written before modules took one OptimizerConfig (lr, weight_decay, ... as keys) still load."""
+    from ctfm.finetune.seg import SegmentationTask
+    from ctfm.finetune.seg_module import SegmentationFinetuner
+    from ctfm.runs import OptimizerConfig
+
+    module = SegmentationFinetuner(class_names=["background", "liver"], model_kwargs={"init_filters": 4})
+    old_hyper = {key: value for key, value in module.hparams.items() if key != "optimizer"}
+    old_hyper.update(lr=2e-4, weight_decay=1e-5, warmup_epochs=3, max_epochs=300, end_lr=2e-6, warmup_multiplier=0.1)
+    checkpoint = {"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "epoch": 4, "global_step": 40}
+    torch.save(checkpoint, tmp_path / "best.ckpt")
+    loaded, state = SegmentationTask().load_module(tmp_path / "best.ckpt")
+    assert OptimizerConfig.of(loaded.hparams.optimizer) == OptimizerConfig(2e-4, 1e-5, 3, 300, 2e-6, 0.1)
+    assert state["epoch"] == 4
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)

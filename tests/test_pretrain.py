@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import ctfm
-from ctfm.pretrain.config import PretrainConfig, parse_set, resolve_config
+from ctfm.pretrain.config import PretrainConfig, resolve_pretrain_config
 from ctfm.pretrain.data import EpochIndexSampler
 from ctfm.pretrain.losses import LOSSES
 from ctfm.pretrain.views import CROP_SIZE, MultiCropViews, sample_state
+from ctfm.runs import parse_set
 from ctfm.synth import make_phantom, write_phantom
 
 
@@ -85,15 +86,15 @@ def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
     plain = MultiCropViews(num_crops=2, crop_size=(8, 16, 16), scale=(1.0, 1.0), flip_p=0, histogram_p=0, smooth_p=0)
     views = plain(volume.shape, reader(volume), sample_state(0, 0, 0))
     torch.testing.assert_close(views[:, 0], views[:, 1], rtol=0, atol=1e-6)
-    config = resolve_config("tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0})
+    config = resolve_pretrain_config("tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0})
     augment = build_loader(config, cache=[volume]).dataset.views.augment
     assert (augment.scale, augment.flip_p, augment.histogram.prob, augment.smooth_p) == ((1.0, 1.0), 0.0, 0.0, 0.0)
     drawn = augment.get_params(sample_state(0, 0, 1))
     assert (drawn.scale, drawn.crop_start, drawn.flip, drawn.histogram, drawn.smooth_sigma) == (1.0, (0, 0, 0), False, None, None)
     with pytest.raises(ValueError, match="histogram_shift_p"):
-        resolve_config("tiny", overrides={"histogram_shift_p": 1.5})
+        resolve_pretrain_config("tiny", overrides={"histogram_shift_p": 1.5})
     with pytest.raises(ValueError, match="crop_scale"):
-        resolve_config("tiny", overrides={"crop_scale": [0.0, 1.0]})
+        resolve_pretrain_config("tiny", overrides={"crop_scale": [0.0, 1.0]})
 
 
 def test_views_refuse_volumes_smaller_than_the_crop():
@@ -111,15 +112,89 @@ def test_sampler_splits_indices_across_ranks_without_overlap(monkeypatch):
 
 
 def test_config_presets_files_and_overrides(tmp_path):
-    ct_fm = resolve_config("ct-fm")
+    ct_fm = resolve_pretrain_config("ct-fm")
     assert (ct_fm.max_epochs, ct_fm.steps_per_epoch, ct_fm.batch_size, ct_fm.devices, ct_fm.num_crops) == (500, 500, 4, 4, 15)
     assert (ct_fm.lr, ct_fm.weight_decay, ct_fm.warmup_epochs, ct_fm.temperature) == (1e-4, 1e-6, 10, 0.1)
     (tmp_path / "run.yaml").write_text("preset: tiny\nlr: 0.0003\n")
-    config = resolve_config(None, tmp_path / "run.yaml", parse_set(["max_steps=7", "data=scans/", 'model_kwargs={"init_filters": 4}']))
+    config = resolve_pretrain_config(None, tmp_path / "run.yaml", parse_set(["max_steps=7", "data=scans/", 'model_kwargs={"init_filters": 4}']))
     assert config.lr == 3e-4 and config.max_steps == 7 and config.data == "scans/" and config.model_kwargs == {"init_filters": 4}
     assert config.devices == 1 and config.precision == "32-true"
     with pytest.raises(ValueError, match="unknown config keys"):
-        resolve_config("tiny", overrides={"learning_rate": 1})
+        resolve_pretrain_config("tiny", overrides={"learning_rate": 1})
+
+
+# config.yaml of a tiny run written before the shared run system (ctfm.runs): every key it held.
+OLD_TINY_CONFIG = """\
+accelerator: cpu
+batch_size: 2
+cache: ''
+cache_workers: 1
+checkpoint_every_n_epochs: 1
+crop_scale: [0.33, 1.0]
+crop_size: [32, 128, 128]
+data: scans/
+devices: 1
+flip_p: 0.5
+histogram_shift_p: 0.5
+loss: intrasample_ntxent
+loss_kwargs: {}
+lr: 0.0001
+max_epochs: 2
+max_steps: -1
+model: ct-fm
+model_kwargs: {init_filters: 8}
+num_crops: 4
+num_nodes: 1
+num_workers: 0
+out: runs/old
+precision: 32-true
+seed: 0
+smooth_p: 0.5
+spacing_mm: []
+steps_per_epoch: 4
+strategy: auto
+sync_batchnorm: false
+temperature: 0.1
+warmup_epochs: 0
+weight_decay: 1.0e-06
+"""
+
+
+def test_a_config_saved_before_the_run_system_still_resolves(tmp_path):
+    from ctfm.runs import save_config
+
+    (tmp_path / "config.yaml").write_text(OLD_TINY_CONFIG)
+    config = resolve_pretrain_config(None, tmp_path / "config.yaml")
+    assert config == resolve_pretrain_config("tiny", overrides={"data": "scans/", "out": "runs/old"})
+    save_config(config, tmp_path / "again.yaml")
+    saved = (tmp_path / "again.yaml").read_text()
+    old_keys = {line.split(":")[0] for line in OLD_TINY_CONFIG.splitlines()}
+    assert old_keys <= {line.split(":")[0] for line in saved.splitlines() if not line.startswith(" ")}  # no key renamed
+
+
+def test_a_checkpoint_with_the_old_optimizer_keys_exports(tmp_path):
+    from ctfm.models import create_model
+    from ctfm.pretrain.module import ContrastivePretrainer
+    from ctfm.pretrain.train import export_checkpoint
+
+    module = ContrastivePretrainer(model_kwargs={"init_filters": 4})
+    old_hyper = {
+        "model": "ct-fm",
+        "model_kwargs": {"init_filters": 4},
+        "loss": "intrasample_ntxent",
+        "loss_kwargs": {"temperature": 0.1},
+        "lr": 1e-4,
+        "weight_decay": 1e-6,
+        "warmup_epochs": 10,
+        "max_epochs": 500,
+        "projection": (256, 128),
+    }
+    checkpoint = {"hyper_parameters": old_hyper, "state_dict": module.state_dict(), "global_step": 8, "epoch": 1}
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    export = export_checkpoint(tmp_path / "old.ckpt", tmp_path / "export")
+    encoder = create_model("ct-fm", weights=str(export))
+    for key, value in module.encoder.state_dict().items():
+        torch.testing.assert_close(encoder.state_dict()[key], value)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +210,7 @@ def phantom_scans(tmp_path_factory):
 def tiny_config(data, out, **changes) -> PretrainConfig:
     values = dict(data=str(data), out=str(out), crop_size=[16, 32, 32], num_crops=3, steps_per_epoch=2, max_epochs=2, model_kwargs={"init_filters": 4})
     values.update(changes)
-    return resolve_config("tiny", overrides=values)
+    return resolve_pretrain_config("tiny", overrides=values)
 
 
 class LossRecorder(L.Callback):
@@ -239,10 +314,10 @@ def test_a_simsiam_run_goes_through_the_trainer(phantom_scans, tmp_path):
 
 def test_loss_names_and_arguments_are_checked_when_the_config_is_resolved():
     with pytest.raises(ValueError, match=r"loss 'simclr': unknown; choose one of intrasample_ntxent, intrasample_simsiam, .*vicreg$"):
-        resolve_config("tiny", overrides={"loss": "simclr"})
+        resolve_pretrain_config("tiny", overrides={"loss": "simclr"})
     with pytest.raises(ValueError, match="not arguments of loss 'vicreg'; it takes eps, lambda_, mu, nu"):
-        resolve_config("tiny", overrides={"loss": "vicreg", "loss_kwargs": {"temperature": 0.2}})
-    config = resolve_config("tiny", overrides={"loss": "intrasample_vicreg", "loss_kwargs": {"mu": 5.0}})
+        resolve_pretrain_config("tiny", overrides={"loss": "vicreg", "loss_kwargs": {"temperature": 0.2}})
+    config = resolve_pretrain_config("tiny", overrides={"loss": "intrasample_vicreg", "loss_kwargs": {"mu": 5.0}})
     from ctfm.pretrain.train import build_module
 
     assert build_module(config).criterion.loss.mu == 5.0

@@ -22,19 +22,14 @@ from __future__ import annotations
 import argparse
 
 
-def _common(parser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config (values only); may name a preset with `preset: NAME`")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (JSON value or string); repeatable")
-    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.ckpt in the run folder")
-
-
 def add_seg(sub) -> None:
     """``ctfm finetune seg``."""
     from ctfm.cli import finetune as this
+    from ctfm.cli.pretrain import add_run_arguments
 
     p = sub.add_parser("seg", help="fine-tune a segmentation model (SegResNetDS with the CT-FM encoder)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["ct-fm-totalseg", "ct-fm-msd", "tiny"], help="start from a preset (default: ct-fm-totalseg unless the file names one)")
-    _common(p)
+    add_run_arguments(p)
     p.set_defaults(_task_run=this.run_seg)
 
 
@@ -57,8 +52,8 @@ def run(args) -> int:
 
 
 def run_seg(args) -> int:
-    from ctfm.finetune.run import parse_set
     from ctfm.finetune.seg import finetune_seg, resolve_seg_config
+    from ctfm.runs import parse_set
 
     preset = args.preset or (None if args.config else "ct-fm-totalseg")
     config = resolve_seg_config(preset, args.config, parse_set(args.sets))

@@ -23,18 +23,17 @@ import argparse
 def add_cls(sub) -> None:
     """Register ``ctfm finetune cls`` on the finetune verb's subparsers."""
     from ctfm.cli import finetune_cls as this
+    from ctfm.cli.pretrain import add_run_arguments
 
     p = sub.add_parser("cls", help="fine-tune a classifier (CT-FM trunk + pooled MLP head)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["head-ct", "tiny"], help="start from a preset (default: head-ct unless the file names one)")
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON config (values only); may name a preset with `preset: NAME`")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (JSON value or string); repeatable")
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.ckpt in the run folder")
+    add_run_arguments(p)
     p.set_defaults(_task_run=this.run_cls)
 
 
 def run_cls(args) -> int:
     from ctfm.finetune.cls import finetune_cls, resolve_cls_config
-    from ctfm.finetune.run import parse_set
+    from ctfm.runs import parse_set
 
     preset = args.preset or (None if args.config else "head-ct")
     config = resolve_cls_config(preset, args.config, parse_set(args.sets))

@@ -24,25 +24,37 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
-from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
+from ctfm.finetune.run import (
+    FinetuneConfig,
+    FinetuneTask,
+    epoch_order,
+    rank_share,
+    run_finetune,
+    run_provenance,
+    sample_random_state,
+    training_loader,
+)
+from ctfm.runs import resolve_config
 
 RESERVED_COLUMNS = {"path", "split", "series_uid", "patient", "patient_id", "error", "scan_id"}
 LAYOUTS = ("stack", "channels")
 
 
 @dataclass
-class ClsConfig(RunConfig):
-    """Every value a classification fine-tuning run depends on (run keys: :class:`RunConfig`).
+class ClsConfig(FinetuneConfig):
+    """Every value a classification fine-tuning run depends on (run keys: :class:`~ctfm.finetune.run.FinetuneConfig`).
 
     ``percentage`` keeps the first ``int(percentage / 100 * n)`` of the training and of the
     validation cases, as the reference's head-CT runs did; ``freeze`` prefixes name the
     classifier's parameters (``trunk`` for the encoder, ``head``).
     """
+
+    kind: ClassVar[str] = "classification fine-tuning"
 
     out: str = "runs/finetune-cls"
     data: str = ""  # manifest (CSV/Parquet): path, label column(s)[, split][, series_uid]
@@ -61,6 +73,7 @@ class ClsConfig(RunConfig):
     scale_range: float = 0.2
 
     def check(self) -> None:
+        super().check()
         if self.task not in ("auto", "binary", "multilabel", "multiclass"):
             raise OptionError(f"task {self.task!r}: expected auto, binary, multilabel or multiclass")
         if self.window_layout not in LAYOUTS:
@@ -115,7 +128,7 @@ CLS_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_cls_config(preset: str | None = None, file=None, overrides: dict | None = None) -> ClsConfig:
-    return resolve_config(ClsConfig, CLS_PRESETS, preset, file, overrides, what="classification fine-tuning")
+    return resolve_config(ClsConfig, CLS_PRESETS, preset, file, overrides)
 
 
 def input_spec(config: ClsConfig):
@@ -394,12 +407,7 @@ class ClassificationTask(FinetuneTask):
             seed=config.seed,
             freeze=list(config.freeze),
             freeze_until_epoch=config.freeze_until_epoch,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_epochs=config.warmup_epochs,
-            max_epochs=config.max_epochs,
-            end_lr=config.end_lr,
-            warmup_multiplier=config.warmup_multiplier,
+            optimizer=config.optimizer(),
         )
 
     def export(self, module, folder: Path, config: ClsConfig, provenance: dict) -> Path:

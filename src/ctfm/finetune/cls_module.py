@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ctfm.finetune.module import FinetuneModule
+from ctfm.runs import OptimizerConfig
 
 
 class ClassificationFinetuner(FinetuneModule):
@@ -28,15 +29,10 @@ class ClassificationFinetuner(FinetuneModule):
         seed: int = 0,
         freeze: list[str] | None = None,
         freeze_until_epoch: int = -1,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-5,
-        warmup_epochs: int = 0,
-        max_epochs: int = 40,
-        end_lr: float = 1e-6,
-        warmup_multiplier: float = 0.1,
+        optimizer: OptimizerConfig | dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_run_hyperparameters(optimizer)
         from ctfm.models.classifier import CTClassifier, load_trunk_weights
 
         kwargs = dict(model_kwargs or {})

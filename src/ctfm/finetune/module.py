@@ -1,20 +1,33 @@
 """What every fine-tuning LightningModule shares: freezing by parameter-name prefix, the
-non-finite-loss guard, and CT-FM's optimiser (AdamW with a warm-up cosine stepped per epoch).
+non-finite-loss guard, and the run's optimiser (:class:`ctfm.runs.OptimizerConfig`: AdamW with a
+warm-up cosine stepped per epoch).
 
-A task's module subclasses :class:`FinetuneModule`, sets ``self.model`` in ``__init__`` and calls
-``self.apply_freeze(0)`` once the model exists. The hyperparameters read here (saved with
-``save_hyperparameters``) are ``freeze``, ``freeze_until_epoch``, ``lr``, ``weight_decay``,
-``warmup_epochs``, ``max_epochs``, ``end_lr`` and ``warmup_multiplier``.
+A task's module subclasses :class:`FinetuneModule`, takes an ``optimizer`` argument, calls
+:meth:`FinetuneModule.save_run_hyperparameters` first, sets ``self.model`` and calls
+``self.apply_freeze(0)`` once the model exists. The hyperparameters read here are ``freeze``,
+``freeze_until_epoch`` and ``optimizer`` (the OptimizerConfig's mapping).
 """
 
 from __future__ import annotations
 
-import lightning as L
+import inspect
+
 import torch
+
+from ctfm.errors import CTInputError, optional_import
+from ctfm.runs import OptimizerConfig, RunFolder, warmup_cosine_optimizer
+
+L = optional_import("lightning", "train")
 
 
 class FinetuneModule(L.LightningModule):
     model: torch.nn.Module
+
+    def save_run_hyperparameters(self, optimizer: OptimizerConfig | dict | None) -> None:
+        """Save the caller's ``__init__`` arguments as hyperparameters, ``optimizer`` as a plain mapping
+        (so that checkpoints load with ``weights_only=True``)."""
+        self.save_hyperparameters(ignore=["optimizer"], frame=inspect.currentframe().f_back)
+        self.save_hyperparameters({"optimizer": OptimizerConfig.of(optimizer).to_dict()})
 
     # ---- freezing ------------------------------------------------------------------------
     def frozen(self, epoch: int) -> bool:
@@ -43,17 +56,11 @@ class FinetuneModule(L.LightningModule):
     def checked_loss(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Log ``train/loss`` and return it; a non-finite loss stops the run with a one-line error."""
         if not torch.isfinite(loss):
-            from ctfm.errors import CTInputError
-
-            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step}", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")
+            fix = f"use precision 32-true or a lower lr; resume from {RunFolder.CHECKPOINTS}/{RunFolder.LAST}"
+            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step}", fix)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch_size)
         return loss
 
     def configure_optimizers(self):
-        from monai.optimizers import WarmupCosineSchedule
-
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        # Stepped per epoch, as CT-FM's recipe configures it (warm-up and t_total in epochs).
-        schedule = WarmupCosineSchedule(optimizer, warmup_steps=hp.warmup_epochs, t_total=hp.max_epochs, end_lr=hp.end_lr, warmup_multiplier=hp.warmup_multiplier)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        # Stepped per epoch, as CT-FM's recipe configures it (warm-up and the cosine in epochs).
+        return warmup_cosine_optimizer(self.model.parameters(), self.hparams.optimizer)

@@ -17,21 +17,33 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from ctfm.errors import OptionError
-from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
+from ctfm.finetune.run import (
+    FinetuneConfig,
+    FinetuneTask,
+    epoch_order,
+    rank_share,
+    run_finetune,
+    run_provenance,
+    sample_random_state,
+    training_loader,
+)
+from ctfm.runs import resolve_config
 
 
 @dataclass
-class SegConfig(RunConfig):
-    """Every value a segmentation fine-tuning run depends on (run keys: :class:`RunConfig`).
+class SegConfig(FinetuneConfig):
+    """Every value a segmentation fine-tuning run depends on (run keys: :class:`~ctfm.finetune.run.FinetuneConfig`).
 
     ``percentage`` takes the first share of the training cases (validation stays whole), as
     CT-FM's few-shot runs did; ``freeze`` prefixes name SegResNetDS parameters (``encoder``, ``up_layers``).
     """
+
+    kind: ClassVar[str] = "segmentation fine-tuning"
 
     out: str = "runs/finetune-seg"
     data: str = ""  # a manifest (image, label[, split]), a TotalSegmentator v2 folder (meta.csv) or an MSD task folder (dataset.json)
@@ -65,6 +77,7 @@ class SegConfig(RunConfig):
     sw_overlap: float = 0.625
 
     def check(self) -> None:
+        super().check()
         for key in ("patch_size",):
             value = getattr(self, key)
             if len(value) != 3 or not all(isinstance(v, int) and v > 0 for v in value):
@@ -118,7 +131,7 @@ SEG_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_seg_config(preset: str | None = None, file=None, overrides: dict | None = None) -> SegConfig:
-    return resolve_config(SegConfig, SEG_PRESETS, preset, file, overrides, what="segmentation fine-tuning")
+    return resolve_config(SegConfig, SEG_PRESETS, preset, file, overrides)
 
 
 def training_spec(config: SegConfig):
@@ -344,12 +357,7 @@ class SegmentationTask(FinetuneTask):
             seed=config.seed,
             freeze=list(config.freeze),
             freeze_until_epoch=config.freeze_until_epoch,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_epochs=config.warmup_epochs,
-            max_epochs=config.max_epochs,
-            end_lr=config.end_lr,
-            warmup_multiplier=config.warmup_multiplier,
+            optimizer=config.optimizer(),
             roi_size=list(config.patch_size),
             sw_batch_size=config.sw_batch_size,
             sw_overlap=config.sw_overlap,

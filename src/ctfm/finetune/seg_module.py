@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ctfm.finetune.module import FinetuneModule
+from ctfm.runs import OptimizerConfig
 
 
 class SegmentationFinetuner(FinetuneModule):
@@ -25,19 +26,14 @@ class SegmentationFinetuner(FinetuneModule):
         seed: int = 0,
         freeze: list[str] | None = None,
         freeze_until_epoch: int = -1,
-        lr: float = 2e-4,
-        weight_decay: float = 1e-5,
-        warmup_epochs: int = 3,
-        max_epochs: int = 300,
-        end_lr: float = 2e-6,
-        warmup_multiplier: float = 0.1,
+        optimizer: OptimizerConfig | dict | None = None,
         roi_size: list[int] | None = None,
         sw_batch_size: int = 2,
         sw_overlap: float = 0.625,
         deep_supervision_weights: str = "exp",
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_run_hyperparameters(optimizer)
         from monai.losses import DeepSupervisionLoss, DiceCELoss
         from monai.metrics import DiceMetric
 

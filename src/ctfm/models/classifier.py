@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ctfm.errors import CTInputError
 from ctfm.models.networks import CTEncoder
+from ctfm.runs import RunFolder
 
 CLASSIFIER_JSON = "classifier.json"
 HEAD_NAME = "head.safetensors"
@@ -100,10 +101,12 @@ def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], s
 def classifier_folder(source) -> Path:
     """The classifier folder of ``source``: the folder itself, or RUN/export of a fine-tuning run."""
     path = Path(source)
-    for candidate in (path, path / "export"):
+    for candidate in (path, RunFolder(path).export):
         if (candidate / CLASSIFIER_JSON).is_file():
             return candidate
-    raise CTInputError(path, "not a classifier (no classifier.json here or in export/)", "give the run folder of `ctfm finetune cls` or its export/ folder")
+    export = f"{RunFolder.EXPORT}/"
+    problem = f"not a classifier (no {CLASSIFIER_JSON} here or in {export})"
+    raise CTInputError(path, problem, f"give the run folder of `ctfm finetune cls` or its {export} folder")
 
 
 def load_classifier(source) -> tuple[CTClassifier, dict]:

@@ -34,9 +34,9 @@ from ctfm.models.factory import create_model, init_model, load_weights, resolve_
 from ctfm.models.labelmaps import BUILTIN_LABELS, check_labels, default_labels, labels_to_json, resolve_labels
 from ctfm.models.preprocessing import training_spec_of
 from ctfm.models.weights import CONFIG_NAME, SIDECAR_NAME, WEIGHTS_NAME, sha256_file
+from ctfm.runs import RunFolder
 
 SEG_MODEL = "ct-fm-segresnet"
-RUN_EXPORT = "export"  # a fine-tuning run folder keeps its weights folder here
 TOTALSEG_CHANNELS = 118
 
 # Sliding-window settings of CT-FM's TotalSegmentator recipe (SPL voxels).
@@ -62,11 +62,9 @@ def resolve_segmentation_source(source: str | os.PathLike) -> str | os.PathLike:
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(_weights.HUB_PREFIX):
         path = Path(source).expanduser()
         if path.is_dir() and not (path / WEIGHTS_NAME).is_file():
-            export = path / RUN_EXPORT
-            if (export / WEIGHTS_NAME).is_file():
+            export = RunFolder.exported(path, WEIGHTS_NAME)
+            if export is not None:
                 return export
-            if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file() or (path / "resolved_config.yaml").is_file():
-                raise CTInputError(path, f"is a run folder without {RUN_EXPORT}/{WEIGHTS_NAME} (the run has not finished or was not exported)", "let the run finish, or give one of its checkpoints/*.ckpt")
     return source
 
 

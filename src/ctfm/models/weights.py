@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from ctfm.errors import CTInputError, OptionError, one_line
+from ctfm.runs import RunFolder
 from ctfm.runtime import atomic_path
 
 CONFIG_NAME = "config.json"
@@ -275,6 +276,9 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, str]:
 def _local_kind(path: Path) -> tuple[Path, str]:
     path = path.absolute()
     if path.is_dir():
+        export = RunFolder.exported(path, WEIGHTS_NAME) if not (path / WEIGHTS_NAME).is_file() else None
+        if export is not None:  # a training run's folder: the weights it exported
+            return export, "folder"
         if not (path / WEIGHTS_NAME).is_file():
             legacy = [n for n in ("pytorch_model.bin", "model.pt", "model.ckpt") if (path / n).is_file()]
             fix = f"convert it: ctfm models convert {path / legacy[0]} --out FOLDER" if legacy else _SOURCE_FIX

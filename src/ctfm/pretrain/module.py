@@ -3,18 +3,23 @@
 CT-FM's pretraining (docs/recipe.md): views [B, N, 2, 1, D, H, W] -> encoder -> average of the stride-16 map
 (512-d) -> projection head Linear(512, 256) -> ReLU -> Linear(256, 128) -> loss (intra-sample
 NT-Xent, tau = 0.1). The loss is any name of :data:`ctfm.pretrain.losses.LOSSES`; a loss that
-``needs_prediction`` (SimSiam) gets a prediction head on the projections as well. AdamW (lr 1e-4, weight decay 1e-6); MONAI WarmupCosineSchedule stepped per
-epoch (warm-up epochs, then cosine to 0 over max_epochs).
+``needs_prediction`` (SimSiam) gets a prediction head on the projections as well. The optimiser
+is the run's :class:`~ctfm.runs.OptimizerConfig` (ct-fm: AdamW lr 1e-4, weight decay 1e-6; MONAI
+WarmupCosineSchedule stepped per epoch: 10 warm-up epochs, then cosine to 0 over max_epochs).
 """
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn as nn
 
+from ctfm.errors import CTInputError, optional_import
 from ctfm.models import create_model
+from ctfm.pretrain.config import PretrainConfig
 from ctfm.pretrain.losses import build_loss
+from ctfm.runs import OptimizerConfig, RunFolder, warmup_cosine_optimizer
+
+L = optional_import("lightning", "train")
 
 
 class ProjectionHead(nn.Sequential):
@@ -41,20 +46,25 @@ class PredictionHead(nn.Module):
 
 
 class ContrastivePretrainer(L.LightningModule):
+    """Encoder + projection head (+ prediction head) trained by a contrastive loss.
+
+    ``optimizer``: an :class:`~ctfm.runs.OptimizerConfig` (or its mapping, as saved in a
+    checkpoint's hyperparameters); None: the ct-fm recipe's.
+    """
+
     def __init__(
         self,
         model: str = "ct-fm",
         model_kwargs: dict | None = None,
         loss: str = "intrasample_ntxent",
         loss_kwargs: dict | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-6,
-        warmup_epochs: int = 10,
-        max_epochs: int = 500,
+        optimizer: OptimizerConfig | dict | None = None,
         projection: tuple[int, int] = (256, 128),
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer"])
+        optimizer = OptimizerConfig.of(optimizer or PretrainConfig().optimizer())
+        self.save_hyperparameters({"optimizer": optimizer.to_dict()})
         self.criterion = build_loss(loss, **(loss_kwargs or {}))  # an unknown name fails before the model is built
         self.encoder = create_model(model, **(model_kwargs or {}))
         self.projection_head = ProjectionHead(self.encoder.embedding_dim, *projection)
@@ -77,17 +87,12 @@ class ContrastivePretrainer(L.LightningModule):
         loss = self.loss(views)
         if not torch.isfinite(loss):
             # Stop at once: a non-finite loss poisons every weight at the next optimiser step.
-            from ctfm.errors import CTInputError
-
             precision = getattr(getattr(self, "trainer", None), "precision", "?") if self._trainer is not None else "?"
-            raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step} (precision {precision})", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")
+            fix = f"use precision 32-true or a lower lr; resume from {RunFolder.CHECKPOINTS}/{RunFolder.LAST}"
+            problem = f"training diverged: non-finite loss at step {self.global_step} (precision {precision})"
+            raise CTInputError(None, problem, fix)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=views.shape[0])
         return loss
 
     def configure_optimizers(self):
-        from monai.optimizers import WarmupCosineSchedule
-
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        schedule = WarmupCosineSchedule(optimizer, warmup_steps=hp.warmup_epochs, t_total=hp.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        return warmup_cosine_optimizer(self.parameters(), self.hparams.optimizer)

@@ -1,12 +1,9 @@
 """Run a pretraining job from a :class:`PretrainConfig`: cache, data, trainer, checkpoints, export.
 
-Run folder layout (``config.out``)::
-
-    config.yaml            the resolved config
-    metrics.csv            loss and learning rate per step / epoch (Lightning CSVLogger)
-    tensorboard/           TensorBoard event files
-    checkpoints/           epoch=E-step=S.ckpt every N epochs, and last.ckpt
-    export/                the encoder in the published folder layout (ctfm embed --weights RUN/export)
+The run folder (``config.out``, a :class:`ctfm.runs.RunFolder`) gets ``config.yaml``,
+``metrics.csv`` (loss and learning rate per step / epoch), ``tensorboard/``, ``checkpoints/``
+(every N epochs, and ``last.ckpt``) and ``export/``: the encoder in the published folder layout
+(``ctfm embed --weights RUN/export``).
 """
 
 from __future__ import annotations
@@ -15,9 +12,20 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+
 from ctfm.errors import OptionError
-from ctfm.pretrain.config import PretrainConfig, save_config
-from ctfm.runtime import rank_and_world_size, run_folder_trainer, write_text_atomic
+from ctfm.models import save_pretrained
+from ctfm.preprocess import get_preset
+from ctfm.pretrain.cache import VolumeCache, build_cache
+from ctfm.pretrain.config import PretrainConfig, training_spec
+from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
+from ctfm.pretrain.losses import loss_arguments
+from ctfm.pretrain.module import ContrastivePretrainer
+from ctfm.pretrain.views import MultiCropViews
+from ctfm.runs import build_trainer, seed_run, upgrade_hyperparameters
+from ctfm.runtime import rank_and_world_size, write_text_atomic
 
 
 def launch_rank() -> int:
@@ -30,9 +38,6 @@ def launch_rank() -> int:
 
 
 def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
-    from ctfm.pretrain.cache import VolumeCache, build_cache
-    from ctfm.pretrain.config import training_spec
-
     data = Path(config.data)
     if not config.data:
         raise OptionError("config.data is empty: give a manifest, a folder of scans or a cache folder (--set data=PATH)")
@@ -42,7 +47,7 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
         if len(cache) == 0:
             raise OptionError(f"{data}: the cache holds no volumes preprocessed with {spec.name} ({'x'.join(f'{v:g}' for v in spec.spacing_mm)} mm); build one at that spacing, or set spacing_mm to the cache's")
         return cache
-    cache_dir = Path(config.cache) if config.cache else Path(config.out) / "cache"
+    cache_dir = config.cache_dir()
     done = cache_dir / ".built"
     if launch_rank() == 0:
         done.unlink(missing_ok=True)
@@ -59,40 +64,25 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
     return VolumeCache(cache_dir, spec=spec)
 
 
-def build_trainer(config: PretrainConfig, extra_callbacks=(), progress_bar: bool = True):
-    """The run folder's Trainer (:func:`ctfm.runtime.run_folder_trainer`), ``steps_per_epoch`` batches an epoch."""
-    return run_folder_trainer(config, extra_callbacks, progress_bar=progress_bar, limit_train_batches=config.steps_per_epoch)
-
-
 def loss_kwargs(config: PretrainConfig) -> dict:
     """The loss's keyword arguments: ``temperature`` for the losses that take one, then ``loss_kwargs``."""
-    from ctfm.pretrain.losses import loss_arguments
-
     base = {"temperature": config.temperature} if "temperature" in loss_arguments(config.loss) else {}
     return {**base, **config.loss_kwargs}
 
 
-def build_module(config: PretrainConfig):
-    from ctfm.pretrain.module import ContrastivePretrainer
-
+def build_module(config: PretrainConfig) -> ContrastivePretrainer:
+    """The run's LightningModule: the config's encoder, loss and optimiser."""
     return ContrastivePretrainer(
         model=config.model,
         model_kwargs=config.model_kwargs,
         loss=config.loss,
         loss_kwargs=loss_kwargs(config),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        max_epochs=config.max_epochs,
+        optimizer=config.optimizer(),
     )
 
 
-def build_loader(config: PretrainConfig, cache):
-    from torch.utils.data import DataLoader
-
-    from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
-    from ctfm.pretrain.views import MultiCropViews
-
+def build_loader(config: PretrainConfig, cache) -> DataLoader:
+    """Views of the cached volumes, ``steps_per_epoch`` batches an epoch on every rank."""
     views = MultiCropViews(
         num_crops=config.num_crops,
         crop_size=config.crop_size,
@@ -118,19 +108,12 @@ def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=(), pr
 
     Returns the export folder.
     """
-    import lightning as L
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if launch_rank() == 0:
-        save_config(config, out / "config.yaml")
-    L.seed_everything(config.seed, workers=True, verbose=False)
+    folder = seed_run(config)
     cache = _cache_for(config)
     module = build_module(config)
     trainer = build_trainer(config, extra_callbacks, progress_bar=progress_bar)
-    last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, train_dataloaders=build_loader(config, cache), ckpt_path=str(last) if resume and last.exists() else None)
-    export = out / "export"
+    trainer.fit(module, train_dataloaders=build_loader(config, cache), ckpt_path=folder.resume_checkpoint(resume))
+    export = folder.export
     if trainer.is_global_zero:
         export_encoder(module, export, config, step=trainer.global_step, epoch=trainer.current_epoch)
     return export
@@ -138,14 +121,9 @@ def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=(), pr
 
 def export_encoder(module, folder: Path, config: PretrainConfig | None = None, step: int | None = None, epoch: int | None = None) -> Path:
     """Write ``module.encoder`` in the published layout (config.json + model.safetensors + ctfm.json)."""
-    from ctfm.models import save_pretrained
-
     provenance = {"source": "ctfm pretrain", "global_step": step, "epoch": epoch}
     if config is not None:
         provenance.update(loss=config.loss, num_crops=config.num_crops, seed=config.seed)
-    from ctfm.preprocess import get_preset
-    from ctfm.pretrain.config import training_spec
-
     # The sidecar records what the encoder was trained on (ct-fm-ssl volumes at the run's
     # spacing): every consumer derives its preprocessing from it.
     spec = training_spec(config) if config is not None else get_preset("ct-fm-ssl")
@@ -154,12 +132,9 @@ def export_encoder(module, folder: Path, config: PretrainConfig | None = None, s
 
 def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
     """Export the encoder of a pretraining checkpoint (loaded with weights_only=True)."""
-    import torch
-
-    from ctfm.pretrain.module import ContrastivePretrainer
-
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    module = ContrastivePretrainer(**state["hyper_parameters"])
+    hyper = upgrade_hyperparameters(state["hyper_parameters"], ContrastivePretrainer)
+    module = ContrastivePretrainer(**hyper)
     module.load_state_dict(state["state_dict"])
-    config = PretrainConfig(model=state["hyper_parameters"].get("model", "ct-fm"))
+    config = PretrainConfig(model=hyper.get("model", "ct-fm"))
     return export_encoder(module, Path(folder), config, step=state.get("global_step"), epoch=state.get("epoch"))
