@@ -138,7 +138,6 @@ def test_a_verb_of_each_extra_names_it_in_one_line(light, key):
     assert verb["stdout"] == ""  # refused before any work
 
 
-@pytest.mark.xfail(reason="pretrain imports lightning directly until pretrain/finetune move onto runs.py", strict=False)
 def test_pretrain_without_the_train_extra_names_it_in_one_line(light):
     verb = light["verbs"]["train (pretrain)"]
     lines = verb["stderr"].strip().splitlines()
