@@ -211,15 +211,22 @@ def test_compare_two_stores_with_few_shot_curves_and_outputs(planted, tmp_path, 
     assert "data:image/png;base64," in page and "<script" not in page and "DeLong" in page
 
 
-def test_a_store_with_several_runs_needs_select(planted, tmp_path, capsys):
+def test_a_store_with_several_runs_needs_run_or_where(planted, tmp_path, capsys):
     root = tmp_path / "two_runs"
     rng = np.random.default_rng(0)
     write_store(root, rng.normal(size=(120, 4)))
     write_store(root, rng.normal(size=(120, 4)), run={**RUN, "mode": "patches", "overlap": 0.5})
     assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "--select" in err and len(err.splitlines()) == 1
-    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--select", "mode=whole"]) == 0
+    assert err.startswith("error:") and "--where" in err and "--run" in err and len(err.splitlines()) == 1
+    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--where", "mode=whole"]) == 0
+    capsys.readouterr()
+    digest = next(r["digest"] for r in EmbeddingStore(root).runs("scan") if r["mode"] == "patches")
+    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--run", digest[:6], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"]["stores"][0]["mode"] == "patches"
+    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--select", "mode=whole"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --select mode=whole: this option was removed") and "--run DIGEST" in err and len(err.splitlines()) == 1
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -28,15 +28,40 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.errors import CTInputError
 from ctfm.runtime import write_parquet_atomic
 from ctfm.store.schema import PATCH_KEY, RUN_KEY, SCAN_KEY, conform, key_digest, run_key_of, schemas
+from ctfm.store.vectors import RunVectors, find_run, list_runs, select
 
 STALE_TEMPORARY_SECONDS = 3600  # a writer's temporary older than this belongs to a dead process
 LOCK_NAME = ".lock"
 
 
+def open_store(path) -> EmbeddingStore:
+    """The store in an existing folder, or a one-line :class:`CTInputError` saying why it is not one.
+
+    >>> store = open_store("store/")                                        # doctest: +SKIP
+    >>> [r["digest"] for r in store.runs("scan")]                           # doctest: +SKIP
+    >>> run = store.select("scan", run="3f2a", where={"modality": "CT"})    # doctest: +SKIP
+    >>> run.vectors.shape, run.metadata.column_names                        # doctest: +SKIP
+    """
+    if isinstance(path, EmbeddingStore):
+        return path
+    root = Path(path)
+    if not root.is_dir():
+        raise CTInputError(root, "no such store folder", "give the folder that `ctfm embed --out` wrote")
+    if not any((root / f"{kind}.parquet").exists() for kind in ("scans", "patches", "failures")) and not (root / "parts").is_dir():
+        raise CTInputError(root, "not an embedding store (no scans.parquet, failures.parquet or parts/)", "give the folder that `ctfm embed --out` wrote")
+    return EmbeddingStore(root)
+
+
 class EmbeddingStore:
-    """Append-only embedding store in a folder (see the module docstring)."""
+    """Append-only embedding store in a folder (see the module docstring).
+
+    ``EmbeddingStore(folder)`` writes (the folder is made on the first write);
+    :func:`open_store` opens an existing one for reading. Reading a run: :meth:`runs` lists
+    them, :meth:`select` returns one run's vectors and metadata as columns.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -151,6 +176,22 @@ class EmbeddingStore:
     def failures(self):
         with self._locked(exclusive=False):
             return self._read_files("failures", self._part_files("failures"))
+
+    # ---- runs ----------------------------------------------------------------------------
+    def runs(self, level: str = "scan", where: dict | None = None) -> list[dict]:
+        """The runs (computation keys) at ``level`` ("scan" or "patch"): key fields, ``key``,
+        ``digest``, ``preset``, ``scans``, ``rows`` (vectors); only scans ``where`` keeps."""
+        return list_runs(self, level, where)
+
+    def find_run(self, level: str = "scan", run: str | None = None, where: dict | None = None) -> dict:
+        """The one run named by ``run`` (digest or unique prefix) and/or ``where``, or the only one;
+        a one-line OptionError listing the candidates otherwise."""
+        return find_run(self, level, run, where)
+
+    def select(self, level: str = "scan", run: str | None = None, where: dict | None = None) -> RunVectors:
+        """The vectors of that run (of the scans ``where`` keeps): ``.vectors`` float32 [N, d],
+        ``.metadata`` (pyarrow Table), ``.key``, ``.digest``."""
+        return select(self, level, run, where)
 
     def done_keys(self) -> set[tuple]:
         """``(scan_id, *RUN_KEY)`` of every stored scan row (what a resumed run skips)."""

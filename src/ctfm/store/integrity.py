@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError
 from ctfm.store.embeddings import EmbeddingStore
 from ctfm.store.schema import RUN_KEY, SCAN_KEY
 
@@ -32,16 +31,6 @@ class Problem:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def open_store(path) -> EmbeddingStore:
-    """An existing store folder, or a :class:`CTInputError` saying why it is not one."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CTInputError(root, "no such store folder", "give the folder that `ctfm embed --out` wrote")
-    if not any((root / f"{kind}.parquet").exists() for kind in ("scans", "patches", "failures")) and not (root / "parts").is_dir():
-        raise CTInputError(root, "not an embedding store (no scans.parquet, failures.parquet or parts/)", "give the folder that `ctfm embed --out` wrote")
-    return EmbeddingStore(root)
 
 
 def _key_text(values) -> str:
