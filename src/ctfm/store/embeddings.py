@@ -199,17 +199,6 @@ class EmbeddingStore:
         cols = [table.column(k).to_pylist() for k in SCAN_KEY]
         return {(row[0], *run_key_of(dict(zip(RUN_KEY, row[1:])))) for row in zip(*cols)}
 
-    def embeddings(self, mode: str | None = None) -> tuple[list[str], np.ndarray]:
-        """``(scan_ids, matrix [N, 512])`` for quick use (nearest neighbours, probes)."""
-        table = self.scans()
-        if mode is not None:
-            import pyarrow.compute as pc
-
-            table = table.filter(pc.equal(table.column("mode"), mode))
-        ids = table.column("scan_id").to_pylist()
-        matrix = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32).reshape(len(ids), -1)
-        return ids, matrix
-
     # ---- maintenance ---------------------------------------------------------------------
     def compact(self) -> None:
         """Fold the part files into scans/patches/failures.parquet (atomic renames), then drop them.
