@@ -273,3 +273,18 @@ def test_encode_target_rules():
     assert t.task == "binary" and t.y.tolist() == [1, 0, -1, 1, -1] and t.missing == 2
     m = encode_target("grade", ["10", "2", "2", "1"], "auto")
     assert m.task == "multiclass" and m.classes == ["1", "2", "10"]
+
+
+def test_label_sheets_in_every_table_format_join_alike(planted, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctfm.io import read_table
+
+    table = read_table(planted["labels"])
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", pa.array([int(v) for v in table.column("label").to_pylist()])), tmp_path / "labels.parquet")
+    (tmp_path / "labels.tsv").write_text("\n".join("\t".join(row) for row in [table.column_names, *zip(*[table.column(c).to_pylist() for c in table.column_names])]) + "\n")
+    results = [run_probe([str(planted["store"])], str(path), ["label"], cv=3, n_resamples=20) for path in (planted["labels"], tmp_path / "labels.parquet", tmp_path / "labels.tsv")]
+    assert [r["join"][0]["matched"] for r in results] == [120, 120, 120]
+    aurocs = [r["targets"][0]["stores"][0]["metrics"]["auroc"]["estimate"] for r in results]
+    assert aurocs[0] == aurocs[1] == aurocs[2] and aurocs[0] > 0.9
