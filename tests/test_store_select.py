@@ -9,15 +9,38 @@ import pytest
 from ctfm.errors import CTInputError, OptionError
 from ctfm.store import EmbeddingStore, RunVectors, open_store
 
-KEY = {"mode": "patches", "model": "ct-fm", "weights_sha256": "w" * 64, "preset_hash": "p" * 64, "pool": "mean", "precision": "fp32", "overlap": 0.5}
+KEY = {
+    "mode": "patches",
+    "model": "ct-fm",
+    "weights_sha256": "w" * 64,
+    "preset_hash": "p" * 64,
+    "pool": "mean",
+    "precision": "fp32",
+    "overlap": 0.5,
+}
 DIM = 8
 
 
 def _add(store, scan_id, key=KEY, n_patches=3, seed=0, **record):
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(n_patches, DIM)).astype(np.float32)
-    patches = [{"patch_index": i, "center_mm": [float(i), 1.0, 2.0], "start_voxel": [i, 0, 0], "embedding": vectors[i]} for i in range(n_patches)] if key["mode"] == "patches" else None
-    row = {"scan_id": scan_id, "source_path": f"/data/{scan_id}.nii.gz", **key, "n_patches": n_patches if patches else 0, "preset": "p", "embedding": vectors.mean(0), **record}
+    patches = (
+        [
+            {"patch_index": i, "center_mm": [float(i), 1.0, 2.0], "start_voxel": [i, 0, 0], "embedding": vectors[i]}
+            for i in range(n_patches)
+        ]
+        if key["mode"] == "patches"
+        else None
+    )
+    row = {
+        "scan_id": scan_id,
+        "source_path": f"/data/{scan_id}.nii.gz",
+        **key,
+        "n_patches": n_patches if patches else 0,
+        "preset": "p",
+        "embedding": vectors.mean(0),
+        **record,
+    }
     store.add(row, patches)
     return vectors
 
@@ -26,7 +49,9 @@ def _add(store, scan_id, key=KEY, n_patches=3, seed=0, **record):
 def store(tmp_path):
     store = EmbeddingStore(tmp_path / "store")
     for i in range(4):
-        _add(store, f"s{i}", seed=i, body_part="CHEST" if i % 2 else "ABDOMEN", slice_thickness_mm=1.5 if i < 2 else 3.0)
+        _add(
+            store, f"s{i}", seed=i, body_part="CHEST" if i % 2 else "ABDOMEN", slice_thickness_mm=1.5 if i < 2 else 3.0
+        )
     for i in range(3):
         _add(store, f"s{i}", key={**KEY, "mode": "whole", "overlap": 0.0}, seed=10 + i, body_part="CHEST")
     store.compact()
@@ -56,7 +81,11 @@ def test_select_by_digest_prefix(store):
     run = store.select("scan", run=digest[:5])
     assert isinstance(run, RunVectors) and run.digest == digest and run.key[0] == "whole"
     assert run.vectors.dtype == np.float32 and run.vectors.shape == (3, DIM)
-    assert isinstance(run.metadata, pa.Table) and run.metadata.num_rows == 3 and "embedding" not in run.metadata.column_names
+    assert (
+        isinstance(run.metadata, pa.Table)
+        and run.metadata.num_rows == 3
+        and "embedding" not in run.metadata.column_names
+    )
     assert sorted(run.metadata.column("scan_id").to_pylist()) == ["s0", "s1", "s2"]
 
 

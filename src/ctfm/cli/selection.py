@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 
 RUN_HELP = "the run to read when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)"
-WHERE_HELP = "keep scan rows whose COLUMN equals VALUE (repeatable; VALUE may be a|b|c; numbers for numeric columns), e.g. --where mode=patches --where body_part=CHEST"
+WHERE_HELP = (
+    "keep scan rows whose COLUMN equals VALUE (repeatable; VALUE may be a|b|c; numbers for numeric columns), "
+    "e.g. --where mode=patches --where body_part=CHEST"
+)
 # Selection flags of earlier versions, replaced by --run/--where.
 REMOVED_FLAGS = ("--select", "--mode", "--weights-sha256", "--pool", "--overlap")
 
@@ -30,7 +33,9 @@ def add_run_selection(parser, removed: tuple[str, ...] = REMOVED_FLAGS, run_help
     parser.add_argument("--run", metavar="DIGEST", help=run_help)
     parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help=WHERE_HELP)
     for flag in removed:
-        parser.add_argument(flag, nargs="?", action=_RemovedFlag, dest="_removed_flags", default=None, help=argparse.SUPPRESS)
+        parser.add_argument(
+            flag, nargs="?", action=_RemovedFlag, dest="_removed_flags", default=None, help=argparse.SUPPRESS
+        )
 
 
 def refuse_removed_flags(args) -> None:
@@ -39,7 +44,11 @@ def refuse_removed_flags(args) -> None:
     if used:
         from ctfm.errors import OptionError
 
-        raise OptionError(f"{', '.join(used)}: this option was removed; choose the store's run with --run DIGEST (a unique prefix will do; `ctfm store info` lists the runs) and/or --where COLUMN=VALUE (e.g. --where mode=patches --where weights_sha256=...)")
+        raise OptionError(
+            f"{', '.join(used)}: this option was removed; choose the store's run with --run DIGEST (a unique "
+            "prefix will do; `ctfm store info` lists the runs) and/or --where COLUMN=VALUE "
+            "(e.g. --where mode=patches --where weights_sha256=...)"
+        )
 
 
 def parse_where(items) -> dict:

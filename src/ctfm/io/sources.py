@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctfm.errors import CTInputError, one_line
+from ctfm.errors import CTInputError
 from ctfm.io.tables import TABLE_SUFFIXES, read_table
 from ctfm.io.volume import VOLUME_SUFFIXES
 

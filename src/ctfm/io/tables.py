@@ -49,7 +49,11 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str] = 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
-        raise CTInputError(path, f"not a table format ctfm reads (suffix {suffix or 'none'})", f"give a {FORMATS_TEXT} file ({', '.join(TABLE_SUFFIXES)})")
+        raise CTInputError(
+            path,
+            f"not a table format ctfm reads (suffix {suffix or 'none'})",
+            f"give a {FORMATS_TEXT} file ({', '.join(TABLE_SUFFIXES)})",
+        )
     if not path.is_file():
         raise CTInputError(path, "no such file", f"check the path (a {FORMATS_TEXT} file)")
     try:
@@ -62,12 +66,18 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] | list[str] = 
     except (MissingDependencyError, CTInputError):
         raise
     except (ValueError, OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as exc:
-        raise CTInputError(path, f"unreadable table ({one_line(exc, 200)[:160]})", f"give a {FORMATS_TEXT} file with a header row") from None
+        raise CTInputError(
+            path, f"unreadable table ({one_line(exc, 200)[:160]})", f"give a {FORMATS_TEXT} file with a header row"
+        ) from None
     table = table.rename_columns([str(name).strip() for name in table.column_names])
     missing = [c for c in required if c not in table.column_names]
     if missing:
         found = ", ".join(table.column_names) or "none"
-        raise CTInputError(path, f"missing column(s) {', '.join(missing)} (found: {found})", f"add a header row with {', '.join(required)}")
+        raise CTInputError(
+            path,
+            f"missing column(s) {', '.join(missing)} (found: {found})",
+            f"add a header row with {', '.join(required)}",
+        )
     if not table.column_names:
         raise CTInputError(path, "empty sheet (no header row)", "add a header row and one row per item")
     if table.num_rows == 0:
@@ -90,7 +100,9 @@ def _read_xlsx(path: Path) -> pa.Table:
     try:
         import openpyxl  # optional: only XLSX sheets need it
     except ImportError:
-        raise MissingDependencyError(f"{path}: reading XLSX sheets needs openpyxl (pip install openpyxl), or save the sheet as CSV") from None
+        raise MissingDependencyError(
+            f"{path}: reading XLSX sheets needs openpyxl (pip install openpyxl), or save the sheet as CSV"
+        ) from None
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
     try:
         rows = [[_cell_text(v) for v in row] for row in workbook.active.iter_rows(values_only=True)]

@@ -26,8 +26,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from ctfm.errors import CTInputError
 from ctfm.runtime import write_parquet_atomic
 from ctfm.store.schema import PATCH_KEY, RUN_KEY, SCAN_KEY, conform, key_digest, run_key_of, schemas

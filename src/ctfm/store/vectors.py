@@ -76,7 +76,7 @@ def where_mask(table, where: dict | None, what: str = "scan"):
 
 def filterable_columns(table) -> list[str]:
     """Columns of ``table`` that ``where`` can compare (text and numbers, not lists)."""
-    return [f.name for f in table.schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_nested(f.type))]
+    return [f.name for f in table.schema if not pa.types.is_nested(f.type)]
 
 
 def _column_condition(table, name: str, values: list, what: str):
@@ -90,7 +90,9 @@ def _column_condition(table, name: str, values: list, what: str):
         try:
             numbers = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise OptionError(f"--where {name}={values[0]}: {name} is a number column; give a number, e.g. --where {name}=1.5") from None
+            raise OptionError(
+                f"--where {name}={values[0]}: {name} is a number column; give a number, e.g. --where {name}=1.5"
+            ) from None
         if pa.types.is_integer(kind):
             if not all(n.is_integer() for n in numbers):
                 return pa.array(np.zeros(len(table), dtype=bool))
@@ -144,10 +146,12 @@ def list_runs(store, level: str = "scan", where: dict | None = None) -> list[dic
     scans = _scan_rows(store, where, level).select(["scan_id", "preset", *RUN_KEY])
     runs: dict[tuple, dict] = {}
     for key, preset, count in _group_counts(scans, with_preset=True):
-        runs[key] = {**key_dict(key), "key": key, "digest": run_digest(key), "preset": preset, "rows": count, "scans": count}
+        runs[key] = {**key_dict(key), "key": key, "digest": run_digest(key), "preset": preset}
+        runs[key].update(rows=count, scans=count)
     if level == "patch" and runs:
         patches = store.patches().select(["scan_id", *RUN_KEY])
-        patches = patches.filter(pc.is_in(patches.column("scan_id"), value_set=scans.column("scan_id").combine_chunks().unique()))
+        kept = scans.column("scan_id").combine_chunks().unique()
+        patches = patches.filter(pc.is_in(patches.column("scan_id"), value_set=kept))
         for run in runs.values():
             run["rows"] = 0
         for key, _, count in _group_counts(patches):
@@ -182,7 +186,10 @@ def _listing(runs: list[dict]) -> str:
 
 
 def _where_text(where: dict | None) -> str:
-    return " ".join(f"--where {k}={'|'.join(map(str, v)) if isinstance(v, (list, tuple, set)) else v}" for k, v in (where or {}).items())
+    def text(value) -> str:
+        return "|".join(map(str, value)) if isinstance(value, (list, tuple, set)) else str(value)
+
+    return " ".join(f"--where {k}={text(v)}" for k, v in (where or {}).items())
 
 
 def find_run(store, level: str = "scan", run: str | None = None, where: dict | None = None) -> dict:
@@ -201,11 +208,16 @@ def find_run(store, level: str = "scan", run: str | None = None, where: dict | N
         if len(chosen) != 1:
             listing = _listing(runs)
             what = "matches no" if not chosen else "matches several"
-            raise OptionError(f"run {run!r}: {what} {level}-level run of {store.root}{' with ' + _where_text(where) if where else ''} (runs: {listing})")
+            with_where = f" with {_where_text(where)}" if where else ""
+            raise OptionError(f"run {run!r}: {what} {level}-level run of {store.root}{with_where} (runs: {listing})")
         return chosen[0]
     if len(runs) > 1:
         listing = _listing(runs)
-        raise OptionError(f"{store.root} holds {len(runs)} {level}-level runs{' matching ' + _where_text(where) if where else ''} and vectors of different runs are never mixed: choose one with --run DIGEST or --where COLUMN=VALUE (runs: {listing})")
+        matching = f" matching {_where_text(where)}" if where else ""
+        raise OptionError(
+            f"{store.root} holds {len(runs)} {level}-level runs{matching} and vectors of different runs are never "
+            f"mixed: choose one with --run DIGEST or --where COLUMN=VALUE (runs: {listing})"
+        )
     return runs[0]
 
 
@@ -261,11 +273,15 @@ class RunVectors:
 
     @functools.cached_property
     def centers_mm(self) -> np.ndarray | None:
-        return None if self.level != "patch" else as_matrix(self.metadata.column("center_mm"), np.float64).reshape(-1, 3)
+        if self.level != "patch":
+            return None
+        return as_matrix(self.metadata.column("center_mm"), np.float64).reshape(-1, 3)
 
     @functools.cached_property
     def starts(self) -> np.ndarray | None:
-        return None if self.level != "patch" else as_matrix(self.metadata.column("start_voxel"), np.int64).reshape(-1, 3)
+        if self.level != "patch":
+            return None
+        return as_matrix(self.metadata.column("start_voxel"), np.int64).reshape(-1, 3)
 
     @functools.cached_property
     def scans(self) -> dict:
@@ -281,7 +297,8 @@ class RunVectors:
         """The vectors (and metadata) of ``rows`` (a boolean mask or indices) only."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
         metadata = self.metadata.take(pa.array(rows, type=pa.int64()))
-        kept = pc.is_in(self.scan_table.column("scan_id"), value_set=metadata.column("scan_id").combine_chunks().unique())
+        ids = metadata.column("scan_id").combine_chunks().unique()
+        kept = pc.is_in(self.scan_table.column("scan_id"), value_set=ids)
         return RunVectors(self.key, self.level, self.vectors[rows], metadata, self.scan_table.filter(kept))
 
 
