@@ -135,17 +135,25 @@ class EmbeddingStore:
             names = [p for p in names if p.name.replace(".patches.parquet", ".scans.parquet") in committed]
         return names
 
-    def _read_files(self, kind: str, parts: list[Path]):
-        """The main file of ``kind`` and ``parts``, concatenated in the current schema (raw rows)."""
+    def _read_files(self, kind: str, parts: list[Path], columns: list[str] | None = None):
+        """The main file of ``kind`` and ``parts``, concatenated in the current schema (raw rows);
+        with ``columns``, only those columns (in schema order) are read."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         schema = schemas()[kind]
+        if columns is not None:
+            schema = pa.schema([field for field in schema if field.name in set(columns)])
         tables = []
         main = self.root / f"{kind}.parquet"
         for path in ([main] if main.exists() else []) + list(parts):
             try:
-                tables.append(conform(pq.read_table(path), schema))
+                if columns is None:
+                    table = pq.read_table(path)
+                else:
+                    present = set(pq.read_schema(path).names)
+                    table = pq.read_table(path, columns=[f.name for f in schema if f.name in present])
+                tables.append(conform(table, schema))
             except FileNotFoundError:  # folded into the main file by a concurrent compaction
                 continue
         return pa.concat_tables(tables) if tables else schema.empty_table()
@@ -158,17 +166,22 @@ class EmbeddingStore:
             parts = scans if kind == "scans" else self._part_files(kind, committed_scans=scans) if kind == "patches" else self._part_files(kind)
             return self._read_files(kind, parts)
 
-    def scans(self):
-        """All scan rows (a pyarrow Table), one per scan and computation key (the last write wins)."""
+    def scans(self, columns: list[str] | None = None):
+        """All scan rows (a pyarrow Table), one per scan and computation key (the last write wins);
+        ``columns`` reads only those (the key and ``write_id`` come too)."""
+        wanted = None if columns is None else list(dict.fromkeys([*SCAN_KEY, "write_id", *columns]))
         with self._locked(exclusive=False):
-            return _latest(self._read_files("scans", self._part_files("scans")), SCAN_KEY)
+            return _latest(self._read_files("scans", self._part_files("scans"), wanted), SCAN_KEY)
 
-    def patches(self):
-        """The patch rows of the current scan rows only, joined on the whole key and write id."""
+    def patches(self, columns: list[str] | None = None):
+        """The patch rows of the current scan rows only, joined on the whole key and write id;
+        ``columns`` reads only those (the key, ``write_id`` and ``patch_index`` come too)."""
+        keys = [*SCAN_KEY, "write_id"]
+        wanted = None if columns is None else list(dict.fromkeys([*PATCH_KEY, *columns]))
         with self._locked(exclusive=False):
             scan_parts = self._part_files("scans")
-            scans = _latest(self._read_files("scans", scan_parts), SCAN_KEY)
-            patches = self._read_files("patches", self._part_files("patches", committed_scans=scan_parts))
+            scans = _latest(self._read_files("scans", scan_parts, keys), SCAN_KEY)
+            patches = self._read_files("patches", self._part_files("patches", committed_scans=scan_parts), wanted)
         return _belonging(patches, scans)
 
     def failures(self):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ctfm.errors import OptionError
-from ctfm.store.schema import RUN_KEY, key_digest, run_key_of
+from ctfm.store.schema import RUN_KEY, key_digest, run_key_of, schemas
 
 LEVELS = ("scan", "patch")
 
@@ -129,9 +129,20 @@ def _key_mask(table, key: tuple):
 
 
 # ---- runs -----------------------------------------------------------------------------------
+_SCAN_NAMES = tuple(field.name for field in schemas()["scans"])
+
+
+def _filter_columns(where: dict | None, *needed: str) -> list[str]:
+    """The scan columns to read: ``needed``, and with ``where`` every column but the vector (so
+    that any column can be filtered on, and an unknown one is named with the filterable ones)."""
+    if where:
+        return [name for name in _SCAN_NAMES if name != "embedding"]
+    return list(needed)
+
+
 def _scan_rows(store, where: dict | None, level: str):
     """The store's current scan rows that ``where`` keeps (patch level: patch-mode rows only)."""
-    scans = store.scans()
+    scans = store.scans(columns=_filter_columns(where, "scan_id", "preset"))
     mask = where_mask(scans, where)
     if level == "patch":
         patch_mode = pc.fill_null(pc.equal(scans.column("mode"), "patches"), False)
@@ -149,7 +160,7 @@ def list_runs(store, level: str = "scan", where: dict | None = None) -> list[dic
         runs[key] = {**key_dict(key), "key": key, "digest": run_digest(key), "preset": preset}
         runs[key].update(rows=count, scans=count)
     if level == "patch" and runs:
-        patches = store.patches().select(["scan_id", *RUN_KEY])
+        patches = store.patches(columns=["scan_id"]).select(["scan_id", *RUN_KEY])
         kept = scans.column("scan_id").combine_chunks().unique()
         patches = patches.filter(pc.is_in(patches.column("scan_id"), value_set=kept))
         for run in runs.values():
@@ -304,8 +315,8 @@ class RunVectors:
 
 def run_scan_table(store, key: tuple):
     """The scan rows of run ``key`` (a pyarrow Table, embedding dropped)."""
-    scans = store.scans()
-    return scans.filter(_key_mask(scans, key)).drop_columns(["embedding"])
+    scans = store.scans(columns=[c for c in _SCAN_NAMES if c != "embedding"])
+    return scans.filter(_key_mask(scans, key))
 
 
 def load_run_vectors(store, level: str, key: tuple, where: dict | None = None) -> RunVectors:
@@ -319,7 +330,7 @@ def load_run_vectors(store, level: str, key: tuple, where: dict | None = None) -
     scan_meta = scan_table.drop_columns(["embedding"])
     if level == "scan":
         return RunVectors(tuple(key), level, as_matrix(scan_table.column("embedding")), scan_meta, scan_meta)
-    patches = store.patches()
+    patches = store.patches(columns=["center_mm", "start_voxel", "embedding"])
     table = patches.filter(_key_mask(patches, key))
     if extra is not None:
         table = table.filter(pc.is_in(table.column("scan_id"), value_set=scan_meta.column("scan_id").combine_chunks()))
