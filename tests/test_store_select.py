@@ -137,3 +137,18 @@ def test_a_store_without_patches_has_no_patch_run(tmp_path):
     _add(store, "s0", key={**KEY, "mode": "whole", "overlap": 0.0})
     with pytest.raises(OptionError, match="no patch-level vectors in the store"):
         open_store(store.root).select("patch")
+
+
+def test_a_store_written_without_newer_columns_still_reads(store):
+    import pyarrow.parquet as pq
+
+    path = store.root / "scans.parquet"
+    old = pq.read_table(path).drop_columns(["body_part", "contrast", "package_version", "series_description"])
+    pq.write_table(old, path)
+    reopened = open_store(store.root)
+    assert sorted(r["scans"] for r in reopened.runs("scan")) == [3, 4]
+    run = reopened.select("scan", where={"mode": "patches", "slice_thickness_mm": 1.5})
+    assert sorted(run.scan_id) == ["s0", "s1"] and run.metadata.column("body_part").null_count == 2
+    with pytest.raises(OptionError, match="no scan-level vectors match --where body_part=CHEST"):
+        reopened.select("scan", where={"body_part": "CHEST"})
+    assert reopened.select("patch").vectors.shape == (12, DIM)
