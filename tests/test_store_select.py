@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -152,3 +154,14 @@ def test_a_store_written_without_newer_columns_still_reads(store):
     with pytest.raises(OptionError, match="no scan-level vectors match --where body_part=CHEST"):
         reopened.select("scan", where={"body_part": "CHEST"})
     assert reopened.select("patch").vectors.shape == (12, DIM)
+
+
+def test_store_info_names_each_run_by_the_digest_run_takes(store, capsys):
+    from ctfm.cli import main
+
+    assert main(["store", "info", str(store.root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert sorted(r["digest"] for r in info["runs"]) == sorted(r["digest"] for r in store.runs("scan"))
+    assert main(["store", "info", str(store.root)]) == 0
+    text = capsys.readouterr().out
+    assert all(r["digest"] in text for r in store.runs("scan"))

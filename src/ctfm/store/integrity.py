@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ctfm.store.embeddings import EmbeddingStore
-from ctfm.store.schema import RUN_KEY, SCAN_KEY
+from ctfm.store.schema import RUN_KEY, SCAN_KEY, key_digest, run_key_of
 
 MAX_EXAMPLES = 5  # rows named per problem in the report
 
@@ -37,7 +37,7 @@ def _key_text(values) -> str:
 
 
 def summarise(store: EmbeddingStore) -> dict:
-    """Runs by computation key (scans, patches, preset name, dimension), totals, pending parts."""
+    """Runs by computation key (digest, scans, patches, preset name, dimension), totals, pending parts."""
     scans = store.scans()
     patches = store.patches()
     failures = store.failures()
@@ -46,7 +46,8 @@ def summarise(store: EmbeddingStore) -> dict:
     presets = scans.column("preset").to_pylist()
     dims = [len(v) if v is not None else 0 for v in scans.column("embedding").to_pylist()]
     for i, key in enumerate(zip(*key_columns)):
-        run = runs.setdefault(key, {**dict(zip(RUN_KEY, key)), "preset": presets[i], "dim": dims[i], "scans": 0, "patches": 0})
+        fields = {**dict(zip(RUN_KEY, key)), "digest": key_digest(run_key_of(dict(zip(RUN_KEY, key))))}
+        run = runs.setdefault(key, {**fields, "preset": presets[i], "dim": dims[i], "scans": 0, "patches": 0})
         run["scans"] += 1
     patch_counts = Counter(zip(*[patches.column(k).to_pylist() for k in RUN_KEY]))
     for key, n in patch_counts.items():
