@@ -89,8 +89,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     _write_store(tmp_path / "store", {"a": np.ones(4)}, weights="v" * 64)  # a second computation
     (tmp_path / "pairs.csv").write_text("scan_a,scan_b\na,b\n")
     cases = [
-        (("evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "o1")), "2 computations match"),
-        (("evaluate", "stability", str(store), "--manifest", str(tmp_path / "nope.csv"), "--weights-sha256", "www", "--out", str(tmp_path / "o2")), "no such file"),
+        (("evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "o1")), "holds 2 scan-level runs"),
+        (("evaluate", "stability", str(store), "--manifest", str(tmp_path / "nope.csv"), "--where", "weights_sha256=" + "w" * 64, "--out", str(tmp_path / "o2")), "no such file"),
         (("evaluate", "stability", str(tmp_path / "nostore"), "--manifest", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "o3")), "no such store folder"),
         (("evaluate", "retrieval", "--organmnist", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o4")), "no such file"),
         (("evaluate", "retrieval", str(store), "--organmnist", "x.npz", "--out", str(tmp_path / "o5")), "either --organmnist"),
@@ -101,12 +101,35 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         assert code == 2, (argv, err)
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     (tmp_path / "pairs.csv").write_text("scan_a,scan_b\na,zzz\n")
-    code, _, err = _run(capsys, "evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--weights-sha256", "www", "--out", str(tmp_path / "o7"))
+    code, _, err = _run(capsys, "evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--where", "weights_sha256=" + "w" * 64, "--out", str(tmp_path / "o7"))
     assert code == 2 and "'zzz' is not in the store" in err
     (tmp_path / "pairs.csv").write_text("first,second\na,b\n")
-    code, _, err = _run(capsys, "evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--weights-sha256", "www", "--out", str(tmp_path / "o8"))
+    code, _, err = _run(capsys, "evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--where", "weights_sha256=" + "w" * 64, "--out", str(tmp_path / "o8"))
     assert code == 2 and "missing column(s) scan_a, scan_b" in err
     assert not any((tmp_path / f"o{i}" / "results.json").exists() for i in range(1, 9))
+
+
+def test_store_reading_evaluations_take_run_and_where_and_refuse_the_old_flags(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 16))
+    vectors = {f"a{i}": base[i] for i in range(4)} | {f"b{i}": base[i] + rng.normal(0, 0.05, 16) for i in range(4)}
+    store = _write_store(tmp_path / "store", vectors)
+    _write_store(tmp_path / "store", vectors, weights="v" * 64)  # a second run
+    (tmp_path / "pairs.csv").write_text("scan_a,scan_b\n" + "".join(f"a{i},b{i}\n" for i in range(4)))
+    runs = {r["weights_sha256"]: r["digest"] for r in EmbeddingStore(store).runs("scan")}
+    common = ("evaluate", "stability", str(store), "--manifest", str(tmp_path / "pairs.csv"), "--json")
+    code, out, err = _run(capsys, *common, "--run", runs["v" * 64][:8], "--out", str(tmp_path / "by_run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "by_run" / "results.json").read_text())["provenance"]["computation"]["weights_sha256"] == "v" * 64
+    code, out, err = _run(capsys, *common, "--where", "weights_sha256=" + "w" * 64, "--where", "overlap=0.5", "--out", str(tmp_path / "by_where"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "by_where" / "results.json").read_text())["provenance"]["computation"]["weights_sha256"] == "w" * 64
+    for old in (("--weights-sha256", "www"), ("--mode", "patches"), ("--pool", "mean"), ("--overlap", "0.5"), ("--select", "mode=patches")):
+        for verb in (("stability", str(store), "--manifest", str(tmp_path / "pairs.csv")), ("clustering", str(store), "--labels", str(tmp_path / "pairs.csv")), ("retrieval", str(store), "--annotations", str(tmp_path / "pairs.csv"))):
+            code, _, err = _run(capsys, "evaluate", *verb, *old, "--out", str(tmp_path / "old"))
+            assert code == 2 and err.startswith(f"error: {old[0]} {old[1]}: this option was removed") and "--run DIGEST" in err and "--where COLUMN=VALUE" in err, err
+            assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "old").exists()
 
 
 @pytest.fixture(scope="module")

@@ -80,13 +80,13 @@ def test_filters_restrict_hits_to_matching_records(store):
     from ctfm.store.vectors import matching_scans
 
     index = build_index(store, "scan")
-    allowed = matching_scans(store.rows and {s: r for s, (r, _) in store.rows.items()}, {"body_part": "abdomen"})
+    allowed = matching_scans(store.scans(), {"body_part": "abdomen"})
     assert len(allowed) == 10
     scores, rows = index.search(store.rows["scan01"][0]["embedding"][None], 30, allowed=index.allowed_rows(allowed))
     found = {index.ids["scan_id"][r] for r in rows[0] if r >= 0}
     assert found == allowed
     with pytest.raises(OptionError, match="not a scan record column"):
-        matching_scans({s: r for s, (r, _) in store.rows.items()}, {"collection_name": "x"})
+        matching_scans(store.scans(), {"collection_name": "x"})
 
 
 def test_a_grown_store_makes_the_index_stale_and_update_extends_it(store):
@@ -114,9 +114,7 @@ def test_runs_are_never_mixed(store):
     _add(store, "scan00", rng, key=other)
     with pytest.raises(OptionError, match="2 scan-level runs .* --run DIGEST"):
         build_index(store, "scan")
-    from ctfm.store.vectors import list_runs
-
-    runs = {r["weights_sha256"]: r["digest"] for r in list_runs(store, "scan")}
+    runs = {r["weights_sha256"]: r["digest"] for r in store.runs("scan")}
     index = build_index(store, "scan", run=runs["w" * 64][:6])
     assert index.ntotal == 30 and index.key[2] == "w" * 64
     with pytest.raises(MixedKeysError, match="weights_sha256"):

@@ -211,15 +211,22 @@ def test_compare_two_stores_with_few_shot_curves_and_outputs(planted, tmp_path, 
     assert "data:image/png;base64," in page and "<script" not in page and "DeLong" in page
 
 
-def test_a_store_with_several_runs_needs_select(planted, tmp_path, capsys):
+def test_a_store_with_several_runs_needs_run_or_where(planted, tmp_path, capsys):
     root = tmp_path / "two_runs"
     rng = np.random.default_rng(0)
     write_store(root, rng.normal(size=(120, 4)))
     write_store(root, rng.normal(size=(120, 4)), run={**RUN, "mode": "patches", "overlap": 0.5})
     assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "--select" in err and len(err.splitlines()) == 1
-    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--select", "mode=whole"]) == 0
+    assert err.startswith("error:") and "--where" in err and "--run" in err and len(err.splitlines()) == 1
+    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--where", "mode=whole"]) == 0
+    capsys.readouterr()
+    digest = next(r["digest"] for r in EmbeddingStore(root).runs("scan") if r["mode"] == "patches")
+    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--run", digest[:6], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["provenance"]["stores"][0]["mode"] == "patches"
+    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--select", "mode=whole"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --select mode=whole: this option was removed") and "--run DIGEST" in err and len(err.splitlines()) == 1
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -266,3 +273,18 @@ def test_encode_target_rules():
     assert t.task == "binary" and t.y.tolist() == [1, 0, -1, 1, -1] and t.missing == 2
     m = encode_target("grade", ["10", "2", "2", "1"], "auto")
     assert m.task == "multiclass" and m.classes == ["1", "2", "10"]
+
+
+def test_label_sheets_in_every_table_format_join_alike(planted, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctfm.io import read_table
+
+    table = read_table(planted["labels"])
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", pa.array([int(v) for v in table.column("label").to_pylist()])), tmp_path / "labels.parquet")
+    (tmp_path / "labels.tsv").write_text("\n".join("\t".join(row) for row in [table.column_names, *zip(*[table.column(c).to_pylist() for c in table.column_names])]) + "\n")
+    results = [run_probe([str(planted["store"])], str(path), ["label"], cv=3, n_resamples=20) for path in (planted["labels"], tmp_path / "labels.parquet", tmp_path / "labels.tsv")]
+    assert [r["join"][0]["matched"] for r in results] == [120, 120, 120]
+    aurocs = [r["targets"][0]["stores"][0]["metrics"]["auroc"]["estimate"] for r in results]
+    assert aurocs[0] == aurocs[1] == aurocs[2] and aurocs[0] > 0.9

@@ -121,6 +121,27 @@ def test_scan_search_and_region_cli_json_schema(world, capsys, tmp_path):
     assert nib.load(str(heatmap)).shape == nib.load(hits[0]["source_path"]).shape
 
 
+def test_search_index_and_serve_take_run_and_where_and_refuse_the_old_flags(world, capsys):
+    from ctfm.store import open_store
+
+    store = str(world["store"])
+    (run,) = open_store(store).runs("patch")
+    assert main(["search", store, "--scan", str(world["original"]), "-k", "5", "--json", "--run", run["digest"][:6], "--where", "orientation=RAS"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    rows = open_store(store).select("scan", where={"orientation": "RAS"}).scans
+    assert hits and {h["scan_id"] for h in hits} <= set(rows)
+    assert main(["index", "build", store, "--level", "patch", "--where", "mode=patches", "--where", "overlap=0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == run["digest"]
+    assert main(["index", "status", store, "--run", run["digest"][:6], "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [r["digest"] for r in status["runs"]["patch"]] == [run["digest"]] and status["indexes"]
+    err = _one_line_error(capsys, ["search", store, "--scan", str(world["original"]), "--where", "overlap=0.25"])
+    assert "no scan-level vectors match --where overlap=0.25" in err and run["digest"] in err
+    for argv in (["search", store, "--scan", str(world["original"]), "--mode", "patches"], ["index", "build", store, "--overlap", "0.5"], ["index", "update", store, "--select", "mode=patches"], ["serve", store, "--weights-sha256", "abc", "--port", "0"]):
+        err = _one_line_error(capsys, argv)
+        assert "this option was removed" in err and "--run DIGEST" in err and "--where COLUMN=VALUE" in err, err
+
+
 def _one_line_error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -1,7 +1,7 @@
 """What the server keeps in memory: one store run, its scans, their volumes, the encoder.
 
 The app works on one computation of the store (a patch-level run: one model, weights, preset,
-pooling and overlap; :func:`ctfm.store.vectors.select_run`), so every vector it compares was
+pooling and overlap; :meth:`ctfm.store.EmbeddingStore.find_run`), so every vector it compares was
 computed the same way. Volumes, patch vectors and the encoder stay in the process, so a click
 costs one matrix product over the run's windows (plus one window embedding for a centred query).
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.store.vectors import matching_scans
 
 UPLOAD_FOLDER = "app-uploads"  # inside the store: the server's own folder for uploaded scans
 DISPLAY_FOLDER = "app-cache"  # inside the store: scans converted for display (int16 .npy, memory-mapped)
@@ -47,6 +48,8 @@ class AppState:
             needed to embed query points and uploads; checked against the run's sha256. Without
             it, a run embedded with ctfm's seeded random init is rebuilt from the seed.
         run: digest (or unique prefix) of the patch-level run, when the store holds several.
+        where: ``{column: value}`` of the scan rows: picks the run (with ``run``) and keeps
+            only the scans that match (in the list and as hits).
         max_upload_mb: the upload size limit.
         device: where the encoder runs (default: CUDA when visible, else CPU).
         query_from: the default query vector (:mod:`ctfm.search.session`): ``stored`` (the
@@ -59,7 +62,7 @@ class AppState:
             search with the encoder, many window embeddings per hit).
     """
 
-    def __init__(self, store, weights=None, run: str | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
+    def __init__(self, store, weights=None, run: str | None = None, where: dict | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
         from ctfm.app.uploads import UploadFolder
         from ctfm.app.volumes import VolumeCache
         from ctfm.embedding.runner import default_device
@@ -72,7 +75,7 @@ class AppState:
             raise OptionError(f"query {query_from!r}: expected one of {', '.join(QUERY_SOURCES)}")
         if refine not in REFINEMENTS:
             raise OptionError(f"refine {refine!r}: expected one of {', '.join(REFINEMENTS)}")
-        self.run_name = run
+        self.run_name, self.where = run, where
         self.query_from, self.refine = query_from, refine
         self.device = device or default_device()
         self.uploads = UploadFolder(self.root / UPLOAD_FOLDER, int(max_upload_mb * 2**20))
@@ -94,12 +97,15 @@ class AppState:
         from ctfm.search import SearchSession
 
         with self._lock:
-            session = SearchSession(self.store, run=self.run_name, encoder=self.encoder, device=self.device)
+            session = SearchSession(self.store, run=self.run_name, where=self.where, encoder=self.encoder, device=self.device)
             vectors = session.patch_vectors  # read once; an OptionError names the runs to choose from
             self.session = session
             self.key = vectors.key
             self.vectors = vectors
-            self.rows = vectors.scans
+            kept = matching_scans(vectors.scan_table, self.where)
+            self.rows = {s: r for s, r in vectors.scans.items() if kept is None or s in kept}
+            if not self.rows:
+                raise OptionError(f"{self.root}: no scan of the patch run matches the --where filters (drop or change them)")
             self.order = sorted(self.rows, key=lambda s: (self._name(self.rows[s]), s))
             self.spec = _spec_of(next(iter(self.rows.values())))
             self._heatmaps.clear()
@@ -138,7 +144,7 @@ class AppState:
 
     def _arch_overrides(self) -> dict:
         """Constructor overrides of an in-memory run (the vector width says the first level's)."""
-        dim = int(self.vectors.matrix.shape[1])
+        dim = int(self.vectors.vectors.shape[1])
         return {} if dim == 512 else {"init_filters": dim // 16}
 
     @property
@@ -264,8 +270,8 @@ class AppState:
         return {
             "store": self.root.name,
             "scans": len(self.rows),
-            "patches": int(self.vectors.matrix.shape[0]),
-            "run": {**{k: v for k, v in fields.items()}, "digest": self.vectors.digest, "preset": self.spec.name, "vector_dim": int(self.vectors.matrix.shape[1])},
+            "patches": int(self.vectors.vectors.shape[0]),
+            "run": {**{k: v for k, v in fields.items()}, "digest": self.vectors.digest, "preset": self.spec.name, "vector_dim": int(self.vectors.vectors.shape[1])},
             "weights": {
                 "sha256": fields["weights_sha256"],
                 "source": (self.sidecar.get("provenance") or {}).get("source") if self.sidecar else None,

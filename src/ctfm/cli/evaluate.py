@@ -10,6 +10,7 @@ Examples:
   ctfm evaluate clustering --organmnist organmnist3d_64.npz --weights model_dir --out eval/clusters
   ctfm evaluate concepts scan1.nii.gz scan2.nii.gz --weights model_dir --out eval/concepts
   ctfm evaluate stability store/ --manifest rescans.csv --out eval/stability
+  ctfm evaluate stability store/ --manifest rescans.csv --where mode=whole --run 3f2a --out eval/stability
   ctfm evaluate saliency scan.nii.gz --labels tumour.nii.gz --weights model_dir --out eval/saliency
   ctfm evaluate seg --pred predictions/ --truth labels/ --out eval/seg
 """
@@ -32,15 +33,17 @@ def _weights(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when visible, else CPU)")
 
 
-def _store_filters(p) -> None:
-    p.add_argument("--mode", choices=["whole", "patches"], help="use the store's rows of this embedding mode")
-    p.add_argument("--weights-sha256", metavar="PREFIX", help="use the rows computed with these weights (a sha256 prefix)")
-    p.add_argument("--pool", choices=["avg", "mean", "max", "min"], help="use the rows stored with this pooling")
-    p.add_argument("--overlap", type=float, help="use the rows computed with this window overlap")
+def _store_selection(p) -> None:
+    from ctfm.cli.selection import add_run_selection
+
+    add_run_selection(p)
 
 
-def _filters(args) -> dict:
-    return {"mode": args.mode, "weights_sha256": args.weights_sha256, "pool": args.pool, "overlap": args.overlap}
+def _selection(args) -> dict:
+    from ctfm.cli.selection import run_selection
+
+    run, where = run_selection(args)
+    return {"run": run, "where": where}
 
 
 def _device(args) -> str:
@@ -74,7 +77,7 @@ def register_retrieval(sub) -> None:
     p.add_argument("--split-column", default="split")
     p.add_argument("--group-column", default="group", help="queries retrieve within their group (e.g. organ); absent column: one group")
     _weights(p)
-    _store_filters(p)
+    _store_selection(p)
     _out(p)
     p.set_defaults(_evaluate_run=run_retrieval)
 
@@ -91,7 +94,7 @@ def run_retrieval(args) -> int:
         if not args.annotations:
             raise OptionError("retrieval STORE needs --annotations SHEET (3D-MIR protocol)")
         attributes = [a.strip() for a in args.relevance.split(",") if a.strip()]
-        result = retrieval.run_mir(args.store, args.annotations, args.out, attributes, args.scan_column, args.split_column, args.group_column, **_filters(args))
+        result = retrieval.run_mir(args.store, args.annotations, args.out, attributes, args.scan_column, args.split_column, args.group_column, **_selection(args))
     return _emit(result, args.json)
 
 
@@ -131,7 +134,7 @@ def register_clustering(sub) -> None:
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
     p.add_argument("--batch-size", type=int, default=8)
     _weights(p)
-    _store_filters(p)
+    _store_selection(p)
     _out(p)
     p.set_defaults(_evaluate_run=run_clustering)
 
@@ -148,7 +151,7 @@ def run_clustering(args) -> int:
     else:
         if not args.labels:
             raise OptionError("clustering STORE needs --labels SHEET (columns scan, label)")
-        vectors, labels, prov = clustering.labelled_store_vectors(args.store, args.labels, args.scan_column, args.label_column, **_filters(args))
+        vectors, labels, prov = clustering.labelled_store_vectors(args.store, args.labels, args.scan_column, args.label_column, **_selection(args))
         title = str(args.labels)
     result = clustering.run_clustering(vectors, labels, args.out, prov, title, k=args.k, perplexity=args.perplexity, with_umap=not args.no_umap)
     return _emit(result, args.json)
@@ -173,7 +176,7 @@ def register_stability(sub) -> None:
     p = sub.add_parser("stability", help="test-retest pairs: pair vs non-pair cosine, per-dimension ICC, rank-1 re-identification")
     p.add_argument("store", metavar="STORE", help="a store holding both scans of every pair")
     p.add_argument("--manifest", required=True, metavar="SHEET", help="CSV/Parquet/XLSX with columns scan_a, scan_b[, subject]")
-    _store_filters(p)
+    _store_selection(p)
     _out(p)
     p.set_defaults(_evaluate_run=run_stability)
 
@@ -181,7 +184,7 @@ def register_stability(sub) -> None:
 def run_stability(args) -> int:
     from ctfm.evaluate.zeroshot.stability import run_stability as run
 
-    return _emit(run(args.store, args.manifest, args.out, **_filters(args)), args.json)
+    return _emit(run(args.store, args.manifest, args.out, **_selection(args)), args.json)
 
 
 def register_saliency(sub) -> None:

@@ -12,12 +12,15 @@ Examples:
   ctfm index build store/ --kind ivf --codec pq64 --refine 10 --nprobe 128   millions of vectors
   ctfm index update store/ --level patch           add scans embedded since the build
   ctfm index status store/ [--json]                runs, indexes, staleness
+  ctfm index build store/ --where mode=patches --where overlap=0.5 --level patch
   ctfm index check store/                          exit 1 when any index is stale
 """
 
 from __future__ import annotations
 
 import json
+
+from ctfm.cli.selection import add_run_selection
 
 
 def add_arguments(parser) -> None:
@@ -27,7 +30,7 @@ def add_arguments(parser) -> None:
     build.add_argument("--level", default="scan", choices=["scan", "patch"], help="scan vectors (default) or patch (window) vectors")
     build.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"], help="flat: exact (default); ivf: inverted lists; hnsw: graph")
     build.add_argument("--metric", default="cosine", choices=["cosine", "l2"], help="cosine (default; score = cosine similarity) or l2 (score = -distance)")
-    build.add_argument("--run", metavar="DIGEST", help="the run to index when the store holds several (digest or prefix, see `ctfm index status`)")
+    add_run_selection(build, run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index status`)")
     build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
     build.add_argument("--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)")
     build.add_argument("--codec", default="flat", help="ivf: how lists store vectors: flat (default), sq8 (1 byte per value) or pq<M> (M bytes per vector, e.g. pq64)")
@@ -39,21 +42,24 @@ def add_arguments(parser) -> None:
     update = sub.add_parser("update", help="extend an index with new scans, or rebuild it when scans changed")
     update.add_argument("store", metavar="STORE")
     update.add_argument("--level", default="scan", choices=["scan", "patch"])
-    update.add_argument("--run", metavar="DIGEST")
+    add_run_selection(update)
     for name, text in (("status", "runs of the store and the state of each index"), ("check", "exit 1 when any index is stale")):
         p = sub.add_parser(name, help=text)
         p.add_argument("store", metavar="STORE")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        add_run_selection(p, run_help="show only the run of this digest (or unique prefix) and its indexes")
 
 
 def run(args) -> int:
+    from ctfm.cli.selection import run_selection
     from ctfm.store import open_store
     from ctfm.store.index import IndexParams, build_index, update_index
 
+    run_digest, where = run_selection(args)
     store = open_store(args.store)
     if args.index_command == "build":
         params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search, codec=args.codec, refine=args.refine)
-        index = build_index(store, args.level, params, run=args.run)
+        index = build_index(store, args.level, params, run=run_digest, where=where)
         if args.json:
             print(json.dumps({k: v for k, v in index.manifest.items() if k != "covered"}, indent=2))
         else:
@@ -61,10 +67,10 @@ def run(args) -> int:
             print(f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}")
         return 0
     if args.index_command == "update":
-        index, done = update_index(store, args.level, run=args.run)
+        index, done = update_index(store, args.level, run=run_digest, where=where)
         print(f"{index.path}: {done}; {index.ntotal} vectors from {index.manifest['scans']} scan(s)")
         return 0
-    status = index_status(store)
+    status = index_status(store, run_digest, where)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -74,14 +80,17 @@ def run(args) -> int:
     return 0
 
 
-def index_status(store) -> dict:
-    """Runs by level (digest, key, counts) and every index with its staleness."""
+def index_status(store, run: str | None = None, where: dict | None = None) -> dict:
+    """Runs by level (digest, key fields, counts) and every index with its staleness; ``run`` (a
+    digest prefix) and ``where`` keep only the runs they match and those runs' indexes."""
     from ctfm.store.index import list_indexes, load_index
-    from ctfm.store.vectors import list_runs
 
-    runs = {level: list_runs(store, level) for level in ("scan", "patch")}
+    runs = {level: [{k: v for k, v in r.items() if k != "key"} for r in store.runs(level, where) if run is None or r["digest"].startswith(run)] for level in ("scan", "patch")}
+    shown = {(level, r["digest"]) for level, level_runs in runs.items() for r in level_runs}
     indexes = []
     for manifest in list_indexes(store):
+        if (run is not None or where) and (manifest["level"], manifest["digest"]) not in shown:
+            continue
         index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
         state = index.staleness(store)
         indexes.append({

@@ -5,6 +5,7 @@ Examples:
   ctfm probe store/ --labels labels.csv --target abnormal --group-column patient_id --cv 5
   ctfm probe store/ --labels findings.csv --target f1,f2,f3 --task multilabel --split-column split
   ctfm probe ctfm_store/ other_store/ --labels labels.csv --target abnormal --shots 1,2,5,10,20,all
+  ctfm probe store/ --labels labels.xlsx --target abnormal --where mode=whole --run 3f2a
 
 Labels join the store's scan rows by --key; unmatched rows on either side are counted and
 reported. Each target gets its own probe: logistic regression on standardised features with C
@@ -23,7 +24,7 @@ import json
 
 def add_arguments(parser) -> None:
     parser.add_argument("stores", nargs="+", metavar="STORE", help="embedding store folder(s) (`ctfm embed --out`); several are compared with the first")
-    parser.add_argument("--labels", required=True, metavar="CSV", help="label file with a header row")
+    parser.add_argument("--labels", required=True, metavar="SHEET", help="label sheet with a header row (CSV, TSV, Parquet or XLSX)")
     parser.add_argument("--target", action="append", required=True, metavar="COLUMN", help="label column (repeat, or comma-separate, for several)")
     parser.add_argument("--key", default="scan_id", choices=["scan_id", "series_uid", "source_path"], help="column joining labels to scan rows (default scan_id)")
     parser.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "multilabel"], help="auto: binary for 0/1 columns, multi-class otherwise")
@@ -33,7 +34,9 @@ def add_arguments(parser) -> None:
     split.add_argument("--split-column", metavar="COL", help="column with train/val/test per row: fit on train+val, score test")
     parser.add_argument("--group-column", metavar="COL", help="group (patient) column: a group never sits on both sides of a split")
     parser.add_argument("--inner-cv", type=int, default=3, metavar="K", help="inner folds choosing the hyperparameter (default 3)")
-    parser.add_argument("--select", action="append", default=[], metavar="FIELD=VALUE", help="pick one run of a store holding several, e.g. mode=whole, weights_sha256=PREFIX")
+    from ctfm.cli.selection import add_run_selection
+
+    add_run_selection(parser, run_help="the run to probe when a store holds several: its digest or a unique prefix (`ctfm store info` lists them)")
     parser.add_argument("--shots", metavar="LIST", help="few-shot curve: labelled cases per class, e.g. 1,2,5,10,20,all")
     parser.add_argument("--repeats", type=int, default=10, help="few-shot draws per point (default 10)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
@@ -43,26 +46,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 
 
-def _parse_select(items: list[str]) -> dict:
-    from ctfm.errors import OptionError
-
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise OptionError(f"--select {item}: expected FIELD=VALUE (e.g. --select mode=whole)")
-        out[name.strip()] = value.strip()
-    return out
-
-
 def run(args) -> int:
     from ctfm.errors import optional_import
+    from ctfm.cli.selection import run_selection
     from ctfm.evaluate.probes.probe import parse_shots
     from ctfm.evaluate.probes.probe_run import run_probe
     from ctfm.evaluate.reports.report import jsonable
 
     optional_import("sklearn", "eval", "ctfm probe")  # before any work
     targets = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
+    run, where = run_selection(args)
     result = run_probe(
         args.stores,
         args.labels,
@@ -73,7 +66,8 @@ def run(args) -> int:
         cv=args.cv,
         split_column=args.split_column,
         group_column=args.group_column,
-        select=_parse_select(args.select),
+        run=run,
+        where=where,
         inner_cv=args.inner_cv,
         shots=parse_shots(args.shots) if args.shots else None,
         repeats=args.repeats,

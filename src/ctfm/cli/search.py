@@ -34,8 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heatmap", metavar="OUT.nii.gz", help="region search: write the similarity volume on the target's grid (the best hit's without --target)")
     parser.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     parser.add_argument("--weights", help="the store's weights (checked by sha256): needed for files outside the store, centred query windows and fine refinement")
-    parser.add_argument("--run", metavar="DIGEST", help="the run to search when the store holds several (see `ctfm index status`)")
-    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", help="keep scans whose record column equals VALUE (repeatable; VALUE may be a|b|c)")
+    from ctfm.cli.selection import add_run_selection
+
+    add_run_selection(parser, run_help="the run to search when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)")
     parser.add_argument("--query-from", default="auto", choices=["auto", "centred", "stored"], help="region query window: centred on the point (needs --weights) or the stored window nearest it; auto: centred with --weights")
     parser.add_argument("--refine", default="auto", choices=["auto", "fine", "weighted", "none"], help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the top windows), none (best window centre); auto: fine for --target with --weights, else weighted")
     parser.add_argument("--include-self", action="store_true", help="let the query scan itself be a hit")
@@ -57,23 +58,13 @@ def parse_point(text: str):
     return scan, values
 
 
-def parse_filters(items) -> dict:
-    from ctfm.errors import OptionError
-
-    filters = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise OptionError(f"--where {item!r}: expected COLUMN=VALUE, e.g. body_part=CHEST")
-        filters[name.strip()] = value.split("|")
-    return filters
-
-
 def run(args) -> int:
+    from ctfm.cli.selection import run_selection
     from ctfm.search import SearchSession
 
-    filters = parse_filters(args.where)
-    session = SearchSession(args.store, run=args.run, weights=args.weights, device=args.device, use_index=not args.exact)
+    run_digest, where = run_selection(args)
+    filters = None  # --where is the session's: it picks the run and keeps only matching scans as hits
+    session = SearchSession(args.store, run=run_digest, where=where, weights=args.weights, device=args.device, use_index=not args.exact)
     if args.scan is not None:
         if args.heatmap or args.target:
             from ctfm.errors import OptionError

@@ -58,9 +58,9 @@ def _print_summary(summary: dict) -> None:
         print("no runs")
         return
     print("runs (one per computation key):")
-    header = ("mode", "pool", "overlap", "precision", "model", "weights", "preset", "dim", "scans", "patches")
+    header = ("run", "mode", "pool", "overlap", "precision", "model", "weights", "preset", "dim", "scans", "patches")
     rows = [
-        (r["mode"], r["pool"], f"{r['overlap']:g}", r["precision"], r["model"], str(r["weights_sha256"])[:12], r["preset"], str(r["dim"]), str(r["scans"]), str(r["patches"]))
+        (r["digest"], r["mode"], r["pool"], f"{r['overlap']:g}", r["precision"], r["model"], str(r["weights_sha256"])[:12], r["preset"], str(r["dim"]), str(r["scans"]), str(r["patches"]))
         for r in summary["runs"]
     ]
     widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(header)]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, MissingDependencyError, OptionError, one_line, optional_import
-from ctfm.io.sources import read_manifest
+from ctfm.io.tables import read_table
 from ctfm.runtime import write_parquet_atomic
 
 # ---- CT-FM's series filters (docs/recipe.md; CT-FM's notebooks/data-download/query.sql) ----------
@@ -382,7 +382,7 @@ def download_idc(manifest, out_dir, downloader=None, progress: bool = True) -> D
     import pyarrow as pa
 
     manifest = Path(manifest)
-    table = read_manifest(manifest)
+    table = read_table(manifest)
     needed = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "collection_id", "Modality"]
     absent = [c for c in needed if c not in table.column_names]
     if absent:

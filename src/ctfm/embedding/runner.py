@@ -17,13 +17,15 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare, resolve_precision
 from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
 from ctfm.runtime import progress_bar, utc_now
-from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value, run_key_of
+from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
+from ctfm.store.vectors import load_run_vectors
 
 DEFAULT_SEED = 0  # the random init used when no weights are given (testing only)
 
@@ -285,19 +287,25 @@ def embed(
 
 def store_records(store, sources, key: tuple) -> list[dict]:
     """The store's rows of computation ``key`` for ``sources`` (in their order), patches attached
-    (joined on the whole key and write id), embeddings as float32 arrays."""
-    rows = {r["scan_id"]: r for r in store.scans().to_pylist() if run_key_of(r) == key}
+    (joined on the whole key and write id), embeddings as float32 arrays. The run is read as
+    columns (:func:`ctfm.store.vectors.load_run_vectors`); only the records handed back are dicts."""
+    wanted = {source.scan_id for source in sources}
+    scans = load_run_vectors(store, "scan", key)
+    position = {scan_id: i for i, scan_id in enumerate(scans.scan_id) if scan_id in wanted}
+    rows = scans.metadata.take(pa.array(sorted(position.values()), type=pa.int64())).to_pylist()
+    by_id = {row["scan_id"]: (row, scans.vectors[position[row["scan_id"]]]) for row in rows}
     patches: dict[str, list[dict]] = {}
-    for p in store.patches().to_pylist() if key[RUN_KEY.index("mode")] == "patches" else []:
-        row = rows.get(p["scan_id"])
-        if row is not None and run_key_of(p) == key and p["write_id"] == row["write_id"]:
-            p["embedding"] = np.asarray(p["embedding"], dtype=np.float32)
-            patches.setdefault(p["scan_id"], []).append(p)
+    if key[RUN_KEY.index("mode")] == "patches" and by_id:
+        windows = load_run_vectors(store, "patch", key)
+        fields = dict(zip(RUN_KEY, key))
+        keep = np.flatnonzero(np.isin(windows.scan_id, np.asarray(sorted(by_id), dtype=object)))
+        table = windows.metadata.take(pa.array(keep, type=pa.int64())).to_pylist()
+        for i, p in zip(keep, table):
+            patches.setdefault(p["scan_id"], []).append({**p, **fields, "embedding": windows.vectors[i]})
     records = []
     for source in sources:
-        row = rows.get(source.scan_id)
-        if row is not None:
-            row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
-            row["patches"] = sorted(patches.get(source.scan_id, []), key=lambda p: p["patch_index"])
-            records.append(row)
+        found = by_id.get(source.scan_id)
+        if found is not None:
+            row, vector = found
+            records.append({**row, "embedding": np.asarray(vector, dtype=np.float32), "patches": patches.get(source.scan_id, [])})
     return records

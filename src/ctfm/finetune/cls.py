@@ -198,12 +198,12 @@ def reference_split(units: list[str], ratios, seed: int) -> dict[str, str]:
 
 def read_cls_manifest(config: ClsConfig) -> tuple[str, list[str], list[ClsCase]]:
     """(task, output names, cases) of the manifest; splits from its column or the reference split."""
-    from ctfm.io.sources import read_manifest
+    from ctfm.io.tables import read_table
 
     if not config.data:
         raise OptionError("data: give the manifest (--set data=cases.csv with a path column and label columns)")
-    table = read_manifest(config.data)
-    rows = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
+    table = read_table(config.data)
+    rows = table.to_pylist()
     if not rows:
         raise CTInputError(config.data, "the manifest has no rows", "list one case per row")
     header = list(rows[0])

@@ -17,7 +17,6 @@ Sources::
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
+from ctfm.io.tables import is_table, read_table
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
@@ -97,11 +97,11 @@ def open_seg_data(data: str | os.PathLike, class_map=None, split_column: str = "
         cases, msd_labels = msd_cases(path, val_fold)
         kind = "msd"
         labels = _class_map(class_map, path) if class_map is not None else msd_labels
-    elif path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq", ".tsv"):
+    elif path.is_file() and is_table(path):
         cases, kind = manifest_cases(path), "manifest"
         labels = _class_map(class_map, path) if class_map is not None else _names_from_first_label(cases, path)
     elif path.exists():
-        raise CTInputError(path, "is neither a manifest (.csv/.parquet) nor a folder with meta.csv (TotalSegmentator) or dataset.json (MSD)", "give one of those")
+        raise CTInputError(path, "is neither a manifest (.csv/.tsv/.parquet/.xlsx) nor a folder with meta.csv (TotalSegmentator) or dataset.json (MSD)", "give one of those")
     else:
         raise CTInputError(path, "no such file or folder", "check the data path")
     if not cases:
@@ -116,7 +116,7 @@ def manifest_cases(path: Path) -> list[SegCase]:
 
     Relative paths are taken from the manifest's folder.
     """
-    rows = _read_table(path)
+    rows = read_table(path).to_pylist()
     if not rows:
         return []
     missing = [c for c in ("image", "label") if c not in rows[0]]
@@ -142,7 +142,7 @@ def totalseg_cases(folder: Path, split_column: str = "split") -> list[SegCase]:
     TotalSegmentator's own meta.csv is ``;``-separated with ``image_id`` and ``split`` (train /
     val / test); CT-FM's recipe uses the VISTA3D split in a ``vista_split`` column.
     """
-    rows = _read_table(folder / "meta.csv")
+    rows = read_table(folder / "meta.csv").to_pylist()
     if not rows:
         return []
     if "image_id" not in rows[0]:
@@ -337,22 +337,6 @@ def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, s
                 raise CTInputError(path, "the label file names no classes, and no class map was given", "give --set class_map=FILE.json ({\"0\": \"background\", \"1\": \"liver\", ...}) or a built-in map such as totalseg-v2")
             return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}
     raise CTInputError(manifest, "no case has a label", "add label paths")
-
-
-def _read_table(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise CTInputError(path, "no such file", "check the path")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as exc:
-            raise CTInputError(path, f"unreadable Parquet file ({one_line(exc)})", "write the manifest again") from None
-    text = path.read_text(encoding="utf-8-sig")
-    first = text.splitlines()[0] if text.strip() else ""
-    delimiter = ";" if first.count(";") > first.count(",") else ("\t" if first.count("\t") > first.count(",") else ",")
-    return [{(k or "").strip(): v for k, v in row.items()} for row in csv.DictReader(text.splitlines(), delimiter=delimiter)]
 
 
 def _split_name(value, path, row: int) -> str:

@@ -2,7 +2,7 @@
 
 A :class:`ScanSource` names one scan: a volume file, or a DICOM folder plus the series to take
 from it. :func:`discover_inputs` expands what a user gives (files, folders searched recursively,
-CSV/Parquet manifests with a ``path`` column) into sources; every batch job (embedding, cohort
+CSV/TSV/Parquet/XLSX manifests with a ``path`` column) into sources; every batch job (embedding, cohort
 scan, cache) starts from it, and :func:`manifest_sources` is the one reader of manifests.
 """
 
@@ -13,10 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctfm.errors import CTInputError, one_line
+from ctfm.errors import CTInputError
+from ctfm.io.tables import TABLE_SUFFIXES, read_table
 from ctfm.io.volume import VOLUME_SUFFIXES
 
-MANIFEST_SUFFIXES = (".csv", ".parquet")
+MANIFEST_SUFFIXES = TABLE_SUFFIXES  # a manifest is any table read_table reads
 
 
 @dataclass(frozen=True)
@@ -49,25 +50,11 @@ def is_manifest(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(MANIFEST_SUFFIXES)
 
 
-def read_manifest(path: str | os.PathLike):
-    """A CSV or Parquet manifest as a pyarrow Table (one-line error when missing or unreadable)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise CTInputError(path, "no such manifest file", "check the path")
-    try:
-        return pq.read_table(path) if path.name.lower().endswith(".parquet") else pcsv.read_csv(path)
-    except Exception as exc:
-        raise CTInputError(path, f"unreadable manifest ({one_line(exc, 200)[:120]})", "give a CSV or Parquet file with a 'path' column") from None
-
-
 def manifest_sources(path: str | os.PathLike, table=None) -> ManifestSources:
     """Scan sources of a manifest: column ``path`` (relative paths are taken from the manifest's
     folder), optional ``series_uid``; rows with an ``error`` or no ``path`` are counted, not used."""
     path = Path(path)
-    table = read_manifest(path) if table is None else table
+    table = read_table(path) if table is None else table
     if "path" not in table.column_names:
         raise CTInputError(path, f"manifest has no 'path' column (columns: {', '.join(table.column_names)})", "add a 'path' column with one scan per row")
     paths = table.column("path").to_pylist()

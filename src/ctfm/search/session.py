@@ -118,6 +118,8 @@ class SearchSession:
     Args:
         store: a store folder or :class:`ctfm.store.EmbeddingStore`.
         run: digest (or prefix) of the run to search when the store holds several.
+        where: ``{column: value}`` of the scan rows: picks the run (with ``run``) and keeps only
+            matching scans as hits (every query's ``filters`` add to it).
         weights / encoder: the store's weights (checked by sha256), for files outside the
             store, centred region queries and fine refinement.
         device: where the encoder runs.
@@ -126,6 +128,7 @@ class SearchSession:
 
     store: object
     run: str | None = None
+    where: dict | None = None
     weights: str | None = None
     encoder: object = None
     device: str = "cpu"
@@ -143,23 +146,27 @@ class SearchSession:
     _spans: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        from ctfm.store import EmbeddingStore, open_store
+        from ctfm.store import open_store
 
-        if not isinstance(self.store, EmbeddingStore):
-            self.store = open_store(self.store)
+        self.store = open_store(self.store)
+
+    def _filters(self, filters: dict | None) -> dict | None:
+        """The session's ``where`` and a query's own filters, together."""
+        merged = {**(self.where or {}), **(filters or {})}
+        return merged or None
 
     # ---- what is loaded once ------------------------------------------------------------
     @property
     def scan_vectors(self) -> RunVectors:
         if self._scan is None:
-            self._scan = load_run_vectors(self.store, "scan", select_run(self.store, "scan", self.run))
+            self._scan = load_run_vectors(self.store, "scan", select_run(self.store, "scan", self.run, self.where))
         return self._scan
 
     @property
     def patch_vectors(self) -> RunVectors:
         if self._patch is None:
-            patch = load_run_vectors(self.store, "patch", select_run(self.store, "patch", self.run))
-            self._patch_unit = prepare_vectors(patch.matrix, "cosine")
+            patch = load_run_vectors(self.store, "patch", select_run(self.store, "patch", self.run, self.where))
+            self._patch_unit = prepare_vectors(patch.vectors, "cosine")
             ids = patch.scan_id
             cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1 if len(ids) else np.zeros(0, dtype=int)
             self._bounds = np.concatenate([[0], cuts, [len(ids)]]).astype(np.int64)
@@ -237,7 +244,7 @@ class SearchSession:
         ref = query if isinstance(query, ScanRef) else resolve_scan(vectors.scans, query, self.store.root)
         if ref.in_store:
             i = int(np.flatnonzero(vectors.scan_id == ref.scan_id)[0])
-            return vectors.matrix[i], ref
+            return vectors.vectors[i], ref
         encoder = self._encoder(vectors.key, required=f"{ref.path}: a scan outside the store")
         row = embed_file(ref.path, vectors.key, run_spec(next(iter(vectors.scans.values()))), encoder, self.device)
         if vectors.level == "scan" and row.get("patches"):
@@ -252,7 +259,7 @@ class SearchSession:
             vector, ref = query.astype(np.float32), None
         else:
             vector, ref = self.scan_vector(query)
-        allowed = matching_scans(vectors.scans, filters)
+        allowed = matching_scans(vectors.scan_table, self._filters(filters))
         skip = {ref.scan_id} if ref is not None and ref.scan_id and not include_self else set()
         index = self._scan_index()
         if index is not None:
@@ -263,9 +270,9 @@ class SearchSession:
             if metric not in ("cosine", "l2"):
                 raise OptionError(f"metric {metric!r}: expected cosine or l2")
             if metric == "cosine":
-                scores = prepare_vectors(vectors.matrix, "cosine") @ prepare_vectors(vector[None], "cosine")[0]
+                scores = prepare_vectors(vectors.vectors, "cosine") @ prepare_vectors(vector[None], "cosine")[0]
             else:
-                scores = -np.linalg.norm(vectors.matrix - vector[None], axis=1)
+                scores = -np.linalg.norm(vectors.vectors - vector[None], axis=1)
             order = np.argsort(-scores, kind="stable")
             pairs = [(float(scores[i]), str(vectors.scan_id[i])) for i in order]
         hits = []
@@ -386,7 +393,7 @@ class SearchSession:
         starts = self._bounds[:-1]
         best = np.maximum.reduceat(scores, starts) if len(scores) else np.zeros(0)
         ids = vectors.scan_id[starts] if len(scores) else np.zeros(0, dtype=object)
-        allowed = matching_scans(vectors.scans, filters)
+        allowed = matching_scans(vectors.scan_table, self._filters(filters))
         keep = np.ones(len(ids), dtype=bool)
         if allowed is not None:
             keep &= np.isin(ids, np.asarray(sorted(allowed), dtype=object))

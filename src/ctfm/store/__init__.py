@@ -1,7 +1,23 @@
-"""The embedding store (Parquet records + vectors): its key and schemas, the store, its checks."""
+"""The embedding store (Parquet records + vectors): its key and schemas, the store, its runs, its checks.
 
-from ctfm.store.embeddings import EmbeddingStore
-from ctfm.store.integrity import Problem, check_store, is_consistent, open_store, summarise
+``open_store(path)`` opens a store; ``.runs(level)`` lists its runs (computation keys) and
+``.select(level, run=DIGEST, where={"column": value})`` returns one run's vectors as columns.
+"""
+
+from ctfm.store.embeddings import EmbeddingStore, open_store
+from ctfm.store.integrity import Problem, check_store, is_consistent, summarise
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, SCAN_KEY
+from ctfm.store.vectors import RunVectors
 
-__all__ = ["RECORD_COLUMNS", "RUN_KEY", "SCAN_KEY", "EmbeddingStore", "Problem", "check_store", "is_consistent", "open_store", "summarise"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "RUN_KEY",
+    "SCAN_KEY",
+    "EmbeddingStore",
+    "Problem",
+    "RunVectors",
+    "check_store",
+    "is_consistent",
+    "open_store",
+    "summarise",
+]

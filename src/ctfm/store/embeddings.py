@@ -26,17 +26,40 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
+from ctfm.errors import CTInputError
 from ctfm.runtime import write_parquet_atomic
 from ctfm.store.schema import PATCH_KEY, RUN_KEY, SCAN_KEY, conform, key_digest, run_key_of, schemas
+from ctfm.store.vectors import RunVectors, find_run, list_runs, select
 
 STALE_TEMPORARY_SECONDS = 3600  # a writer's temporary older than this belongs to a dead process
 LOCK_NAME = ".lock"
 
 
+def open_store(path) -> EmbeddingStore:
+    """The store in an existing folder, or a one-line :class:`CTInputError` saying why it is not one.
+
+    >>> store = open_store("store/")                                        # doctest: +SKIP
+    >>> [r["digest"] for r in store.runs("scan")]                           # doctest: +SKIP
+    >>> run = store.select("scan", run="3f2a", where={"modality": "CT"})    # doctest: +SKIP
+    >>> run.vectors.shape, run.metadata.column_names                        # doctest: +SKIP
+    """
+    if isinstance(path, EmbeddingStore):
+        return path
+    root = Path(path)
+    if not root.is_dir():
+        raise CTInputError(root, "no such store folder", "give the folder that `ctfm embed --out` wrote")
+    if not any((root / f"{kind}.parquet").exists() for kind in ("scans", "patches", "failures")) and not (root / "parts").is_dir():
+        raise CTInputError(root, "not an embedding store (no scans.parquet, failures.parquet or parts/)", "give the folder that `ctfm embed --out` wrote")
+    return EmbeddingStore(root)
+
+
 class EmbeddingStore:
-    """Append-only embedding store in a folder (see the module docstring)."""
+    """Append-only embedding store in a folder (see the module docstring).
+
+    ``EmbeddingStore(folder)`` writes (the folder is made on the first write);
+    :func:`open_store` opens an existing one for reading. Reading a run: :meth:`runs` lists
+    them, :meth:`select` returns one run's vectors and metadata as columns.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -112,17 +135,25 @@ class EmbeddingStore:
             names = [p for p in names if p.name.replace(".patches.parquet", ".scans.parquet") in committed]
         return names
 
-    def _read_files(self, kind: str, parts: list[Path]):
-        """The main file of ``kind`` and ``parts``, concatenated in the current schema (raw rows)."""
+    def _read_files(self, kind: str, parts: list[Path], columns: list[str] | None = None):
+        """The main file of ``kind`` and ``parts``, concatenated in the current schema (raw rows);
+        with ``columns``, only those columns (in schema order) are read."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         schema = schemas()[kind]
+        if columns is not None:
+            schema = pa.schema([field for field in schema if field.name in set(columns)])
         tables = []
         main = self.root / f"{kind}.parquet"
         for path in ([main] if main.exists() else []) + list(parts):
             try:
-                tables.append(conform(pq.read_table(path), schema))
+                if columns is None:
+                    table = pq.read_table(path)
+                else:
+                    present = set(pq.read_schema(path).names)
+                    table = pq.read_table(path, columns=[f.name for f in schema if f.name in present])
+                tables.append(conform(table, schema))
             except FileNotFoundError:  # folded into the main file by a concurrent compaction
                 continue
         return pa.concat_tables(tables) if tables else schema.empty_table()
@@ -135,39 +166,49 @@ class EmbeddingStore:
             parts = scans if kind == "scans" else self._part_files(kind, committed_scans=scans) if kind == "patches" else self._part_files(kind)
             return self._read_files(kind, parts)
 
-    def scans(self):
-        """All scan rows (a pyarrow Table), one per scan and computation key (the last write wins)."""
+    def scans(self, columns: list[str] | None = None):
+        """All scan rows (a pyarrow Table), one per scan and computation key (the last write wins);
+        ``columns`` reads only those (the key and ``write_id`` come too)."""
+        wanted = None if columns is None else list(dict.fromkeys([*SCAN_KEY, "write_id", *columns]))
         with self._locked(exclusive=False):
-            return _latest(self._read_files("scans", self._part_files("scans")), SCAN_KEY)
+            return _latest(self._read_files("scans", self._part_files("scans"), wanted), SCAN_KEY)
 
-    def patches(self):
-        """The patch rows of the current scan rows only, joined on the whole key and write id."""
+    def patches(self, columns: list[str] | None = None):
+        """The patch rows of the current scan rows only, joined on the whole key and write id;
+        ``columns`` reads only those (the key, ``write_id`` and ``patch_index`` come too)."""
+        keys = [*SCAN_KEY, "write_id"]
+        wanted = None if columns is None else list(dict.fromkeys([*PATCH_KEY, *columns]))
         with self._locked(exclusive=False):
             scan_parts = self._part_files("scans")
-            scans = _latest(self._read_files("scans", scan_parts), SCAN_KEY)
-            patches = self._read_files("patches", self._part_files("patches", committed_scans=scan_parts))
+            scans = _latest(self._read_files("scans", scan_parts, keys), SCAN_KEY)
+            patches = self._read_files("patches", self._part_files("patches", committed_scans=scan_parts), wanted)
         return _belonging(patches, scans)
 
     def failures(self):
         with self._locked(exclusive=False):
             return self._read_files("failures", self._part_files("failures"))
 
+    # ---- runs ----------------------------------------------------------------------------
+    def runs(self, level: str = "scan", where: dict | None = None) -> list[dict]:
+        """The runs (computation keys) at ``level`` ("scan" or "patch"): key fields, ``key``,
+        ``digest``, ``preset``, ``scans``, ``rows`` (vectors); only scans ``where`` keeps."""
+        return list_runs(self, level, where)
+
+    def find_run(self, level: str = "scan", run: str | None = None, where: dict | None = None) -> dict:
+        """The one run named by ``run`` (digest or unique prefix) and/or ``where``, or the only one;
+        a one-line OptionError listing the candidates otherwise."""
+        return find_run(self, level, run, where)
+
+    def select(self, level: str = "scan", run: str | None = None, where: dict | None = None) -> RunVectors:
+        """The vectors of that run (of the scans ``where`` keeps): ``.vectors`` float32 [N, d],
+        ``.metadata`` (pyarrow Table), ``.key``, ``.digest``."""
+        return select(self, level, run, where)
+
     def done_keys(self) -> set[tuple]:
         """``(scan_id, *RUN_KEY)`` of every stored scan row (what a resumed run skips)."""
         table = self.scans()
         cols = [table.column(k).to_pylist() for k in SCAN_KEY]
         return {(row[0], *run_key_of(dict(zip(RUN_KEY, row[1:])))) for row in zip(*cols)}
-
-    def embeddings(self, mode: str | None = None) -> tuple[list[str], np.ndarray]:
-        """``(scan_ids, matrix [N, 512])`` for quick use (nearest neighbours, probes)."""
-        table = self.scans()
-        if mode is not None:
-            import pyarrow.compute as pc
-
-            table = table.filter(pc.equal(table.column("mode"), mode))
-        ids = table.column("scan_id").to_pylist()
-        matrix = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32).reshape(len(ids), -1)
-        return ids, matrix
 
     # ---- maintenance ---------------------------------------------------------------------
     def compact(self) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 from ctfm.errors import OptionError, UserError, optional_import
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
 from ctfm.store.schema import RUN_KEY
-from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_rows, select_run
+from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_table, select_run
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "l2")
@@ -229,7 +229,8 @@ class VectorIndex:
 
     def staleness(self, store) -> Staleness:
         """Compare the covered rows with the store's current rows of the same run."""
-        current = {(sid, row["write_id"]) for sid, row in run_scan_rows(store, self.key).items()}
+        table = run_scan_table(store, self.key)
+        current = set(zip(table.column("scan_id").to_pylist(), table.column("write_id").to_pylist()))
         covered = self.covered()
         current_ids = {s for s, _ in current}
         covered_ids = {s for s, _ in covered}
@@ -334,13 +335,14 @@ def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexP
     return path
 
 
-def build_index(store, level: str = "scan", params: IndexParams | None = None, run: str | None = None) -> VectorIndex:
-    """Build (or rebuild) the index of one run at ``level`` over every current row of it."""
+def build_index(store, level: str = "scan", params: IndexParams | None = None, run: str | None = None, where: dict | None = None) -> VectorIndex:
+    """Build (or rebuild) the index of one run at ``level`` over every current row of it
+    (``run``/``where`` pick the run, as :meth:`ctfm.store.EmbeddingStore.find_run`)."""
     params = params or IndexParams()
-    key = select_run(store, level, run)
+    key = select_run(store, level, run, where)
     start = time.perf_counter()
     vectors = load_run_vectors(store, level, key)
-    x = prepare_vectors(vectors.matrix, params.metric)
+    x = prepare_vectors(vectors.vectors, params.metric)
     index = new_faiss_index(x.shape[1], params, len(x))
     train_and_add(index, x, params)
     seconds = time.perf_counter() - start
@@ -348,11 +350,11 @@ def build_index(store, level: str = "scan", params: IndexParams | None = None, r
     return load_index(store, level, run=run_digest(key))
 
 
-def update_index(store, level: str = "scan", run: str | None = None) -> tuple[VectorIndex, str]:
+def update_index(store, level: str = "scan", run: str | None = None, where: dict | None = None) -> tuple[VectorIndex, str]:
     """Bring an index up to date: ``(index, what was done)``, one of "up to date", "extended"
     (only new scans: their vectors are added; ivf keeps its trained lists) or "rebuilt" (scans
     re-embedded or removed, or no index yet)."""
-    key = select_run(store, level, run)
+    key = select_run(store, level, run, where)
     path = manifest_path(store, level, run_digest(key))
     if not path.exists():
         return build_index(store, level, run=run_digest(key)), "built"
@@ -365,9 +367,8 @@ def update_index(store, level: str = "scan", run: str | None = None) -> tuple[Ve
     start = time.perf_counter()
     vectors = load_run_vectors(store, level, key)
     new = np.isin(vectors.scan_id, np.asarray(state.added, dtype=object))
-    added = RunVectors(key, level, vectors.matrix[new], vectors.scan_id[new], vectors.write_id[new], {s: vectors.scans[s] for s in state.added},
-                       patch_index=None if vectors.patch_index is None else vectors.patch_index[new])
-    train_and_add(index.faiss_index, prepare_vectors(added.matrix, index.params.metric), index.params)
+    added = vectors.take(new)
+    train_and_add(index.faiss_index, prepare_vectors(added.vectors, index.params.metric), index.params)
     import pyarrow as pa
 
     ids = pa.concat_tables([_ids_from_arrays(index.ids, level), _ids_table(added)])

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError
 from ctfm.store.embeddings import EmbeddingStore
-from ctfm.store.schema import RUN_KEY, SCAN_KEY
+from ctfm.store.schema import RUN_KEY, SCAN_KEY, key_digest, run_key_of
 
 MAX_EXAMPLES = 5  # rows named per problem in the report
 
@@ -34,22 +32,12 @@ class Problem:
         return asdict(self)
 
 
-def open_store(path) -> EmbeddingStore:
-    """An existing store folder, or a :class:`CTInputError` saying why it is not one."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CTInputError(root, "no such store folder", "give the folder that `ctfm embed --out` wrote")
-    if not any((root / f"{kind}.parquet").exists() for kind in ("scans", "patches", "failures")) and not (root / "parts").is_dir():
-        raise CTInputError(root, "not an embedding store (no scans.parquet, failures.parquet or parts/)", "give the folder that `ctfm embed --out` wrote")
-    return EmbeddingStore(root)
-
-
 def _key_text(values) -> str:
     return ", ".join(f"{k}={v}" for k, v in zip(RUN_KEY, values))
 
 
 def summarise(store: EmbeddingStore) -> dict:
-    """Runs by computation key (scans, patches, preset name, dimension), totals, pending parts."""
+    """Runs by computation key (digest, scans, patches, preset name, dimension), totals, pending parts."""
     scans = store.scans()
     patches = store.patches()
     failures = store.failures()
@@ -58,7 +46,8 @@ def summarise(store: EmbeddingStore) -> dict:
     presets = scans.column("preset").to_pylist()
     dims = [len(v) if v is not None else 0 for v in scans.column("embedding").to_pylist()]
     for i, key in enumerate(zip(*key_columns)):
-        run = runs.setdefault(key, {**dict(zip(RUN_KEY, key)), "preset": presets[i], "dim": dims[i], "scans": 0, "patches": 0})
+        fields = {**dict(zip(RUN_KEY, key)), "digest": key_digest(run_key_of(dict(zip(RUN_KEY, key))))}
+        run = runs.setdefault(key, {**fields, "preset": presets[i], "dim": dims[i], "scans": 0, "patches": 0})
         run["scans"] += 1
     patch_counts = Counter(zip(*[patches.column(k).to_pylist() for k in RUN_KEY]))
     for key, n in patch_counts.items():

@@ -2,7 +2,8 @@
 
 The frozen-encoder protocol:
 
-- **Join.** A label CSV joins the store's scan rows by a key column (``scan_id``, ``series_uid``
+- **Join.** A label sheet (CSV, TSV, Parquet or XLSX) joins the scan rows of one run of the store
+  (``run``/``where``, as :meth:`ctfm.store.EmbeddingStore.select`) by a key column (``scan_id``, ``series_uid``
   or ``source_path``); scans without a label and labels without a scan are counted and reported.
 - **Outer split.** ``cv`` folds (stratified; grouped by ``group`` so that every patient stays in
   one fold) or a ``split`` column (``train``/``val`` rows fit, ``test`` rows are scored). The folds
@@ -22,15 +23,18 @@ The frozen-encoder protocol:
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.io.tables import read_table
+from ctfm.store import RUN_KEY, open_store
 
 KEYS = ("scan_id", "series_uid", "source_path")
 METHODS = ("logistic", "knn", "mlp")
@@ -58,24 +62,31 @@ class ProbeInputs:
 
 
 def read_label_file(path, key: str, needed: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """(key values, {column: values}) of a label CSV; one-line errors for a missing file or column."""
+    """(key values, {column: values}) of a label sheet (CSV, TSV, Parquet, XLSX; :func:`ctfm.io.read_table`);
+    one-line errors for a missing file or column."""
     path = Path(path)
     if not path.is_file():
-        raise CTInputError(path, "no such label file", "give a CSV with a header row")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        rows = list(reader)
+        raise CTInputError(path, "no such label file", "give a CSV, TSV, Parquet or XLSX sheet with a header row")
+    table = read_table(path)
+    header = table.column_names
     for column in [key, *needed]:
         if column not in header:
-            raise CTInputError(path, f"no column {column!r} (columns: {', '.join(header) or 'none'})", f"add it, or choose another with --key/--target/--group-column/--split-column")
-    keys = [(r[key] or "").strip() for r in rows]
+            raise CTInputError(path, f"no column {column!r} (columns: {', '.join(header) or 'none'})", "add it, or choose another with --key/--target/--group-column/--split-column")
+    keys = _text_column(table, key)
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         if k and k in seen:
             raise CTInputError(path, f"key {key}={k!r} appears on rows {seen[k] + 2} and {i + 2}", "give one label row per scan")
         seen[k] = i
-    return keys, {c: [(r[c] or "").strip() for r in rows] for c in needed}
+    return keys, {c: _text_column(table, c) for c in needed}
+
+
+def _text_column(table, name: str) -> list[str]:
+    """A column as stripped text ('' for nulls), whatever its type in the sheet."""
+    column = table.column(name)
+    if not pa.types.is_string(column.type):
+        column = pc.cast(column, pa.string())
+    return [v.strip() for v in pc.fill_null(column, "").to_pylist()]
 
 
 def _normalise_key(key: str, value) -> str | None:
@@ -84,57 +95,27 @@ def _normalise_key(key: str, value) -> str | None:
     return os.path.abspath(value) if key == "source_path" else str(value)
 
 
-def select_run(rows: list[dict], select: dict[str, str] | None, store) -> list[dict]:
-    """The scan rows of one computation key: ``select`` filters by key field (a prefix matches
-    for weights_sha256/preset_hash); more than one run left is an error listing them."""
-    from ctfm.store import RUN_KEY
-
-    for field_name, wanted in (select or {}).items():
-        if field_name not in (*RUN_KEY, "preset"):
-            raise OptionError(f"--select {field_name}={wanted}: no such run field (fields: {', '.join((*RUN_KEY, 'preset'))})")
-        if field_name in ("weights_sha256", "preset_hash"):
-            rows = [r for r in rows if str(r.get(field_name) or "").startswith(wanted)]
-        else:
-            rows = [r for r in rows if str(r.get(field_name)) == str(wanted) or (field_name == "overlap" and _float_equal(r.get(field_name), wanted))]
-    runs: dict[tuple, list[dict]] = {}
-    for r in rows:
-        runs.setdefault(tuple(r.get(k) for k in RUN_KEY), []).append(r)
-    if not runs:
-        raise CTInputError(store, "no scan rows" + (" match --select" if select else ""), "embed scans into it with `ctfm embed --out STORE`, or check --select")
-    if len(runs) > 1:
-        listed = "; ".join(f"mode={k[0]} model={k[1]} weights={str(k[2])[:12]} pool={k[4]} precision={k[5]} overlap={k[6]:g} ({len(v)} scans)" for k, v in runs.items())
-        raise CTInputError(store, f"holds {len(runs)} runs ({listed})", "pick one with --select FIELD=VALUE, e.g. --select mode=whole or --select weights_sha256=PREFIX")
-    return next(iter(runs.values()))
-
-
-def _float_equal(a, b) -> bool:
-    try:
-        return abs(float(a) - float(b)) < 1e-6
-    except (TypeError, ValueError):
-        return False
-
-
-def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "scan_id", select: dict | None = None) -> ProbeInputs:
-    """Join the label file to the scan rows of one run of a store (see the module docstring)."""
-    from ctfm.store import RUN_KEY, open_store
-
+def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "scan_id", run: str | None = None, where: dict | None = None) -> ProbeInputs:
+    """Join the label file to the scan rows of one run of a store (see the module docstring);
+    ``run`` (a digest or unique prefix) and ``where`` (``{column: value}``) pick the run, as
+    :meth:`ctfm.store.EmbeddingStore.select`."""
     if key not in KEYS:
         raise OptionError(f"--key {key}: not a join key (choose {', '.join(KEYS)})")
     store = open_store(store_path)
     label_keys, label_columns = read_label_file(labels_path, key, columns)
-    rows = select_run(store.scans().to_pylist(), select, store.root)
-    empty = [r for r in rows if not r.get("embedding")]
-    if empty:
-        raise CTInputError(store.root, f"{len(empty)} of {len(rows)} scan rows have no embedding", "re-run `ctfm embed` into a fresh store")
-    by_key: dict[str, dict] = {}
+    vectors = store.select("scan", run=run, where=where)
+    n_rows = vectors.metadata.num_rows
+    if vectors.vectors.shape[1] == 0:
+        raise CTInputError(store.root, f"{n_rows} of {n_rows} scan rows have no embedding", "re-run `ctfm embed` into a fresh store")
+    store_keys = [_normalise_key(key, v) for v in vectors.metadata.column(key).to_pylist()]
+    by_key: dict[str, int] = {}
     duplicated = 0
-    for r in rows:
-        value = _normalise_key(key, r.get(key))
+    for i, value in enumerate(store_keys):
         if value is None:
             continue
         if value in by_key:
             duplicated += 1
-        by_key[value] = r
+        by_key[value] = i
     if duplicated:
         raise CTInputError(store.root, f"{duplicated} scan rows share a {key} with another row", "join on a unique key, e.g. --key scan_id")
     label_index = {}
@@ -148,29 +129,31 @@ def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "s
         example_label = next(iter(label_index), None)
         raise CTInputError(labels_path, f"no label row matches a scan of the store by {key} (store has e.g. {example_store!r}, labels e.g. {example_label!r})", "check --key and the key column's values")
     order = [label_index[k] for k in matched]
-    features = np.asarray([by_key[k]["embedding"] for k in matched], dtype=np.float32)
+    rows = np.asarray([by_key[k] for k in matched], dtype=np.int64)
+    features = np.ascontiguousarray(vectors.vectors[rows], dtype=np.float32)
     if not np.all(np.isfinite(features)):
         raise CTInputError(store.root, "embeddings contain NaN or infinity", "run `ctfm store check` and re-embed those scans")
-    first = by_key[matched[0]]
     join = {
         "key": key,
-        "store_rows": len(rows),
+        "store_rows": n_rows,
         "label_rows": len(label_keys),
         "matched": len(matched),
-        "scans_without_label": len(by_key) - len(matched) + sum(1 for r in rows if _normalise_key(key, r.get(key)) is None),
+        "scans_without_label": len(by_key) - len(matched) + sum(1 for v in store_keys if v is None),
         "labels_without_scan": len(label_keys) - len(matched),
         "examples_scans_without_label": [k for k in by_key if k not in label_index][:5],
         "examples_labels_without_scan": [k for k in label_index if k not in by_key][:5],
     }
-    run = {k: first.get(k) for k in RUN_KEY} | {"preset": first.get("preset"), "package_version": first.get("package_version"), "dim": int(features.shape[1])}
+    first = vectors.metadata.slice(int(rows[0]), 1).to_pylist()[0]
+    run_fields = {k: first.get(k) for k in RUN_KEY} | {"preset": first.get("preset"), "package_version": first.get("package_version"), "dim": int(features.shape[1])}
+    scan_ids = vectors.metadata.column("scan_id").to_pylist()
     return ProbeInputs(
         store=str(store.root),
         keys=matched,
-        scan_ids=[by_key[k]["scan_id"] for k in matched],
+        scan_ids=[scan_ids[by_key[k]] for k in matched],
         features=features,
         columns={c: [vals[i] for i in order] for c, vals in label_columns.items()},
         join=join,
-        run=run,
+        run=run_fields,
     )
 
 

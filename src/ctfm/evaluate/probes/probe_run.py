@@ -107,7 +107,8 @@ def run_probe(
     cv: int = 5,
     split_column: str | None = None,
     group_column: str | None = None,
-    select: dict | None = None,
+    run: str | None = None,
+    where: dict | None = None,
     inner_cv: int = 3,
     shots: list | None = None,
     repeats: int = 10,
@@ -118,7 +119,9 @@ def run_probe(
 ) -> dict:
     """Probe every target on every store; write the outputs to ``out`` when given. Returns the
     results document (also results.json): join counts, per target and store the metrics with CIs,
-    the chosen hyperparameters per fold, comparisons with the first store, few-shot curves."""
+    the chosen hyperparameters per fold, comparisons with the first store, few-shot curves.
+    ``run`` (a digest or unique prefix) and ``where`` (``{column: value}``) pick one run in every
+    store (:meth:`ctfm.store.EmbeddingStore.select`)."""
     if method not in METHODS:
         raise OptionError(f"--method {method}: unknown (choose {', '.join(METHODS)})")
     if task not in TASKS:
@@ -131,7 +134,7 @@ def run_probe(
         raise OptionError("--resamples and --repeats must be at least 1, --inner-cv at least 2")
     started = time.perf_counter()
     needed = list(dict.fromkeys([*targets, *(c for c in (group_column, split_column) if c)]))
-    inputs = _common_rows([load_probe_inputs(s, labels, needed, key, select) for s in stores])
+    inputs = _common_rows([load_probe_inputs(s, labels, needed, key, run=run, where=where) for s in stores])
     groups = split = None
     if group_column:
         groups = np.asarray(inputs[0].columns[group_column], dtype=object)
@@ -149,7 +152,7 @@ def run_probe(
         entries = [_probe_target(t, *args) for t in targets]
     seconds = time.perf_counter() - started
     result = {
-        "settings": {"key": key, "task": task, "method": method, "cv": None if split_column else cv, "split_column": split_column, "group_column": group_column, "inner_cv": inner_cv, "shots": shots, "repeats": repeats, "n_resamples": n_resamples, "seed": seed, "select": select or {}},
+        "settings": {"key": key, "task": task, "method": method, "cv": None if split_column else cv, "split_column": split_column, "group_column": group_column, "inner_cv": inner_cv, "shots": shots, "repeats": repeats, "n_resamples": n_resamples, "seed": seed, "run": run, "where": where or {}},
         "join": [dict(item.join, store=item.store) for item in inputs],
         "targets": [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries],
         "seconds": seconds,

@@ -118,12 +118,13 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
     return {**results, **paths}
 
 
-def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", **filters) -> tuple[np.ndarray, list[str], dict]:
+def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", run: str | None = None, where: dict | None = None) -> tuple[np.ndarray, list[str], dict]:
     """``(vectors [N, D], labels, provenance)`` for the rows of a labels sheet found in a store."""
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors
+    from ctfm.evaluate.zeroshot.inputs import sha256_file, store_vectors
+    from ctfm.io.tables import read_table
 
-    vectors = store_vectors(store, **filters)
-    sheet = read_table(labels_path, required=(scan_column, label_column))
+    vectors = store_vectors(store, run=run, where=where)
+    sheet = read_table(labels_path, required=(scan_column, label_column)).to_pylist()
     index = [vectors.index_of(row[scan_column], labels_path) for row in sheet]
     labels = [str(row[label_column]) for row in sheet]
     if len(set(index)) != len(index):

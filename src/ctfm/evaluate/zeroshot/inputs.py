@@ -2,7 +2,8 @@
 annotation sheets matched to store rows, encoders, and the outputs every evaluation writes.
 
 A store may hold several computations (mode, weights, preset, pool, overlap): an evaluation uses
-exactly one and refuses to mix them, naming the options that pick one.
+exactly one and refuses to mix them, naming the runs and the options that pick one (``--run DIGEST``,
+``--where COLUMN=VALUE``). Sheets are read by :func:`ctfm.io.read_table`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.embedding.modes import POOLINGS
+from ctfm.errors import CTInputError, OptionError
+from ctfm.store import open_store
+from ctfm.store.vectors import key_dict
 
 
 @dataclass
@@ -78,113 +84,39 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-KEY_FILTERS = ("mode", "model", "weights_sha256", "preset_hash", "pool", "precision", "overlap")
+def store_vectors(store_path: str | os.PathLike, run: str | None = None, where: dict | None = None, pool_patches: str | None = None) -> StoreVectors:
+    """The scan vectors of the one run of ``store_path`` that ``run`` (a digest or unique prefix)
+    and ``where`` (``{column: value}`` of the scan rows) pick (:meth:`ctfm.store.EmbeddingStore.select`;
+    several candidates are a one-line error listing them), in scan id order.
 
-
-def _key_text(key: dict) -> str:
-    return f"mode={key['mode']} model={key['model']} weights={str(key['weights_sha256'])[:12]} preset={str(key['preset_hash'])[:8]} pool={key['pool']} precision={key['precision']} overlap={key['overlap']}"
-
-
-def store_vectors(store_path: str | os.PathLike, pool_patches: str | None = None, **filters) -> StoreVectors:
-    """The scan vectors of the one computation in ``store_path`` that matches ``filters``
-    (fields of the computation key; ``weights_sha256`` may be a prefix). ``pool_patches``
-    ("min", "mean", "max"): recompute each scan vector from its stored patch vectors (3D-MIR uses
-    the minimum), whatever pooling the run stored. More than one matching computation is an error
-    that lists them."""
-    from ctfm.store import RUN_KEY, open_store
-
-    filters = {k: v for k, v in filters.items() if v is not None}
-    unknown = set(filters) - set(KEY_FILTERS)
-    if unknown:
-        raise OptionError(f"store filters {sorted(unknown)}: expected fields of the computation key ({', '.join(KEY_FILTERS)})")
+    ``pool_patches`` ("min", "mean", "max"): recompute each scan vector from its stored patch
+    vectors (3D-MIR uses the minimum), whatever pooling the run stored."""
     store = open_store(store_path)
-    rows = store.scans().to_pylist()
-
-    def matches(row) -> bool:
-        for k, v in filters.items():
-            if k == "weights_sha256":
-                if not str(row[k] or "").startswith(str(v)):
-                    return False
-            elif k == "overlap":
-                if row[k] is None or abs(float(row[k]) - float(v)) > 1e-6:
-                    return False
-            elif row[k] != v:
-                return False
-        return True
-
-    rows = [r for r in rows if matches(r)]
-    if pool_patches is not None:
-        rows = [r for r in rows if r["mode"] == "patches"]
-    keys: dict[tuple, list[dict]] = {}
-    for r in rows:
-        keys.setdefault(tuple(r[k] for k in RUN_KEY), []).append(r)
-    wanted = ", ".join(f"{k}={v}" for k, v in filters.items()) or "any"
-    if not keys:
-        need = " with --mode patches" if pool_patches else ""
-        raise CTInputError(store_path, f"no scans of a computation matching {wanted}{' in patches mode' if pool_patches else ''}", f"embed scans into it first (ctfm embed SCANS --out STORE{need}), or loosen the filters")
-    if len(keys) > 1:
-        listing = "; ".join(f"[{_key_text(dict(zip(RUN_KEY, k)))}: {len(v)} scans]" for k, v in keys.items())
-        raise OptionError(f"{store_path}: {len(keys)} computations match {wanted}: {listing}; choose one with --weights-sha256 / --mode / --pool / --overlap")
-    key_values, chosen = next(iter(keys.items()))
-    key = dict(zip(RUN_KEY, key_values))
-    chosen.sort(key=lambda r: r["scan_id"])
-    if pool_patches is not None:
-        from ctfm.embedding.modes import POOLINGS
-
+    if pool_patches is None:
+        vectors = store.select("scan", run=run, where=where)
+        order = np.argsort(vectors.scan_id, kind="stable")
+        matrix = vectors.vectors[order]
+        scans = vectors.metadata.take(pa.array(order, type=pa.int64()))
+        key = key_dict(vectors.key)
+    else:
         if pool_patches not in POOLINGS:
             raise OptionError(f"pooling {pool_patches!r}: expected one of {', '.join(POOLINGS)}")
-        by_scan: dict[str, list] = {}
-        write_ids = {r["scan_id"]: r["write_id"] for r in chosen}
-        for p in store.patches().to_pylist():
-            if p["scan_id"] in write_ids and p["write_id"] == write_ids[p["scan_id"]] and tuple(p[k] for k in RUN_KEY) == key_values:
-                by_scan.setdefault(p["scan_id"], []).append(p["embedding"])
-        missing = [r["scan_id"] for r in chosen if r["scan_id"] not in by_scan]
+        vectors = store.select("patch", run=run, where=where)
+        # Windows come grouped by scan id (sorted): one reduction per contiguous group.
+        ids = vectors.scan_id
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, dtype=np.int64)
+        scans = vectors.scan_table.take(pc.sort_indices(vectors.scan_table, sort_keys=[("scan_id", "ascending")]))
+        missing = sorted(set(scans.column("scan_id").to_pylist()) - set(ids[starts].tolist()))
         if missing:
             raise CTInputError(store_path, f"scans without patch rows: {', '.join(missing[:3])}", "run ctfm store check, or re-embed them in patches mode")
-        matrix = np.stack([getattr(np.asarray(by_scan[r["scan_id"]], dtype=np.float32), pool_patches)(axis=0) for r in chosen])
-        key = {**key, "pool": f"{pool_patches} (recomputed from patches)"}
-    else:
-        matrix = np.asarray([r["embedding"] for r in chosen], dtype=np.float32)
-    return StoreVectors(os.fspath(store_path), key, [r["scan_id"] for r in chosen], [r["source_path"] for r in chosen], matrix, [r["content_hash"] or "" for r in chosen])
-
-
-def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a CSV, TSV, Parquet or XLSX sheet as dicts (header names and text cells stripped);
-    ``required`` columns must be present."""
-    import csv
-
-    path = Path(path)
-    if not path.is_file():
-        raise CTInputError(path, "no such file", "give the path of a CSV, Parquet or XLSX sheet")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        elif suffix in (".xlsx", ".xlsm"):
-            openpyxl = optional_import("openpyxl", "eval", f"{path}: reading an XLSX sheet (or save it as CSV)")
-            sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
-            values = [["" if v is None else v for v in row] for row in sheet.iter_rows(values_only=True)]
-            rows = [dict(zip([str(h) for h in values[0]], row)) for row in values[1:]] if values else []
+        if pool_patches == "mean":
+            counts = np.diff(np.r_[starts, len(ids)])
+            matrix = (np.add.reduceat(vectors.vectors.astype(np.float64), starts, axis=0) / counts[:, None]).astype(np.float32)
         else:
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-    except (ValueError, OSError, UnicodeDecodeError, csv.Error) as exc:
-        from ctfm.errors import one_line
-
-        raise CTInputError(path, f"unreadable sheet: {one_line(exc)}", "give a CSV (comma-separated, header row), TSV, Parquet or XLSX file") from None
-    rows = [{str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None} for row in rows]
-    columns = list(rows[0]) if rows else []
-    if not columns and suffix not in (".parquet", ".xlsx", ".xlsm"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            columns = [c.strip() for c in next(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","), [])]
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise CTInputError(path, f"missing column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'})", f"add a header row with {', '.join(required)}")
-    if not rows:
-        raise CTInputError(path, "no rows", "add one row per scan")
-    return rows
+            matrix = getattr(np, "minimum" if pool_patches == "min" else "maximum").reduceat(vectors.vectors, starts, axis=0)
+        key = {**key_dict(vectors.key), "pool": f"{pool_patches} (recomputed from patches)"}
+    hashes = [h or "" for h in scans.column("content_hash").to_pylist()]
+    return StoreVectors(os.fspath(store_path), key, scans.column("scan_id").to_pylist(), scans.column("source_path").to_pylist(), np.ascontiguousarray(matrix, dtype=np.float32), hashes)
 
 
 def load_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):

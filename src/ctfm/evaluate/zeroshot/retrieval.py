@@ -261,18 +261,19 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
     return {**results, **paths}
 
 
-def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, **filters) -> dict:
+def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, run: str | None = None, where: dict | None = None) -> dict:
     """3D-MIR retrieval from a store of patch embeddings (min-pooled here) and an annotation sheet."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import sha256_file, store_vectors, write_outputs
+    from ctfm.io.tables import read_table
     from ctfm.evaluate.reports.report import Report
 
     if not attributes:
         raise OptionError("3D-MIR needs at least one relevance attribute column (--relevance COLUMN[,COLUMN])")
-    sheet = read_table(sheet_path, required=(scan_column, split_column))
+    sheet = read_table(sheet_path, required=(scan_column, split_column)).to_pylist()
     if group_column and group_column not in sheet[0]:
         group_column = None
-    vectors = store_vectors(store, pool_patches="min", **filters)
+    vectors = store_vectors(store, run=run, where=where, pool_patches="min")
     run = mir_retrieval(vectors, sheet, attributes, scan_column, split_column, group_column, ks, sheet_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

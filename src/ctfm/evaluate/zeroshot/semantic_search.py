@@ -92,9 +92,9 @@ def summarise_label(cases: list[dict], seed: int = 0) -> dict:
 
 def read_labelled_sheet(path) -> list[dict]:
     """Rows ``{"image", "labels"}`` of a sheet; relative paths are relative to the sheet."""
-    from ctfm.evaluate.zeroshot.inputs import read_table
+    from ctfm.io.tables import read_table
 
-    rows = read_table(path, required=("image", "labels"))
+    rows = read_table(path, required=("image", "labels")).to_pylist()
     base = Path(path).resolve().parent
     out = []
     for row in rows:

@@ -96,14 +96,15 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
     }
 
 
-def run_stability(store, manifest, out, seed: int = 0, **filters) -> dict:
+def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, where: dict | None = None) -> dict:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
     from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import sha256_file, store_vectors, write_outputs
+    from ctfm.io.tables import read_table
     from ctfm.evaluate.reports.report import Report
 
-    rows = read_table(manifest, required=("scan_a", "scan_b"))
-    vectors = store_vectors(store, **filters)
+    rows = read_table(manifest, required=("scan_a", "scan_b")).to_pylist()
+    vectors = store_vectors(store, run=run, where=where)
     ia = [vectors.index_of(r["scan_a"], manifest) for r in rows]
     ib = [vectors.index_of(r["scan_b"], manifest) for r in rows]
     if any(x == y for x, y in zip(ia, ib)):
