@@ -153,11 +153,12 @@ def _list(args) -> int:
 
 def _download(args) -> int:
     from ctfm.models import download_weights
-    from ctfm.models.weights import WEIGHTS_NAME, sha256_file
+    from ctfm.io.hashing import file_sha256
+    from ctfm.models.weights import WEIGHTS_NAME
 
     folder = download_weights(args.repo, out=args.out)
     print(f"{folder}")
-    print(f"  {WEIGHTS_NAME} sha256 {sha256_file(folder / WEIGHTS_NAME)}")
+    print(f"  {WEIGHTS_NAME} sha256 {file_sha256(folder / WEIGHTS_NAME)}")
     return 0
 
 

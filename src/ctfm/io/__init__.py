@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError
-from ctfm.io.hashing import content_hash
+from ctfm.io.hashing import content_hash, file_sha256
 from ctfm.io.record import ScanRecord
 from ctfm.io.volume import VOLUME_SUFFIXES, read_volume_file, volume_format
 
-__all__ = ["load_ct", "ScanRecord", "content_hash", "save_nifti", "orientation_code", "load_labels"]
+__all__ = ["load_ct", "ScanRecord", "content_hash", "file_sha256", "save_nifti", "orientation_code", "load_labels"]
 
 
 class CTGeometryWarning(UserWarning):

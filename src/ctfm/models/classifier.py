@@ -70,7 +70,7 @@ def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], s
     from safetensors.torch import save_file
 
     from ctfm.models import save_pretrained
-    from ctfm.models.weights import sha256_file
+    from ctfm.io.hashing import file_sha256
     from ctfm.runtime import atomic_path
 
     folder = Path(folder)
@@ -89,8 +89,8 @@ def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], s
             "arch": model.arch,
             "input_layout": layout,
             "preprocess": spec.to_dict(),
-            "encoder_sha256": sha256_file(tmp / ENCODER_DIR / "model.safetensors"),
-            "head_sha256": sha256_file(tmp / HEAD_NAME),
+            "encoder_sha256": file_sha256(tmp / ENCODER_DIR / "model.safetensors"),
+            "head_sha256": file_sha256(tmp / HEAD_NAME),
             "provenance": provenance or {},
         }
         (tmp / CLASSIFIER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -110,12 +110,12 @@ def load_classifier(source) -> tuple[CTClassifier, dict]:
     """(model in eval mode, classifier.json) of a classifier folder or fine-tuning run; strict loading."""
     from safetensors.torch import load_file
 
-    from ctfm.models.weights import load_weights
+    from ctfm.models.weights import load_state_into
 
     folder = classifier_folder(source)
     meta = json.loads((folder / CLASSIFIER_JSON).read_text(encoding="utf-8"))
     model = CTClassifier(**meta["arch"])
-    load_weights(model.trunk, folder / ENCODER_DIR)
+    load_state_into(model.trunk, folder / ENCODER_DIR)
     model.head.load_state_dict(load_file(str(folder / HEAD_NAME)), strict=True)
     model.eval()
     return model, meta

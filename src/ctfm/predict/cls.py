@@ -22,13 +22,13 @@ import numpy as np
 
 
 @dataclass
-class PredictSummary:
+class ClsPredictSummary:
     rows: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     out: str = ""
 
 
-def predict_cls(inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False) -> PredictSummary:
+def predict_cls(inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False) -> ClsPredictSummary:
     """Probabilities for every input scan -> ``out`` (CSV) and ``out``.json (provenance)."""
     import torch
 
@@ -48,7 +48,7 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     task, labels = meta["task"], list(meta["labels"])
     from ctfm.finetune.cls import preprocess_input
 
-    summary = PredictSummary(out=str(out))
+    summary = ClsPredictSummary(out=str(out))
     rows: list[list] = []
     bar = progress_bar(len(sources), progress)
     for source in sources:

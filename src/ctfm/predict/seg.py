@@ -144,7 +144,7 @@ class GridInverter:
 
 
 @dataclass
-class PredictSummary:
+class SegPredictSummary:
     done: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
@@ -201,7 +201,7 @@ def predict_seg(
     statistics: bool = False,
     progress: bool = True,
     overwrite: bool = False,
-) -> PredictSummary:
+) -> SegPredictSummary:
     """Predict every input (files, folders, DICOM trees, manifests) into ``out``; see the module docstring.
 
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
@@ -229,7 +229,7 @@ def predict_seg(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(inputs).sources
-    summary = PredictSummary()
+    summary = SegPredictSummary()
     start = time.perf_counter()
     bar = progress_bar(len(sources), progress)
     names = {int(k): v for k, v in loaded.labels.items() if keep is None or k == 0 or k in keep}
@@ -270,4 +270,4 @@ def predict_seg(
     return summary
 
 
-__all__ = ["GridInverter", "PredictSummary", "inference_spec", "output_name", "predict_seg", "predict_volume"]
+__all__ = ["GridInverter", "SegPredictSummary", "inference_spec", "output_name", "predict_seg", "predict_volume"]

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.io.hashing import file_sha256
 
 METRICS = ("dice", "hd95", "nsd")
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -167,14 +168,6 @@ def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def score_cases(pairs, labels: dict[int, str], nsd_tolerance_mm: float) -> tuple[list[dict], list[dict]]:
@@ -317,7 +310,7 @@ def _per_case(rows: list[dict]) -> dict:
 
 def _provenance(pred, truth, compare, pairs, labels) -> dict:
     """Input hashes, the manifest hash and, where the predictions say so, the model that made them."""
-    files = [{"case": name, "truth": str(t), "truth_sha256": _sha256(t), "prediction_sha256": _sha256(p) if p else None} for name, t, p in pairs]
+    files = [{"case": name, "truth": str(t), "truth_sha256": file_sha256(t), "prediction_sha256": file_sha256(p) if p else None} for name, t, p in pairs]
     manifest = hashlib.sha256(json.dumps([(f["case"], f["truth_sha256"], f["prediction_sha256"]) for f in files]).encode()).hexdigest()
     model = {}
     for _, _, p in pairs:

@@ -14,7 +14,6 @@ paired bootstrap for AUROC; a paired bootstrap for every other metric).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import time
 from pathlib import Path
@@ -24,16 +23,9 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.metrics import classification as cm
 from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, encode_target, few_shot_curve, load_probe_inputs, outer_folds
+from ctfm.io.hashing import file_sha256
 
 PREDICTIONS_NAME = "predictions.csv"
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _common_rows(inputs):

@@ -125,7 +125,8 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
 
 def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", **filters) -> tuple[np.ndarray, list[str], dict]:
     """``(vectors [N, D], labels, provenance)`` for the rows of a labels sheet found in a store."""
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors
+    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors
+    from ctfm.io.hashing import file_sha256
 
     vectors = store_vectors(store, **filters)
     sheet = read_table(labels_path, required=(scan_column, label_column))
@@ -133,13 +134,14 @@ def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_
     labels = [str(row[label_column]) for row in sheet]
     if len(set(index)) != len(index):
         raise CTInputError(labels_path, "a scan is listed twice", "list each scan once")
-    return vectors.matrix[index], labels, {**vectors.provenance(), "labels": os.path.abspath(labels_path), "labels_sha256": sha256_file(labels_path)}
+    return vectors.matrix[index], labels, {**vectors.provenance(), "labels": os.path.abspath(labels_path), "labels_sha256": file_sha256(labels_path)}
 
 
 def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> tuple[np.ndarray, list[str], dict]:
     """All OrganMNIST3D volumes (train + val + test, flipped as CT-FM's clustering notebook does)
     embedded, with organ names."""
-    from ctfm.evaluate.zeroshot.inputs import encode_batches, load_encoder, sha256_file
+    from ctfm.evaluate.zeroshot.inputs import encode_batches, load_eval_encoder
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 
     splits = load_organmnist3d(npz, "clustering")
@@ -147,7 +149,7 @@ def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int
     labels = np.concatenate([splits[s][1] for s in ("train", "val", "test")])
     if limit:
         volumes, labels = volumes[:limit], labels[:limit]
-    encoder, fields = load_encoder(weights, model, seed, device)
+    encoder, fields = load_eval_encoder(weights, model, seed, device)
     vectors = encode_batches(encoder, volumes, batch_size, device)
     names = [ORGANMNIST_LABELS[i] if 0 <= i < len(ORGANMNIST_LABELS) else str(i) for i in labels]
-    return vectors, names, {**fields, "input": os.path.abspath(npz), "input_sha256": sha256_file(npz), "limit": limit}
+    return vectors, names, {**fields, "input": os.path.abspath(npz), "input_sha256": file_sha256(npz), "limit": limit}

@@ -60,7 +60,7 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
 
     from ctfm.embedding.modes import EmbedOptions, embed_dense
     from ctfm.evaluate.reports.figures import overlay_figure
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.io.hashing import content_hash
     from ctfm.models.preprocessing import preprocessing_for
@@ -75,7 +75,7 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
 
             raise CTInputError(scan, "no such file or folder", "give the path of a CT scan")
     if encoder is None:
-        encoder, weights_fields = load_encoder(weights, model, seed, device)
+        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
     spec = concepts_spec(preprocessing_for(encoder, model, "dense"), zoom)
     window = spec.windows[0]
     body_level = (BODY_HU - window.low_hu) / (window.high_hu - window.low_hu)

@@ -70,14 +70,6 @@ def digest_of(items) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 KEY_FILTERS = ("mode", "model", "weights_sha256", "preset_hash", "pool", "precision", "overlap")
 
 
@@ -192,7 +184,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     return rows
 
 
-def load_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
+def load_eval_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
     """``(encoder in eval mode, provenance fields)``: weights loaded strictly, or a seeded random
     init (warned, for testing)."""
     from ctfm.embedding.runner import build_encoder, weights_sha256_of

@@ -241,11 +241,12 @@ def mir_retrieval(vectors, sheet: list[dict], attributes: list[str], scan_column
 def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, queries: str = "val+test", device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> dict:
     """OrganMNIST3D retrieval end to end: results.json, a figure and report.html in ``out``."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, sha256_file, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
     splits = load_organmnist3d(npz, "retrieval")
-    encoder, fields = load_encoder(weights, model, seed, device)
+    encoder, fields = load_eval_encoder(weights, model, seed, device)
     run = organmnist_retrieval(splits, encoder, queries=queries, batch_size=batch_size, device=device, limit=limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +257,7 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
     report.heading("Results beside the paper's").table(rows, digits=4).figure(figure, "this run beside CT-FM's and SuPreM's published figures")
     report.paragraph("AP@k averages the precision at each hit's rank over the hits in the top k (0 without a hit); HR@k is 1 when any of the top k has the query's organ; F1@k is their harmonic mean per query. Means over queries with 95% bootstrap intervals.")
     results = {"evaluation": "retrieval", "protocol": "organmnist3d", "metric": "l2", "queries": queries, "n_gallery": run["n_gallery"], "n_queries": run["n_queries"], "metrics": run["summary"], "paper": PAPER_ORGANMNIST, "figures": [figure.name]}
-    prov = {**fields, "input": os.path.abspath(npz), "input_sha256": sha256_file(npz), "limit": limit}
+    prov = {**fields, "input": os.path.abspath(npz), "input_sha256": file_sha256(npz), "limit": limit}
     paths = write_outputs(out, results, prov, report)
     return {**results, **paths}
 
@@ -264,7 +265,8 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
 def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, **filters) -> dict:
     """3D-MIR retrieval from a store of patch embeddings (min-pooled here) and an annotation sheet."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors, write_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
     if not attributes:
@@ -292,7 +294,7 @@ def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "s
     paper_rows = [{"attribute": name, "organ": organ, "P@3": v[0], "P@5": v[1], "P@10": v[2], "mAP": v[3]} for name, table in PAPER_MIR.items() for organ, v in table.items()]
     report.heading("CT-FM's published 3D-MIR figures (MSD liver, colon, pancreas, lung; percent)").table(paper_rows, digits=2)
     results = {"evaluation": "retrieval", "protocol": "3d-mir", "metric": "cosine", "pool": "min", **{k: run[k] for k in ("groups", "overall", "attributes", "ks")}, "per_query": run["per_query"], "paper": PAPER_MIR, "figures": figures}
-    prov = {**vectors.provenance(), "annotations": os.path.abspath(sheet_path), "annotations_sha256": sha256_file(sheet_path)}
+    prov = {**vectors.provenance(), "annotations": os.path.abspath(sheet_path), "annotations_sha256": file_sha256(sheet_path)}
     paths = write_outputs(out, results, prov, report)
     return {**results, **paths}
 

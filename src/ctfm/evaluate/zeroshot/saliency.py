@@ -101,7 +101,7 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
 
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.io import load_labels, save_nifti
     from ctfm.io.hashing import content_hash
@@ -109,7 +109,7 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
 
     image, record = load_usable_ct(scan)
     if encoder is None:
-        encoder, weights_fields = load_encoder(weights, model, seed, device)
+        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
     spec = saliency_spec()
     prepared = preprocess(image, spec)
     volume = prepared.as_tensor()[None].to(device)

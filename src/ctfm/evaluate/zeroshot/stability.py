@@ -99,7 +99,8 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
 def run_stability(store, manifest, out, seed: int = 0, **filters) -> dict:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
     from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors, write_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
     rows = read_table(manifest, required=("scan_a", "scan_b"))
@@ -140,6 +141,6 @@ def run_stability(store, manifest, out, seed: int = 0, **filters) -> dict:
         report.figure(figure, figure.stem)
     report.heading("Pairs").table(per_pair, digits=4)
     results = {"evaluation": "stability", **summary, "per_pair": per_pair, "per_dimension_icc": icc, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
-    prov = {**vectors.provenance(), "manifest": os.path.abspath(manifest), "manifest_sha256": sha256_file(manifest)}
+    prov = {**vectors.provenance(), "manifest": os.path.abspath(manifest), "manifest_sha256": file_sha256(manifest)}
     paths = write_outputs(out, results, prov, report)
     return {**{k: v for k, v in results.items() if k != "per_dimension_icc"}, **paths}
