@@ -21,7 +21,9 @@ import json
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
+    from ctfm.cli import add_subcommands
+
+    sub = add_subcommands(parser, "index")
     build = sub.add_parser("build", help="build (or rebuild) an index over one run's vectors")
     build.add_argument("store", metavar="STORE")
     build.add_argument("--level", default="scan", choices=["scan", "patch"], help="scan vectors (default) or patch (window) vectors")
@@ -47,20 +49,26 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ctfm.store import open_store
-    from ctfm.store.index import IndexParams, build_index, update_index
+    from ctfm.cli import run_subcommand
 
-    store = open_store(args.store)
-    if args.index_command == "build":
+    return run_subcommand(args, dict.fromkeys(("build", "update", "status", "check"), _run))
+
+
+def _run(args) -> int:
+    import ctfm
+    from ctfm.store.index import IndexParams, update_index
+
+    store = ctfm.open_store(args.store)
+    if args._subcommand == "build":
         params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search, codec=args.codec, refine=args.refine)
-        index = build_index(store, args.level, params, run=args.run)
+        index = ctfm.build_index(store, args.level, params, run=args.run)
         if args.json:
             print(json.dumps({k: v for k, v in index.manifest.items() if k != "covered"}, indent=2))
         else:
             m = index.manifest
             print(f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}")
         return 0
-    if args.index_command == "update":
+    if args._subcommand == "update":
         index, done = update_index(store, args.level, run=args.run)
         print(f"{index.path}: {done}; {index.ntotal} vectors from {index.manifest['scans']} scan(s)")
         return 0
@@ -69,7 +77,7 @@ def run(args) -> int:
         print(json.dumps(status, indent=2))
     else:
         _print_status(status)
-    if args.index_command == "check":
+    if args._subcommand == "check":
         return 1 if any(i["stale"] for i in status["indexes"]) else 0
     return 0
 

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ctfm.app import serve
+    import ctfm
     from ctfm.errors import OptionError
 
     if not 0 <= args.port <= 65535:
@@ -45,5 +45,5 @@ def run(args) -> int:
         if state.weights_note:
             print(f"warning: {state.weights_note}", file=sys.stderr, flush=True)
 
-    serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=args.run, device=args.device, query_from=args.query, refine=args.refine, display_cache_gb=args.display_cache_gb, on_start=announce)
+    ctfm.serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=args.run, device=args.device, query_from=args.query, refine=args.refine, display_cache_gb=args.display_cache_gb, on_start=announce)
     return 0

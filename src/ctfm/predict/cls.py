@@ -20,12 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.runtime import Result
+
 
 @dataclass
-class ClsPredictSummary:
+class ClsPredictSummary(Result):
+    """What :func:`predict_cls` returns: rows written, failed inputs ``(input, message)``, the CSV
+    path, and the provenance recorded in ``out``.json."""
+
     rows: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     out: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"predicted {self.rows - len(self.failed)} scan(s), {len(self.failed)} failed; wrote {self.out}"
 
 
 def predict_cls(inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False) -> ClsPredictSummary:
@@ -73,4 +82,5 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     fields = provenance(model=str(folder), task=task, labels=labels, weights_sha256=weights_sha256(meta), encoder_sha256=meta["encoder_sha256"], head_sha256=meta["head_sha256"], preset=spec.name, preset_hash=spec.content_hash(), inputs=[str(s) for s in sources], failed=len(summary.failed))
     write_text_atomic(str(out) + ".json", json.dumps(fields, indent=2) + "\n")
     summary.rows = len(rows)
+    summary.provenance = fields
     return summary

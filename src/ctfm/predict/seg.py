@@ -33,6 +33,7 @@ import torch
 
 from ctfm.errors import CTInputError, OptionError, UserError, one_line
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
+from ctfm.runtime import Result
 
 LABELS_SUFFIX = ".labels.json"
 FAILURES_NAME = "failures.json"
@@ -144,12 +145,22 @@ class GridInverter:
 
 
 @dataclass
-class SegPredictSummary:
+class SegPredictSummary(Result):
+    """What :func:`predict_seg` returns: inputs predicted, skipped (already done) and failed
+    ``(input, message)``, seconds, the label maps written and the output folder."""
+
     done: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+    out: str = ""
+
+    def summary(self) -> str:
+        return (
+            f"predicted {self.done} input(s), skipped {self.skipped} already done, {len(self.failed)} failed; "
+            f"{self.seconds:.1f} s; outputs in {self.out}"
+        )
 
 
 def _precision_context(precision: str, device: str):
@@ -229,7 +240,7 @@ def predict_seg(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(inputs).sources
-    summary = SegPredictSummary()
+    summary = SegPredictSummary(out=str(out))
     start = time.perf_counter()
     bar = progress_bar(len(sources), progress)
     names = {int(k): v for k, v in loaded.labels.items() if keep is None or k == 0 or k in keep}

@@ -33,12 +33,14 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.io.hashing import file_sha256
+from ctfm.runtime import DocumentResult
 
 METRICS = ("dice", "hd95", "nsd")
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -250,6 +252,18 @@ def compare_dice(rows_a: list[dict], rows_b: list[dict], labels: dict[int, str])
     return out
 
 
+@dataclass
+class SegEvaluation(DocumentResult):
+    """What :func:`evaluate_segmentation` returns: ``data`` holds the keys of results.json (rules,
+    labels, summary, per_case, failures, unmatched_predictions[, compare]); ``provenance`` the inputs' hashes."""
+
+    def summary(self) -> str:
+        summary = self.data["summary"]
+        macro = summary["macro"].get("dice")
+        dice = f", macro Dice {macro['estimate']:.3f} [{macro['low']:.3f}, {macro['high']:.3f}]" if macro else ""
+        return f"evaluate seg: {summary['cases']} case(s) scored, {len(self.data['failures'])} failed{dice}"
+
+
 def evaluate_segmentation(
     pred: str | os.PathLike,
     truth: str | os.PathLike,
@@ -259,8 +273,8 @@ def evaluate_segmentation(
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     n_resamples: int = 2000,
     seed: int = 0,
-) -> dict:
-    """Score predictions against truths (files or folders matched by name) -> results dict.
+) -> SegEvaluation:
+    """Score predictions against truths (files or folders matched by name) -> :class:`SegEvaluation`.
 
     With ``out``: ``results.json`` (with provenance), ``metrics.csv`` (one row per case and
     class) and ``overlay.png`` (worst and best case by macro Dice). Failures (a missing or
@@ -291,11 +305,10 @@ def evaluate_segmentation(
         compare_pairs, _ = match_cases(compare, truth)
         compare_rows, compare_failures = score_cases(compare_pairs, labels, nsd_tolerance_mm)
         results["compare"] = {"path": str(compare), "summary": summarise(compare_rows, labels, n_resamples, seed), "wilcoxon": compare_dice(rows, compare_rows, labels), "failures": compare_failures}
-    provenance_fields = _provenance(pred, truth, compare, pairs, labels)
-    results["_provenance"] = provenance_fields
+    result = SegEvaluation(results, _provenance(pred, truth, compare, pairs, labels))
     if out is not None:
-        write_outputs(Path(out), results, rows, pairs, labels)
-    return results
+        write_outputs(Path(out), result, rows, pairs, labels)
+    return result
 
 
 def _per_case(rows: list[dict]) -> dict:
@@ -325,7 +338,7 @@ def _provenance(pred, truth, compare, pairs, labels) -> dict:
     return {"pred": str(pred), "truth": str(truth), "compare": str(compare) if compare else None, "data_manifest_sha256": manifest, "inputs": files, "prediction_model": model or None, "n_classes": len(labels) - 1}
 
 
-def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dict[int, str]) -> None:
+def write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, labels: dict[int, str]) -> None:
     from ctfm.evaluate.reports.report import write_results
     from ctfm.runtime import write_text_atomic
 
@@ -341,8 +354,7 @@ def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dic
         worst, best = min(per_case, key=per_case.get), max(per_case, key=per_case.get)
         paths = {name: (t, p) for name, t, p in pairs}
         overlay_figure([(f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]), (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best])], labels, out / "overlay.png")
-    body = {k: v for k, v in results.items() if k != "_provenance"}
-    write_results(out, body, results["_provenance"])
+    write_results(out, results.data, results.provenance)
 
 
 def overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:

@@ -10,13 +10,21 @@ unit vectors) against the labels.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
+
+
+@dataclass
+class ClusteringResult(ZeroShotResult):
+    """What the clustering evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def knn_accuracy(vectors: np.ndarray, labels, k: int = 5) -> float:
@@ -98,7 +106,7 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
         return reducer.fit_transform(np.asarray(vectors, dtype=np.float32))
 
 
-def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> dict:
+def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> ClusteringResult:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
     from ctfm.evaluate.reports.figures import scatter_labelled
     from ctfm.evaluate.zeroshot.inputs import write_outputs
@@ -119,8 +127,7 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
     counts = {name: int((labels == name).sum()) for name in sorted(set(labels))}
     report.heading("Labels").table([{"label": name, "n": n} for name, n in counts.items()])
     results = {"evaluation": "clustering", "metrics": metrics, "label_counts": counts, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
-    paths = write_outputs(out, results, provenance_fields, report)
-    return {**results, **paths}
+    return write_outputs(out, results, provenance_fields, report, ClusteringResult)
 
 
 def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", **filters) -> tuple[np.ndarray, list[str], dict]:
@@ -153,3 +160,37 @@ def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int
     vectors = encode_batches(encoder, volumes, batch_size, device)
     names = [ORGANMNIST_LABELS[i] if 0 <= i < len(ORGANMNIST_LABELS) else str(i) for i in labels]
     return vectors, names, {**fields, "input": os.path.abspath(npz), "input_sha256": file_sha256(npz), "limit": limit}
+
+
+def evaluate_clustering(
+    store=None,
+    *,
+    out,
+    labels=None,
+    organmnist=None,
+    scan_column: str = "scan",
+    label_column: str = "label",
+    weights: str | None = None,
+    model: str = "ct-fm",
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 8,
+    limit: int | None = None,
+    k: int = 5,
+    perplexity: float = 100.0,
+    with_umap: bool = True,
+    **filters,
+) -> ClusteringResult:
+    """Clustering of ``store``'s vectors labelled by the ``labels`` sheet, or of OrganMNIST3D
+    (``organmnist=NPZ``) encoded with ``weights``; see :func:`run_clustering`."""
+    if bool(organmnist) == bool(store):
+        raise OptionError("clustering: give either STORE --labels SHEET or --organmnist NPZ")
+    if organmnist:
+        vectors, names, prov = organmnist_vectors(organmnist, weights, model, seed, device, batch_size, limit)
+        title = "OrganMNIST3D"
+    else:
+        if not labels:
+            raise OptionError("clustering STORE needs --labels SHEET (columns scan, label)")
+        vectors, names, prov = labelled_store_vectors(store, labels, scan_column, label_column, **filters)
+        title = str(labels)
+    return run_clustering(vectors, names, out, prov, title, k=k, perplexity=perplexity, with_umap=with_umap)

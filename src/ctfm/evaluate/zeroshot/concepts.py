@@ -11,14 +11,22 @@ grid at a higher cost.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import OptionError
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 BODY_HU = -500.0  # feature voxels whose centre is denser than this take part in the PCA
 PAPER_NOTE = "CT-FM shows PCA colour maps of dense features on two TotalSegmentator scans (qualitative: organs and tissue classes take distinct colours); no number is published"
+
+
+@dataclass
+class ConceptsResult(ZeroShotResult):
+    """What the concept maps evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def concepts_spec(spec, zoom: float = 1.0):
@@ -54,7 +62,7 @@ def pca_colours(features: list[np.ndarray], masks: list[np.ndarray], n_component
     return colours, pca.explained_variance_ratio_
 
 
-def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, zoom: float = 1.0, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> dict:
+def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, zoom: float = 1.0, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> ConceptsResult:
     """Concept maps of ``scans``: one PCA over all; a figure and a NIfTI of the colours per scan."""
     import nibabel as nib
 
@@ -118,6 +126,5 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     report.paragraph(f"Paper: {PAPER_NOTE}.")
     results = {"evaluation": "concepts", "explained_variance_ratio": explained, "scans": per_scan, "zoom": zoom, "maps": maps, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
     prov = {**(weights_fields or {}), "scans": [os.path.abspath(s) for s in scans], "scan_content_hashes": hashes, "preset": spec.name, "preset_hash": spec.content_hash()}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths}
+    return write_outputs(out, results, prov, report, ConceptsResult)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.runtime import DocumentResult
 
 
 @dataclass
@@ -207,15 +208,28 @@ def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: st
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def write_outputs(out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report) -> dict:
-    """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the paths."""
+@dataclass
+class ZeroShotResult(DocumentResult):
+    """What a zero-shot evaluation returns: ``data`` holds the keys of its results.json and the
+    paths of ``results`` (results.json) and ``report`` (report.html); ``provenance`` what produced it."""
+
+    def summary(self) -> str:
+        return f"{self.data['evaluation']}: results {self.data['results']}, report {self.data['report']}"
+
+
+def write_outputs(
+    out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report, result_type=None
+) -> ZeroShotResult:
+    """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the result
+    (``result_type``, a :class:`ZeroShotResult` subclass) with the two paths."""
     from ctfm.evaluate.reports.report import provenance, write_results
 
     prov = provenance(**provenance_fields)
     results_path = write_results(out_dir, results, prov)
     report.provenance(prov)
     report_path = report.write(Path(out_dir) / "report.html")
-    return {"results": os.fspath(results_path), "report": os.fspath(report_path)}
+    paths = {"results": os.fspath(results_path), "report": os.fspath(report_path)}
+    return (result_type or ZeroShotResult)({**results, **paths}, prov)
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:

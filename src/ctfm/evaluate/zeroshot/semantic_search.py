@@ -20,11 +20,13 @@ Region embedding and matching are ctfm.search's (the same code as ``ctfm search 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 WINDOW_MM = (64.0, 64.0, 64.0)
 OVERLAP = 0.625
@@ -35,6 +37,12 @@ PAPER = {  # CT-FM's heart-centroid search over 469 thorax pairs of TotalSegment
     "SuPreM": {"pairs": 469, "error_mm_mean": 234.4, "error_mm_sd": 70.6, "error_mm_median": 227.1, "inside_label_rate": 0.819},
     "note": "the paper's inside-label rate uses a looser test than this one",
 }
+
+
+@dataclass
+class SemanticSearchResult(ZeroShotResult):
+    """What the semantic search evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def search_spec(spacing_mm: float = 1.0, window_voxels: int = 64):
@@ -157,7 +165,7 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
     return {"cases": cases, "skipped": skipped, "store_computation": list(session.patch_vectors.key)}
 
 
-def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> dict:
+def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> SemanticSearchResult:
     """The evaluation end to end: store in ``out/store``, results.json, figure, report.html."""
     from ctfm.evaluate.reports.figures import grouped_bars
     from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
@@ -210,5 +218,4 @@ def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_
         report.heading("Skipped").table(run["skipped"])
     results = {"evaluation": "semantic-search", "labels": [str(v) for v in labels], "window_voxels": window_voxels, "spacing_mm": [float(spacing_mm)] * 3, "protocol": "ct-fm" if spec.name == "ct-fm-search-1mm" else "custom", "overlap": overlap, "refinements": list(refinements), "per_label": per_label, "per_case": run["cases"], "skipped": run["skipped"], "paper": PAPER, "figures": [figure.name]}
     prov = {**(weights_fields or {}), "sheet": os.path.abspath(sheet), "sheet_sha256": file_sha256(sheet), "store": os.path.abspath(out / "store"), "computation": run["store_computation"], "preset": spec.name, "preset_hash": spec.content_hash()}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths}
+    return write_outputs(out, results, prov, report, SemanticSearchResult)
