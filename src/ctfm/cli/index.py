@@ -56,7 +56,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     import ctfm
-    from ctfm.store.index import IndexParams, update_index
+    from ctfm.store.index import IndexParams, index_status, update_index
 
     store = ctfm.open_store(args.store)
     if args._subcommand == "build":
@@ -80,24 +80,6 @@ def _run(args) -> int:
     if args._subcommand == "check":
         return 1 if any(i["stale"] for i in status["indexes"]) else 0
     return 0
-
-
-def index_status(store) -> dict:
-    """Runs by level (digest, key, counts) and every index with its staleness."""
-    from ctfm.store.index import list_indexes, load_index
-    from ctfm.store.vectors import list_runs
-
-    runs = {level: list_runs(store, level) for level in ("scan", "patch")}
-    indexes = []
-    for manifest in list_indexes(store):
-        index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
-        state = index.staleness(store)
-        indexes.append({
-            "level": manifest["level"], "run": manifest["digest"], "kind": manifest["params"]["kind"], "metric": manifest["params"]["metric"],
-            "vectors": manifest["vectors"], "scans": manifest["scans"], "created_at": manifest["created_at"], "stale": state.stale,
-            "state": state.describe(), "added": len(state.added), "changed": len(state.changed), "path": str(index.path),
-        })
-    return {"store": str(store.root), "runs": runs, "indexes": indexes}
 
 
 def _print_status(status: dict) -> None:

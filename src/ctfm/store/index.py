@@ -33,7 +33,7 @@ import numpy as np
 from ctfm.errors import OptionError, UserError
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
 from ctfm.store.schema import RUN_KEY
-from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_rows, select_run
+from ctfm.store.vectors import LEVELS, RunVectors, key_dict, list_runs, load_run_vectors, run_digest, run_scan_rows, select_run
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "l2")
@@ -442,3 +442,20 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
 
             warnings.warn(message, stacklevel=2)
     return index
+
+
+def index_status(store) -> dict:
+    """Runs by level (digest, key, counts) and every index with its staleness (``ctfm index status``)."""
+    runs = {level: list_runs(store, level) for level in LEVELS}
+    indexes = []
+    for manifest in list_indexes(store):
+        index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
+        state = index.staleness(store)
+        params = manifest["params"]
+        indexes.append({
+            "level": manifest["level"], "run": manifest["digest"], "kind": params["kind"], "metric": params["metric"],
+            "vectors": manifest["vectors"], "scans": manifest["scans"], "created_at": manifest["created_at"],
+            "stale": state.stale, "state": state.describe(), "added": len(state.added), "changed": len(state.changed),
+            "path": str(index.path),
+        })
+    return {"store": str(store.root), "runs": runs, "indexes": indexes}
