@@ -52,7 +52,8 @@ def _device(args) -> str:
 def _emit(result, as_json: bool) -> int:
     """Print a zero-shot result: its JSON (without the long per-item lists) or its one-line summary."""
     if as_json:
-        brief = {k: v for k, v in result.to_json().items() if k not in ("per_query", "per_pair", "per_dimension_icc", "per_case")}
+        long_lists = ("per_query", "per_pair", "per_dimension_icc", "per_case")
+        brief = {k: v for k, v in result.to_json().items() if k not in long_lists}
         print(json.dumps(brief, indent=2, allow_nan=False))
     else:
         print(result.summary())
@@ -229,5 +230,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ctfm.cli import evaluate_seg, run_subcommand
 
-    runs = {"retrieval": run_retrieval, "semantic-search": run_semantic_search, "clustering": run_clustering, "concepts": run_concepts}
-    return run_subcommand(args, {**runs, "stability": run_stability, "saliency": run_saliency, "seg": evaluate_seg.run_seg})
+    runs = {
+        "retrieval": run_retrieval,
+        "semantic-search": run_semantic_search,
+        "clustering": run_clustering,
+        "concepts": run_concepts,
+        "stability": run_stability,
+        "saliency": run_saliency,
+        "seg": evaluate_seg.run_seg,
+    }
+    return run_subcommand(args, runs)

@@ -82,7 +82,12 @@ def run(args) -> int:
 
 def _writing(args) -> dict:
     """The folder-writing options as keyword arguments of the library calls."""
-    return {"labels": args.labels, "overwrite": args.overwrite, "init_filters": args.init_filters, "out_channels": args.out_channels}
+    return {
+        "labels": args.labels,
+        "overwrite": args.overwrite,
+        "init_filters": args.init_filters,
+        "out_channels": args.out_channels,
+    }
 
 
 def _list(args) -> int:

@@ -80,7 +80,9 @@ def run(args) -> int:
             from ctfm.errors import OptionError
 
             raise OptionError("--target and --heatmap belong to region search (--point)")
-        hits = ctfm.search_scans(args.store, args.scan, k=args.k, filters=filters, include_self=args.include_self, **options)
+        hits = ctfm.search_scans(
+            args.store, args.scan, k=args.k, filters=filters, include_self=args.include_self, **options
+        )
         _print(hits, args.json, lambda h: f"{h.rank:3d}  {h.score:+.4f}  {h.scan_id}  {h.source_path}")
         return 0
     scan, point = parse_point(args.point)

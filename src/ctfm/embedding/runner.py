@@ -47,7 +47,8 @@ class RunSummary(Result):
 
     def summary(self) -> str:
         rate = f"; {self.done / self.seconds if self.seconds else 0.0:.2f} scans/s" if self.done else ""
-        return f"embedded {self.done} scan(s), skipped {self.skipped} already in the store, {len(self.failed)} failed{rate}"
+        failed = len(self.failed)
+        return f"embedded {self.done} scan(s), skipped {self.skipped} already in the store, {failed} failed{rate}"
 
 
 class EmbedRun(list):

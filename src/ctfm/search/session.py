@@ -454,7 +454,9 @@ def _check_k(k: int) -> None:
 
 
 # ---- one-call functions (a session each; keep a SearchSession to search repeatedly) ----------
-def search_scans(store, query, k: int = 10, filters: dict | None = None, include_self: bool = False, **session) -> list[ScanHit]:
+def search_scans(
+    store, query, k: int = 10, filters: dict | None = None, include_self: bool = False, **session
+) -> list[ScanHit]:
     return SearchSession(store, **session).search_scans(query, k, filters, include_self)
 
 

@@ -400,7 +400,9 @@ def evaluate_retrieval(
     """Retrieval by either protocol: ``organmnist=NPZ`` (OrganMNIST3D, :func:`run_organmnist`) or
     ``store`` with ``annotations`` and ``relevance`` columns (3D-MIR, :func:`run_mir`)."""
     if bool(organmnist) == bool(store):
-        raise OptionError("retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)")
+        raise OptionError(
+            "retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)"
+        )
     if organmnist:
         return run_organmnist(organmnist, out, weights, model, seed, queries, device, batch_size, limit)
     if not annotations:
