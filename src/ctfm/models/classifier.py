@@ -121,11 +121,11 @@ def load_classifier(source) -> tuple[CTClassifier, dict]:
     return model, meta
 
 
-def weights_sha256(meta: dict) -> str:
+def classifier_sha256(meta: dict) -> str:
     """One sha256 naming both parts of a classifier (encoder and head)."""
     import hashlib
 
     return hashlib.sha256(f"{meta['encoder_sha256']}:{meta['head_sha256']}".encode()).hexdigest()
 
 
-__all__ = ["CTClassifier", "classifier_folder", "load_classifier", "load_trunk_weights", "save_classifier", "weights_sha256"]
+__all__ = ["CTClassifier", "classifier_folder", "classifier_sha256", "load_classifier", "load_trunk_weights", "save_classifier"]

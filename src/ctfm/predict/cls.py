@@ -44,7 +44,7 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     from ctfm.errors import UserError, one_line
     from ctfm.evaluate.reports.report import provenance
     from ctfm.io.sources import discover_inputs
-    from ctfm.models.classifier import classifier_folder, load_classifier, weights_sha256
+    from ctfm.models.classifier import classifier_folder, load_classifier, classifier_sha256
     from ctfm.preprocess import PreprocessSpec
     from ctfm.runtime import progress_bar, write_text_atomic
 
@@ -79,7 +79,7 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     writer.writerow(["path", "series_uid", "scan_id", *[f"p_{n}" for n in names], "predicted", "error"])
     writer.writerows(rows)
     write_text_atomic(out, buffer.getvalue())
-    fields = provenance(model=str(folder), task=task, labels=labels, weights_sha256=weights_sha256(meta), encoder_sha256=meta["encoder_sha256"], head_sha256=meta["head_sha256"], preset=spec.name, preset_hash=spec.content_hash(), inputs=[str(s) for s in sources], failed=len(summary.failed))
+    fields = provenance(model=str(folder), task=task, labels=labels, weights_sha256=classifier_sha256(meta), encoder_sha256=meta["encoder_sha256"], head_sha256=meta["head_sha256"], preset=spec.name, preset_hash=spec.content_hash(), inputs=[str(s) for s in sources], failed=len(summary.failed))
     write_text_atomic(str(out) + ".json", json.dumps(fields, indent=2) + "\n")
     summary.rows = len(rows)
     summary.provenance = fields

@@ -262,7 +262,7 @@ def predict_seg(
             image = load_ct(source.path, series_uid=source.series_uid)[0] if statistics else geometry
             if keep is not None:
                 labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
-            provenance = writers.provenance(loaded, source, record, settings, precision)
+            provenance = writers.prediction_provenance(loaded, source, record, settings, precision)
             writers.write_prediction(out, name, labels, image, names, provenance, output_format=output_format, source=source, statistics=statistics)
             summary.done += 1
             summary.outputs.append(out / f"{name}.nii.gz")

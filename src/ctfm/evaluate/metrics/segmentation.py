@@ -210,7 +210,7 @@ def _macro(matrix: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def summarise(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000, seed: int = 0) -> dict:
+def summarise_cases(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per-class means with bootstrap 95 % intervals over cases, and the macro means."""
     from ctfm.evaluate.metrics.stats import bootstrap_ci
 
@@ -296,7 +296,7 @@ def evaluate_segmentation(
         },
         "labels": {str(k): v for k, v in labels.items()},
         "labels_source": labels_source,
-        "summary": summarise(rows, labels, n_resamples, seed),
+        "summary": summarise_cases(rows, labels, n_resamples, seed),
         "per_case": _per_case(rows),
         "failures": failures,
         "unmatched_predictions": unmatched,
@@ -304,10 +304,10 @@ def evaluate_segmentation(
     if compare is not None:
         compare_pairs, _ = match_cases(compare, truth)
         compare_rows, compare_failures = score_cases(compare_pairs, labels, nsd_tolerance_mm)
-        results["compare"] = {"path": str(compare), "summary": summarise(compare_rows, labels, n_resamples, seed), "wilcoxon": compare_dice(rows, compare_rows, labels), "failures": compare_failures}
+        results["compare"] = {"path": str(compare), "summary": summarise_cases(compare_rows, labels, n_resamples, seed), "wilcoxon": compare_dice(rows, compare_rows, labels), "failures": compare_failures}
     result = SegEvaluation(results, _provenance(pred, truth, compare, pairs, labels))
     if out is not None:
-        write_outputs(Path(out), result, rows, pairs, labels)
+        _write_outputs(Path(out), result, rows, pairs, labels)
     return result
 
 
@@ -338,7 +338,7 @@ def _provenance(pred, truth, compare, pairs, labels) -> dict:
     return {"pred": str(pred), "truth": str(truth), "compare": str(compare) if compare else None, "data_manifest_sha256": manifest, "inputs": files, "prediction_model": model or None, "n_classes": len(labels) - 1}
 
 
-def write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, labels: dict[int, str]) -> None:
+def _write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, labels: dict[int, str]) -> None:
     from ctfm.evaluate.reports.report import write_results
     from ctfm.runtime import write_text_atomic
 
@@ -353,11 +353,11 @@ def write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, la
     if per_case:
         worst, best = min(per_case, key=per_case.get), max(per_case, key=per_case.get)
         paths = {name: (t, p) for name, t, p in pairs}
-        overlay_figure([(f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]), (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best])], labels, out / "overlay.png")
+        _case_overlay_figure([(f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]), (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best])], labels, out / "overlay.png")
     write_results(out, results.data, results.provenance)
 
 
-def overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
+def _case_overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
     """One row per case: truth, prediction and disagreement on the axial slice with the most truth voxels."""
     import matplotlib
 

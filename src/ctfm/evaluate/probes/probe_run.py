@@ -164,7 +164,7 @@ def run_probe(
         labels={"path": str(labels), "sha256": file_sha256(labels)},
     ))
     if out:
-        write_outputs(out, result, entries, inputs)
+        _write_outputs(out, result, entries, inputs)
     return result
 
 
@@ -256,7 +256,7 @@ def _ci_text(m: dict) -> str:
     return f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
-def write_outputs(out, result: ProbeResult, entries, inputs) -> Path:
+def _write_outputs(out, result: ProbeResult, entries, inputs) -> Path:
     """results.json, predictions.csv, PNG curves and report.html in ``out``, each written atomically."""
     from ctfm.evaluate.reports.report import Report, write_results
     from ctfm.runtime import write_text_atomic

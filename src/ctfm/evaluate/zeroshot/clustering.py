@@ -109,7 +109,7 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
 def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> ClusteringResult:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
     from ctfm.evaluate.reports.figures import scatter_labelled
-    from ctfm.evaluate.zeroshot.inputs import write_outputs
+    from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
 
     labels = np.asarray([str(v) for v in labels])
@@ -127,7 +127,7 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
     counts = {name: int((labels == name).sum()) for name in sorted(set(labels))}
     report.heading("Labels").table([{"label": name, "n": n} for name, n in counts.items()])
     results = {"evaluation": "clustering", "metrics": metrics, "label_counts": counts, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
-    return write_outputs(out, results, provenance_fields, report, ClusteringResult)
+    return write_evaluation_outputs(out, results, provenance_fields, report, ClusteringResult)
 
 
 def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", **filters) -> tuple[np.ndarray, list[str], dict]:

@@ -68,7 +68,7 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
 
     from ctfm.embedding.modes import EmbedOptions, embed_dense
     from ctfm.evaluate.reports.figures import overlay_figure
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.io.hashing import content_hash
     from ctfm.models.preprocessing import preprocessing_for
@@ -126,5 +126,5 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     report.paragraph(f"Paper: {PAPER_NOTE}.")
     results = {"evaluation": "concepts", "explained_variance_ratio": explained, "scans": per_scan, "zoom": zoom, "maps": maps, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
     prov = {**(weights_fields or {}), "scans": [os.path.abspath(s) for s in scans], "scan_content_hashes": hashes, "preset": spec.name, "preset_hash": spec.content_hash()}
-    return write_outputs(out, results, prov, report, ConceptsResult)
+    return write_evaluation_outputs(out, results, prov, report, ConceptsResult)
 

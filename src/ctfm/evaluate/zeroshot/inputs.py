@@ -217,7 +217,7 @@ class ZeroShotResult(DocumentResult):
         return f"{self.data['evaluation']}: results {self.data['results']}, report {self.data['report']}"
 
 
-def write_outputs(
+def write_evaluation_outputs(
     out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report, result_type=None
 ) -> ZeroShotResult:
     """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the result

@@ -249,7 +249,7 @@ def mir_retrieval(vectors, sheet: list[dict], attributes: list[str], scan_column
 def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, queries: str = "val+test", device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> RetrievalResult:
     """OrganMNIST3D retrieval end to end: results.json, a figure and report.html in ``out``."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
     from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
@@ -266,13 +266,13 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
     report.paragraph("AP@k averages the precision at each hit's rank over the hits in the top k (0 without a hit); HR@k is 1 when any of the top k has the query's organ; F1@k is their harmonic mean per query. Means over queries with 95% bootstrap intervals.")
     results = {"evaluation": "retrieval", "protocol": "organmnist3d", "metric": "l2", "queries": queries, "n_gallery": run["n_gallery"], "n_queries": run["n_queries"], "metrics": run["summary"], "paper": PAPER_ORGANMNIST, "figures": [figure.name]}
     prov = {**fields, "input": os.path.abspath(npz), "input_sha256": file_sha256(npz), "limit": limit}
-    return write_outputs(out, results, prov, report, RetrievalResult)
+    return write_evaluation_outputs(out, results, prov, report, RetrievalResult)
 
 
 def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, **filters) -> RetrievalResult:
     """3D-MIR retrieval from a store of patch embeddings (min-pooled here) and an annotation sheet."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors, write_evaluation_outputs
     from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
@@ -302,7 +302,7 @@ def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "s
     report.heading("CT-FM's published 3D-MIR figures (MSD liver, colon, pancreas, lung; percent)").table(paper_rows, digits=2)
     results = {"evaluation": "retrieval", "protocol": "3d-mir", "metric": "cosine", "pool": "min", **{k: run[k] for k in ("groups", "overall", "attributes", "ks")}, "per_query": run["per_query"], "paper": PAPER_MIR, "figures": figures}
     prov = {**vectors.provenance(), "annotations": os.path.abspath(sheet_path), "annotations_sha256": file_sha256(sheet_path)}
-    return write_outputs(out, results, prov, report, RetrievalResult)
+    return write_evaluation_outputs(out, results, prov, report, RetrievalResult)
 
 
 # --------------------------------------------------------------------------- organ crops

@@ -109,7 +109,7 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
 
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.io import load_labels, save_nifti
     from ctfm.io.hashing import content_hash
@@ -140,6 +140,6 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
         report.heading(f"Inside the label ({Path(labels).name})").table([{"figure": k, "value": v} for k, v in results["in_label"].items()], digits=4)
     report.paragraph(f"Paper: {PAPER_NOTE}.")
     prov = {**(weights_fields or {}), "scan": os.path.abspath(scan), "scan_content_hash": content_hash(image), "preset": spec.name, "preset_hash": spec.content_hash(), "labels": os.path.abspath(labels) if labels else None}
-    result = write_outputs(out, results, prov, report, SaliencyResult)
+    result = write_evaluation_outputs(out, results, prov, report, SaliencyResult)
     result.data["nifti_path"] = os.fspath(nifti)
     return result

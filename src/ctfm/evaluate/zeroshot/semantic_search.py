@@ -168,7 +168,7 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
 def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> SemanticSearchResult:
     """The evaluation end to end: store in ``out/store``, results.json, figure, report.html."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
     from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
@@ -218,4 +218,4 @@ def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_
         report.heading("Skipped").table(run["skipped"])
     results = {"evaluation": "semantic-search", "labels": [str(v) for v in labels], "window_voxels": window_voxels, "spacing_mm": [float(spacing_mm)] * 3, "protocol": "ct-fm" if spec.name == "ct-fm-search-1mm" else "custom", "overlap": overlap, "refinements": list(refinements), "per_label": per_label, "per_case": run["cases"], "skipped": run["skipped"], "paper": PAPER, "figures": [figure.name]}
     prov = {**(weights_fields or {}), "sheet": os.path.abspath(sheet), "sheet_sha256": file_sha256(sheet), "store": os.path.abspath(out / "store"), "computation": run["store_computation"], "preset": spec.name, "preset_hash": spec.content_hash()}
-    return write_outputs(out, results, prov, report, SemanticSearchResult)
+    return write_evaluation_outputs(out, results, prov, report, SemanticSearchResult)

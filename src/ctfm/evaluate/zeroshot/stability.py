@@ -107,7 +107,7 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
 def run_stability(store, manifest, out, seed: int = 0, **filters) -> StabilityResult:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
     from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import read_table, store_vectors, write_evaluation_outputs
     from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
@@ -150,6 +150,6 @@ def run_stability(store, manifest, out, seed: int = 0, **filters) -> StabilityRe
     report.heading("Pairs").table(per_pair, digits=4)
     results = {"evaluation": "stability", **summary, "per_pair": per_pair, "per_dimension_icc": icc, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
     prov = {**vectors.provenance(), "manifest": os.path.abspath(manifest), "manifest_sha256": file_sha256(manifest)}
-    result = write_outputs(out, results, prov, report, StabilityResult)
+    result = write_evaluation_outputs(out, results, prov, report, StabilityResult)
     del result.data["per_dimension_icc"]  # in results.json, not in the returned summary
     return result
