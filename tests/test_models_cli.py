@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ctfm.cli import main
+from ctfm.io.hashing import file_sha256
 from ctfm.models import create_model, init_model
-from ctfm.models.weights import SIDECAR_NAME, WEIGHTS_NAME, sha256_file
+from ctfm.models.weights import SIDECAR_NAME, WEIGHTS_NAME
 
 
 def init(folder, seed=3, *extra) -> int:
@@ -30,7 +31,7 @@ def test_init_is_reproducible_and_loads(tmp_path, capsys):
     assert init(tmp_path / "a") == 0
     assert str(tmp_path / "a") in capsys.readouterr().out
     assert init(tmp_path / "b") == 0 and init(tmp_path / "c", 4) == 0
-    sha = {d: sha256_file(tmp_path / d / WEIGHTS_NAME) for d in "abc"}
+    sha = {d: file_sha256(tmp_path / d / WEIGHTS_NAME) for d in "abc"}
     assert sha["a"] == sha["b"] != sha["c"]
     sidecar = json.loads((tmp_path / "a" / SIDECAR_NAME).read_text())
     assert sidecar["provenance"]["seed"] == 3 and sidecar["provenance"]["source"] == "random-init" and sidecar["weights"]["sha256"] == sha["a"]
@@ -72,7 +73,7 @@ def test_convert_checkpoint_writes_a_loadable_folder(tmp_path, capsys):
     model = create_model("ct-fm", init_filters=4, weights=out)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True))
     provenance = json.loads((out / SIDECAR_NAME).read_text())["provenance"]
-    assert provenance["converted_from"] == ckpt.name and provenance["converted_from_sha256"] == sha256_file(ckpt)
+    assert provenance["converted_from"] == ckpt.name and provenance["converted_from_sha256"] == file_sha256(ckpt)
     assert provenance["epoch"] == 449 and provenance["ignored_keys"] == 1
 
     seg_out = tmp_path / "seg"
@@ -117,5 +118,5 @@ def test_download_to_a_folder(tmp_path, monkeypatch, capsys):
     assert main(["models", "download", "hf-hub:org/name@v2", "--out", str(tmp_path / "dl2")]) == 0
     assert calls[0] == ("project-lighter/ct_fm_feature_extractor", None, ["config.json", "ctfm.json", "model.safetensors"])
     assert calls[1][:2] == ("org/name", "v2")
-    assert sha256_file(published / WEIGHTS_NAME) in capsys.readouterr().out
+    assert file_sha256(published / WEIGHTS_NAME) in capsys.readouterr().out
     assert create_model("ct-fm", init_filters=4, weights=tmp_path / "dl").weights_info.format == "folder"

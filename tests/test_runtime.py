@@ -64,3 +64,27 @@ def test_one_line():
     assert one_line(KeyError()) == "KeyError"
     assert one_line(OSError("disk\nfull"), with_type=True) == "OSError: disk full"
     assert one_line(RuntimeError(""), with_type=True) == "RuntimeError"
+
+
+def test_results_are_typed_with_json_and_a_one_line_summary():
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from ctfm.runtime import DocumentResult, Result
+
+    @dataclass
+    class Counted(Result):
+        done: int = 0
+        score: float = float("nan")
+
+        def summary(self) -> str:
+            return f"{self.done} done"
+
+    counted = Counted(np.int64(3), np.float32(0.5))
+    assert counted.to_json() == {"done": 3, "score": 0.5} and counted.summary() == "3 done"
+    assert Counted(1).to_json() == {"done": 1, "score": None}  # JSON has no NaN
+    document = DocumentResult({"summary": {"n": np.arange(2)}}, {"version": "x"})
+    assert document["summary"]["n"].tolist() == [0, 1] and "summary" in document and "provenance" not in document
+    assert document.to_json() == {"provenance": {"version": "x"}, "summary": {"n": [0, 1]}}
+    assert "\n" not in document.summary()

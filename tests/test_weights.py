@@ -18,6 +18,7 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from safetensors.torch import load_file, save_file
 
 from ctfm.errors import CTInputError
+from ctfm.io.hashing import file_sha256
 from ctfm.models import create_model, init_model, load_weights, resolve_weights, save_pretrained
 from ctfm.models.weights import (
     CONFIG_NAME,
@@ -25,7 +26,6 @@ from ctfm.models.weights import (
     WEIGHTS_NAME,
     convert_state_dict,
     parse_hub_id,
-    sha256_file,
 )
 
 FILTERS = 4
@@ -83,7 +83,7 @@ def test_save_load_round_trip(tmp_path):
 
     info = loaded.weights_info
     sidecar = json.loads((folder / SIDECAR_NAME).read_text())
-    assert info.sha256 == sha256_file(folder / WEIGHTS_NAME) == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert info.sha256 == file_sha256(folder / WEIGHTS_NAME) == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
     assert sidecar["weights"]["sha256"] == info.sha256
     assert (info.format, info.ignored_keys, info.loaded_into, info.config) == ("folder", (), "model", TINY_CONFIG)
     assert sidecar["model"] == "ct-fm" and sidecar["preprocess"]["name"] == "ct-fm-patches"
@@ -98,7 +98,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     c = save_pretrained(tiny(4), tmp_path / "c", provenance={"source": "random-init", "seed": 4})
     for name in (CONFIG_NAME, WEIGHTS_NAME, SIDECAR_NAME):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert sha256_file(a / WEIGHTS_NAME) != sha256_file(c / WEIGHTS_NAME)
+    assert file_sha256(a / WEIGHTS_NAME) != file_sha256(c / WEIGHTS_NAME)
 
 
 def test_init_model_leaves_the_global_rng_alone():
@@ -239,7 +239,7 @@ def test_lightning_checkpoint_prefixes(tmp_path, prefix, head):
     encoder = create_model("ct-fm", init_filters=FILTERS, weights=path)
     assert_same_tensors(encoder.state_dict(), source.state_dict())
     info = encoder.weights_info
-    assert info.format == "ckpt" and info.sha256 == sha256_file(path) and info.metadata == {"epoch": 449, "global_step": 225000}
+    assert info.format == "ckpt" and info.sha256 == file_sha256(path) and info.metadata == {"epoch": 449, "global_step": 225000}
     assert len(info.ignored_keys) == (3 if head else 0) and all("projection_head." in k for k in info.ignored_keys)
 
     seg = create_model("ct-fm-segresnet", init_filters=FILTERS, weights=path)
@@ -354,7 +354,7 @@ def fake_hub_cache(cache, repo_id: str, folder, commit: str = "0123456789abcdef0
     (storage / "refs").mkdir()
     (storage / "refs" / "main").write_text(commit)
     for file in folder.iterdir():
-        digest = sha256_file(file)
+        digest = file_sha256(file)
         (storage / "blobs" / digest).write_bytes(file.read_bytes())
         os.symlink(os.path.join("..", "..", "blobs", digest), storage / "snapshots" / commit / file.name)
     return storage / "snapshots" / commit
@@ -375,7 +375,7 @@ def test_hf_hub_from_cache_offline(tmp_path, offline_cache):
 
     model = create_model("ct-fm", init_filters=FILTERS, weights="hf-hub:project-lighter/tiny_ct_fm")
     info = model.weights_info
-    assert info.format == "hf-hub" and info.path == snapshot and info.sha256 == sha256_file(folder / WEIGHTS_NAME)
+    assert info.format == "hf-hub" and info.path == snapshot and info.sha256 == file_sha256(folder / WEIGHTS_NAME)
     assert info.to_dict()["source"] == "hf-hub:project-lighter/tiny_ct_fm"
     assert_same_outputs(source, model, tiny_input())
     commit = snapshot.name

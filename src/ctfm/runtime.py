@@ -4,7 +4,9 @@ the process's rank, a crash-tolerant process pool."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
+import math
 import os
 import shutil
 import warnings
@@ -107,6 +109,68 @@ def write_parquet_atomic(table, path: str | os.PathLike) -> Path:
 
 _RANK_VARIABLES = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # torchrun/Lightning, SLURM, LSF
 _WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS", "JSM_NAMESPACE_SIZE")
+
+
+def jsonable(value):
+    """``value`` with numpy scalars/arrays, paths and dataclasses turned into JSON types and
+    non-finite floats into ``None`` (JSON has no NaN)."""
+    if hasattr(value, "as_dict") and callable(value.as_dict):
+        value = value.as_dict()
+    elif isinstance(value, Result):
+        value = value.to_json()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if type(value).__module__ == "numpy":  # arrays and numpy scalars, without importing numpy here
+        value = value.tolist() if hasattr(value, "shape") and value.shape else value.item()
+        if isinstance(value, list):
+            return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+@dataclasses.dataclass
+class Result:
+    """What a verb returns: typed fields, :meth:`to_json` (a JSON-able dict) and :meth:`summary`
+    (one line for people). Subclasses are dataclasses; ``to_json`` holds their fields."""
+
+    def to_json(self) -> dict:
+        return jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    def summary(self) -> str:
+        return type(self).__name__
+
+
+@dataclasses.dataclass
+class DocumentResult(Result):
+    """A result whose body is a document: ``data`` (the keys results.json records beside
+    ``provenance``) and ``provenance`` (what produced it). Reads like the body: ``result["summary"]``,
+    ``"compare" in result``. :meth:`to_json` is the results.json layout, ``{"provenance": ..., **data}``."""
+
+    data: dict = dataclasses.field(default_factory=dict)
+    provenance: dict = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.data
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    def keys(self):
+        return self.data.keys()
+
+    def items(self):
+        return self.data.items()
+
+    def to_json(self) -> dict:
+        return jsonable({"provenance": self.provenance, **self.data})
 
 
 def _env_int(names: tuple[str, ...]) -> int | None:

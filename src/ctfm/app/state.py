@@ -64,7 +64,7 @@ class AppState:
 
     def __init__(self, store, weights=None, run: str | None = None, where: dict | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
         from ctfm.app.uploads import UploadFolder
-        from ctfm.app.volumes import VolumeCache
+        from ctfm.app.volumes import DisplayVolumeCache
         from ctfm.embedding.runner import default_device
         from ctfm.search.session import QUERY_SOURCES, REFINEMENTS
         from ctfm.store import open_store
@@ -82,7 +82,7 @@ class AppState:
         self.display_folder = self.root / DISPLAY_FOLDER
         self.display_budget = int(display_cache_gb * 2**30)
         self._display_bytes: int | None = None
-        self.volumes = VolumeCache(self._load_volume, capacity=volume_cache)
+        self.volumes = DisplayVolumeCache(self._load_volume, capacity=volume_cache)
         self._lock = threading.RLock()
         self._heatmaps: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._queries: OrderedDict[tuple, object] = OrderedDict()

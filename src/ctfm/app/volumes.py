@@ -195,7 +195,7 @@ def load_display(folder: Path, stem: str) -> DisplayVolume | None:
     return DisplayVolume(hu, np.asarray(meta["affine"], dtype=np.float64), np.asarray(meta["to_ras"], dtype=np.float64), tuple(meta["source_shape"]))
 
 
-class VolumeCache:
+class DisplayVolumeCache:
     """The last ``capacity`` scans shown, by store id (loaded at most once at a time each)."""
 
     def __init__(self, loader, capacity: int = 12):

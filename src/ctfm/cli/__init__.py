@@ -41,23 +41,28 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
-def add_task_subcommands(parser, tasks) -> None:
-    """Subcommands of a verb with tasks (``ctfm finetune seg``, ``ctfm predict cls``): each function
-    in ``tasks`` adds its parser and sets ``_task_run``, the function that runs it."""
-    sub = parser.add_subparsers(dest="task", metavar="TASK")
-    for add in tasks:
+def add_subcommands(parser, verb: str, register=(), noun: str = "command"):
+    """The one way a verb gets sub-verbs (``ctfm store info``, ``ctfm finetune seg``): returns the
+    subparsers action; each function in ``register`` adds one sub-verb's parser to it (the module may
+    add more itself). The verb's ``run`` is ``run_subcommand(args, {name: function})``."""
+    sub = parser.add_subparsers(dest="_subcommand", metavar=noun.upper())
+    for add in register:
         add(sub)
-    parser.set_defaults(_task_names=list(sub.choices))
+    parser.set_defaults(_subcommand_verb=verb, _subcommand_noun=noun, _subcommand_names=sub.choices)
+    return sub
 
 
-def run_task(args, verb: str) -> int:
-    """Run the task subcommand ``args`` names; without one, a one-line error naming the tasks."""
-    if not getattr(args, "_task_run", None):
+def run_subcommand(args, runs: dict) -> int:
+    """Run the sub-verb ``args`` names with its function in ``runs``; without one, a one-line error
+    naming the sub-verbs (``ctfm finetune needs a task: cls or seg (see ctfm finetune --help)``)."""
+    name = getattr(args, "_subcommand", None)
+    if name is None:
         from ctfm.errors import OptionError
 
-        names = " or ".join(sorted(args._task_names)) if getattr(args, "_task_names", None) else "a task"
-        raise OptionError(f"ctfm {verb} needs a task: {names} (see ctfm {verb} --help)")
-    return args._task_run(args)
+        verb, noun = args._subcommand_verb, args._subcommand_noun
+        names = " or ".join(sorted(args._subcommand_names))
+        raise OptionError(f"ctfm {verb} needs a {noun}: {names} (see ctfm {verb} --help)")
+    return int(runs[name](args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

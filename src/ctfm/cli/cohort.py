@@ -28,7 +28,9 @@ import sys
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="cohort_command", metavar="COMMAND")
+    from ctfm.cli import add_subcommands
+
+    sub = add_subcommands(parser, "cohort")
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("idc", help="select CT series from the Imaging Data Commons index (offline)", formatter_class=fmt)
@@ -55,15 +57,12 @@ def add_arguments(parser) -> None:
     p.add_argument("--preset", default="ct-fm-ssl", help="preprocessing preset (default ct-fm-ssl)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype: float32 is exact; float16 halves disk (max error 2.4e-4 on [0, 1])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(_cohort_parser=parser)
 
 
 def run(args) -> int:
-    command = getattr(args, "cohort_command", None)
-    if command is None:
-        args._cohort_parser.print_help()
-        return 2
-    return {"idc": _idc, "download": _download, "scan": _scan, "cache": _cache}[command](args)
+    from ctfm.cli import run_subcommand
+
+    return run_subcommand(args, {"idc": _idc, "download": _download, "scan": _scan, "cache": _cache})
 
 
 def _idc(args) -> int:

@@ -35,8 +35,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ctfm.errors import optional_import
     from ctfm.evaluate.reports.figures import orthogonal_slices_figure
-    from ctfm.io import load_ct, save_nifti
-    from ctfm.preprocess import check_ct, get_preset, preprocess, require_usable
+    import ctfm
+    from ctfm.io import save_nifti
+    from ctfm.preprocess import check_ct, get_preset, require_usable
 
     for module in ("matplotlib", "sklearn"):  # before any work: the figure and the examples need the eval extra
         optional_import(module, "eval", "ctfm demo (its figure and zero-shot examples)")
@@ -54,7 +55,7 @@ def run(args) -> int:
         source, labels_path = write_phantom(phantom, out, stem=f"phantom_seed{args.seed}")
         print(f"1/6 synthetic torso phantom (seed {args.seed}, not real data): {source} + {labels_path.name}")
 
-    image, record = load_ct(source)
+    image, record = ctfm.load_ct(source)
     checks = check_ct(image, record)
     worst = "error" if any(c.status == "error" for c in checks) else "warn" if any(c.status == "warn" for c in checks) else "ok"
     print(f"2/6 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at {' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}")
@@ -63,7 +64,7 @@ def run(args) -> int:
             print(f"      {c.status}: {c.name}: {c.message}")
     require_usable(checks, source)
 
-    result = preprocess(image, spec)
+    result = ctfm.preprocess(image, spec)
     preprocessed_path = save_nifti(result, out / f"{Path(source).name.split('.')[0]}_{spec.name}.nii.gz")
     print(f"3/6 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> {preprocessed_path}")
 

@@ -65,12 +65,7 @@ def run(args) -> int:
     summary = run.summary
     if summary is None:  # not global rank 0: rank 0 reports
         return 0
-    rate = summary.done / summary.seconds if summary.seconds else 0.0
-    print(
-        f"embedded {summary.done} scan(s), skipped {summary.skipped} already in the store, {len(summary.failed)} failed"
-        + (f"; {rate:.2f} scans/s" if summary.done else "")
-        + f"; preprocessing {run.spec.name}; store: {args.out}"
-    )
+    print(f"{summary.summary()}; preprocessing {run.spec.name}; store: {args.out}")
     for _source, message in summary.failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if summary.failed else 0

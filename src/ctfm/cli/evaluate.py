@@ -52,14 +52,14 @@ def _device(args) -> str:
     return args.device or default_device()
 
 
-def _emit(result: dict, as_json: bool) -> int:
-    from ctfm.evaluate.reports.report import jsonable
-
-    brief = {k: v for k, v in result.items() if k not in ("per_query", "per_pair", "per_dimension_icc", "per_case")}
+def _emit(result, as_json: bool) -> int:
+    """Print a zero-shot result: its JSON (without the long per-item lists) or its one-line summary."""
     if as_json:
-        print(json.dumps(jsonable(brief), indent=2, allow_nan=False))
+        long_lists = ("per_query", "per_pair", "per_dimension_icc", "per_case")
+        brief = {k: v for k, v in result.to_json().items() if k not in long_lists}
+        print(json.dumps(brief, indent=2, allow_nan=False))
     else:
-        print(f"{result['evaluation']}: results {result['results']}, report {result['report']}")
+        print(result.summary())
     return 0
 
 
@@ -79,22 +79,29 @@ def register_retrieval(sub) -> None:
     _weights(p)
     _store_selection(p)
     _out(p)
-    p.set_defaults(_evaluate_run=run_retrieval)
 
 
 def run_retrieval(args) -> int:
-    from ctfm.errors import OptionError
-    from ctfm.evaluate.zeroshot import retrieval
+    import ctfm
 
-    if bool(args.organmnist) == bool(args.store):
-        raise OptionError("retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)")
-    if args.organmnist:
-        result = retrieval.run_organmnist(args.organmnist, args.out, args.weights, args.model, args.seed, args.queries, _device(args), args.batch_size, args.limit)
-    else:
-        if not args.annotations:
-            raise OptionError("retrieval STORE needs --annotations SHEET (3D-MIR protocol)")
-        attributes = [a.strip() for a in args.relevance.split(",") if a.strip()]
-        result = retrieval.run_mir(args.store, args.annotations, args.out, attributes, args.scan_column, args.split_column, args.group_column, **_selection(args))
+    result = ctfm.evaluate_retrieval(
+        args.store,
+        out=args.out,
+        organmnist=args.organmnist,
+        annotations=args.annotations,
+        relevance=[a.strip() for a in args.relevance.split(",") if a.strip()],
+        weights=args.weights,
+        model=args.model,
+        seed=args.seed,
+        queries=args.queries,
+        device=_device(args),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        scan_column=args.scan_column,
+        split_column=args.split_column,
+        group_column=args.group_column,
+        **_selection(args),
+    )
     return _emit(result, args.json)
 
 
@@ -111,13 +118,12 @@ def register_semantic_search(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     _weights(p)
     _out(p)
-    p.set_defaults(_evaluate_run=run_semantic_search)
 
 
 def run_semantic_search(args) -> int:
-    from ctfm.evaluate.zeroshot import semantic_search
+    import ctfm
 
-    result = semantic_search.run_semantic_search(args.pairs, args.out, labels=args.label, query=args.query, all_pairs=args.all_pairs, weights=args.weights, model=args.model, seed=args.seed, overlap=args.overlap, batch_size=args.batch_size, device=_device(args), refinements=tuple(r.strip() for r in args.refine.split(",") if r.strip()), spacing_mm=args.spacing_mm, window_voxels=args.window)
+    result = ctfm.evaluate_semantic_search(args.pairs, args.out, labels=args.label, query=args.query, all_pairs=args.all_pairs, weights=args.weights, model=args.model, seed=args.seed, overlap=args.overlap, batch_size=args.batch_size, device=_device(args), refinements=tuple(r.strip() for r in args.refine.split(",") if r.strip()), spacing_mm=args.spacing_mm, window_voxels=args.window)
     return _emit(result, args.json)
 
 
@@ -136,24 +142,29 @@ def register_clustering(sub) -> None:
     _weights(p)
     _store_selection(p)
     _out(p)
-    p.set_defaults(_evaluate_run=run_clustering)
 
 
 def run_clustering(args) -> int:
-    from ctfm.errors import OptionError
-    from ctfm.evaluate.zeroshot import clustering
+    import ctfm
 
-    if bool(args.organmnist) == bool(args.store):
-        raise OptionError("clustering: give either STORE --labels SHEET or --organmnist NPZ")
-    if args.organmnist:
-        vectors, labels, prov = clustering.organmnist_vectors(args.organmnist, args.weights, args.model, args.seed, _device(args), args.batch_size, args.limit)
-        title = "OrganMNIST3D"
-    else:
-        if not args.labels:
-            raise OptionError("clustering STORE needs --labels SHEET (columns scan, label)")
-        vectors, labels, prov = clustering.labelled_store_vectors(args.store, args.labels, args.scan_column, args.label_column, **_selection(args))
-        title = str(args.labels)
-    result = clustering.run_clustering(vectors, labels, args.out, prov, title, k=args.k, perplexity=args.perplexity, with_umap=not args.no_umap)
+    result = ctfm.evaluate_clustering(
+        args.store,
+        out=args.out,
+        labels=args.labels,
+        organmnist=args.organmnist,
+        scan_column=args.scan_column,
+        label_column=args.label_column,
+        weights=args.weights,
+        model=args.model,
+        seed=args.seed,
+        device=_device(args),
+        batch_size=args.batch_size,
+        limit=args.limit,
+        k=args.k,
+        perplexity=args.perplexity,
+        with_umap=not args.no_umap,
+        **_selection(args),
+    )
     return _emit(result, args.json)
 
 
@@ -163,13 +174,12 @@ def register_concepts(sub) -> None:
     p.add_argument("--zoom", type=float, default=1.0, help="resample the scan this much finer before the encoder (finer feature grid, slower; default 1)")
     _weights(p)
     _out(p)
-    p.set_defaults(_evaluate_run=run_concepts)
 
 
 def run_concepts(args) -> int:
-    from ctfm.evaluate.zeroshot.concepts import run_concepts as run
+    import ctfm
 
-    return _emit(run(args.scans, args.out, args.weights, args.model, args.seed, args.zoom, _device(args)), args.json)
+    return _emit(ctfm.evaluate_concepts(args.scans, args.out, args.weights, args.model, args.seed, args.zoom, _device(args)), args.json)
 
 
 def register_stability(sub) -> None:
@@ -178,13 +188,12 @@ def register_stability(sub) -> None:
     p.add_argument("--manifest", required=True, metavar="SHEET", help="CSV/Parquet/XLSX with columns scan_a, scan_b[, subject]")
     _store_selection(p)
     _out(p)
-    p.set_defaults(_evaluate_run=run_stability)
 
 
 def run_stability(args) -> int:
-    from ctfm.evaluate.zeroshot.stability import run_stability as run
+    import ctfm
 
-    return _emit(run(args.store, args.manifest, args.out, **_selection(args)), args.json)
+    return _emit(ctfm.evaluate_stability(args.store, args.manifest, args.out, **_selection(args)), args.json)
 
 
 def register_saliency(sub) -> None:
@@ -196,13 +205,12 @@ def register_saliency(sub) -> None:
     p.add_argument("--batch", type=int, default=12, help="occluded copies per forward pass (default 12)")
     _weights(p)
     _out(p)
-    p.set_defaults(_evaluate_run=run_saliency)
 
 
 def run_saliency(args) -> int:
-    from ctfm.evaluate.zeroshot.saliency import run_saliency as run
+    import ctfm
 
-    result = run(args.scan, args.out, args.weights, args.model, args.seed, args.labels, args.mask_size, args.overlap, args.batch, _device(args))
+    result = ctfm.evaluate_saliency(args.scan, args.out, args.weights, args.model, args.seed, args.labels, args.mask_size, args.overlap, args.batch, _device(args))
     return _emit(result, args.json)
 
 
@@ -212,19 +220,29 @@ def register_seg(sub) -> None:
     add_seg(sub)
 
 
-# Each entry adds one subcommand (its parser and its run function, as ``_evaluate_run``).
+# Each entry adds one subcommand's parser; RUNS names the function that runs it.
 SUBCOMMANDS = (register_retrieval, register_semantic_search, register_clustering, register_concepts, register_stability, register_saliency, register_seg)
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
-    for register in SUBCOMMANDS:
-        register(sub)
+    from ctfm.cli import add_subcommands
+
+    add_subcommands(parser, "evaluate", SUBCOMMANDS, noun="evaluation")
 
 
 def run(args) -> int:
+    from ctfm.cli import evaluate_seg, run_subcommand
     from ctfm.errors import optional_import
 
     for module in ("matplotlib", "sklearn"):  # before any work: every evaluation writes figures, most score with sklearn
-        optional_import(module, "eval", f"ctfm evaluate {args.evaluation}")
-    return args._evaluate_run(args)
+        optional_import(module, "eval", f"ctfm evaluate {args._subcommand}")
+    runs = {
+        "retrieval": run_retrieval,
+        "semantic-search": run_semantic_search,
+        "clustering": run_clustering,
+        "concepts": run_concepts,
+        "stability": run_stability,
+        "saliency": run_saliency,
+        "seg": evaluate_seg.run_seg,
+    }
+    return run_subcommand(args, runs)

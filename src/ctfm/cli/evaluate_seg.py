@@ -17,8 +17,6 @@ import argparse
 
 
 def add_seg(sub) -> None:
-    from ctfm.cli import evaluate_seg as this
-
     p = sub.add_parser("seg", help="score segmentations: Dice, HD95, NSD per class with CIs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", required=True, help="predicted label map, or a folder of them")
     p.add_argument("--truth", required=True, help="reference label map, or a folder of them (matched by name)")
@@ -28,19 +26,17 @@ def add_seg(sub) -> None:
     p.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM", help="surface tolerance of the NSD in mm (default 2)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(_evaluate_run=this.run_seg)
 
 
 def run_seg(args) -> int:
     import json
     import math
 
-    from ctfm.evaluate.reports.report import jsonable
-    from ctfm.evaluate.metrics.segmentation import evaluate_segmentation
+    import ctfm
 
-    results = evaluate_segmentation(args.pred, args.truth, labels=args.labels, compare=args.compare, out=args.out, nsd_tolerance_mm=args.nsd_tolerance, n_resamples=args.resamples)
+    results = ctfm.evaluate_seg(args.pred, args.truth, labels=args.labels, compare=args.compare, out=args.out, nsd_tolerance_mm=args.nsd_tolerance, n_resamples=args.resamples)
     if args.json:
-        print(json.dumps(jsonable({k: v for k, v in results.items() if k != "per_case"} | {"provenance": results["_provenance"]}), indent=2))
+        print(json.dumps({k: v for k, v in results.to_json().items() if k != "per_case"}, indent=2))
     else:
         summary = results["summary"]
         print(f"{summary['cases']} case(s) scored, {len(results['failures'])} failed")

@@ -24,13 +24,11 @@ import argparse
 
 def add_seg(sub) -> None:
     """``ctfm finetune seg``."""
-    from ctfm.cli import finetune as this
     from ctfm.cli.pretrain import add_run_arguments
 
     p = sub.add_parser("seg", help="fine-tune a segmentation model (SegResNetDS with the CT-FM encoder)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["ct-fm-totalseg", "ct-fm-msd", "tiny"], help="start from a preset (default: ct-fm-totalseg unless the file names one)")
     add_run_arguments(p)
-    p.set_defaults(_task_run=this.run_seg)
 
 
 # Tasks register here; each adds its own subcommand (and its run function).
@@ -40,23 +38,24 @@ TASKS = [add_seg, add_cls]
 
 
 def add_arguments(parser) -> None:
-    from ctfm.cli import add_task_subcommands
+    from ctfm.cli import add_subcommands
 
-    add_task_subcommands(parser, TASKS)
+    add_subcommands(parser, "finetune", TASKS, noun="task")
 
 
 def run(args) -> int:
-    from ctfm.cli import run_task
+    from ctfm.cli import finetune_cls, run_subcommand
 
-    return run_task(args, "finetune")
+    return run_subcommand(args, {"seg": run_seg, "cls": finetune_cls.run_cls})
 
 
 def run_seg(args) -> int:
-    from ctfm.finetune.seg import finetune_seg, resolve_seg_config
+    import ctfm
+    from ctfm.finetune.seg import resolve_seg_config
     from ctfm.runs import parse_set
 
     preset = args.preset or (None if args.config else "ct-fm-totalseg")
     config = resolve_seg_config(preset, args.config, parse_set(args.sets))
-    export = finetune_seg(config, resume=not args.no_resume)
+    export = ctfm.finetune_seg(config, resume=not args.no_resume)
     print(f"done: run folder {config.out}; model exported to {export} (use: ctfm predict seg SCANS --model {config.out} -o OUTDIR)")
     return 0

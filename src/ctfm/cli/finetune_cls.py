@@ -22,21 +22,20 @@ import argparse
 
 def add_cls(sub) -> None:
     """Register ``ctfm finetune cls`` on the finetune verb's subparsers."""
-    from ctfm.cli import finetune_cls as this
     from ctfm.cli.pretrain import add_run_arguments
 
     p = sub.add_parser("cls", help="fine-tune a classifier (CT-FM trunk + pooled MLP head)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["head-ct", "tiny"], help="start from a preset (default: head-ct unless the file names one)")
     add_run_arguments(p)
-    p.set_defaults(_task_run=this.run_cls)
 
 
 def run_cls(args) -> int:
-    from ctfm.finetune.cls import finetune_cls, resolve_cls_config
+    import ctfm
+    from ctfm.finetune.cls import resolve_cls_config
     from ctfm.runs import parse_set
 
     preset = args.preset or (None if args.config else "head-ct")
     config = resolve_cls_config(preset, args.config, parse_set(args.sets))
-    export = finetune_cls(config, resume=not args.no_resume)
+    export = ctfm.finetune_cls(config, resume=not args.no_resume)
     print(f"done: run folder {config.out}; classifier exported to {export} (use: ctfm predict cls SCANS --model {config.out} -o preds.csv)")
     return 0

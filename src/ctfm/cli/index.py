@@ -24,7 +24,9 @@ from ctfm.cli.selection import add_run_selection
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
+    from ctfm.cli import add_subcommands
+
+    sub = add_subcommands(parser, "index")
     build = sub.add_parser("build", help="build (or rebuild) an index over one run's vectors")
     build.add_argument("store", metavar="STORE")
     build.add_argument("--level", default="scan", choices=["scan", "patch"], help="scan vectors (default) or patch (window) vectors")
@@ -51,22 +53,28 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ctfm.cli import run_subcommand
+
+    return run_subcommand(args, dict.fromkeys(("build", "update", "status", "check"), _run))
+
+
+def _run(args) -> int:
+    import ctfm
     from ctfm.cli.selection import run_selection
-    from ctfm.store import open_store
-    from ctfm.store.index import IndexParams, build_index, update_index
+    from ctfm.store.index import IndexParams, index_status, update_index
 
     run_digest, where = run_selection(args)
-    store = open_store(args.store)
-    if args.index_command == "build":
+    store = ctfm.open_store(args.store)
+    if args._subcommand == "build":
         params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search, codec=args.codec, refine=args.refine)
-        index = build_index(store, args.level, params, run=run_digest, where=where)
+        index = ctfm.build_index(store, args.level, params, run=run_digest, where=where)
         if args.json:
             print(json.dumps({k: v for k, v in index.manifest.items() if k != "covered"}, indent=2))
         else:
             m = index.manifest
             print(f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}")
         return 0
-    if args.index_command == "update":
+    if args._subcommand == "update":
         index, done = update_index(store, args.level, run=run_digest, where=where)
         print(f"{index.path}: {done}; {index.ntotal} vectors from {index.manifest['scans']} scan(s)")
         return 0
@@ -75,30 +83,9 @@ def run(args) -> int:
         print(json.dumps(status, indent=2))
     else:
         _print_status(status)
-    if args.index_command == "check":
+    if args._subcommand == "check":
         return 1 if any(i["stale"] for i in status["indexes"]) else 0
     return 0
-
-
-def index_status(store, run: str | None = None, where: dict | None = None) -> dict:
-    """Runs by level (digest, key fields, counts) and every index with its staleness; ``run`` (a
-    digest prefix) and ``where`` keep only the runs they match and those runs' indexes."""
-    from ctfm.store.index import list_indexes, load_index
-
-    runs = {level: [{k: v for k, v in r.items() if k != "key"} for r in store.runs(level, where) if run is None or r["digest"].startswith(run)] for level in ("scan", "patch")}
-    shown = {(level, r["digest"]) for level, level_runs in runs.items() for r in level_runs}
-    indexes = []
-    for manifest in list_indexes(store):
-        if (run is not None or where) and (manifest["level"], manifest["digest"]) not in shown:
-            continue
-        index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
-        state = index.staleness(store)
-        indexes.append({
-            "level": manifest["level"], "run": manifest["digest"], "kind": manifest["params"]["kind"], "metric": manifest["params"]["metric"],
-            "vectors": manifest["vectors"], "scans": manifest["scans"], "created_at": manifest["created_at"], "stale": state.stale,
-            "state": state.describe(), "added": len(state.added), "changed": len(state.changed), "path": str(index.path),
-        })
-    return {"store": str(store.root), "runs": runs, "indexes": indexes}
 
 
 def _print_status(status: dict) -> None:

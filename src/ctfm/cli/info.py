@@ -20,34 +20,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
 
 
-def describe(path, series_uid: str | None = None) -> dict:
-    """The info report as a dict: path, format, shape, spacing_mm, orientation, hu, record, checks."""
-    from ctfm.io import load_ct
-    from ctfm.preprocess import check_ct, hu_statistics
-
-    image, record = load_ct(path, series_uid=series_uid)
-    stats = hu_statistics(image)
-    checks = check_ct(image, record, stats)
-    return {
-        "path": record.path,
-        "format": record.format,
-        "shape": list(record.shape),
-        "spacing_mm": [round(s, 6) for s in record.spacing_mm],
-        "orientation": record.orientation,
-        "hu": {k: round(v, 3) for k, v in stats.items()},
-        "record": record.to_dict(),
-        "checks": [c.to_dict() for c in checks],
-        "usable": all(c.status != "error" for c in checks),
-    }
-
-
 def run(args) -> int:
     import warnings
+
+    import ctfm
+    from ctfm.preprocess.validate import describe_ct
 
     with warnings.catch_warnings():
         # The record and the checks report resampling; no second copy on stderr.
         warnings.simplefilter("ignore")
-        report = describe(args.path, args.series)
+        report = describe_ct(ctfm.load_ct(args.path, series_uid=args.series))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

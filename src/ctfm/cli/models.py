@@ -24,7 +24,9 @@ import json
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    from ctfm.cli import add_subcommands
+
+    sub = add_subcommands(parser, "models", noun="action")
 
     def action(name: str, help_text: str, description: str):
         return sub.add_parser(name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,72 +75,24 @@ def _add_writing_arguments(p) -> None:
 
 
 def run(args) -> int:
-    return {"list": _list, "download": _download, "convert": _convert, "init": _init}[args.action](args)
+    from ctfm.cli import run_subcommand
+
+    return run_subcommand(args, {"list": _list, "download": _download, "convert": _convert, "init": _init})
 
 
-def _overrides(args, name: str) -> dict:
-    from ctfm.errors import CTInputError
-    from ctfm.models import get_entry
-
-    entry = get_entry(name)
-    overrides = {}
-    if args.init_filters is not None:
-        if args.init_filters < 1:
-            raise CTInputError(None, f"--init-filters must be a positive integer, got {args.init_filters}", "use e.g. --init-filters 8 for a narrow test model")
-        overrides["init_filters"] = args.init_filters
-    if args.out_channels is not None:
-        if "out_channels" not in entry.kwargs:
-            raise CTInputError(None, f"--out-channels applies to segmentation models, not {name!r}", "drop it, or use --model ct-fm-segresnet")
-        if args.out_channels < 1:
-            raise CTInputError(None, f"--out-channels must be a positive integer, got {args.out_channels}", "give the number of classes including background")
-        overrides["out_channels"] = args.out_channels
-    if getattr(args, "labels", None) is not None:
-        from ctfm.models.labelmaps import resolve_labels
-
-        if "out_channels" not in entry.kwargs:
-            raise CTInputError(None, f"--labels applies to segmentation models, not {name!r}", "drop it, or use ct-fm-segresnet")
-        n = len(resolve_labels(args.labels))
-        if overrides.get("out_channels", n) != n:
-            raise CTInputError(None, f"--out-channels {overrides['out_channels']} disagrees with --labels ({n} classes including background)", "give one of them")
-        overrides["out_channels"] = n
-    return overrides
-
-
-def _save(model, args, name: str, provenance: dict):
-    """save_pretrained, or for a segmentation model save_segmentation_model with its class names."""
-    from ctfm.models import save_pretrained
-
-    if "out_channels" in _entry_kwargs(name):
-        from ctfm.models.labelmaps import default_labels
-        from ctfm.models.segmentation import save_segmentation_model
-
-        labels = args.labels if getattr(args, "labels", None) is not None else default_labels(int(model.out_channels))
-        return save_segmentation_model(model, args.out, labels, provenance=provenance, overwrite=args.overwrite)
-    return save_pretrained(model, args.out, name=name, provenance=provenance, overwrite=args.overwrite)
-
-
-def _entry_kwargs(name: str) -> dict:
-    from ctfm.models import get_entry
-
-    return get_entry(name).kwargs
-
-
-def model_table() -> list[dict]:
-    """One row per registered model: name, description, params, preprocess preset, hub id."""
-    import torch
-
-    from ctfm.models import get_entry, list_models
-
-    rows = []
-    for name in list_models():
-        entry = get_entry(name)
-        with torch.device("meta"):  # count parameters without allocating them
-            params = sum(p.numel() for p in entry.builder(**entry.kwargs).parameters())
-        rows.append({"name": name, "description": entry.description, "params": params, "preprocess": entry.preprocess_preset, "hub_id": entry.hub_id})
-    return rows
+def _writing(args) -> dict:
+    """The folder-writing options as keyword arguments of the library calls."""
+    return {
+        "labels": args.labels,
+        "overwrite": args.overwrite,
+        "init_filters": args.init_filters,
+        "out_channels": args.out_channels,
+    }
 
 
 def _list(args) -> int:
+    from ctfm.models.manage import model_table
+
     rows = model_table()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -153,42 +107,28 @@ def _list(args) -> int:
 
 def _download(args) -> int:
     from ctfm.models import download_weights
-    from ctfm.models.weights import WEIGHTS_NAME, sha256_file
+    from ctfm.io.hashing import file_sha256
+    from ctfm.models.weights import WEIGHTS_NAME
 
     folder = download_weights(args.repo, out=args.out)
     print(f"{folder}")
-    print(f"  {WEIGHTS_NAME} sha256 {sha256_file(folder / WEIGHTS_NAME)}")
+    print(f"  {WEIGHTS_NAME} sha256 {file_sha256(folder / WEIGHTS_NAME)}")
     return 0
 
 
 def _convert(args) -> int:
-    from ctfm.models import init_model, load_weights
+    from ctfm.models.manage import convert_checkpoint
     from ctfm.models.weights import portable_source
 
-    model = init_model(args.model, args.seed, **_overrides(args, args.model))
-    info = load_weights(model, args.checkpoint)
-    provenance = {
-        "source": "converted",
-        "converted_from": portable_source(args.checkpoint),
-        "converted_from_sha256": info.sha256,
-        "converted_from_format": info.format,
-        "ignored_keys": len(info.ignored_keys),
-        "loaded_into": info.loaded_into,
-    }
-    if info.loaded_into != "model":
-        provenance["seed"] = args.seed  # the parts outside the checkpoint were drawn from it
-    if info.metadata and info.format in ("ckpt", "torch"):
-        provenance.update({k: info.metadata[k] for k in ("epoch", "global_step") if k in info.metadata})
-    folder = _save(model, args, args.model, provenance)
+    folder, info = convert_checkpoint(args.checkpoint, args.out, args.model, args.seed, **_writing(args))
     _report(folder, f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded into the {info.loaded_into})")
     return 0
 
 
 def _init(args) -> int:
-    from ctfm.models import init_model
+    from ctfm.models.manage import init_weights_folder
 
-    model = init_model(args.model, args.seed, **_overrides(args, args.model))
-    folder = _save(model, args, args.model, {"source": "random-init", "seed": args.seed})
+    folder = init_weights_folder(args.model, args.out, args.seed, **_writing(args))
     _report(folder, f"random initialisation, seed {args.seed}")
     return 0
 

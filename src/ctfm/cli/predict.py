@@ -22,8 +22,6 @@ import sys
 
 
 def add_seg(sub) -> None:
-    from ctfm.cli import predict as this
-
     p = sub.add_parser("seg", help="segmentation label maps on each input's own grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column")
     p.add_argument("--model", required=True, metavar="WEIGHTS_OR_RUN", help="a segmentation weights folder, hf-hub:ORG/NAME, a checkpoint, a fine-tuning run folder, or encoder weights with --labels")
@@ -37,19 +35,15 @@ def add_seg(sub) -> None:
     p.add_argument("--statistics", action="store_true", help="per-class volume (ml), mean/sd HU and voxel count as JSON and CSV")
     p.add_argument("--overwrite", action="store_true", help="predict again even where outputs exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(_task_run=this.run_seg)
 
 
 def add_cls(sub) -> None:
-    from ctfm.cli import predict as this
-
     p = sub.add_parser("cls", help="class probabilities per scan from a `ctfm finetune cls` model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column")
     p.add_argument("--model", required=True, metavar="RUN", help="run folder of ctfm finetune cls, or its export/ folder")
     p.add_argument("-o", "--out", required=True, metavar="CSV", help="predictions CSV")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(_task_run=this.run_cls)
 
 
 # Tasks register here; each adds its own subcommand (and its run function).
@@ -57,31 +51,31 @@ TASKS = [add_seg, add_cls]
 
 
 def add_arguments(parser) -> None:
-    from ctfm.cli import add_task_subcommands
+    from ctfm.cli import add_subcommands
 
-    add_task_subcommands(parser, TASKS)
+    add_subcommands(parser, "predict", TASKS, noun="task")
 
 
 def run(args) -> int:
-    from ctfm.cli import run_task
+    from ctfm.cli import run_subcommand
 
-    return run_task(args, "predict")
+    return run_subcommand(args, {"seg": run_seg, "cls": run_cls})
 
 
 def run_cls(args) -> int:
-    from ctfm.predict.cls import predict_cls
+    import ctfm
 
-    summary = predict_cls(args.inputs, args.model, args.out, device=args.device, progress=not args.no_progress)
-    print(f"predicted {summary.rows - len(summary.failed)} scan(s), {len(summary.failed)} failed; wrote {summary.out}")
+    summary = ctfm.predict_cls(args.inputs, args.model, args.out, device=args.device, progress=not args.no_progress)
+    print(summary.summary())
     for _source, message in summary.failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if summary.failed else 0
 
 
 def run_seg(args) -> int:
-    from ctfm.predict.seg import predict_seg
+    import ctfm
 
-    summary = predict_seg(
+    summary = ctfm.predict_seg(
         args.inputs,
         model=args.model,
         out=args.out,
@@ -95,7 +89,7 @@ def run_seg(args) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
-    print(f"predicted {summary.done} input(s), skipped {summary.skipped} already done, {len(summary.failed)} failed; {summary.seconds:.1f} s; outputs in {args.out}")
+    print(summary.summary())
     for _source, message in summary.failed:
         print(f"error: {message}", file=sys.stderr)
     return 1 if summary.failed else 0

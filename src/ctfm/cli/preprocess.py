@@ -56,12 +56,13 @@ def run(args) -> int:
         raise CTInputError(out, "output must be a NIfTI file", "name it OUT.nii.gz")
     spec = resolve_spec(args.preset, args.spec)
 
-    from ctfm.io import load_ct, save_nifti
-    from ctfm.preprocess import check_ct, preprocess, require_usable
+    import ctfm
+    from ctfm.io import save_nifti
+    from ctfm.preprocess import check_ct, require_usable
 
-    image, record = load_ct(args.path, series_uid=args.series)
+    image, record = ctfm.load_ct(args.path, series_uid=args.series)
     require_usable(check_ct(image, record), args.path)
-    result = preprocess(image, spec)
+    result = ctfm.preprocess(image, spec)
     save_nifti(result, out)
     if args.save_spec:
         spec.save(args.save_spec)

@@ -29,12 +29,12 @@ def add_run_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import ctfm
     from ctfm.pretrain.config import resolve_pretrain_config
-    from ctfm.pretrain.train import pretrain
     from ctfm.runs import parse_set
 
     preset = args.preset or (None if args.config else "ct-fm")
     config = resolve_pretrain_config(preset, args.config, parse_set(args.sets))
-    export = pretrain(config, resume=not args.no_resume)
+    export = ctfm.pretrain(config, resume=not args.no_resume)
     print(f"done: run folder {config.out}; encoder exported to {export} (use: ctfm embed SCANS --weights {export} --out STORE)")
     return 0

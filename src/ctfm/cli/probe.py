@@ -50,13 +50,12 @@ def run(args) -> int:
     from ctfm.errors import optional_import
     from ctfm.cli.selection import run_selection
     from ctfm.evaluate.probes.probe import parse_shots
-    from ctfm.evaluate.probes.probe_run import run_probe
-    from ctfm.evaluate.reports.report import jsonable
+    import ctfm
 
     optional_import("sklearn", "eval", "ctfm probe")  # before any work
     targets = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
     run, where = run_selection(args)
-    result = run_probe(
+    result = ctfm.probe(
         args.stores,
         args.labels,
         targets,
@@ -77,8 +76,7 @@ def run(args) -> int:
         out=args.out,
     )
     if args.json:
-        document = {"provenance": result["_provenance"], **{k: v for k, v in result.items() if not k.startswith("_")}}
-        print(json.dumps(jsonable(document), indent=2))
+        print(json.dumps(result.to_json(), indent=2))
         return 0
     for join in result["join"]:
         print(f"{join['store']}: {join['matched']} labelled scan(s) joined by {join['key']}; {join['scans_without_label']} scan(s) without a label, {join['labels_without_scan']} label row(s) without a scan" + (f", {join['not_in_every_store']} not in every store" if join.get("not_in_every_store") else ""))

@@ -59,21 +59,25 @@ def parse_point(text: str):
 
 
 def run(args) -> int:
+    import ctfm
     from ctfm.cli.selection import run_selection
     from ctfm.search import SearchSession
 
     run_digest, where = run_selection(args)
     filters = None  # --where is the session's: it picks the run and keeps only matching scans as hits
-    session = SearchSession(args.store, run=run_digest, where=where, weights=args.weights, device=args.device, use_index=not args.exact)
+    options = {"run": run_digest, "where": where, "weights": args.weights, "device": args.device, "use_index": not args.exact}
     if args.scan is not None:
         if args.heatmap or args.target:
             from ctfm.errors import OptionError
 
             raise OptionError("--target and --heatmap belong to region search (--point)")
-        hits = session.search_scans(args.scan, k=args.k, filters=filters, include_self=args.include_self)
+        hits = ctfm.search_scans(
+            args.store, args.scan, k=args.k, filters=filters, include_self=args.include_self, **options
+        )
         _print(hits, args.json, lambda h: f"{h.rank:3d}  {h.score:+.4f}  {h.scan_id}  {h.source_path}")
         return 0
     scan, point = parse_point(args.point)
+    session = SearchSession(args.store, **options)  # region search keeps its session for the query and heatmap
     query = session.region_query(scan, point, args.query_from)
     hits = session.search_point(query, point, k=args.k, target=args.target, filters=filters, refine=args.refine, include_self=args.include_self)
     if not args.json:

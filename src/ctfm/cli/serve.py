@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ctfm.app import serve
+    import ctfm
     from ctfm.cli.selection import run_selection
     from ctfm.errors import OptionError
 
@@ -45,10 +45,10 @@ def run(args) -> int:
         raise OptionError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size in MiB")
 
     def announce(url: str, state) -> None:
-        where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from other machines"
-        print(f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {where}); API at {url}/docs; Ctrl-C stops", flush=True)
+        reach = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from other machines"
+        print(f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {reach}); API at {url}/docs; Ctrl-C stops", flush=True)
         if state.weights_note:
             print(f"warning: {state.weights_note}", file=sys.stderr, flush=True)
 
-    serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=run_digest, where=where, device=args.device, query_from=args.query, refine=args.refine, display_cache_gb=args.display_cache_gb, on_start=announce)
+    ctfm.serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=run_digest, where=where, device=args.device, query_from=args.query, refine=args.refine, display_cache_gb=args.display_cache_gb, on_start=announce)
     return 0

@@ -14,7 +14,9 @@ import sys
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
+    from ctfm.cli import add_subcommands
+
+    sub = add_subcommands(parser, "store")
     info = sub.add_parser("info", help="what the store holds: runs by key, scans, patches, failures")
     info.add_argument("store", metavar="STORE")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -26,17 +28,24 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ctfm.store import check_store, is_consistent, open_store, summarise
+    from ctfm.cli import run_subcommand
 
-    store = open_store(args.store)
-    if args.store_command == "info":
+    return run_subcommand(args, dict.fromkeys(("info", "check", "compact"), _run))
+
+
+def _run(args) -> int:
+    import ctfm
+    from ctfm.store import check_store, is_consistent, summarise
+
+    store = ctfm.open_store(args.store)
+    if args._subcommand == "info":
         summary = summarise(store)
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
             _print_summary(summary)
         return 0
-    if args.store_command == "check":
+    if args._subcommand == "check":
         problems = check_store(store)
         ok = is_consistent(problems)
         if args.json:

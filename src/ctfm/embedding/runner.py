@@ -23,7 +23,7 @@ from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prep
 from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
-from ctfm.runtime import progress_bar, utc_now
+from ctfm.runtime import Result, progress_bar, utc_now
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
 from ctfm.store.vectors import load_run_vectors
 
@@ -37,12 +37,20 @@ class RandomWeightsWarning(UserWarning):
 
 
 @dataclass
-class RunSummary:
+class RunSummary(Result):
+    """How an embedding run went: scans embedded, skipped (already in the store), failed
+    ``(input, message)``, seconds, and the records kept when there is no store."""
+
     done: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     records: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = f"; {self.done / self.seconds if self.seconds else 0.0:.2f} scans/s" if self.done else ""
+        failed = len(self.failed)
+        return f"embedded {self.done} scan(s), skipped {self.skipped} already in the store, {failed} failed{rate}"
 
 
 class EmbedRun(list):

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError
-from ctfm.io.hashing import content_hash
+from ctfm.io.hashing import content_hash, file_sha256
 from ctfm.io.record import ScanRecord
 from ctfm.io.tables import read_table
 from ctfm.io.volume import VOLUME_SUFFIXES, read_volume_file, volume_format
 
-__all__ = ["load_ct", "ScanRecord", "content_hash", "save_nifti", "orientation_code", "load_labels", "read_table"]
+__all__ = ["load_ct", "ScanRecord", "content_hash", "file_sha256", "save_nifti", "orientation_code", "load_labels", "read_table"]
 
 
 class CTGeometryWarning(UserWarning):

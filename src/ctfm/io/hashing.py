@@ -1,8 +1,10 @@
-"""Content hashes of loaded scans: the same voxels on the same grid give the same hash in any format."""
+"""Hashes: of a file's bytes (:func:`file_sha256`, the one file hash), and of loaded scans' content
+(the same voxels on the same grid give the same hash in any format)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 
@@ -17,3 +19,12 @@ def content_hash(image) -> str:
     h.update(np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32).tobytes())
     h.update(np.asarray(image.affine, dtype=np.float64).tobytes())
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (symlinks followed, read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

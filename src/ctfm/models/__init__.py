@@ -16,18 +16,22 @@ from ctfm.models.factory import build_sidecar, create_model, download_weights, i
 from ctfm.models.networks import CTEncoder, CTSegResNet, pool_embedding
 from ctfm.models.registry import ModelEntry, find_entry, get_entry, list_models, register_model
 from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model, save_segmentation_model
+from ctfm.models.manage import convert_checkpoint, init_weights_folder, model_table
 
 __all__ = [
     "CTEncoder",
     "CTSegResNet",
     "ModelEntry",
     "build_sidecar",
+    "convert_checkpoint",
     "create_model",
     "download_weights",
     "find_entry",
     "get_entry",
     "init_model",
+    "init_weights_folder",
     "list_models",
+    "model_table",
     "LoadedSegmentation",
     "load_segmentation_model",
     "load_weights",

@@ -71,7 +71,7 @@ def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], s
     from safetensors.torch import save_file
 
     from ctfm.models import save_pretrained
-    from ctfm.models.weights import sha256_file
+    from ctfm.io.hashing import file_sha256
     from ctfm.runtime import atomic_path
 
     folder = Path(folder)
@@ -90,8 +90,8 @@ def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], s
             "arch": model.arch,
             "input_layout": layout,
             "preprocess": spec.to_dict(),
-            "encoder_sha256": sha256_file(tmp / ENCODER_DIR / "model.safetensors"),
-            "head_sha256": sha256_file(tmp / HEAD_NAME),
+            "encoder_sha256": file_sha256(tmp / ENCODER_DIR / "model.safetensors"),
+            "head_sha256": file_sha256(tmp / HEAD_NAME),
             "provenance": provenance or {},
         }
         (tmp / CLASSIFIER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -113,22 +113,22 @@ def load_classifier(source) -> tuple[CTClassifier, dict]:
     """(model in eval mode, classifier.json) of a classifier folder or fine-tuning run; strict loading."""
     from safetensors.torch import load_file
 
-    from ctfm.models.weights import load_weights
+    from ctfm.models.weights import load_state_into
 
     folder = classifier_folder(source)
     meta = json.loads((folder / CLASSIFIER_JSON).read_text(encoding="utf-8"))
     model = CTClassifier(**meta["arch"])
-    load_weights(model.trunk, folder / ENCODER_DIR)
+    load_state_into(model.trunk, folder / ENCODER_DIR)
     model.head.load_state_dict(load_file(str(folder / HEAD_NAME)), strict=True)
     model.eval()
     return model, meta
 
 
-def weights_sha256(meta: dict) -> str:
+def classifier_sha256(meta: dict) -> str:
     """One sha256 naming both parts of a classifier (encoder and head)."""
     import hashlib
 
     return hashlib.sha256(f"{meta['encoder_sha256']}:{meta['head_sha256']}".encode()).hexdigest()
 
 
-__all__ = ["CTClassifier", "classifier_folder", "load_classifier", "load_trunk_weights", "save_classifier", "weights_sha256"]
+__all__ = ["CTClassifier", "classifier_folder", "classifier_sha256", "load_classifier", "load_trunk_weights", "save_classifier"]

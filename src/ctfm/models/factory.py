@@ -41,10 +41,10 @@ def resolve_weights(source: str | os.PathLike) -> Path:
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
-    """:func:`ctfm.models.weights.load_weights`, refusing a registered model name with its
+    """:func:`ctfm.models.weights.load_state_into`, refusing a registered model name with its
     ``hf-hub:`` spelling."""
     _refuse_model_name(source)
-    return _weights.load_weights(model, source)
+    return _weights.load_state_into(model, source)
 
 
 def hub_id_of(repo: str) -> str:
@@ -78,7 +78,7 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **override
         kwargs.update(arch)
     model = entry.builder(**{**kwargs, **overrides})
     if weights is not None:
-        _weights.load_weights(model, weights)
+        _weights.load_state_into(model, weights)
     return model
 
 

@@ -29,11 +29,12 @@ from typing import NamedTuple
 import torch.nn as nn
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.io.hashing import file_sha256
 from ctfm.models import weights as _weights
 from ctfm.models.factory import create_model, init_model, load_weights, resolve_weights, save_pretrained
 from ctfm.models.labelmaps import BUILTIN_LABELS, check_labels, default_labels, labels_to_json, resolve_labels
 from ctfm.models.preprocessing import training_spec_of
-from ctfm.models.weights import CONFIG_NAME, SIDECAR_NAME, WEIGHTS_NAME, sha256_file
+from ctfm.models.weights import CONFIG_NAME, SIDECAR_NAME, WEIGHTS_NAME
 from ctfm.runs import RunFolder
 
 SEG_MODEL = "ct-fm-segresnet"
@@ -196,7 +197,7 @@ def save_segmentation_model(model: nn.Module, folder: str | os.PathLike, labels,
 
 
 def weights_sha256(folder: str | os.PathLike) -> str:
-    return sha256_file(Path(folder) / WEIGHTS_NAME)
+    return file_sha256(Path(folder) / WEIGHTS_NAME)
 
 
 __all__ = ["DEFAULT_INFERENCE", "LoadedSegmentation", "SEG_MODEL", "load_segmentation_model", "resolve_segmentation_source", "save_segmentation_model"]

@@ -31,7 +31,6 @@ This module knows no model names: :mod:`ctfm.models.factory` joins it with the r
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -47,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from ctfm.errors import CTInputError, OptionError, one_line
+from ctfm.io.hashing import file_sha256
 from ctfm.runs import RunFolder
 from ctfm.runtime import atomic_path
 
@@ -107,15 +107,6 @@ class WeightsInfo:
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (symlinks followed, read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def portable_source(source: str | os.PathLike) -> str:
@@ -470,7 +461,7 @@ def _strict_load(model: nn.Module, state_dict: dict[str, torch.Tensor], target: 
     return loaded_into
 
 
-def load_weights(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
+def load_state_into(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
     """Load ``source`` into ``model`` strictly; returns the :class:`WeightsInfo`, also set as ``model.weights_info``.
 
     Folders (local or ``hf-hub:``) are checked against ``model.arch_config()`` and, when ctfm.json
@@ -486,14 +477,14 @@ def load_weights(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
             _check_arch(config, model, path / CONFIG_NAME)
         if (path / SIDECAR_NAME).is_file():
             metadata = _read_json(path / SIDECAR_NAME)
-        digest = sha256_file(weights_file)
+        digest = file_sha256(weights_file)
         recorded = ((metadata or {}).get("weights") or {}).get("sha256")
         if recorded and recorded != digest:
             raise CTInputError(weights_file, f"has sha256 {digest[:12]}... but {SIDECAR_NAME} records {recorded[:12]}...", "the file was changed or truncated: download or write the folder again")
         raw = _read_safetensors(weights_file)
     else:
         weights_file = path
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if kind == "safetensors":
             raw = _read_safetensors(path)
         else:
@@ -557,7 +548,7 @@ def write_weights_folder(model: nn.Module, folder: str | os.PathLike, sidecar: C
         save_file(state, str(tmp / WEIGHTS_NAME))
         shutil.copymode(tmp / CONFIG_NAME, tmp / WEIGHTS_NAME)  # safetensors writes 0600; follow the umask
         if sidecar is not None:
-            content = sidecar(sha256_file(tmp / WEIGHTS_NAME))
+            content = sidecar(file_sha256(tmp / WEIGHTS_NAME))
             (tmp / SIDECAR_NAME).write_text(json.dumps(content, sort_keys=True, indent=2) + "\n", encoding="utf-8")
     return folder
 
@@ -569,10 +560,9 @@ __all__ = [
     "download_weights",
     "hub_cache_dir",
     "hub_offline",
-    "load_weights",
+    "load_state_into",
     "parse_hub_id",
     "portable_source",
     "resolve_weights",
-    "sha256_file",
     "write_weights_folder",
 ]

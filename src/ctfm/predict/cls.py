@@ -20,22 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.runtime import Result
+
 
 @dataclass
-class PredictSummary:
+class ClsPredictSummary(Result):
+    """What :func:`predict_cls` returns: rows written, failed inputs ``(input, message)``, the CSV
+    path, and the provenance recorded in ``out``.json."""
+
     rows: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     out: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"predicted {self.rows - len(self.failed)} scan(s), {len(self.failed)} failed; wrote {self.out}"
 
 
-def predict_cls(inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False) -> PredictSummary:
+def predict_cls(inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False) -> ClsPredictSummary:
     """Probabilities for every input scan -> ``out`` (CSV) and ``out``.json (provenance)."""
     import torch
 
     from ctfm.errors import UserError, one_line
     from ctfm.evaluate.reports.report import provenance
     from ctfm.io.sources import discover_inputs
-    from ctfm.models.classifier import classifier_folder, load_classifier, weights_sha256
+    from ctfm.models.classifier import classifier_folder, load_classifier, classifier_sha256
     from ctfm.preprocess import PreprocessSpec
     from ctfm.runtime import progress_bar, write_text_atomic
 
@@ -48,7 +57,7 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     task, labels = meta["task"], list(meta["labels"])
     from ctfm.finetune.cls import preprocess_input
 
-    summary = PredictSummary(out=str(out))
+    summary = ClsPredictSummary(out=str(out))
     rows: list[list] = []
     bar = progress_bar(len(sources), progress)
     for source in sources:
@@ -70,7 +79,8 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     writer.writerow(["path", "series_uid", "scan_id", *[f"p_{n}" for n in names], "predicted", "error"])
     writer.writerows(rows)
     write_text_atomic(out, buffer.getvalue())
-    fields = provenance(model=str(folder), task=task, labels=labels, weights_sha256=weights_sha256(meta), encoder_sha256=meta["encoder_sha256"], head_sha256=meta["head_sha256"], preset=spec.name, preset_hash=spec.content_hash(), inputs=[str(s) for s in sources], failed=len(summary.failed))
+    fields = provenance(model=str(folder), task=task, labels=labels, weights_sha256=classifier_sha256(meta), encoder_sha256=meta["encoder_sha256"], head_sha256=meta["head_sha256"], preset=spec.name, preset_hash=spec.content_hash(), inputs=[str(s) for s in sources], failed=len(summary.failed))
     write_text_atomic(str(out) + ".json", json.dumps(fields, indent=2) + "\n")
     summary.rows = len(rows)
+    summary.provenance = fields
     return summary

@@ -33,6 +33,7 @@ import torch
 
 from ctfm.errors import CTInputError, OptionError, UserError, one_line, optional_import
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
+from ctfm.runtime import Result
 
 LABELS_SUFFIX = ".labels.json"
 FAILURES_NAME = "failures.json"
@@ -144,12 +145,22 @@ class GridInverter:
 
 
 @dataclass
-class PredictSummary:
+class SegPredictSummary(Result):
+    """What :func:`predict_seg` returns: inputs predicted, skipped (already done) and failed
+    ``(input, message)``, seconds, the label maps written and the output folder."""
+
     done: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+    out: str = ""
+
+    def summary(self) -> str:
+        return (
+            f"predicted {self.done} input(s), skipped {self.skipped} already done, {len(self.failed)} failed; "
+            f"{self.seconds:.1f} s; outputs in {self.out}"
+        )
 
 
 def _precision_context(precision: str, device: str):
@@ -201,7 +212,7 @@ def predict_seg(
     statistics: bool = False,
     progress: bool = True,
     overwrite: bool = False,
-) -> PredictSummary:
+) -> SegPredictSummary:
     """Predict every input (files, folders, DICOM trees, manifests) into ``out``; see the module docstring.
 
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
@@ -231,7 +242,7 @@ def predict_seg(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(inputs).sources
-    summary = PredictSummary()
+    summary = SegPredictSummary(out=str(out))
     start = time.perf_counter()
     bar = progress_bar(len(sources), progress)
     names = {int(k): v for k, v in loaded.labels.items() if keep is None or k == 0 or k in keep}
@@ -253,7 +264,7 @@ def predict_seg(
             image = load_ct(source.path, series_uid=source.series_uid)[0] if statistics else geometry
             if keep is not None:
                 labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
-            provenance = writers.provenance(loaded, source, record, settings, precision)
+            provenance = writers.prediction_provenance(loaded, source, record, settings, precision)
             writers.write_prediction(out, name, labels, image, names, provenance, output_format=output_format, source=source, statistics=statistics)
             summary.done += 1
             summary.outputs.append(out / f"{name}.nii.gz")
@@ -272,4 +283,4 @@ def predict_seg(
     return summary
 
 
-__all__ = ["GridInverter", "PredictSummary", "inference_spec", "output_name", "predict_seg", "predict_volume"]
+__all__ = ["GridInverter", "SegPredictSummary", "inference_spec", "output_name", "predict_seg", "predict_volume"]

@@ -26,7 +26,7 @@ def output_paths(out: Path, name: str, output_format: str, statistics: bool) -> 
     return paths
 
 
-def provenance(loaded, source, record, settings, precision: str) -> dict:
+def prediction_provenance(loaded, source, record, settings, precision: str) -> dict:
     from ctfm.evaluate.reports.report import provenance as base
 
     return base(

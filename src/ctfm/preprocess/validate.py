@@ -134,3 +134,22 @@ def load_usable_ct(path, series_uid: str | None = None):
         image, record = load_ct(path, series_uid=series_uid)
     require_usable(check_ct(image, record), path)
     return image, record
+
+
+def describe_ct(loaded) -> dict:
+    """The ``ctfm info`` report of a loaded CT (``(image, record)`` from :func:`ctfm.io.load_ct`) as
+    a dict: path, format, shape, spacing_mm, orientation, hu, record, checks, usable."""
+    image, record = loaded
+    stats = hu_statistics(image)
+    checks = check_ct(image, record, stats)
+    return {
+        "path": record.path,
+        "format": record.format,
+        "shape": list(record.shape),
+        "spacing_mm": [round(s, 6) for s in record.spacing_mm],
+        "orientation": record.orientation,
+        "hu": {k: round(v, 3) for k, v in stats.items()},
+        "record": record.to_dict(),
+        "checks": [c.to_dict() for c in checks],
+        "usable": all(c.status != "error" for c in checks),
+    }

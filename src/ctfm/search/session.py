@@ -461,8 +461,10 @@ def _check_k(k: int) -> None:
 
 
 # ---- one-call functions (a session each; keep a SearchSession to search repeatedly) ----------
-def search_scans(store, query, k: int = 10, filters: dict | None = None, **session) -> list[ScanHit]:
-    return SearchSession(store, **session).search_scans(query, k, filters)
+def search_scans(
+    store, query, k: int = 10, filters: dict | None = None, include_self: bool = False, **session
+) -> list[ScanHit]:
+    return SearchSession(store, **session).search_scans(query, k, filters, include_self)
 
 
 def search_point(store, scan, point_mm, k: int = 10, target=None, filters: dict | None = None, query_from: str = "auto", refine: str = "auto", **session) -> list[RegionHit]:

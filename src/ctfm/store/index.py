@@ -433,3 +433,27 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
 
             warnings.warn(message, stacklevel=2)
     return index
+
+
+def index_status(store, run: str | None = None, where: dict | None = None) -> dict:
+    """Runs by level (digest, key fields, counts) and every index with its staleness (``ctfm index status``);
+    ``run`` (a digest prefix) and ``where`` keep only the runs they match and those runs' indexes."""
+    runs = {
+        level: [{k: v for k, v in r.items() if k != "key"} for r in store.runs(level, where) if run is None or r["digest"].startswith(run)]
+        for level in LEVELS
+    }
+    shown = {(level, r["digest"]) for level, level_runs in runs.items() for r in level_runs}
+    indexes = []
+    for manifest in list_indexes(store):
+        if (run is not None or where) and (manifest["level"], manifest["digest"]) not in shown:
+            continue
+        index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
+        state = index.staleness(store)
+        params = manifest["params"]
+        indexes.append({
+            "level": manifest["level"], "run": manifest["digest"], "kind": params["kind"], "metric": params["metric"],
+            "vectors": manifest["vectors"], "scans": manifest["scans"], "created_at": manifest["created_at"],
+            "stale": state.stale, "state": state.describe(), "added": len(state.added), "changed": len(state.changed),
+            "path": str(index.path),
+        })
+    return {"store": str(store.root), "runs": runs, "indexes": indexes}

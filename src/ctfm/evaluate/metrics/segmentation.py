@@ -33,11 +33,14 @@ import io
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.io.hashing import file_sha256
+from ctfm.runtime import DocumentResult
 
 METRICS = ("dice", "hd95", "nsd")
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -169,14 +172,6 @@ def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def score_cases(pairs, labels: dict[int, str], nsd_tolerance_mm: float) -> tuple[list[dict], list[dict]]:
     """Per case and class metric rows, and failures (missing or refused predictions)."""
     from ctfm.errors import UserError
@@ -215,7 +210,7 @@ def _macro(matrix: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def summarise(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000, seed: int = 0) -> dict:
+def summarise_cases(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per-class means with bootstrap 95 % intervals over cases, and the macro means."""
     from ctfm.evaluate.metrics.stats import bootstrap_ci
 
@@ -257,6 +252,18 @@ def compare_dice(rows_a: list[dict], rows_b: list[dict], labels: dict[int, str])
     return out
 
 
+@dataclass
+class SegEvaluation(DocumentResult):
+    """What :func:`evaluate_segmentation` returns: ``data`` holds the keys of results.json (rules,
+    labels, summary, per_case, failures, unmatched_predictions[, compare]); ``provenance`` the inputs' hashes."""
+
+    def summary(self) -> str:
+        summary = self.data["summary"]
+        macro = summary["macro"].get("dice")
+        dice = f", macro Dice {macro['estimate']:.3f} [{macro['low']:.3f}, {macro['high']:.3f}]" if macro else ""
+        return f"evaluate seg: {summary['cases']} case(s) scored, {len(self.data['failures'])} failed{dice}"
+
+
 def evaluate_segmentation(
     pred: str | os.PathLike,
     truth: str | os.PathLike,
@@ -266,8 +273,8 @@ def evaluate_segmentation(
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     n_resamples: int = 2000,
     seed: int = 0,
-) -> dict:
-    """Score predictions against truths (files or folders matched by name) -> results dict.
+) -> SegEvaluation:
+    """Score predictions against truths (files or folders matched by name) -> :class:`SegEvaluation`.
 
     With ``out``: ``results.json`` (with provenance), ``metrics.csv`` (one row per case and
     class) and ``overlay.png`` (worst and best case by macro Dice). Failures (a missing or
@@ -289,7 +296,7 @@ def evaluate_segmentation(
         },
         "labels": {str(k): v for k, v in labels.items()},
         "labels_source": labels_source,
-        "summary": summarise(rows, labels, n_resamples, seed),
+        "summary": summarise_cases(rows, labels, n_resamples, seed),
         "per_case": _per_case(rows),
         "failures": failures,
         "unmatched_predictions": unmatched,
@@ -297,12 +304,11 @@ def evaluate_segmentation(
     if compare is not None:
         compare_pairs, _ = match_cases(compare, truth)
         compare_rows, compare_failures = score_cases(compare_pairs, labels, nsd_tolerance_mm)
-        results["compare"] = {"path": str(compare), "summary": summarise(compare_rows, labels, n_resamples, seed), "wilcoxon": compare_dice(rows, compare_rows, labels), "failures": compare_failures}
-    provenance_fields = _provenance(pred, truth, compare, pairs, labels)
-    results["_provenance"] = provenance_fields
+        results["compare"] = {"path": str(compare), "summary": summarise_cases(compare_rows, labels, n_resamples, seed), "wilcoxon": compare_dice(rows, compare_rows, labels), "failures": compare_failures}
+    result = SegEvaluation(results, _provenance(pred, truth, compare, pairs, labels))
     if out is not None:
-        write_outputs(Path(out), results, rows, pairs, labels)
-    return results
+        _write_outputs(Path(out), result, rows, pairs, labels)
+    return result
 
 
 def _per_case(rows: list[dict]) -> dict:
@@ -317,7 +323,7 @@ def _per_case(rows: list[dict]) -> dict:
 
 def _provenance(pred, truth, compare, pairs, labels) -> dict:
     """Input hashes, the manifest hash and, where the predictions say so, the model that made them."""
-    files = [{"case": name, "truth": str(t), "truth_sha256": _sha256(t), "prediction_sha256": _sha256(p) if p else None} for name, t, p in pairs]
+    files = [{"case": name, "truth": str(t), "truth_sha256": file_sha256(t), "prediction_sha256": file_sha256(p) if p else None} for name, t, p in pairs]
     manifest = hashlib.sha256(json.dumps([(f["case"], f["truth_sha256"], f["prediction_sha256"]) for f in files]).encode()).hexdigest()
     model = {}
     for _, _, p in pairs:
@@ -332,7 +338,7 @@ def _provenance(pred, truth, compare, pairs, labels) -> dict:
     return {"pred": str(pred), "truth": str(truth), "compare": str(compare) if compare else None, "data_manifest_sha256": manifest, "inputs": files, "prediction_model": model or None, "n_classes": len(labels) - 1}
 
 
-def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dict[int, str]) -> None:
+def _write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, labels: dict[int, str]) -> None:
     from ctfm.evaluate.reports.report import write_results
     from ctfm.runtime import write_text_atomic
 
@@ -347,12 +353,11 @@ def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dic
     if per_case:
         worst, best = min(per_case, key=per_case.get), max(per_case, key=per_case.get)
         paths = {name: (t, p) for name, t, p in pairs}
-        overlay_figure([(f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]), (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best])], labels, out / "overlay.png")
-    body = {k: v for k, v in results.items() if k != "_provenance"}
-    write_results(out, body, results["_provenance"])
+        _case_overlay_figure([(f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]), (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best])], labels, out / "overlay.png")
+    write_results(out, results.data, results.provenance)
 
 
-def overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
+def _case_overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
     """One row per case: truth, prediction and disagreement on the axial slice with the most truth voxels."""
     matplotlib = optional_import("matplotlib", "eval")
 

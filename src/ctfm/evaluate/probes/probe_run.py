@@ -14,9 +14,9 @@ paired bootstrap for AUROC; a paired bootstrap for every other metric).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +24,10 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.metrics import classification as cm
 from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, encode_target, few_shot_curve, load_probe_inputs, outer_folds
+from ctfm.io.hashing import file_sha256
+from ctfm.runtime import DocumentResult
 
 PREDICTIONS_NAME = "predictions.csv"
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _common_rows(inputs):
@@ -96,6 +90,16 @@ def _probe_target(name, inputs, task, method, cv, split, groups, inner_cv, seed,
     return entry
 
 
+@dataclass
+class ProbeResult(DocumentResult):
+    """What :func:`run_probe` returns: ``data`` holds the keys of results.json (settings, join,
+    targets, seconds); ``provenance`` the stores' runs and the labels file's sha256."""
+
+    def summary(self) -> str:
+        targets = ", ".join(f"{t['target']} ({t['task']}, {t['n_labelled']} labelled)" for t in self.data["targets"])
+        return f"probe: {len(self.data['join'])} store(s), target(s) {targets}; {self.data['seconds']:.1f} s"
+
+
 def run_probe(
     stores: list[str],
     labels: str,
@@ -116,7 +120,7 @@ def run_probe(
     seed: int = 0,
     jobs: int = 1,
     out: str | None = None,
-) -> dict:
+) -> ProbeResult:
     """Probe every target on every store; write the outputs to ``out`` when given. Returns the
     results document (also results.json): join counts, per target and store the metrics with CIs,
     the chosen hyperparameters per fold, comparisons with the first store, few-shot curves.
@@ -159,12 +163,12 @@ def run_probe(
     }
     from ctfm.evaluate.reports.report import provenance
 
-    result["_provenance"] = provenance(
+    result = ProbeResult(result, provenance(
         stores=[{"path": item.store, **item.run} for item in inputs],
         labels={"path": str(labels), "sha256": file_sha256(labels)},
-    )
+    ))
     if out:
-        write_outputs(out, result, entries, inputs)
+        _write_outputs(out, result, entries, inputs)
     return result
 
 
@@ -257,15 +261,15 @@ def _ci_text(m: dict) -> str:
     return f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
-def write_outputs(out, result: dict, entries, inputs) -> Path:
+def _write_outputs(out, result: ProbeResult, entries, inputs) -> Path:
     """results.json, predictions.csv, PNG curves and report.html in ``out``, each written atomically."""
     from ctfm.evaluate.reports.report import Report, write_results
     from ctfm.runtime import write_text_atomic
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    provenance_fields = result["_provenance"]
-    document = {k: v for k, v in result.items() if not k.startswith("_")}
+    provenance_fields = result.provenance
+    document = result.data
     write_text_atomic(folder / PREDICTIONS_NAME, _predictions_csv(entries, inputs, result["settings"]["key"]))
     names = _short_names([item.store for item in inputs])
     page = Report("Probe on frozen embeddings", f"{result['settings']['method']} probe; {len(entries)} target(s); {len(inputs)} store(s)")

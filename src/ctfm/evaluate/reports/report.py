@@ -21,30 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ctfm.runtime import utc_now, write_text_atomic
+from ctfm.runtime import jsonable, utc_now, write_text_atomic
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays, paths and dataclasses turned into JSON types and
-    non-finite floats into ``None`` (JSON has no NaN)."""
-    if hasattr(value, "as_dict") and callable(value.as_dict):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [jsonable(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
 
 
 def provenance(**fields: Any) -> dict:

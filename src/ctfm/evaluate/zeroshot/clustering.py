@@ -10,13 +10,21 @@ unit vectors) against the labels.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
+
+
+@dataclass
+class ClusteringResult(ZeroShotResult):
+    """What the clustering evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def knn_accuracy(vectors: np.ndarray, labels, k: int = 5) -> float:
@@ -93,10 +101,10 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
         return reducer.fit_transform(np.asarray(vectors, dtype=np.float32))
 
 
-def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> dict:
+def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> ClusteringResult:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
     from ctfm.evaluate.reports.figures import scatter_labelled
-    from ctfm.evaluate.zeroshot.inputs import write_outputs
+    from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
 
     labels = np.asarray([str(v) for v in labels])
@@ -114,13 +122,13 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
     counts = {name: int((labels == name).sum()) for name in sorted(set(labels))}
     report.heading("Labels").table([{"label": name, "n": n} for name, n in counts.items()])
     results = {"evaluation": "clustering", "metrics": metrics, "label_counts": counts, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
-    paths = write_outputs(out, results, provenance_fields, report)
-    return {**results, **paths}
+    return write_evaluation_outputs(out, results, provenance_fields, report, ClusteringResult)
 
 
 def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", run: str | None = None, where: dict | None = None) -> tuple[np.ndarray, list[str], dict]:
     """``(vectors [N, D], labels, provenance)`` for the rows of a labels sheet found in a store."""
-    from ctfm.evaluate.zeroshot.inputs import sha256_file, store_vectors
+    from ctfm.evaluate.zeroshot.inputs import store_vectors
+    from ctfm.io.hashing import file_sha256
     from ctfm.io.tables import read_table
 
     vectors = store_vectors(store, run=run, where=where)
@@ -129,13 +137,14 @@ def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_
     labels = [str(row[label_column]) for row in sheet]
     if len(set(index)) != len(index):
         raise CTInputError(labels_path, "a scan is listed twice", "list each scan once")
-    return vectors.matrix[index], labels, {**vectors.provenance(), "labels": os.path.abspath(labels_path), "labels_sha256": sha256_file(labels_path)}
+    return vectors.matrix[index], labels, {**vectors.provenance(), "labels": os.path.abspath(labels_path), "labels_sha256": file_sha256(labels_path)}
 
 
 def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> tuple[np.ndarray, list[str], dict]:
     """All OrganMNIST3D volumes (train + val + test, flipped as CT-FM's clustering notebook does)
     embedded, with organ names."""
-    from ctfm.evaluate.zeroshot.inputs import encode_batches, load_encoder, sha256_file
+    from ctfm.evaluate.zeroshot.inputs import encode_batches, load_eval_encoder
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 
     splits = load_organmnist3d(npz, "clustering")
@@ -143,7 +152,42 @@ def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int
     labels = np.concatenate([splits[s][1] for s in ("train", "val", "test")])
     if limit:
         volumes, labels = volumes[:limit], labels[:limit]
-    encoder, fields = load_encoder(weights, model, seed, device)
+    encoder, fields = load_eval_encoder(weights, model, seed, device)
     vectors = encode_batches(encoder, volumes, batch_size, device)
     names = [ORGANMNIST_LABELS[i] if 0 <= i < len(ORGANMNIST_LABELS) else str(i) for i in labels]
-    return vectors, names, {**fields, "input": os.path.abspath(npz), "input_sha256": sha256_file(npz), "limit": limit}
+    return vectors, names, {**fields, "input": os.path.abspath(npz), "input_sha256": file_sha256(npz), "limit": limit}
+
+
+def evaluate_clustering(
+    store=None,
+    *,
+    out,
+    labels=None,
+    organmnist=None,
+    scan_column: str = "scan",
+    label_column: str = "label",
+    weights: str | None = None,
+    model: str = "ct-fm",
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 8,
+    limit: int | None = None,
+    k: int = 5,
+    perplexity: float = 100.0,
+    with_umap: bool = True,
+    run: str | None = None,
+    where: dict | None = None,
+) -> ClusteringResult:
+    """Clustering of ``store``'s vectors labelled by the ``labels`` sheet, or of OrganMNIST3D
+    (``organmnist=NPZ``) encoded with ``weights``; see :func:`run_clustering`."""
+    if bool(organmnist) == bool(store):
+        raise OptionError("clustering: give either STORE --labels SHEET or --organmnist NPZ")
+    if organmnist:
+        vectors, names, prov = organmnist_vectors(organmnist, weights, model, seed, device, batch_size, limit)
+        title = "OrganMNIST3D"
+    else:
+        if not labels:
+            raise OptionError("clustering STORE needs --labels SHEET (columns scan, label)")
+        vectors, names, prov = labelled_store_vectors(store, labels, scan_column, label_column, run=run, where=where)
+        title = str(labels)
+    return run_clustering(vectors, names, out, prov, title, k=k, perplexity=perplexity, with_umap=with_umap)

@@ -11,14 +11,22 @@ grid at a higher cost.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import OptionError, optional_import
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 BODY_HU = -500.0  # feature voxels whose centre is denser than this take part in the PCA
 PAPER_NOTE = "CT-FM shows PCA colour maps of dense features on two TotalSegmentator scans (qualitative: organs and tissue classes take distinct colours); no number is published"
+
+
+@dataclass
+class ConceptsResult(ZeroShotResult):
+    """What the concept maps evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def concepts_spec(spec, zoom: float = 1.0):
@@ -54,13 +62,13 @@ def pca_colours(features: list[np.ndarray], masks: list[np.ndarray], n_component
     return colours, pca.explained_variance_ratio_
 
 
-def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, zoom: float = 1.0, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> dict:
+def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, zoom: float = 1.0, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> ConceptsResult:
     """Concept maps of ``scans``: one PCA over all; a figure and a NIfTI of the colours per scan."""
     import nibabel as nib
 
     from ctfm.embedding.modes import EmbedOptions, embed_dense
     from ctfm.evaluate.reports.figures import overlay_figure
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.io.hashing import content_hash
     from ctfm.models.preprocessing import preprocessing_for
@@ -75,7 +83,7 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
 
             raise CTInputError(scan, "no such file or folder", "give the path of a CT scan")
     if encoder is None:
-        encoder, weights_fields = load_encoder(weights, model, seed, device)
+        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
     spec = concepts_spec(preprocessing_for(encoder, model, "dense"), zoom)
     window = spec.windows[0]
     body_level = (BODY_HU - window.low_hu) / (window.high_hu - window.low_hu)
@@ -118,6 +126,5 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     report.paragraph(f"Paper: {PAPER_NOTE}.")
     results = {"evaluation": "concepts", "explained_variance_ratio": explained, "scans": per_scan, "zoom": zoom, "maps": maps, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
     prov = {**(weights_fields or {}), "scans": [os.path.abspath(s) for s in scans], "scan_content_hashes": hashes, "preset": spec.name, "preset_hash": spec.content_hash()}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths}
+    return write_evaluation_outputs(out, results, prov, report, ConceptsResult)
 

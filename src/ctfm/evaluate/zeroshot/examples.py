@@ -26,7 +26,7 @@ def demo_search_spec():
 def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: str = "cpu", say=print) -> dict:
     """Run both examples on ``scans`` ([{"image", "labels"}, ...], the first two used) and write
     ``out/retrieval/`` and ``out/semantic-search/`` (results.json + report.html each)."""
-    from ctfm.evaluate.zeroshot.inputs import write_outputs
+    from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.evaluate.zeroshot.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
     from ctfm.evaluate.zeroshot.semantic_search import semantic_search_cases, summarise_label
@@ -41,7 +41,7 @@ def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: s
     provenance = {"weights_sha256": weights_sha256_of(encoder), "scans": [os.path.abspath(s["image"]) for s in scans[:2]]}
     report = Report("Demo: organ-crop retrieval", f"{len(tags_a)} crops of {len(organs)} organs per scan; cosine; relevance = same organ")
     report.table([{"direction": d, **{k: v["mean"] for k, v in r.items() if isinstance(v, dict)}, "chance": r["chance"]} for d, r in retrieval.items()], digits=3)
-    paths = write_outputs(out / "retrieval", {"evaluation": "retrieval", "protocol": "organ crops", "organs": organs, "results": retrieval}, provenance, report)
+    paths = write_evaluation_outputs(out / "retrieval", {"evaluation": "retrieval", "protocol": "organ crops", "organs": organs, "results": retrieval}, provenance, report)
     p = retrieval["A->B"]
     say(f"      retrieval: {len(tags_a)} organ crops of {Path(scans[0]['image']).name} query those of {Path(scans[1]['image']).name}: P@1 {p['P@1']['mean']:.2f}, P@5 {p['P@5']['mean']:.2f} (chance {p['chance']:.2f}) -> {paths['report']}")
 
@@ -49,6 +49,6 @@ def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: s
     summary = summarise_label([c["weighted"] for c in run["cases"]])
     report = Report("Demo: semantic search of organ centroids", f"each organ's centroid in {Path(scans[0]['image']).name} searched in {Path(scans[1]['image']).name}; 32^3 windows at 2 mm")
     report.table([{"organ": c["label"], "error mm": c["weighted"]["error_mm"], "inside the organ": c["weighted"]["inside_label"], "score": c["weighted"]["score"]} for c in run["cases"]], digits=1)
-    paths_search = write_outputs(out / "semantic-search", {"evaluation": "semantic-search", "summary": summary, "per_case": run["cases"]}, provenance, report)
+    paths_search = write_evaluation_outputs(out / "semantic-search", {"evaluation": "semantic-search", "summary": summary, "per_case": run["cases"]}, provenance, report)
     say(f"      semantic search: {summary['pairs']} organ centroids, error {summary['error_mm_mean']:.0f} mm mean / {summary['error_mm_median']:.0f} mm median, {summary['inside_label_rate']:.0%} inside the organ -> {paths_search['report']}")
     return {"retrieval": retrieval, "search": summary, "organs": organs, "reports": [paths["report"], paths_search["report"]]}

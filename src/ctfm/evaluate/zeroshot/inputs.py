@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from ctfm.embedding.modes import POOLINGS
 from ctfm.errors import CTInputError, OptionError
+from ctfm.runtime import DocumentResult
 from ctfm.store import open_store
 from ctfm.store.vectors import key_dict
 
@@ -76,14 +77,6 @@ def digest_of(items) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def store_vectors(store_path: str | os.PathLike, run: str | None = None, where: dict | None = None, pool_patches: str | None = None) -> StoreVectors:
     """The scan vectors of the one run of ``store_path`` that ``run`` (a digest or unique prefix)
     and ``where`` (``{column: value}`` of the scan rows) pick (:meth:`ctfm.store.EmbeddingStore.select`;
@@ -119,7 +112,7 @@ def store_vectors(store_path: str | os.PathLike, run: str | None = None, where: 
     return StoreVectors(os.fspath(store_path), key, scans.column("scan_id").to_pylist(), scans.column("source_path").to_pylist(), np.ascontiguousarray(matrix, dtype=np.float32), hashes)
 
 
-def load_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
+def load_eval_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
     """``(encoder in eval mode, provenance fields)``: weights loaded strictly, or a seeded random
     init (warned, for testing)."""
     from ctfm.embedding.runner import build_encoder, weights_sha256_of
@@ -142,15 +135,28 @@ def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: st
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def write_outputs(out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report) -> dict:
-    """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the paths."""
+@dataclass
+class ZeroShotResult(DocumentResult):
+    """What a zero-shot evaluation returns: ``data`` holds the keys of its results.json and the
+    paths of ``results`` (results.json) and ``report`` (report.html); ``provenance`` what produced it."""
+
+    def summary(self) -> str:
+        return f"{self.data['evaluation']}: results {self.data['results']}, report {self.data['report']}"
+
+
+def write_evaluation_outputs(
+    out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report, result_type=None
+) -> ZeroShotResult:
+    """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the result
+    (``result_type``, a :class:`ZeroShotResult` subclass) with the two paths."""
     from ctfm.evaluate.reports.report import provenance, write_results
 
     prov = provenance(**provenance_fields)
     results_path = write_results(out_dir, results, prov)
     report.provenance(prov)
     report_path = report.write(Path(out_dir) / "report.html")
-    return {"results": os.fspath(results_path), "report": os.fspath(report_path)}
+    paths = {"results": os.fspath(results_path), "report": os.fspath(report_path)}
+    return (result_type or ZeroShotResult)({**results, **paths}, prov)
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:

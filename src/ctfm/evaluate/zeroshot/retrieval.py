@@ -21,11 +21,13 @@ relevance against the rank scores 10..1; per group and over all queries (means o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 KS = (3, 5, 10)
 METRICS = ("l2", "cosine")
@@ -56,6 +58,12 @@ def rank(queries: np.ndarray, gallery: np.ndarray, metric: str = "l2", k: int | 
     k = min(k or gallery.shape[0], gallery.shape[0])
     order = np.argsort(distances, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(distances, order, axis=1)
+
+
+@dataclass
+class RetrievalResult(ZeroShotResult):
+    """What the retrieval (OrganMNIST3D or 3D-MIR) evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def ap_at_k(relevant, k: int) -> float:
@@ -238,14 +246,15 @@ def mir_retrieval(vectors, sheet: list[dict], attributes: list[str], scan_column
 
 
 # --------------------------------------------------------------------------- runs with reports
-def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, queries: str = "val+test", device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> dict:
+def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, queries: str = "val+test", device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> RetrievalResult:
     """OrganMNIST3D retrieval end to end: results.json, a figure and report.html in ``out``."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, sha256_file, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
     splits = load_organmnist3d(npz, "retrieval")
-    encoder, fields = load_encoder(weights, model, seed, device)
+    encoder, fields = load_eval_encoder(weights, model, seed, device)
     run = organmnist_retrieval(splits, encoder, queries=queries, batch_size=batch_size, device=device, limit=limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,15 +265,15 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
     report.heading("Results beside the paper's").table(rows, digits=4).figure(figure, "this run beside CT-FM's and SuPreM's published figures")
     report.paragraph("AP@k averages the precision at each hit's rank over the hits in the top k (0 without a hit); HR@k is 1 when any of the top k has the query's organ; F1@k is their harmonic mean per query. Means over queries with 95% bootstrap intervals.")
     results = {"evaluation": "retrieval", "protocol": "organmnist3d", "metric": "l2", "queries": queries, "n_gallery": run["n_gallery"], "n_queries": run["n_queries"], "metrics": run["summary"], "paper": PAPER_ORGANMNIST, "figures": [figure.name]}
-    prov = {**fields, "input": os.path.abspath(npz), "input_sha256": sha256_file(npz), "limit": limit}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths}
+    prov = {**fields, "input": os.path.abspath(npz), "input_sha256": file_sha256(npz), "limit": limit}
+    return write_evaluation_outputs(out, results, prov, report, RetrievalResult)
 
 
-def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, run: str | None = None, where: dict | None = None) -> dict:
+def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, run: str | None = None, where: dict | None = None) -> RetrievalResult:
     """3D-MIR retrieval from a store of patch embeddings (min-pooled here) and an annotation sheet."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import store_vectors, write_evaluation_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.io.tables import read_table
     from ctfm.evaluate.reports.report import Report
 
@@ -293,9 +302,8 @@ def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "s
     paper_rows = [{"attribute": name, "organ": organ, "P@3": v[0], "P@5": v[1], "P@10": v[2], "mAP": v[3]} for name, table in PAPER_MIR.items() for organ, v in table.items()]
     report.heading("CT-FM's published 3D-MIR figures (MSD liver, colon, pancreas, lung; percent)").table(paper_rows, digits=2)
     results = {"evaluation": "retrieval", "protocol": "3d-mir", "metric": "cosine", "pool": "min", **{k: run[k] for k in ("groups", "overall", "attributes", "ks")}, "per_query": run["per_query"], "paper": PAPER_MIR, "figures": figures}
-    prov = {**vectors.provenance(), "annotations": os.path.abspath(sheet_path), "annotations_sha256": sha256_file(sheet_path)}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths}
+    prov = {**vectors.provenance(), "annotations": os.path.abspath(sheet_path), "annotations_sha256": file_sha256(sheet_path)}
+    return write_evaluation_outputs(out, results, prov, report, RetrievalResult)
 
 
 # --------------------------------------------------------------------------- organ crops
@@ -369,3 +377,36 @@ def crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b, ks=(1, 5, 10), bat
         chance = float(np.mean([np.mean(gt == t) for t in qt]))
         out[name] = {**summarise_per_query(per_query), "chance": chance, "n_queries": int(len(q)), "n_gallery": int(len(g))}
     return out
+
+
+def evaluate_retrieval(
+    store=None,
+    *,
+    out,
+    organmnist=None,
+    annotations=None,
+    relevance=(),
+    weights: str | None = None,
+    model: str = "ct-fm",
+    seed: int = 0,
+    queries: str = "val+test",
+    device: str = "cpu",
+    batch_size: int = 8,
+    limit: int | None = None,
+    scan_column: str = "scan",
+    split_column: str = "split",
+    group_column: str | None = "group",
+    run: str | None = None,
+    where: dict | None = None,
+) -> RetrievalResult:
+    """Retrieval by either protocol: ``organmnist=NPZ`` (OrganMNIST3D, :func:`run_organmnist`) or
+    ``store`` with ``annotations`` and ``relevance`` columns (3D-MIR, :func:`run_mir`)."""
+    if bool(organmnist) == bool(store):
+        raise OptionError(
+            "retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)"
+        )
+    if organmnist:
+        return run_organmnist(organmnist, out, weights, model, seed, queries, device, batch_size, limit)
+    if not annotations:
+        raise OptionError("retrieval STORE needs --annotations SHEET (3D-MIR protocol)")
+    return run_mir(store, annotations, out, list(relevance), scan_column, split_column, group_column, run=run, where=where)

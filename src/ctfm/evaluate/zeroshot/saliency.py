@@ -11,6 +11,7 @@ position the saliency is ``1 - cosine(embedding of the scan, embedding of the oc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,17 @@ import torch
 from torch import nn
 
 from ctfm.errors import OptionError
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 MASK_SIZE, OVERLAP = 10, 0.25
 SALIENCY_SPACING_MM = (3.0, 3.0, 3.0)
 PAPER_NOTE = "CT-FM shows occlusion saliency maps of 10 LUNG1 scans (qualitative: saliency concentrates on anatomy and on the tumour); no number is published"
+
+
+@dataclass
+class SaliencyResult(ZeroShotResult):
+    """What the occlusion saliency evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def saliency_spec():
@@ -97,11 +105,11 @@ def saliency_in_label(saliency: np.ndarray, labels: np.ndarray) -> dict:
     return {"mean_inside": mean_in, "mean_outside": mean_out, "ratio": mean_in / mean_out if mean_out > 0 else None, "top1pct_inside_fraction": float(inside[top].mean()), "label_fraction_of_volume": float(inside.mean())}
 
 
-def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, labels=None, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> dict:
+def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, labels=None, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> SaliencyResult:
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
 
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
     from ctfm.evaluate.reports.report import Report
     from ctfm.io import load_labels, save_nifti
     from ctfm.io.hashing import content_hash
@@ -109,7 +117,7 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
 
     image, record = load_usable_ct(scan)
     if encoder is None:
-        encoder, weights_fields = load_encoder(weights, model, seed, device)
+        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
     spec = saliency_spec()
     prepared = preprocess(image, spec)
     volume = prepared.as_tensor()[None].to(device)
@@ -132,5 +140,6 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
         report.heading(f"Inside the label ({Path(labels).name})").table([{"figure": k, "value": v} for k, v in results["in_label"].items()], digits=4)
     report.paragraph(f"Paper: {PAPER_NOTE}.")
     prov = {**(weights_fields or {}), "scan": os.path.abspath(scan), "scan_content_hash": content_hash(image), "preset": spec.name, "preset_hash": spec.content_hash(), "labels": os.path.abspath(labels) if labels else None}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths, "nifti_path": os.fspath(nifti)}
+    result = write_evaluation_outputs(out, results, prov, report, SaliencyResult)
+    result.data["nifti_path"] = os.fspath(nifti)
+    return result

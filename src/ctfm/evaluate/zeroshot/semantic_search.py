@@ -20,11 +20,13 @@ Region embedding and matching are ctfm.search's (the same code as ``ctfm search 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 WINDOW_MM = (64.0, 64.0, 64.0)
 OVERLAP = 0.625
@@ -35,6 +37,12 @@ PAPER = {  # CT-FM's heart-centroid search over 469 thorax pairs of TotalSegment
     "SuPreM": {"pairs": 469, "error_mm_mean": 234.4, "error_mm_sd": 70.6, "error_mm_median": 227.1, "inside_label_rate": 0.819},
     "note": "the paper's inside-label rate uses a looser test than this one",
 }
+
+
+@dataclass
+class SemanticSearchResult(ZeroShotResult):
+    """What the semantic search evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def search_spec(spacing_mm: float = 1.0, window_voxels: int = 64):
@@ -157,10 +165,11 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
     return {"cases": cases, "skipped": skipped, "store_computation": list(session.patch_vectors.key)}
 
 
-def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> dict:
+def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> SemanticSearchResult:
     """The evaluation end to end: store in ``out/store``, results.json, figure, report.html."""
     from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_encoder, sha256_file, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.evaluate.reports.report import Report
 
     spec = search_spec(spacing_mm, window_voxels)
@@ -183,7 +192,7 @@ def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_
     n = len(scans)
     pairs = [(q, t) for q in range(n) for t in range(n) if q != t] if all_pairs else [(first, t) for t in range(n) if t != first]
     if encoder is None:
-        encoder, weights_fields = load_encoder(weights, model, seed, device)
+        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = semantic_search_cases(scans, labels, pairs, encoder, refinements, store=out / "store", overlap=overlap, batch_size=batch_size, device=device, spec=spec)
@@ -208,6 +217,5 @@ def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_
     if run["skipped"]:
         report.heading("Skipped").table(run["skipped"])
     results = {"evaluation": "semantic-search", "labels": [str(v) for v in labels], "window_voxels": window_voxels, "spacing_mm": [float(spacing_mm)] * 3, "protocol": "ct-fm" if spec.name == "ct-fm-search-1mm" else "custom", "overlap": overlap, "refinements": list(refinements), "per_label": per_label, "per_case": run["cases"], "skipped": run["skipped"], "paper": PAPER, "figures": [figure.name]}
-    prov = {**(weights_fields or {}), "sheet": os.path.abspath(sheet), "sheet_sha256": sha256_file(sheet), "store": os.path.abspath(out / "store"), "computation": run["store_computation"], "preset": spec.name, "preset_hash": spec.content_hash()}
-    paths = write_outputs(out, results, prov, report)
-    return {**results, **paths}
+    prov = {**(weights_fields or {}), "sheet": os.path.abspath(sheet), "sheet_sha256": file_sha256(sheet), "store": os.path.abspath(out / "store"), "computation": run["store_computation"], "preset": spec.name, "preset_hash": spec.content_hash()}
+    return write_evaluation_outputs(out, results, prov, report, SemanticSearchResult)

@@ -17,13 +17,21 @@ published code.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 
 PAPER_NOTE = "CT-FM reports 'consistent performance across test-retest datasets' (RIDER Lung CT); the method and numbers are not published in its code"
+
+
+@dataclass
+class StabilityResult(ZeroShotResult):
+    """What the test-retest stability evaluation returns: the keys of its results.json,
+    the paths of results.json and report.html (``result["results"]``, ``result["report"]``), and ``provenance``."""
 
 
 def icc_2_1(values: np.ndarray) -> np.ndarray:
@@ -96,10 +104,11 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
     }
 
 
-def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, where: dict | None = None) -> dict:
+def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, where: dict | None = None) -> StabilityResult:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
     from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.zeroshot.inputs import sha256_file, store_vectors, write_outputs
+    from ctfm.evaluate.zeroshot.inputs import store_vectors, write_evaluation_outputs
+    from ctfm.io.hashing import file_sha256
     from ctfm.io.tables import read_table
     from ctfm.evaluate.reports.report import Report
 
@@ -141,6 +150,7 @@ def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, w
         report.figure(figure, figure.stem)
     report.heading("Pairs").table(per_pair, digits=4)
     results = {"evaluation": "stability", **summary, "per_pair": per_pair, "per_dimension_icc": icc, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
-    prov = {**vectors.provenance(), "manifest": os.path.abspath(manifest), "manifest_sha256": sha256_file(manifest)}
-    paths = write_outputs(out, results, prov, report)
-    return {**{k: v for k, v in results.items() if k != "per_dimension_icc"}, **paths}
+    prov = {**vectors.provenance(), "manifest": os.path.abspath(manifest), "manifest_sha256": file_sha256(manifest)}
+    result = write_evaluation_outputs(out, results, prov, report, StabilityResult)
+    del result.data["per_dimension_icc"]  # in results.json, not in the returned summary
+    return result
