@@ -21,9 +21,9 @@ __all__ = ["__version__", "embed"]
 def embed(inputs, **kwargs):
     """Embed scans (files, folders, DICOM trees, manifests) and return their records.
 
-    See :func:`ctfm.embedding.runner.embed` for the arguments; imported lazily so that
+    See :func:`ctfm.embedding.api.embed` for the arguments; imported lazily so that
     ``import ctfm`` stays cheap.
     """
-    from ctfm.embedding.runner import embed as _embed
+    from ctfm.embedding.api import embed as _embed
 
     return _embed(inputs, **kwargs)

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctfm.errors import UserError, one_line
+from ctfm import __version__
+from ctfm.app.state import NotFound
+from ctfm.app.uploads import UploadRefused
+from ctfm.app.volumes import WINDOWS
 
 log = logging.getLogger("ctfm.app")
 Axis = Literal["axial", "coronal", "sagittal"]
@@ -50,10 +54,6 @@ class SearchResponse(BaseModel):
 
 def create_app(state) -> FastAPI:
     """The FastAPI application serving ``state`` (an :class:`ctfm.app.state.AppState`)."""
-    from ctfm import __version__
-    from ctfm.app.state import NotFound
-    from ctfm.app.uploads import UploadRefused
-    from ctfm.app.volumes import WINDOWS
 
     static = resources.files("ctfm.app") / "static"
     app = FastAPI(

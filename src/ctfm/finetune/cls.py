@@ -30,6 +30,12 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
+from ctfm.evaluate.probes.probe import encode_target
+from ctfm.finetune.cls_module import ClassificationFinetuner
+from ctfm.io.sources import read_manifest
+from ctfm.models.classifier import save_classifier
+from ctfm.preprocess import get_preset, load_usable_ct, preprocess
+from ctfm.runtime import atomic_path
 
 RESERVED_COLUMNS = {"path", "split", "series_uid", "patient", "patient_id", "error", "scan_id"}
 LAYOUTS = ("stack", "channels")
@@ -120,7 +126,6 @@ def resolve_cls_config(preset: str | None = None, file=None, overrides: dict | N
 
 def input_spec(config: ClsConfig):
     """The PreprocessSpec of the inputs: the preset, with the config's spacing, size and window layout."""
-    from ctfm.preprocess import get_preset
 
     spec = get_preset(config.preset)
     changes: dict[str, Any] = {}
@@ -155,7 +160,6 @@ class ClsCase:
 
 def _encode_labels(rows: list[dict], columns: list[str], task: str, source) -> tuple[str, list[str], list[np.ndarray]]:
     """(task, output names, one target per row)."""
-    from ctfm.evaluate.probes.probe import encode_target
 
     if task == "auto":
         task = "multilabel" if len(columns) > 1 else "auto"
@@ -185,7 +189,6 @@ def reference_split(units: list[str], ratios, seed: int) -> dict[str, str]:
 
 def read_cls_manifest(config: ClsConfig) -> tuple[str, list[str], list[ClsCase]]:
     """(task, output names, cases) of the manifest; splits from its column or the reference split."""
-    from ctfm.io.sources import read_manifest
 
     if not config.data:
         raise OptionError("data: give the manifest (--set data=cases.csv with a path column and label columns)")
@@ -251,7 +254,6 @@ class PreprocessedInputs:
                 array = stored["image"]
         else:
             array = preprocess_input(case.path, self.spec, case.series_uid)
-            from ctfm.runtime import atomic_path
 
             with atomic_path(path, suffix=".npz") as tmp:
                 np.savez(tmp, image=array)
@@ -262,7 +264,6 @@ class PreprocessedInputs:
 
 def preprocess_input(path: str, spec, series_uid: str | None = None) -> np.ndarray:
     """One scan -> float32 [C, D, H, W] through ``spec`` (the one preprocessing definition)."""
-    from ctfm.preprocess import load_usable_ct, preprocess
 
     image, _ = load_usable_ct(path, series_uid=series_uid)
     out = preprocess(image, spec)
@@ -353,7 +354,6 @@ class ClassificationTask(FinetuneTask):
 
     @property
     def module_class(self):
-        from ctfm.finetune.cls_module import ClassificationFinetuner
 
         return ClassificationFinetuner
 
@@ -381,7 +381,6 @@ class ClassificationTask(FinetuneTask):
         return loader, val_loader
 
     def build_module(self, config: ClsConfig):
-        from ctfm.finetune.cls_module import ClassificationFinetuner
 
         task, names, _, _ = self.data(config)
         return ClassificationFinetuner(
@@ -403,7 +402,6 @@ class ClassificationTask(FinetuneTask):
         )
 
     def export(self, module, folder: Path, config: ClsConfig, provenance: dict) -> Path:
-        from ctfm.models.classifier import save_classifier
 
         task, names, train, val = self.data(config)
         provenance = {**provenance, **run_provenance(config, train, val)}

@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
+from ctfm.io import load_ct, load_labels
+from ctfm.io.labels import _detect_format, _nifti_header_names, _sidecar_names
+from ctfm.io.volume import read_volume, volume_format
+from ctfm.models.labelmaps import resolve_labels
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
@@ -217,7 +221,6 @@ def load_case(case: SegCase, data: SegData):
         CTInputError: the label map lies on another grid than the image, or holds values outside
             the class map; a TotalSegmentator mask is missing.
     """
-    from ctfm.io import load_ct, load_labels
 
     image, _ = load_ct(case.image)
     if case.label is None:
@@ -260,7 +263,6 @@ def require_same_grid(label_path: Path, image) -> None:
 
     DICOM SEG / RTSTRUCT are placed by their frame of reference and not checked here.
     """
-    from ctfm.io.volume import read_volume, volume_format
 
     if volume_format(label_path) is None:
         return
@@ -301,7 +303,6 @@ def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
 
     Only the trained classes are read (all when ``data.value_map`` is unset); a later class wins overlaps.
     """
-    from ctfm.io import load_labels
 
     wanted = [v for v in sorted(data.source_labels) if v != 0 and (not data.value_map or data.value_map.get(v, 0) != 0)]
     combined = np.zeros(tuple(int(n) for n in image.shape[1:]), dtype=np.int16)
@@ -318,14 +319,12 @@ def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
 
 
 def _class_map(spec, where) -> dict[int, str]:
-    from ctfm.models.labelmaps import resolve_labels
 
     return dict(resolve_labels(spec))
 
 
 def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, str]:
     """The names stored with the first label file (NIfTI label table, JSON sidecar, SEG segment labels)."""
-    from ctfm.io.labels import _detect_format, _nifti_header_names, _sidecar_names
 
     for case in cases:
         if case.label:

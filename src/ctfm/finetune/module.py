@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from ctfm.errors import CTInputError
 
 
 class FinetuneModule(L.LightningModule):
@@ -43,7 +44,6 @@ class FinetuneModule(L.LightningModule):
     def checked_loss(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Log ``train/loss`` and return it; a non-finite loss stops the run with a one-line error."""
         if not torch.isfinite(loss):
-            from ctfm.errors import CTInputError
 
             raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step}", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch_size)

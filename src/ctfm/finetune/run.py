@@ -30,6 +30,7 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.pretrain.config import parse_set
 from ctfm.runtime import rank_and_world_size, run_folder_trainer, write_text_atomic
+from ctfm.pretrain.data import EpochIndexSampler
 
 __all__ = [
     "FinetuneTask",
@@ -232,7 +233,6 @@ def training_loader(config: RunConfig, dataset, n_cases: int):
     """The training DataLoader: samples identified by (epoch, index), ``samples_per_epoch`` an epoch."""
     from torch.utils.data import DataLoader
 
-    from ctfm.pretrain.data import EpochIndexSampler
 
     sampler = EpochIndexSampler(samples_per_epoch(config, n_cases))
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers, persistent_workers=config.num_workers > 0)

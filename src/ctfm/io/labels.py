@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ctfm.errors import CTInputError, one_line
-from ctfm.io.volume import LPS_TO_RAS, VOLUME_SUFFIXES, read_volume, volume_format
+from ctfm.io.volume import check_itk_header, LPS_TO_RAS, quiet_native_stderr, quiet_nibabel, read_volume, volume_format, VOLUME_SUFFIXES
 
 if TYPE_CHECKING:
     from monai.data import MetaTensor
@@ -315,7 +315,6 @@ def _nifti_header_names(path: Path) -> dict[int, str]:
     """Names from the Caret / TotalSegmentator label table in the header extensions (no voxels read)."""
     import nibabel as nib
 
-    from ctfm.io.volume import quiet_nibabel
 
     try:
         with quiet_nibabel():
@@ -332,7 +331,6 @@ def _itk_header_names(path: Path) -> dict[int, str]:
     """Names from 3D Slicer NRRD keys (header only); refuses multi-layer segmentations."""
     import SimpleITK as sitk
 
-    from ctfm.io.volume import check_itk_header, quiet_native_stderr
 
     check_itk_header(path)  # a voxel size ITK would invent is refused as such, not as "unreadable"
     sitk.ProcessObject_SetGlobalWarningDisplay(False)

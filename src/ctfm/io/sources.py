@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ctfm.errors import CTInputError, one_line
 from ctfm.io.volume import VOLUME_SUFFIXES
+from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
@@ -104,7 +105,6 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
 
 def _scan_folder(folder: Path) -> list[ScanSource]:
     """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
-    from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 
     volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
     with quiet_pydicom():

@@ -33,6 +33,13 @@ import torch
 
 from ctfm.errors import CTInputError, OptionError, UserError, one_line
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
+from ctfm.io import load_ct
+from ctfm.io.sources import resolve_sources
+from ctfm.models.labelmaps import select_classes
+from ctfm.models.segmentation import load_segmentation_model, LoadedSegmentation
+from ctfm.predict import writers
+from ctfm.preprocess.bounded import preprocess_large
+from ctfm.runtime import progress_bar
 
 LABELS_SUFFIX = ".labels.json"
 FAILURES_NAME = "failures.json"
@@ -164,7 +171,6 @@ def _precision_context(precision: str, device: str):
 
 def network_input(image, loaded, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, tuple, np.ndarray]:
     """``(x [1, C, D, H, W], input affine, input shape, network affine)`` of a loaded CT."""
-    from ctfm.preprocess.bounded import preprocess_large
 
     net = preprocess_large(image, inference_spec(loaded.spec))  # the spec's chain, in bounded memory where it allows
     net_affine = np.asarray(net.affine, dtype=np.float64)
@@ -207,12 +213,6 @@ def predict_seg(
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
     and the batch goes on.
     """
-    from ctfm.io import load_ct
-    from ctfm.io.sources import resolve_sources
-    from ctfm.models.labelmaps import select_classes
-    from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model
-    from ctfm.predict import writers
-    from ctfm.runtime import progress_bar
 
     if output_format not in ("nifti", "dicom-seg"):
         raise OptionError(f"--format {output_format!r}: choose nifti or dicom-seg")

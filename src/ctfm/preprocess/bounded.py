@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from ctfm.preprocess.spec import PreprocessSpec
+from ctfm.preprocess import preprocess
+from ctfm.preprocess.transforms import _window, AboveThreshold
 
 AXES = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -78,8 +80,6 @@ def preprocess_large(image, spec: PreprocessSpec):
     """
     from monai.transforms import CropForeground
 
-    from ctfm.preprocess import preprocess
-    from ctfm.preprocess.transforms import AboveThreshold, _window
 
     if supports_bounded(spec) and len(spec.windows) == 1:
         return preprocess_bounded(image, spec)
@@ -99,7 +99,6 @@ def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = 
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
-    from ctfm.preprocess.transforms import _window
 
     if not supports_bounded(spec):
         raise ValueError(f"spec {spec.name!r} has a foreground crop or non-constant padding: use ctfm.preprocess.preprocess")

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ctfm.errors import OptionError
+from ctfm.errors import CTInputError, one_line, OptionError
 from ctfm.runtime import write_text_atomic
+from ctfm.preprocess import get_preset
+from ctfm.pretrain.losses import loss_arguments, LOSSES
 
 
 @dataclass
@@ -82,7 +84,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
-    from ctfm.errors import CTInputError, one_line
 
     path = Path(path)
     if not path.is_file():
@@ -149,7 +150,6 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, ov
 
 def training_spec(config: PretrainConfig):
     """The PreprocessSpec the encoder trains on: ``ct-fm-ssl``, at ``config.spacing_mm`` if given."""
-    from ctfm.preprocess import get_preset
 
     spec = get_preset("ct-fm-ssl")
     if not config.spacing_mm or tuple(float(v) for v in config.spacing_mm) == spec.spacing_mm:
@@ -160,7 +160,6 @@ def training_spec(config: PretrainConfig):
 
 def _check_loss(config: PretrainConfig) -> None:
     """``loss`` names a registered loss and ``loss_kwargs`` holds only arguments it takes."""
-    from ctfm.pretrain.losses import LOSSES, loss_arguments  # torch: imported when a config is resolved
 
     if not isinstance(config.loss, str) or config.loss not in LOSSES:
         raise OptionError(f"loss {config.loss!r}: unknown; choose one of {', '.join(sorted(LOSSES))}")

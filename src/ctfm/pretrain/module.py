@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ctfm.models import create_model
 from ctfm.pretrain.losses import build_loss
+from ctfm.errors import CTInputError
 
 
 class ProjectionHead(nn.Sequential):
@@ -77,7 +78,6 @@ class ContrastivePretrainer(L.LightningModule):
         loss = self.loss(views)
         if not torch.isfinite(loss):
             # Stop at once: a non-finite loss poisons every weight at the next optimiser step.
-            from ctfm.errors import CTInputError
 
             precision = getattr(getattr(self, "trainer", None), "precision", "?") if self._trainer is not None else "?"
             raise CTInputError(None, f"training diverged: non-finite loss at step {self.global_step} (precision {precision})", "use precision 32-true or a lower lr; resume from checkpoints/last.ckpt")

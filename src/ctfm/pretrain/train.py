@@ -16,8 +16,15 @@ import warnings
 from pathlib import Path
 
 from ctfm.errors import OptionError
-from ctfm.pretrain.config import PretrainConfig, save_config
+from ctfm.pretrain.config import PretrainConfig, save_config, training_spec
 from ctfm.runtime import rank_and_world_size, run_folder_trainer, write_text_atomic
+from ctfm.models import save_pretrained
+from ctfm.preprocess import get_preset
+from ctfm.pretrain.cache import build_cache, VolumeCache
+from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
+from ctfm.pretrain.losses import loss_arguments
+from ctfm.pretrain.module import ContrastivePretrainer
+from ctfm.pretrain.views import MultiCropViews
 
 
 def launch_rank() -> int:
@@ -30,8 +37,6 @@ def launch_rank() -> int:
 
 
 def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
-    from ctfm.pretrain.cache import VolumeCache, build_cache
-    from ctfm.pretrain.config import training_spec
 
     data = Path(config.data)
     if not config.data:
@@ -66,14 +71,12 @@ def build_trainer(config: PretrainConfig, extra_callbacks=(), progress_bar: bool
 
 def loss_kwargs(config: PretrainConfig) -> dict:
     """The loss's keyword arguments: ``temperature`` for the losses that take one, then ``loss_kwargs``."""
-    from ctfm.pretrain.losses import loss_arguments
 
     base = {"temperature": config.temperature} if "temperature" in loss_arguments(config.loss) else {}
     return {**base, **config.loss_kwargs}
 
 
 def build_module(config: PretrainConfig):
-    from ctfm.pretrain.module import ContrastivePretrainer
 
     return ContrastivePretrainer(
         model=config.model,
@@ -90,8 +93,6 @@ def build_module(config: PretrainConfig):
 def build_loader(config: PretrainConfig, cache):
     from torch.utils.data import DataLoader
 
-    from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
-    from ctfm.pretrain.views import MultiCropViews
 
     views = MultiCropViews(
         num_crops=config.num_crops,
@@ -138,13 +139,10 @@ def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=(), pr
 
 def export_encoder(module, folder: Path, config: PretrainConfig | None = None, step: int | None = None, epoch: int | None = None) -> Path:
     """Write ``module.encoder`` in the published layout (config.json + model.safetensors + ctfm.json)."""
-    from ctfm.models import save_pretrained
 
     provenance = {"source": "ctfm pretrain", "global_step": step, "epoch": epoch}
     if config is not None:
         provenance.update(loss=config.loss, num_crops=config.num_crops, seed=config.seed)
-    from ctfm.preprocess import get_preset
-    from ctfm.pretrain.config import training_spec
 
     # The sidecar records what the encoder was trained on (ct-fm-ssl volumes at the run's
     # spacing): every consumer derives its preprocessing from it.
@@ -156,7 +154,6 @@ def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:
     """Export the encoder of a pretraining checkpoint (loaded with weights_only=True)."""
     import torch
 
-    from ctfm.pretrain.module import ContrastivePretrainer
 
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     module = ContrastivePretrainer(**state["hyper_parameters"])

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import OptionError, UserError
+from ctfm.errors import MissingDependencyError, OptionError, UserError
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
 from ctfm.store.schema import RUN_KEY
 from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_rows, select_run
+from ctfm import __version__
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("cosine", "l2")
@@ -53,7 +54,6 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        from ctfm.errors import MissingDependencyError
 
         raise MissingDependencyError("the vector index needs FAISS: pip install faiss-cpu") from None
     return faiss
@@ -305,7 +305,6 @@ def _ids_table(vectors: RunVectors):
 
 def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexParams, covered, seconds: float, extra: dict | None = None) -> Path:
     faiss = _faiss()
-    from ctfm import __version__
 
     digest = run_digest(key)
     folder = index_dir(store)

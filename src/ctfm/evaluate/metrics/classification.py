@@ -17,6 +17,7 @@ The point estimates agree with scikit-learn (``roc_auc_score``, ``average_precis
 from __future__ import annotations
 
 import numpy as np
+from ctfm.evaluate.metrics.stats import _percentiles, Interval, PairedComparison
 
 BINARY_METRICS = ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy@0.5", "f1@0.5", "sensitivity@0.5", "specificity@0.5")
 MULTICLASS_METRICS = ("auroc_ovr", "balanced_accuracy", "f1_macro", "accuracy")
@@ -148,7 +149,6 @@ def primary_metric(task: str) -> str:
 
 # ---- intervals (the shapes of ctfm.evaluate.metrics.stats) ---------------------------------------
 def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: float):
-    from ctfm.evaluate.metrics.stats import Interval, _percentiles
 
     low, high = _percentiles(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
     return Interval(point, low, high, confidence, n_resamples, int(np.isfinite(samples).sum()))
@@ -180,7 +180,6 @@ def bootstrap_multiclass(y, probabilities, n_resamples: int = 1000, seed: int = 
 def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
     """A minus B of every metric on the same resamples of the same cases; name ->
     :class:`ctfm.evaluate.metrics.stats.PairedComparison` (two-sided p: twice the smaller tail at zero)."""
-    from ctfm.evaluate.metrics.stats import PairedComparison, _percentiles
 
     ones = np.ones((1, n))
     a0, b0 = metric_fn_a(ones), metric_fn_b(ones)

@@ -37,7 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, UserError
+from ctfm.evaluate.metrics.stats import bootstrap_ci, wilcoxon_paired
+from ctfm.evaluate.reports.report import write_results
+from ctfm.finetune.data import check_label_values, require_same_grid
+from ctfm.io import load_labels
+from ctfm.io.labels import _nifti_header_names, _sidecar_names
+from ctfm.io.volume import read_volume
+from ctfm.models.labelmaps import resolve_labels
+from ctfm.runtime import atomic_path, write_text_atomic
 
 METRICS = ("dice", "hd95", "nsd")
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -111,7 +119,6 @@ def _read_truth(path: Path):
     import torch
     from monai.data import MetaTensor
 
-    from ctfm.io.volume import read_volume
 
     array, affine, _ = read_volume(path)
     while array.ndim > 3 and array.shape[-1] == 1:
@@ -125,8 +132,6 @@ def _read_truth(path: Path):
 
 def load_pair(truth_path: Path, pred_path: Path, labels: dict[int, str]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(truth [X, Y, Z], prediction [X, Y, Z] on the truth grid, spacing mm); refuses another grid or unknown values."""
-    from ctfm.finetune.data import check_label_values, require_same_grid
-    from ctfm.io import load_labels
 
     grid, spacing = _read_truth(truth_path)
     truth = load_labels(truth_path, grid).labels.numpy()[0]
@@ -140,7 +145,6 @@ def load_pair(truth_path: Path, pred_path: Path, labels: dict[int, str]) -> tupl
 def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
     """The class map: given, else the prediction's ``<name>.labels.json`` (ctfm predict seg), else the truth file's names."""
     if labels is not None:
-        from ctfm.models.labelmaps import resolve_labels
 
         return dict(resolve_labels(labels)), "given"
     for _, truth, pred in pairs:
@@ -154,7 +158,6 @@ def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
                 return {int(k): str(v) for k, v in table.items()}, str(sidecar.name)
             except (ValueError, AttributeError, TypeError):
                 raise CTInputError(sidecar, "not a JSON object of label value -> name", "give --labels MAP") from None
-        from ctfm.io.labels import _nifti_header_names, _sidecar_names
 
         names = {}
         if truth.name.lower().endswith((".nii", ".nii.gz")):
@@ -179,7 +182,6 @@ def _sha256(path: Path) -> str:
 
 def score_cases(pairs, labels: dict[int, str], nsd_tolerance_mm: float) -> tuple[list[dict], list[dict]]:
     """Per case and class metric rows, and failures (missing or refused predictions)."""
-    from ctfm.errors import UserError
 
     rows, failures = [], []
     classes = [v for v in sorted(labels) if v != 0]
@@ -217,7 +219,6 @@ def _macro(matrix: np.ndarray) -> float:
 
 def summarise(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000, seed: int = 0) -> dict:
     """Per-class means with bootstrap 95 % intervals over cases, and the macro means."""
-    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     cases = sorted({r["case"] for r in rows})
     classes = [v for v in sorted(labels) if v != 0]
@@ -242,7 +243,6 @@ def summarise(rows: list[dict], labels: dict[int, str], n_resamples: int = 2000,
 
 def compare_dice(rows_a: list[dict], rows_b: list[dict], labels: dict[int, str]) -> dict:
     """Paired Wilcoxon of per-case Dice, A (``--pred``) vs B (``--compare``), per class and for the per-case macro Dice."""
-    from ctfm.evaluate.metrics.stats import wilcoxon_paired
 
     cases = sorted({r["case"] for r in rows_a} & {r["case"] for r in rows_b})
     classes = [v for v in sorted(labels) if v != 0]
@@ -333,8 +333,6 @@ def _provenance(pred, truth, compare, pairs, labels) -> dict:
 
 
 def write_outputs(out: Path, results: dict, rows: list[dict], pairs, labels: dict[int, str]) -> None:
-    from ctfm.evaluate.reports.report import write_results
-    from ctfm.runtime import write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
@@ -359,7 +357,6 @@ def overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ctfm.runtime import atomic_path
 
     fig, axes = plt.subplots(len(cases), 3, figsize=(10, 3.4 * len(cases)), squeeze=False)
     cmap = plt.get_cmap("tab20", max(2, len(labels)))

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics, primary_metric, youden_threshold
+from ctfm.store import open_store, RUN_KEY
 
 KEYS = ("scan_id", "series_uid", "source_path")
 METHODS = ("logistic", "knn", "mlp")
@@ -87,7 +89,6 @@ def _normalise_key(key: str, value) -> str | None:
 def select_run(rows: list[dict], select: dict[str, str] | None, store) -> list[dict]:
     """The scan rows of one computation key: ``select`` filters by key field (a prefix matches
     for weights_sha256/preset_hash); more than one run left is an error listing them."""
-    from ctfm.store import RUN_KEY
 
     for field_name, wanted in (select or {}).items():
         if field_name not in (*RUN_KEY, "preset"):
@@ -116,7 +117,6 @@ def _float_equal(a, b) -> bool:
 
 def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "scan_id", select: dict | None = None) -> ProbeInputs:
     """Join the label file to the scan rows of one run of a store (see the module docstring)."""
-    from ctfm.store import RUN_KEY, open_store
 
     if key not in KEYS:
         raise OptionError(f"--key {key}: not a join key (choose {', '.join(KEYS)})")
@@ -407,7 +407,6 @@ PROBES = {"logistic": LogisticPath, "knn": KNNPath, "mlp": MLPPath}
 
 
 def _selection_score(task: str, y, proba) -> float:
-    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
 
     if proba is None:
         return -np.inf
@@ -433,7 +432,6 @@ class FoldFit:
 def fit_fold(method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0) -> FoldFit:
     """Choose the hyperparameter (and binary threshold) by inner CV on the training part, refit on
     all of it, predict the test part. Too few cases per class for inner CV: the method's default."""
-    from ctfm.evaluate.metrics.classification import youden_threshold
 
     probe = PROBES[method](seed)
     folds = _inner_folds(y_train, groups_train, inner_cv, seed)
@@ -528,7 +526,6 @@ def few_shot_curve(features, target: Target, folds, shots: list, repeats: int = 
     fold's training part is cut to k cases per class (drawn with a seed made of seed, repeat, fold
     and k, so every store sees the same draws), the probe is fitted, and the pooled out-of-fold
     metric is recorded. Returns {shots: {"values": [repeats], "mean", "sd", "selection"}}."""
-    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics, primary_metric
 
     labelled = target.labelled
     X, y = np.asarray(features)[labelled], target.y[labelled]

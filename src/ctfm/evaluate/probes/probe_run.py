@@ -24,6 +24,9 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.metrics import classification as cm
 from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, encode_target, few_shot_curve, load_probe_inputs, outer_folds
+from ctfm.evaluate.metrics.stats import delong_test
+from ctfm.evaluate.reports.report import provenance, Report, write_results
+from ctfm.runtime import write_text_atomic
 
 PREDICTIONS_NAME = "predictions.csv"
 
@@ -89,7 +92,6 @@ def _probe_target(name, inputs, task, method, cv, split, groups, inner_cv, seed,
         paired = cm.paired_bootstrap_metrics(_metric_fn(target, other), _metric_fn(target, base), len(base.rows), n_resamples, seed, case_groups)
         comparison = {"a": inputs[s].store, "b": inputs[0].store, "difference": "a - b", "paired_bootstrap": {k: v.as_dict() for k, v in paired.items()}}
         if target.task == "binary":
-            from ctfm.evaluate.metrics.stats import delong_test
 
             comparison["delong_auroc"] = delong_test(base.y, other.score, base.score).as_dict()
         entry["comparisons"].append(comparison)
@@ -153,7 +155,6 @@ def run_probe(
         "targets": [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries],
         "seconds": seconds,
     }
-    from ctfm.evaluate.reports.report import provenance
 
     result["_provenance"] = provenance(
         stores=[{"path": item.store, **item.run} for item in inputs],
@@ -254,8 +255,6 @@ def _ci_text(m: dict) -> str:
 
 def write_outputs(out, result: dict, entries, inputs) -> Path:
     """results.json, predictions.csv, PNG curves and report.html in ``out``, each written atomically."""
-    from ctfm.evaluate.reports.report import Report, write_results
-    from ctfm.runtime import write_text_atomic
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

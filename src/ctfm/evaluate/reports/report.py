@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ctfm.runtime import utc_now, write_text_atomic
+from ctfm import __version__
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
@@ -52,7 +53,6 @@ def provenance(**fields: Any) -> dict:
     and the caller's ``fields`` (model, weights sha256, preset, spec hash, store, input hashes...)."""
     import torch
 
-    from ctfm import __version__
 
     return jsonable(
         {

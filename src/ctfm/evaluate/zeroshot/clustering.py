@@ -14,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, MissingDependencyError, OptionError
+from ctfm.evaluate.reports.figures import scatter_labelled
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import encode_batches, load_encoder, read_table, sha256_file, store_vectors, unit_rows, write_outputs
+from ctfm.evaluate.zeroshot.retrieval import load_organmnist3d, ORGANMNIST_LABELS
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
 
@@ -22,7 +26,6 @@ PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured
 def knn_accuracy(vectors: np.ndarray, labels, k: int = 5) -> float:
     """Leave-one-out kNN accuracy by cosine similarity: majority label of the ``k`` nearest other
     rows; a tie goes to the tied label whose member ranks nearest."""
-    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     labels = np.asarray(labels)
     n = len(labels)
@@ -48,7 +51,6 @@ def kmeans_ari(vectors: np.ndarray, labels, seed: int = 0) -> float:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     labels = np.asarray(labels)
     n_clusters = len(np.unique(labels))
@@ -86,7 +88,6 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
     try:
         import umap
     except ImportError:
-        from ctfm.errors import MissingDependencyError
 
         raise MissingDependencyError("UMAP figures need umap-learn: pip install 'ctfm[eval]' or umap-learn (or pass --no-umap)") from None
     import warnings
@@ -100,9 +101,6 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
 
 def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> dict:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
-    from ctfm.evaluate.reports.figures import scatter_labelled
-    from ctfm.evaluate.zeroshot.inputs import write_outputs
-    from ctfm.evaluate.reports.report import Report
 
     labels = np.asarray([str(v) for v in labels])
     metrics = clustering_metrics(vectors, labels, k, seed)
@@ -125,7 +123,6 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
 
 def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", **filters) -> tuple[np.ndarray, list[str], dict]:
     """``(vectors [N, D], labels, provenance)`` for the rows of a labels sheet found in a store."""
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors
 
     vectors = store_vectors(store, **filters)
     sheet = read_table(labels_path, required=(scan_column, label_column))
@@ -139,8 +136,6 @@ def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_
 def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> tuple[np.ndarray, list[str], dict]:
     """All OrganMNIST3D volumes (train + val + test, flipped as CT-FM's clustering notebook does)
     embedded, with organ names."""
-    from ctfm.evaluate.zeroshot.inputs import encode_batches, load_encoder, sha256_file
-    from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 
     splits = load_organmnist3d(npz, "clustering")
     volumes = np.concatenate([splits[s][0] for s in ("train", "val", "test")])

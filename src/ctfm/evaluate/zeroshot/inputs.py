@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, MissingDependencyError, one_line, OptionError
+from ctfm.embedding.modes import encode_windows, POOLINGS
+from ctfm.embedding.api import build_encoder
+from ctfm.embedding.runner import weights_sha256_of
+from ctfm.evaluate.reports.report import provenance, write_results
+from ctfm.store import open_store, RUN_KEY
 
 
 @dataclass
@@ -91,7 +96,6 @@ def store_vectors(store_path: str | os.PathLike, pool_patches: str | None = None
     ("min", "mean", "max"): recompute each scan vector from its stored patch vectors (3D-MIR uses
     the minimum), whatever pooling the run stored. More than one matching computation is an error
     that lists them."""
-    from ctfm.store import RUN_KEY, open_store
 
     filters = {k: v for k, v in filters.items() if v is not None}
     unknown = set(filters) - set(KEY_FILTERS)
@@ -129,7 +133,6 @@ def store_vectors(store_path: str | os.PathLike, pool_patches: str | None = None
     key = dict(zip(RUN_KEY, key_values))
     chosen.sort(key=lambda r: r["scan_id"])
     if pool_patches is not None:
-        from ctfm.embedding.modes import POOLINGS
 
         if pool_patches not in POOLINGS:
             raise OptionError(f"pooling {pool_patches!r}: expected one of {', '.join(POOLINGS)}")
@@ -166,7 +169,6 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
             try:
                 import openpyxl
             except ImportError:
-                from ctfm.errors import MissingDependencyError
 
                 raise MissingDependencyError(f"{path}: reading XLSX sheets needs openpyxl (pip install openpyxl), or save the sheet as CSV") from None
             sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).active
@@ -176,7 +178,6 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
             with open(path, newline="", encoding="utf-8-sig") as fh:
                 rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
     except (ValueError, OSError, UnicodeDecodeError, csv.Error) as exc:
-        from ctfm.errors import one_line
 
         raise CTInputError(path, f"unreadable sheet: {one_line(exc)}", "give a CSV (comma-separated, header row), TSV, Parquet or XLSX file") from None
     rows = [{str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None} for row in rows]
@@ -195,7 +196,6 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
 def load_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
     """``(encoder in eval mode, provenance fields)``: weights loaded strictly, or a seeded random
     init (warned, for testing)."""
-    from ctfm.embedding.runner import build_encoder, weights_sha256_of
 
     encoder = build_encoder(model, weights, seed).eval().to(device)
     fields = {"model": model, "weights": weights if weights is not None else f"random-init seed {seed}", "weights_sha256": weights_sha256_of(encoder)}
@@ -207,7 +207,6 @@ def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: st
     as every stored patch and region query is (:func:`ctfm.embedding.modes.encode_windows`)."""
     import torch
 
-    from ctfm.embedding.modes import encode_windows
 
     if volumes.ndim == 4:
         volumes = volumes[:, None]
@@ -217,7 +216,6 @@ def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: st
 
 def write_outputs(out_dir: str | os.PathLike, results: dict, provenance_fields: dict, report) -> dict:
     """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the paths."""
-    from ctfm.evaluate.reports.report import provenance, write_results
 
     prov = provenance(**provenance_fields)
     results_path = write_results(out_dir, results, prov)

@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.evaluate.metrics.stats import bootstrap_ci
+from ctfm.evaluate.reports.figures import _pyplot, histograms, save_figure
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, unit_rows, write_outputs
 
 PAPER_NOTE = "CT-FM reports 'consistent performance across test-retest datasets' (RIDER Lung CT); the method and numbers are not published in its code"
 
@@ -53,7 +57,6 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
     ``b[i]`` ([N, D] each; ``subjects`` [N] groups pairs of one subject, default one per pair)."""
     from sklearn.metrics import roc_auc_score
 
-    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     a, b = unit_rows(np.asarray(a, np.float64)), unit_rows(np.asarray(b, np.float64))
     n = len(a)
@@ -72,7 +75,6 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
 
 def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dict:
     """Every stability figure, with bootstrap 95 % intervals over subjects."""
-    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     stats = pair_statistics(a, b, subjects)
     icc = icc_2_1(np.stack([np.asarray(a, np.float64), np.asarray(b, np.float64)], axis=1))
@@ -98,9 +100,6 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
 
 def run_stability(store, manifest, out, seed: int = 0, **filters) -> dict:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
-    from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, write_outputs
-    from ctfm.evaluate.reports.report import Report
 
     rows = read_table(manifest, required=("scan_a", "scan_b"))
     vectors = store_vectors(store, **filters)
