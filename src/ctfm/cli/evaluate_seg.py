@@ -36,7 +36,7 @@ def run_seg(args) -> int:
     import math
 
     from ctfm.evaluate.reports.report import jsonable
-    from ctfm.evaluate.metrics.segmentation import evaluate_segmentation
+    from ctfm.predict.scoring import evaluate_segmentation
 
     results = evaluate_segmentation(args.pred, args.truth, labels=args.labels, compare=args.compare, out=args.out, nsd_tolerance_mm=args.nsd_tolerance, n_resamples=args.resamples)
     if args.json:

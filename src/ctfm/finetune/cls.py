@@ -30,7 +30,7 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
-from ctfm.evaluate.probes.probe import encode_target
+from ctfm.evaluate.metrics.classification import encode_target
 from ctfm.finetune.cls_module import ClassificationFinetuner
 from ctfm.io.sources import read_manifest
 from ctfm.models.classifier import save_classifier

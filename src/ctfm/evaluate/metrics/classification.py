@@ -16,12 +16,74 @@ The point estimates agree with scikit-learn (``roc_auc_score``, ``average_precis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from ctfm.errors import CTInputError
 from ctfm.evaluate.metrics.stats import _percentiles, Interval, PairedComparison
 
 BINARY_METRICS = ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy@0.5", "f1@0.5", "sensitivity@0.5", "specificity@0.5")
 MULTICLASS_METRICS = ("auroc_ovr", "balanced_accuracy", "f1_macro", "accuracy")
 CHUNK = 128  # resamples per weight matrix (memory: CHUNK x n float64)
+MISSING = {"", "na", "nan", "none", "null"}  # label values read as "no label"
+
+
+# ---- targets ---------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One label column encoded: ``y`` [N] class index, -1 where the label is missing."""
+
+    name: str
+    task: str  # binary | multiclass
+    classes: list[str]
+    y: np.ndarray
+    missing: int = 0
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.y >= 0)
+
+
+def _as_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def encode_target(name: str, values: list[str], task: str = "auto", source=None) -> Target:
+    """Encode a label column. Binary: 0/1 (numeric) only; multi-class: any values (numbers sort
+    numerically). ``auto``: binary when every value is 0 or 1, multi-class otherwise."""
+    missing = np.array([v.strip().lower() in MISSING for v in values])
+    present = [v.strip() for v, m in zip(values, missing) if not m]
+    numbers = [_as_number(v) for v in present]
+    zero_one = all(n is not None and n in (0.0, 1.0) for n in numbers)
+    if task == "auto":
+        task = "binary" if zero_one else "multiclass"
+    elif task == "multilabel":
+        task = "binary"
+    if task == "binary":
+        bad = next((v for v, n in zip(present, numbers) if n is None or n not in (0.0, 1.0)), None)
+        if bad is not None:
+            raise CTInputError(source, f"column {name!r} has the label {bad!r}, not 0 or 1, for a binary task", "code the target as 0/1, or use --task multiclass")
+        classes = ["0", "1"]
+        codes = [int(n) for n in numbers]
+    else:
+        if all(n is not None for n in numbers):
+            distinct = sorted(set(present), key=lambda v: float(v))
+        else:
+            distinct = sorted(set(present))
+        classes = distinct
+        index = {c: i for i, c in enumerate(classes)}
+        codes = [index[v] for v in present]
+    y = np.full(len(values), -1, dtype=int)
+    y[~missing] = codes
+    counts = np.bincount(y[y >= 0], minlength=len(classes))
+    if (counts > 0).sum() < 2:
+        only = classes[int(np.argmax(counts))] if counts.sum() else "none"
+        raise CTInputError(source, f"target {name!r} has one class ({int(counts.sum())} labelled scans, all {only!r})", "a probe needs at least two classes; check the column and the join")
+    return Target(name=name, task=task, classes=classes, y=y, missing=int(missing.sum()))
 
 
 # ---- weights ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.metrics import classification as cm
-from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, encode_target, few_shot_curve, load_probe_inputs, outer_folds
+from ctfm.evaluate.metrics.classification import encode_target
+from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, few_shot_curve, load_probe_inputs, outer_folds
 from ctfm.evaluate.metrics.stats import delong_test
 from ctfm.evaluate.reports.report import provenance, Report, write_results
 from ctfm.runtime import write_text_atomic
