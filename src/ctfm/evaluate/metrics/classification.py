@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctfm.errors import CTInputError
-from ctfm.evaluate.metrics.stats import _percentiles, Interval, PairedComparison
+from ctfm.evaluate.metrics.stats import Interval, PairedComparison, paired_p_value, percentile_interval, resample_weights
 
 BINARY_METRICS = ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy@0.5", "f1@0.5", "sensitivity@0.5", "specificity@0.5")
 MULTICLASS_METRICS = ("auroc_ovr", "balanced_accuracy", "f1_macro", "accuracy")
-CHUNK = 128  # resamples per weight matrix (memory: CHUNK x n float64)
 MISSING = {"", "na", "nan", "none", "null"}  # label values read as "no label"
 
 
@@ -87,27 +86,6 @@ def encode_target(name: str, values: list[str], task: str = "auto", source=None)
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def resample_weights(n: int, n_resamples: int, seed: int = 0, groups=None):
-    """Yield weight matrices [chunk, n]: how often each case is drawn in each resample.
-
-    ``groups`` (length n): resample whole groups (a cluster bootstrap, e.g. over patients), each
-    case weighted by how often its group was drawn.
-    """
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        codes, n_units = np.arange(n), n
-    else:
-        _, codes = np.unique(np.asarray(groups), return_inverse=True)  # as stats._resample_indices
-        n_units = int(codes.max()) + 1
-    done = 0
-    while done < n_resamples:
-        chunk = min(CHUNK, n_resamples - done)
-        draws = rng.integers(0, n_units, size=(chunk, n_units))
-        counts = np.bincount((draws + np.arange(chunk)[:, None] * n_units).ravel(), minlength=chunk * n_units).reshape(chunk, n_units)
-        yield counts[:, codes].astype(np.float64)
-        done += chunk
-
-
 def _safe_div(a, b):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
@@ -212,7 +190,7 @@ def primary_metric(task: str) -> str:
 # ---- intervals (the shapes of ctfm.evaluate.metrics.stats) ---------------------------------------
 def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: float):
 
-    low, high = _percentiles(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
+    low, high = percentile_interval(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
     return Interval(point, low, high, confidence, n_resamples, int(np.isfinite(samples).sum()))
 
 
@@ -253,9 +231,8 @@ def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int 
     out = {}
     for k in a0:
         d = np.concatenate(diffs[k]) if diffs[k] else np.array([])
-        finite = d[np.isfinite(d)]
-        low, high = _percentiles(d, confidence)
-        p_value = float(min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0)))) if len(finite) else float("nan")
+        low, high = percentile_interval(d, confidence)
+        p_value = paired_p_value(d)
         out[k] = PairedComparison(float(a0[k][0]), float(b0[k][0]), float(a0[k][0] - b0[k][0]), low, high, p_value, "paired bootstrap")
     return out
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.metrics.stats import bootstrap_ci
-from ctfm.evaluate.reports.figures import _pyplot, histograms, save_figure
+from ctfm.evaluate.reports.figures import pyplot, histograms, save_figure
 from ctfm.evaluate.reports.report import Report
 from ctfm.evaluate.zeroshot.inputs import read_table, sha256_file, store_vectors, unit_rows, write_outputs
 
@@ -112,7 +112,7 @@ def run_stability(store, manifest, out, seed: int = 0, **filters) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = [histograms({"pairs (test-retest)": result["_pair"], "non-pairs": result["_non_pair"]}, out / "pair_cosine.png", "cosine similarity: pairs vs non-pairs", "cosine similarity")]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     icc = result["_per_dimension_icc"]
     ax.hist(icc[np.isfinite(icc)], bins=40, range=(-1, 1), color="tab:green")
