@@ -49,7 +49,10 @@ LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 # ctfm imports that stay inside a function, each with its reason: (importing module, imported module) -> reason.
-DEFERRED: dict[tuple[str, str], str] = {}
+DEFERRED: dict[tuple[str, str], str] = {
+    ("ctfm.finetune.cls", "ctfm.finetune.cls_module"): "the LightningModule: Lightning (the training extra) is "
+    "imported only when a run trains, since ctfm.predict.cls reads this module's preprocessing",
+}
 
 # Outside the table: the lazy top level (PEP 562) and ``python -m ctfm``; ``ctfm.evaluate`` is a
 # namespace of sub-packages whose ``__init__`` imports nothing.

@@ -6,6 +6,7 @@
 """
 
 from __future__ import annotations
+
 from ctfm.app.server import create_app
 from ctfm.app.state import AppState
 from ctfm.errors import OptionError

@@ -31,7 +31,6 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError
 from ctfm.finetune.run import FinetuneTask, RunConfig, epoch_order, rank_share, resolve_config, run_finetune, run_provenance, sample_random_state, training_loader
 from ctfm.evaluate.metrics.classification import encode_target
-from ctfm.finetune.cls_module import ClassificationFinetuner
 from ctfm.io.sources import read_manifest
 from ctfm.models.classifier import save_classifier
 from ctfm.preprocess import get_preset, load_usable_ct, preprocess
@@ -355,6 +354,8 @@ class ClassificationTask(FinetuneTask):
     @property
     def module_class(self):
 
+        from ctfm.finetune.cls_module import ClassificationFinetuner  # Lightning: only when a run trains
+
         return ClassificationFinetuner
 
     def data(self, config: ClsConfig):
@@ -383,6 +384,8 @@ class ClassificationTask(FinetuneTask):
     def build_module(self, config: ClsConfig):
 
         task, names, _, _ = self.data(config)
+        from ctfm.finetune.cls_module import ClassificationFinetuner  # Lightning: only when a run trains
+
         return ClassificationFinetuner(
             task=task,
             label_names=list(names),

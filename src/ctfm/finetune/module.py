@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+
 from ctfm.errors import CTInputError
 
 

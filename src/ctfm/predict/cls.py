@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ctfm.errors import one_line, UserError
 from ctfm.evaluate.reports.report import provenance
 from ctfm.finetune.cls import preprocess_input

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from ctfm.embedding.runner import weights_sha256_of
 from ctfm.evaluate.reports.report import Report
 from ctfm.evaluate.zeroshot.inputs import write_outputs
