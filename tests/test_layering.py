@@ -306,7 +306,7 @@ def _report(title: str, items: list[str]) -> str:
 
 def test_doc_table_is_the_tests_table():
     names, layers = doc_layers()
-    assert (names, layers) == (LAYER_NAMES, LAYERS), "docs/architecture.md's layer table and LAYERS in tests/test_layering.py differ"
+    assert (names, layers) == (LAYER_NAMES, LAYERS), "the layer table of docs/architecture.md differs from LAYERS here"
 
 
 def test_every_package_is_in_the_table():

@@ -183,7 +183,12 @@ def test_vectorised_and_loop_bootstrap_agree_on_an_odd_grouped_cohort():
     groups = np.array([f"g{i // 4:03d}" for i in range(151)])
     ours = cm.bootstrap_binary(y, p, 0.5, n_resamples=150, seed=2, groups=groups)["auroc"]
     reference = bootstrap_ci(roc_auc_score, y, p, groups=groups, n_resamples=150, seed=2)
-    assert (ours.estimate, ours.low, ours.high, ours.n_valid) == pytest.approx((reference.estimate, reference.low, reference.high, reference.n_valid))
-    paired = cm.paired_bootstrap_metrics(lambda w: cm.binary_metrics_weighted(y, p, 0.5, w), lambda w: cm.binary_metrics_weighted(y, q, 0.5, w), 151, 150, 2, groups)["auroc"]
+    expected = (reference.estimate, reference.low, reference.high, reference.n_valid)
+    assert (ours.estimate, ours.low, ours.high, ours.n_valid) == pytest.approx(expected)
+    paired = cm.paired_bootstrap_metrics(
+        lambda w: cm.binary_metrics_weighted(y, p, 0.5, w), lambda w: cm.binary_metrics_weighted(y, q, 0.5, w),
+        151, 150, 2, groups,
+    )["auroc"]
     reference = paired_bootstrap(roc_auc_score, y, p, q, groups=groups, n_resamples=150, seed=2)
-    assert (paired.difference, paired.low, paired.high, paired.p_value) == pytest.approx((reference.difference, reference.low, reference.high, reference.p_value))
+    expected = (reference.difference, reference.low, reference.high, reference.p_value)
+    assert (paired.difference, paired.low, paired.high, paired.p_value) == pytest.approx(expected)
