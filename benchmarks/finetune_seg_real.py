@@ -115,7 +115,7 @@ def product_dice(export: Path, work: Path) -> dict:
     import nibabel as nib
     import numpy as np
 
-    from ctfm.evaluate.metrics.segmentation import evaluate_segmentation
+    from ctfm.predict.scoring import evaluate_segmentation
     from ctfm.finetune.data import map_values
     from ctfm.io import load_ct, load_labels
     from ctfm.models.labelmaps import resolve_labels

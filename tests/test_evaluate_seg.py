@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctfm.evaluate.metrics.segmentation import evaluate_segmentation, mask_metrics
+from ctfm.evaluate.metrics.segmentation import mask_metrics
+from ctfm.predict.scoring import evaluate_segmentation
 
 LABELS = {0: "background", 1: "liver", 2: "spleen"}
 

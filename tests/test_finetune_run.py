@@ -82,7 +82,7 @@ class ToyTask(FinetuneTask):
         return ToyModule(lr=config.lr)
 
     def build_dataloaders(self, config):
-        from ctfm.pretrain.data import EpochIndexSampler
+        from ctfm.runs import EpochIndexSampler
 
         data = ToyData(config)
         train = DataLoader(data, batch_size=config.batch_size, sampler=EpochIndexSampler(samples_per_epoch(config, len(data))))

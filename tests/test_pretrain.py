@@ -13,7 +13,7 @@ import torch
 
 import ctfm
 from ctfm.pretrain.config import PretrainConfig, resolve_pretrain_config
-from ctfm.pretrain.data import EpochIndexSampler
+from ctfm.runs import EpochIndexSampler
 from ctfm.pretrain.losses import LOSSES
 from ctfm.pretrain.views import CROP_SIZE, MultiCropViews, sample_state
 from ctfm.runs import parse_set

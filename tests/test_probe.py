@@ -16,7 +16,8 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1
 
 from ctfm.cli import main
 from ctfm.evaluate.metrics import classification as cm
-from ctfm.evaluate.probes.probe import encode_target, few_shot_draw, outer_folds
+from ctfm.evaluate.metrics.classification import encode_target
+from ctfm.evaluate.probes.probe import few_shot_draw, outer_folds
 from ctfm.evaluate.probes.probe_run import run_probe
 from ctfm.evaluate.metrics.stats import bootstrap_ci, paired_bootstrap
 from ctfm.store import EmbeddingStore

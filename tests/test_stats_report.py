@@ -129,3 +129,66 @@ def test_report_is_self_contained(tmp_path):
     assert "Probe &lt;AUROC&gt;" in text and "0.912" in text and "data:image/png;base64," in text
     assert "http://" not in text and "https://" not in text and "<script" not in text
     assert jsonable({"a": (np.float64(1.5), float("inf"))}) == {"a": [1.5, None]}
+
+
+def _old_stream_interval(statistic, values, groups, n_resamples, seed, confidence=0.95):
+    """The resampling bootstrap_ci has always used, written out: per resample, ``integers(0, units, units)``."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    if groups is not None:
+        labels, inverse = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
+    out = []
+    for _ in range(n_resamples):
+        if groups is None:
+            rows = rng.integers(0, n, size=n)
+        else:
+            rows = np.concatenate([members[g] for g in rng.integers(0, len(labels), size=len(labels))])
+        out.append(statistic(values[rows]))
+    return np.quantile(np.asarray(out), [(1 - confidence) / 2, 1 - (1 - confidence) / 2])
+
+
+@pytest.mark.parametrize("n, grouped", [(37, False), (150, False), (151, True), (60, True)])
+def test_one_engine_keeps_the_bootstrap_stream(n, grouped):
+    """bootstrap_ci draws from the shared engine the same resamples, in the same order, as before."""
+    values = np.random.default_rng(1).normal(size=n)
+    groups = np.array([f"p{i // 3:03d}" for i in range(n)]) if grouped else None
+    interval = bootstrap_ci(np.mean, values, groups=groups, n_resamples=300, seed=5)
+    low, high = _old_stream_interval(np.mean, values, groups, 300, 5)
+    assert (interval.low, interval.high) == (float(low), float(high))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_index_and_weight_resamples_are_the_same_draws(grouped):
+    """The loop bootstrap (row indices) and the vectorised one (case weights) see identical resamples."""
+    from ctfm.evaluate.metrics.stats import CHUNK, resample_indices, resample_weights
+
+    n = 41
+    groups = np.array([i % 7 for i in range(n)]) if grouped else None
+    n_resamples = CHUNK + 9  # spans two chunks
+    rows = list(resample_indices(n, n_resamples, seed=11, groups=groups))
+    weights = np.concatenate(list(resample_weights(n, n_resamples, seed=11, groups=groups)))
+    assert len(rows) == n_resamples and weights.shape == (n_resamples, n)
+    for r, drawn in enumerate(rows):
+        np.testing.assert_array_equal(np.bincount(drawn, minlength=n), weights[r])
+
+
+def test_vectorised_and_loop_bootstrap_agree_on_an_odd_grouped_cohort():
+    from ctfm.evaluate.metrics import classification as cm
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 151)
+    p = rng.random(151) + 0.4 * y
+    q = rng.random(151) + 0.1 * y
+    groups = np.array([f"g{i // 4:03d}" for i in range(151)])
+    ours = cm.bootstrap_binary(y, p, 0.5, n_resamples=150, seed=2, groups=groups)["auroc"]
+    reference = bootstrap_ci(roc_auc_score, y, p, groups=groups, n_resamples=150, seed=2)
+    expected = (reference.estimate, reference.low, reference.high, reference.n_valid)
+    assert (ours.estimate, ours.low, ours.high, ours.n_valid) == pytest.approx(expected)
+    paired = cm.paired_bootstrap_metrics(
+        lambda w: cm.binary_metrics_weighted(y, p, 0.5, w), lambda w: cm.binary_metrics_weighted(y, q, 0.5, w),
+        151, 150, 2, groups,
+    )["auroc"]
+    reference = paired_bootstrap(roc_auc_score, y, p, q, groups=groups, n_resamples=150, seed=2)
+    expected = (reference.difference, reference.low, reference.high, reference.p_value)
+    assert (paired.difference, paired.low, paired.high, paired.p_value) == pytest.approx(expected)

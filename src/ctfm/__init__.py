@@ -36,7 +36,7 @@ _API = {
     "load_ct": "ctfm.io:load_ct",
     "preprocess": "ctfm.preprocess.transforms:preprocess",
     "create_model": "ctfm.models.factory:create_model",
-    "embed": "ctfm.embedding.runner:embed",
+    "embed": "ctfm.embedding.api:embed",
     "open_store": "ctfm.store:open_store",
     "build_index": "ctfm.store.index:build_index",
     "search_scans": "ctfm.search.session:search_scans",

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 from monai.optimizers import WarmupCosineSchedule
+from torch.utils.data import Sampler
 
 from ctfm.errors import CTInputError, OptionError, one_line, optional_import
 from ctfm.runtime import rank_and_world_size, write_text_atomic
@@ -492,3 +493,26 @@ def build_trainer(
         enable_progress_bar=progress_bar,
         deterministic=False,
     )
+
+
+class EpochIndexSampler(Sampler):
+    """Yields (epoch, index) for index = rank, rank + world, ... < samples_per_epoch.
+
+    Lightning calls ``set_epoch`` before each epoch (as for a DistributedSampler); the rank and
+    world size are read when iteration starts, after DDP has been set up.
+    """
+
+    def __init__(self, samples_per_epoch: int):
+        self.samples_per_epoch = samples_per_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        rank, world = rank_and_world_size(environment=False)
+        return iter((self.epoch, i) for i in range(rank, self.samples_per_epoch, world))
+
+    def __len__(self) -> int:
+        rank, world = rank_and_world_size(environment=False)
+        return len(range(rank, self.samples_per_epoch, world))

@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+from ctfm.app.server import create_app
+from ctfm.app.state import AppState
+from ctfm.errors import OptionError
+
 from ctfm.errors import optional_import
 
 __all__ = ["build_app", "serve"]
@@ -16,8 +20,6 @@ uvicorn = optional_import("uvicorn", "app")
 
 def build_app(store, **kwargs):
     """``(FastAPI app, AppState)`` for a store; ``kwargs`` go to :class:`ctfm.app.state.AppState`."""
-    from ctfm.app.server import create_app
-    from ctfm.app.state import AppState
 
     state = AppState(store, **kwargs)
     return create_app(state), state
@@ -36,7 +38,6 @@ def serve(store, host: str = "127.0.0.1", port: int = 8000, on_start=None, **kwa
         sock.bind((host, port))  # bound here so that the address printed is the one listening (port 0 too)
     except OSError as exc:
         sock.close()
-        from ctfm.errors import OptionError
 
         if exc.errno == errno.EADDRINUSE:
             raise OptionError(f"--port {port}: {host}:{port} is already in use (choose another port, or --port 0 for a free one)") from None

@@ -18,6 +18,10 @@ fastapi = optional_import("fastapi", "app")
 fastapi_responses = optional_import("fastapi.responses", "app")
 pydantic = optional_import("pydantic", "app")
 optional_import("python_multipart", "app")  # the upload route (File, UploadFile) needs it
+from ctfm import __version__
+from ctfm.app.state import NotFound
+from ctfm.app.uploads import UploadRefused
+from ctfm.app.volumes import WINDOWS
 FastAPI, Request, UploadFile = fastapi.FastAPI, fastapi.Request, fastapi.UploadFile
 File, Query = fastapi.File, fastapi.Query
 RequestValidationError = fastapi.exceptions.RequestValidationError
@@ -60,10 +64,6 @@ class SearchResponse(BaseModel):
 
 def create_app(state) -> FastAPI:
     """The FastAPI application serving ``state`` (an :class:`ctfm.app.state.AppState`)."""
-    from ctfm import __version__
-    from ctfm.app.state import NotFound
-    from ctfm.app.uploads import UploadRefused
-    from ctfm.app.volumes import WINDOWS
 
     static = resources.files("ctfm.app") / "static"
     app = FastAPI(

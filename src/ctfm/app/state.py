@@ -18,6 +18,20 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.store.vectors import matching_scans
+from ctfm import __version__
+from ctfm.app.uploads import UploadFolder
+from ctfm.app.volumes import DisplayVolumeCache, colour_overlay, load_display, png_bytes, render_slice, save_display, to_display
+from ctfm.embedding.runner import default_device, DEFAULT_SEED, weights_sha256_of
+from ctfm.io import load_ct
+from ctfm.io.sources import discover_inputs
+from ctfm.models import init_model
+from ctfm.preprocess import PreprocessSpec
+from ctfm.search import SearchSession
+from ctfm.search.query import load_encoder
+from ctfm.search.session import QUERY_SOURCES, REFINEMENTS
+from ctfm.store import open_store
+from ctfm.store.schema import RUN_KEY
+import ctfm
 
 UPLOAD_FOLDER = "app-uploads"  # inside the store: the server's own folder for uploaded scans
 DISPLAY_FOLDER = "app-cache"  # inside the store: scans converted for display (int16 .npy, memory-mapped)
@@ -63,11 +77,6 @@ class AppState:
     """
 
     def __init__(self, store, weights=None, run: str | None = None, where: dict | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
-        from ctfm.app.uploads import UploadFolder
-        from ctfm.app.volumes import DisplayVolumeCache
-        from ctfm.embedding.runner import default_device
-        from ctfm.search.session import QUERY_SOURCES, REFINEMENTS
-        from ctfm.store import open_store
 
         self.store = open_store(store)
         self.root = self.store.root
@@ -94,7 +103,6 @@ class AppState:
     # ---- the store's run -----------------------------------------------------------------
     def reload(self) -> None:
         """Open the store's patch run for search (at start, and after an upload)."""
-        from ctfm.search import SearchSession
 
         with self._lock:
             session = SearchSession(self.store, run=self.run_name, where=self.where, encoder=self.encoder, device=self.device)
@@ -113,7 +121,6 @@ class AppState:
 
     @property
     def key_fields(self) -> dict:
-        from ctfm.store.schema import RUN_KEY
 
         return dict(zip(RUN_KEY, self.key))
 
@@ -122,9 +129,6 @@ class AppState:
         against its sha256. Without ``weights``, a run embedded with ctfm's seeded random init
         is rebuilt from the seed; any other run is served without an encoder (stored query
         windows, no uploads)."""
-        from ctfm.embedding.runner import DEFAULT_SEED, weights_sha256_of
-        from ctfm.models import init_model
-        from ctfm.search.query import load_encoder
 
         fields = self.key_fields
         expected = str(fields["weights_sha256"])
@@ -202,8 +206,6 @@ class AppState:
     def _load_volume(self, scan_id: str):
         """The scan's display volume: from the server's folder when converted before, else read
         from its source (the store's own path for that id), converted and kept there."""
-        from ctfm.app.volumes import load_display, save_display, to_display
-        from ctfm.io import load_ct
 
         stem = self._display_stem(scan_id)
         volume = load_display(self.display_folder, stem)
@@ -236,8 +238,6 @@ class AppState:
     def warm_up(self) -> threading.Thread:
         """Convert, in a background thread, every scan not yet in the server's folder (first
         slices then come from a memory map). Returns the thread (daemon)."""
-        from ctfm.app.volumes import save_display, to_display
-        from ctfm.io import load_ct
 
         def work():
             import warnings
@@ -264,7 +264,6 @@ class AppState:
         return thread
 
     def info(self) -> dict:
-        from ctfm import __version__
 
         fields = self.key_fields
         return {
@@ -286,7 +285,6 @@ class AppState:
 
     # ---- slices --------------------------------------------------------------------------
     def slice_png(self, scan_id: str, axis: str, index: int, window: str, size: int | None = None) -> bytes:
-        from ctfm.app.volumes import render_slice
 
         self.row(scan_id)
         return render_slice(self.volumes.get(scan_id), axis, index, window, size)
@@ -348,7 +346,6 @@ class AppState:
         return volume
 
     def heatmap_png(self, target: str, query_scan: str, point_mm, axis: str, index: int, query_from: str | None = None) -> bytes:
-        from ctfm.app.volumes import colour_overlay, png_bytes
 
         volume = self.heatmap_volume(target, query_scan, point_mm, query_from)
         display = self.volumes.get(target)
@@ -367,11 +364,9 @@ class AppState:
     # ---- uploads -------------------------------------------------------------------------
     def add_upload(self, stream, filename: str) -> dict:
         """Check, store, embed (the run's model, weights, preset, pooling, overlap) and add a scan."""
-        import ctfm
 
         if self.encoder is None:
             raise OptionError("this server was started without the store's weights, so it cannot embed uploads the store's way (restart it with --weights)")
-        from ctfm.io.sources import discover_inputs
 
         path = self.uploads.receive(stream, filename)
         fields = self.key_fields
@@ -426,6 +421,5 @@ def _by_id(scan_id: str):
 
 
 def _spec_of(row: dict):
-    from ctfm.preprocess import PreprocessSpec
 
     return PreprocessSpec.from_json(row["preprocess_spec"])

@@ -17,11 +17,12 @@ import numpy as np
 
 from ctfm.errors import CTInputError, one_line
 from ctfm.runtime import parallel_map
+from ctfm.io import content_hash
+from ctfm.io.sources import discover_inputs
+from ctfm.preprocess import load_usable_ct
 
 def describe_source(source) -> dict:
     """One manifest row for a scan source: geometry, UIDs, sizes; ``error`` when unusable."""
-    from ctfm.io import content_hash
-    from ctfm.preprocess import load_usable_ct
 
     row = {
         "scan_id": source.scan_id,
@@ -119,7 +120,6 @@ def scan_local(inputs, workers: int = 1, progress: bool = True) -> ScanSummary:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    from ctfm.io.sources import discover_inputs
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]

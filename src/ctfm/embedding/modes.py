@@ -26,6 +26,8 @@ from ctfm.embedding.streaming import streamed_features
 from ctfm.errors import OptionError
 from ctfm.preprocess import PreprocessSpec, get_preset, preprocess
 from ctfm.preprocess.spec import EMBEDDING_PRESETS
+from ctfm.models.networks import pool_embedding
+from ctfm.preprocess.bounded import preprocess_bounded, supports_bounded
 
 MODES = ("whole", "patches", "dense")
 POOLINGS = ("mean", "max", "min")
@@ -131,7 +133,6 @@ def _autocast(device: str, precision: str):
 
 def prepare(image, spec: PreprocessSpec):
     """Preprocess for an encoder: in bounded memory where the spec allows (same result)."""
-    from ctfm.preprocess.bounded import preprocess_bounded, supports_bounded
 
     return preprocess_bounded(image, spec) if supports_bounded(spec) and len(spec.windows) == 1 else preprocess(image, spec)
 
@@ -157,7 +158,6 @@ def window_size(spec: PreprocessSpec) -> tuple[int, int, int]:
 def encode_windows(encoder, windows: torch.Tensor, device: str = "cpu", precision: str = "fp32") -> torch.Tensor:
     """Preprocessed windows [B, 1, D, H, W] -> [B, 512] float32 on the CPU: the last map of the
     encoder, globally averaged (what every patch row and every region query is)."""
-    from ctfm.models.networks import pool_embedding
 
     with torch.inference_mode(), _autocast(device, precision):
         return pool_embedding(encoder(windows.to(device))[-1]).float().cpu()

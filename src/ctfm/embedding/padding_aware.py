@@ -28,14 +28,13 @@ streamed path. On a scan that fills its input there are no runs and nothing to g
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ctfm.embedding.streaming import _Conv, _Pointwise, _Sequence, _Stream, auto_chunk, streamed_embedding
+from ctfm.embedding.streaming import ConvStream, PointwiseStream, SequenceStream, StreamLayer, auto_chunk, streamed_embedding
 
 PAD = -1  # label of the zero padding beyond the ends of an axis
 MAX_COST_RATIO = 0.9  # use the padding-aware path when it needs at most this share of the conv work
@@ -127,7 +126,7 @@ def slice_labels(volume: torch.Tensor, dim: int) -> np.ndarray:
     return np.r_[0, np.cumsum(~same.cpu().numpy())].astype(np.int64)
 
 
-class _GatherRows(_Stream):
+class _GatherRows(StreamLayer):
     """Streamed gather along D by a non-decreasing source index: output row n = input row index[n].
 
     Every output row is emitted by the push that delivers its source row, so nothing is held."""
@@ -147,22 +146,22 @@ class _GatherRows(_Stream):
         return rows.index_select(2, torch.from_numpy(picked).to(rows.device))
 
 
-def _gather_stages(src: tuple[_Axis, ...], dst: tuple[_Axis, ...]) -> list[_Stream]:
+def _gather_stages(src: tuple[_Axis, ...], dst: tuple[_Axis, ...]) -> list[StreamLayer]:
     """Stages turning a compressed map laid out as ``src`` (D, H, W) into one laid out as ``dst``."""
-    stages: list[_Stream] = []
+    stages: list[StreamLayer] = []
     d, h, w = (_gather_index(s, t) for s, t in zip(src, dst))
     if d is not None:
         stages.append(_GatherRows(d))
     for dim, index in ((3, h), (4, w)):
         if index is not None:
-            stages.append(_Pointwise(lambda x, i=torch.from_numpy(index), dim=dim: x.index_select(dim, i.to(x.device))))
+            stages.append(PointwiseStream(lambda x, i=torch.from_numpy(index), dim=dim: x.index_select(dim, i.to(x.device))))
     return stages
 
 
-class _Zip(_Stream):
+class _Zip(StreamLayer):
     """a(x) + b(x) for two streams that emit the same rows at different times."""
 
-    def __init__(self, a: _Stream, b: _Stream):
+    def __init__(self, a: StreamLayer, b: StreamLayer):
         self.a, self.b = a, b
         self.queues: tuple[list, list] = ([], [])
 
@@ -212,7 +211,7 @@ class _WeightedSum:
 
 @dataclass
 class _Plan:
-    stages: list[_Stream]
+    stages: list[StreamLayer]
     sink: _WeightedSum
     input_layout: tuple[_Axis, ...]
     cost: float  # multiply-adds of the compressed convolutions
@@ -227,7 +226,7 @@ class _Planner:
         self.cost = 0.0
         self.full_cost = 0.0
 
-    def conv(self, conv: nn.Conv3d, layout: tuple[_Axis, ...]) -> tuple[list[_Stream], tuple[_Axis, ...]]:
+    def conv(self, conv: nn.Conv3d, layout: tuple[_Axis, ...]) -> tuple[list[StreamLayer], tuple[_Axis, ...]]:
         stride = conv.stride[0]
         if tuple(conv.kernel_size) != (3, 3, 3) or tuple(conv.padding) != (1, 1, 1) or len(set(conv.stride)) != 1:
             raise ValueError(f"padding-aware inference supports cubic 3-tap convolutions, got {conv}")
@@ -236,7 +235,7 @@ class _Planner:
         per_voxel = conv.in_channels * conv.out_channels * 27
         self.cost += per_voxel * float(np.prod([len(a.keep) for a in out]))
         self.full_cost += per_voxel * float(np.prod([a.full for a in out]))
-        return _gather_stages(layout, target) + [_Conv(conv)], out
+        return _gather_stages(layout, target) + [ConvStream(conv)], out
 
     def block(self, block, layout):
         for norm in (block.norm1, block.norm2):
@@ -245,8 +244,8 @@ class _Planner:
         conv1, mid = self.conv(block.conv1, layout)
         conv2, out = self.conv(block.conv2, mid)
         result = tuple(_sum_axis(a, b) for a, b in zip(layout, out))
-        body = _Sequence([_Pointwise(lambda x, b=block: b.act1(b.norm1(x)))] + conv1 + [_Pointwise(lambda x, b=block: b.act2(b.norm2(x)))] + conv2 + _gather_stages(out, result))
-        identity = _Sequence(_gather_stages(layout, result) or [_Pointwise(lambda x: x)])
+        body = SequenceStream([PointwiseStream(lambda x, b=block: b.act1(b.norm1(x)))] + conv1 + [PointwiseStream(lambda x, b=block: b.act2(b.norm2(x)))] + conv2 + _gather_stages(out, result))
+        identity = SequenceStream(_gather_stages(layout, result) or [PointwiseStream(lambda x: x)])
         return _Zip(identity, body), result
 
 
@@ -288,7 +287,7 @@ def padding_aware_embedding(encoder, volume: torch.Tensor, chunk: int | None = N
     for dim, axis in zip((2, 3, 4), plan.input_layout):
         if len(axis.keep) != axis.full:
             x = x.index_select(dim, torch.from_numpy(axis.keep).to(x.device))
-    pipeline = _Sequence(plan.stages)
+    pipeline = SequenceStream(plan.stages)
     chunk = chunk or auto_chunk(encoder, x)
     ctx = torch.autocast(device_type=volume.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     sink = plan.sink

@@ -13,23 +13,24 @@ import hashlib
 import os
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare, resolve_precision
+from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
 from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
 from ctfm.runtime import Result, progress_bar, utc_now
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
 from ctfm.store.vectors import load_run_vectors
+from ctfm import __version__
+from ctfm.preprocess import load_usable_ct
 
 DEFAULT_SEED = 0  # the random init used when no weights are given (testing only)
 
-__all__ = ["DEFAULT_SEED", "EmbedRun", "RandomWeightsWarning", "RunSummary", "ScanSource", "default_device", "discover_inputs", "embed", "embed_source", "run_sources"]
+__all__ = ["DEFAULT_SEED", "EmbedRun", "RandomWeightsWarning", "RunSummary", "ScanSource", "default_device", "discover_inputs", "embed_source", "run_sources"]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -85,8 +86,6 @@ def record_columns(record) -> dict:
 
 def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
     """Load, embed and describe one scan; returns the store row (patch rows under ``"patches"``)."""
-    from ctfm import __version__
-    from ctfm.preprocess import load_usable_ct
 
     image, record = load_usable_ct(source.path, series_uid=source.series_uid)
     row = {
@@ -208,89 +207,6 @@ def _record_failure(summary, store, source, message, writer, trace: str | None =
     summary.failed.append((str(source), message))
     if store is not None:
         store.add_failure(os.path.abspath(source.path), source.series_uid, message, utc_now(), writer=writer)
-
-
-def build_encoder(model: str, weights: str | None, seed: int):
-    """The encoder to embed with: ``weights`` loaded strictly, or a seeded random init (warned)."""
-    from ctfm.models import create_model, init_model
-
-    if weights is not None:
-        return create_model(model, weights=weights)
-    warnings.warn(f"no weights given: {model} with random weights (seed {seed}), for testing only; give weights (e.g. hf-hub:project-lighter/ct_fm_feature_extractor) for CT-FM", RandomWeightsWarning, stacklevel=3)
-    return init_model(model, seed)
-
-
-def embed(
-    inputs,
-    model: str = "ct-fm",
-    weights: str | None = None,
-    mode: str = "whole",
-    out: str | os.PathLike | None = None,
-    precision: str = "fp32",
-    device: str | None = None,
-    overlap: float = 0.0,
-    pool: str = "mean",
-    preset=None,
-    seed: int = DEFAULT_SEED,
-    progress: bool = False,
-    encoder=None,
-    distributed: dict | None = None,
-    return_records: bool = True,
-) -> EmbedRun:
-    """Embed scans and return their records; with ``out``, also write them to that store (resumable).
-
-    Args:
-        inputs: a path or a list of files, folders (DICOM trees searched recursively) and
-            CSV/Parquet manifests with a ``path`` column.
-        model, weights: registry name and weights source (folder, ``hf-hub:ORG/NAME``,
-            .safetensors, .ckpt); without weights, a random init from ``seed`` (warned).
-        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"auto"`` (bf16 where the device has
-            native bf16 arithmetic, else fp32).
-        mode: ``"whole"`` (one 512-d vector) or ``"patches"`` (sliding windows, pooled by
-            ``pool``: mean, max or min; ``overlap`` between windows).
-        preset: a preset name or PreprocessSpec overriding the preprocessing recorded with the
-            weights (warned when it differs).
-        device: ``"cpu"``, ``"cuda"``, ...; default :func:`default_device`.
-        encoder: an already built encoder instead of ``model``/``weights``.
-        distributed: Lightning Trainer arguments (``devices``, ``num_nodes``, ``strategy``,
-            ``accelerator``) to run under DDP, one store shard per rank (needs ``out``).
-        return_records: False to skip reading the records back (large runs into a store).
-
-    Returns:
-        an :class:`EmbedRun`: the records of ``inputs`` (rows of scans.parquet with the embedding
-        as a float32 [512] array, patches under ``"patches"``), with ``.summary`` and ``.spec``.
-    """
-    from ctfm.models.preprocessing import preprocessing_for
-    from ctfm.store import EmbeddingStore
-
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    device = device or default_device()
-    precision = resolve_precision(precision, device)
-    sources = discover_inputs(list(inputs))
-    if encoder is None:
-        encoder = build_encoder(model, weights, seed)
-    spec = preprocessing_for(encoder, model, mode, preset)
-    options = EmbedOptions(mode=mode, spec=spec, precision=precision, device=device, overlap=overlap, pool=(pool,))
-    encoder = encoder.eval()
-    store = EmbeddingStore(out) if out is not None else None
-    if distributed:
-        if store is None:
-            raise OptionError("distributed embedding writes one store shard per rank: give out=STORE (--out)")
-        from ctfm.embedding.distributed import run_distributed
-
-        todo = pending_sources(sources, store, encoder, model, options)
-        summary = run_distributed(todo, encoder, model, options, store, distributed, progress=progress)
-        if summary is None:  # not global rank 0: rank 0 reports
-            return EmbedRun(summary=None, spec=spec, store=out)
-        summary.skipped += len(sources) - len(todo)
-    else:
-        summary = run_sources(sources, encoder.to(device), model, options, store, progress=progress, keep_records=store is None and return_records)
-    if store is None:
-        return EmbedRun(summary.records, summary=summary, spec=spec)
-    store.compact()
-    records = store_records(store, sources, run_key(encoder, model, options)) if return_records else []
-    return EmbedRun(records, summary=summary, spec=spec, store=out)
 
 
 def store_records(store, sources, key: tuple) -> list[dict]:

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class _Stream:
+class StreamLayer:
     """A layer that consumes chunks of rows along D and yields the rows it can complete."""
 
     def push(self, rows: torch.Tensor) -> torch.Tensor | None:  # rows: [B, C, t, H, W]
@@ -48,7 +48,7 @@ def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-class _Pointwise(_Stream):
+class PointwiseStream(StreamLayer):
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.fn = fn
 
@@ -56,7 +56,7 @@ class _Pointwise(_Stream):
         return self.fn(rows)
 
 
-class _Conv(_Stream):
+class ConvStream(StreamLayer):
     """Streaming Conv3d with kernel 3 along D, padding 1 along D, stride 1 or 2 along D."""
 
     def __init__(self, conv: nn.Conv3d):
@@ -113,8 +113,8 @@ class _Conv(_Stream):
         return out
 
 
-class _Sequence(_Stream):
-    def __init__(self, stages: list[_Stream]):
+class SequenceStream(StreamLayer):
+    def __init__(self, stages: list[StreamLayer]):
         self.stages = stages
 
     def push(self, rows):
@@ -132,10 +132,10 @@ class _Sequence(_Stream):
         return carried
 
 
-class _Residual(_Stream):
+class _Residual(StreamLayer):
     """x + body(x), where body holds back some rows: the identity rows wait in a queue."""
 
-    def __init__(self, body: _Stream):
+    def __init__(self, body: StreamLayer):
         self.body = body
         self.queue: list[torch.Tensor] = []
 
@@ -157,29 +157,29 @@ class _Residual(_Stream):
         return self._add(self.body.flush())
 
 
-def _block_stream(block) -> _Stream:
+def _block_stream(block) -> StreamLayer:
     """A MONAI SegResBlock: x + conv2(act2(norm2(conv1(act1(norm1(x))))))."""
     for norm in (block.norm1, block.norm2):
         if norm.training:
             raise ValueError("streamed inference needs BatchNorm in eval mode (call encoder.eval())")
-    body = _Sequence(
+    body = SequenceStream(
         [
-            _Pointwise(lambda x, b=block: b.act1(b.norm1(x))),
-            _Conv(block.conv1),
-            _Pointwise(lambda x, b=block: b.act2(b.norm2(x))),
-            _Conv(block.conv2),
+            PointwiseStream(lambda x, b=block: b.act1(b.norm1(x))),
+            ConvStream(block.conv1),
+            PointwiseStream(lambda x, b=block: b.act2(b.norm2(x))),
+            ConvStream(block.conv2),
         ]
     )
     return _Residual(body)
 
 
-class _Level(_Stream):
+class _Level(StreamLayer):
     """One encoder level: its blocks (whose output is a feature map) then the downsampling conv."""
 
     def __init__(self, level, sink: Callable[[torch.Tensor], None]):
-        self.blocks = _Sequence([_block_stream(b) for b in level["blocks"]])
+        self.blocks = SequenceStream([_block_stream(b) for b in level["blocks"]])
         down = level["downsample"]
-        self.down = _Conv(down) if isinstance(down, nn.Conv3d) else None
+        self.down = ConvStream(down) if isinstance(down, nn.Conv3d) else None
         self.sink = sink
 
     def push(self, rows):
@@ -221,9 +221,9 @@ def stream_encoder(encoder, volume: torch.Tensor, sinks: list[Callable[[torch.Te
     """
     if len(sinks) != len(encoder.layers):
         raise ValueError(f"need one sink per encoder level ({len(encoder.layers)}), got {len(sinks)}")
-    stages: list[_Stream] = [_Conv(encoder.conv_init)]
+    stages: list[StreamLayer] = [ConvStream(encoder.conv_init)]
     stages += [_Level(level, sink) for level, sink in zip(encoder.layers, sinks)]
-    pipeline = _Sequence(stages)
+    pipeline = SequenceStream(stages)
     chunk = chunk or auto_chunk(encoder, volume)
     ctx = torch.autocast(device_type=volume.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx:

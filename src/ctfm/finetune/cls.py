@@ -29,6 +29,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
+from ctfm.evaluate.metrics.classification import encode_target
+from ctfm.models.classifier import save_classifier
+from ctfm.preprocess import get_preset, load_usable_ct, preprocess
+from ctfm.runtime import atomic_path
 from ctfm.finetune.run import (
     FinetuneConfig,
     FinetuneTask,
@@ -40,6 +44,7 @@ from ctfm.finetune.run import (
     training_loader,
 )
 from ctfm.runs import resolve_config
+from ctfm.io.tables import read_table
 
 RESERVED_COLUMNS = {"path", "split", "series_uid", "patient", "patient_id", "error", "scan_id"}
 LAYOUTS = ("stack", "channels")
@@ -133,7 +138,6 @@ def resolve_cls_config(preset: str | None = None, file=None, overrides: dict | N
 
 def input_spec(config: ClsConfig):
     """The PreprocessSpec of the inputs: the preset, with the config's spacing, size and window layout."""
-    from ctfm.preprocess import get_preset
 
     spec = get_preset(config.preset)
     changes: dict[str, Any] = {}
@@ -168,7 +172,6 @@ class ClsCase:
 
 def _encode_labels(rows: list[dict], columns: list[str], task: str, source) -> tuple[str, list[str], list[np.ndarray]]:
     """(task, output names, one target per row)."""
-    from ctfm.evaluate.probes.probe import encode_target
 
     if task == "auto":
         task = "multilabel" if len(columns) > 1 else "auto"
@@ -198,7 +201,6 @@ def reference_split(units: list[str], ratios, seed: int) -> dict[str, str]:
 
 def read_cls_manifest(config: ClsConfig) -> tuple[str, list[str], list[ClsCase]]:
     """(task, output names, cases) of the manifest; splits from its column or the reference split."""
-    from ctfm.io.tables import read_table
 
     if not config.data:
         raise OptionError("data: give the manifest (--set data=cases.csv with a path column and label columns)")
@@ -264,7 +266,6 @@ class PreprocessedInputs:
                 array = stored["image"]
         else:
             array = preprocess_input(case.path, self.spec, case.series_uid)
-            from ctfm.runtime import atomic_path
 
             with atomic_path(path, suffix=".npz") as tmp:
                 np.savez(tmp, image=array)
@@ -275,7 +276,6 @@ class PreprocessedInputs:
 
 def preprocess_input(path: str, spec, series_uid: str | None = None) -> np.ndarray:
     """One scan -> float32 [C, D, H, W] through ``spec`` (the one preprocessing definition)."""
-    from ctfm.preprocess import load_usable_ct, preprocess
 
     image, _ = load_usable_ct(path, series_uid=series_uid)
     out = preprocess(image, spec)
@@ -366,7 +366,8 @@ class ClassificationTask(FinetuneTask):
 
     @property
     def module_class(self):
-        from ctfm.finetune.cls_module import ClassificationFinetuner
+
+        from ctfm.finetune.cls_module import ClassificationFinetuner  # Lightning: only when a run trains
 
         return ClassificationFinetuner
 
@@ -394,9 +395,10 @@ class ClassificationTask(FinetuneTask):
         return loader, val_loader
 
     def build_module(self, config: ClsConfig):
-        from ctfm.finetune.cls_module import ClassificationFinetuner
 
         task, names, _, _ = self.data(config)
+        from ctfm.finetune.cls_module import ClassificationFinetuner  # Lightning: only when a run trains
+
         return ClassificationFinetuner(
             task=task,
             label_names=list(names),
@@ -411,7 +413,6 @@ class ClassificationTask(FinetuneTask):
         )
 
     def export(self, module, folder: Path, config: ClsConfig, provenance: dict) -> Path:
-        from ctfm.models.classifier import save_classifier
 
         task, names, train, val = self.data(config)
         provenance = {**provenance, **run_provenance(config, train, val)}

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ctfm.finetune.module import FinetuneModule
+from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
+from ctfm.models.classifier import CTClassifier, load_trunk_weights
 from ctfm.runs import OptimizerConfig
 
 
@@ -33,7 +35,6 @@ class ClassificationFinetuner(FinetuneModule):
     ):
         super().__init__()
         self.save_run_hyperparameters(optimizer)
-        from ctfm.models.classifier import CTClassifier, load_trunk_weights
 
         kwargs = dict(model_kwargs or {})
         n_outputs = len(label_names) if task in ("multilabel", "multiclass") else 1
@@ -81,7 +82,6 @@ class ClassificationFinetuner(FinetuneModule):
 def validation_auroc(task: str, targets: np.ndarray, probabilities: np.ndarray) -> float:
     """AUROC of the validation cases: binary; macro over multi-label outputs; one-vs-rest macro for
     multi-class. 0.0 where undefined (a single class present), with a warning."""
-    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
 
     if task == "multiclass":
         present = np.unique(targets.astype(int))

@@ -26,6 +26,9 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.io.tables import is_table, read_table
+from ctfm.io import load_ct, load_labels
+from ctfm.io.labels import check_label_values, label_names, require_same_grid
+from ctfm.models.labelmaps import resolve_labels
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
@@ -217,7 +220,6 @@ def load_case(case: SegCase, data: SegData):
         CTInputError: the label map lies on another grid than the image, or holds values outside
             the class map; a TotalSegmentator mask is missing.
     """
-    from ctfm.io import load_ct, load_labels
 
     image, _ = load_ct(case.image)
     if case.label is None:
@@ -246,62 +248,11 @@ def map_values(values: np.ndarray, value_map: dict[int, int]) -> np.ndarray:
     return table[values.astype(np.int64) - low]
 
 
-def check_label_values(values: np.ndarray, class_map: dict[int, str], path) -> None:
-    """Refuse label values that the class map does not name."""
-    present = np.unique(values)
-    unknown = [int(v) for v in present if int(v) not in class_map]
-    if unknown:
-        shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
-        raise CTInputError(path, f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, {len(class_map) - 1} classes)", "give the class map these labels were made with (--set class_map=...), or fix the label map")
-
-
-def require_same_grid(label_path: Path, image) -> None:
-    """Refuse a label volume whose voxel grid is not the image's (axis order and flips may differ).
-
-    DICOM SEG / RTSTRUCT are placed by their frame of reference and not checked here.
-    """
-    from ctfm.io.volume import read_volume, volume_format
-
-    if volume_format(label_path) is None:
-        return
-    array, affine, _ = read_volume(label_path)
-    shape = tuple(array.shape[:3])
-    grid = np.asarray(image.affine.detach().cpu().numpy() if hasattr(image.affine, "detach") else image.affine, dtype=np.float64)
-    grid_shape = tuple(int(n) for n in image.shape[1:])
-    if not same_grid(affine, shape, grid, grid_shape):
-        spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-        grid_spacing = np.sqrt((grid[:3, :3] ** 2).sum(axis=0))
-        raise CTInputError(
-            label_path,
-            f"label map on another grid than its image (labels {'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm, "
-            f"image {'x'.join(map(str, grid_shape))} of {'x'.join(f'{v:.3g}' for v in grid_spacing)} mm{', origins differ' if shape == grid_shape else ''})",
-            "give the label map made on this scan, or resample it onto the scan's grid first",
-        )
-
-
-def same_grid(affine_a, shape_a, affine_b, shape_b, tolerance: float = 1e-3) -> bool:
-    """True when two grids hold the same voxel centres (one may be the other with axes permuted or flipped)."""
-    a_to_b = np.linalg.inv(np.asarray(affine_b, dtype=np.float64)) @ np.asarray(affine_a, dtype=np.float64)
-    rotation, offset = a_to_b[:3, :3], a_to_b[:3, 3]
-    permutation = np.rint(rotation)
-    if not (np.all(np.abs(permutation).sum(axis=0) == 1) and np.all(np.abs(permutation).sum(axis=1) == 1)):
-        return False
-    if np.abs(rotation - permutation).max() * max(max(shape_a), 1) > tolerance:
-        return False
-    corners_a = np.array(np.meshgrid(*[[0, n - 1] for n in shape_a], indexing="ij")).reshape(3, -1)
-    mapped = permutation @ corners_a + offset[:, None]
-    if np.abs(mapped - np.rint(mapped)).max() > tolerance * 10:
-        return False
-    low, high = np.rint(mapped).min(axis=1), np.rint(mapped).max(axis=1)
-    return bool(np.all(low == 0) and np.all(high == np.asarray(shape_b) - 1))
-
-
 def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
     """One label map from ``<folder>/<class>.nii.gz`` binary masks: value = the class's value in the map.
 
     Only the trained classes are read (all when ``data.value_map`` is unset); a later class wins overlaps.
     """
-    from ctfm.io import load_labels
 
     wanted = [v for v in sorted(data.source_labels) if v != 0 and (not data.value_map or data.value_map.get(v, 0) != 0)]
     combined = np.zeros(tuple(int(n) for n in image.shape[1:]), dtype=np.int16)
@@ -318,21 +269,17 @@ def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
 
 
 def _class_map(spec, where) -> dict[int, str]:
-    from ctfm.models.labelmaps import resolve_labels
 
     return dict(resolve_labels(spec))
 
 
 def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, str]:
     """The names stored with the first label file (NIfTI label table, JSON sidecar, SEG segment labels)."""
-    from ctfm.io.labels import _detect_format, _nifti_header_names, _sidecar_names
 
     for case in cases:
         if case.label:
             path = Path(case.label)
-            fmt = _detect_format(path)
-            names = _nifti_header_names(path) if fmt == "nifti" else {}
-            names.update(_sidecar_names(path))
+            names = label_names(path)
             if not names:
                 raise CTInputError(path, "the label file names no classes, and no class map was given", "give --set class_map=FILE.json ({\"0\": \"background\", \"1\": \"liver\", ...}) or a built-in map such as totalseg-v2")
             return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}

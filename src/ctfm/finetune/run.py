@@ -9,7 +9,7 @@ rate and validation metrics), ``tensorboard/``, ``checkpoints/`` (every N epochs
 
 A task (segmentation, classification) plugs in through :class:`FinetuneTask`: its LightningModule,
 its data loaders and its export. Training samples are identified by (epoch, index)
-(:class:`ctfm.pretrain.data.EpochIndexSampler`), and a task's dataset draws its random state from
+(:class:`ctfm.runs.EpochIndexSampler`), and a task's dataset draws its random state from
 :func:`sample_random_state`, so a run resumed from ``last.ckpt`` sees exactly the samples an
 uninterrupted run would have seen.
 """
@@ -26,8 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctfm.errors import OptionError
-from ctfm.pretrain.data import EpochIndexSampler
-from ctfm.runs import RunConfig, build_trainer, seed_run, upgrade_hyperparameters
+from ctfm.runs import EpochIndexSampler, RunConfig, build_trainer, seed_run, upgrade_hyperparameters
 from ctfm.runtime import rank_and_world_size
 
 __all__ = [

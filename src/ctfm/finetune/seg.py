@@ -22,6 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ctfm.errors import OptionError
+from ctfm.finetune.data import few_shot, load_case, open_seg_data
+from ctfm.finetune.seg_module import SegmentationFinetuner
+from ctfm.models.segmentation import save_segmentation_model
+from ctfm.preprocess import build_paired_transforms, ForegroundCrop, PreprocessSpec
+from ctfm.runtime import atomic_path
 from ctfm.finetune.run import (
     FinetuneConfig,
     FinetuneTask,
@@ -136,7 +141,6 @@ def resolve_seg_config(preset: str | None = None, file=None, overrides: dict | N
 
 def training_spec(config: SegConfig):
     """The PreprocessSpec of the training volumes (patch padding included)."""
-    from ctfm.preprocess import ForegroundCrop, PreprocessSpec
 
     spacing = tuple(float(v) for v in config.spacing_mm) if config.spacing_mm else None
     # With spacing None the spec counts patch millimetres as voxels (1 mm per voxel).
@@ -182,7 +186,6 @@ class PreprocessedCases:
                 item = (stored["image"], stored["label"])
         else:
             item = self._preprocess(i)
-            from ctfm.runtime import atomic_path
 
             with atomic_path(path, suffix=".npz") as tmp:
                 np.savez(tmp, image=item[0], label=item[1])
@@ -195,14 +198,11 @@ class PreprocessedCases:
         for i in range(len(self.cases)):
             if not (self.cache_dir / f"{self.cases[i].name}-{self.key(i)}.npz").is_file():
                 item = self._preprocess(i)
-                from ctfm.runtime import atomic_path
 
                 with atomic_path(self.cache_dir / f"{self.cases[i].name}-{self.key(i)}.npz", suffix=".npz") as tmp:
                     np.savez(tmp, image=item[0], label=item[1])
 
     def _preprocess(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from ctfm.finetune.data import load_case
-        from ctfm.preprocess import build_paired_transforms
 
         image, label = load_case(self.cases[i], self.data)
         out = build_paired_transforms(self.spec)({"image": image.float(), "label": label.float()})
@@ -314,13 +314,11 @@ class SegmentationTask(FinetuneTask):
 
     @property
     def module_class(self):
-        from ctfm.finetune.seg_module import SegmentationFinetuner
 
         return SegmentationFinetuner
 
     def data(self, config: SegConfig):
         if self._data is None:
-            from ctfm.finetune.data import few_shot, open_seg_data
 
             data = open_seg_data(config.data, config.class_map, config.split_column, config.val_fold, config.val_fraction, config.seed).select(config.classes)
             train = few_shot(data.split("train"), config.percentage)
@@ -346,7 +344,6 @@ class SegmentationTask(FinetuneTask):
         return loader, val_loader
 
     def build_module(self, config: SegConfig):
-        from ctfm.finetune.seg_module import SegmentationFinetuner
 
         data, _, _ = self.data(config)
         return SegmentationFinetuner(
@@ -365,7 +362,6 @@ class SegmentationTask(FinetuneTask):
         )
 
     def export(self, module, folder: Path, config: SegConfig, provenance: dict) -> Path:
-        from ctfm.models.segmentation import save_segmentation_model
 
         data, train, val = self.data(config)
         provenance = {**provenance, **run_provenance(config, train, val), "data_kind": data.kind}

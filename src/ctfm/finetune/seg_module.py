@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ctfm.finetune.module import FinetuneModule
+from ctfm.models.segmentation import load_segmentation_model
 from ctfm.runs import OptimizerConfig
 
 
@@ -37,7 +38,6 @@ class SegmentationFinetuner(FinetuneModule):
         from monai.losses import DeepSupervisionLoss, DiceCELoss
         from monai.metrics import DiceMetric
 
-        from ctfm.models.segmentation import load_segmentation_model
 
         labels = dict(enumerate(class_names))
         source = init_weights or encoder_weights

@@ -19,6 +19,10 @@ from ctfm.io.hashing import content_hash, file_sha256
 from ctfm.io.record import ScanRecord
 from ctfm.io.tables import read_table
 from ctfm.io.volume import VOLUME_SUFFIXES, read_volume_file, volume_format
+from ctfm.io import dicom
+from ctfm.io.dicom import looks_like_dicom_file, quiet_pydicom
+from ctfm.io.labels import load_labels as _load_labels
+from ctfm.runtime import atomic_path
 
 __all__ = ["load_ct", "ScanRecord", "content_hash", "file_sha256", "save_nifti", "orientation_code", "load_labels", "read_table"]
 
@@ -46,7 +50,6 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
     if not path.exists():
         raise CTInputError(path, "no such file or folder", "check the path")
     if path.is_dir():
-        from ctfm.io.dicom import quiet_pydicom
 
         with quiet_pydicom():
             array, affine, record = _load_dicom_folder(path, series_uid)
@@ -72,10 +75,8 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
             for message, fix in volume.warnings:
                 _geometry_warning(record, path, message, fix)
         else:
-            from ctfm.io.dicom import looks_like_dicom_file
 
             if looks_like_dicom_file(path):
-                from ctfm.io.dicom import quiet_pydicom
 
                 with quiet_pydicom():
                     array, affine, record = _load_dicom_file(path)
@@ -98,7 +99,6 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _load_dicom_folder(folder: Path, series_uid: str | None):
-    from ctfm.io import dicom
 
     index = dicom.index_dicom_folder(folder)
     series = dicom.select_ct_series(index, folder, series_uid)
@@ -108,7 +108,6 @@ def _load_dicom_folder(folder: Path, series_uid: str | None):
 
 
 def _load_dicom_file(path: Path):
-    from ctfm.io import dicom
 
     ds = dicom.read_header(path)
     modality = str(ds.get("Modality", "")) if ds is not None else ""
@@ -118,7 +117,6 @@ def _load_dicom_file(path: Path):
 
 
 def _load_series(series, folder: Path, skipped: dict):
-    from ctfm.io import dicom
 
     geometry = dicom.series_geometry(series, folder)
     missing = dicom.missing_slice_gaps(geometry.gaps)
@@ -192,7 +190,6 @@ def save_nifti(image, path: str | os.PathLike, dtype=np.float32) -> Path:
     """
     import nibabel as nib
 
-    from ctfm.runtime import atomic_path
 
     path = Path(path)
     array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
@@ -210,6 +207,5 @@ def save_nifti(image, path: str | os.PathLike, dtype=np.float32) -> Path:
 
 def load_labels(path: str | os.PathLike, image):
     """Label map on the grid of ``image``; see :func:`ctfm.io.labels.load_labels`."""
-    from ctfm.io.labels import load_labels as _load_labels
 
     return _load_labels(path, image)

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ctfm.errors import CTInputError, one_line, optional_import
-from ctfm.io.volume import LPS_TO_RAS, VOLUME_SUFFIXES, read_volume, volume_format
+from ctfm.io.volume import check_itk_header, LPS_TO_RAS, quiet_native_stderr, quiet_nibabel, read_volume, volume_format, VOLUME_SUFFIXES
 
 if TYPE_CHECKING:
     from monai.data import MetaTensor
 
-__all__ = ["LabelMap", "load_labels", "resample_labels", "rasterize_planar_contours"]
+__all__ = ["LabelMap", "check_label_values", "label_names", "load_labels", "rasterize_planar_contours", "require_same_grid", "resample_labels", "same_grid"]
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -103,6 +103,64 @@ def load_labels(path: str | os.PathLike, image) -> LabelMap:
 
 # ----------------------------------------------------------------------------------------------
 # Grids and resampling
+
+
+def label_names(path: str | os.PathLike) -> dict[int, str]:
+    """The class names stored with a label file, no voxels read: the label table in a NIfTI header's
+    extensions (Caret / TotalSegmentator) and a JSON sidecar beside it (the sidecar wins)."""
+    path = Path(path)
+    names = _nifti_header_names(path) if _detect_format(path) == "nifti" else {}
+    names.update(_sidecar_names(path))
+    return names
+
+
+def check_label_values(values: np.ndarray, class_map: dict[int, str], path) -> None:
+    """Refuse label values that the class map does not name."""
+    present = np.unique(values)
+    unknown = [int(v) for v in present if int(v) not in class_map]
+    if unknown:
+        shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+        raise CTInputError(path, f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, {len(class_map) - 1} classes)", "give the class map these labels were made with (--set class_map=...), or fix the label map")
+
+
+def require_same_grid(label_path: Path, image) -> None:
+    """Refuse a label volume whose voxel grid is not the image's (axis order and flips may differ).
+
+    DICOM SEG / RTSTRUCT are placed by their frame of reference and not checked here.
+    """
+
+    if volume_format(label_path) is None:
+        return
+    array, affine, _ = read_volume(label_path)
+    shape = tuple(array.shape[:3])
+    grid = np.asarray(image.affine.detach().cpu().numpy() if hasattr(image.affine, "detach") else image.affine, dtype=np.float64)
+    grid_shape = tuple(int(n) for n in image.shape[1:])
+    if not same_grid(affine, shape, grid, grid_shape):
+        spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        grid_spacing = np.sqrt((grid[:3, :3] ** 2).sum(axis=0))
+        raise CTInputError(
+            label_path,
+            f"label map on another grid than its image (labels {'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm, "
+            f"image {'x'.join(map(str, grid_shape))} of {'x'.join(f'{v:.3g}' for v in grid_spacing)} mm{', origins differ' if shape == grid_shape else ''})",
+            "give the label map made on this scan, or resample it onto the scan's grid first",
+        )
+
+
+def same_grid(affine_a, shape_a, affine_b, shape_b, tolerance: float = 1e-3) -> bool:
+    """True when two grids hold the same voxel centres (one may be the other with axes permuted or flipped)."""
+    a_to_b = np.linalg.inv(np.asarray(affine_b, dtype=np.float64)) @ np.asarray(affine_a, dtype=np.float64)
+    rotation, offset = a_to_b[:3, :3], a_to_b[:3, 3]
+    permutation = np.rint(rotation)
+    if not (np.all(np.abs(permutation).sum(axis=0) == 1) and np.all(np.abs(permutation).sum(axis=1) == 1)):
+        return False
+    if np.abs(rotation - permutation).max() * max(max(shape_a), 1) > tolerance:
+        return False
+    corners_a = np.array(np.meshgrid(*[[0, n - 1] for n in shape_a], indexing="ij")).reshape(3, -1)
+    mapped = permutation @ corners_a + offset[:, None]
+    if np.abs(mapped - np.rint(mapped)).max() > tolerance * 10:
+        return False
+    low, high = np.rint(mapped).min(axis=1), np.rint(mapped).max(axis=1)
+    return bool(np.all(low == 0) and np.all(high == np.asarray(shape_b) - 1))
 
 
 def resample_labels(
@@ -315,7 +373,6 @@ def _nifti_header_names(path: Path) -> dict[int, str]:
     """Names from the Caret / TotalSegmentator label table in the header extensions (no voxels read)."""
     import nibabel as nib
 
-    from ctfm.io.volume import quiet_nibabel
 
     try:
         with quiet_nibabel():
@@ -332,7 +389,6 @@ def _itk_header_names(path: Path) -> dict[int, str]:
     """Names from 3D Slicer NRRD keys (header only); refuses multi-layer segmentations."""
     import SimpleITK as sitk
 
-    from ctfm.io.volume import check_itk_header, quiet_native_stderr
 
     check_itk_header(path)  # a voxel size ITK would invent is refused as such, not as "unreadable"
     sitk.ProcessObject_SetGlobalWarningDisplay(False)

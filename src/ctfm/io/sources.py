@@ -16,6 +16,7 @@ from pathlib import Path
 from ctfm.errors import CTInputError
 from ctfm.io.tables import TABLE_SUFFIXES, read_table
 from ctfm.io.volume import VOLUME_SUFFIXES
+from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 
 MANIFEST_SUFFIXES = TABLE_SUFFIXES  # a manifest is any table read_table reads
 
@@ -91,7 +92,6 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
 
 def _scan_folder(folder: Path) -> list[ScanSource]:
     """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
-    from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 
     volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
     with quiet_pydicom():

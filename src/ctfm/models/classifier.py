@@ -22,7 +22,11 @@ import torch.nn as nn
 
 from ctfm.errors import CTInputError
 from ctfm.models.networks import CTEncoder
+from ctfm.models import create_model, save_pretrained
+from ctfm.runtime import atomic_path
 from ctfm.runs import RunFolder
+from ctfm.io.hashing import file_sha256
+from ctfm.models.weights import load_state_into
 
 CLASSIFIER_JSON = "classifier.json"
 HEAD_NAME = "head.safetensors"
@@ -52,7 +56,6 @@ def load_trunk_weights(model: CTClassifier, source) -> str:
     A 1-channel encoder goes into a C-channel trunk by spreading its first convolution over the
     channels (weights repeated and divided by C), so that equal channels give the 1-channel output.
     """
-    from ctfm.models import create_model
 
     arch = model.arch
     encoder = create_model("ct-fm", weights=str(source), init_filters=arch["init_filters"], blocks_down=tuple(arch["blocks_down"]))
@@ -70,9 +73,6 @@ def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], s
     """Write ``model`` as a classifier folder (module docstring), all or nothing -> the folder."""
     from safetensors.torch import save_file
 
-    from ctfm.models import save_pretrained
-    from ctfm.io.hashing import file_sha256
-    from ctfm.runtime import atomic_path
 
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -113,7 +113,6 @@ def load_classifier(source) -> tuple[CTClassifier, dict]:
     """(model in eval mode, classifier.json) of a classifier folder or fine-tuning run; strict loading."""
     from safetensors.torch import load_file
 
-    from ctfm.models.weights import load_state_into
 
     folder = classifier_folder(source)
     meta = json.loads((folder / CLASSIFIER_JSON).read_text(encoding="utf-8"))

@@ -81,11 +81,11 @@ def _peek_state(path: Path, kind: str) -> dict[str, tuple[int, ...]]:
         except Exception as exc:
             raise CTInputError(file, f"is not a readable safetensors file ({type(exc).__name__})", "download or write the file again; it may be truncated") from None
     else:
-        state, _ = _weights._read_torch(path)
+        state, _ = _weights.read_torch(path)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     import torch
 
-    kept = [k for k in shapes if not _weights._strip(k, _weights.WRAPPER_PREFIXES).startswith(_weights.IGNORED_PREFIXES)]
+    kept = [k for k in shapes if not _weights.strip_prefixes(k, _weights.WRAPPER_PREFIXES).startswith(_weights.IGNORED_PREFIXES)]
     renamed, _ = _weights.convert_state_dict({k: torch.empty(0) for k in kept}, "segresnet")
     return {new: shapes[old] for new, old in zip(renamed, kept)}  # convert_state_dict keeps the order
 
@@ -121,8 +121,8 @@ def load_segmentation_model(
     else:
         source = resolve_segmentation_source(source)
         resolve_weights(source)  # refuses a registered model name with its hf-hub: spelling
-        path, fmt = _weights._resolve(source)
-        config = _weights._read_json(path / CONFIG_NAME) if fmt in ("folder", "hf-hub") and (path / CONFIG_NAME).is_file() else None
+        path, fmt = _weights.resolve_source(source)
+        config = _weights.read_json(path / CONFIG_NAME) if fmt in ("folder", "hf-hub") and (path / CONFIG_NAME).is_file() else None
         if config is not None and "out_channels" in config:
             kind = "segmentation"
             model = create_model(SEG_MODEL, weights=source, **overrides)

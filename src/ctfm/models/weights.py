@@ -154,7 +154,7 @@ def _spell(repo_id: str, revision: str | None) -> str:
     return repo_id + (f"@{revision}" if revision else "")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -241,7 +241,7 @@ def _check_arch(config: dict, model: nn.Module, config_path: Path) -> None:
 # sources
 
 
-def _resolve(source: str | os.PathLike) -> tuple[Path, str]:
+def resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
     """-> (local path, format) with format in folder / hf-hub / safetensors / ckpt / torch."""
     if isinstance(source, os.PathLike):
         path = Path(source).expanduser()
@@ -325,7 +325,7 @@ def resolve_weights(source: str | os.PathLike) -> Path:
     Raises :class:`CTInputError` for a missing path, an ambiguous ``ORG/NAME`` (spelled as
     ``hf-hub:ORG/NAME`` in the message) and a hub id that is neither cached nor downloadable.
     """
-    return _resolve(source)[0]
+    return resolve_source(source)[0]
 
 
 def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
@@ -371,7 +371,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CTInputError(path, f"is not a readable safetensors file ({one_line(exc, 200)})", "download or write the file again; it may be truncated") from None
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A ``.ckpt``/``.pt`` file -> (state dict, {epoch, global_step} if present). Only ``weights_only``."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -393,7 +393,7 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return dict(obj), extra
 
 
-def _strip(name: str, prefixes: tuple[str, ...]) -> str:
+def strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
     stripped = True
     while stripped:
         stripped = False
@@ -417,13 +417,13 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], target: str) -> t
     origin: dict[str, str] = {}
     ignored: list[str] = []
     for key, tensor in state_dict.items():
-        name = _strip(key, WRAPPER_PREFIXES)
+        name = strip_prefixes(key, WRAPPER_PREFIXES)
         if name.startswith(IGNORED_PREFIXES):
             ignored.append(key)
             continue
         is_encoder = name.startswith(ENCODER_PREFIXES) or name.startswith(ENCODER_ROOTS)
         if name.startswith(ENCODER_PREFIXES):
-            name = _strip(name[name.index(".") + 1 :], WRAPPER_PREFIXES)
+            name = strip_prefixes(name[name.index(".") + 1 :], WRAPPER_PREFIXES)
         if is_encoder and target == "segresnet":
             name = "encoder." + name
         if name in converted:
@@ -468,15 +468,15 @@ def load_state_into(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
     is present, against its sha256. Checkpoints are renamed by :func:`convert_state_dict`.
     """
     target = target_of(model)
-    path, kind = _resolve(source)
+    path, kind = resolve_source(source)
     config = metadata = None
     if kind in ("folder", "hf-hub"):
         weights_file = path / WEIGHTS_NAME
         if (path / CONFIG_NAME).is_file():
-            config = _read_json(path / CONFIG_NAME)
+            config = read_json(path / CONFIG_NAME)
             _check_arch(config, model, path / CONFIG_NAME)
         if (path / SIDECAR_NAME).is_file():
-            metadata = _read_json(path / SIDECAR_NAME)
+            metadata = read_json(path / SIDECAR_NAME)
         digest = file_sha256(weights_file)
         recorded = ((metadata or {}).get("weights") or {}).get("sha256")
         if recorded and recorded != digest:
@@ -488,7 +488,7 @@ def load_state_into(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
         if kind == "safetensors":
             raw = _read_safetensors(path)
         else:
-            raw, metadata = _read_torch(path)
+            raw, metadata = read_torch(path)
             metadata = metadata or None
     try:
         converted, ignored = convert_state_dict(raw, target)

@@ -16,11 +16,19 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ctfm.runtime import Result
+
+from ctfm.errors import one_line, UserError
+from ctfm.evaluate.reports.report import provenance
+from ctfm.finetune.cls import preprocess_input
+from ctfm.io.sources import discover_inputs
+from ctfm.models.classifier import classifier_folder, load_classifier
+from ctfm.preprocess import PreprocessSpec
+from ctfm.runtime import progress_bar, write_text_atomic
+from ctfm.models.classifier import classifier_sha256
 
 
 @dataclass
@@ -41,12 +49,6 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     """Probabilities for every input scan -> ``out`` (CSV) and ``out``.json (provenance)."""
     import torch
 
-    from ctfm.errors import UserError, one_line
-    from ctfm.evaluate.reports.report import provenance
-    from ctfm.io.sources import discover_inputs
-    from ctfm.models.classifier import classifier_folder, load_classifier, classifier_sha256
-    from ctfm.preprocess import PreprocessSpec
-    from ctfm.runtime import progress_bar, write_text_atomic
 
     folder = classifier_folder(model)
     net, meta = load_classifier(folder)
@@ -55,7 +57,6 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     net = net.to(device)
     sources = discover_inputs(list(inputs))
     task, labels = meta["task"], list(meta["labels"])
-    from ctfm.finetune.cls import preprocess_input
 
     summary = ClsPredictSummary(out=str(out))
     rows: list[list] = []

@@ -21,9 +21,6 @@ exactly MONAI's ``sliding_window_inference`` + argmax, placed voxel by voxel.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctfm.errors import CTInputError, OptionError, UserError, one_line, optional_import
+from ctfm.errors import OptionError, UserError, one_line, optional_import
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
+from ctfm.io import load_ct
+from ctfm.io.sources import resolve_sources
+from ctfm.models.labelmaps import select_classes
+from ctfm.models.segmentation import load_segmentation_model, LoadedSegmentation
+from ctfm.predict import writers
+from ctfm.preprocess.bounded import preprocess_large
+from ctfm.runtime import progress_bar
 from ctfm.runtime import Result
 
 LABELS_SUFFIX = ".labels.json"
@@ -175,7 +179,6 @@ def _precision_context(precision: str, device: str):
 
 def network_input(image, loaded, device: str = "cpu") -> tuple[torch.Tensor, np.ndarray, tuple, np.ndarray]:
     """``(x [1, C, D, H, W], input affine, input shape, network affine)`` of a loaded CT."""
-    from ctfm.preprocess.bounded import preprocess_large
 
     net = preprocess_large(image, inference_spec(loaded.spec))  # the spec's chain, in bounded memory where it allows
     net_affine = np.asarray(net.affine, dtype=np.float64)
@@ -218,12 +221,6 @@ def predict_seg(
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
     and the batch goes on.
     """
-    from ctfm.io import load_ct
-    from ctfm.io.sources import resolve_sources
-    from ctfm.models.labelmaps import select_classes
-    from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model
-    from ctfm.predict import writers
-    from ctfm.runtime import progress_bar
 
     if output_format not in ("nifti", "dicom-seg"):
         raise OptionError(f"--format {output_format!r}: choose nifti or dicom-seg")

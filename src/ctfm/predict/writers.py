@@ -15,6 +15,8 @@ import numpy as np
 from ctfm.errors import CTInputError, optional_import
 from ctfm.models.labelmaps import labels_to_json
 from ctfm.runtime import atomic_path, write_text_atomic
+from ctfm.evaluate.reports.report import provenance as base
+from ctfm.io import dicom
 
 
 def output_paths(out: Path, name: str, output_format: str, statistics: bool) -> list[Path]:
@@ -27,7 +29,6 @@ def output_paths(out: Path, name: str, output_format: str, statistics: bool) -> 
 
 
 def prediction_provenance(loaded, source, record, settings, precision: str) -> dict:
-    from ctfm.evaluate.reports.report import provenance as base
 
     return base(
         model=loaded.info["model"],
@@ -94,7 +95,6 @@ def class_statistics(labels: np.ndarray, image, names: dict[int, str]) -> list[d
 
 def _series_datasets(source):
     """The source series' headers in the volume's slice order (load_ct stacks them that way)."""
-    from ctfm.io import dicom
 
     folder = Path(source.path)
     with dicom.quiet_pydicom():

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from ctfm.preprocess.spec import PreprocessSpec
+from ctfm.preprocess import preprocess
+from ctfm.preprocess.transforms import window_transform, AboveThreshold
 
 AXES = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -78,15 +80,13 @@ def preprocess_large(image, spec: PreprocessSpec):
     """
     from monai.transforms import CropForeground
 
-    from ctfm.preprocess import preprocess
-    from ctfm.preprocess.transforms import AboveThreshold, _window
 
     if supports_bounded(spec) and len(spec.windows) == 1:
         return preprocess_bounded(image, spec)
     if supports_bounded_crop(spec):
         hu = preprocess_bounded(image, spec.with_(foreground_crop=None), apply_window=False)
         crop = CropForeground(select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels)
-        return _window(spec.windows[0])(crop(hu))
+        return window_transform(spec.windows[0])(crop(hu))
     return preprocess(image, spec)
 
 
@@ -99,7 +99,6 @@ def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = 
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
-    from ctfm.preprocess.transforms import _window
 
     if not supports_bounded(spec):
         raise ValueError(f"spec {spec.name!r} has a foreground crop or non-constant padding: use ctfm.preprocess.preprocess")
@@ -131,7 +130,7 @@ def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = 
             )
             out[:, r0:r1, lo[1] : hi[1], lo[2] : hi[2]] = torch.as_tensor(slab, dtype=torch.float32)
     if apply_window:
-        out = _window(spec.windows[0])(out)
+        out = window_transform(spec.windows[0])(out)
     return MetaTensor(out, affine=final_affine.to(torch.float64), meta={"filename_or_obj": image.meta.get("filename_or_obj", "") if hasattr(image, "meta") else ""})
 
 

@@ -28,7 +28,7 @@ class StackWindows:
     """
 
     def __init__(self, windows: tuple[Window, ...], axis: int = 1):
-        self.scalers = [_window(w) for w in windows]
+        self.scalers = [window_transform(w) for w in windows]
         self.axis = axis
 
     def __call__(self, image):
@@ -69,7 +69,7 @@ def build_transforms(spec: PreprocessSpec):
     if window_first:
         # Same result, less work: window the smaller unpadded volume, then pad with the windowed
         # value of pad_value_hu (computed by the same transform, so bit-identical).
-        window = _window(spec.windows[0])
+        window = window_transform(spec.windows[0])
         steps.append(window)
         pad_value = float(window(torch.tensor([[[[spec.pad_value_hu]]]], dtype=torch.float32)).flatten()[0])
     pad_kwargs = {"value": pad_value} if spec.pad_mode == "constant" else {}
@@ -82,13 +82,13 @@ def build_transforms(spec: PreprocessSpec):
         steps.append(CenterSpatialCrop(roi_size=size))
 
     if single_window and not window_first:
-        steps.append(_window(spec.windows[0]))
+        steps.append(window_transform(spec.windows[0]))
     elif not single_window:
         steps.append(StackWindows(spec.windows, axis=spec.window_concat_axis))
     return Compose(steps)
 
 
-def _window(window: Window):
+def window_transform(window: Window):
     from monai.transforms import ScaleIntensityRange
 
     return ScaleIntensityRange(a_min=window.low_hu, a_max=window.high_hu, b_min=0.0, b_max=1.0, clip=True)
@@ -130,11 +130,11 @@ def build_paired_transforms(spec: PreprocessSpec, image_key: str = "image", labe
     if crop is not None and not spec.foreground_crop.before_resampling:
         steps.append(crop)
     size = spec.patch_size_voxels
-    window = _window(spec.windows[0])
+    window = window_transform(spec.windows[0])
     pad_value = spec.pad_value_hu
     window_first = spec.pad_mode == "constant" and spec.size_policy != "none"
     if window_first:  # as build_transforms: window first, pad with the windowed pad value
-        steps.append(_window_d(spec.windows[0], image_key))
+        steps.append(window_transform_d(spec.windows[0], image_key))
         pad_value = float(window(torch.tensor([[[[spec.pad_value_hu]]]], dtype=torch.float32)).flatten()[0])
     image_pad = {"value": pad_value} if spec.pad_mode == "constant" else {}
     if spec.size_policy in ("pad", "pad_then_center_crop"):
@@ -146,11 +146,11 @@ def build_paired_transforms(spec: PreprocessSpec, image_key: str = "image", labe
         steps.append(ResizeWithPadOrCropd(keys=image_key, spatial_size=size, mode=spec.pad_mode, **image_pad))
         steps.append(ResizeWithPadOrCropd(keys=label_key, spatial_size=size, mode="constant", value=0))
     if not window_first:
-        steps.append(_window_d(spec.windows[0], image_key))
+        steps.append(window_transform_d(spec.windows[0], image_key))
     return Compose(steps)
 
 
-def _window_d(window: Window, key: str):
+def window_transform_d(window: Window, key: str):
     from monai.transforms import ScaleIntensityRanged
 
     return ScaleIntensityRanged(keys=key, a_min=window.low_hu, a_max=window.high_hu, b_min=0.0, b_max=1.0, clip=True)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ctfm.errors import CTInputError
+from ctfm.io import load_ct
 
 OK, WARN, ERROR = "ok", "warn", "error"
 SPACING_RANGE_MM = (0.1, 10.0)
@@ -127,7 +128,6 @@ def load_usable_ct(path, series_uid: str | None = None):
     error. Geometry warnings stay in ``record.warnings`` (batch jobs keep stderr for failures)."""
     import warnings
 
-    from ctfm.io import load_ct
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

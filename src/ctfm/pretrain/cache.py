@@ -41,6 +41,10 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.runtime import PARTIAL_SUFFIX, atomic_path, parallel_map, progress_bar, utc_now, write_parquet_atomic
+from ctfm import __version__
+from ctfm.io import content_hash
+from ctfm.io.sources import resolve_sources
+from ctfm.preprocess import get_preset, load_usable_ct, preprocess, PreprocessSpec
 
 INDEX_NAME = "index.parquet"
 FAILURES_NAME = "failures.parquet"
@@ -101,7 +105,6 @@ class CacheSummary:
 
 def resolve_spec(spec=None):
     """A PreprocessSpec from a spec, a preset name, or None (``ct-fm-ssl``)."""
-    from ctfm.preprocess import PreprocessSpec, get_preset
 
     if spec is None:
         return get_preset(DEFAULT_PRESET)
@@ -127,7 +130,6 @@ def volume_file_name(scan_id: str, preset_hash: str, dtype: str) -> str:
 # ---- one scan ---------------------------------------------------------------------------------
 def preprocessed_volume(source, spec):
     """(volume [D, H, W] float32 numpy, preprocessed MetaTensor, source image, record) of one scan."""
-    from ctfm.preprocess import load_usable_ct, preprocess
 
     image, record = load_usable_ct(source.path, series_uid=source.series_uid)
     out = preprocess(image, spec)
@@ -149,8 +151,6 @@ def cache_one(source, spec, cache_dir: str, dtype: str = "float32") -> dict:
 
     Never raises for a bad scan (batch jobs record the failure and go on).
     """
-    from ctfm import __version__
-    from ctfm.io import content_hash
 
     try:
         array, out, image, record = preprocessed_volume(source, spec)
@@ -275,7 +275,6 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
         a :class:`CacheSummary`; failures are recorded in ``failures.parquet`` and listed in
         ``summary.failed``, never raised.
     """
-    from ctfm.io.sources import resolve_sources
 
     spec = resolve_spec(spec)
     dtype = _check_dtype(dtype)

@@ -9,34 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from ctfm.errors import OptionError
 from ctfm.pretrain.views import MultiCropViews, sample_state
-from ctfm.runtime import rank_and_world_size
-
-
-class EpochIndexSampler(Sampler):
-    """Yields (epoch, index) for index = rank, rank + world, ... < samples_per_epoch.
-
-    Lightning calls ``set_epoch`` before each epoch (as for a DistributedSampler); the rank and
-    world size are read when iteration starts, after DDP has been set up.
-    """
-
-    def __init__(self, samples_per_epoch: int):
-        self.samples_per_epoch = samples_per_epoch
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        rank, world = rank_and_world_size(environment=False)
-        return iter((self.epoch, i) for i in range(rank, self.samples_per_epoch, world))
-
-    def __len__(self) -> int:
-        rank, world = rank_and_world_size(environment=False)
-        return len(range(rank, self.samples_per_epoch, world))
 
 
 class ViewsDataset(Dataset):

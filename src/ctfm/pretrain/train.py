@@ -20,11 +20,11 @@ from ctfm.models import save_pretrained
 from ctfm.preprocess import get_preset
 from ctfm.pretrain.cache import VolumeCache, build_cache
 from ctfm.pretrain.config import PretrainConfig, training_spec
-from ctfm.pretrain.data import EpochIndexSampler, ViewsDataset
+from ctfm.pretrain.data import ViewsDataset
 from ctfm.pretrain.losses import loss_arguments
 from ctfm.pretrain.module import ContrastivePretrainer
 from ctfm.pretrain.views import MultiCropViews
-from ctfm.runs import build_trainer, seed_run, upgrade_hyperparameters
+from ctfm.runs import EpochIndexSampler, build_trainer, seed_run, upgrade_hyperparameters
 from ctfm.runtime import rank_and_world_size, write_text_atomic
 
 

@@ -24,6 +24,11 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError
 from ctfm.store.schema import RUN_KEY
 from ctfm.store.vectors import key_dict
+from ctfm.embedding.modes import EmbedOptions
+from ctfm.embedding.runner import embed_source, run_key, weights_sha256_of
+from ctfm.io.sources import ScanSource
+from ctfm.models import create_model
+from ctfm.preprocess import PreprocessSpec
 
 
 class WeightsMismatchError(OptionError):
@@ -51,7 +56,6 @@ class ScanRef:
 def resolve_scan(scans: dict, text: str, store_root) -> ScanRef:
     """``text`` -> the run's scan it names (scan id, unique id prefix >= 6 hex, or source path),
     or a readable path not in the store; a one-line error otherwise."""
-    from ctfm.io.sources import ScanSource
 
     text = str(text)
     if text in scans:
@@ -77,14 +81,12 @@ def resolve_scan(scans: dict, text: str, store_root) -> ScanRef:
 
 def run_spec(row: dict):
     """The PreprocessSpec a run's row was computed with."""
-    from ctfm.preprocess import PreprocessSpec
 
     return PreprocessSpec.from_json(row["preprocess_spec"])
 
 
 def run_options(key: tuple, spec, device: str = "cpu"):
     """EmbedOptions that reproduce run ``key`` (mode, spec, pool, precision, overlap)."""
-    from ctfm.embedding.modes import EmbedOptions
 
     fields = key_dict(key)
     pool = fields["pool"] if fields["mode"] == "patches" else "mean"
@@ -94,8 +96,6 @@ def run_options(key: tuple, spec, device: str = "cpu"):
 def load_encoder(key: tuple, weights: str | os.PathLike | None = None, encoder=None):
     """The run's encoder: ``encoder`` or ``weights`` loaded strictly, checked to be the run's
     weights (sha256); a :class:`WeightsMismatchError` otherwise."""
-    from ctfm.embedding.runner import weights_sha256_of
-    from ctfm.models import create_model
 
     fields = key_dict(key)
     if encoder is None:
@@ -111,8 +111,6 @@ def load_encoder(key: tuple, weights: str | os.PathLike | None = None, encoder=N
 
 def embed_file(path: str, key: tuple, spec, encoder, device: str = "cpu") -> dict:
     """Embed a file as the run did (``embed_source``): its scan row, patches under ``"patches"``."""
-    from ctfm.embedding.runner import embed_source, run_key
-    from ctfm.io.sources import ScanSource
 
     fields = key_dict(key)
     options = run_options(key, spec, device)

@@ -45,6 +45,10 @@ from ctfm.search.query import (
 from ctfm.search.regions import grid_stride, pattern_search, similarity_on_grid, weighted_centre, window_half_extent_mm
 from ctfm.store.index import StaleIndexError, list_indexes, load_index, prepare_vectors
 from ctfm.store.vectors import RunVectors, load_run_vectors, matching_scans, run_digest, select_run
+from ctfm.embedding.modes import encode_windows, window_size
+from ctfm.io import save_nifti
+from ctfm.preprocess import load_usable_ct, preprocess
+from ctfm.store import open_store
 
 QUERY_SOURCES = ("auto", "centred", "stored")
 REFINEMENTS = ("auto", "fine", "weighted", "none")
@@ -146,7 +150,6 @@ class SearchSession:
     _spans: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        from ctfm.store import open_store
 
         self.store = open_store(self.store)
 
@@ -211,7 +214,6 @@ class SearchSession:
         if path in self._prepared:
             self._prepared.move_to_end(path)
             return self._prepared[path]
-        from ctfm.preprocess import load_usable_ct, preprocess
 
         image, _ = load_usable_ct(path)
         entry = (image, preprocess(image, self.spec))
@@ -229,7 +231,6 @@ class SearchSession:
 
     @property
     def window_size(self) -> tuple[int, int, int]:
-        from ctfm.embedding.modes import window_size
 
         return window_size(self.spec)
 
@@ -348,7 +349,6 @@ class SearchSession:
         """Windows [B, 1, D, H, W] -> unit vectors [B, d] (batches of 8)."""
         import torch
 
-        from ctfm.embedding.modes import encode_windows
 
         precision = self.patch_vectors.key[5]
         out = []
@@ -441,7 +441,6 @@ class SearchSession:
         import torch
         from monai.data import MetaTensor
 
-        from ctfm.io import save_nifti
 
         volume, affine = self.similarity_volume(query, target)
         save_nifti(MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(affine)), path)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm import __version__
 from ctfm.errors import OptionError, UserError, optional_import
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
 from ctfm.store.schema import RUN_KEY
@@ -296,7 +297,6 @@ def _ids_table(vectors: RunVectors):
 
 def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexParams, covered, seconds: float, extra: dict | None = None) -> Path:
     faiss = optional_import("faiss", "search")
-    from ctfm import __version__
 
     digest = run_digest(key)
     folder = index_dir(store)

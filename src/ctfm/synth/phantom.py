@@ -39,6 +39,7 @@ import numpy as np
 
 from ctfm.errors import OptionError
 from ctfm.runtime import atomic_path
+from ctfm.io.labels import parse_label_table
 
 # Stable label ids: files written by earlier versions must keep meaning the same thing,
 # so never renumber; add new structures at the end.
@@ -545,7 +546,6 @@ def read_label_table(source: str | os.PathLike | Any) -> dict[int, str]:
     """
     import nibabel as nib
 
-    from ctfm.io.labels import parse_label_table
 
     image = nib.load(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
     for extension in image.header.extensions:

@@ -16,37 +16,78 @@ The point estimates agree with scikit-learn (``roc_auc_score``, ``average_precis
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from ctfm.errors import CTInputError
+from ctfm.evaluate.metrics.stats import Interval, PairedComparison, paired_p_value, percentile_interval, resample_weights
 
 from ctfm.errors import optional_import
 
 BINARY_METRICS = ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy@0.5", "f1@0.5", "sensitivity@0.5", "specificity@0.5")
 MULTICLASS_METRICS = ("auroc_ovr", "balanced_accuracy", "f1_macro", "accuracy")
-CHUNK = 128  # resamples per weight matrix (memory: CHUNK x n float64)
+MISSING = {"", "na", "nan", "none", "null"}  # label values read as "no label"
+
+
+# ---- targets ---------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One label column encoded: ``y`` [N] class index, -1 where the label is missing."""
+
+    name: str
+    task: str  # binary | multiclass
+    classes: list[str]
+    y: np.ndarray
+    missing: int = 0
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return np.flatnonzero(self.y >= 0)
+
+
+def _as_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def encode_target(name: str, values: list[str], task: str = "auto", source=None) -> Target:
+    """Encode a label column. Binary: 0/1 (numeric) only; multi-class: any values (numbers sort
+    numerically). ``auto``: binary when every value is 0 or 1, multi-class otherwise."""
+    missing = np.array([v.strip().lower() in MISSING for v in values])
+    present = [v.strip() for v, m in zip(values, missing) if not m]
+    numbers = [_as_number(v) for v in present]
+    zero_one = all(n is not None and n in (0.0, 1.0) for n in numbers)
+    if task == "auto":
+        task = "binary" if zero_one else "multiclass"
+    elif task == "multilabel":
+        task = "binary"
+    if task == "binary":
+        bad = next((v for v, n in zip(present, numbers) if n is None or n not in (0.0, 1.0)), None)
+        if bad is not None:
+            raise CTInputError(source, f"column {name!r} has the label {bad!r}, not 0 or 1, for a binary task", "code the target as 0/1, or use --task multiclass")
+        classes = ["0", "1"]
+        codes = [int(n) for n in numbers]
+    else:
+        if all(n is not None for n in numbers):
+            distinct = sorted(set(present), key=lambda v: float(v))
+        else:
+            distinct = sorted(set(present))
+        classes = distinct
+        index = {c: i for i, c in enumerate(classes)}
+        codes = [index[v] for v in present]
+    y = np.full(len(values), -1, dtype=int)
+    y[~missing] = codes
+    counts = np.bincount(y[y >= 0], minlength=len(classes))
+    if (counts > 0).sum() < 2:
+        only = classes[int(np.argmax(counts))] if counts.sum() else "none"
+        raise CTInputError(source, f"target {name!r} has one class ({int(counts.sum())} labelled scans, all {only!r})", "a probe needs at least two classes; check the column and the join")
+    return Target(name=name, task=task, classes=classes, y=y, missing=int(missing.sum()))
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def resample_weights(n: int, n_resamples: int, seed: int = 0, groups=None):
-    """Yield weight matrices [chunk, n]: how often each case is drawn in each resample.
-
-    ``groups`` (length n): resample whole groups (a cluster bootstrap, e.g. over patients), each
-    case weighted by how often its group was drawn.
-    """
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        codes, n_units = np.arange(n), n
-    else:
-        _, codes = np.unique(np.asarray(groups), return_inverse=True)  # as stats._resample_indices
-        n_units = int(codes.max()) + 1
-    done = 0
-    while done < n_resamples:
-        chunk = min(CHUNK, n_resamples - done)
-        draws = rng.integers(0, n_units, size=(chunk, n_units))
-        counts = np.bincount((draws + np.arange(chunk)[:, None] * n_units).ravel(), minlength=chunk * n_units).reshape(chunk, n_units)
-        yield counts[:, codes].astype(np.float64)
-        done += chunk
-
-
 def _safe_div(a, b):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
@@ -150,9 +191,8 @@ def primary_metric(task: str) -> str:
 
 # ---- intervals (the shapes of ctfm.evaluate.metrics.stats) ---------------------------------------
 def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: float):
-    from ctfm.evaluate.metrics.stats import Interval, _percentiles
 
-    low, high = _percentiles(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
+    low, high = percentile_interval(samples, confidence) if np.isfinite(point) else (float("nan"), float("nan"))
     return Interval(point, low, high, confidence, n_resamples, int(np.isfinite(samples).sum()))
 
 
@@ -182,7 +222,6 @@ def bootstrap_multiclass(y, probabilities, n_resamples: int = 1000, seed: int = 
 def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
     """A minus B of every metric on the same resamples of the same cases; name ->
     :class:`ctfm.evaluate.metrics.stats.PairedComparison` (two-sided p: twice the smaller tail at zero)."""
-    from ctfm.evaluate.metrics.stats import PairedComparison, _percentiles
 
     ones = np.ones((1, n))
     a0, b0 = metric_fn_a(ones), metric_fn_b(ones)
@@ -194,9 +233,8 @@ def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int 
     out = {}
     for k in a0:
         d = np.concatenate(diffs[k]) if diffs[k] else np.array([])
-        finite = d[np.isfinite(d)]
-        low, high = _percentiles(d, confidence)
-        p_value = float(min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0)))) if len(finite) else float("nan")
+        low, high = percentile_interval(d, confidence)
+        p_value = paired_p_value(d)
         out[k] = PairedComparison(float(a0[k][0]), float(b0[k][0]), float(a0[k][0] - b0[k][0]), low, high, p_value, "paired bootstrap")
     return out
 

@@ -19,6 +19,7 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
+CHUNK = 128  # resamples drawn at a time (memory: CHUNK x units)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,55 @@ class PairedComparison:
         return asdict(self)
 
 
+# ---- the one bootstrap engine: every bootstrap in ctfm draws its resamples here ------------------
+def resample_units(n: int, groups=None) -> tuple[np.ndarray, int]:
+    """``(codes [n], n_units)``: the unit each case belongs to. Without ``groups`` every case is
+    its own unit; with ``groups [n]`` a unit is a group (patient), numbered in sorted order."""
+    if groups is None:
+        return np.arange(n), n
+    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    return codes, int(codes.max()) + 1 if len(codes) else 0
+
+
+def resample_draws(n_units: int, n_resamples: int, seed: int = 0):
+    """Yield ``[chunk, n_units]`` arrays: the units each resample draws with replacement.
+
+    The one random stream of every bootstrap: resample ``r`` is row ``r`` of
+    ``default_rng(seed).integers(0, n_units, size=(n_resamples, n_units))``, drawn ``CHUNK``
+    resamples at a time to bound memory. Index resamples (:func:`resample_indices`) and weight
+    resamples (:func:`resample_weights`) are two views of the same draws.
+    """
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_resamples:
+        chunk = min(CHUNK, n_resamples - done)
+        yield rng.integers(0, n_units, size=(chunk, n_units))
+        done += chunk
+
+
+def resample_indices(n: int, n_resamples: int, seed: int = 0, groups=None):
+    """Yield the row indices of each resample: rows drawn with replacement, or whole groups drawn
+    (the rows of each drawn group, in the order drawn)."""
+    codes, n_units = resample_units(n, groups)
+    members = None if groups is None else [np.flatnonzero(codes == g) for g in range(n_units)]
+    for draws in resample_draws(n_units, n_resamples, seed):
+        for drawn in draws:
+            yield drawn if members is None else np.concatenate([members[g] for g in drawn])
+
+
+def resample_weights(n: int, n_resamples: int, seed: int = 0, groups=None):
+    """Yield weight matrices [chunk, n]: how often each case is drawn in each resample.
+
+    ``groups`` (length n): resample whole groups (a cluster bootstrap, e.g. over patients), each
+    case weighted by how often its group was drawn. The same resamples as :func:`resample_indices`.
+    """
+    codes, n_units = resample_units(n, groups)
+    for draws in resample_draws(n_units, n_resamples, seed):
+        chunk = len(draws)
+        counts = np.bincount((draws + np.arange(chunk)[:, None] * n_units).ravel(), minlength=chunk * n_units).reshape(chunk, n_units)
+        yield counts[:, codes].astype(np.float64)
+
+
 def _safe(statistic: Callable[..., float], arrays: Sequence[np.ndarray]) -> float:
     """The statistic, or NaN where it is undefined on these cases (one class, empty input)."""
     try:
@@ -65,16 +115,6 @@ def _safe(statistic: Callable[..., float], arrays: Sequence[np.ndarray]) -> floa
     except (ValueError, ZeroDivisionError, FloatingPointError):
         return math.nan
     return value
-
-
-def _resample_indices(n: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-    """Row indices of one bootstrap resample: rows drawn with replacement, or whole groups drawn."""
-    if groups is None:
-        return rng.integers(0, n, size=n)
-    labels, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(labels))]
-    drawn = rng.integers(0, len(labels), size=len(labels))
-    return np.concatenate([members[g] for g in drawn])
 
 
 def _as_arrays(arrays: Sequence, groups) -> tuple[list[np.ndarray], np.ndarray | None, int]:
@@ -91,13 +131,23 @@ def _as_arrays(arrays: Sequence, groups) -> tuple[list[np.ndarray], np.ndarray |
     return arrays, groups, n
 
 
-def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of resampled values (undefined resamples, NaN, left out)."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return math.nan, math.nan
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(values, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def paired_p_value(differences: np.ndarray) -> float:
+    """Two-sided p of resampled differences A - B: twice the share on the far side of zero (at most 1)."""
+    finite = differences[np.isfinite(differences)]
+    if finite.size == 0:
+        return math.nan
+    # share of resamples with the difference at or beyond zero, on each side
+    return float(min(1.0, 2.0 * min(np.mean(finite <= 0.0), np.mean(finite >= 0.0))))
 
 
 def bootstrap_ci(
@@ -115,12 +165,10 @@ def bootstrap_ci(
     """
     arrays, groups, n = _as_arrays(arrays, groups)
     estimate = _safe(statistic, arrays)
-    rng = np.random.default_rng(seed)
     values = np.empty(n_resamples)
-    for r in range(n_resamples):
-        rows = _resample_indices(n, groups, rng)
+    for r, rows in enumerate(resample_indices(n, n_resamples, seed, groups)):
         values[r] = _safe(statistic, [a[rows] for a in arrays])
-    low, high = _percentiles(values, confidence)
+    low, high = percentile_interval(values, confidence)
     return Interval(estimate, low, high, confidence, n_resamples, int(np.isfinite(values).sum()))
 
 
@@ -144,19 +192,11 @@ def paired_bootstrap(
     arrays, groups, n = _as_arrays([truth, prediction_a, prediction_b], groups)
     truth, a, b = arrays
     estimate_a, estimate_b = _safe(statistic, [truth, a]), _safe(statistic, [truth, b])
-    rng = np.random.default_rng(seed)
     differences = np.empty(n_resamples)
-    for r in range(n_resamples):
-        rows = _resample_indices(n, groups, rng)
+    for r, rows in enumerate(resample_indices(n, n_resamples, seed, groups)):
         differences[r] = _safe(statistic, [truth[rows], a[rows]]) - _safe(statistic, [truth[rows], b[rows]])
-    finite = differences[np.isfinite(differences)]
-    low, high = _percentiles(differences, confidence)
-    if finite.size == 0:
-        p_value = math.nan
-    else:
-        # share of resamples with the difference at or beyond zero, on each side
-        p_value = min(1.0, 2.0 * min(np.mean(finite <= 0.0), np.mean(finite >= 0.0)))
-    return PairedComparison(estimate_a, estimate_b, estimate_a - estimate_b, low, high, float(p_value), "paired bootstrap")
+    low, high = percentile_interval(differences, confidence)
+    return PairedComparison(estimate_a, estimate_b, estimate_a - estimate_b, low, high, paired_p_value(differences), "paired bootstrap")
 
 
 # --------------------------------------------------------------------------- DeLong

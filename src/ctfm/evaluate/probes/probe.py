@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics, primary_metric, Target, youden_threshold
+from ctfm.store import open_store, RUN_KEY
 
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.io.tables import read_table
-from ctfm.store import RUN_KEY, open_store
 
 KEYS = ("scan_id", "series_uid", "source_path")
 METHODS = ("logistic", "knn", "mlp")
@@ -43,7 +44,6 @@ C_GRID = tuple(float(c) for c in np.logspace(-6, 6, 13))  # the 13 regularisatio
 K_GRID = (1, 3, 5, 7, 11, 15, 21, 31, 51)
 MLP_ALPHA_GRID = (1e-4, 1e-2, 1.0)
 MLP_HIDDEN = 256
-MISSING = {"", "na", "nan", "none", "null"}
 TRAIN_VALUES, TEST_VALUES = {"train", "training", "val", "valid", "validation"}, {"test", "testing"}
 
 
@@ -155,63 +155,6 @@ def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "s
         join=join,
         run=run_fields,
     )
-
-
-# ---- targets ---------------------------------------------------------------------------------
-@dataclass
-class Target:
-    """One label column encoded: ``y`` [N] class index, -1 where the label is missing."""
-
-    name: str
-    task: str  # binary | multiclass
-    classes: list[str]
-    y: np.ndarray
-    missing: int = 0
-
-    @property
-    def labelled(self) -> np.ndarray:
-        return np.flatnonzero(self.y >= 0)
-
-
-def _as_number(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def encode_target(name: str, values: list[str], task: str = "auto", source=None) -> Target:
-    """Encode a label column. Binary: 0/1 (numeric) only; multi-class: any values (numbers sort
-    numerically). ``auto``: binary when every value is 0 or 1, multi-class otherwise."""
-    missing = np.array([v.strip().lower() in MISSING for v in values])
-    present = [v.strip() for v, m in zip(values, missing) if not m]
-    numbers = [_as_number(v) for v in present]
-    zero_one = all(n is not None and n in (0.0, 1.0) for n in numbers)
-    if task == "auto":
-        task = "binary" if zero_one else "multiclass"
-    elif task == "multilabel":
-        task = "binary"
-    if task == "binary":
-        bad = next((v for v, n in zip(present, numbers) if n is None or n not in (0.0, 1.0)), None)
-        if bad is not None:
-            raise CTInputError(source, f"column {name!r} has the label {bad!r}, not 0 or 1, for a binary task", "code the target as 0/1, or use --task multiclass")
-        classes = ["0", "1"]
-        codes = [int(n) for n in numbers]
-    else:
-        if all(n is not None for n in numbers):
-            distinct = sorted(set(present), key=lambda v: float(v))
-        else:
-            distinct = sorted(set(present))
-        classes = distinct
-        index = {c: i for i, c in enumerate(classes)}
-        codes = [index[v] for v in present]
-    y = np.full(len(values), -1, dtype=int)
-    y[~missing] = codes
-    counts = np.bincount(y[y >= 0], minlength=len(classes))
-    if (counts > 0).sum() < 2:
-        only = classes[int(np.argmax(counts))] if counts.sum() else "none"
-        raise CTInputError(source, f"target {name!r} has one class ({int(counts.sum())} labelled scans, all {only!r})", "a probe needs at least two classes; check the column and the join")
-    return Target(name=name, task=task, classes=classes, y=y, missing=int(missing.sum()))
 
 
 # ---- splits ----------------------------------------------------------------------------------
@@ -391,7 +334,6 @@ PROBES = {"logistic": LogisticPath, "knn": KNNPath, "mlp": MLPPath}
 
 
 def _selection_score(task: str, y, proba) -> float:
-    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
 
     if proba is None:
         return -np.inf
@@ -417,7 +359,6 @@ class FoldFit:
 def fit_fold(method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0) -> FoldFit:
     """Choose the hyperparameter (and binary threshold) by inner CV on the training part, refit on
     all of it, predict the test part. Too few cases per class for inner CV: the method's default."""
-    from ctfm.evaluate.metrics.classification import youden_threshold
 
     probe = PROBES[method](seed)
     folds = _inner_folds(y_train, groups_train, inner_cv, seed)
@@ -512,7 +453,6 @@ def few_shot_curve(features, target: Target, folds, shots: list, repeats: int = 
     fold's training part is cut to k cases per class (drawn with a seed made of seed, repeat, fold
     and k, so every store sees the same draws), the probe is fitted, and the pooled out-of-fold
     metric is recorded. Returns {shots: {"values": [repeats], "mean", "sd", "selection"}}."""
-    from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics, primary_metric
 
     labelled = target.labelled
     X, y = np.asarray(features)[labelled], target.y[labelled]

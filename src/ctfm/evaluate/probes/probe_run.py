@@ -23,7 +23,11 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.metrics import classification as cm
-from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, encode_target, few_shot_curve, load_probe_inputs, outer_folds
+from ctfm.evaluate.metrics.classification import encode_target
+from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, few_shot_curve, load_probe_inputs, outer_folds
+from ctfm.evaluate.metrics.stats import delong_test
+from ctfm.evaluate.reports.report import provenance, Report, write_results
+from ctfm.runtime import write_text_atomic
 from ctfm.io.hashing import file_sha256
 from ctfm.runtime import DocumentResult
 
@@ -83,7 +87,6 @@ def _probe_target(name, inputs, task, method, cv, split, groups, inner_cv, seed,
         paired = cm.paired_bootstrap_metrics(_metric_fn(target, other), _metric_fn(target, base), len(base.rows), n_resamples, seed, case_groups)
         comparison = {"a": inputs[s].store, "b": inputs[0].store, "difference": "a - b", "paired_bootstrap": {k: v.as_dict() for k, v in paired.items()}}
         if target.task == "binary":
-            from ctfm.evaluate.metrics.stats import delong_test
 
             comparison["delong_auroc"] = delong_test(base.y, other.score, base.score).as_dict()
         entry["comparisons"].append(comparison)
@@ -161,7 +164,6 @@ def run_probe(
         "targets": [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries],
         "seconds": seconds,
     }
-    from ctfm.evaluate.reports.report import provenance
 
     result = ProbeResult(result, provenance(
         stores=[{"path": item.store, **item.run} for item in inputs],
@@ -263,8 +265,6 @@ def _ci_text(m: dict) -> str:
 
 def _write_outputs(out, result: ProbeResult, entries, inputs) -> Path:
     """results.json, predictions.csv, PNG curves and report.html in ``out``, each written atomically."""
-    from ctfm.evaluate.reports.report import Report, write_results
-    from ctfm.runtime import write_text_atomic
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

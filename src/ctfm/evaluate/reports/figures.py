@@ -75,7 +75,7 @@ def orthogonal_slices_figure(panels: list[tuple[str, object, tuple[float, float]
     return path
 
 
-def _pyplot():
+def pyplot():
     matplotlib = optional_import("matplotlib", "eval")
 
     matplotlib.use("Agg")
@@ -86,7 +86,7 @@ def _pyplot():
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG, all or nothing, and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     try:
         with atomic_path(path, suffix=".png") as tmp:
@@ -98,7 +98,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
 def grouped_bars(series: dict[str, dict[str, float]], path: str | os.PathLike, title: str = "", ylabel: str = "") -> Path:
     """One group of bars per metric, one bar per series (e.g. ours beside the paper's)."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = list(dict.fromkeys(m for values in series.values() for m in values))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(metrics) * max(1, len(series)) / 2 + 2), 3.6))
     width = 0.8 / max(1, len(series))
@@ -114,7 +114,7 @@ def grouped_bars(series: dict[str, dict[str, float]], path: str | os.PathLike, t
 
 def scatter_labelled(points: np.ndarray, labels, path: str | os.PathLike, title: str = "") -> Path:
     """2-D points [N, 2] coloured by label, with a legend."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = np.asarray([str(v) for v in labels])
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     cmap = plt.get_cmap("tab20")
@@ -130,7 +130,7 @@ def scatter_labelled(points: np.ndarray, labels, path: str | os.PathLike, title:
 
 def histograms(samples: dict[str, np.ndarray], path: str | os.PathLike, title: str = "", xlabel: str = "") -> Path:
     """Overlaid density histograms of a few samples (e.g. pair vs non-pair cosine)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     values = [np.asarray(v, dtype=float) for v in samples.values() if len(v)]
     lo = min(float(v.min()) for v in values) if values else 0.0
@@ -157,7 +157,7 @@ def overlay_figure(base: np.ndarray, overlay: np.ndarray, affine: np.ndarray, pa
     ([X, Y, Z] scalars in [0, 1] drawn with ``cmap``, or [X, Y, Z, 3] RGB drawn where non-zero),
     in radiological convention with true physical aspect, through ``centre_voxel`` (default the
     centre). ``affine`` maps the grid's voxels to world mm."""
-    plt = _pyplot()
+    plt = pyplot()
     affine = np.asarray(affine, np.float64)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     ornt = __import__("nibabel").orientations.io_orientation(affine)

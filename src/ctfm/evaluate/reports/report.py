@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ctfm.runtime import jsonable, utc_now, write_text_atomic
+from ctfm import __version__
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
@@ -32,7 +33,6 @@ def provenance(**fields: Any) -> dict:
     and the caller's ``fields`` (model, weights sha256, preset, spec hash, store, input hashes...)."""
     import torch
 
-    from ctfm import __version__
 
     return jsonable(
         {

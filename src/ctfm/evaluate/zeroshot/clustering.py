@@ -17,6 +17,14 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
+from ctfm.evaluate.reports.figures import scatter_labelled
+from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import store_vectors, unit_rows
+from ctfm.io.hashing import file_sha256
+from ctfm.io.tables import read_table
+from ctfm.evaluate.zeroshot.inputs import encode_batches, load_eval_encoder
+from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
 
@@ -30,7 +38,6 @@ class ClusteringResult(ZeroShotResult):
 def knn_accuracy(vectors: np.ndarray, labels, k: int = 5) -> float:
     """Leave-one-out kNN accuracy by cosine similarity: majority label of the ``k`` nearest other
     rows; a tie goes to the tied label whose member ranks nearest."""
-    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     labels = np.asarray(labels)
     n = len(labels)
@@ -56,7 +63,6 @@ def kmeans_ari(vectors: np.ndarray, labels, seed: int = 0) -> float:
     KMeans = optional_import("sklearn.cluster", "eval").KMeans
     adjusted_rand_score = optional_import("sklearn.metrics", "eval").adjusted_rand_score
 
-    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     labels = np.asarray(labels)
     n_clusters = len(np.unique(labels))
@@ -103,9 +109,6 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
 
 def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> ClusteringResult:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
-    from ctfm.evaluate.reports.figures import scatter_labelled
-    from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
-    from ctfm.evaluate.reports.report import Report
 
     labels = np.asarray([str(v) for v in labels])
     metrics = clustering_metrics(vectors, labels, k, seed)
@@ -127,9 +130,6 @@ def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, ti
 
 def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", run: str | None = None, where: dict | None = None) -> tuple[np.ndarray, list[str], dict]:
     """``(vectors [N, D], labels, provenance)`` for the rows of a labels sheet found in a store."""
-    from ctfm.evaluate.zeroshot.inputs import store_vectors
-    from ctfm.io.hashing import file_sha256
-    from ctfm.io.tables import read_table
 
     vectors = store_vectors(store, run=run, where=where)
     sheet = read_table(labels_path, required=(scan_column, label_column)).to_pylist()
@@ -143,9 +143,6 @@ def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_
 def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> tuple[np.ndarray, list[str], dict]:
     """All OrganMNIST3D volumes (train + val + test, flipped as CT-FM's clustering notebook does)
     embedded, with organ names."""
-    from ctfm.evaluate.zeroshot.inputs import encode_batches, load_eval_encoder
-    from ctfm.io.hashing import file_sha256
-    from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 
     splits = load_organmnist3d(npz, "clustering")
     volumes = np.concatenate([splits[s][0] for s in ("train", "val", "test")])

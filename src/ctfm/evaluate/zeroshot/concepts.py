@@ -18,6 +18,16 @@ import numpy as np
 
 from ctfm.errors import OptionError, optional_import
 from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
+from ctfm.embedding.modes import EmbedOptions, embed_dense
+from ctfm.evaluate.reports.figures import overlay_figure
+from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.saliency import onto_grid
+from ctfm.io.hashing import content_hash
+from ctfm.models.preprocessing import preprocessing_for
+from ctfm.preprocess import load_usable_ct, preprocess
+from ctfm.runtime import atomic_path
+from ctfm.errors import CTInputError
 
 BODY_HU = -500.0  # feature voxels whose centre is denser than this take part in the PCA
 PAPER_NOTE = "CT-FM shows PCA colour maps of dense features on two TotalSegmentator scans (qualitative: organs and tissue classes take distinct colours); no number is published"
@@ -66,20 +76,11 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     """Concept maps of ``scans``: one PCA over all; a figure and a NIfTI of the colours per scan."""
     import nibabel as nib
 
-    from ctfm.embedding.modes import EmbedOptions, embed_dense
-    from ctfm.evaluate.reports.figures import overlay_figure
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
-    from ctfm.evaluate.reports.report import Report
-    from ctfm.io.hashing import content_hash
-    from ctfm.models.preprocessing import preprocessing_for
-    from ctfm.preprocess import load_usable_ct, preprocess
-    from ctfm.runtime import atomic_path
 
     if not scans:
         raise OptionError("give at least one scan")
     for scan in scans:
         if not Path(scan).exists():
-            from ctfm.errors import CTInputError
 
             raise CTInputError(scan, "no such file or folder", "give the path of a CT scan")
     if encoder is None:
@@ -104,7 +105,6 @@ def run_concepts(scans: list, out, weights: str | None = None, model: str = "ct-
     colours, explained = pca_colours([d.features for d in dense], masks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from ctfm.evaluate.zeroshot.saliency import onto_grid
 
     figures, maps, per_scan = [], [], []
     for scan, features, (volume, affine), rgb in zip(scans, dense, prepared_images, colours):

@@ -11,14 +11,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
+
+from ctfm.embedding.runner import weights_sha256_of
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
+from ctfm.evaluate.zeroshot.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
+from ctfm.evaluate.zeroshot.semantic_search import search_spec, semantic_search_cases, summarise_label
 
 DEMO_CROP = (8, 32, 32)
 DEMO_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "vertebrae", "lung_left", "lung_right")
 
 
 def demo_search_spec():
-    from ctfm.evaluate.zeroshot.semantic_search import search_spec
 
     return search_spec().with_(name="ct-fm-search-2mm-demo", spacing_mm=(2.0, 2.0, 2.0), description="demo: semantic search at 2 mm, 32^3 windows (64 mm)")
 
@@ -26,11 +30,6 @@ def demo_search_spec():
 def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: str = "cpu", say=print) -> dict:
     """Run both examples on ``scans`` ([{"image", "labels"}, ...], the first two used) and write
     ``out/retrieval/`` and ``out/semantic-search/`` (results.json + report.html each)."""
-    from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
-    from ctfm.evaluate.reports.report import Report
-    from ctfm.evaluate.zeroshot.retrieval import common_labels, crop_retrieval, labelled_volume, organ_crops
-    from ctfm.evaluate.zeroshot.semantic_search import semantic_search_cases, summarise_label
-    from ctfm.embedding.runner import weights_sha256_of
 
     out = Path(out)
     a, b = (labelled_volume(s["image"], s["labels"]) for s in scans[:2])

@@ -19,8 +19,12 @@ import pyarrow.compute as pc
 
 from ctfm.embedding.modes import POOLINGS
 from ctfm.errors import CTInputError, OptionError
-from ctfm.runtime import DocumentResult
+from ctfm.embedding.modes import encode_windows
+from ctfm.embedding.api import build_encoder
+from ctfm.embedding.runner import weights_sha256_of
+from ctfm.evaluate.reports.report import provenance, write_results
 from ctfm.store import open_store
+from ctfm.runtime import DocumentResult
 from ctfm.store.vectors import key_dict
 
 
@@ -115,7 +119,6 @@ def store_vectors(store_path: str | os.PathLike, run: str | None = None, where: 
 def load_eval_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
     """``(encoder in eval mode, provenance fields)``: weights loaded strictly, or a seeded random
     init (warned, for testing)."""
-    from ctfm.embedding.runner import build_encoder, weights_sha256_of
 
     encoder = build_encoder(model, weights, seed).eval().to(device)
     fields = {"model": model, "weights": weights if weights is not None else f"random-init seed {seed}", "weights_sha256": weights_sha256_of(encoder)}
@@ -127,7 +130,6 @@ def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: st
     as every stored patch and region query is (:func:`ctfm.embedding.modes.encode_windows`)."""
     import torch
 
-    from ctfm.embedding.modes import encode_windows
 
     if volumes.ndim == 4:
         volumes = volumes[:, None]
@@ -149,7 +151,6 @@ def write_evaluation_outputs(
 ) -> ZeroShotResult:
     """``results.json`` (with provenance) and ``report.html`` in ``out_dir``; returns the result
     (``result_type``, a :class:`ZeroShotResult` subclass) with the two paths."""
-    from ctfm.evaluate.reports.report import provenance, write_results
 
     prov = provenance(**provenance_fields)
     results_path = write_results(out_dir, results, prov)

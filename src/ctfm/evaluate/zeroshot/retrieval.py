@@ -26,8 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.evaluate.metrics.stats import bootstrap_ci
+from ctfm.evaluate.reports.figures import grouped_bars
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import encode_batches, store_vectors
+from ctfm.evaluate.zeroshot.saliency import onto_grid
+from ctfm.io import load_labels
+from ctfm.preprocess import get_preset, load_usable_ct, preprocess
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
+from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
+from ctfm.io.hashing import file_sha256
+from ctfm.io.tables import read_table
 
 KS = (3, 5, 10)
 METRICS = ("l2", "cosine")
@@ -126,7 +136,6 @@ def label_retrieval_metrics(query_labels, gallery_labels, neighbours: np.ndarray
 
 def summarise_per_query(per_query: dict, seed: int = 0, n_resamples: int = 1000) -> dict:
     """``{metric: {"mean", "low", "high"}}`` with bootstrap 95 % intervals over queries."""
-    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     out = {}
     for name, values in per_query.items():
@@ -177,7 +186,6 @@ def load_organmnist3d(path: str | os.PathLike, layout: str = "retrieval") -> dic
 def organmnist_retrieval(splits: dict, encoder, queries: str = "val+test", batch_size: int = 8, device: str = "cpu", limit: int | None = None) -> dict:
     """Run the OrganMNIST3D protocol on ``load_organmnist3d(path, "retrieval")``; returns per-query
     arrays, summaries and the vectors."""
-    from ctfm.evaluate.zeroshot.inputs import encode_batches
 
     query_splits = {"val+test": ("val", "test"), "test": ("test",), "val": ("val",)}.get(queries)
     if query_splits is None:
@@ -248,10 +256,6 @@ def mir_retrieval(vectors, sheet: list[dict], attributes: list[str], scan_column
 # --------------------------------------------------------------------------- runs with reports
 def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, queries: str = "val+test", device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> RetrievalResult:
     """OrganMNIST3D retrieval end to end: results.json, a figure and report.html in ``out``."""
-    from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
-    from ctfm.io.hashing import file_sha256
-    from ctfm.evaluate.reports.report import Report
 
     splits = load_organmnist3d(npz, "retrieval")
     encoder, fields = load_eval_encoder(weights, model, seed, device)
@@ -271,11 +275,6 @@ def run_organmnist(npz, out, weights: str | None = None, model: str = "ct-fm", s
 
 def run_mir(store, sheet_path, out, attributes: list[str], scan_column: str = "scan", split_column: str = "split", group_column: str | None = "group", ks=KS, run: str | None = None, where: dict | None = None) -> RetrievalResult:
     """3D-MIR retrieval from a store of patch embeddings (min-pooled here) and an annotation sheet."""
-    from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import store_vectors, write_evaluation_outputs
-    from ctfm.io.hashing import file_sha256
-    from ctfm.io.tables import read_table
-    from ctfm.evaluate.reports.report import Report
 
     if not attributes:
         raise OptionError("3D-MIR needs at least one relevance attribute column (--relevance COLUMN[,COLUMN])")
@@ -313,9 +312,6 @@ ORGAN_CROP_VOXELS = (8, 64, 64)  # at ct-fm-patches' 3x1x1 mm: 24x64x64 mm
 def labelled_volume(image_path, labels_path, spec=None):
     """``(volume [S, P, L] in [0, 1], labels on that grid, {value: name}, affine)``: a scan
     preprocessed with ``spec`` (default ct-fm-patches) and its label map put on the same grid."""
-    from ctfm.evaluate.zeroshot.saliency import onto_grid
-    from ctfm.io import load_labels
-    from ctfm.preprocess import get_preset, load_usable_ct, preprocess
 
     image, _ = load_usable_ct(image_path)
     labels = load_labels(labels_path, image)
@@ -365,7 +361,6 @@ def crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b, ks=(1, 5, 10), bat
     """Organ crops of scan A query those of scan B and the reverse (cosine); relevance = same
     organ; ``P@k`` with bootstrap intervals and the chance level (the expected P@k of a random
     ranking) per direction."""
-    from ctfm.evaluate.zeroshot.inputs import encode_batches
 
     va, vb = encode_batches(encoder, crops_a, batch_size, device), encode_batches(encoder, crops_b, batch_size, device)
     out = {}

@@ -18,8 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctfm.evaluate.reports.figures import overlay_figure
+from ctfm.evaluate.reports.report import Report
+from ctfm.io import load_labels, save_nifti
+from ctfm.io.hashing import content_hash
+from ctfm.preprocess import get_preset, load_usable_ct, preprocess
 from ctfm.errors import OptionError
 from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
+from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
 
 MASK_SIZE, OVERLAP = 10, 0.25
 SALIENCY_SPACING_MM = (3.0, 3.0, 3.0)
@@ -34,7 +40,6 @@ class SaliencyResult(ZeroShotResult):
 
 def saliency_spec():
     """The preprocessing of CT-FM's saliency script: ct-fm-patches at 3 mm isotropic."""
-    from ctfm.preprocess import get_preset
 
     return get_preset("ct-fm-patches").with_(name="ct-fm-saliency-3mm", spacing_mm=SALIENCY_SPACING_MM, patch_size_mm=None, description="CT-FM saliency: SPL, 3 mm isotropic, crop to HU > 0, [-1024, 2048] -> [0, 1]")
 
@@ -85,7 +90,6 @@ def saliency_figure(image: np.ndarray, saliency: np.ndarray, affine: np.ndarray,
     over the preprocessed scan, radiological convention; ``affine`` of the shared grid."""
     from scipy.ndimage import gaussian_filter
 
-    from ctfm.evaluate.reports.figures import overlay_figure
 
     shown = gaussian_filter(saliency, 1.0)
     peak = np.unravel_index(int(np.argmax(shown)), shown.shape)
@@ -109,11 +113,6 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
 
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
-    from ctfm.evaluate.reports.report import Report
-    from ctfm.io import load_labels, save_nifti
-    from ctfm.io.hashing import content_hash
-    from ctfm.preprocess import load_usable_ct, preprocess
 
     image, record = load_usable_ct(scan)
     if encoder is None:

@@ -25,8 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.evaluate.metrics.stats import bootstrap_ci
+from ctfm.evaluate.reports.figures import grouped_bars
+from ctfm.evaluate.reports.report import Report
+from ctfm.io import load_labels
+from ctfm.models.preprocessing import PreprocessOverrideWarning
+from ctfm.preprocess import get_preset, load_usable_ct
+from ctfm.search import SearchSession
+import ctfm
 from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
+from ctfm.io.tables import read_table
+from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
+from ctfm.io.hashing import file_sha256
 
 WINDOW_MM = (64.0, 64.0, 64.0)
 OVERLAP = 0.625
@@ -48,7 +59,6 @@ class SemanticSearchResult(ZeroShotResult):
 def search_spec(spacing_mm: float = 1.0, window_voxels: int = 64):
     """CT-FM's semantic-search preprocessing: ct-fm-patches at 1 mm isotropic, 64^3 windows
     (other spacings and window sizes for quick looks; the default is the protocol)."""
-    from ctfm.preprocess import get_preset
 
     if spacing_mm <= 0 or window_voxels < 16:
         raise OptionError(f"spacing {spacing_mm} mm, window {window_voxels} voxels: expected a positive spacing and a window of at least 16 voxels")
@@ -87,7 +97,6 @@ def label_at(labels: np.ndarray, affine: np.ndarray, point_mm) -> int:
 
 def summarise_label(cases: list[dict], seed: int = 0) -> dict:
     """Error (mm) mean, SD, median with a bootstrap interval of the mean; inside-label rate."""
-    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     errors = np.asarray([c["error_mm"] for c in cases], float)
     inside = np.asarray([c["inside_label"] for c in cases], float)
@@ -100,7 +109,6 @@ def summarise_label(cases: list[dict], seed: int = 0) -> dict:
 
 def read_labelled_sheet(path) -> list[dict]:
     """Rows ``{"image", "labels"}`` of a sheet; relative paths are relative to the sheet."""
-    from ctfm.io.tables import read_table
 
     rows = read_table(path, required=("image", "labels")).to_pylist()
     base = Path(path).resolve().parent
@@ -120,10 +128,6 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
     Returns ``{"cases": [...], "skipped": [...]}``; a case has the query, target, label, predicted
     point per refinement, the true centroid, error (mm) and inside-label flag per refinement.
     """
-    import ctfm
-    from ctfm.io import load_labels
-    from ctfm.preprocess import load_usable_ct
-    from ctfm.search import SearchSession
 
     for refine in refinements:
         if refine not in REFINEMENTS:
@@ -136,7 +140,6 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
         maps.append({"array": np.asarray(label_map.labels[0]), "affine": np.asarray(image.affine, np.float64), "names": label_map.names})
     import warnings
 
-    from ctfm.models.preprocessing import PreprocessOverrideWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PreprocessOverrideWarning)  # the protocol's own preprocessing, on purpose
@@ -167,10 +170,6 @@ def semantic_search_cases(scans: list[dict], labels: list, pairs: list[tuple[int
 
 def run_semantic_search(sheet, out, labels: list, query: str | None = None, all_pairs: bool = False, weights: str | None = None, model: str = "ct-fm", seed: int = 0, overlap: float = OVERLAP, batch_size: int = 4, device: str = "cpu", refinements=("none", "weighted"), encoder=None, weights_fields: dict | None = None, spacing_mm: float = 1.0, window_voxels: int = 64) -> SemanticSearchResult:
     """The evaluation end to end: store in ``out/store``, results.json, figure, report.html."""
-    from ctfm.evaluate.reports.figures import grouped_bars
-    from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
-    from ctfm.io.hashing import file_sha256
-    from ctfm.evaluate.reports.report import Report
 
     spec = search_spec(spacing_mm, window_voxels)
     for refine in refinements:

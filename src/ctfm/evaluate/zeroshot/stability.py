@@ -22,8 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ctfm.evaluate.metrics.stats import bootstrap_ci
+from ctfm.evaluate.reports.figures import pyplot, histograms, save_figure
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import store_vectors, unit_rows
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
+from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
+from ctfm.io.hashing import file_sha256
+from ctfm.io.tables import read_table
 
 PAPER_NOTE = "CT-FM reports 'consistent performance across test-retest datasets' (RIDER Lung CT); the method and numbers are not published in its code"
 
@@ -61,7 +68,6 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
     ``b[i]`` ([N, D] each; ``subjects`` [N] groups pairs of one subject, default one per pair)."""
     roc_auc_score = optional_import("sklearn.metrics", "eval").roc_auc_score
 
-    from ctfm.evaluate.zeroshot.inputs import unit_rows
 
     a, b = unit_rows(np.asarray(a, np.float64)), unit_rows(np.asarray(b, np.float64))
     n = len(a)
@@ -80,7 +86,6 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
 
 def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dict:
     """Every stability figure, with bootstrap 95 % intervals over subjects."""
-    from ctfm.evaluate.metrics.stats import bootstrap_ci
 
     stats = pair_statistics(a, b, subjects)
     icc = icc_2_1(np.stack([np.asarray(a, np.float64), np.asarray(b, np.float64)], axis=1))
@@ -106,11 +111,6 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
 
 def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, where: dict | None = None) -> StabilityResult:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
-    from ctfm.evaluate.reports.figures import histograms, save_figure, _pyplot
-    from ctfm.evaluate.zeroshot.inputs import store_vectors, write_evaluation_outputs
-    from ctfm.io.hashing import file_sha256
-    from ctfm.io.tables import read_table
-    from ctfm.evaluate.reports.report import Report
 
     rows = read_table(manifest, required=("scan_a", "scan_b")).to_pylist()
     vectors = store_vectors(store, run=run, where=where)
@@ -123,7 +123,7 @@ def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, w
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = [histograms({"pairs (test-retest)": result["_pair"], "non-pairs": result["_non_pair"]}, out / "pair_cosine.png", "cosine similarity: pairs vs non-pairs", "cosine similarity")]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     icc = result["_per_dimension_icc"]
     ax.hist(icc[np.isfinite(icc)], bins=40, range=(-1, 1), color="tab:green")

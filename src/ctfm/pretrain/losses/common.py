@@ -15,19 +15,19 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: the temperature must be > 0 (CT-FM uses 0.1)")
     return float(temperature)
 
 
-def _check_reduction(reduction: str) -> str:
+def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     return reduction
 
 
-def _reduce(per_item: torch.Tensor, reduction: str) -> torch.Tensor:
+def apply_reduction(per_item: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_item.mean()
     if reduction == "sum":
@@ -69,7 +69,7 @@ def stack_views(nested: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.stack(tuple(views), dim=1) for views in nested], dim=1)
 
 
-def _as_crop_view_tensor(z: torch.Tensor | Sequence[Sequence[torch.Tensor]], argument: str = "z") -> torch.Tensor:
+def as_crop_view_tensor(z: torch.Tensor | Sequence[Sequence[torch.Tensor]], argument: str = "z") -> torch.Tensor:
     """``[B, N, 2, D]`` tensor or CT-FM nesting -> ``[B, N, 2, D]`` tensor, checked."""
     if not isinstance(z, torch.Tensor):
         z = stack_views(z)
@@ -81,7 +81,7 @@ def _as_crop_view_tensor(z: torch.Tensor | Sequence[Sequence[torch.Tensor]], arg
     return z
 
 
-def _check_pair(first: torch.Tensor, second: torch.Tensor, names: tuple[str, str] = ("z0", "z1")) -> None:
+def check_pair(first: torch.Tensor, second: torch.Tensor, names: tuple[str, str] = ("z0", "z1")) -> None:
     for name, tensor in zip(names, (first, second)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, D], got {type(tensor).__name__}")
@@ -94,7 +94,7 @@ def _check_pair(first: torch.Tensor, second: torch.Tensor, names: tuple[str, str
         )
 
 
-def _split_stacked_views(z: torch.Tensor, argument: str = "z0") -> tuple[torch.Tensor, torch.Tensor]:
+def split_stacked_views(z: torch.Tensor, argument: str = "z0") -> tuple[torch.Tensor, torch.Tensor]:
     """``[..., 2, D]`` -> (view 0, view 1), each ``[M, D]`` with M the product of the leading dims."""
     if z.ndim < 3 or z.shape[-2] != 2:
         raise ValueError(
@@ -106,12 +106,12 @@ def _split_stacked_views(z: torch.Tensor, argument: str = "z0") -> tuple[torch.T
 
 
 @contextmanager
-def _full_precision(device: torch.device) -> Iterator[None]:
+def full_precision(device: torch.device) -> Iterator[None]:
     """Autocast off inside a loss: logits, exponentials and covariances are computed in float32+."""
     with torch.autocast(device_type=device.type, enabled=False):
         yield
 
 
-def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 -> float32 (mixed-precision embeddings); other dtypes unchanged."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfm.pretrain.losses.common import _as_crop_view_tensor, _check_reduction, _check_temperature, _full_precision, _reduce, _upcast
-from ctfm.pretrain.losses.vicreg import _variance_hinge
+from ctfm.pretrain.losses.common import as_crop_view_tensor, check_reduction, check_temperature, full_precision, apply_reduction, upcast
+from ctfm.pretrain.losses.vicreg import variance_hinge
 
 
 def _intrasample_ntxent_per_anchor(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -71,21 +71,21 @@ class IntraSampleNTXentLoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         if not 0.0 <= variance_weight <= 1.0:
             raise ValueError(f"variance_weight={variance_weight!r}: must lie in [0, 1] (it blends (1 - w) * NT-Xent + w * variance)")
         if not variance_eps >= 0:
             raise ValueError(f"variance_eps={variance_eps!r}: must be >= 0")
         self.variance_weight = float(variance_weight)
         self.variance_eps = float(variance_eps)
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_reduction(reduction)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, variance_weight={self.variance_weight}, reduction={self.reduction!r}"
 
     def forward(self, z: torch.Tensor | Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """``z`` [B, N, 2, D] (or nested) -> scalar, or [B, N] with ``reduction="none"``."""
-        z = _as_crop_view_tensor(z)
+        z = as_crop_view_tensor(z)
         batch, crops = z.shape[:2]
         if crops < 2:
             raise ValueError(
@@ -94,11 +94,11 @@ class IntraSampleNTXentLoss(nn.Module):
             )
         if self.variance_weight > 0 and batch * crops < 2:
             raise ValueError(f"variance_weight > 0 needs B * N >= 2 embeddings per view, got shape {tuple(z.shape)}")
-        with _full_precision(z.device):
-            z = _upcast(z)
+        with full_precision(z.device):
+            z = upcast(z)
             per_anchor = _intrasample_ntxent_per_anchor(F.normalize(z, dim=-1), self.temperature)
             if self.variance_weight > 0:
                 per_view = z.transpose(0, 2).reshape(2, batch * crops, z.shape[-1])  # [2, B*N, D]
-                variance_term = _variance_hinge(per_view, self.variance_eps).mean()
+                variance_term = variance_hinge(per_view, self.variance_eps).mean()
                 per_anchor = (1.0 - self.variance_weight) * per_anchor + self.variance_weight * variance_term
-            return _reduce(per_anchor, self.reduction)
+            return apply_reduction(per_anchor, self.reduction)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ctfm.pretrain.losses.common import _as_crop_view_tensor
+from ctfm.pretrain.losses.common import as_crop_view_tensor
 from ctfm.pretrain.losses.simsiam import SimSiamLoss
 from ctfm.pretrain.losses.vicreg import VICRegLoss
 
@@ -45,7 +45,7 @@ class IntraSampleWrapper(nn.Module):
         """``inputs``: one or more [B, N, 2, D] (or nested) -> scalar."""
         if not inputs:
             raise ValueError("IntraSampleWrapper needs at least one [B, N, 2, D] input")
-        tensors = [_as_crop_view_tensor(value, f"input {index}") for index, value in enumerate(inputs)]
+        tensors = [as_crop_view_tensor(value, f"input {index}") for index, value in enumerate(inputs)]
         if any(tensor.shape[:3] != tensors[0].shape[:3] for tensor in tensors):
             shapes = ", ".join(str(tuple(tensor.shape)) for tensor in tensors)
             raise ValueError(f"inputs have shapes {shapes}: all must share the same B, N and 2 views")

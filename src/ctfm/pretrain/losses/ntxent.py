@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfm.pretrain.losses.common import _check_pair, _check_reduction, _check_temperature, _full_precision, _reduce, _split_stacked_views, _upcast
+from ctfm.pretrain.losses.common import check_pair, check_reduction, check_temperature, full_precision, apply_reduction, split_stacked_views, upcast
 from ctfm.pretrain.losses.distributed import gather_with_gradient
 from ctfm.runtime import rank_and_world_size
 
@@ -62,9 +62,9 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False, reduction: str = "mean"):
         super().__init__()
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.gather_distributed = bool(gather_distributed)
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_reduction(reduction)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}, reduction={self.reduction!r}"
@@ -72,8 +72,8 @@ class NTXentLoss(nn.Module):
     def forward(self, z0: torch.Tensor, z1: torch.Tensor | None = None) -> torch.Tensor:
         """``z0``, ``z1`` [B, D] -> scalar, or [2, B] with ``reduction="none"``."""
         if z1 is None:
-            z0, z1 = _split_stacked_views(z0)
-        _check_pair(z0, z1)
+            z0, z1 = split_stacked_views(z0)
+        check_pair(z0, z1)
         if z0.ndim != 2:
             raise ValueError(f"z0 has shape {tuple(z0.shape)}: expected [B, D] (or pass one stacked [..., 2, D] tensor)")
         rank, world_size = rank_and_world_size(environment=False) if self.gather_distributed else (0, 1)
@@ -82,23 +82,23 @@ class NTXentLoss(nn.Module):
                 f"NT-Xent got a batch of {z0.shape[0] * world_size} sample: it needs >= 2 samples "
                 "(over all ranks when gathering) so that every anchor has negatives"
             )
-        with _full_precision(z0.device):
-            z0, z1 = F.normalize(_upcast(z0), dim=-1), F.normalize(_upcast(z1), dim=-1)
+        with full_precision(z0.device):
+            z0, z1 = F.normalize(upcast(z0), dim=-1), F.normalize(upcast(z1), dim=-1)
             if world_size > 1:
                 candidates0, candidates1 = gather_with_gradient(z0), gather_with_gradient(z1)
             else:
                 candidates0, candidates1 = z0, z1
             per_anchor = _ntxent_per_anchor(z0, z1, candidates0, candidates1, rank * z0.shape[0], self.temperature)
-            return _reduce(per_anchor, self.reduction)
+            return apply_reduction(per_anchor, self.reduction)
 
     def forward_per_group(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
         """Independent NT-Xent of each group: ``z0``, ``z1`` [G, M, D] -> ``[G]`` (never gathered).
 
         Group g is scored as its own batch of M samples: equal to ``forward(z0[g], z1[g])``.
         """
-        _check_pair(z0, z1)
+        check_pair(z0, z1)
         if z0.shape[-2] < 2:
             raise ValueError(f"NT-Xent groups of {z0.shape[-2]} sample (shape {tuple(z0.shape)}): each group needs >= 2 samples")
-        with _full_precision(z0.device):
-            z0, z1 = F.normalize(_upcast(z0), dim=-1), F.normalize(_upcast(z1), dim=-1)
+        with full_precision(z0.device):
+            z0, z1 = F.normalize(upcast(z0), dim=-1), F.normalize(upcast(z1), dim=-1)
             return _ntxent_per_anchor(z0, z1, z0, z1, 0, self.temperature).mean(dim=(-2, -1))

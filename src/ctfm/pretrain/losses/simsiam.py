@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfm.pretrain.losses.common import _check_pair, _full_precision, _split_stacked_views, _upcast
+from ctfm.pretrain.losses.common import check_pair, full_precision, split_stacked_views, upcast
 
 
 def _negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ class SimSiamLoss(nn.Module):
         if p0 is None and p1 is None:
             if isinstance(z0, torch.Tensor) and (z0.ndim < 3 or z0.shape[-2] != 2):
                 raise ValueError(f"SimSiamLoss got two tensors of shape {tuple(z0.shape)}: pass (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors")
-            (z0, z1), (p0, p1) = _split_stacked_views(z0, "z"), _split_stacked_views(z1, "p")
+            (z0, z1), (p0, p1) = split_stacked_views(z0, "z"), split_stacked_views(z1, "p")
         elif p0 is None or p1 is None:
             raise ValueError("SimSiamLoss takes (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors")
         if not isinstance(z0, torch.Tensor) or z0.ndim != 2:
@@ -47,11 +47,11 @@ class SimSiamLoss(nn.Module):
 
     def forward_per_group(self, z0: torch.Tensor, z1: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
         """Per-group loss: inputs ``[..., M, D]`` -> ``[...]`` (the mean over each group's M rows)."""
-        _check_pair(z0, z1)
-        _check_pair(p0, p1, ("p0", "p1"))
+        check_pair(z0, z1)
+        check_pair(p0, p1, ("p0", "p1"))
         if p0.shape[:-1] != z0.shape[:-1]:
             raise ValueError(f"p0 {tuple(p0.shape)} and z0 {tuple(z0.shape)} must have the same leading (batch) shape")
-        with _full_precision(z0.device):
-            z0, z1, p0, p1 = (_upcast(tensor) for tensor in (z0, z1, p0, p1))
+        with full_precision(z0.device):
+            z0, z1, p0, p1 = (upcast(tensor) for tensor in (z0, z1, p0, p1))
             per_row = 0.5 * _negative_cosine(p0, z1) + 0.5 * _negative_cosine(p1, z0)
             return per_row.mean(dim=-1)

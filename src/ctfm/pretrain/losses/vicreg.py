@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfm.pretrain.losses.common import _check_pair, _full_precision, _split_stacked_views, _upcast
+from ctfm.pretrain.losses.common import check_pair, full_precision, split_stacked_views, upcast
 
 
-def _variance_hinge(z: torch.Tensor, eps: float) -> torch.Tensor:
+def variance_hinge(z: torch.Tensor, eps: float) -> torch.Tensor:
     """VICReg's variance term of ``z`` [..., M, D] -> ``[...]``: mean_d relu(1 - sqrt(Var_M(z_d) + eps)).
 
     Var is the unbiased variance over the M samples, per feature dimension d.
@@ -61,15 +61,15 @@ class VICRegLoss(nn.Module):
     def terms(self, z0: torch.Tensor, z1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The unweighted terms ``{"invariance", "variance", "covariance"}``; inputs ``[..., B, D]`` -> ``[...]`` each."""
         if z1 is None:
-            z0, z1 = _split_stacked_views(z0)
-        _check_pair(z0, z1)
+            z0, z1 = split_stacked_views(z0)
+        check_pair(z0, z1)
         if z0.shape[-2] < 2:
             raise ValueError(f"VICReg got {z0.shape[-2]} sample (shape {tuple(z0.shape)}): variance and covariance need >= 2 samples")
-        with _full_precision(z0.device):
-            z0, z1 = _upcast(z0), _upcast(z1)
+        with full_precision(z0.device):
+            z0, z1 = upcast(z0), upcast(z1)
             return {
                 "invariance": (z0 - z1).pow(2).mean(dim=(-2, -1)),
-                "variance": 0.5 * (_variance_hinge(z0, self.eps) + _variance_hinge(z1, self.eps)),
+                "variance": 0.5 * (variance_hinge(z0, self.eps) + variance_hinge(z1, self.eps)),
                 "covariance": _off_diagonal_covariance(z0) + _off_diagonal_covariance(z1),
             }
 
