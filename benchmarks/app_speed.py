@@ -38,13 +38,33 @@ def build(root: Path, n: int, init_filters: int) -> dict:
     from ctfm.cli import main
     from ctfm.synth import make_phantom, write_phantom
 
-    scans = [write_phantom(make_phantom(seed, shape=(48, 40, 30), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed:03d}")[0] for seed in range(n)]
+    scans = [
+        write_phantom(
+            make_phantom(seed, shape=(48, 40, 30), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed:03d}"
+        )[0]
+        for seed in range(n)
+    ]
     weights = root / "weights"
     if not weights.exists():
-        assert main(["models", "init", "ct-fm", "--seed", "0", "--out", str(weights), "--init-filters", str(init_filters)]) == 0
+        assert (
+            main(["models", "init", "ct-fm", "--seed", "0", "--out", str(weights), "--init-filters", str(init_filters)])
+            == 0
+        )
     start = time.perf_counter()
-    run = ctfm.embed([str(p) for p in scans], weights=str(weights), mode="patches", overlap=0.5, out=str(root / "store"), device="cpu", progress=True, return_records=False)
-    print(f"store: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed, {time.perf_counter() - start:.0f} s", flush=True)
+    run = ctfm.embed(
+        [str(p) for p in scans],
+        weights=str(weights),
+        mode="patches",
+        overlap=0.5,
+        out=str(root / "store"),
+        device="cpu",
+        progress=True,
+        return_records=False,
+    )
+    print(
+        f"store: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed, {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     return {"store": root / "store", "weights": weights}
 
 
@@ -52,14 +72,26 @@ def add_real(built: dict, paths: list[str]) -> list[str]:
     """Embed real CTs into the store the same way (same weights, overlap); their scan ids."""
     import ctfm
 
-    run = ctfm.embed(paths, weights=str(built["weights"]), mode="patches", overlap=0.5, out=str(built["store"]), device="cpu", progress=True)
-    print(f"real scans: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed", flush=True)
+    run = ctfm.embed(
+        paths,
+        weights=str(built["weights"]),
+        mode="patches",
+        overlap=0.5,
+        out=str(built["store"]),
+        device="cpu",
+        progress=True,
+    )
+    print(
+        f"real scans: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed",
+        flush=True,
+    )
     return [r["scan_id"] for r in run]
 
 
 def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[str] = (), warm: bool = True) -> dict:
-    from app_browser import Server, launch
     from playwright.sync_api import sync_playwright
+
+    from app_browser import Server, launch
 
     rows = []
     with Server(store, "--weights", str(weights), "--query", query) as server, sync_playwright() as p:
@@ -90,18 +122,27 @@ def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[
             page.wait_for_function("window.ctfmTimings.thumbnailsShown !== undefined", timeout=120_000)
             page.locator("#hit-list .hit").first.click()
             page.wait_for_function("window.ctfmTimings.hitShown !== undefined", timeout=120_000)
-            page.wait_for_selector("#match-viewer .view[data-axis='sagittal'] canvas[data-overlay='heatmap']", timeout=120_000)
+            page.wait_for_selector(
+                "#match-viewer .view[data-axis='sagittal'] canvas[data-overlay='heatmap']", timeout=120_000
+            )
             timing = page.evaluate("window.ctfmTimings")
-            rows.append({
-                "scan": "real" if selector else "phantom",
-                "shape": page.locator("#scan-list li.active .meta").inner_text().split(" ")[0],
-                "first_slice_ms": timing["firstSlice"] - timing["scanChosen"],
-                "click_to_hits_ms": timing["hitsShown"] - timing["clicked"],
-                "click_to_thumbnails_ms": timing["thumbnailsShown"] - timing["clicked"],
-                "hit_with_heatmap_ms": timing["hitShown"] - timing["thumbnailsShown"],
-                "hits": page.locator("#hit-list .hit").count(),
-            })
-            print(json.dumps({"query": query, **{k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}}), flush=True)
+            rows.append(
+                {
+                    "scan": "real" if selector else "phantom",
+                    "shape": page.locator("#scan-list li.active .meta").inner_text().split(" ")[0],
+                    "first_slice_ms": timing["firstSlice"] - timing["scanChosen"],
+                    "click_to_hits_ms": timing["hitsShown"] - timing["clicked"],
+                    "click_to_thumbnails_ms": timing["thumbnailsShown"] - timing["clicked"],
+                    "hit_with_heatmap_ms": timing["hitShown"] - timing["thumbnailsShown"],
+                    "hits": page.locator("#hit-list .hit").count(),
+                }
+            )
+            print(
+                json.dumps(
+                    {"query": query, **{k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}}
+                ),
+                flush=True,
+            )
         browser.close()
     summary = {"query": query, "scans": n_scans, "display_cache": "converted before" if warm else "as found"}
     for kind in ("phantom", "real"):
@@ -119,19 +160,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="scans in the store (default 100)")
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--store", type=Path, help="folder for the phantoms, weights and store (default: a temporary folder)")
+    parser.add_argument(
+        "--store", type=Path, help="folder for the phantoms, weights and store (default: a temporary folder)"
+    )
     parser.add_argument("--reuse", action="store_true", help="measure the store already in --store")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--init-filters", type=int, default=4, help="width of the random CT-FM the store is embedded with (default 4: 64-d vectors)")
-    parser.add_argument("--cold", action="store_true", help="measure at once, without waiting for the server to convert the scans for display")
-    parser.add_argument("--real", nargs="*", default=[], help="real CT files or DICOM folders to add to the store and time as well")
+    parser.add_argument(
+        "--init-filters",
+        type=int,
+        default=4,
+        help="width of the random CT-FM the store is embedded with (default 4: 64-d vectors)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="measure at once, without waiting for the server to convert the scans for display",
+    )
+    parser.add_argument(
+        "--real", nargs="*", default=[], help="real CT files or DICOM folders to add to the store and time as well"
+    )
     parser.add_argument("--query", nargs="+", default=["stored", "centred"], choices=["stored", "centred"])
     args = parser.parse_args()
     root = args.store or Path(tempfile.mkdtemp(prefix="ctfm-app-speed-"))
     try:
-        built = {"store": root / "store", "weights": root / "weights"} if args.reuse else build(root, args.n, args.init_filters)
+        built = (
+            {"store": root / "store", "weights": root / "weights"}
+            if args.reuse
+            else build(root, args.n, args.init_filters)
+        )
         real_ids = add_real(built, args.real) if args.real else []
-        results = [measure(built["store"], built["weights"], args.trials, q, real_ids, warm=not args.cold) for q in args.query]
+        results = [
+            measure(built["store"], built["weights"], args.trials, q, real_ids, warm=not args.cold) for q in args.query
+        ]
         print(json.dumps(results, indent=2))
     finally:
         if args.store is None and not args.keep:

@@ -39,8 +39,9 @@ def peak_rss_gb() -> float:
 def worker_reference(scan: str, weights: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from monai.networks.nets.segresnet_ds import SegResEncoder
-    from reference_chains import REFERENCE_CHAINS, load_reference
     from safetensors.torch import load_file
+
+    from reference_chains import REFERENCE_CHAINS, load_reference
 
     config = json.loads((weights / "config.json").read_text())
     model = SegResEncoder(**config)
@@ -53,7 +54,13 @@ def worker_reference(scan: str, weights: Path) -> dict:
         features = model(x.as_tensor()[None])
         embedding = torch.nn.functional.adaptive_avg_pool3d(features[-1], 1).flatten(1)[0]
     total = time.perf_counter() - start
-    return {"seconds": total, "cpu_seconds": time.process_time() - cpu, "preprocess_seconds": prep, "encoder_seconds": total - prep, "embedding": embedding.numpy().tolist()}
+    return {
+        "seconds": total,
+        "cpu_seconds": time.process_time() - cpu,
+        "preprocess_seconds": prep,
+        "encoder_seconds": total - prep,
+        "embedding": embedding.numpy().tolist(),
+    }
 
 
 def worker_ours(scan: str, weights: Path, precision: str) -> dict:
@@ -61,12 +68,32 @@ def worker_ours(scan: str, weights: Path, precision: str) -> dict:
 
     start, cpu = time.perf_counter(), time.process_time()
     record = ctfm.embed(scan, weights=str(weights), mode="whole", precision=precision)[0]
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "embedding": np.asarray(record["embedding"]).tolist()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "embedding": np.asarray(record["embedding"]).tolist(),
+    }
 
 
 def run_worker(kind: str, scan: Path, weights: Path, precision: str = "fp32") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, __file__, "--worker", kind, "--scan", str(scan), "--weights", str(weights), "--precision", precision, "--result", out.name], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                kind,
+                "--scan",
+                str(scan),
+                "--weights",
+                str(weights),
+                "--precision",
+                precision,
+                "--result",
+                out.name,
+            ],
+            check=True,
+        )
         return json.loads(Path(out.name).read_text())
 
 
@@ -110,7 +137,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        result = worker_reference(args.scan, Path(args.weights)) if args.worker == "reference" else worker_ours(args.scan, Path(args.weights), args.precision)
+        result = (
+            worker_reference(args.scan, Path(args.weights))
+            if args.worker == "reference"
+            else worker_ours(args.scan, Path(args.weights), args.precision)
+        )
         result["peak_rss_gb"] = peak_rss_gb()
         Path(args.result).write_text(json.dumps(result))
         return
@@ -119,9 +150,13 @@ def main() -> None:
 
     gflop = encoder_gflop_320()
     peak = matmul_peak_gflops()
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"encoder cost at 320^3: {gflop:.0f} GFLOP; fp32 matmul peak (2048^2): {peak:.0f} GFLOP/s\n")
-    print("| scan | pipeline | wall s | speed-up | peak RSS GB | cosine to reference | encoder GFLOP/s (% of matmul peak) |")
+    print(
+        "| scan | pipeline | wall s | speed-up | peak RSS GB | cosine to reference | encoder GFLOP/s (% of matmul peak) |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_pretrained(init_model("ct-fm", seed=0), Path(tmp) / "weights")
@@ -129,7 +164,10 @@ def main() -> None:
             scan = Path(args.data) / rel
             ref = run_worker("reference", scan, weights)
             rate = gflop / ref["encoder_seconds"]
-            print(f"| {rel} | reference fp32 | {ref['seconds']:.1f} | 1.00 | {ref['peak_rss_gb']:.2f} | 1 | {rate:.0f} ({100 * rate / peak:.0f} %) |", flush=True)
+            print(
+                f"| {rel} | reference fp32 | {ref['seconds']:.1f} | 1.00 | {ref['peak_rss_gb']:.2f} | 1 | {rate:.0f} ({100 * rate / peak:.0f} %) |",
+                flush=True,
+            )
             for precision in ("fp32", "bf16"):
                 ours = run_worker("ours", scan, weights, precision)
                 rate = gflop / ours["seconds"]  # upper bound on time spent in the encoder: whole run

@@ -93,14 +93,25 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--clusters", type=int, default=2000)
-    parser.add_argument("--separation", type=float, default=1.0, help="cluster centre spread / cluster spread (1: overlapping, 3: separated)")
+    parser.add_argument(
+        "--separation",
+        type=float,
+        default=1.0,
+        help="cluster centre spread / cluster spread (1: overlapping, 3: separated)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", default="8,16,32,64")
-    parser.add_argument("--kinds", default="flat,ivf,hnsw", help="which indexes to build (flat is always the ground truth)")
+    parser.add_argument(
+        "--kinds", default="flat,ivf,hnsw", help="which indexes to build (flat is always the ground truth)"
+    )
     parser.add_argument("--ivf-codec", default="flat", help="ivf list codec: flat, sq8, pq<M>")
-    parser.add_argument("--refine", default="0", help="ivf: re-ranking factors to try (search-time; >0 keeps the full vectors)")
-    parser.add_argument("--hnsw-n", type=int, default=100_000, help="vectors for the HNSW run (its build is the slow one; 0 skips it)")
+    parser.add_argument(
+        "--refine", default="0", help="ivf: re-ranking factors to try (search-time; >0 keeps the full vectors)"
+    )
+    parser.add_argument(
+        "--hnsw-n", type=int, default=100_000, help="vectors for the HNSW run (its build is the slow one; 0 skips it)"
+    )
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--ef-search", default="32,64,128")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -111,9 +122,21 @@ def main() -> None:
     rng_basis = np.random.default_rng(1234)
     t0 = time.perf_counter()
     data = synthetic(args.n, args.dim, args.clusters, seed=0, rng_basis=rng_basis, separation=args.separation)
-    queries = synthetic(args.queries, args.dim, args.clusters, seed=1, rng_basis=np.random.default_rng(1234), separation=args.separation)
+    queries = synthetic(
+        args.queries, args.dim, args.clusters, seed=1, rng_basis=np.random.default_rng(1234), separation=args.separation
+    )
     print(f"data: {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s, rss {rss_gib():.2f} GiB", flush=True)
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "n": args.n, "dim": args.dim, "queries": args.queries, "clusters": args.clusters, "separation": args.separation, "faiss": faiss.__version__, "runs": []}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "n": args.n,
+        "dim": args.dim,
+        "queries": args.queries,
+        "clusters": args.clusters,
+        "separation": args.separation,
+        "faiss": faiss.__version__,
+        "runs": [],
+    }
 
     flat_params = IndexParams(kind="flat", metric="cosine")
     t0 = time.perf_counter()
@@ -125,14 +148,25 @@ def main() -> None:
     kinds = set(args.kinds.split(","))
     if "flat" in kinds:
         ms, _ = latency(exact, queries[:5], k, threads=(args.threads,))
-        results["runs"].append({"kind": "flat", "n": args.n, "build_s": round(flat_build, 1), **ms, "recall_at_10": 1.0, "rss_gib": round(rss_gib(), 2)})
+        results["runs"].append(
+            {
+                "kind": "flat",
+                "n": args.n,
+                "build_s": round(flat_build, 1),
+                **ms,
+                "recall_at_10": 1.0,
+                "rss_gib": round(rss_gib(), 2),
+            }
+        )
         print(results["runs"][-1], flush=True)
     del flat, exact
 
     if "ivf" in kinds:
         faiss.omp_set_num_threads(args.threads)
         refines = [int(v) for v in args.refine.split(",")]
-        ivf_params = IndexParams(kind="ivf", metric="cosine", nlist=args.nlist, codec=args.ivf_codec, refine=max(refines))
+        ivf_params = IndexParams(
+            kind="ivf", metric="cosine", nlist=args.nlist, codec=args.ivf_codec, refine=max(refines)
+        )
         t0 = time.perf_counter()
         ivf = new_faiss_index(args.dim, ivf_params, args.n)
         train_and_add(ivf, data, ivf_params)
@@ -141,7 +175,21 @@ def main() -> None:
         for refine in refines:
             for nprobe in [int(v) for v in args.nprobe.split(",")]:
                 ms, found = latency(wrapped, queries, k, nprobe=nprobe, **({"refine": refine} if refine else {}))
-                results["runs"].append({"kind": "ivf", "codec": args.ivf_codec, "refine": refine, "n": args.n, "nlist": args.nlist, "nprobe": nprobe, "train_size": 64 * args.nlist, "build_s": round(ivf_build, 1), **ms, "recall_at_10": round(recall_at(found, truth), 4), "rss_gib": round(rss_gib(), 2)})
+                results["runs"].append(
+                    {
+                        "kind": "ivf",
+                        "codec": args.ivf_codec,
+                        "refine": refine,
+                        "n": args.n,
+                        "nlist": args.nlist,
+                        "nprobe": nprobe,
+                        "train_size": 64 * args.nlist,
+                        "build_s": round(ivf_build, 1),
+                        **ms,
+                        "recall_at_10": round(recall_at(found, truth), 4),
+                        "rss_gib": round(rss_gib(), 2),
+                    }
+                )
                 print(results["runs"][-1], flush=True)
         del ivf, wrapped
 
@@ -163,7 +211,19 @@ def main() -> None:
         wrapped = as_vector_index(hnsw, hnsw_params)
         for ef in [int(v) for v in args.ef_search.split(",")]:
             ms, found = latency(wrapped, queries, k, ef_search=ef)
-            results["runs"].append({"kind": "hnsw", "n": n, "m": args.hnsw_m, "ef_construction": hnsw_params.ef_construction, "ef_search": ef, "build_s": round(hnsw_build, 1), **ms, "recall_at_10": round(recall_at(found, sub_truth), 4), "rss_gib": round(rss_gib(), 2)})
+            results["runs"].append(
+                {
+                    "kind": "hnsw",
+                    "n": n,
+                    "m": args.hnsw_m,
+                    "ef_construction": hnsw_params.ef_construction,
+                    "ef_search": ef,
+                    "build_s": round(hnsw_build, 1),
+                    **ms,
+                    "recall_at_10": round(recall_at(found, sub_truth), 4),
+                    "rss_gib": round(rss_gib(), 2),
+                }
+            )
             print(results["runs"][-1], flush=True)
     if args.out:
         with open(args.out, "w") as fh:

@@ -24,10 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from real_anatomy import resample_real_scan
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"1024x1024x251": ((1024, 1024, 251), (0.36, 0.30, 1.34)), "512x512x800": ((512, 512, 800), (0.71, 0.59, 0.42))}
+SHAPES = {
+    "1024x1024x251": ((1024, 1024, 251), (0.36, 0.30, 1.34)),
+    "512x512x800": ((512, 512, 800), (0.71, 0.59, 0.42)),
+}
 
 
 def worker(kind: str, scan: str, weights: str) -> dict:
@@ -39,8 +43,9 @@ def worker(kind: str, scan: str, weights: str) -> dict:
     else:
         sys.path.insert(0, str(ROOT / "tests"))
         from monai.networks.nets.segresnet_ds import SegResEncoder
-        from reference_chains import REFERENCE_CHAINS, load_reference
         from safetensors.torch import load_file
+
+        from reference_chains import REFERENCE_CHAINS, load_reference
 
         model = SegResEncoder(**json.loads((Path(weights) / "config.json").read_text()))
         model.load_state_dict(load_file(Path(weights) / "model.safetensors"))
@@ -48,12 +53,30 @@ def worker(kind: str, scan: str, weights: str) -> dict:
         x = REFERENCE_CHAINS["ct-fm-1mm-320"](load_reference(scan))
         with torch.no_grad():
             embedding = torch.nn.functional.adaptive_avg_pool3d(model(x.as_tensor()[None])[-1], 1).flatten(1)[0].numpy()
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "embedding": np.asarray(embedding).tolist()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "embedding": np.asarray(embedding).tolist(),
+    }
 
 
 def run(kind: str, scan: Path, weights: Path) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, __file__, "--worker", kind, "--scan", str(scan), "--weights", str(weights), "--result", out.name], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                kind,
+                "--scan",
+                str(scan),
+                "--weights",
+                str(weights),
+                "--result",
+                out.name,
+            ],
+            check=True,
+        )
         return json.loads(Path(out.name).read_text())
 
 
@@ -72,19 +95,26 @@ def main() -> None:
 
     from ctfm.models import init_model, save_pretrained
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; budget {args.budget_gb} GB\n")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; budget {args.budget_gb} GB\n"
+    )
     print("| scan | ctfm s | ctfm peak RSS GB | within budget | unbounded s | unbounded peak RSS GB | cosine |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_pretrained(init_model("ct-fm", seed=0), Path(tmp) / "weights")
         for name, (shape, spacing) in SHAPES.items():
-            scan = resample_real_scan(Path(args.data) / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, Path(tmp) / f"{name}.nii")
+            scan = resample_real_scan(
+                Path(args.data) / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, Path(tmp) / f"{name}.nii"
+            )
             ours = run("ours", scan, weights)
             full = run("unbounded", scan, weights)
             a, b = np.asarray(ours["embedding"]), np.asarray(full["embedding"])
             cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
             ok = "yes" if ours["peak_rss_gb"] <= args.budget_gb else "NO"
-            print(f"| {name} | {ours['seconds']:.1f} | {ours['peak_rss_gb']:.2f} | {ok} | {full['seconds']:.1f} | {full['peak_rss_gb']:.2f} | {cos:.7f} |", flush=True)
+            print(
+                f"| {name} | {ours['seconds']:.1f} | {ours['peak_rss_gb']:.2f} | {ok} | {full['seconds']:.1f} | {full['peak_rss_gb']:.2f} | {cos:.7f} |",
+                flush=True,
+            )
             scan.unlink()
 
 

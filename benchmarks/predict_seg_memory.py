@@ -82,7 +82,9 @@ def child(args) -> dict:
             # Network-grid labels for the agreement check (untimed): the streamed aggregation's own
             # argmax, comparable voxel for voxel with MONAI's.
             result["net_labels"] = args.save
-            np.save(args.save, aggregation.streamed_logits(x, loaded.model, settings).argmax(0).numpy().astype(np.uint8))
+            np.save(
+                args.save, aggregation.streamed_logits(x, loaded.model, settings).argmax(0).numpy().astype(np.uint8)
+            )
     else:
         net = build_transforms(inference_spec(loaded.spec))(image)
         x = net.as_tensor()[None].float()
@@ -93,13 +95,31 @@ def child(args) -> dict:
         result = {"labels_shape": list(labels.shape)}
         if args.save:
             np.save(args.save, labels)
-    result.update(preprocess_seconds=round(preprocess_s, 2), predict_seconds=round(predict_s, 2), seconds=round(preprocess_s + predict_s, 2))
+    result.update(
+        preprocess_seconds=round(preprocess_s, 2),
+        predict_seconds=round(predict_s, 2),
+        seconds=round(preprocess_s + predict_s, 2),
+    )
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     return result
 
 
 def run_child(side: str, args, save: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "_child", "--side", side, "--input", str(args.input), "--classes", str(args.classes), "--init-filters", str(args.init_filters), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "_child",
+        "--side",
+        side,
+        "--input",
+        str(args.input),
+        "--classes",
+        str(args.classes),
+        "--init-filters",
+        str(args.init_filters),
+        "--threads",
+        str(args.threads),
+    ]
     if save:
         cmd += ["--save", save]
     if getattr(args, "z_levels", None):
@@ -170,7 +190,17 @@ def memory(args) -> dict:
     net_shape = list(build_transforms(spec)(image).shape[1:])
     voxels = int(np.prod(net_shape))
     monai_need = (args.classes + 1) * voxels * 4 / 2**30
-    return {"input_size": args.size, "spacing_mm": [0.8, 0.8, 1.0], "network_grid": net_shape, "preprocess": spec.name, "classes": args.classes, "init_filters": args.init_filters, "z_levels": args.z_levels, "ctfm": ours, "monai_output_plus_count_gb": round(monai_need, 2)}
+    return {
+        "input_size": args.size,
+        "spacing_mm": [0.8, 0.8, 1.0],
+        "network_grid": net_shape,
+        "preprocess": spec.name,
+        "classes": args.classes,
+        "init_filters": args.init_filters,
+        "z_levels": args.z_levels,
+        "ctfm": ours,
+        "monai_output_plus_count_gb": round(monai_need, 2),
+    }
 
 
 def main():

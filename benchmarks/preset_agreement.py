@@ -20,11 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the reference chains live with the tests that gate on them
 
-from reference_chains import REFERENCE_CHAINS, load_reference  # noqa: E402
-from test_preset_agreement import SCANS  # noqa: E402
-
 from ctfm.io import load_ct  # noqa: E402
 from ctfm.preprocess import get_preset, preprocess  # noqa: E402
+from reference_chains import REFERENCE_CHAINS, load_reference  # noqa: E402
+from test_preset_agreement import SCANS  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +33,9 @@ def main() -> None:
     data = Path(args.data)
     warnings.simplefilter("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print("| scan | preset | shape | max abs diff | ours s | reference s |")
     print("|---|---|---|---|---|---|")
     worst = 0.0
@@ -47,7 +48,11 @@ def main() -> None:
             ref_in = load_ct(path)[0] if reader == "ours" else load_reference(path, reader=reader)
             ref = REFERENCE_CHAINS[preset](ref_in)
             t2 = time.perf_counter()
-            diff = float((torch.as_tensor(ours) - torch.as_tensor(ref)).abs().max()) if ours.shape == ref.shape else float("inf")
+            diff = (
+                float((torch.as_tensor(ours) - torch.as_tensor(ref)).abs().max())
+                if ours.shape == ref.shape
+                else float("inf")
+            )
             worst = max(worst, diff)
             shape = "x".join(map(str, ours.shape[1:]))
             print(f"| {scan} | {preset} | {shape} | {diff:.2g} | {t1 - t0:.2f} | {t2 - t1:.2f} |")

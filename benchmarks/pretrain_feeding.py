@@ -24,10 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from real_anatomy import resample_real_scan
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["abdomen_3mm/example_ct.nii.gz", "whole_scans_1p5mm/neck_a.nii.gz", "whole_scans_1p5mm/lumbar_pelvis.nii.gz", "sarcoma_ct/STS_019/CT_image.nii.gz"]
+SMALL = [
+    "abdomen_3mm/example_ct.nii.gz",
+    "whole_scans_1p5mm/neck_a.nii.gz",
+    "whole_scans_1p5mm/lumbar_pelvis.nii.gz",
+    "sarcoma_ct/STS_019/CT_image.nii.gz",
+]
 FULL_RES = {"idc_like_a": ((512, 512, 269), (0.715, 0.592, 1.25)), "idc_like_b": ((512, 512, 224), (0.715, 0.592, 1.5))}
 
 
@@ -84,7 +90,9 @@ def main() -> None:
         tmp = Path(tmp)
         scans = {rel: data / rel for rel in SMALL}
         for name, (shape, spacing) in FULL_RES.items():
-            scans[f"{name} {shape[0]}x{shape[1]}x{shape[2]} .nii.gz"] = resample_real_scan(data / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, tmp / f"{name}.nii.gz")
+            scans[f"{name} {shape[0]}x{shape[1]}x{shape[2]} .nii.gz"] = resample_real_scan(
+                data / "abdomen_3mm" / "example_ct.nii.gz", shape, spacing, tmp / f"{name}.nii.gz"
+            )
         started = time.perf_counter()
         build_cache([str(p) for p in scans.values()], tmp / "cache", progress=False)
         cache_seconds = time.perf_counter() - started
@@ -100,7 +108,11 @@ def main() -> None:
                 reference_sample(path, sample_state(0, 0, k))
             t1 = time.perf_counter()
             for k in range(args.samples):
-                views(cache.shape(index), lambda start, size: cache.read_crop(index, start, size), sample_state(0, 0, k))
+                views(
+                    cache.shape(index),
+                    lambda start, size, index=index: cache.read_crop(index, start, size),
+                    sample_state(0, 0, k),
+                )
             t2 = time.perf_counter()
             n_views = args.samples * 30
             ref_rate, our_rate = n_views / (t1 - t0), n_views / (t2 - t1)

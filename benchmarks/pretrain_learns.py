@@ -57,7 +57,9 @@ def evaluation_volume(data: Path):
     image, _ = load_ct(data / "abdomen_3mm" / "example_ct_sm.nii.gz")
     labels = load_labels(data / "abdomen_3mm" / "example_seg.nii.gz", image)
     axes = (("L", "R"), ("P", "A"), ("I", "S"))
-    img = ScaleIntensityRange(-1024, 2048, 0, 1, clip=True)(Spacing((3, 1, 1), mode="bilinear")(Orientation("SPL", labels=axes)(image)))
+    img = ScaleIntensityRange(-1024, 2048, 0, 1, clip=True)(
+        Spacing((3, 1, 1), mode="bilinear")(Orientation("SPL", labels=axes)(image))
+    )
     lab = Spacing((3, 1, 1), mode="nearest")(Orientation("SPL", labels=axes)(labels.labels.float()))
     return np.asarray(img[0]), np.asarray(lab[0]).round().astype(int), labels.names
 
@@ -75,16 +77,30 @@ def evaluation_patches(volume, seed: int = 0, patch=PATCHES[0]):
     chosen = {}
     for name, (lo, hi) in slabs.items():
         mask = np.zeros_like(lab, dtype=bool)
-        mask[lo : hi + 1, patch[1] // 2 : lab.shape[1] - patch[1] // 2, patch[2] // 2 : lab.shape[2] - patch[2] // 2] = True
+        mask[
+            lo : hi + 1, patch[1] // 2 : lab.shape[1] - patch[1] // 2, patch[2] // 2 : lab.shape[2] - patch[2] // 2
+        ] = True
         chosen[name] = {c: np.argwhere((lab == c) & mask) for c in np.unique(lab[mask]) if c > 0}
-    classes = sorted(c for c in chosen["train"] if len(chosen["train"][c]) >= MIN_VOXELS and len(chosen["test"].get(c, [])) >= MIN_VOXELS)
+    classes = sorted(
+        c
+        for c in chosen["train"]
+        if len(chosen["train"][c]) >= MIN_VOXELS and len(chosen["test"].get(c, [])) >= MIN_VOXELS
+    )
     out = []
     for name in ("train", "test"):
         patches, targets = [], []
         for k, c in enumerate(classes):
-            points = chosen[name][c][rng.choice(len(chosen[name][c]), size=min(PER_CLASS, len(chosen[name][c])), replace=False)]
+            points = chosen[name][c][
+                rng.choice(len(chosen[name][c]), size=min(PER_CLASS, len(chosen[name][c])), replace=False)
+            ]
             for d, h, w in points:
-                patches.append(img[d - half : d + half, h - patch[1] // 2 : h + patch[1] // 2, w - patch[2] // 2 : w + patch[2] // 2])
+                patches.append(
+                    img[
+                        d - half : d + half,
+                        h - patch[1] // 2 : h + patch[1] // 2,
+                        w - patch[2] // 2 : w + patch[2] // 2,
+                    ]
+                )
                 targets.append(k)
         out += [np.stack(patches)[:, None].astype(np.float32), np.asarray(targets)]
     names = [label_names.get(int(c), str(c)) for c in classes]
@@ -94,7 +110,9 @@ def evaluation_patches(volume, seed: int = 0, patch=PATCHES[0]):
 def embed(encoder, patches: np.ndarray) -> np.ndarray:
     encoder.eval()
     with torch.inference_mode():
-        return torch.cat([encoder.embed(torch.from_numpy(patches[i : i + 64])) for i in range(0, len(patches), 64)]).numpy()
+        return torch.cat(
+            [encoder.embed(torch.from_numpy(patches[i : i + 64])) for i in range(0, len(patches), 64)]
+        ).numpy()
 
 
 def probe(train_x, train_y, test_x, test_y) -> dict[str, float]:
@@ -107,7 +125,10 @@ def probe(train_x, train_y, test_x, test_y) -> dict[str, float]:
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     knn = KNNPath().fit_predict(train_x, train_y, test_x, n_classes, 5)
     logistic = LogisticPath().fit_predict(train_x, train_y, test_x, n_classes, 1.0)
-    return {"knn": balanced_accuracy_score(test_y, knn.argmax(1)), "logistic": balanced_accuracy_score(test_y, logistic.argmax(1))}
+    return {
+        "knn": balanced_accuracy_score(test_y, knn.argmax(1)),
+        "logistic": balanced_accuracy_score(test_y, logistic.argmax(1)),
+    }
 
 
 BENCHMARK_SETTINGS = {
@@ -126,7 +147,7 @@ BENCHMARK_SETTINGS = {
 
 
 def patch_sizes(text: str) -> list[tuple[int, int, int]]:
-    """"8x32x32,8x64x64" -> [(8, 32, 32), (8, 64, 64)]."""
+    """ "8x32x32,8x64x64" -> [(8, 32, 32), (8, 64, 64)]."""
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
@@ -146,10 +167,23 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=18.0)
     parser.add_argument("--out", default="runs/pretrain_learns")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--patches", type=patch_sizes, default=PATCHES, help="evaluation patch sizes in voxels, e.g. 8x32x32,8x64x64")
-    parser.add_argument("--checkpoint-patches", type=patch_sizes, default=[PATCHES[1]], help="patch sizes at which the periodic checkpoints are also evaluated (default 8x64x64; the 8x128x128 evaluation takes minutes per encoder)")
+    parser.add_argument(
+        "--patches", type=patch_sizes, default=PATCHES, help="evaluation patch sizes in voxels, e.g. 8x32x32,8x64x64"
+    )
+    parser.add_argument(
+        "--checkpoint-patches",
+        type=patch_sizes,
+        default=[PATCHES[1]],
+        help="patch sizes at which the periodic checkpoints are also evaluated (default 8x64x64; the 8x128x128 evaluation takes minutes per encoder)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pretraining setting (as ctfm pretrain --set)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a pretraining setting (as ctfm pretrain --set)",
+    )
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
     if args.threads:
@@ -159,13 +193,24 @@ def main() -> None:
 
     from ctfm.pretrain.cache import build_cache
     from ctfm.pretrain.config import resolve_pretrain_config
-    from ctfm.runs import parse_set
     from ctfm.pretrain.train import build_module, pretrain
+    from ctfm.runs import parse_set
 
     build_cache([str(data / rel) for rel in PRETRAIN_SCANS], out / "cache", progress=False)
-    config = resolve_pretrain_config("tiny", overrides={**BENCHMARK_SETTINGS, "data": str(out / "cache"), "out": str(out), "seed": args.seed, **parse_set(args.set)})
+    config = resolve_pretrain_config(
+        "tiny",
+        overrides={
+            **BENCHMARK_SETTINGS,
+            "data": str(out / "cache"),
+            "out": str(out),
+            "seed": args.seed,
+            **parse_set(args.set),
+        },
+    )
     started = time.time()
-    export = pretrain(config, resume=False, extra_callbacks=[Timer(duration={"minutes": args.minutes})], progress_bar=False)
+    export = pretrain(
+        config, resume=False, extra_callbacks=[Timer(duration={"minutes": args.minutes})], progress_bar=False
+    )
     minutes = (time.time() - started) / 60
 
     from ctfm.models import create_model
@@ -175,7 +220,9 @@ def main() -> None:
     # Every periodic checkpoint (accuracy against pretraining time), then the exported encoder.
     encoders = [("random init", 0.0, random_encoder)]
     for ckpt in sorted((out / "checkpoints").glob("epoch=*.ckpt"), key=lambda p: p.stat().st_mtime):
-        encoders.append((ckpt.stem, (ckpt.stat().st_mtime - started) / 60, encoder_from_checkpoint(ckpt, config.model_kwargs)))
+        encoders.append(
+            (ckpt.stem, (ckpt.stat().st_mtime - started) / 60, encoder_from_checkpoint(ckpt, config.model_kwargs))
+        )
     encoders.append(("pretrained (export)", minutes, create_model("ct-fm", weights=str(export))))
     # Each patch size: DRAWS draws of patch centres; accuracies are means (and spreads) over the draws.
     volume = evaluation_volume(data)
@@ -187,7 +234,10 @@ def main() -> None:
             if label not in ("random init", "pretrained (export)") and patch not in args.checkpoint_patches:
                 continue
             scores = [probe(embed(encoder, tx), ty, embed(encoder, vx), vy) for tx, ty, vx, vy, _ in draws]
-            results[label] = {k: (100 * np.mean([d[k] for d in scores]), 100 * np.std([d[k] for d in scores])) for k in ("knn", "logistic")}
+            results[label] = {
+                k: (100 * np.mean([d[k] for d in scores]), 100 * np.std([d[k] for d in scores]))
+                for k in ("knn", "logistic")
+            }
         evaluations[patch] = (draws[0][4], len(draws[0][1]), len(draws[0][3]), results)
 
     losses = []
@@ -197,22 +247,39 @@ def main() -> None:
                 losses.append((int(row["epoch"]), float(row["train/loss_epoch"])))
     overrides = parse_set(args.set)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"pretraining: {minutes:.1f} min, {len(losses)} epochs x {config.steps_per_epoch} steps, {len(PRETRAIN_SCANS)} scans, crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}" + (f", overrides {overrides}" if overrides else ""))
+    print(
+        f"pretraining: {minutes:.1f} min, {len(losses)} epochs x {config.steps_per_epoch} steps, {len(PRETRAIN_SCANS)} scans, crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}"
+        + (f", overrides {overrides}" if overrides else "")
+    )
     for patch, (names, n_train, n_test, results) in evaluations.items():
         mm = tuple(round(v * m) for v, m in zip(patch, (3, 1, 1)))
         print(f"\n### patches of {patch[0]}x{patch[1]}x{patch[2]} voxels ({mm[0]}x{mm[1]}x{mm[2]} mm)\n")
-        print(f"{len(names)} organs ({', '.join(names)}); {n_train} train / {n_test} test patches per draw, {DRAWS} draws\n")
-        print("| encoder | minutes of pretraining | kNN balanced accuracy (mean ± sd) | logistic balanced accuracy (mean ± sd) |")
+        print(
+            f"{len(names)} organs ({', '.join(names)}); {n_train} train / {n_test} test patches per draw, {DRAWS} draws\n"
+        )
+        print(
+            "| encoder | minutes of pretraining | kNN balanced accuracy (mean ± sd) | logistic balanced accuracy (mean ± sd) |"
+        )
         print("|---|---|---|---|")
         for label, at, _ in encoders:
             if label not in results:
                 continue
             r = results[label]
-            print(f"| {label} | {at:.1f} | {r['knn'][0]:.1f} ± {r['knn'][1]:.1f} | {r['logistic'][0]:.1f} ± {r['logistic'][1]:.1f} |")
+            print(
+                f"| {label} | {at:.1f} | {r['knn'][0]:.1f} ± {r['knn'][1]:.1f} | {r['logistic'][0]:.1f} ± {r['logistic'][1]:.1f} |"
+            )
         final, base = results["pretrained (export)"], results["random init"]
-        print(f"\ngain of the exported encoder: kNN {final['knn'][0] - base['knn'][0]:+.1f} points, logistic {final['logistic'][0] - base['logistic'][0]:+.1f} points")
+        print(
+            f"\ngain of the exported encoder: kNN {final['knn'][0] - base['knn'][0]:+.1f} points, logistic {final['logistic'][0] - base['logistic'][0]:+.1f} points"
+        )
     step = max(1, len(losses) // 12)
-    print("\nloss curve (epoch: mean train loss): " + ", ".join(f"{e}: {v:.3f}" for e, v in losses[::step] + ([losses[-1]] if losses and losses[-1] not in losses[::step] else [])))
+    print(
+        "\nloss curve (epoch: mean train loss): "
+        + ", ".join(
+            f"{e}: {v:.3f}"
+            for e, v in losses[::step] + ([losses[-1]] if losses and losses[-1] not in losses[::step] else [])
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_learns import BENCHMARK_SETTINGS, PRETRAIN_SCANS, embed, evaluation_patches, evaluation_volume, patch_sizes  # noqa: E402
+from pretrain_learns import (
+    BENCHMARK_SETTINGS,
+    PRETRAIN_SCANS,
+    embed,
+    evaluation_patches,
+    evaluation_volume,
+    patch_sizes,
+)  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Slabs in voxel rows of the scan on the 3x1x1 mm SPL grid without cropping (row 0 = most inferior
@@ -92,7 +99,23 @@ def write_store(root: Path, vectors: np.ndarray, ids: list[str], model_tag: str)
     from ctfm.runtime import write_parquet_atomic
     from ctfm.store.schema import schemas
 
-    rows = [{"scan_id": i, "source_path": i, "mode": "patches", "model": "ct-fm", "weights_sha256": model_tag, "preset_hash": "probe-real", "pool": "mean", "precision": "fp32", "overlap": 0.0, "n_patches": 1, "preset": "ct-fm-patches", "embedding": v.tolist()} for i, v in zip(ids, vectors)]
+    rows = [
+        {
+            "scan_id": i,
+            "source_path": i,
+            "mode": "patches",
+            "model": "ct-fm",
+            "weights_sha256": model_tag,
+            "preset_hash": "probe-real",
+            "pool": "mean",
+            "precision": "fp32",
+            "overlap": 0.0,
+            "n_patches": 1,
+            "preset": "ct-fm-patches",
+            "embedding": v.tolist(),
+        }
+        for i, v in zip(ids, vectors)
+    ]
     root.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=schemas()["scans"]), root / "scans.parquet")
     return root
@@ -120,14 +143,19 @@ def probe_table(result: dict, metrics: tuple[str, ...]) -> list[str]:
     n = result["settings"]["n_resamples"]
     for entry in result["targets"]:
         for label, store in zip(("random init", "pretrained"), entry["stores"]):
-            lines.append(f"| {entry['target']} | {label} | " + " | ".join(_ci(store["metrics"][m]) for m in metrics) + " |")
+            lines.append(
+                f"| {entry['target']} | {label} | " + " | ".join(_ci(store["metrics"][m]) for m in metrics) + " |"
+            )
         for c in entry["comparisons"]:
             d = c["paired_bootstrap"][metrics[0]]
             extra = ""
             if "delong_auroc" in c:
                 dl = c["delong_auroc"]
                 extra = f"; DeLong AUROC {100 * dl['difference']:+.1f} [{100 * dl['low']:+.1f}, {100 * dl['high']:+.1f}], {_p(dl['p_value'], 10**9)}"
-            lines.append(f"| {entry['target']} | pretrained − random | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], {_p(d['p_value'], n)} (paired bootstrap){extra} |" + " |" * (len(metrics) - 1))
+            lines.append(
+                f"| {entry['target']} | pretrained − random | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], {_p(d['p_value'], n)} (paired bootstrap){extra} |"
+                + " |" * (len(metrics) - 1)
+            )
     return lines
 
 
@@ -150,29 +178,57 @@ def timing(out: Path, n: int = 10_000, dim: int = 512, n_targets: int = 15, jobs
     ids = [f"s{i:05d}" for i in range(n)]
     store = write_store(out / "timing_store", features, ids, "synthetic")
     split = np.where(rng.random(n) < 0.8, "train", "test")
-    labels = write_csv(out / "timing_labels.csv", ["scan_id", "split", *[f"finding{t}" for t in range(n_targets)]], ([i, s, *row] for i, s, row in zip(ids, split, targets)))
+    labels = write_csv(
+        out / "timing_labels.csv",
+        ["scan_id", "split", *[f"finding{t}" for t in range(n_targets)]],
+        ([i, s, *row] for i, s, row in zip(ids, split, targets)),
+    )
     lines = []
     for name, extra in (("5-fold CV", ["--cv", "5"]), ("train/test split column", ["--split-column", "split"])):
-        command = [sys.executable, "-m", "ctfm", "probe", str(store), "--labels", str(labels), "--target", ",".join(f"finding{t}" for t in range(n_targets)), "--task", "multilabel", "--jobs", str(jobs), "--json", *extra]
+        command = [
+            sys.executable,
+            "-m",
+            "ctfm",
+            "probe",
+            str(store),
+            "--labels",
+            str(labels),
+            "--target",
+            ",".join(f"finding{t}" for t in range(n_targets)),
+            "--task",
+            "multilabel",
+            "--jobs",
+            str(jobs),
+            "--json",
+            *extra,
+        ]
         started, cpu_before = time.perf_counter(), _children_cpu()
-        done = subprocess.run(command, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+        done = subprocess.run(
+            command, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
+        )
         wall, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
         if done.returncode:
             raise SystemExit(done.stderr)
         result = json.loads(done.stdout)
         fit = sum(s["fit_seconds"] for t in result["targets"] for s in t["stores"])
         auroc = np.mean([t["stores"][0]["metrics"]["auroc"]["estimate"] for t in result["targets"]])
-        lines.append(f"| {name} | {n} x {dim}, {n_targets} targets | {wall:.1f} | {cpu:.1f} | {result['seconds']:.1f} | {fit:.1f} | {auroc:.3f} |")
+        lines.append(
+            f"| {name} | {n} x {dim}, {n_targets} targets | {wall:.1f} | {cpu:.1f} | {result['seconds']:.1f} | {fit:.1f} | {auroc:.3f} |"
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--steps", type=int, default=300, help="pretraining optimiser steps (a multiple of 25, the steps per epoch)")
+    parser.add_argument(
+        "--steps", type=int, default=300, help="pretraining optimiser steps (a multiple of 25, the steps per epoch)"
+    )
     parser.add_argument("--out", default="runs/probe_real")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--patches", type=patch_sizes, default=[(8, 32, 32), (8, 64, 64)], help="organ patch sizes in voxels")
+    parser.add_argument(
+        "--patches", type=patch_sizes, default=[(8, 32, 32), (8, 64, 64)], help="organ patch sizes in voxels"
+    )
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-timing", action="store_true")
@@ -201,7 +257,9 @@ def main() -> None:
     settings["max_epochs"] = args.steps // steps_per_epoch
     settings["checkpoint_every_n_epochs"] = settings["max_epochs"]
     build_cache([str(data / rel) for rel in PRETRAIN_SCANS], out / "cache", progress=False)
-    config = resolve_pretrain_config("tiny", overrides={**settings, "data": str(out / "cache"), "out": str(out / "pretrain"), "seed": args.seed})
+    config = resolve_pretrain_config(
+        "tiny", overrides={**settings, "data": str(out / "cache"), "out": str(out / "pretrain"), "seed": args.seed}
+    )
     started = time.time()
     export = pretrain(config, resume=False, progress_bar=False)
     minutes = (time.time() - started) / 60
@@ -215,27 +273,87 @@ def main() -> None:
         tx, ty, vx, vy, names = evaluation_patches(volume, args.seed, patch)
         tag = "x".join(map(str, patch))
         ids = [f"organ-{tag}-train-{i}" for i in range(len(ty))] + [f"organ-{tag}-test-{i}" for i in range(len(vy))]
-        stores = [str(write_store(out / f"organ_{tag}_{name}", np.concatenate([embed(enc, tx), embed(enc, vx)]), ids, name)) for name, enc in encoders.items()]
-        labels = write_csv(out / f"organ_{tag}_labels.csv", ["scan_id", "organ", "split"], ([i, names[int(c)], "train" if "-train-" in i else "test"] for i, c in zip(ids, np.concatenate([ty, vy]))))
+        stores = [
+            str(write_store(out / f"organ_{tag}_{name}", np.concatenate([embed(enc, tx), embed(enc, vx)]), ids, name))
+            for name, enc in encoders.items()
+        ]
+        labels = write_csv(
+            out / f"organ_{tag}_labels.csv",
+            ["scan_id", "organ", "split"],
+            ([i, names[int(c)], "train" if "-train-" in i else "test"] for i, c in zip(ids, np.concatenate([ty, vy]))),
+        )
         for method in ("logistic", "knn"):
-            result = run_probe(stores, str(labels), ["organ"], split_column="split", method=method, n_resamples=args.resamples, seed=args.seed, out=str(out / f"organ_{tag}_{method}"))
-            sections.append((f"organ identity, patches {tag} ({len(names)} organs, {len(ty)} train / {len(vy)} test patches), {method}", probe_table(result, ("balanced_accuracy", "auroc_ovr", "accuracy")), ("balanced accuracy %", "AUROC (one-vs-rest) %", "accuracy %")))
+            result = run_probe(
+                stores,
+                str(labels),
+                ["organ"],
+                split_column="split",
+                method=method,
+                n_resamples=args.resamples,
+                seed=args.seed,
+                out=str(out / f"organ_{tag}_{method}"),
+            )
+            sections.append(
+                (
+                    f"organ identity, patches {tag} ({len(names)} organs, {len(ty)} train / {len(vy)} test patches), {method}",
+                    probe_table(result, ("balanced_accuracy", "auroc_ovr", "accuracy")),
+                    ("balanced accuracy %", "AUROC (one-vs-rest) %", "accuracy %"),
+                )
+            )
 
     patches, regions, scans = region_patches(data, args.seed)
     ids = [f"region-{i}" for i in range(len(regions))]
-    stores = [str(write_store(out / f"region_{name}", embed(enc, patches), ids, name)) for name, enc in encoders.items()]
+    stores = [
+        str(write_store(out / f"region_{name}", embed(enc, patches), ids, name)) for name, enc in encoders.items()
+    ]
     pelvis = ["1" if r == "pelvis" else "0" if r == "abdomen" else "" for r in regions]
-    labels = write_csv(out / "region_labels.csv", ["scan_id", "region", "pelvis", "scan"], zip(ids, regions, pelvis, scans))
+    labels = write_csv(
+        out / "region_labels.csv", ["scan_id", "region", "pelvis", "scan"], zip(ids, regions, pelvis, scans)
+    )
     n_scans = len(set(scans))
     counts = {r: regions.count(r) for r in sorted(set(regions))}
     for method in ("logistic", "knn"):
-        result = run_probe(stores, str(labels), ["region"], group_column="scan", cv=n_scans, method=method, n_resamples=args.resamples, seed=args.seed, out=str(out / f"region_{method}"))
-        sections.append((f"body region (4 classes {counts}), {n_scans} scans, leave-one-scan-out, {method}", probe_table(result, ("balanced_accuracy", "auroc_ovr", "accuracy")), ("balanced accuracy %", "AUROC (one-vs-rest) %", "accuracy %")))
-        result = run_probe(stores, str(labels), ["pelvis"], group_column="scan", cv=3, method=method, n_resamples=args.resamples, seed=args.seed, out=str(out / f"pelvis_{method}"))
-        sections.append((f"pelvis vs abdomen (binary; {counts.get('pelvis', 0)} / {counts.get('abdomen', 0)} patches), 3 folds grouped by scan, {method}", probe_table(result, ("auroc", "balanced_accuracy", "f1")), ("AUROC %", "balanced accuracy %", "F1 %")))
+        result = run_probe(
+            stores,
+            str(labels),
+            ["region"],
+            group_column="scan",
+            cv=n_scans,
+            method=method,
+            n_resamples=args.resamples,
+            seed=args.seed,
+            out=str(out / f"region_{method}"),
+        )
+        sections.append(
+            (
+                f"body region (4 classes {counts}), {n_scans} scans, leave-one-scan-out, {method}",
+                probe_table(result, ("balanced_accuracy", "auroc_ovr", "accuracy")),
+                ("balanced accuracy %", "AUROC (one-vs-rest) %", "accuracy %"),
+            )
+        )
+        result = run_probe(
+            stores,
+            str(labels),
+            ["pelvis"],
+            group_column="scan",
+            cv=3,
+            method=method,
+            n_resamples=args.resamples,
+            seed=args.seed,
+            out=str(out / f"pelvis_{method}"),
+        )
+        sections.append(
+            (
+                f"pelvis vs abdomen (binary; {counts.get('pelvis', 0)} / {counts.get('abdomen', 0)} patches), 3 folds grouped by scan, {method}",
+                probe_table(result, ("auroc", "balanced_accuracy", "f1")),
+                ("AUROC %", "balanced accuracy %", "F1 %"),
+            )
+        )
     evaluation_minutes = (time.time() - evaluation_started) / 60
 
-    print(f"pretraining: {args.steps} steps ({settings['max_epochs']} epochs x {steps_per_epoch}), {minutes:.1f} min; evaluation {evaluation_minutes:.1f} min; crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}")
+    print(
+        f"pretraining: {args.steps} steps ({settings['max_epochs']} epochs x {steps_per_epoch}), {minutes:.1f} min; evaluation {evaluation_minutes:.1f} min; crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}"
+    )
     for title, lines, headers in sections:
         print(f"\n### {title}\n")
         print("| target | encoder | " + " | ".join(headers) + " |")

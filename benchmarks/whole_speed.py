@@ -51,7 +51,9 @@ def wait_for_memory(min_gb: float, timeout_s: float = 3600) -> None:
     start = time.monotonic()
     while available_gb() < min_gb:
         if time.monotonic() - start > timeout_s:
-            raise SystemExit(f"error: memory: {available_gb():.1f} GB available, the reference needs {min_gb} GB (run when the machine is quieter)")
+            raise SystemExit(
+                f"error: memory: {available_gb():.1f} GB available, the reference needs {min_gb} GB (run when the machine is quieter)"
+            )
         print(f"  waiting: {available_gb():.1f} GB available, need {min_gb} GB", file=sys.stderr, flush=True)
         time.sleep(30)
 
@@ -101,7 +103,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = save_pretrained(init_model("ct-fm", seed=0), Path(tmp) / "weights")
         source, shape, spacing = FILLING
-        filling = resample_real_scan(Path(args.data) / source, shape, spacing, Path(tmp) / "filling_abdomen_2p7mm.nii.gz")
+        filling = resample_real_scan(
+            Path(args.data) / source, shape, spacing, Path(tmp) / "filling_abdomen_2p7mm.nii.gz"
+        )
         scans = [(rel, Path(args.data) / rel) for rel in SCANS] + [(f"{source} at 128³ × 2.7 mm (fills)", filling)]
         # ctfm first (no memory constraint), then the reference runs one at a time when memory allows.
         for name, scan in scans:
@@ -110,21 +114,36 @@ def main() -> None:
             record(name, "work", work)
             for precision in args.precisions:
                 ours = run_worker("ours", scan, weights, precision)
-                print(f"  {name}: ctfm {precision} {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s CPU ({load()})", file=sys.stderr, flush=True)
+                print(
+                    f"  {name}: ctfm {precision} {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s CPU ({load()})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 record(name, precision, ours)
         for name, scan in scans:
             wait_for_memory(args.min_free_gb)
             ref = run_worker("reference", scan, weights)
-            print(f"  {name}: reference {ref['seconds']:.1f} s wall, {ref['cpu_seconds']:.1f} s CPU ({load()})", file=sys.stderr, flush=True)
+            print(
+                f"  {name}: reference {ref['seconds']:.1f} s wall, {ref['cpu_seconds']:.1f} s CPU ({load()})",
+                file=sys.stderr,
+                flush=True,
+            )
             record(name, "reference", ref)
 
     print(f"load after: {load()}\n")
     print("Seconds are wall (CPU) seconds from file to vector; ratios are reference / ctfm (wall, CPU).\n")
-    print("| scan | fill of 320³ | conv work | reference s | ctfm fp32 s | ratio fp32 | cosine fp32 | ctfm bf16 s | ratio bf16 | cosine bf16 |")
+    print(
+        "| scan | fill of 320³ | conv work | reference s | ctfm fp32 s | ratio fp32 | cosine fp32 | ctfm bf16 s | ratio bf16 | cosine bf16 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ref = r["reference"]
-        cells = [name, f"{100 * r['fill']:.0f} %", f"{100 * r['work']:.0f} %", f"{ref['seconds']:.1f} ({ref['cpu_seconds']:.0f})"]
+        cells = [
+            name,
+            f"{100 * r['fill']:.0f} %",
+            f"{100 * r['work']:.0f} %",
+            f"{ref['seconds']:.1f} ({ref['cpu_seconds']:.0f})",
+        ]
         for precision in ("fp32", "bf16"):
             ours = r.get(precision)
             if ours is None:

@@ -70,8 +70,23 @@ def pretrain(data: Path, out: Path, steps: int, seed: int, overrides: dict | Non
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text("path\n" + "".join(f"{data / rel}\n" for rel in PRETRAIN_SCANS))
     epochs = max(1, steps // PRETRAIN_SETTINGS["steps_per_epoch"])
-    settings = {**PRETRAIN_SETTINGS, **(overrides or {}), "max_epochs": epochs, "data": str(manifest), "out": str(out / "pretrain"), "seed": seed}
-    command = [sys.executable, "-m", "ctfm", "pretrain", "--preset", "tiny", *[f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]]
+    settings = {
+        **PRETRAIN_SETTINGS,
+        **(overrides or {}),
+        "max_epochs": epochs,
+        "data": str(manifest),
+        "out": str(out / "pretrain"),
+        "seed": seed,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "ctfm",
+        "pretrain",
+        "--preset",
+        "tiny",
+        *[f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()],
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     return out / "pretrain" / "export"
@@ -96,10 +111,14 @@ def simulated_rescan(path: Path, out: Path, seed: int) -> Path:
     shift = direction / np.linalg.norm(direction) * rng.uniform(3.0, 6.0)
     moved = np.eye(4)
     moved[:3, 3] = -shift  # the anatomy at world x now shows what was at x - shift
-    values = onto_grid(np.asarray(image[0], np.float32) + 1024.0, affine, moved @ new_affine, shape, order=1) - 1024.0  # outside: air
+    values = (
+        onto_grid(np.asarray(image[0], np.float32) + 1024.0, affine, moved @ new_affine, shape, order=1) - 1024.0
+    )  # outside: air
     values += rng.normal(0.0, 20.0, size=values.shape).astype(np.float32)
     target = out / f"{path.name.split('.')[0]}_{path.parent.name}_rescan.nii.gz"
-    save_nifti(MetaTensor(torch.from_numpy(values.astype(np.float32))[None], affine=torch.from_numpy(new_affine)), target)
+    save_nifti(
+        MetaTensor(torch.from_numpy(values.astype(np.float32))[None], affine=torch.from_numpy(new_affine)), target
+    )
     return target
 
 
@@ -110,10 +129,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="pretraining steps (default 500)")
     parser.add_argument("--crops", type=int, default=20, help="crops per organ and scan (default 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=PRETRAIN_SETTINGS["batch_size"], help="pretraining scans per step (default 4)")
-    parser.add_argument("--num-crops", type=int, default=PRETRAIN_SETTINGS["num_crops"], help="pretraining crops per scan (default 12)")
-    parser.add_argument("--stability-scans", type=int, default=len(STABILITY_SCANS), help=f"how many of the {len(STABILITY_SCANS)} stability scans to use (default all)")
-    parser.add_argument("--search-spacing", type=float, default=1.0, help="semantic search: isotropic spacing in mm (default 1, CT-FM's protocol); the window keeps 64 mm")
+    parser.add_argument(
+        "--batch-size", type=int, default=PRETRAIN_SETTINGS["batch_size"], help="pretraining scans per step (default 4)"
+    )
+    parser.add_argument(
+        "--num-crops", type=int, default=PRETRAIN_SETTINGS["num_crops"], help="pretraining crops per scan (default 12)"
+    )
+    parser.add_argument(
+        "--stability-scans",
+        type=int,
+        default=len(STABILITY_SCANS),
+        help=f"how many of the {len(STABILITY_SCANS)} stability scans to use (default all)",
+    )
+    parser.add_argument(
+        "--search-spacing",
+        type=float,
+        default=1.0,
+        help="semantic search: isotropic spacing in mm (default 1, CT-FM's protocol); the window keeps 64 mm",
+    )
     parser.add_argument("--skip-search", action="store_true", help="skip the semantic-search part")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
@@ -136,7 +169,18 @@ def main() -> None:
     # The pretraining run initialises from torch.manual_seed(seed): the same start (as pretrain_learns.py).
     torch.manual_seed(args.seed)
     encoders = {
-        "random init": build_module(resolve_pretrain_config("tiny", overrides={**PRETRAIN_SETTINGS, **overrides, "data": "unused", "out": str(out / "unused"), "seed": args.seed})).encoder,
+        "random init": build_module(
+            resolve_pretrain_config(
+                "tiny",
+                overrides={
+                    **PRETRAIN_SETTINGS,
+                    **overrides,
+                    "data": "unused",
+                    "out": str(out / "unused"),
+                    "seed": args.seed,
+                },
+            )
+        ).encoder,
         "pretrained": create_model("ct-fm", weights=str(export)),
     }
     for encoder in encoders.values():
@@ -147,19 +191,39 @@ def main() -> None:
     organs = common_labels([a, b], min_centres=MIN_CENTRES)
     crops_a, tags_a = organ_crops(*a[:3], organs, args.crops, args.seed)
     crops_b, tags_b = organ_crops(*b[:3], organs, args.crops, args.seed + 1)
-    results: dict = {"organs": organs, "crops": {"A": len(tags_a), "B": len(tags_b)}, "retrieval": {}, "search": {}, "stability": {}, "seconds": {}}
+    results: dict = {
+        "organs": organs,
+        "crops": {"A": len(tags_a), "B": len(tags_b)},
+        "retrieval": {},
+        "search": {},
+        "stability": {},
+        "seconds": {},
+    }
     for name, encoder in encoders.items():
         t = time.time()
         results["retrieval"][name] = crop_retrieval(encoder, crops_a, tags_a, crops_b, tags_b, KS)
         results["seconds"][f"retrieval {name}"] = time.time() - t
 
     if not args.skip_search:
-        scans = [{"image": str(data / SCAN_A[0]), "labels": str(data / SCAN_A[1])}, {"image": str(data / SCAN_B[0]), "labels": str(data / SCAN_B[1])}]
+        scans = [
+            {"image": str(data / SCAN_A[0]), "labels": str(data / SCAN_A[1])},
+            {"image": str(data / SCAN_B[0]), "labels": str(data / SCAN_B[1])},
+        ]
         for name, encoder in encoders.items():
             t = time.time()
             spec = search_spec(args.search_spacing, int(round(64 / args.search_spacing)))
-            run = semantic_search_cases(scans, organs, [(0, 1), (1, 0)], encoder, ("none", "weighted"), store=out / f"search_store_{name.replace(' ', '_')}", spec=spec)
-            results["search"][name] = {refine: summarise_label([c[refine] for c in run["cases"]]) for refine in ("none", "weighted")}
+            run = semantic_search_cases(
+                scans,
+                organs,
+                [(0, 1), (1, 0)],
+                encoder,
+                ("none", "weighted"),
+                store=out / f"search_store_{name.replace(' ', '_')}",
+                spec=spec,
+            )
+            results["search"][name] = {
+                refine: summarise_label([c[refine] for c in run["cases"]]) for refine in ("none", "weighted")
+            }
             results["search"][name]["skipped"] = len(run["skipped"])
             results["seconds"][f"search {name}"] = time.time() - t
 
@@ -169,7 +233,13 @@ def main() -> None:
     copies = [simulated_rescan(p, rescans, args.seed + i) for i, p in enumerate(originals)]
     for name, encoder in encoders.items():
         t = time.time()
-        records = ctfm.embed([str(p) for p in originals + copies], encoder=encoder, mode="patches", out=out / f"stability_store_{name.replace(' ', '_')}", device="cpu")
+        records = ctfm.embed(
+            [str(p) for p in originals + copies],
+            encoder=encoder,
+            mode="patches",
+            out=out / f"stability_store_{name.replace(' ', '_')}",
+            device="cpu",
+        )
         by_path = {r["source_path"]: r["embedding"] for r in records}
         va = np.stack([by_path[os.path.abspath(p)] for p in originals])
         vb = np.stack([by_path[os.path.abspath(p)] for p in copies])
@@ -185,26 +255,44 @@ def main() -> None:
 def print_tables(results: dict, args) -> None:
     import torch
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; pretraining {results['pretrain_minutes']:.1f} min ({args.steps} steps of {args.batch_size} scans x {args.num_crops} crops), total {results['total_minutes']:.1f} min")
-    print(f"\norgans in both scans ({len(results['organs'])}): {', '.join(results['organs'])}; crops A {results['crops']['A']}, B {results['crops']['B']}\n")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; pretraining {results['pretrain_minutes']:.1f} min ({args.steps} steps of {args.batch_size} scans x {args.num_crops} crops), total {results['total_minutes']:.1f} min"
+    )
+    print(
+        f"\norgans in both scans ({len(results['organs'])}): {', '.join(results['organs'])}; crops A {results['crops']['A']}, B {results['crops']['B']}\n"
+    )
     print("| encoder | direction | " + " | ".join(f"P@{k} [95% CI]" for k in KS) + " | chance P@k |")
     print("|---|---|" + "---|" * (len(KS) + 1))
     for name, by_direction in results["retrieval"].items():
         for direction, r in by_direction.items():
-            print(f"| {name} | {direction} | " + " | ".join(f"{r[f'P@{k}']['mean']:.3f} [{r[f'P@{k}']['low']:.3f}, {r[f'P@{k}']['high']:.3f}]" for k in KS) + f" | {r['chance']:.3f} |")
+            print(
+                f"| {name} | {direction} | "
+                + " | ".join(
+                    f"{r[f'P@{k}']['mean']:.3f} [{r[f'P@{k}']['low']:.3f}, {r[f'P@{k}']['high']:.3f}]" for k in KS
+                )
+                + f" | {r['chance']:.3f} |"
+            )
     if results["search"]:
-        print(f"\nsemantic search at {args.search_spacing:g} mm, {int(round(64 / args.search_spacing))}^3 windows, overlap 0.625")
+        print(
+            f"\nsemantic search at {args.search_spacing:g} mm, {int(round(64 / args.search_spacing))}^3 windows, overlap 0.625"
+        )
         print("\n| encoder | prediction | pairs | error mm mean [95% CI] | median | inside-label rate |")
         print("|---|---|---|---|---|---|")
         for name, by_refine in results["search"].items():
             for refine in ("none", "weighted"):
                 s = by_refine[refine]
                 if s.get("pairs"):
-                    print(f"| {name} | {'best window centre' if refine == 'none' else 'weighted refinement'} | {s['pairs']} | {s['error_mm_mean']:.1f} [{s['error_mm_low']:.1f}, {s['error_mm_high']:.1f}] | {s['error_mm_median']:.1f} | {s['inside_label_rate']:.3f} |")
-    print("\n| encoder | pairs | pair cosine mean [95% CI] | non-pair cosine mean | separation AUC | rank-1 a->b | rank-1 b->a | ICC(2,1) median |")
+                    print(
+                        f"| {name} | {'best window centre' if refine == 'none' else 'weighted refinement'} | {s['pairs']} | {s['error_mm_mean']:.1f} [{s['error_mm_low']:.1f}, {s['error_mm_high']:.1f}] | {s['error_mm_median']:.1f} | {s['inside_label_rate']:.3f} |"
+                    )
+    print(
+        "\n| encoder | pairs | pair cosine mean [95% CI] | non-pair cosine mean | separation AUC | rank-1 a->b | rank-1 b->a | ICC(2,1) median |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, s in results["stability"].items():
-        print(f"| {name} | {s['n_pairs']} | {s['pair_cosine']['mean']:.4f} [{s['pair_cosine']['low']:.4f}, {s['pair_cosine']['high']:.4f}] | {s['non_pair_cosine']['mean']:.4f} | {s['separation_auc']:.3f} | {s['rank1_reidentification']['a_to_b']['mean']:.3f} | {s['rank1_reidentification']['b_to_a']['mean']:.3f} | {s['icc_2_1']['median']:.3f} |")
+        print(
+            f"| {name} | {s['n_pairs']} | {s['pair_cosine']['mean']:.4f} [{s['pair_cosine']['low']:.4f}, {s['pair_cosine']['high']:.4f}] | {s['non_pair_cosine']['mean']:.4f} | {s['separation_auc']:.3f} | {s['rank1_reidentification']['a_to_b']['mean']:.3f} | {s['rank1_reidentification']['b_to_a']['mean']:.3f} | {s['icc_2_1']['median']:.3f} |"
+        )
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
 
 

@@ -9,8 +9,8 @@ import datetime as _dt
 import math
 import os
 import shutil
-import warnings
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,7 +254,9 @@ def parallel_map(fn, items, workers: int = 1, on_crash=None):
     pending = list(reversed(items))
 
     def new_pool():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+        return ProcessPoolExecutor(
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+        )
 
     pool = new_pool()
     running: dict = {}
@@ -271,13 +273,21 @@ def parallel_map(fn, items, workers: int = 1, on_crash=None):
                     result = future.result()
                 except BrokenProcessPool:
                     broken = True
-                    result = crashed(item, f"{item}: a worker process died while working on it (out of memory? use fewer --workers)")
+                    result = crashed(
+                        item, f"{item}: a worker process died while working on it (out of memory? use fewer --workers)"
+                    )
                 except Exception as exc:
                     result = crashed(item, f"{item}: {one_line(exc, 300, with_type=True)}")
                 yield item, result
             if broken:
-                for future, item in list(running.items()):
-                    yield item, crashed(item, f"{item}: a worker process died while working on it (out of memory? use fewer --workers)")
+                for item in list(running.values()):
+                    yield (
+                        item,
+                        crashed(
+                            item,
+                            f"{item}: a worker process died while working on it (out of memory? use fewer --workers)",
+                        ),
+                    )
                 running.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = new_pool()

@@ -11,6 +11,10 @@ import time
 from importlib import resources
 from typing import Literal, Optional
 
+from ctfm import __version__
+from ctfm.app.state import NotFound
+from ctfm.app.uploads import UploadRefused
+from ctfm.app.volumes import WINDOWS
 from ctfm.errors import UserError, one_line, optional_import
 
 # The app extra, through the one helper: a missing package is a one-line error naming ctfm[app].
@@ -18,10 +22,7 @@ fastapi = optional_import("fastapi", "app")
 fastapi_responses = optional_import("fastapi.responses", "app")
 pydantic = optional_import("pydantic", "app")
 optional_import("python_multipart", "app")  # the upload route (File, UploadFile) needs it
-from ctfm import __version__
-from ctfm.app.state import NotFound
-from ctfm.app.uploads import UploadRefused
-from ctfm.app.volumes import WINDOWS
+
 FastAPI, Request, UploadFile = fastapi.FastAPI, fastapi.Request, fastapi.UploadFile
 File, Query = fastapi.File, fastapi.Query
 RequestValidationError = fastapi.exceptions.RequestValidationError
@@ -43,8 +44,14 @@ class SearchRequest(BaseModel):
     point_mm: list[float] = Field(min_length=3, max_length=3, description="the query point [x, y, z], world mm, RAS")
     k: int = Field(10, ge=1, le=100, description="number of hits")
     target: Optional[str] = Field(None, description="search this one scan (store id) instead of the whole store")
-    query: Optional[Literal["centred", "stored"]] = Field(None, description="centred: embed the window centred on the point (needs the weights); stored: the query scan's stored window nearest the point (no model run); default: the server's")
-    refine: Optional[Literal["fine", "weighted", "none"]] = Field(None, description="how a hit is moved from its best window to a point: fine (pattern search with the encoder), weighted (similarity-weighted centre of the top windows), none; default: the server's")
+    query: Optional[Literal["centred", "stored"]] = Field(
+        None,
+        description="centred: embed the window centred on the point (needs the weights); stored: the query scan's stored window nearest the point (no model run); default: the server's",
+    )
+    refine: Optional[Literal["fine", "weighted", "none"]] = Field(
+        None,
+        description="how a hit is moved from its best window to a point: fine (pattern search with the encoder), weighted (similarity-weighted centre of the top windows), none; default: the server's",
+    )
 
 
 class Hit(BaseModel):
@@ -83,7 +90,9 @@ def create_app(state) -> FastAPI:
         for item in exc.errors():
             loc = list(item.get("loc", ()))
             kind, names = (loc[0], loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else ("", loc)
-            where = ".".join(str(p) for p in names if not isinstance(p, int)) or ("request body" if kind == "body" else "")
+            where = ".".join(str(p) for p in names if not isinstance(p, int)) or (
+                "request body" if kind == "body" else ""
+            )
             parts.append(f"{where or 'request'}: {item.get('msg', 'invalid')}")
         return error(422, "; ".join(parts) or "malformed request")
 
@@ -120,7 +129,10 @@ def create_app(state) -> FastAPI:
                 return error(411, "an upload needs a Content-Length header (send the file as multipart/form-data)")
             limit = state.uploads.max_bytes
             if int(length) > limit + 2**20:  # the multipart envelope around the file
-                return error(413, f"upload of {int(length) / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB (upload a smaller file or start the server with a larger --max-upload-mb)")
+                return error(
+                    413,
+                    f"upload of {int(length) / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB (upload a smaller file or start the server with a larger --max-upload-mb)",
+                )
         return await call_next(request)
 
     png = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
@@ -154,17 +166,32 @@ def create_app(state) -> FastAPI:
     def scan(scan_id: str):
         return state.scan_detail(scan_id)
 
-    @app.get("/api/scans/{scan_id}/slice", responses=png, response_class=Response, summary="One slice as a PNG, windowed")
+    @app.get(
+        "/api/scans/{scan_id}/slice", responses=png, response_class=Response, summary="One slice as a PNG, windowed"
+    )
     def slice_png(
         scan_id: str,
         axis: Axis = Query(..., description="the view"),
         index: int = Query(..., description="slice number along the view's axis of the display grid"),
-        window: Literal["soft", "lung", "bone", "brain"] = Query("soft", description=", ".join(f"{k}: L{v[0]:g} W{v[1]:g}" for k, v in WINDOWS.items())),
-        size: Optional[int] = Query(None, ge=16, le=1024, description="thumbnail: at most this many pixels on the longer side, square mm"),
+        window: Literal["soft", "lung", "bone", "brain"] = Query(
+            "soft", description=", ".join(f"{k}: L{v[0]:g} W{v[1]:g}" for k, v in WINDOWS.items())
+        ),
+        size: Optional[int] = Query(
+            None, ge=16, le=1024, description="thumbnail: at most this many pixels on the longer side, square mm"
+        ),
     ):
-        return Response(state.slice_png(scan_id, axis, index, window, size), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        return Response(
+            state.slice_png(scan_id, axis, index, window, size),
+            media_type="image/png",
+            headers={"Cache-Control": "max-age=3600"},
+        )
 
-    @app.get("/api/scans/{scan_id}/heatmap", responses=png, response_class=Response, summary="Similarity to a query point, as an RGBA overlay slice (PNG) or the volume (NIfTI)")
+    @app.get(
+        "/api/scans/{scan_id}/heatmap",
+        responses=png,
+        response_class=Response,
+        summary="Similarity to a query point, as an RGBA overlay slice (PNG) or the volume (NIfTI)",
+    )
     def heatmap(
         scan_id: str,
         query_scan: str = Query(..., description="store id of the scan the query point lies in"),
@@ -173,23 +200,37 @@ def create_app(state) -> FastAPI:
         z: float = Query(...),
         axis: Optional[Axis] = Query(None, description="the view (with index); omit both for the NIfTI volume"),
         index: Optional[int] = Query(None, description="slice number (with axis)"),
-        query: Optional[Literal["centred", "stored"]] = Query(None, description="the query vector, as in POST /api/search (default: the server's)"),
+        query: Optional[Literal["centred", "stored"]] = Query(
+            None, description="the query vector, as in POST /api/search (default: the server's)"
+        ),
     ):
         point = [x, y, z]
         if (axis is None) != (index is None):
             return error(422, "axis and index go together: give both for a slice, neither for the volume")
         if axis is None:
             data = state.heatmap_nifti(scan_id, query_scan, point, query)
-            return Response(data, media_type="application/gzip", headers={"Content-Disposition": f'attachment; filename="heatmap-{scan_id}.nii.gz"'})
+            return Response(
+                data,
+                media_type="application/gzip",
+                headers={"Content-Disposition": f'attachment; filename="heatmap-{scan_id}.nii.gz"'},
+            )
         return Response(state.heatmap_png(scan_id, query_scan, point, axis, index, query), media_type="image/png")
 
-    @app.post("/api/search", response_model=SearchResponse, summary="The top-k most similar places to a point, across the store or in one target scan")
+    @app.post(
+        "/api/search",
+        response_model=SearchResponse,
+        summary="The top-k most similar places to a point, across the store or in one target scan",
+    )
     def search(request: SearchRequest):
         start = time.perf_counter()
         hits = state.search(request.scan_id, request.point_mm, request.k, request.target, request.query, request.refine)
         return {"hits": hits, "ms": round((time.perf_counter() - start) * 1000.0, 1)}
 
-    @app.post("/api/scans", status_code=201, summary="Upload a NIfTI file or a zipped DICOM series; it is embedded with the store's model and added")
+    @app.post(
+        "/api/scans",
+        status_code=201,
+        summary="Upload a NIfTI file or a zipped DICOM series; it is embedded with the store's model and added",
+    )
     def upload(file: UploadFile = File(..., description=".nii, .nii.gz, or .zip of one DICOM series")):
         return state.add_upload(file.file, file.filename or "upload")
 

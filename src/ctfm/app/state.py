@@ -16,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
-from ctfm.store.vectors import matching_scans
+import ctfm
 from ctfm import __version__
 from ctfm.app.uploads import UploadFolder
-from ctfm.app.volumes import DisplayVolumeCache, colour_overlay, load_display, png_bytes, render_slice, save_display, to_display
-from ctfm.embedding.runner import default_device, DEFAULT_SEED, weights_sha256_of
+from ctfm.app.volumes import (
+    DisplayVolumeCache,
+    colour_overlay,
+    load_display,
+    png_bytes,
+    render_slice,
+    save_display,
+    to_display,
+)
+from ctfm.embedding.runner import DEFAULT_SEED, default_device, weights_sha256_of
+from ctfm.errors import CTInputError, OptionError
 from ctfm.io import load_ct
 from ctfm.io.sources import discover_inputs
 from ctfm.models import init_model
@@ -31,7 +39,7 @@ from ctfm.search.query import load_encoder
 from ctfm.search.session import QUERY_SOURCES, REFINEMENTS
 from ctfm.store import open_store
 from ctfm.store.schema import RUN_KEY
-import ctfm
+from ctfm.store.vectors import matching_scans
 
 UPLOAD_FOLDER = "app-uploads"  # inside the store: the server's own folder for uploaded scans
 DISPLAY_FOLDER = "app-cache"  # inside the store: scans converted for display (int16 .npy, memory-mapped)
@@ -76,7 +84,19 @@ class AppState:
             search with the encoder, many window embeddings per hit).
     """
 
-    def __init__(self, store, weights=None, run: str | None = None, where: dict | None = None, max_upload_mb: float = 512, device: str | None = None, volume_cache: int = 32, display_cache_gb: float = 20.0, query_from: str = "stored", refine: str = "weighted"):
+    def __init__(
+        self,
+        store,
+        weights=None,
+        run: str | None = None,
+        where: dict | None = None,
+        max_upload_mb: float = 512,
+        device: str | None = None,
+        volume_cache: int = 32,
+        display_cache_gb: float = 20.0,
+        query_from: str = "stored",
+        refine: str = "weighted",
+    ):
 
         self.store = open_store(store)
         self.root = self.store.root
@@ -105,7 +125,9 @@ class AppState:
         """Open the store's patch run for search (at start, and after an upload)."""
 
         with self._lock:
-            session = SearchSession(self.store, run=self.run_name, where=self.where, encoder=self.encoder, device=self.device)
+            session = SearchSession(
+                self.store, run=self.run_name, where=self.where, encoder=self.encoder, device=self.device
+            )
             vectors = session.patch_vectors  # read once; an OptionError names the runs to choose from
             self.session = session
             self.key = vectors.key
@@ -113,7 +135,9 @@ class AppState:
             kept = matching_scans(vectors.scan_table, self.where)
             self.rows = {s: r for s, r in vectors.scans.items() if kept is None or s in kept}
             if not self.rows:
-                raise OptionError(f"{self.root}: no scan of the patch run matches the --where filters (drop or change them)")
+                raise OptionError(
+                    f"{self.root}: no scan of the patch run matches the --where filters (drop or change them)"
+                )
             self.order = sorted(self.rows, key=lambda s: (self._name(self.rows[s]), s))
             self.spec = _spec_of(next(iter(self.rows.values())))
             self._heatmaps.clear()
@@ -229,7 +253,11 @@ class AppState:
         """Whether the display folder may grow by ``nbytes`` within its budget."""
         with self._lock:
             if self._display_bytes is None:
-                self._display_bytes = sum(p.stat().st_size for p in self.display_folder.glob("*.npy")) if self.display_folder.is_dir() else 0
+                self._display_bytes = (
+                    sum(p.stat().st_size for p in self.display_folder.glob("*.npy"))
+                    if self.display_folder.is_dir()
+                    else 0
+                )
             if self._display_bytes + nbytes > self.display_budget:
                 return False
             self._display_bytes += nbytes
@@ -270,7 +298,12 @@ class AppState:
             "store": self.root.name,
             "scans": len(self.rows),
             "patches": int(self.vectors.vectors.shape[0]),
-            "run": {**{k: v for k, v in fields.items()}, "digest": self.vectors.digest, "preset": self.spec.name, "vector_dim": int(self.vectors.vectors.shape[1])},
+            "run": {
+                **{k: v for k, v in fields.items()},
+                "digest": self.vectors.digest,
+                "preset": self.spec.name,
+                "vector_dim": int(self.vectors.vectors.shape[1]),
+            },
             "weights": {
                 "sha256": fields["weights_sha256"],
                 "source": (self.sidecar.get("provenance") or {}).get("source") if self.sidecar else None,
@@ -278,7 +311,10 @@ class AppState:
                 "message": self.weights_note,
             },
             "search": {"query": self.query_from, "refine": self.refine, "can_embed": self.can_embed},
-            "display_cache": {"scans": len(self.rows), "converted": sum((self.display_folder / f"{self._display_stem(s)}.json").exists() for s in self.order)},
+            "display_cache": {
+                "scans": len(self.rows),
+                "converted": sum((self.display_folder / f"{self._display_stem(s)}.json").exists() for s in self.order),
+            },
             "ctfm_version": __version__,
             "max_upload_mb": self.uploads.max_bytes / 2**20,
         }
@@ -306,7 +342,15 @@ class AppState:
                 self._queries.popitem(last=False)
             return query
 
-    def search(self, scan_id: str, point_mm, k: int, target: str | None, query_from: str | None = None, refine: str | None = None) -> list[dict]:
+    def search(
+        self,
+        scan_id: str,
+        point_mm,
+        k: int,
+        target: str | None,
+        query_from: str | None = None,
+        refine: str | None = None,
+    ) -> list[dict]:
         """Top-``k`` hits ``{scan_id, point_mm, score, window_score, rank}`` for a point of a scan."""
         if target is not None:
             self.row(target)
@@ -314,7 +358,15 @@ class AppState:
         with self._lock, _by_id(target or scan_id):
             hits = self.session.search_point(query, None, k=k, target=target, refine=refine or self.refine)
         return [
-            {"scan_id": h.scan_id, "point_mm": [round(v, 2) for v in h.point_mm], "score": round(h.score, 5), "rank": h.rank, "window_score": round(h.window_score, 5), "name": self._name(self.rows[h.scan_id]), "query": query.source}
+            {
+                "scan_id": h.scan_id,
+                "point_mm": [round(v, 2) for v in h.point_mm],
+                "score": round(h.score, 5),
+                "rank": h.rank,
+                "window_score": round(h.window_score, 5),
+                "name": self._name(self.rows[h.scan_id]),
+                "query": query.source,
+            }
             for h in hits
         ]
 
@@ -323,7 +375,9 @@ class AppState:
         if len(point_mm) != 3 or not np.all(np.isfinite(np.asarray(point_mm, dtype=np.float64))):
             raise OptionError(f"point {list(point_mm)}: expected three finite numbers x, y, z (mm, RAS)")
         if not self.volumes.get(scan_id).contains(point_mm):
-            raise OptionError(f"point {[round(float(v), 1) for v in point_mm]} mm lies outside scan {scan_id} (click inside the image)")
+            raise OptionError(
+                f"point {[round(float(v), 1) for v in point_mm]} mm lies outside scan {scan_id} (click inside the image)"
+            )
 
     def heatmap_volume(self, target: str, query_scan: str, point_mm, query_from: str | None = None) -> np.ndarray:
         """Similarity to the query point on the target's display grid, [X, Y, Z] scaled to [0, 1]."""
@@ -345,7 +399,9 @@ class AppState:
                 self._heatmaps.popitem(last=False)
         return volume
 
-    def heatmap_png(self, target: str, query_scan: str, point_mm, axis: str, index: int, query_from: str | None = None) -> bytes:
+    def heatmap_png(
+        self, target: str, query_scan: str, point_mm, axis: str, index: int, query_from: str | None = None
+    ) -> bytes:
 
         volume = self.heatmap_volume(target, query_scan, point_mm, query_from)
         display = self.volumes.get(target)
@@ -358,7 +414,9 @@ class AppState:
 
         volume = self.heatmap_volume(target, query_scan, point_mm, query_from)
         image = nib.Nifti1Image(np.nan_to_num(volume, nan=0.0).astype(np.float32), self.volumes.get(target).affine)
-        image.header["descrip"] = f"ctfm similarity to {query_scan} at {[round(float(v), 1) for v in point_mm]} mm".encode()[:79]
+        image.header["descrip"] = (
+            f"ctfm similarity to {query_scan} at {[round(float(v), 1) for v in point_mm]} mm".encode()[:79]
+        )
         return gzip.compress(image.to_bytes(), compresslevel=1)
 
     # ---- uploads -------------------------------------------------------------------------
@@ -366,7 +424,9 @@ class AppState:
         """Check, store, embed (the run's model, weights, preset, pooling, overlap) and add a scan."""
 
         if self.encoder is None:
-            raise OptionError("this server was started without the store's weights, so it cannot embed uploads the store's way (restart it with --weights)")
+            raise OptionError(
+                "this server was started without the store's weights, so it cannot embed uploads the store's way (restart it with --weights)"
+            )
 
         path = self.uploads.receive(stream, filename)
         fields = self.key_fields
@@ -381,7 +441,11 @@ class AppState:
         if len(sources) != 1:
             self.uploads.discard(path)
             found = "no CT series" if not sources else f"{len(sources)} series"
-            raise CTInputError(filename, f"the upload is not a usable CT: it holds {found}", "upload one NIfTI file or a zip of exactly one DICOM CT series")
+            raise CTInputError(
+                filename,
+                f"the upload is not a usable CT: it holds {found}",
+                "upload one NIfTI file or a zip of exactly one DICOM CT series",
+            )
         try:
             result = ctfm.embed(
                 [str(path)],
@@ -404,7 +468,9 @@ class AppState:
             raise CTInputError(filename, "the upload is not a usable CT", message.replace(str(path), "the upload"))
         if not result:
             self.uploads.discard(path)
-            raise CTInputError(filename, "the scan was embedded but is not in the store's run", "check the store with ctfm store check")
+            raise CTInputError(
+                filename, "the scan was embedded but is not in the store's run", "check the store with ctfm store check"
+            )
         self.reload()
         return self.scan_entry(result[0]["scan_id"])
 

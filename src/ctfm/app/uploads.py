@@ -42,11 +42,25 @@ def sniff_kind(head: bytes, filename: str) -> str:
             inner = b""
         if _is_nifti_header(inner):
             return "nifti-gz"
-        raise UploadRefused(filename, "a gzip file that is not a NIfTI image", "upload a .nii.gz NIfTI file or a .zip of one DICOM series", status=415)
+        raise UploadRefused(
+            filename,
+            "a gzip file that is not a NIfTI image",
+            "upload a .nii.gz NIfTI file or a .zip of one DICOM series",
+            status=415,
+        )
     if _is_nifti_header(head):
         return "nifti"
-    kind = "a DICOM file" if head[128:132] == b"DICM" else f"a file of unknown type ({name.rsplit('.', 1)[-1] if '.' in name else 'no extension'})"
-    raise UploadRefused(filename, f"{kind} is not accepted", "upload a NIfTI file (.nii, .nii.gz) or a .zip of one DICOM series", status=415)
+    kind = (
+        "a DICOM file"
+        if head[128:132] == b"DICM"
+        else f"a file of unknown type ({name.rsplit('.', 1)[-1] if '.' in name else 'no extension'})"
+    )
+    raise UploadRefused(
+        filename,
+        f"{kind} is not accepted",
+        "upload a NIfTI file (.nii, .nii.gz) or a .zip of one DICOM series",
+        status=415,
+    )
 
 
 def _is_nifti_header(data: bytes) -> bool:
@@ -78,19 +92,34 @@ def check_zip(path: Path, filename: str, max_unpacked: int) -> list[zipfile.ZipI
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        raise UploadRefused(filename, "damaged zip file", "zip the DICOM series folder again and upload the new file") from None
+        raise UploadRefused(
+            filename, "damaged zip file", "zip the DICOM series folder again and upload the new file"
+        ) from None
     with archive:
         members = archive.infolist()
         total = 0
         for info in members:
             why = unsafe_member(info.filename)
             if why is not None:
-                raise UploadRefused(filename, f"zip member {info.filename!r} has {why}", "zip the series folder with relative names (e.g. cd into it and run zip -r series.zip .)")
+                raise UploadRefused(
+                    filename,
+                    f"zip member {info.filename!r} has {why}",
+                    "zip the series folder with relative names (e.g. cd into it and run zip -r series.zip .)",
+                )
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise UploadRefused(filename, f"zip member {info.filename!r} is a symbolic link", "zip the files themselves, without links")
+                raise UploadRefused(
+                    filename,
+                    f"zip member {info.filename!r} is a symbolic link",
+                    "zip the files themselves, without links",
+                )
             total += info.file_size
             if total > max_unpacked:
-                raise UploadRefused(filename, f"zip unpacks to more than {max_unpacked // 2**20} MiB", "upload a smaller series", status=413)
+                raise UploadRefused(
+                    filename,
+                    f"zip unpacks to more than {max_unpacked // 2**20} MiB",
+                    "upload a smaller series",
+                    status=413,
+                )
         files = [m for m in members if not m.is_dir()]
         if not files:
             raise UploadRefused(filename, "the zip holds no files", "zip a folder holding one DICOM series")
@@ -107,7 +136,12 @@ def unpack_zip(path: Path, members: list[zipfile.ZipInfo], folder: Path, max_unp
                 while chunk := source.read(1 << 20):
                     written += len(chunk)
                     if written > max_unpacked:  # the directory lied about the sizes
-                        raise UploadRefused(info.filename, f"zip unpacks to more than {max_unpacked // 2**20} MiB", "upload a smaller series", status=413)
+                        raise UploadRefused(
+                            info.filename,
+                            f"zip unpacks to more than {max_unpacked // 2**20} MiB",
+                            "upload a smaller series",
+                            status=413,
+                        )
                     target.write(chunk)
 
 
@@ -130,7 +164,12 @@ class UploadFolder:
                 while chunk := stream.read(1 << 20):
                     size += len(chunk)
                     if size > self.max_bytes:
-                        raise UploadRefused(filename, f"upload larger than the limit of {self.max_bytes // 2**20} MiB", "upload a smaller file or start the server with a larger --max-upload-mb", status=413)
+                        raise UploadRefused(
+                            filename,
+                            f"upload larger than the limit of {self.max_bytes // 2**20} MiB",
+                            "upload a smaller file or start the server with a larger --max-upload-mb",
+                            status=413,
+                        )
                     out.write(chunk)
             if size == 0:
                 raise UploadRefused(filename, "empty upload (0 bytes)", "choose the scan file again")

@@ -115,7 +115,9 @@ def to_display(image) -> DisplayVolume:
     affine = np.asarray(image.affine, dtype=np.float64)
     ornt = io_orientation(affine)
     hu = apply_orientation(np.clip(np.rint(array), -32768, 32767).astype(np.int16), ornt)
-    return DisplayVolume(np.ascontiguousarray(hu), affine @ inv_ornt_aff(ornt, array.shape), ornt, tuple(int(s) for s in array.shape))
+    return DisplayVolume(
+        np.ascontiguousarray(hu), affine @ inv_ornt_aff(ornt, array.shape), ornt, tuple(int(s) for s in array.shape)
+    )
 
 
 def windowed(image: np.ndarray, window: str) -> np.ndarray:
@@ -172,7 +174,16 @@ def save_display(volume: DisplayVolume, folder: Path, stem: str) -> None:
     array_tmp, meta_tmp = folder / f".{stem}.{token}.npy", folder / f".{stem}.{token}.json"
     try:
         np.save(array_tmp, volume.hu)
-        meta_tmp.write_text(json.dumps({"affine": volume.affine.tolist(), "to_ras": volume.to_ras.tolist(), "source_shape": list(volume.source_shape), "shape": list(volume.shape)}))
+        meta_tmp.write_text(
+            json.dumps(
+                {
+                    "affine": volume.affine.tolist(),
+                    "to_ras": volume.to_ras.tolist(),
+                    "source_shape": list(volume.source_shape),
+                    "shape": list(volume.shape),
+                }
+            )
+        )
         os.replace(array_tmp, folder / f"{stem}.npy")
         os.replace(meta_tmp, folder / f"{stem}.json")
     finally:
@@ -192,7 +203,12 @@ def load_display(folder: Path, stem: str) -> DisplayVolume | None:
         return None
     if list(hu.shape) != meta.get("shape") or hu.dtype != np.int16:
         return None
-    return DisplayVolume(hu, np.asarray(meta["affine"], dtype=np.float64), np.asarray(meta["to_ras"], dtype=np.float64), tuple(meta["source_shape"]))
+    return DisplayVolume(
+        hu,
+        np.asarray(meta["affine"], dtype=np.float64),
+        np.asarray(meta["to_ras"], dtype=np.float64),
+        tuple(meta["source_shape"]),
+    )
 
 
 class DisplayVolumeCache:

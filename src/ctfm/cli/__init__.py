@@ -21,12 +21,18 @@ VERBS = {
     "cohort": ("ctfm.cli.cohort", "select IDC cohorts, scan local archives, cache preprocessed volumes"),
     "demo": ("ctfm.cli.demo", "run the main job on a synthetic scan (or --input PATH) and write a figure"),
     "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
-    "evaluate": ("ctfm.cli.evaluate", "zero-shot evaluations (retrieval, semantic search, clustering, concepts, stability, saliency) and segmentation scores"),
+    "evaluate": (
+        "ctfm.cli.evaluate",
+        "zero-shot evaluations (retrieval, semantic search, clustering, concepts, stability, saliency) and segmentation scores",
+    ),
     "finetune": ("ctfm.cli.finetune", "fine-tune a CT-FM model on labelled scans (segmentation, classification)"),
     "index": ("ctfm.cli.index", "build, update and inspect the FAISS index beside a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
-    "predict": ("ctfm.cli.predict", "predict with fine-tuned models: label maps on each input's grid (NIfTI, DICOM SEG), class probabilities"),
+    "predict": (
+        "ctfm.cli.predict",
+        "predict with fine-tuned models: label maps on each input's grid (NIfTI, DICOM SEG), class probabilities",
+    ),
     "pretrain": ("ctfm.cli.pretrain", "pretrain a CT encoder with intra-sample contrastive learning"),
     "preprocess": ("ctfm.cli.preprocess", "preprocess a CT with a named preset or a spec file"),
     "probe": ("ctfm.cli.probe", "fit probes (logistic, kNN, MLP) on a store's embeddings for labels, with CIs"),
@@ -38,7 +44,18 @@ VERBS = {
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # OS errors about a path the user gave: reported as bad input, not as a bug.
-USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+USER_OS_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+}
 
 
 def add_subcommands(parser, verb: str, register=(), noun: str = "command"):
@@ -72,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(verb, help=help_text, description=(mod.__doc__ or help_text).strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            verb,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
     return parser
@@ -107,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno in USER_OS_ERRNOS:  # unwritable output, full disk, missing config file, ...
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            print(f"error: {where}{exc.strerror or one_line(exc)} (check the path, its permissions and free space)", file=sys.stderr)
+            print(
+                f"error: {where}{exc.strerror or one_line(exc)} (check the path, its permissions and free space)",
+                file=sys.stderr,
+            )
             return EXIT_BAD_INPUT
         return _internal_error(exc, args.debug)
     except Exception as exc:  # anything else is ours to fix
@@ -123,7 +148,10 @@ def _internal_error(exc: BaseException, debug: bool) -> int:
 
         traceback.print_exception(exc, file=sys.stderr)
     hint = "" if debug else "; re-run with ctfm --debug ... for the traceback"
-    print(f"internal error (a bug in ctfm {__version__}, please report it): {type(exc).__name__}: {one_line(exc, 300)}{hint}", file=sys.stderr)
+    print(
+        f"internal error (a bug in ctfm {__version__}, please report it): {type(exc).__name__}: {one_line(exc, 300)}{hint}",
+        file=sys.stderr,
+    )
     return EXIT_FAILED
 
 

@@ -33,13 +33,25 @@ def add_arguments(parser) -> None:
     sub = add_subcommands(parser, "cohort")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("idc", help="select CT series from the Imaging Data Commons index (offline)", formatter_class=fmt)
+    p = sub.add_parser(
+        "idc", help="select CT series from the Imaging Data Commons index (offline)", formatter_class=fmt
+    )
     p.add_argument("--out", required=True, metavar="MANIFEST", help="Parquet manifest to write")
-    p.add_argument("--collections", nargs="+", metavar="C", help="IDC collection ids (default: all), e.g. nlst lidc_idri")
-    p.add_argument("--limit", type=int, metavar="N", help="keep the first N series (by collection, patient, study, series)")
-    p.add_argument("--fetch-indices", action="store_true", help="download idc-index's ct_index and volume_geometry_index first (network) so that every filter applies")
+    p.add_argument(
+        "--collections", nargs="+", metavar="C", help="IDC collection ids (default: all), e.g. nlst lidc_idri"
+    )
+    p.add_argument(
+        "--limit", type=int, metavar="N", help="keep the first N series (by collection, patient, study, series)"
+    )
+    p.add_argument(
+        "--fetch-indices",
+        action="store_true",
+        help="download idc-index's ct_index and volume_geometry_index first (network) so that every filter applies",
+    )
 
-    p = sub.add_parser("download", help="download a cohort's series from IDC and fill its 'path' column", formatter_class=fmt)
+    p = sub.add_parser(
+        "download", help="download a cohort's series from IDC and fill its 'path' column", formatter_class=fmt
+    )
     p.add_argument("manifest", help="manifest written by `ctfm cohort idc`")
     p.add_argument("dir", metavar="DIR", help="download folder (collection/patient/study/CT_series/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,7 +67,12 @@ def add_arguments(parser) -> None:
     p.add_argument("cache_dir", metavar="CACHE_DIR", help="cache folder (index.parquet + volumes/)")
     p.add_argument("--workers", type=int, default=1, help="processes preprocessing in parallel")
     p.add_argument("--preset", default="ct-fm-ssl", help="preprocessing preset (default ct-fm-ssl)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype: float32 is exact; float16 halves disk (max error 2.4e-4 on [0, 1])")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16"],
+        help="stored dtype: float32 is exact; float16 halves disk (max error 2.4e-4 on [0, 1])",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -71,12 +88,20 @@ def _idc(args) -> int:
 
     cohort = select_idc_cohort(collections=args.collections, limit=args.limit, fetch_indices=args.fetch_indices)
     write_parquet_atomic(cohort.table, args.out)
-    print(f"IDC {cohort.idc_version}: {cohort.passed} of {cohort.candidates} candidate series pass the filters" + (f"; kept the first {cohort.n_series} (--limit)" if cohort.n_series < cohort.passed else ""))
+    print(
+        f"IDC {cohort.idc_version}: {cohort.passed} of {cohort.candidates} candidate series pass the filters"
+        + (f"; kept the first {cohort.n_series} (--limit)" if cohort.n_series < cohort.passed else "")
+    )
     for key, removed in cohort.applied.items():
-        print(f"  applied: {PAPER_FILTERS[key]} (removed {removed})" + (f" [{cohort.notes[key]}]" if key in cohort.notes else ""))
+        print(
+            f"  applied: {PAPER_FILTERS[key]} (removed {removed})"
+            + (f" [{cohort.notes[key]}]" if key in cohort.notes else "")
+        )
     for key, reason in cohort.skipped.items():
         print(f"  NOT applied: {PAPER_FILTERS[key]}: {reason}")
-    print(f"{cohort.n_series} series, {cohort.n_patients} patients, {cohort.n_collections} collections, {format_size_mb(cohort.size_mb)}; manifest: {args.out}")
+    print(
+        f"{cohort.n_series} series, {cohort.n_patients} patients, {cohort.n_collections} collections, {format_size_mb(cohort.size_mb)}; manifest: {args.out}"
+    )
     return 0
 
 
@@ -84,11 +109,16 @@ def _download(args) -> int:
     from ctfm.cohorts.idc import download_idc
 
     summary = download_idc(args.manifest, args.dir, progress=not args.no_progress)
-    print(f"downloaded {summary.downloaded} series, {summary.already} already had a path, {len(summary.missing)} missing; manifest updated: {args.manifest}")
+    print(
+        f"downloaded {summary.downloaded} series, {summary.already} already had a path, {len(summary.missing)} missing; manifest updated: {args.manifest}"
+    )
     for uid, why in summary.missing[:20]:
         print(f"error: series {uid}: {why}", file=sys.stderr)
     if len(summary.missing) > 20:
-        print(f"error: ... and {len(summary.missing) - 20} more series missing; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"error: ... and {len(summary.missing) - 20} more series missing; rerun the same command to resume",
+            file=sys.stderr,
+        )
     return 1 if summary.missing else 0
 
 
@@ -99,15 +129,24 @@ def _scan(args) -> int:
     summary = scan_local(args.inputs, workers=args.workers, progress=not args.no_progress)
     write_parquet_atomic(summary.table, args.out)
     ok = summary.n_scans - summary.n_errors
-    print(f"scanned {summary.n_scans} scan(s): {ok} usable CT, {summary.n_errors} unreadable or unusable (see the 'error' column); {format_size_mb(summary.disk_bytes / 1e6)} on disk; manifest: {args.out}")
+    print(
+        f"scanned {summary.n_scans} scan(s): {ok} usable CT, {summary.n_errors} unreadable or unusable (see the 'error' column); {format_size_mb(summary.disk_bytes / 1e6)} on disk; manifest: {args.out}"
+    )
     return 0
 
 
 def _cache(args) -> int:
-    from ctfm.pretrain.cache import build_cache
     from ctfm.cohorts import format_size_mb
+    from ctfm.pretrain.cache import build_cache
 
-    summary = build_cache(args.inputs, args.cache_dir, spec=args.preset, workers=args.workers, progress=not args.no_progress, dtype=args.dtype)
+    summary = build_cache(
+        args.inputs,
+        args.cache_dir,
+        spec=args.preset,
+        workers=args.workers,
+        progress=not args.no_progress,
+        dtype=args.dtype,
+    )
     left_out = []
     if summary.unreadable:
         left_out.append(f"{summary.unreadable} marked unreadable in the manifest")

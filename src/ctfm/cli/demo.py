@@ -26,16 +26,33 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--preset", default="ct-fm-ssl", help="preprocessing preset (default ct-fm-ssl)")
     parser.add_argument("--input", metavar="PATH", help="use this CT instead of a synthetic phantom")
-    parser.add_argument("--cohort", type=int, default=4, help="synthetic scans to embed and search (default 4; 0 skips)")
-    parser.add_argument("--mode", default="patches", choices=["patches", "whole"], help="embedding mode for the cohort (default patches: fast on a CPU)")
-    parser.add_argument("--no-examples", dest="examples", action="store_false", help="skip the zero-shot examples (organ-crop retrieval and semantic search between two phantoms)")
-    parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"], help="encoder precision for the cohort (default auto: bf16 where the CPU/GPU has native bf16, else fp32)")
+    parser.add_argument(
+        "--cohort", type=int, default=4, help="synthetic scans to embed and search (default 4; 0 skips)"
+    )
+    parser.add_argument(
+        "--mode",
+        default="patches",
+        choices=["patches", "whole"],
+        help="embedding mode for the cohort (default patches: fast on a CPU)",
+    )
+    parser.add_argument(
+        "--no-examples",
+        dest="examples",
+        action="store_false",
+        help="skip the zero-shot examples (organ-crop retrieval and semantic search between two phantoms)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["fp32", "bf16", "auto"],
+        help="encoder precision for the cohort (default auto: bf16 where the CPU/GPU has native bf16, else fp32)",
+    )
 
 
 def run(args) -> int:
+    import ctfm
     from ctfm.errors import optional_import
     from ctfm.evaluate.reports.figures import orthogonal_slices_figure
-    import ctfm
     from ctfm.io import save_nifti
     from ctfm.preprocess import check_ct, get_preset, require_usable
 
@@ -57,8 +74,16 @@ def run(args) -> int:
 
     image, record = ctfm.load_ct(source)
     checks = check_ct(image, record)
-    worst = "error" if any(c.status == "error" for c in checks) else "warn" if any(c.status == "warn" for c in checks) else "ok"
-    print(f"2/6 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at {' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}")
+    worst = (
+        "error"
+        if any(c.status == "error" for c in checks)
+        else "warn"
+        if any(c.status == "warn" for c in checks)
+        else "ok"
+    )
+    print(
+        f"2/6 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at {' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}"
+    )
     for c in checks:
         if c.status != "ok":
             print(f"      {c.status}: {c.name}: {c.message}")
@@ -66,7 +91,9 @@ def run(args) -> int:
 
     result = ctfm.preprocess(image, spec)
     preprocessed_path = save_nifti(result, out / f"{Path(source).name.split('.')[0]}_{spec.name}.nii.gz")
-    print(f"3/6 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> {preprocessed_path}")
+    print(
+        f"3/6 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> {preprocessed_path}"
+    )
 
     figure = orthogonal_slices_figure(
         [("before (HU)", image, (-1000.0, 1000.0)), (f"after {spec.name} ([0,1])", result, (0.0, 1.0))],
@@ -97,8 +124,12 @@ def embed_cohort(out: Path, args) -> None:
     weights = out / "ct-fm-random-seed0"
     if not (weights / "model.safetensors").exists():
         save_pretrained(init_model("ct-fm", seed=0), weights, provenance={"source": "random-init", "seed": 0})
-    print(f"5/6 weights: {weights} (ct-fm, random init, seed 0) -- the published CT-FM weights cannot be downloaded here;")
-    print("      with network: ctfm models download project-lighter/ct_fm_feature_extractor, then --weights hf-hub:project-lighter/ct_fm_feature_extractor")
+    print(
+        f"5/6 weights: {weights} (ct-fm, random init, seed 0) -- the published CT-FM weights cannot be downloaded here;"
+    )
+    print(
+        "      with network: ctfm models download project-lighter/ct_fm_feature_extractor, then --weights hf-hub:project-lighter/ct_fm_feature_extractor"
+    )
     scans = []
     for seed in range(args.seed, args.seed + args.cohort):
         phantom = make_phantom(seed=seed, shape=COHORT_SHAPE, spacing_mm=COHORT_SPACING_MM)
@@ -107,13 +138,17 @@ def embed_cohort(out: Path, args) -> None:
     from ctfm.embedding.runner import default_device
 
     precision = resolve_precision(args.precision, default_device())
-    records = ctfm.embed([str(p) for p in scans], weights=str(weights), mode=args.mode, precision=precision, out=out / "store")
+    records = ctfm.embed(
+        [str(p) for p in scans], weights=str(weights), mode=args.mode, precision=precision, out=out / "store"
+    )
     names = [Path(r["source_path"]).name.split(".")[0] for r in records]
     vectors = np.stack([r["embedding"] for r in records])
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
-    print(f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {precision}) into {out / 'store'}; nearest neighbours by cosine:")
+    print(
+        f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {precision}) into {out / 'store'}; nearest neighbours by cosine:"
+    )
     for i, name in enumerate(names):
         j = int(np.argmax(similarity[i]))
         print(f"      {name} -> {names[j]} (cosine {similarity[i, j]:.4f})")
@@ -121,7 +156,9 @@ def embed_cohort(out: Path, args) -> None:
 
     store = open_store(out / "store")
     problems = check_store(store)
-    print(f"      store check: {'consistent' if is_consistent(problems) else 'INCONSISTENT'} (preprocessing {records.spec.name}, recorded with each row; `ctfm store info {out / 'store'}` lists its runs)")
+    print(
+        f"      store check: {'consistent' if is_consistent(problems) else 'INCONSISTENT'} (preprocessing {records.spec.name}, recorded with each row; `ctfm store info {out / 'store'}` lists its runs)"
+    )
 
 
 def zero_shot_examples(out: Path, args) -> None:
@@ -133,7 +170,13 @@ def zero_shot_examples(out: Path, args) -> None:
 
     scans = []
     for seed in (args.seed, args.seed + 1):
-        image, labels = write_phantom(make_phantom(seed=seed, shape=COHORT_SHAPE, spacing_mm=COHORT_SPACING_MM), out / "cohort", stem=f"torso_seed{seed}")
+        image, labels = write_phantom(
+            make_phantom(seed=seed, shape=COHORT_SHAPE, spacing_mm=COHORT_SPACING_MM),
+            out / "cohort",
+            stem=f"torso_seed{seed}",
+        )
         scans.append({"image": str(image), "labels": str(labels)})
-    print("zero-shot examples (ctfm evaluate's protocols, small; random weights of a narrow ct-fm encoder, init_filters 8, seed 0: the figures show the machinery, not CT-FM's quality):")
+    print(
+        "zero-shot examples (ctfm evaluate's protocols, small; random weights of a narrow ct-fm encoder, init_filters 8, seed 0: the figures show the machinery, not CT-FM's quality):"
+    )
     demo_examples(scans, out / "examples", init_model("ct-fm", seed=0, init_filters=8))

@@ -17,17 +17,48 @@ import sys
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column",
+    )
     parser.add_argument("--model", default="ct-fm", help="registered model (default ct-fm)")
-    parser.add_argument("--weights", help="model folder, hf-hub:ORG/NAME, .safetensors or .ckpt (default: random init, for testing only)")
-    parser.add_argument("--mode", default="whole", choices=["whole", "patches"], help="whole: one 512-d vector per scan (1 mm, 320^3); patches: sliding windows at 3x1x1 mm")
+    parser.add_argument(
+        "--weights",
+        help="model folder, hf-hub:ORG/NAME, .safetensors or .ckpt (default: random init, for testing only)",
+    )
+    parser.add_argument(
+        "--mode",
+        default="whole",
+        choices=["whole", "patches"],
+        help="whole: one 512-d vector per scan (1 mm, 320^3); patches: sliding windows at 3x1x1 mm",
+    )
     parser.add_argument("--out", required=True, metavar="STORE", help="store folder")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="fp32 (default), bf16 autocast, or auto: bf16 where the device computes it natively")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="fp32 (default), bf16 autocast, or auto: bf16 where the device computes it natively",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--preset", help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for whole, ct-fm-patches for patches); warned when it differs")
+    parser.add_argument(
+        "--preset",
+        help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for whole, ct-fm-patches for patches); warned when it differs",
+    )
     parser.add_argument("--overlap", type=float, default=0.0, help="patch overlap fraction (patches mode)")
-    parser.add_argument("--pool", default="mean", choices=["mean", "max", "min"], help="how patch vectors make the scan vector (3D-MIR uses min)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random init when --weights is not given (default 0, as ctfm.embed)")
+    parser.add_argument(
+        "--pool",
+        default="mean",
+        choices=["mean", "max", "min"],
+        help="how patch vectors make the scan vector (3D-MIR uses min)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the random init when --weights is not given (default 0, as ctfm.embed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist = parser.add_argument_group("past one machine (Lightning)")
     dist.add_argument("--devices", type=int, default=None, help="processes/GPUs per node; >1 runs under Lightning DDP")

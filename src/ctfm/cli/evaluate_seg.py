@@ -17,13 +17,23 @@ import argparse
 
 
 def add_seg(sub) -> None:
-    p = sub.add_parser("seg", help="score segmentations: Dice, HD95, NSD per class with CIs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "seg",
+        help="score segmentations: Dice, HD95, NSD per class with CIs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--pred", required=True, help="predicted label map, or a folder of them")
     p.add_argument("--truth", required=True, help="reference label map, or a folder of them (matched by name)")
-    p.add_argument("--labels", help="class map: totalseg-v2, a JSON file or liver,spleen (default: the predictions' <name>.labels.json)")
+    p.add_argument(
+        "--labels",
+        help="class map: totalseg-v2, a JSON file or liver,spleen (default: the predictions' <name>.labels.json)",
+    )
     p.add_argument("--compare", metavar="PATH", help="a second prediction set: paired Wilcoxon of per-case Dice")
     p.add_argument("--out", metavar="DIR", help="write results.json, metrics.csv and overlay.png here")
-    p.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM", help="surface tolerance of the NSD in mm (default 2)")
+    p.add_argument(
+        "--nsd-tolerance", type=float, default=2.0, metavar="MM", help="surface tolerance of the NSD in mm (default 2)"
+    )
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -34,7 +44,15 @@ def run_seg(args) -> int:
 
     import ctfm
 
-    results = ctfm.evaluate_seg(args.pred, args.truth, labels=args.labels, compare=args.compare, out=args.out, nsd_tolerance_mm=args.nsd_tolerance, n_resamples=args.resamples)
+    results = ctfm.evaluate_seg(
+        args.pred,
+        args.truth,
+        labels=args.labels,
+        compare=args.compare,
+        out=args.out,
+        nsd_tolerance_mm=args.nsd_tolerance,
+        n_resamples=args.resamples,
+    )
     if args.json:
         print(json.dumps({k: v for k, v in results.to_json().items() if k != "per_case"}, indent=2))
     else:
@@ -46,13 +64,17 @@ def run_seg(args) -> int:
             text = "n/a" if not dice else f"{dice['estimate']:.3f} [{dice['low']:.3f}, {dice['high']:.3f}]"
             hd = entry.get("hd95")
             nsd = entry.get("nsd")
-            print(f"{name:<32} {text:>22} {('n/a' if not hd or hd['estimate'] is None or math.isnan(hd['estimate']) else format(hd['estimate'], '.1f')):>10} {('n/a' if not nsd else format(nsd['estimate'], '.3f')):>7}")
+            print(
+                f"{name:<32} {text:>22} {('n/a' if not hd or hd['estimate'] is None or math.isnan(hd['estimate']) else format(hd['estimate'], '.1f')):>10} {('n/a' if not nsd else format(nsd['estimate'], '.3f')):>7}"
+            )
         macro = summary["macro"].get("dice")
         if macro:
             print(f"{'macro':<32} {macro['estimate']:.3f} [{macro['low']:.3f}, {macro['high']:.3f}]")
         if "compare" in results:
             w = results["compare"]["wilcoxon"]["macro_per_case"]
-            print(f"compare: macro Dice per case {w['mean_a']:.3f} vs {w['mean_b']:.3f}, Wilcoxon p = {w['p_value']:.3g} (n = {w['n']})")
+            print(
+                f"compare: macro Dice per case {w['mean_a']:.3f} vs {w['mean_b']:.3f}, Wilcoxon p = {w['p_value']:.3g} (n = {w['n']})"
+            )
         for failure in results["failures"]:
             print(f"failed: {failure['case']}: {failure['error']}")
         if args.out:

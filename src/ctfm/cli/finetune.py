@@ -26,8 +26,17 @@ def add_seg(sub) -> None:
     """``ctfm finetune seg``."""
     from ctfm.cli.pretrain import add_run_arguments
 
-    p = sub.add_parser("seg", help="fine-tune a segmentation model (SegResNetDS with the CT-FM encoder)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["ct-fm-totalseg", "ct-fm-msd", "tiny"], help="start from a preset (default: ct-fm-totalseg unless the file names one)")
+    p = sub.add_parser(
+        "seg",
+        help="fine-tune a segmentation model (SegResNetDS with the CT-FM encoder)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=["ct-fm-totalseg", "ct-fm-msd", "tiny"],
+        help="start from a preset (default: ct-fm-totalseg unless the file names one)",
+    )
     add_run_arguments(p)
 
 
@@ -57,5 +66,7 @@ def run_seg(args) -> int:
     preset = args.preset or (None if args.config else "ct-fm-totalseg")
     config = resolve_seg_config(preset, args.config, parse_set(args.sets))
     export = ctfm.finetune_seg(config, resume=not args.no_resume)
-    print(f"done: run folder {config.out}; model exported to {export} (use: ctfm predict seg SCANS --model {config.out} -o OUTDIR)")
+    print(
+        f"done: run folder {config.out}; model exported to {export} (use: ctfm predict seg SCANS --model {config.out} -o OUTDIR)"
+    )
     return 0

@@ -24,8 +24,15 @@ def add_cls(sub) -> None:
     """Register ``ctfm finetune cls`` on the finetune verb's subparsers."""
     from ctfm.cli.pretrain import add_run_arguments
 
-    p = sub.add_parser("cls", help="fine-tune a classifier (CT-FM trunk + pooled MLP head)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["head-ct", "tiny"], help="start from a preset (default: head-ct unless the file names one)")
+    p = sub.add_parser(
+        "cls",
+        help="fine-tune a classifier (CT-FM trunk + pooled MLP head)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset", choices=["head-ct", "tiny"], help="start from a preset (default: head-ct unless the file names one)"
+    )
     add_run_arguments(p)
 
 
@@ -37,5 +44,7 @@ def run_cls(args) -> int:
     preset = args.preset or (None if args.config else "head-ct")
     config = resolve_cls_config(preset, args.config, parse_set(args.sets))
     export = ctfm.finetune_cls(config, resume=not args.no_resume)
-    print(f"done: run folder {config.out}; classifier exported to {export} (use: ctfm predict cls SCANS --model {config.out} -o preds.csv)")
+    print(
+        f"done: run folder {config.out}; classifier exported to {export} (use: ctfm predict cls SCANS --model {config.out} -o preds.csv)"
+    )
     return 0

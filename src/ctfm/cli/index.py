@@ -29,23 +29,57 @@ def add_arguments(parser) -> None:
     sub = add_subcommands(parser, "index")
     build = sub.add_parser("build", help="build (or rebuild) an index over one run's vectors")
     build.add_argument("store", metavar="STORE")
-    build.add_argument("--level", default="scan", choices=["scan", "patch"], help="scan vectors (default) or patch (window) vectors")
-    build.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"], help="flat: exact (default); ivf: inverted lists; hnsw: graph")
-    build.add_argument("--metric", default="cosine", choices=["cosine", "l2"], help="cosine (default; score = cosine similarity) or l2 (score = -distance)")
-    add_run_selection(build, run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index status`)")
+    build.add_argument(
+        "--level", default="scan", choices=["scan", "patch"], help="scan vectors (default) or patch (window) vectors"
+    )
+    build.add_argument(
+        "--kind",
+        default="flat",
+        choices=["flat", "ivf", "hnsw"],
+        help="flat: exact (default); ivf: inverted lists; hnsw: graph",
+    )
+    build.add_argument(
+        "--metric",
+        default="cosine",
+        choices=["cosine", "l2"],
+        help="cosine (default; score = cosine similarity) or l2 (score = -distance)",
+    )
+    add_run_selection(
+        build,
+        run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index status`)",
+    )
     build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
-    build.add_argument("--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)")
-    build.add_argument("--codec", default="flat", help="ivf: how lists store vectors: flat (default), sq8 (1 byte per value) or pq<M> (M bytes per vector, e.g. pq64)")
-    build.add_argument("--refine", type=int, default=0, help="ivf: keep the full vectors too and re-rank REFINE x k candidates exactly (e.g. 10 with pq)")
+    build.add_argument(
+        "--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)"
+    )
+    build.add_argument(
+        "--codec",
+        default="flat",
+        help="ivf: how lists store vectors: flat (default), sq8 (1 byte per value) or pq<M> (M bytes per vector, e.g. pq64)",
+    )
+    build.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="ivf: keep the full vectors too and re-rank REFINE x k candidates exactly (e.g. 10 with pq)",
+    )
     build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
     build.add_argument("--ef-construction", type=int, default=80, help="hnsw: build-time candidate list (default 80)")
-    build.add_argument("--ef-search", type=int, default=64, help="hnsw: search-time candidate list (default 64; stored as the search default)")
+    build.add_argument(
+        "--ef-search",
+        type=int,
+        default=64,
+        help="hnsw: search-time candidate list (default 64; stored as the search default)",
+    )
     build.add_argument("--json", action="store_true", help="print the manifest as JSON")
     update = sub.add_parser("update", help="extend an index with new scans, or rebuild it when scans changed")
     update.add_argument("store", metavar="STORE")
     update.add_argument("--level", default="scan", choices=["scan", "patch"])
     add_run_selection(update)
-    for name, text in (("status", "runs of the store and the state of each index"), ("check", "exit 1 when any index is stale")):
+    for name, text in (
+        ("status", "runs of the store and the state of each index"),
+        ("check", "exit 1 when any index is stale"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("store", metavar="STORE")
         p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -66,13 +100,25 @@ def _run(args) -> int:
     run_digest, where = run_selection(args)
     store = ctfm.open_store(args.store)
     if args._subcommand == "build":
-        params = IndexParams(kind=args.kind, metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search, codec=args.codec, refine=args.refine)
+        params = IndexParams(
+            kind=args.kind,
+            metric=args.metric,
+            nlist=args.nlist,
+            nprobe=args.nprobe,
+            m=args.hnsw_m,
+            ef_construction=args.ef_construction,
+            ef_search=args.ef_search,
+            codec=args.codec,
+            refine=args.refine,
+        )
         index = ctfm.build_index(store, args.level, params, run=run_digest, where=where)
         if args.json:
             print(json.dumps({k: v for k, v in index.manifest.items() if k != "covered"}, indent=2))
         else:
             m = index.manifest
-            print(f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}")
+            print(
+                f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}"
+            )
         return 0
     if args._subcommand == "update":
         index, done = update_index(store, args.level, run=run_digest, where=where)
@@ -99,4 +145,6 @@ def _print_status(status: dict) -> None:
     if not status["indexes"]:
         print("no index (build one: ctfm index build STORE [--level scan|patch])")
     for i in status["indexes"]:
-        print(f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}")
+        print(
+            f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}"
+        )

@@ -16,7 +16,9 @@ import sys
 
 def add_arguments(parser) -> None:
     parser.add_argument("path", help="a NIfTI/NRRD/MHA file or a DICOM series folder")
-    parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID to load when a folder holds several CT series")
+    parser.add_argument(
+        "--series", metavar="UID", help="SeriesInstanceUID to load when a folder holds several CT series"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
 
 
@@ -62,9 +64,14 @@ def _as_text(report: dict) -> str:
         if r["resampled"]:
             lines.append(f"  resampled    {r['resampled']}")
     hu = report["hu"]
-    lines.append(f"  HU           min {hu['min']:g}  p1 {hu['p1']:g}  p50 {hu['p50']:g}  p99 {hu['p99']:g}  max {hu['max']:g}")
+    lines.append(
+        f"  HU           min {hu['min']:g}  p1 {hu['p1']:g}  p50 {hu['p50']:g}  p99 {hu['p99']:g}  max {hu['max']:g}"
+    )
     lines.append("  checks")
     for c in report["checks"]:
-        lines.append(f"    {c['status']:<5} {c['name']:<15} {c['message']}" + (f" ({c['fix']})" if c["status"] == "warn" and c["fix"] else ""))
+        lines.append(
+            f"    {c['status']:<5} {c['name']:<15} {c['message']}"
+            + (f" ({c['fix']})" if c["status"] == "warn" and c["fix"] else "")
+        )
     lines.append(f"  usable       {'yes' if report['usable'] else 'no'}")
     return "\n".join(lines)

@@ -29,9 +29,15 @@ def add_arguments(parser) -> None:
     sub = add_subcommands(parser, "models", noun="action")
 
     def action(name: str, help_text: str, description: str):
-        return sub.add_parser(name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
 
-    p = action("list", "list the registered models", "List the registered models: name, parameters, preprocessing preset, hub id.\n\nExample:\n  ctfm models list --json")
+    p = action(
+        "list",
+        "list the registered models",
+        "List the registered models: name, parameters, preprocessing preset, hub id.\n\nExample:\n  ctfm models list --json",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON list")
 
     p = action(
@@ -52,7 +58,9 @@ def add_arguments(parser) -> None:
     )
     p.add_argument("checkpoint", help="a .ckpt/.pt/.pth/.safetensors file, a weights folder or hf-hub:ORG/NAME")
     p.add_argument("--model", default="ct-fm", help="registered model name (default: ct-fm)")
-    p.add_argument("--seed", type=int, default=0, help="seed for parts the checkpoint does not hold, e.g. a decoder (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for parts the checkpoint does not hold, e.g. a decoder (default: 0)"
+    )
     _add_writing_arguments(p)
 
     p = action(
@@ -68,9 +76,17 @@ def add_arguments(parser) -> None:
 
 def _add_writing_arguments(p) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="the weights folder to write")
-    p.add_argument("--init-filters", type=int, metavar="N", help="width of the first level (default: the model's, 32 for ct-fm)")
-    p.add_argument("--out-channels", type=int, metavar="N", help="output classes including background (segmentation models only)")
-    p.add_argument("--labels", metavar="MAP", help="class names written with the weights (segmentation models only): totalseg-v2, a JSON file, or liver,spleen (0 is background); sets --out-channels")
+    p.add_argument(
+        "--init-filters", type=int, metavar="N", help="width of the first level (default: the model's, 32 for ct-fm)"
+    )
+    p.add_argument(
+        "--out-channels", type=int, metavar="N", help="output classes including background (segmentation models only)"
+    )
+    p.add_argument(
+        "--labels",
+        metavar="MAP",
+        help="class names written with the weights (segmentation models only): totalseg-v2, a JSON file, or liver,spleen (0 is background); sets --out-channels",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
 
 
@@ -97,17 +113,25 @@ def _list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = {"name": "name", "params": "params", "preprocess": "preprocess", "hub_id": "hub id", "description": "description"}
+    header = {
+        "name": "name",
+        "params": "params",
+        "preprocess": "preprocess",
+        "hub_id": "hub id",
+        "description": "description",
+    }
     cells = [header] + [{**r, "params": f"{r['params']:,}", "hub_id": r["hub_id"] or "-"} for r in rows]
     widths = {k: max(len(str(c[k])) for c in cells) for k in ("name", "params", "preprocess", "hub_id")}
     for c in cells:
-        print(f"{c['name']:<{widths['name']}}  {c['params']:>{widths['params']}}  {c['preprocess']:<{widths['preprocess']}}  {c['hub_id']:<{widths['hub_id']}}  {c['description']}")
+        print(
+            f"{c['name']:<{widths['name']}}  {c['params']:>{widths['params']}}  {c['preprocess']:<{widths['preprocess']}}  {c['hub_id']:<{widths['hub_id']}}  {c['description']}"
+        )
     return 0
 
 
 def _download(args) -> int:
-    from ctfm.models import download_weights
     from ctfm.io.hashing import file_sha256
+    from ctfm.models import download_weights
     from ctfm.models.weights import WEIGHTS_NAME
 
     folder = download_weights(args.repo, out=args.out)
@@ -121,7 +145,10 @@ def _convert(args) -> int:
     from ctfm.models.weights import portable_source
 
     folder, info = convert_checkpoint(args.checkpoint, args.out, args.model, args.seed, **_writing(args))
-    _report(folder, f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded into the {info.loaded_into})")
+    _report(
+        folder,
+        f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded into the {info.loaded_into})",
+    )
     return 0
 
 
@@ -139,4 +166,6 @@ def _report(folder, what: str) -> None:
     sidecar = json.loads((folder / SIDECAR_NAME).read_text())
     print(f"{folder}")
     print(f"  {what}")
-    print(f"  model {sidecar['model']}, {sidecar['weights']['parameters']:,} parameters, sha256 {sidecar['weights']['sha256']}")
+    print(
+        f"  model {sidecar['model']}, {sidecar['weights']['parameters']:,} parameters, sha256 {sidecar['weights']['sha256']}"
+    )

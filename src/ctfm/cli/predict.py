@@ -22,25 +22,66 @@ import sys
 
 
 def add_seg(sub) -> None:
-    p = sub.add_parser("seg", help="segmentation label maps on each input's own grid", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column")
-    p.add_argument("--model", required=True, metavar="WEIGHTS_OR_RUN", help="a segmentation weights folder, hf-hub:ORG/NAME, a checkpoint, a fine-tuning run folder, or encoder weights with --labels")
+    p = sub.add_parser(
+        "seg",
+        help="segmentation label maps on each input's own grid",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="WEIGHTS_OR_RUN",
+        help="a segmentation weights folder, hf-hub:ORG/NAME, a checkpoint, a fine-tuning run folder, or encoder weights with --labels",
+    )
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="output folder")
-    p.add_argument("--labels", metavar="MAP", help="class names: totalseg-v2, a JSON file or liver,spleen (default: those recorded with the weights)")
-    p.add_argument("--format", dest="output_format", default="nifti", choices=["nifti", "dicom-seg"], help="nifti (default) or dicom-seg (also writes the NIfTI)")
-    p.add_argument("--classes", metavar="NAMES", help="keep only these classes, e.g. liver,spleen (the others become background)")
+    p.add_argument(
+        "--labels",
+        metavar="MAP",
+        help="class names: totalseg-v2, a JSON file or liver,spleen (default: those recorded with the weights)",
+    )
+    p.add_argument(
+        "--format",
+        dest="output_format",
+        default="nifti",
+        choices=["nifti", "dicom-seg"],
+        help="nifti (default) or dicom-seg (also writes the NIfTI)",
+    )
+    p.add_argument(
+        "--classes", metavar="NAMES", help="keep only these classes, e.g. liver,spleen (the others become background)"
+    )
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the weights', 0.625)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--statistics", action="store_true", help="per-class volume (ml), mean/sd HU and voxel count as JSON and CSV")
+    p.add_argument(
+        "--statistics", action="store_true", help="per-class volume (ml), mean/sd HU and voxel count as JSON and CSV"
+    )
     p.add_argument("--overwrite", action="store_true", help="predict again even where outputs exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_cls(sub) -> None:
-    p = sub.add_parser("cls", help="class probabilities per scan from a `ctfm finetune cls` model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column")
-    p.add_argument("--model", required=True, metavar="RUN", help="run folder of ctfm finetune cls, or its export/ folder")
+    p = sub.add_parser(
+        "cls",
+        help="class probabilities per scan from a `ctfm finetune cls` model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, folders, DICOM trees, or CSV/Parquet manifests with a 'path' column",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="RUN", help="run folder of ctfm finetune cls, or its export/ folder"
+    )
     p.add_argument("-o", "--out", required=True, metavar="CSV", help="predictions CSV")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")

@@ -35,7 +35,9 @@ def resolve_spec(preset: str | None, spec_path: str | None):
         except FileNotFoundError:
             raise CTInputError(spec_path, "no such spec file", "check the path") from None
         except (ValueError, TypeError) as exc:
-            raise CTInputError(spec_path, f"invalid PreprocessSpec ({exc})", "compare with `ctfm preprocess --list` and the README") from None
+            raise CTInputError(
+                spec_path, f"invalid PreprocessSpec ({exc})", "compare with `ctfm preprocess --list` and the README"
+            ) from None
     return get_preset(preset or "ct-fm-ssl")
 
 
@@ -50,7 +52,11 @@ def run(args) -> int:
             print(f"{name:<15} {spec.description}" + (f"; patch {list(size)} voxels" if size else ""))
         return 0
     if not args.path or not args.out:
-        raise CTInputError(None, "preprocess needs PATH and -o OUT.nii.gz", "e.g. ctfm preprocess scan.nii.gz --preset ct-fm-ssl -o out.nii.gz")
+        raise CTInputError(
+            None,
+            "preprocess needs PATH and -o OUT.nii.gz",
+            "e.g. ctfm preprocess scan.nii.gz --preset ct-fm-ssl -o out.nii.gz",
+        )
     out = Path(args.out)
     if not out.name.endswith((".nii", ".nii.gz")):
         raise CTInputError(out, "output must be a NIfTI file", "name it OUT.nii.gz")
@@ -67,5 +73,7 @@ def run(args) -> int:
     if args.save_spec:
         spec.save(args.save_spec)
     shape = "x".join(str(s) for s in result.shape[1:])
-    print(f"wrote {out} ({spec.name}: {shape} voxels, {spec.orientation}, spacing {list(spec.spacing_mm) if spec.spacing_mm else 'as acquired'} mm)")
+    print(
+        f"wrote {out} ({spec.name}: {shape} voxels, {spec.orientation}, spacing {list(spec.spacing_mm) if spec.spacing_mm else 'as acquired'} mm)"
+    )
     return 0

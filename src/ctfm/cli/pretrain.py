@@ -16,7 +16,9 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", choices=["ct-fm", "tiny"], help="start from a preset (default: ct-fm unless the file names one)")
+    parser.add_argument(
+        "--preset", choices=["ct-fm", "tiny"], help="start from a preset (default: ct-fm unless the file names one)"
+    )
     add_run_arguments(parser)
 
 
@@ -24,7 +26,14 @@ def add_run_arguments(parser) -> None:
     """The options of every training verb (``ctfm pretrain``, ``ctfm finetune TASK``): --config, --set, --no-resume."""
     config_help = "YAML or JSON config (values only); may name a preset with `preset: NAME`"
     parser.add_argument("--config", metavar="FILE", help=config_help)
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key (JSON value or string); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (JSON value or string); repeatable",
+    )
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints/last.ckpt in the run folder")
 
 
@@ -36,5 +45,7 @@ def run(args) -> int:
     preset = args.preset or (None if args.config else "ct-fm")
     config = resolve_pretrain_config(preset, args.config, parse_set(args.sets))
     export = ctfm.pretrain(config, resume=not args.no_resume)
-    print(f"done: run folder {config.out}; encoder exported to {export} (use: ctfm embed SCANS --weights {export} --out STORE)")
+    print(
+        f"done: run folder {config.out}; encoder exported to {export} (use: ctfm embed SCANS --weights {export} --out STORE)"
+    )
     return 0

@@ -27,20 +27,54 @@ import sys
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE")
     query = parser.add_mutually_exclusive_group(required=True)
-    query.add_argument("--scan", metavar="ID_OR_PATH", help="scan-level query: a scan id or path in the store, or a file (embedded first; needs --weights)")
-    query.add_argument("--point", metavar="PATH_OR_ID:x,y,z", help="region query: the window centred on x,y,z (world mm, RAS) of that scan")
-    parser.add_argument("--target", metavar="ID_OR_PATH", help="region search in this scan only (a file outside the store is embedded first)")
+    query.add_argument(
+        "--scan",
+        metavar="ID_OR_PATH",
+        help="scan-level query: a scan id or path in the store, or a file (embedded first; needs --weights)",
+    )
+    query.add_argument(
+        "--point",
+        metavar="PATH_OR_ID:x,y,z",
+        help="region query: the window centred on x,y,z (world mm, RAS) of that scan",
+    )
+    parser.add_argument(
+        "--target",
+        metavar="ID_OR_PATH",
+        help="region search in this scan only (a file outside the store is embedded first)",
+    )
     parser.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
-    parser.add_argument("--heatmap", metavar="OUT.nii.gz", help="region search: write the similarity volume on the target's grid (the best hit's without --target)")
+    parser.add_argument(
+        "--heatmap",
+        metavar="OUT.nii.gz",
+        help="region search: write the similarity volume on the target's grid (the best hit's without --target)",
+    )
     parser.add_argument("--json", action="store_true", help="print the hits as a JSON list")
-    parser.add_argument("--weights", help="the store's weights (checked by sha256): needed for files outside the store, centred query windows and fine refinement")
+    parser.add_argument(
+        "--weights",
+        help="the store's weights (checked by sha256): needed for files outside the store, centred query windows and fine refinement",
+    )
     from ctfm.cli.selection import add_run_selection
 
-    add_run_selection(parser, run_help="the run to search when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)")
-    parser.add_argument("--query-from", default="auto", choices=["auto", "centred", "stored"], help="region query window: centred on the point (needs --weights) or the stored window nearest it; auto: centred with --weights")
-    parser.add_argument("--refine", default="auto", choices=["auto", "fine", "weighted", "none"], help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the top windows), none (best window centre); auto: fine for --target with --weights, else weighted")
+    add_run_selection(
+        parser,
+        run_help="the run to search when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)",
+    )
+    parser.add_argument(
+        "--query-from",
+        default="auto",
+        choices=["auto", "centred", "stored"],
+        help="region query window: centred on the point (needs --weights) or the stored window nearest it; auto: centred with --weights",
+    )
+    parser.add_argument(
+        "--refine",
+        default="auto",
+        choices=["auto", "fine", "weighted", "none"],
+        help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the top windows), none (best window centre); auto: fine for --target with --weights, else weighted",
+    )
     parser.add_argument("--include-self", action="store_true", help="let the query scan itself be a hit")
-    parser.add_argument("--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector")
+    parser.add_argument(
+        "--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector"
+    )
     parser.add_argument("--device", default="cpu", help="where the encoder runs (default cpu)")
 
 
@@ -54,7 +88,9 @@ def parse_point(text: str):
     except ValueError:
         values = []
     if not sep or not scan or len(values) != 3:
-        raise OptionError(f"--point {text!r}: expected PATH_OR_ID:x,y,z with three numbers in world mm (RAS), e.g. scan.nii.gz:12.5,-30,104")
+        raise OptionError(
+            f"--point {text!r}: expected PATH_OR_ID:x,y,z with three numbers in world mm (RAS), e.g. scan.nii.gz:12.5,-30,104"
+        )
     return scan, values
 
 
@@ -65,7 +101,13 @@ def run(args) -> int:
 
     run_digest, where = run_selection(args)
     filters = None  # --where is the session's: it picks the run and keeps only matching scans as hits
-    options = {"run": run_digest, "where": where, "weights": args.weights, "device": args.device, "use_index": not args.exact}
+    options = {
+        "run": run_digest,
+        "where": where,
+        "weights": args.weights,
+        "device": args.device,
+        "use_index": not args.exact,
+    }
     if args.scan is not None:
         if args.heatmap or args.target:
             from ctfm.errors import OptionError
@@ -79,16 +121,29 @@ def run(args) -> int:
     scan, point = parse_point(args.point)
     session = SearchSession(args.store, **options)  # region search keeps its session for the query and heatmap
     query = session.region_query(scan, point, args.query_from)
-    hits = session.search_point(query, point, k=args.k, target=args.target, filters=filters, refine=args.refine, include_self=args.include_self)
+    hits = session.search_point(
+        query, point, k=args.k, target=args.target, filters=filters, refine=args.refine, include_self=args.include_self
+    )
     if not args.json:
-        print(f"query: {query.scan.source_path} at ({', '.join(f'{v:g}' for v in point)}) mm RAS: {query.describe()}", file=sys.stderr)
+        print(
+            f"query: {query.scan.source_path} at ({', '.join(f'{v:g}' for v in point)}) mm RAS: {query.describe()}",
+            file=sys.stderr,
+        )
     if args.heatmap:
         target = args.target or (hits[0].scan_id if hits else None)
         if target is not None:
-            session.write_similarity_volume(query, target if args.target else session.resolve(hits[0].scan_id), args.heatmap)
+            session.write_similarity_volume(
+                query, target if args.target else session.resolve(hits[0].scan_id), args.heatmap
+            )
             if not args.json:
                 print(f"similarity volume: {args.heatmap}", file=sys.stderr)
-    _print(hits, args.json, lambda h: f"{h.rank:3d}  {h.score:+.4f}  ({', '.join(f'{v:.1f}' for v in h.point_mm)}) mm  {h.scan_id}  {h.source_path}")
+    _print(
+        hits,
+        args.json,
+        lambda h: (
+            f"{h.rank:3d}  {h.score:+.4f}  ({', '.join(f'{v:.1f}' for v in h.point_mm)}) mm  {h.scan_id}  {h.source_path}"
+        ),
+    )
     return 0
 
 

@@ -25,7 +25,7 @@ class _RemovedFlag(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         used = list(getattr(namespace, "_removed_flags", None) or [])
         used.append(f"{option_string} {values}" if values is not None else option_string)
-        setattr(namespace, "_removed_flags", used)
+        namespace._removed_flags = used
 
 
 def add_run_selection(parser, removed: tuple[str, ...] = REMOVED_FLAGS, run_help: str = RUN_HELP) -> None:

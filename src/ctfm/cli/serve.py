@@ -20,13 +20,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
-    parser.add_argument("--weights", help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: needed for uploads and centred query windows (a store embedded with ctfm's seeded random init needs none)")
+    parser.add_argument(
+        "--weights",
+        help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: needed for uploads and centred query windows (a store embedded with ctfm's seeded random init needs none)",
+    )
     from ctfm.cli.selection import add_run_selection
 
-    add_run_selection(parser, run_help="the patch-level run to serve when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)")
-    parser.add_argument("--query", default="stored", choices=["stored", "centred"], help="default query vector: stored (the query scan's stored window nearest the click; milliseconds) or centred (the window centred on the click, embedded: the reference protocol, about a second or more per click on a CPU); the page can switch")
-    parser.add_argument("--refine", default="weighted", choices=["weighted", "fine", "none"], help="how hits move from their best window to a point (default weighted: no model run; fine: pattern search with the encoder, slow on a CPU)")
-    parser.add_argument("--display-cache-gb", type=float, default=20.0, help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read from their sources when chosen")
+    add_run_selection(
+        parser,
+        run_help="the patch-level run to serve when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)",
+    )
+    parser.add_argument(
+        "--query",
+        default="stored",
+        choices=["stored", "centred"],
+        help="default query vector: stored (the query scan's stored window nearest the click; milliseconds) or centred (the window centred on the click, embedded: the reference protocol, about a second or more per click on a CPU); the page can switch",
+    )
+    parser.add_argument(
+        "--refine",
+        default="weighted",
+        choices=["weighted", "fine", "none"],
+        help="how hits move from their best window to a point (default weighted: no model run; fine: pattern search with the encoder, slow on a CPU)",
+    )
+    parser.add_argument(
+        "--display-cache-gb",
+        type=float,
+        default=20.0,
+        help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read from their sources when chosen",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -40,15 +61,35 @@ def run(args) -> int:
     if not 0 <= args.port <= 65535:
         raise OptionError(f"--port {args.port}: expected 0..65535")
     if not args.display_cache_gb >= 0:
-        raise OptionError(f"--display-cache-gb {args.display_cache_gb:g}: expected a size in GiB (0 turns the folder off)")
+        raise OptionError(
+            f"--display-cache-gb {args.display_cache_gb:g}: expected a size in GiB (0 turns the folder off)"
+        )
     if not args.max_upload_mb > 0:
         raise OptionError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size in MiB")
 
     def announce(url: str, state) -> None:
-        reach = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from other machines"
-        print(f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {reach}); API at {url}/docs; Ctrl-C stops", flush=True)
+        reach = (
+            "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from other machines"
+        )
+        print(
+            f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {reach}); API at {url}/docs; Ctrl-C stops",
+            flush=True,
+        )
         if state.weights_note:
             print(f"warning: {state.weights_note}", file=sys.stderr, flush=True)
 
-    ctfm.serve(args.store, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, weights=args.weights, run=run_digest, where=where, device=args.device, query_from=args.query, refine=args.refine, display_cache_gb=args.display_cache_gb, on_start=announce)
+    ctfm.serve(
+        args.store,
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        weights=args.weights,
+        run=run_digest,
+        where=where,
+        device=args.device,
+        query_from=args.query,
+        refine=args.refine,
+        display_cache_gb=args.display_cache_gb,
+        on_start=announce,
+    )
     return 0

@@ -49,11 +49,18 @@ def _run(args) -> int:
         problems = check_store(store)
         ok = is_consistent(problems)
         if args.json:
-            print(json.dumps({"store": str(store.root), "consistent": ok, "problems": [p.to_dict() for p in problems]}, indent=2))
+            print(
+                json.dumps(
+                    {"store": str(store.root), "consistent": ok, "problems": [p.to_dict() for p in problems]}, indent=2
+                )
+            )
         else:
             for p in problems:
                 level = "note" if p.code == "superseded_patches" else "problem"
-                print(f"{level}: {p.code} ({p.count}): {p.message} ({p.fix})", file=sys.stdout if level == "note" else sys.stderr)
+                print(
+                    f"{level}: {p.code} ({p.count}): {p.message} ({p.fix})",
+                    file=sys.stdout if level == "note" else sys.stderr,
+                )
             print(f"{store.root}: {'consistent' if ok else 'INCONSISTENT'}")
         return 0 if ok else 1
     store.compact()
@@ -62,14 +69,28 @@ def _run(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"store {summary['store']}: {summary['scans']} scan(s) in {summary['scan_rows']} row(s), {summary['patches']} patch(es), {summary['failures']} failure(s) ({summary['failed_sources']} source(s)), {summary['pending_parts']} pending part file(s), {summary['bytes'] / 1e6:.1f} MB")
+    print(
+        f"store {summary['store']}: {summary['scans']} scan(s) in {summary['scan_rows']} row(s), {summary['patches']} patch(es), {summary['failures']} failure(s) ({summary['failed_sources']} source(s)), {summary['pending_parts']} pending part file(s), {summary['bytes'] / 1e6:.1f} MB"
+    )
     if not summary["runs"]:
         print("no runs")
         return
     print("runs (one per computation key):")
     header = ("run", "mode", "pool", "overlap", "precision", "model", "weights", "preset", "dim", "scans", "patches")
     rows = [
-        (r["digest"], r["mode"], r["pool"], f"{r['overlap']:g}", r["precision"], r["model"], str(r["weights_sha256"])[:12], r["preset"], str(r["dim"]), str(r["scans"]), str(r["patches"]))
+        (
+            r["digest"],
+            r["mode"],
+            r["pool"],
+            f"{r['overlap']:g}",
+            r["precision"],
+            r["model"],
+            str(r["weights_sha256"])[:12],
+            r["preset"],
+            str(r["dim"]),
+            str(r["scans"]),
+            str(r["patches"]),
+        )
         for r in summary["runs"]
     ]
     widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(header)]

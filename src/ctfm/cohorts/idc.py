@@ -133,7 +133,9 @@ def apply_paper_filters(df):
             ok = as_bool(pc.greater(number("instanceCount"), MIN_INSTANCES), False)
         elif key == "slice_thickness":
             low, high = THICKNESS_RANGE_MM
-            lo_col, hi_col = ("SliceThickness_min", "SliceThickness_max") if "+" in choice else ("SliceThickness", "SliceThickness")
+            lo_col, hi_col = (
+                ("SliceThickness_min", "SliceThickness_max") if "+" in choice else ("SliceThickness", "SliceThickness")
+            )
             ok = as_bool(pc.and_(pc.greater_equal(number(lo_col), low), pc.less_equal(number(hi_col), high)), False)
         elif key == "localizer":
             ok = ~_has_localizer(column("ImageType"), n)
@@ -159,7 +161,9 @@ def _has_localizer(arr, n: int) -> np.ndarray:
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         arr = pc.split_pattern(arr, "\\")
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
-        raise OptionError(f"ImageType column of type {arr.type}: expected a list of strings or a backslash-separated string")
+        raise OptionError(
+            f"ImageType column of type {arr.type}: expected a list of strings or a backslash-separated string"
+        )
     values = pc.utf8_upper(pc.utf8_trim_whitespace(pc.cast(pc.list_flatten(arr), pa.string())))
     parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
     hit = np.asarray(pc.fill_null(pc.equal(values, "LOCALIZER"), False).to_numpy(zero_copy_only=False), dtype=bool)
@@ -208,7 +212,9 @@ class IDCCohort:
         return float(total or 0.0)
 
 
-def select_idc_cohort(collections=None, limit: int | None = None, fetch_indices: bool = False, client=None) -> IDCCohort:
+def select_idc_cohort(
+    collections=None, limit: int | None = None, fetch_indices: bool = False, client=None
+) -> IDCCohort:
     """CT series of the Imaging Data Commons that pass CT-FM's filters, as a manifest.
 
     Reads the index bundled with idc-index (no network). ``ct_index`` and
@@ -232,7 +238,12 @@ def select_idc_cohort(collections=None, limit: int | None = None, fetch_indices:
         unknown = [c for c in wanted if c not in known]
         if unknown:
             hints = sorted({m for c in unknown for m in difflib.get_close_matches(c.lower(), sorted(known), n=3)})
-            raise CTInputError(None, f"unknown IDC collection(s): {', '.join(unknown)}", "collection ids are lower case, e.g. nlst, lidc_idri" + (f"; close matches: {', '.join(hints)}" if hints else ""))
+            raise CTInputError(
+                None,
+                f"unknown IDC collection(s): {', '.join(unknown)}",
+                "collection ids are lower case, e.g. nlst, lidc_idri"
+                + (f"; close matches: {', '.join(hints)}" if hints else ""),
+            )
         index = index[index["collection_id"].isin(wanted)]
     df = index[[c for c in _IDC_COLUMNS if c in index.columns]]
     skipped_reasons: dict[str, str] = {}
@@ -256,7 +267,9 @@ def select_idc_cohort(collections=None, limit: int | None = None, fetch_indices:
         if limit < 1:
             raise CTInputError(None, f"--limit {limit}", "give a positive number of series")
         kept = kept.head(int(limit))
-    kept = kept.drop(columns=[c for c in ("ImageType", "unique_slice_positions") if c in kept.columns]).reset_index(drop=True)
+    kept = kept.drop(columns=[c for c in ("ImageType", "unique_slice_positions") if c in kept.columns]).reset_index(
+        drop=True
+    )
     table = pa.Table.from_pandas(kept, preserve_index=False)
     version = str(getattr(client, "idc_version", "") or "")
     table = _with_manifest_columns(table, version)
@@ -268,7 +281,15 @@ def select_idc_cohort(collections=None, limit: int | None = None, fetch_indices:
         "ctfm.filter_notes": json.dumps(notes),
     }
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
-    return IDCCohort(table=table, applied=applied, skipped=skipped, notes=notes, idc_version=version, candidates=candidates, passed=passed)
+    return IDCCohort(
+        table=table,
+        applied=applied,
+        skipped=skipped,
+        notes=notes,
+        idc_version=version,
+        candidates=candidates,
+        passed=passed,
+    )
 
 
 def _extra_index(client, name: str, columns: list[str], fetch: bool):
@@ -278,15 +299,26 @@ def _extra_index(client, name: str, columns: list[str], fetch: bool):
         return None, f"this idc-index version has no {name}"
     installed = bool(overview[name].get("installed"))
     if not installed and not fetch:
-        return None, f"needs idc-index's {name}, which is not bundled with the package and not installed locally (--fetch-indices downloads it; that needs network access)"
+        return (
+            None,
+            f"needs idc-index's {name}, which is not bundled with the package and not installed locally (--fetch-indices downloads it; that needs network access)",
+        )
     try:
         client.fetch_index(name)  # loads from disk when installed, downloads otherwise
     except Exception as exc:
-        raise CTInputError(None, f"could not fetch the IDC {name} ({one_line(exc, 200, with_type=True)})", "check network access, or leave out --fetch-indices to select with the bundled index only") from None
+        raise CTInputError(
+            None,
+            f"could not fetch the IDC {name} ({one_line(exc, 200, with_type=True)})",
+            "check network access, or leave out --fetch-indices to select with the bundled index only",
+        ) from None
     table = getattr(client, name, None)
     if table is None:
         if fetch and not installed:
-            raise CTInputError(None, f"could not fetch the IDC {name} (idc-index logged the failure)", "check network access, or leave out --fetch-indices to select with the bundled index only")
+            raise CTInputError(
+                None,
+                f"could not fetch the IDC {name} (idc-index logged the failure)",
+                "check network access, or leave out --fetch-indices to select with the bundled index only",
+            )
         return None, f"idc-index's {name} could not be loaded"
     missing = [c for c in ["SeriesInstanceUID", *columns] if c not in table.columns]
     if missing:
@@ -329,7 +361,13 @@ class DownloadSummary:
 
 def series_folder(out_dir, row: dict) -> Path:
     """Where idc-index puts a series under :data:`IDC_DIR_TEMPLATE`."""
-    return Path(out_dir) / str(row["collection_id"]) / str(row["PatientID"]) / str(row["StudyInstanceUID"]) / f"{row['Modality']}_{row['SeriesInstanceUID']}"
+    return (
+        Path(out_dir)
+        / str(row["collection_id"])
+        / str(row["PatientID"])
+        / str(row["StudyInstanceUID"])
+        / f"{row['Modality']}_{row['SeriesInstanceUID']}"
+    )
 
 
 def idc_download(series_uids: list[str], out_dir: Path, progress: bool = True) -> list[str]:
@@ -344,7 +382,14 @@ def idc_download(series_uids: list[str], out_dir: Path, progress: bool = True) -
     logger = logging.getLogger("idc_index")
     logger.addHandler(captured)
     try:
-        client.download_from_selection(downloadDir=str(out_dir), seriesInstanceUID=list(series_uids), dirTemplate=IDC_DIR_TEMPLATE, show_progress_bar=progress, quiet=True, use_s5cmd_sync=True)
+        client.download_from_selection(
+            downloadDir=str(out_dir),
+            seriesInstanceUID=list(series_uids),
+            dirTemplate=IDC_DIR_TEMPLATE,
+            show_progress_bar=progress,
+            quiet=True,
+            use_s5cmd_sync=True,
+        )
     finally:
         logger.removeHandler(captured)
     return captured.messages
@@ -386,7 +431,11 @@ def download_idc(manifest, out_dir, downloader=None, progress: bool = True) -> D
     needed = ["SeriesInstanceUID", "StudyInstanceUID", "PatientID", "collection_id", "Modality"]
     absent = [c for c in needed if c not in table.column_names]
     if absent:
-        raise CTInputError(manifest, f"not an IDC cohort manifest (no {', '.join(absent)} column)", "make one with `ctfm cohort idc --out cohort.parquet`")
+        raise CTInputError(
+            manifest,
+            f"not an IDC cohort manifest (no {', '.join(absent)} column)",
+            "make one with `ctfm cohort idc --out cohort.parquet`",
+        )
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table.to_pylist()
@@ -418,11 +467,17 @@ def download_idc(manifest, out_dir, downloader=None, progress: bool = True) -> D
         if summary.downloaded:
             column = table.column_names.index("path") if "path" in table.column_names else None
             array = pa.array(paths, pa.string())
-            table = table.set_column(column, "path", array) if column is not None else table.append_column("path", array)
+            table = (
+                table.set_column(column, "path", array) if column is not None else table.append_column("path", array)
+            )
             write_parquet_atomic(table, manifest)
         if not summary.downloaded:
             first = _first_error(summary.errors)
-            raise CTInputError(out_dir, f"none of {len(todo)} series could be downloaded from IDC" + (f": {first}" if first else ""), "check network access to the IDC buckets (s3.amazonaws.com); rerun the same command to resume")
+            raise CTInputError(
+                out_dir,
+                f"none of {len(todo)} series could be downloaded from IDC" + (f": {first}" if first else ""),
+                "check network access to the IDC buckets (s3.amazonaws.com); rerun the same command to resume",
+            )
     return summary
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, one_line
-from ctfm.runtime import parallel_map
 from ctfm.io import content_hash
 from ctfm.io.sources import discover_inputs
 from ctfm.preprocess import load_usable_ct
+from ctfm.runtime import parallel_map
+
 
 def describe_source(source) -> dict:
     """One manifest row for a scan source: geometry, UIDs, sizes; ``error`` when unusable."""
@@ -89,7 +90,13 @@ _SCAN_SCHEMA = [
 def _scan_schema():
     import pyarrow as pa
 
-    types = {"string": pa.string(), "double": pa.float64(), "int64": pa.int64(), "list<int64>": pa.list_(pa.int64()), "list<double>": pa.list_(pa.float64())}
+    types = {
+        "string": pa.string(),
+        "double": pa.float64(),
+        "int64": pa.int64(),
+        "list<int64>": pa.list_(pa.int64()),
+        "list<double>": pa.list_(pa.float64()),
+    }
     return pa.schema([(name, types[t]) for name, t in _SCAN_SCHEMA])
 
 
@@ -120,7 +127,6 @@ def scan_local(inputs, workers: int = 1, progress: bool = True) -> ScanSummary:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
 
@@ -130,7 +136,12 @@ def scan_local(inputs, workers: int = 1, progress: bool = True) -> ScanSummary:
     errors = 0
 
     def crashed(source, message):
-        return {"scan_id": source.scan_id, "path": os.path.abspath(source.path), "series_uid": source.series_uid, "error": message}
+        return {
+            "scan_id": source.scan_id,
+            "path": os.path.abspath(source.path),
+            "series_uid": source.series_uid,
+            "error": message,
+        }
 
     with tqdm(total=len(sources), unit="scan", desc="scanning", disable=not progress, dynamic_ncols=True) as bar:
         for _, row in parallel_map(describe_source, sources, workers=workers, on_crash=crashed):

@@ -38,7 +38,11 @@ def build_encoder(model: str, weights: str | None, seed: int):
 
     if weights is not None:
         return create_model(model, weights=weights)
-    warnings.warn(f"no weights given: {model} with random weights (seed {seed}), for testing only; give weights (e.g. hf-hub:project-lighter/ct_fm_feature_extractor) for CT-FM", RandomWeightsWarning, stacklevel=3)
+    warnings.warn(
+        f"no weights given: {model} with random weights (seed {seed}), for testing only; give weights (e.g. hf-hub:project-lighter/ct_fm_feature_extractor) for CT-FM",
+        RandomWeightsWarning,
+        stacklevel=3,
+    )
     return init_model(model, seed)
 
 
@@ -104,7 +108,15 @@ def embed(
             return EmbedRun(summary=None, spec=spec, store=out)
         summary.skipped += len(sources) - len(todo)
     else:
-        summary = run_sources(sources, encoder.to(device), model, options, store, progress=progress, keep_records=store is None and return_records)
+        summary = run_sources(
+            sources,
+            encoder.to(device),
+            model,
+            options,
+            store,
+            progress=progress,
+            keep_records=store is None and return_records,
+        )
     if store is None:
         return EmbedRun(summary.records, summary=summary, spec=spec)
     store.compact()

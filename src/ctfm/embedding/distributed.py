@@ -49,7 +49,15 @@ def _first(batch):
     return batch[0]
 
 
-def run_distributed(sources: list[ScanSource], encoder, model_name: str, options: EmbedOptions, store, trainer_kwargs: dict, progress: bool = False) -> RunSummary | None:
+def run_distributed(
+    sources: list[ScanSource],
+    encoder,
+    model_name: str,
+    options: EmbedOptions,
+    store,
+    trainer_kwargs: dict,
+    progress: bool = False,
+) -> RunSummary | None:
     """Embed ``sources`` with Lightning's ``Trainer.predict`` under the given strategy.
 
     ``sources`` must be the same list on every rank (the caller filters finished scans before
@@ -79,14 +87,25 @@ def run_distributed(sources: list[ScanSource], encoder, model_name: str, options
         def predict_step(self, index, batch_idx):
             source = sources[int(index)]
             # The per-scan work is the same as on one machine; each rank writes its own parts.
-            one = run_sources([source], self.encoder, model_name, options, store, writer=f"r{self.global_rank}", progress=False, skip_done=False)
+            one = run_sources(
+                [source],
+                self.encoder,
+                model_name,
+                options,
+                store,
+                writer=f"r{self.global_rank}",
+                progress=False,
+                skip_done=False,
+            )
             self.summary.done += one.done
             self.summary.skipped += one.skipped
             self.summary.failed += one.failed
             return None
 
     module = EmbedModule()
-    loader = DataLoader(_Sources(sources), batch_size=1, sampler=_RankStride(len(sources)), collate_fn=_first, num_workers=0)
+    loader = DataLoader(
+        _Sources(sources), batch_size=1, sampler=_RankStride(len(sources)), collate_fn=_first, num_workers=0
+    )
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=False,
@@ -102,7 +121,9 @@ def run_distributed(sources: list[ScanSource], encoder, model_name: str, options
     _, world = rank_and_world_size(environment=False)
     if world > 1:
         gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, (module.summary.done, module.summary.skipped, module.summary.failed))
+        torch.distributed.all_gather_object(
+            gathered, (module.summary.done, module.summary.skipped, module.summary.failed)
+        )
         summaries = [RunSummary(done=d, skipped=s, failed=f) for d, s, f in gathered]
     strategy.barrier()
     if trainer.global_rank != 0:

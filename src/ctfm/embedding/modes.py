@@ -24,10 +24,10 @@ import torch
 from ctfm.embedding.padding_aware import whole_embedding
 from ctfm.embedding.streaming import streamed_features
 from ctfm.errors import OptionError
-from ctfm.preprocess import PreprocessSpec, get_preset, preprocess
-from ctfm.preprocess.spec import EMBEDDING_PRESETS
 from ctfm.models.networks import pool_embedding
+from ctfm.preprocess import PreprocessSpec, get_preset, preprocess
 from ctfm.preprocess.bounded import preprocess_bounded, supports_bounded
+from ctfm.preprocess.spec import EMBEDDING_PRESETS
 
 MODES = ("whole", "patches", "dense")
 POOLINGS = ("mean", "max", "min")
@@ -65,7 +65,9 @@ class DenseFeatures:
         ijk = np.linalg.solve(self.affine, np.append(np.asarray(point_mm, dtype=np.float64), 1.0))[:3]
         idx = np.round(ijk).astype(int)
         if np.any(idx < 0) or np.any(idx >= np.asarray(self.features.shape[1:])):
-            raise OptionError(f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid {list(self.features.shape[1:])})")
+            raise OptionError(
+                f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid {list(self.features.shape[1:])})"
+            )
         return self.features[:, idx[0], idx[1], idx[2]]
 
     def voxel_centers_mm(self) -> np.ndarray:
@@ -120,7 +122,11 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "bf16" and not native_bf16(device):
         import warnings
 
-        warnings.warn(f"bf16 has no native support on this {torch.device(device).type} (it is emulated and runs far slower than fp32); use --precision fp32 or auto", SlowPrecisionWarning, stacklevel=3)
+        warnings.warn(
+            f"bf16 has no native support on this {torch.device(device).type} (it is emulated and runs far slower than fp32); use --precision fp32 or auto",
+            SlowPrecisionWarning,
+            stacklevel=3,
+        )
     return precision
 
 
@@ -134,7 +140,11 @@ def _autocast(device: str, precision: str):
 def prepare(image, spec: PreprocessSpec):
     """Preprocess for an encoder: in bounded memory where the spec allows (same result)."""
 
-    return preprocess_bounded(image, spec) if supports_bounded(spec) and len(spec.windows) == 1 else preprocess(image, spec)
+    return (
+        preprocess_bounded(image, spec)
+        if supports_bounded(spec) and len(spec.windows) == 1
+        else preprocess(image, spec)
+    )
 
 
 def encode_whole(encoder, prepared, options: EmbedOptions) -> np.ndarray:
@@ -201,7 +211,9 @@ def embed_dense(encoder, image, options: EmbedOptions | None = None) -> DenseFea
     prepared = preprocess(image, options.spec)
     volume = prepared.as_tensor()[None].to(options.device)
     last = len(encoder.layers) - 1
-    maps = streamed_features(encoder, volume, levels=(last,), chunk=options.chunk, autocast_dtype=PRECISIONS[options.precision])
+    maps = streamed_features(
+        encoder, volume, levels=(last,), chunk=options.chunk, autocast_dtype=PRECISIONS[options.precision]
+    )
     stride = 2**last
     # A stride-2, pad-1, 3-wide convolution centres output o on input 2o: after `last` of them,
     # feature voxel o sits on input voxel stride*o.

@@ -34,7 +34,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ctfm.embedding.streaming import ConvStream, PointwiseStream, SequenceStream, StreamLayer, auto_chunk, streamed_embedding
+from ctfm.embedding.streaming import (
+    ConvStream,
+    PointwiseStream,
+    SequenceStream,
+    StreamLayer,
+    auto_chunk,
+    streamed_embedding,
+)
 
 PAD = -1  # label of the zero padding beyond the ends of an axis
 MAX_COST_RATIO = 0.9  # use the padding-aware path when it needs at most this share of the conv work
@@ -122,7 +129,11 @@ def slice_labels(volume: torch.Tensor, dim: int) -> np.ndarray:
     """[B, C, D, H, W] -> [size of ``dim``] labels, equal for runs of identical adjacent slices."""
     n = volume.shape[dim]
     others = tuple(d for d in range(volume.dim()) if d != dim)
-    same = (volume.narrow(dim, 1, n - 1) == volume.narrow(dim, 0, n - 1)).all(dim=others) if n > 1 else volume.new_zeros(0, dtype=torch.bool)
+    same = (
+        (volume.narrow(dim, 1, n - 1) == volume.narrow(dim, 0, n - 1)).all(dim=others)
+        if n > 1
+        else volume.new_zeros(0, dtype=torch.bool)
+    )
     return np.r_[0, np.cumsum(~same.cpu().numpy())].astype(np.int64)
 
 
@@ -154,7 +165,9 @@ def _gather_stages(src: tuple[_Axis, ...], dst: tuple[_Axis, ...]) -> list[Strea
         stages.append(_GatherRows(d))
     for dim, index in ((3, h), (4, w)):
         if index is not None:
-            stages.append(PointwiseStream(lambda x, i=torch.from_numpy(index), dim=dim: x.index_select(dim, i.to(x.device))))
+            stages.append(
+                PointwiseStream(lambda x, i=torch.from_numpy(index), dim=dim: x.index_select(dim, i.to(x.device)))
+            )
     return stages
 
 
@@ -244,7 +257,13 @@ class _Planner:
         conv1, mid = self.conv(block.conv1, layout)
         conv2, out = self.conv(block.conv2, mid)
         result = tuple(_sum_axis(a, b) for a, b in zip(layout, out))
-        body = SequenceStream([PointwiseStream(lambda x, b=block: b.act1(b.norm1(x)))] + conv1 + [PointwiseStream(lambda x, b=block: b.act2(b.norm2(x)))] + conv2 + _gather_stages(out, result))
+        body = SequenceStream(
+            [PointwiseStream(lambda x, b=block: b.act1(b.norm1(x)))]
+            + conv1
+            + [PointwiseStream(lambda x, b=block: b.act2(b.norm2(x)))]
+            + conv2
+            + _gather_stages(out, result)
+        )
         identity = SequenceStream(_gather_stages(layout, result) or [PointwiseStream(lambda x: x)])
         return _Zip(identity, body), result
 
@@ -277,7 +296,9 @@ def cost_ratio(encoder, volume: torch.Tensor) -> float:
     return plan.cost / plan.full_cost
 
 
-def padding_aware_embedding(encoder, volume: torch.Tensor, chunk: int | None = None, autocast_dtype: torch.dtype | None = None, labels=None) -> torch.Tensor:
+def padding_aware_embedding(
+    encoder, volume: torch.Tensor, chunk: int | None = None, autocast_dtype: torch.dtype | None = None, labels=None
+) -> torch.Tensor:
     """[B, C, D, H, W] -> [B, 512]: the global average of the last map, computing each run of
     identical slices (along any axis) only a few times; equal to the full pass up to summation order.
 
@@ -289,7 +310,11 @@ def padding_aware_embedding(encoder, volume: torch.Tensor, chunk: int | None = N
             x = x.index_select(dim, torch.from_numpy(axis.keep).to(x.device))
     pipeline = SequenceStream(plan.stages)
     chunk = chunk or auto_chunk(encoder, x)
-    ctx = torch.autocast(device_type=volume.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    ctx = (
+        torch.autocast(device_type=volume.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     sink = plan.sink
     with torch.inference_mode(), ctx:
         for start in range(0, x.shape[2], chunk):
@@ -302,7 +327,13 @@ def padding_aware_embedding(encoder, volume: torch.Tensor, chunk: int | None = N
     return (sink.total / plan.count).float()
 
 
-def whole_embedding(encoder, volume: torch.Tensor, chunk: int | None = None, autocast_dtype: torch.dtype | None = None, max_cost_ratio: float = MAX_COST_RATIO) -> torch.Tensor:
+def whole_embedding(
+    encoder,
+    volume: torch.Tensor,
+    chunk: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_cost_ratio: float = MAX_COST_RATIO,
+) -> torch.Tensor:
     """[B, C, D, H, W] -> [B, 512]: padding-aware when it saves work (cost ratio at most
     ``max_cost_ratio``), otherwise the plain streamed path."""
     labels = _labels(volume)

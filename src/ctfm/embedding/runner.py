@@ -18,19 +18,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from ctfm import __version__
 from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
 from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
+from ctfm.preprocess import load_usable_ct
 from ctfm.runtime import Result, progress_bar, utc_now
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
 from ctfm.store.vectors import load_run_vectors
-from ctfm import __version__
-from ctfm.preprocess import load_usable_ct
 
 DEFAULT_SEED = 0  # the random init used when no weights are given (testing only)
 
-__all__ = ["DEFAULT_SEED", "EmbedRun", "RandomWeightsWarning", "RunSummary", "ScanSource", "default_device", "discover_inputs", "embed_source", "run_sources"]
+__all__ = [
+    "DEFAULT_SEED",
+    "EmbedRun",
+    "RandomWeightsWarning",
+    "RunSummary",
+    "ScanSource",
+    "default_device",
+    "discover_inputs",
+    "embed_source",
+    "run_sources",
+]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -116,7 +126,12 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
         pool = options.pool[0]
         row.update(embedding=grid.pooled(pool), pool=pool, n_patches=len(grid.embeddings))
         row["patches"] = [
-            {"patch_index": i, "center_mm": grid.centers_mm[i].tolist(), "start_voxel": grid.starts[i].tolist(), "embedding": grid.embeddings[i]}
+            {
+                "patch_index": i,
+                "center_mm": grid.centers_mm[i].tolist(),
+                "start_voxel": grid.starts[i].tolist(),
+                "embedding": grid.embeddings[i],
+            }
             for i in range(len(grid.embeddings))
         ]
     else:
@@ -172,7 +187,17 @@ def pending_sources(sources, store, encoder, model_name: str, options: EmbedOpti
     return [s for s in sources if (s.scan_id, *key) not in done]
 
 
-def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store, writer: str = "0", progress: bool = True, keep_records: bool = False, skip_done: bool = True) -> RunSummary:
+def run_sources(
+    sources,
+    encoder,
+    model_name: str,
+    options: EmbedOptions,
+    store,
+    writer: str = "0",
+    progress: bool = True,
+    keep_records: bool = False,
+    skip_done: bool = True,
+) -> RunSummary:
     """Embed ``sources`` into ``store`` (skipping finished ones); failures are recorded, not raised."""
     summary = RunSummary()
     weights_sha = weights_sha256_of(encoder)
@@ -197,7 +222,9 @@ def run_sources(sources, encoder, model_name: str, options: EmbedOptions, store,
                 summary.records.append({**row, "patches": patches})
         bar.update(1)
         elapsed = time.perf_counter() - start
-        bar.set_postfix_str(f"{(summary.done + len(summary.failed)) / max(elapsed, 1e-9):.2f} scans/s, {len(summary.failed)} failed")
+        bar.set_postfix_str(
+            f"{(summary.done + len(summary.failed)) / max(elapsed, 1e-9):.2f} scans/s, {len(summary.failed)} failed"
+        )
     bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
@@ -231,5 +258,7 @@ def store_records(store, sources, key: tuple) -> list[dict]:
         found = by_id.get(source.scan_id)
         if found is not None:
             row, vector = found
-            records.append({**row, "embedding": np.asarray(vector, dtype=np.float32), "patches": patches.get(source.scan_id, [])})
+            records.append(
+                {**row, "embedding": np.asarray(vector, dtype=np.float32), "patches": patches.get(source.scan_id, [])}
+            )
     return records

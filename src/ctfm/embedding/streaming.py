@@ -213,7 +213,13 @@ def auto_chunk(encoder, volume: torch.Tensor) -> int:
     return int(max(4, min(64, CHUNK_BYTES // max(row_bytes, 1))))
 
 
-def stream_encoder(encoder, volume: torch.Tensor, sinks: list[Callable[[torch.Tensor], None]], chunk: int | None = None, autocast_dtype: torch.dtype | None = None) -> None:
+def stream_encoder(
+    encoder,
+    volume: torch.Tensor,
+    sinks: list[Callable[[torch.Tensor], None]],
+    chunk: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> None:
     """Feed ``volume`` [B, C, D, H, W] through ``encoder`` ``chunk`` rows at a time (auto if None).
 
     ``sinks[i]`` receives the rows of feature map ``i`` ([B, C_i, t, H_i, W_i]) in order, as soon as
@@ -225,7 +231,11 @@ def stream_encoder(encoder, volume: torch.Tensor, sinks: list[Callable[[torch.Te
     stages += [_Level(level, sink) for level, sink in zip(encoder.layers, sinks)]
     pipeline = SequenceStream(stages)
     chunk = chunk or auto_chunk(encoder, volume)
-    ctx = torch.autocast(device_type=volume.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    ctx = (
+        torch.autocast(device_type=volume.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     with torch.inference_mode(), ctx:
         for start in range(0, volume.shape[2], chunk):
             pipeline.push(volume[:, :, start : start + chunk])
@@ -260,7 +270,9 @@ def _discard(rows):
     return None
 
 
-def streamed_features(encoder, volume: torch.Tensor, levels: tuple[int, ...] | None = None, chunk: int | None = None, autocast_dtype=None) -> list[torch.Tensor | None]:
+def streamed_features(
+    encoder, volume: torch.Tensor, levels: tuple[int, ...] | None = None, chunk: int | None = None, autocast_dtype=None
+) -> list[torch.Tensor | None]:
     """``encoder(volume)`` computed streamed; only the maps in ``levels`` are kept (others None)."""
     n = len(encoder.layers)
     keep = set(range(n)) if levels is None else set(levels)
@@ -275,4 +287,3 @@ def streamed_embedding(encoder, volume: torch.Tensor, chunk: int | None = None, 
     pool = _SumPool()
     stream_encoder(encoder, volume, [_discard] * (n - 1) + [pool], chunk=chunk, autocast_dtype=autocast_dtype)
     return (pool.total / pool.count).float()
-

@@ -30,9 +30,6 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.metrics.classification import encode_target
-from ctfm.models.classifier import save_classifier
-from ctfm.preprocess import get_preset, load_usable_ct, preprocess
-from ctfm.runtime import atomic_path
 from ctfm.finetune.run import (
     FinetuneConfig,
     FinetuneTask,
@@ -43,8 +40,11 @@ from ctfm.finetune.run import (
     sample_random_state,
     training_loader,
 )
-from ctfm.runs import resolve_config
 from ctfm.io.tables import read_table
+from ctfm.models.classifier import save_classifier
+from ctfm.preprocess import get_preset, load_usable_ct, preprocess
+from ctfm.runs import resolve_config
+from ctfm.runtime import atomic_path
 
 RESERVED_COLUMNS = {"path", "split", "series_uid", "patient", "patient_id", "error", "scan_id"}
 LAYOUTS = ("stack", "channels")
@@ -63,7 +63,9 @@ class ClsConfig(FinetuneConfig):
 
     out: str = "runs/finetune-cls"
     data: str = ""  # manifest (CSV/Parquet): path, label column(s)[, split][, series_uid]
-    labels: list = field(default_factory=list)  # label columns (default: every column but path/split/series_uid/patient...)
+    labels: list = field(
+        default_factory=list
+    )  # label columns (default: every column but path/split/series_uid/patient...)
     task: str = "auto"  # auto | binary | multilabel | multiclass
     split_column: str = "split"  # train / val / test per row; absent: the reference split
     group_column: str = ""  # patient column the reference split keeps together (default: each path alone)
@@ -71,7 +73,9 @@ class ClsConfig(FinetuneConfig):
     preset: str = "head-ct"  # the PreprocessSpec preset of the inputs
     spacing_mm: list = field(default_factory=list)  # override the preset's spacing (orientation order)
     patch_voxels: list = field(default_factory=list)  # override the preset's size (voxels, orientation order)
-    window_layout: str = "stack"  # stack: windows along the first spatial axis (1 channel); channels: one channel per window
+    window_layout: str = (
+        "stack"  # stack: windows along the first spatial axis (1 channel); channels: one channel per window
+    )
     head_hidden: int = 256  # 0: a single Linear head
     affine_p: float = 0.2
     rotate_range: float = 0.26
@@ -84,7 +88,9 @@ class ClsConfig(FinetuneConfig):
         if self.window_layout not in LAYOUTS:
             raise OptionError(f"window_layout {self.window_layout!r}: expected stack or channels")
         if len(self.split_ratios) != 3 or abs(sum(self.split_ratios) - 1) > 1e-6 or min(self.split_ratios) < 0:
-            raise OptionError(f"split_ratios {self.split_ratios}: expected three shares (train, val, test) summing to 1")
+            raise OptionError(
+                f"split_ratios {self.split_ratios}: expected three shares (train, val, test) summing to 1"
+            )
         if not 0.0 <= float(self.affine_p) <= 1.0:
             raise OptionError(f"affine_p {self.affine_p}: expected a probability in [0, 1]")
         if not isinstance(self.head_hidden, int) or self.head_hidden < 0:
@@ -177,10 +183,22 @@ def _encode_labels(rows: list[dict], columns: list[str], task: str, source) -> t
         task = "multilabel" if len(columns) > 1 else "auto"
     if task == "multiclass" and len(columns) != 1:
         raise OptionError(f"task multiclass takes one label column, got {columns}")
-    encoded = [encode_target(c, [str(r.get(c, "") if r.get(c) is not None else "") for r in rows], "binary" if task == "multilabel" else task, source) for c in columns]
+    encoded = [
+        encode_target(
+            c,
+            [str(r.get(c, "") if r.get(c) is not None else "") for r in rows],
+            "binary" if task == "multilabel" else task,
+            source,
+        )
+        for c in columns
+    ]
     if any((t.y < 0).any() for t in encoded):
         missing = next(t for t in encoded if (t.y < 0).any())
-        raise CTInputError(source, f"column {missing.name!r} has {int((missing.y < 0).sum())} empty labels", "label every case, or leave those rows out of the manifest")
+        raise CTInputError(
+            source,
+            f"column {missing.name!r} has {int((missing.y < 0).sum())} empty labels",
+            "label every case, or leave those rows out of the manifest",
+        )
     if task == "auto":
         task = encoded[0].task
     if task in ("binary", "multilabel"):
@@ -210,11 +228,19 @@ def read_cls_manifest(config: ClsConfig) -> tuple[str, list[str], list[ClsCase]]
         raise CTInputError(config.data, "the manifest has no rows", "list one case per row")
     header = list(rows[0])
     if "path" not in header:
-        raise CTInputError(config.data, f"no 'path' column (columns: {', '.join(header)})", "name the image column 'path'")
-    columns = list(config.labels) or [c for c in header if c not in RESERVED_COLUMNS and c != config.split_column and c != config.group_column]
+        raise CTInputError(
+            config.data, f"no 'path' column (columns: {', '.join(header)})", "name the image column 'path'"
+        )
+    columns = list(config.labels) or [
+        c for c in header if c not in RESERVED_COLUMNS and c != config.split_column and c != config.group_column
+    ]
     missing = [c for c in columns if c not in header]
     if missing or not columns:
-        raise CTInputError(config.data, f"no label column {missing or ''} (columns: {', '.join(header)})", "name the label columns with --set 'labels=[\"abnormal\"]'")
+        raise CTInputError(
+            config.data,
+            f"no label column {missing or ''} (columns: {', '.join(header)})",
+            "name the label columns with --set 'labels=[\"abnormal\"]'",
+        )
     task, names, targets = _encode_labels(rows, columns, config.task, config.data)
     base = Path(config.data).parent
     groups = [str(r.get(config.group_column) or "") if config.group_column else str(r["path"]) for r in rows]
@@ -226,7 +252,9 @@ def read_cls_manifest(config: ClsConfig) -> tuple[str, list[str], list[ClsCase]]
     splits = ["val" if s in ("val", "valid", "validation") else s for s in splits]
     bad = sorted(set(splits) - {"train", "val", "test"})
     if bad:
-        raise CTInputError(config.data, f"split values {bad} are not train/val/test", "use train, val or test in the split column")
+        raise CTInputError(
+            config.data, f"split values {bad} are not train/val/test", "use train, val or test in the split column"
+        )
     cases = []
     for r, target, split, group in zip(rows, targets, splits, groups):
         path = str(r["path"])
@@ -315,7 +343,13 @@ class ClsTrainDataset:
 
         self.inputs, self.config, self.spec, self.task = inputs, config, spec, task
         r = float(config.rotate_range)
-        self.affine = RandAffine(prob=config.affine_p, rotate_range=(r, r, r), scale_range=(config.scale_range,) * 3, mode="bilinear", padding_mode="zeros")
+        self.affine = RandAffine(
+            prob=config.affine_p,
+            rotate_range=(r, r, r),
+            scale_range=(config.scale_range,) * 3,
+            mode="bilinear",
+            padding_mode="zeros",
+        )
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -344,7 +378,10 @@ class ClsEvalDataset:
     def __getitem__(self, i: int):
         import torch
 
-        return {"image": torch.from_numpy(self.inputs[i]).float(), "target": _target(self.inputs.cases[i].target, self.task)}
+        return {
+            "image": torch.from_numpy(self.inputs[i]).float(),
+            "target": _target(self.inputs.cases[i].target, self.task),
+        }
 
 
 def _target(target: np.ndarray, task: str):
@@ -377,7 +414,9 @@ class ClassificationTask(FinetuneTask):
             train = few_shot_cases([c for c in cases if c.split == "train"], config.percentage)
             val = few_shot_cases([c for c in cases if c.split == "val"], config.percentage)
             if not train:
-                raise CTInputError(config.data, "no training cases", "mark rows train in the split column, or add cases")
+                raise CTInputError(
+                    config.data, "no training cases", "mark rows train in the split column, or add cases"
+                )
             self._data = (task, names, train, val)
         return self._data
 
@@ -387,7 +426,9 @@ class ClassificationTask(FinetuneTask):
         task, _, train, val = self.data(config)
         spec = input_spec(config)
         cache = config.cache_dir()
-        loader = training_loader(config, ClsTrainDataset(PreprocessedInputs(train, spec, cache), config, spec, task), len(train))
+        loader = training_loader(
+            config, ClsTrainDataset(PreprocessedInputs(train, spec, cache), config, spec, task), len(train)
+        )
         val_loader = None
         if val and config.val_every_n_epochs > 0:
             val_set = ClsEvalDataset(PreprocessedInputs(rank_share(val), spec, cache), task)
@@ -416,9 +457,19 @@ class ClassificationTask(FinetuneTask):
 
         task, names, train, val = self.data(config)
         provenance = {**provenance, **run_provenance(config, train, val)}
-        return save_classifier(module.model, folder, task=task, labels=list(names), spec=input_spec(config), layout=config.window_layout, provenance=provenance)
+        return save_classifier(
+            module.model,
+            folder,
+            task=task,
+            labels=list(names),
+            spec=input_spec(config),
+            layout=config.window_layout,
+            provenance=provenance,
+        )
 
 
 def finetune_cls(config: ClsConfig, resume: bool = True, extra_callbacks=(), progress_bar: bool = True) -> Path:
     """Fine-tune a classifier with ``config``; returns the exported classifier folder."""
-    return run_finetune(config, ClassificationTask(), resume=resume, extra_callbacks=extra_callbacks, progress_bar=progress_bar)
+    return run_finetune(
+        config, ClassificationTask(), resume=resume, extra_callbacks=extra_callbacks, progress_bar=progress_bar
+    )

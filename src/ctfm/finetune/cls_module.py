@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import torch
 
-from ctfm.finetune.module import FinetuneModule
 from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics
+from ctfm.finetune.module import FinetuneModule
 from ctfm.models.classifier import CTClassifier, load_trunk_weights
 from ctfm.runs import OptimizerConfig
 
@@ -39,7 +39,13 @@ class ClassificationFinetuner(FinetuneModule):
         kwargs = dict(model_kwargs or {})
         n_outputs = len(label_names) if task in ("multilabel", "multiclass") else 1
         torch.manual_seed(seed)
-        self.model = CTClassifier(n_outputs=n_outputs, head_hidden=head_hidden, in_channels=in_channels, init_filters=int(kwargs.get("init_filters", 32)), blocks_down=tuple(kwargs.get("blocks_down", (1, 2, 2, 4, 4))))
+        self.model = CTClassifier(
+            n_outputs=n_outputs,
+            head_hidden=head_hidden,
+            in_channels=in_channels,
+            init_filters=int(kwargs.get("init_filters", 32)),
+            blocks_down=tuple(kwargs.get("blocks_down", (1, 2, 2, 4, 4))),
+        )
         if encoder_weights:
             load_trunk_weights(self.model, encoder_weights)
         self.criterion = torch.nn.CrossEntropyLoss() if task == "multiclass" else torch.nn.BCEWithLogitsLoss()
@@ -64,7 +70,13 @@ class ClassificationFinetuner(FinetuneModule):
 
     def validation_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
-        self.log("val/loss", self._loss(logits, batch["target"]), on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        self.log(
+            "val/loss",
+            self._loss(logits, batch["target"]),
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=batch["image"].shape[0],
+        )
         self._val.append((self.probabilities(logits).detach().float(), batch["target"].detach()))
 
     def on_validation_epoch_end(self) -> None:
@@ -76,7 +88,12 @@ class ClassificationFinetuner(FinetuneModule):
         if self.trainer.world_size > 1:
             probs = self.all_gather(probs).flatten(0, 1)
             targets = self.all_gather(targets).flatten(0, 1)
-        self.log("val/auroc", validation_auroc(self.hparams.task, targets.cpu().numpy(), probs.cpu().numpy()), prog_bar=True, sync_dist=False)
+        self.log(
+            "val/auroc",
+            validation_auroc(self.hparams.task, targets.cpu().numpy(), probs.cpu().numpy()),
+            prog_bar=True,
+            sync_dist=False,
+        )
 
 
 def validation_auroc(task: str, targets: np.ndarray, probabilities: np.ndarray) -> float:
@@ -85,12 +102,20 @@ def validation_auroc(task: str, targets: np.ndarray, probabilities: np.ndarray) 
 
     if task == "multiclass":
         present = np.unique(targets.astype(int))
-        value = multiclass_metrics(targets.astype(int), probabilities)["auroc_ovr"] if len(present) > 1 else float("nan")
+        value = (
+            multiclass_metrics(targets.astype(int), probabilities)["auroc_ovr"] if len(present) > 1 else float("nan")
+        )
     else:
         targets = targets.reshape(len(targets), -1)
-        values = [binary_metrics(targets[:, k], probabilities[:, k])["auroc"] for k in range(targets.shape[1]) if len(np.unique(targets[:, k])) > 1]
+        values = [
+            binary_metrics(targets[:, k], probabilities[:, k])["auroc"]
+            for k in range(targets.shape[1])
+            if len(np.unique(targets[:, k])) > 1
+        ]
         value = float(np.mean(values)) if values else float("nan")
     if not np.isfinite(value):
-        warnings.warn("validation AUROC is undefined (one class only among the validation cases); logged as 0", stacklevel=2)
+        warnings.warn(
+            "validation AUROC is undefined (one class only among the validation cases); logged as 0", stacklevel=2
+        )
         return 0.0
     return float(value)

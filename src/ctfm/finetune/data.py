@@ -25,13 +25,21 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
-from ctfm.io.tables import is_table, read_table
 from ctfm.io import load_ct, load_labels
 from ctfm.io.labels import check_label_values, label_names, require_same_grid
+from ctfm.io.tables import is_table, read_table
 from ctfm.models.labelmaps import resolve_labels
 
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 TOTALSEG_SEGMENTATIONS = "segmentations"  # per-subject folder of one binary mask per class
 
 
@@ -70,7 +78,9 @@ class SegData:
         names = list(names or [self.source_labels[v] for v in sorted(by_name.values())])
         unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise OptionError(f"classes {unknown} are not in the class map of {self.where} ({len(by_name)} classes, e.g. {', '.join(list(by_name)[:5])})")
+            raise OptionError(
+                f"classes {unknown} are not in the class map of {self.where} ({len(by_name)} classes, e.g. {', '.join(list(by_name)[:5])})"
+            )
         if len(set(names)) != len(names):
             raise OptionError(f"classes {names}: each class once")
         classes = {0: "background", **{i + 1: n for i, n in enumerate(names)}}
@@ -82,7 +92,14 @@ class SegData:
 # --------------------------------------------------------------------------- sources
 
 
-def open_seg_data(data: str | os.PathLike, class_map=None, split_column: str = "split", val_fold: int = 4, val_fraction: float = 0.0, seed: int = 0) -> SegData:
+def open_seg_data(
+    data: str | os.PathLike,
+    class_map=None,
+    split_column: str = "split",
+    val_fold: int = 4,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> SegData:
     """A manifest file, a TotalSegmentator folder (meta.csv) or an MSD folder (dataset.json) -> SegData.
 
     ``class_map``: a map (dict, ``totalseg-v2``, JSON file); default: the MSD ``labels``, the
@@ -92,7 +109,9 @@ def open_seg_data(data: str | os.PathLike, class_map=None, split_column: str = "
     """
     path = Path(data)
     if not str(data):
-        raise OptionError("data is empty: give a manifest (CSV/Parquet with image, label[, split]), a TotalSegmentator folder or an MSD task folder (--set data=PATH)")
+        raise OptionError(
+            "data is empty: give a manifest (CSV/Parquet with image, label[, split]), a TotalSegmentator folder or an MSD task folder (--set data=PATH)"
+        )
     if path.is_dir() and (path / "meta.csv").is_file():
         cases, kind = totalseg_cases(path, split_column), "totalseg"
         labels = _class_map(class_map if class_map is not None else "totalseg-v2", path)
@@ -104,7 +123,11 @@ def open_seg_data(data: str | os.PathLike, class_map=None, split_column: str = "
         cases, kind = manifest_cases(path), "manifest"
         labels = _class_map(class_map, path) if class_map is not None else _names_from_first_label(cases, path)
     elif path.exists():
-        raise CTInputError(path, "is neither a manifest (.csv/.tsv/.parquet/.xlsx) nor a folder with meta.csv (TotalSegmentator) or dataset.json (MSD)", "give one of those")
+        raise CTInputError(
+            path,
+            "is neither a manifest (.csv/.tsv/.parquet/.xlsx) nor a folder with meta.csv (TotalSegmentator) or dataset.json (MSD)",
+            "give one of those",
+        )
     else:
         raise CTInputError(path, "no such file or folder", "check the data path")
     if not cases:
@@ -124,7 +147,11 @@ def manifest_cases(path: Path) -> list[SegCase]:
         return []
     missing = [c for c in ("image", "label") if c not in rows[0]]
     if missing:
-        raise CTInputError(path, f"manifest lacks column(s) {missing} (has {sorted(rows[0])})", "give columns image, label and optionally split")
+        raise CTInputError(
+            path,
+            f"manifest lacks column(s) {missing} (has {sorted(rows[0])})",
+            "give columns image, label and optionally split",
+        )
     cases = []
     for number, row in enumerate(rows, start=2):
         image, label = str(row.get("image") or "").strip(), str(row.get("label") or "").strip()
@@ -132,9 +159,20 @@ def manifest_cases(path: Path) -> list[SegCase]:
             raise CTInputError(path, f"row {number}: empty image", "fill in the image path")
         split = _split_name(row.get("split") or "train", path, number)
         if not label and split != "test":
-            raise CTInputError(path, f"row {number}: empty label for a {split} case", "fill in the label path, or mark the row split=test")
+            raise CTInputError(
+                path,
+                f"row {number}: empty label for a {split} case",
+                "fill in the label path, or mark the row split=test",
+            )
         name = str(row.get("name") or "").strip() or _stem(image)
-        cases.append(SegCase(name, str(_relative_to(path.parent, image)), str(_relative_to(path.parent, label)) if label else None, split))
+        cases.append(
+            SegCase(
+                name,
+                str(_relative_to(path.parent, image)),
+                str(_relative_to(path.parent, label)) if label else None,
+                split,
+            )
+        )
     _unique_names(cases, path)
     return cases
 
@@ -149,15 +187,28 @@ def totalseg_cases(folder: Path, split_column: str = "split") -> list[SegCase]:
     if not rows:
         return []
     if "image_id" not in rows[0]:
-        raise CTInputError(folder / "meta.csv", f"lacks column image_id (has {sorted(rows[0])})", "give TotalSegmentator's meta.csv")
+        raise CTInputError(
+            folder / "meta.csv", f"lacks column image_id (has {sorted(rows[0])})", "give TotalSegmentator's meta.csv"
+        )
     if split_column not in rows[0]:
-        raise CTInputError(folder / "meta.csv", f"lacks split column {split_column!r} (has {sorted(rows[0])})", f"add it, or choose another with --set split_column={'split' if 'split' in rows[0] else 'NAME'}")
+        raise CTInputError(
+            folder / "meta.csv",
+            f"lacks split column {split_column!r} (has {sorted(rows[0])})",
+            f"add it, or choose another with --set split_column={'split' if 'split' in rows[0] else 'NAME'}",
+        )
     cases = []
     for number, row in enumerate(rows, start=2):
         subject = str(row["image_id"]).strip()
         if not subject:
             continue
-        cases.append(SegCase(subject, str(folder / subject / "ct.nii.gz"), str(folder / subject / TOTALSEG_SEGMENTATIONS), _split_name(row[split_column], folder / "meta.csv", number)))
+        cases.append(
+            SegCase(
+                subject,
+                str(folder / subject / "ct.nii.gz"),
+                str(folder / subject / TOTALSEG_SEGMENTATIONS),
+                _split_name(row[split_column], folder / "meta.csv", number),
+            )
+        )
     return cases
 
 
@@ -173,19 +224,41 @@ def msd_cases(folder: Path, val_fold: int = 4) -> tuple[list[SegCase], dict[int,
         training, testing = meta.get("training", []), meta.get("testing", [])
         labels = {int(k): str(v) for k, v in meta.get("labels", {}).items()}
     except (ValueError, AttributeError, TypeError) as exc:
-        raise CTInputError(path, f"not an MSD dataset.json ({one_line(exc)})", 'it holds "training": [{"image": ..., "label": ...}] and "labels"') from None
+        raise CTInputError(
+            path,
+            f"not an MSD dataset.json ({one_line(exc)})",
+            'it holds "training": [{"image": ..., "label": ...}] and "labels"',
+        ) from None
     if not labels:
         raise CTInputError(path, 'has no "labels" class map', 'add "labels": {"0": "background", "1": ...}')
     labels[0] = "background"
     cases = []
     for entry in training:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise CTInputError(path, f"training entry {entry!r} lacks image/label", 'each entry is {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}')
+            raise CTInputError(
+                path,
+                f"training entry {entry!r} lacks image/label",
+                'each entry is {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}',
+            )
         split = "val" if "fold" in entry and int(entry["fold"]) == val_fold else "train"
-        cases.append(SegCase(_stem(entry["image"]), str(_relative_to(folder, entry["image"])), str(_relative_to(folder, entry["label"])), split))
+        cases.append(
+            SegCase(
+                _stem(entry["image"]),
+                str(_relative_to(folder, entry["image"])),
+                str(_relative_to(folder, entry["label"])),
+                split,
+            )
+        )
     for entry in testing:
         image = entry["image"] if isinstance(entry, dict) else entry
-        cases.append(SegCase(_stem(image), str(_relative_to(folder, image)), str(_relative_to(folder, entry["label"])) if isinstance(entry, dict) and entry.get("label") else None, "test"))
+        cases.append(
+            SegCase(
+                _stem(image),
+                str(_relative_to(folder, image)),
+                str(_relative_to(folder, entry["label"])) if isinstance(entry, dict) and entry.get("label") else None,
+                "test",
+            )
+        )
     _unique_names(cases, path)
     return cases, dict(sorted(labels.items()))
 
@@ -235,7 +308,9 @@ def load_case(case: SegCase, data: SegData):
     import torch
     from monai.data import MetaTensor
 
-    return image, MetaTensor(torch.from_numpy(mapped)[None], affine=image.affine, meta={"filename_or_obj": str(label_path)})
+    return image, MetaTensor(
+        torch.from_numpy(mapped)[None], affine=image.affine, meta={"filename_or_obj": str(label_path)}
+    )
 
 
 def map_values(values: np.ndarray, value_map: dict[int, int]) -> np.ndarray:
@@ -259,11 +334,19 @@ def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
     for value in wanted:
         mask_path = folder / f"{data.source_labels[value]}.nii.gz"
         if not mask_path.is_file():
-            raise CTInputError(mask_path, f"missing mask of class {data.source_labels[value]!r}", "give the complete TotalSegmentator subject folder, or train on fewer classes (--set classes=[...])")
+            raise CTInputError(
+                mask_path,
+                f"missing mask of class {data.source_labels[value]!r}",
+                "give the complete TotalSegmentator subject folder, or train on fewer classes (--set classes=[...])",
+            )
         require_same_grid(mask_path, image)
         mask = load_labels(mask_path, image).labels.numpy()[0]
         if mask.size and (mask.min() < 0 or mask.max() > 1):
-            raise CTInputError(mask_path, f"a TotalSegmentator mask holds values {int(mask.min())}..{int(mask.max())}, expected 0/1", "give the binary mask of one class")
+            raise CTInputError(
+                mask_path,
+                f"a TotalSegmentator mask holds values {int(mask.min())}..{int(mask.max())}, expected 0/1",
+                "give the binary mask of one class",
+            )
         combined[mask > 0] = value
     return combined
 
@@ -281,7 +364,11 @@ def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, s
             path = Path(case.label)
             names = label_names(path)
             if not names:
-                raise CTInputError(path, "the label file names no classes, and no class map was given", "give --set class_map=FILE.json ({\"0\": \"background\", \"1\": \"liver\", ...}) or a built-in map such as totalseg-v2")
+                raise CTInputError(
+                    path,
+                    "the label file names no classes, and no class map was given",
+                    'give --set class_map=FILE.json ({"0": "background", "1": "liver", ...}) or a built-in map such as totalseg-v2',
+                )
             return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}
     raise CTInputError(manifest, "no case has a label", "add label paths")
 
@@ -310,5 +397,9 @@ def _unique_names(cases: list[SegCase], where) -> None:
     seen: dict[str, str] = {}
     for case in cases:
         if case.name in seen and seen[case.name] != case.image:
-            raise CTInputError(where, f"two cases are both named {case.name!r} ({seen[case.name]}, {case.image})", "give each case its own file name or a name column")
+            raise CTInputError(
+                where,
+                f"two cases are both named {case.name!r} ({seen[case.name]}, {case.image})",
+                "give each case its own file name or a name column",
+            )
         seen[case.name] = case.image

@@ -20,7 +20,6 @@ from ctfm.runs import OptimizerConfig, RunFolder, warmup_cosine_optimizer
 L = optional_import("lightning", "train")
 
 
-
 class FinetuneModule(L.LightningModule):
     model: torch.nn.Module
 

@@ -76,7 +76,7 @@ class FinetuneConfig(RunConfig):
         if not 0 < float(self.percentage) <= 100:
             raise OptionError(f"percentage {self.percentage}: expected a share of the cases in (0, 100]")
         if not isinstance(self.freeze, list) or not all(isinstance(p, str) and p for p in self.freeze):
-            raise OptionError(f"freeze {self.freeze!r}: expected a list of parameter-name prefixes, e.g. [\"encoder\"]")
+            raise OptionError(f'freeze {self.freeze!r}: expected a list of parameter-name prefixes, e.g. ["encoder"]')
 
 
 # --------------------------------------------------------------------------- data helpers
@@ -143,7 +143,13 @@ class FinetuneTask:
 def training_loader(config: FinetuneConfig, dataset, n_cases: int) -> DataLoader:
     """The training DataLoader: samples identified by (epoch, index), ``samples_per_epoch`` an epoch."""
     sampler = EpochIndexSampler(samples_per_epoch(config, n_cases))
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers, persistent_workers=config.num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+    )
 
 
 def rank_share(cases: list) -> list:
@@ -201,7 +207,12 @@ def run_finetune(
         )
         callbacks = state.get("callbacks", {})
         for key, value in callbacks.items():
-            if key.startswith("ModelCheckpoint") and isinstance(value, dict) and value.get("monitor") == task.monitor and value.get("best_model_score") is not None:
+            if (
+                key.startswith("ModelCheckpoint")
+                and isinstance(value, dict)
+                and value.get("monitor") == task.monitor
+                and value.get("best_model_score") is not None
+            ):
                 provenance["best_score"] = float(value["best_model_score"])
     else:
         provenance["checkpoint"] = "last state"

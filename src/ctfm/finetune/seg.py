@@ -23,10 +23,6 @@ import numpy as np
 
 from ctfm.errors import OptionError
 from ctfm.finetune.data import few_shot, load_case, open_seg_data
-from ctfm.finetune.seg_module import SegmentationFinetuner
-from ctfm.models.segmentation import save_segmentation_model
-from ctfm.preprocess import build_paired_transforms, ForegroundCrop, PreprocessSpec
-from ctfm.runtime import atomic_path
 from ctfm.finetune.run import (
     FinetuneConfig,
     FinetuneTask,
@@ -37,7 +33,11 @@ from ctfm.finetune.run import (
     sample_random_state,
     training_loader,
 )
+from ctfm.finetune.seg_module import SegmentationFinetuner
+from ctfm.models.segmentation import save_segmentation_model
+from ctfm.preprocess import ForegroundCrop, PreprocessSpec, build_paired_transforms
 from ctfm.runs import resolve_config
+from ctfm.runtime import atomic_path
 
 
 @dataclass
@@ -87,10 +87,18 @@ class SegConfig(FinetuneConfig):
             value = getattr(self, key)
             if len(value) != 3 or not all(isinstance(v, int) and v > 0 for v in value):
                 raise OptionError(f"{key} {value}: expected three positive voxel counts")
-        if self.val_patch_size and (len(self.val_patch_size) != 3 or not all(isinstance(v, int) and v > 0 for v in self.val_patch_size)):
-            raise OptionError(f"val_patch_size {self.val_patch_size}: expected three positive voxel counts, or [] for whole volumes")
-        if self.spacing_mm and (len(self.spacing_mm) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in self.spacing_mm)):
-            raise OptionError(f"spacing_mm {self.spacing_mm}: expected three positive numbers (mm, orientation order), or [] for none")
+        if self.val_patch_size and (
+            len(self.val_patch_size) != 3 or not all(isinstance(v, int) and v > 0 for v in self.val_patch_size)
+        ):
+            raise OptionError(
+                f"val_patch_size {self.val_patch_size}: expected three positive voxel counts, or [] for whole volumes"
+            )
+        if self.spacing_mm and (
+            len(self.spacing_mm) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in self.spacing_mm)
+        ):
+            raise OptionError(
+                f"spacing_mm {self.spacing_mm}: expected three positive numbers (mm, orientation order), or [] for none"
+            )
         for key in ("affine_p", "smooth_p", "intensity_scale_p", "intensity_shift_p", "noise_p"):
             if not 0.0 <= float(getattr(self, key)) <= 1.0:
                 raise OptionError(f"{key} {getattr(self, key)}: expected a probability in [0, 1]")
@@ -99,7 +107,9 @@ class SegConfig(FinetuneConfig):
         if self.deep_supervision_weights not in ("same", "exp", "two"):
             raise OptionError(f"deep_supervision_weights {self.deep_supervision_weights!r}: expected same, exp or two")
         if self.encoder_weights and self.init_weights:
-            raise OptionError("give encoder_weights (a CT-FM encoder) or init_weights (a whole segmentation model), not both")
+            raise OptionError(
+                "give encoder_weights (a CT-FM encoder) or init_weights (a whole segmentation model), not both"
+            )
 
 
 SEG_PRESETS: dict[str, dict[str, Any]] = {
@@ -108,7 +118,13 @@ SEG_PRESETS: dict[str, dict[str, Any]] = {
     # MSD tumour tasks the way CT-FM ran Auto3DSeg's segresnet: SPL, the CT-FM encoder, fold 4 validates.
     # Auto3DSeg's own defaults: 1x1x1 mm (median spacing in its analysis), patch from the data; here the
     # patch of the TotalSegmentator recipe at 1x1x1 mm, lr 2e-4, validation every 5 epochs.
-    "ct-fm-msd": {"spacing_mm": [1.0, 1.0, 1.0], "val_fold": 4, "val_fraction": 0.0, "max_epochs": 300, "batch_size": 2},
+    "ct-fm-msd": {
+        "spacing_mm": [1.0, 1.0, 1.0],
+        "val_fold": 4,
+        "val_fraction": 0.0,
+        "max_epochs": 300,
+        "batch_size": 2,
+    },
     # A laptop CPU in minutes: a narrow network, small crops, a few steps, one process, float32.
     "tiny": {
         "model_kwargs": {"init_filters": 4},
@@ -174,7 +190,15 @@ class PreprocessedCases:
 
     def key(self, i: int) -> str:
         case = self.cases[i]
-        stamp = [case.image, case.label, _mtime(case.image), _mtime(case.label), self.spec.content_hash(), sorted(self.data.value_map.items()), sorted(self.data.source_labels.items())]
+        stamp = [
+            case.image,
+            case.label,
+            _mtime(case.image),
+            _mtime(case.label),
+            self.spec.content_hash(),
+            sorted(self.data.value_map.items()),
+            sorted(self.data.source_labels.items()),
+        ]
         return hashlib.sha256(json.dumps(stamp, default=str).encode()).hexdigest()[:24]
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +230,9 @@ class PreprocessedCases:
 
         image, label = load_case(self.cases[i], self.data)
         out = build_paired_transforms(self.spec)({"image": image.float(), "label": label.float()})
-        return np.ascontiguousarray(out["image"].numpy(), dtype=np.float32), np.ascontiguousarray(np.rint(out["label"].numpy()), dtype=np.int16)
+        return np.ascontiguousarray(out["image"].numpy(), dtype=np.float32), np.ascontiguousarray(
+            np.rint(out["label"].numpy()), dtype=np.int16
+        )
 
 
 def _mtime(path) -> float:
@@ -218,19 +244,44 @@ def _mtime(path) -> float:
 
 def training_augmentations(config: SegConfig, n_classes: int):
     """MONAI dictionary transforms after preprocessing: class-balanced crop, then the recipe's augmentations."""
-    from monai.transforms import Compose, RandAffined, RandCropByLabelClassesd, RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandCropByLabelClassesd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
 
     sigma = tuple(float(v) for v in config.smooth_sigma)
     rotate = float(config.rotate_range)
-    return Compose([
-        # ratios [0, 1, ..., 1]: a foreground class drawn uniformly as the crop centre, never background.
-        RandCropByLabelClassesd(keys=("image", "label"), label_key="label", spatial_size=list(config.patch_size), ratios=[0] + [1] * (n_classes - 1), num_classes=n_classes, num_samples=1, warn=False),
-        RandAffined(keys=("image", "label"), prob=config.affine_p, rotate_range=(rotate, rotate, rotate), scale_range=(config.scale_range,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandGaussianSmoothd(keys="image", prob=config.smooth_p, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
-        RandScaleIntensityd(keys="image", factors=config.intensity_scale, prob=config.intensity_scale_p),
-        RandShiftIntensityd(keys="image", offsets=config.intensity_shift, prob=config.intensity_shift_p),
-        RandGaussianNoised(keys="image", std=config.noise_std, prob=config.noise_p),
-    ])
+    return Compose(
+        [
+            # ratios [0, 1, ..., 1]: a foreground class drawn uniformly as the crop centre, never background.
+            RandCropByLabelClassesd(
+                keys=("image", "label"),
+                label_key="label",
+                spatial_size=list(config.patch_size),
+                ratios=[0] + [1] * (n_classes - 1),
+                num_classes=n_classes,
+                num_samples=1,
+                warn=False,
+            ),
+            RandAffined(
+                keys=("image", "label"),
+                prob=config.affine_p,
+                rotate_range=(rotate, rotate, rotate),
+                scale_range=(config.scale_range,) * 3,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandGaussianSmoothd(keys="image", prob=config.smooth_p, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma),
+            RandScaleIntensityd(keys="image", factors=config.intensity_scale, prob=config.intensity_scale_p),
+            RandShiftIntensityd(keys="image", offsets=config.intensity_shift, prob=config.intensity_shift_p),
+            RandGaussianNoised(keys="image", std=config.noise_std, prob=config.noise_p),
+        ]
+    )
 
 
 class SegTrainDataset:
@@ -255,7 +306,9 @@ class SegTrainDataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not label.any():  # no foreground to centre on: a random crop
-                crop = RandSpatialCropd(keys=("image", "label"), roi_size=list(self.config.patch_size), random_size=False)
+                crop = RandSpatialCropd(
+                    keys=("image", "label"), roi_size=list(self.config.patch_size), random_size=False
+                )
                 crop.set_random_state(state=sample_random_state(self.config.seed, epoch, index, stream=1))
                 item = _rest(self.augment, crop(item))
             else:
@@ -293,9 +346,13 @@ class SegValDataset:
         image, label = self.cases[i]
         item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.float32))}
         if self.config.val_patch_size:
-            crop = RandSpatialCropd(keys=("image", "label"), roi_size=list(self.config.val_patch_size), random_size=False)
+            crop = RandSpatialCropd(
+                keys=("image", "label"), roi_size=list(self.config.val_patch_size), random_size=False
+            )
             crop.set_random_state(state=sample_random_state(self.config.seed, -1, i))
-            item = SpatialPadd(keys=("image", "label"), spatial_size=list(self.config.val_patch_size), value=0)(crop(item))
+            item = SpatialPadd(keys=("image", "label"), spatial_size=list(self.config.val_patch_size), value=0)(
+                crop(item)
+            )
         return {"image": _plain(item["image"]).float(), "label": _plain(item["label"]).round().long()}
 
 
@@ -319,11 +376,14 @@ class SegmentationTask(FinetuneTask):
 
     def data(self, config: SegConfig):
         if self._data is None:
-
-            data = open_seg_data(config.data, config.class_map, config.split_column, config.val_fold, config.val_fraction, config.seed).select(config.classes)
+            data = open_seg_data(
+                config.data, config.class_map, config.split_column, config.val_fold, config.val_fraction, config.seed
+            ).select(config.classes)
             train = few_shot(data.split("train"), config.percentage)
             if not train:
-                raise OptionError(f"{config.data}: no training cases (splits found: {sorted({c.split for c in data.cases})})")
+                raise OptionError(
+                    f"{config.data}: no training cases (splits found: {sorted({c.split for c in data.cases})})"
+                )
             self._data = (data, train, data.split("val"))
         return self._data
 
@@ -365,10 +425,25 @@ class SegmentationTask(FinetuneTask):
 
         data, train, val = self.data(config)
         provenance = {**provenance, **run_provenance(config, train, val), "data_kind": data.kind}
-        inference = {"roi_size": list(config.patch_size), "overlap": config.sw_overlap, "mode": "gaussian", "sw_batch_size": config.sw_batch_size}
-        return save_segmentation_model(module.model, folder, labels=dict(data.classes), spec=training_spec(config), provenance=provenance, inference=inference, overwrite=True)
+        inference = {
+            "roi_size": list(config.patch_size),
+            "overlap": config.sw_overlap,
+            "mode": "gaussian",
+            "sw_batch_size": config.sw_batch_size,
+        }
+        return save_segmentation_model(
+            module.model,
+            folder,
+            labels=dict(data.classes),
+            spec=training_spec(config),
+            provenance=provenance,
+            inference=inference,
+            overwrite=True,
+        )
 
 
 def finetune_seg(config: SegConfig, resume: bool = True, extra_callbacks=(), progress_bar: bool = True) -> Path:
     """Fine-tune a segmentation model with ``config``; returns the exported weights folder."""
-    return run_finetune(config, SegmentationTask(), resume=resume, extra_callbacks=extra_callbacks, progress_bar=progress_bar)
+    return run_finetune(
+        config, SegmentationTask(), resume=resume, extra_callbacks=extra_callbacks, progress_bar=progress_bar
+    )

@@ -38,16 +38,24 @@ class SegmentationFinetuner(FinetuneModule):
         from monai.losses import DeepSupervisionLoss, DiceCELoss
         from monai.metrics import DiceMetric
 
-
         labels = dict(enumerate(class_names))
         source = init_weights or encoder_weights
         self.model = load_segmentation_model(source, labels=labels, seed=seed, **(model_kwargs or {})).model
         self.model.train()
         self.criterion = DeepSupervisionLoss(
-            DiceCELoss(softmax=True, to_onehot_y=True, include_background=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5),
+            DiceCELoss(
+                softmax=True,
+                to_onehot_y=True,
+                include_background=True,
+                squared_pred=True,
+                smooth_nr=0.0,
+                smooth_dr=1e-5,
+            ),
             weight_mode=deep_supervision_weights,
         )
-        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True, num_classes=len(class_names))
+        self.dice = DiceMetric(
+            include_background=False, reduction="none", ignore_empty=True, num_classes=len(class_names)
+        )
         self.apply_freeze(0)
 
     # ---- steps ---------------------------------------------------------------------------
@@ -58,7 +66,9 @@ class SegmentationFinetuner(FinetuneModule):
     def training_step(self, batch, batch_idx):
         outputs = self.model(batch["image"])
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        loss = self.criterion(list(outputs), batch["label"].float())  # float: the loss resizes the target (nearest) per level
+        loss = self.criterion(
+            list(outputs), batch["label"].float()
+        )  # float: the loss resizes the target (nearest) per level
         return self.checked_loss(loss, batch["image"].shape[0])
 
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
@@ -66,7 +76,14 @@ class SegmentationFinetuner(FinetuneModule):
         from monai.inferers import sliding_window_inference
 
         hp = self.hparams
-        return sliding_window_inference(image, roi_size=list(hp.roi_size), sw_batch_size=hp.sw_batch_size, predictor=self.model, overlap=hp.sw_overlap, mode="gaussian")
+        return sliding_window_inference(
+            image,
+            roi_size=list(hp.roi_size),
+            sw_batch_size=hp.sw_batch_size,
+            predictor=self.model,
+            overlap=hp.sw_overlap,
+            mode="gaussian",
+        )
 
     def validation_step(self, batch, batch_idx):
         logits = self.predict_logits(batch["image"])

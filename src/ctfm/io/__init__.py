@@ -15,16 +15,25 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError
+from ctfm.io import dicom
+from ctfm.io.dicom import looks_like_dicom_file, quiet_pydicom
 from ctfm.io.hashing import content_hash, file_sha256
+from ctfm.io.labels import load_labels as _load_labels
 from ctfm.io.record import ScanRecord
 from ctfm.io.tables import read_table
 from ctfm.io.volume import VOLUME_SUFFIXES, read_volume_file, volume_format
-from ctfm.io import dicom
-from ctfm.io.dicom import looks_like_dicom_file, quiet_pydicom
-from ctfm.io.labels import load_labels as _load_labels
 from ctfm.runtime import atomic_path
 
-__all__ = ["load_ct", "ScanRecord", "content_hash", "file_sha256", "save_nifti", "orientation_code", "load_labels", "read_table"]
+__all__ = [
+    "load_ct",
+    "ScanRecord",
+    "content_hash",
+    "file_sha256",
+    "save_nifti",
+    "orientation_code",
+    "load_labels",
+    "read_table",
+]
 
 
 class CTGeometryWarning(UserWarning):
@@ -50,20 +59,27 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
     if not path.exists():
         raise CTInputError(path, "no such file or folder", "check the path")
     if path.is_dir():
-
         with quiet_pydicom():
             array, affine, record = _load_dicom_folder(path, series_uid)
     else:
         if not os.access(path, os.R_OK):
-            raise CTInputError(path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r")
+            raise CTInputError(
+                path, "file is not readable (permission denied)", "fix the file permissions, e.g. chmod a+r"
+            )
         if path.stat().st_size == 0:
-            raise CTInputError(path, "empty file (0 bytes)", "the copy or download was interrupted; fetch the file again")
+            raise CTInputError(
+                path, "empty file (0 bytes)", "the copy or download was interrupted; fetch the file again"
+            )
         if volume_format(path) is not None:
             volume = read_volume_file(path)
             array, affine = _as_3d(volume.array, path), volume.affine
             spacing = _spacing(affine)
             if not np.all(np.isfinite(affine)) or min(spacing) <= 0:
-                raise CTInputError(path, f"invalid voxel geometry (spacing {', '.join(f'{s:g}' for s in spacing)} mm)", "fix the header's voxel size (pixdim) or affine")
+                raise CTInputError(
+                    path,
+                    f"invalid voxel geometry (spacing {', '.join(f'{s:g}' for s in spacing)} mm)",
+                    "fix the header's voxel size (pixdim) or affine",
+                )
             record = ScanRecord(
                 path=str(path),
                 format=volume.format,
@@ -75,13 +91,15 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
             for message, fix in volume.warnings:
                 _geometry_warning(record, path, message, fix)
         else:
-
             if looks_like_dicom_file(path):
-
                 with quiet_pydicom():
                     array, affine, record = _load_dicom_file(path)
             else:
-                raise CTInputError(path, "not a CT file this reader knows (by name or content)", f"give a {', '.join(VOLUME_SUFFIXES)} file or a DICOM series folder")
+                raise CTInputError(
+                    path,
+                    "not a CT file this reader knows (by name or content)",
+                    f"give a {', '.join(VOLUME_SUFFIXES)} file or a DICOM series folder",
+                )
     return _to_metatensor(array, affine, record), record
 
 
@@ -90,11 +108,17 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 4:
-        raise CTInputError(path, f"4D image of shape {tuple(array.shape)} ({array.shape[-1]} volumes)", "split it and give one 3D CT volume at a time")
+        raise CTInputError(
+            path,
+            f"4D image of shape {tuple(array.shape)} ({array.shape[-1]} volumes)",
+            "split it and give one 3D CT volume at a time",
+        )
     if array.ndim > 4:
         raise CTInputError(path, f"{array.ndim}D image of shape {tuple(array.shape)}", "give one 3D CT volume")
     if array.ndim < 3 or min(array.shape) == 1:
-        raise CTInputError(path, f"2D image of shape {tuple(array.shape)}, not a 3D volume", "give the whole series or a 3D volume")
+        raise CTInputError(
+            path, f"2D image of shape {tuple(array.shape)}, not a 3D volume", "give the whole series or a 3D volume"
+        )
     return array
 
 
@@ -103,7 +127,9 @@ def _load_dicom_folder(folder: Path, series_uid: str | None):
     index = dicom.index_dicom_folder(folder)
     series = dicom.select_ct_series(index, folder, series_uid)
     if len(series.files) == 1:
-        raise CTInputError(folder, "the CT series has a single slice, a 2D image", "give a folder holding the whole series")
+        raise CTInputError(
+            folder, "the CT series has a single slice, a 2D image", "give a folder holding the whole series"
+        )
     return _load_series(series, folder, dict(index.skipped))
 
 
@@ -113,7 +139,9 @@ def _load_dicom_file(path: Path):
     modality = str(ds.get("Modality", "")) if ds is not None else ""
     if modality and modality != "CT":
         raise CTInputError(path, f"DICOM file of modality {modality}, not CT", "ctfm reads CT only")
-    raise CTInputError(path, "a single DICOM file is one 2D slice, not a 3D volume", "give the folder that holds the whole series")
+    raise CTInputError(
+        path, "a single DICOM file is one 2D slice, not a 3D volume", "give the folder that holds the whole series"
+    )
 
 
 def _load_series(series, folder: Path, skipped: dict):
@@ -123,7 +151,11 @@ def _load_series(series, folder: Path, skipped: dict):
     if missing:
         usual = float(np.median(geometry.gaps))
         where = ", ".join(f"after slice {i} ({geometry.gaps[i]:.2f} mm gap)" for i in missing[:3])
-        raise CTInputError(folder, f"missing slice(s) in series {series.uid}: {where}, usual gap {usual:.2f} mm", "re-export the complete series; a gap would be stretched over")
+        raise CTInputError(
+            folder,
+            f"missing slice(s) in series {series.uid}: {where}, usual gap {usual:.2f} mm",
+            "re-export the complete series; a gap would be stretched over",
+        )
     volume, affine, resampled = dicom.stack_series(series, geometry)
     spacing = _spacing(affine)
     record = ScanRecord(
@@ -189,7 +221,6 @@ def save_nifti(image, path: str | os.PathLike, dtype=np.float32) -> Path:
     The file appears complete or not at all (:func:`ctfm.runtime.atomic_path`).
     """
     import nibabel as nib
-
 
     path = Path(path)
     array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)

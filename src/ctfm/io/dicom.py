@@ -52,7 +52,9 @@ class DicomSeries:
 class DicomFolderIndex:
     series: list[DicomSeries]
     skipped: Counter  # reason -> count (localizer, SEG, RTSTRUCT, SR, not DICOM, ...)
-    unplaced: dict[str, DicomSeries] = field(default_factory=dict)  # image files without position/orientation, by series
+    unplaced: dict[str, DicomSeries] = field(
+        default_factory=dict
+    )  # image files without position/orientation, by series
 
 
 @contextlib.contextmanager
@@ -118,7 +120,9 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
             sop_class = str(ds.get("SOPClassUID", ""))
             modality = str(ds.get("Modality", "")).upper()
             kind = NON_IMAGE_SOP_CLASSES.get(sop_class)
-            if kind is None and (modality in NON_IMAGE_MODALITIES or sop_class.startswith("1.2.840.10008.5.1.4.1.1.88")):
+            if kind is None and (
+                modality in NON_IMAGE_MODALITIES or sop_class.startswith("1.2.840.10008.5.1.4.1.1.88")
+            ):
                 kind = modality or "SR"
             if kind is not None:
                 skipped[kind] += 1
@@ -131,7 +135,9 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
             if "Rows" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
                 skipped["no image geometry"] += 1
                 if "Rows" in ds:  # an image that cannot be placed: its series must not load without it
-                    unplaced.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", "")))).files.append(path)
+                    unplaced.setdefault(
+                        uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", "")))
+                    ).files.append(path)
                 continue
             series = by_uid.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", ""))))
             series.files.append(path)
@@ -156,13 +162,21 @@ def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | No
         for s in index.series:
             if s.uid == series_uid:
                 if s.modality != "CT":
-                    raise CTInputError(folder, f"series {series_uid} is {s.modality or 'of unknown modality'}, not CT", "ctfm reads CT only; choose a CT series")
+                    raise CTInputError(
+                        folder,
+                        f"series {series_uid} is {s.modality or 'of unknown modality'}, not CT",
+                        "ctfm reads CT only; choose a CT series",
+                    )
                 _refuse_unplaced(index, s, folder)
                 return s
         if series_uid in index.unplaced:
             _refuse_unplaced(index, index.unplaced[series_uid], folder)
         known = ", ".join(s.uid for s in index.series) or "none"
-        raise CTInputError(folder, f"no series with UID {series_uid} (series here: {known})", "pass one of the listed UIDs with --series")
+        raise CTInputError(
+            folder,
+            f"no series with UID {series_uid} (series here: {known})",
+            "pass one of the listed UIDs with --series",
+        )
     ct = [s for s in index.series if s.modality == "CT"]
     if not ct:
         unplaced_ct = [s for s in index.unplaced.values() if s.modality == "CT"]
@@ -170,19 +184,31 @@ def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | No
             _refuse_unplaced(index, unplaced_ct[0], folder)
         if index.series:
             found = "; ".join(f"{s.modality or '?'} series {s.uid} ({len(s.files)} files)" for s in index.series)
-            raise CTInputError(folder, f"no CT series here, only {found}", "ctfm reads CT only; point it at a CT series")
+            raise CTInputError(
+                folder, f"no CT series here, only {found}", "ctfm reads CT only; point it at a CT series"
+            )
         if index.skipped:
             what = ", ".join(f"{n} {k}" for k, n in sorted(index.skipped.items()))
-            raise CTInputError(folder, f"no CT image files here (found {what})", "point to the folder of the CT image series, not its segmentation or report")
+            raise CTInputError(
+                folder,
+                f"no CT image files here (found {what})",
+                "point to the folder of the CT image series, not its segmentation or report",
+            )
         raise CTInputError(folder, "empty folder: no DICOM files", "point to a folder holding a DICOM CT series")
     volumes = [s for s in ct if len(s.files) > 1]
     if not volumes:
         what = "a single slice" if len(ct) == 1 else f"{len(ct)} series of one slice each"
-        raise CTInputError(folder, f"only {what}: a 2D image, not a 3D volume", "give the folder that holds a whole CT series")
+        raise CTInputError(
+            folder, f"only {what}: a 2D image, not a 3D volume", "give the folder that holds a whole CT series"
+        )
     ct = volumes
     if len(ct) > 1:
         listing = "; ".join(f"{s.uid} '{s.description}' {len(s.files)} slices" for s in ct)
-        raise CTInputError(folder, f"{len(ct)} CT series in this folder: {listing}", "choose one with --series UID (series_uid= in Python)")
+        raise CTInputError(
+            folder,
+            f"{len(ct)} CT series in this folder: {listing}",
+            "choose one with --series UID (series_uid= in Python)",
+        )
     _refuse_unplaced(index, ct[0], folder)
     return ct[0]
 
@@ -209,10 +235,18 @@ def series_geometry(series: DicomSeries, folder: Path) -> SeriesGeometry:
     headers = series.headers
     orientations = {tuple(round(float(v), 4) for v in h.ImageOrientationPatient) for h in headers}
     if len(orientations) > 1:
-        raise CTInputError(folder, f"series {series.uid} mixes {len(orientations)} slice orientations", "export each orientation as its own series, or choose another series with --series")
+        raise CTInputError(
+            folder,
+            f"series {series.uid} mixes {len(orientations)} slice orientations",
+            "export each orientation as its own series, or choose another series with --series",
+        )
     sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(sizes) > 1:
-        raise CTInputError(folder, f"series {series.uid} mixes slice sizes {sorted(sizes)}", "re-export the series with one matrix size")
+        raise CTInputError(
+            folder,
+            f"series {series.uid} mixes slice sizes {sorted(sizes)}",
+            "re-export the series with one matrix size",
+        )
     row_dir, col_dir = _orientation(headers[0], series, folder)
     normal = np.cross(row_dir, col_dir)
     row_spacing, col_spacing = _pixel_spacing(series, folder)
@@ -224,14 +258,20 @@ def series_geometry(series: DicomSeries, folder: Path) -> SeriesGeometry:
 
     duplicates = int(np.sum(gaps < POSITION_TOLERANCE_MM))
     if duplicates:
-        raise CTInputError(folder, f"{duplicates} duplicate slice position(s) in series {series.uid}", "the folder mixes acquisitions or copies of slices; keep one file per position or choose a series with --series")
+        raise CTInputError(
+            folder,
+            f"{duplicates} duplicate slice position(s) in series {series.uid}",
+            "the folder mixes acquisitions or copies of slices; keep one file per position or choose a series with --series",
+        )
 
     rel = positions - positions[0]
     inplane = np.stack([rel @ row_dir, rel @ col_dir], axis=1)
     extent = depths[-1] - depths[0]
     shift = float(np.linalg.norm(inplane[-1]))
     tilt_deg = math.degrees(math.atan2(shift, extent)) if extent > 0 else 0.0
-    return SeriesGeometry(order, row_dir, col_dir, normal, col_spacing, row_spacing, positions, depths, inplane, gaps, tilt_deg)
+    return SeriesGeometry(
+        order, row_dir, col_dir, normal, col_spacing, row_spacing, positions, depths, inplane, gaps, tilt_deg
+    )
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -256,13 +296,25 @@ def _orientation(header, series: DicomSeries, folder: Path) -> tuple[np.ndarray,
     iop = _floats(header.ImageOrientationPatient, 6)
     fix = "re-export the series with a valid ImageOrientationPatient, the direction cosines of rows and columns"
     if iop is None or not np.all(np.isfinite(iop)):
-        raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} is not six finite numbers", fix)
+        raise CTInputError(
+            folder,
+            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} is not six finite numbers",
+            fix,
+        )
     lengths = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
     if min(lengths) < 1e-6:
-        raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} has a zero direction", fix)
+        raise CTInputError(
+            folder,
+            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} has a zero direction",
+            fix,
+        )
     row_dir, col_dir = iop[:3] / lengths[0], iop[3:] / lengths[1]
     if abs(float(row_dir @ col_dir)) > 0.01:
-        raise CTInputError(folder, f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid}: row and column directions are not perpendicular", fix)
+        raise CTInputError(
+            folder,
+            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid}: row and column directions are not perpendicular",
+            fix,
+        )
     return row_dir, col_dir
 
 
@@ -275,12 +327,20 @@ def _pixel_spacing(series: DicomSeries, folder: Path) -> tuple[float, float]:
             raise CTInputError(folder, f"series {series.uid} has no PixelSpacing ({path.name})", fix)
         values = _floats(header.PixelSpacing, 2)
         if values is None or not np.all(np.isfinite(values)) or np.any(values <= 0):
-            raise CTInputError(folder, f"PixelSpacing {_shown(header.PixelSpacing)} of series {series.uid} ({path.name}) is not two positive numbers", fix)
+            raise CTInputError(
+                folder,
+                f"PixelSpacing {_shown(header.PixelSpacing)} of series {series.uid} ({path.name}) is not two positive numbers",
+                fix,
+            )
         seen.add(tuple(np.round(values, 6)))
         first = values if first is None else first
     if len(seen) > 1:
         shown = ", ".join("\\".join(f"{v:g}" for v in s) for s in sorted(seen))
-        raise CTInputError(folder, f"series {series.uid} mixes pixel spacings {shown} mm", "export each pixel spacing as its own series, or choose another series with --series")
+        raise CTInputError(
+            folder,
+            f"series {series.uid} mixes pixel spacings {shown} mm",
+            "export each pixel spacing as its own series, or choose another series with --series",
+        )
     return float(first[0]), float(first[1])
 
 
@@ -290,7 +350,11 @@ def _positions(series: DicomSeries, folder: Path) -> np.ndarray:
     for path, header in zip(series.files, series.headers):
         values = _floats(header.ImagePositionPatient, 3)
         if values is None or not np.all(np.isfinite(values)):
-            raise CTInputError(folder, f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is not three finite numbers", "re-export the series with its slice positions; ctfm never guesses one")
+            raise CTInputError(
+                folder,
+                f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is not three finite numbers",
+                "re-export the series with its slice positions; ctfm never guesses one",
+            )
         positions.append(values)
     return np.asarray(positions)
 
@@ -333,10 +397,16 @@ def read_pixels_hu(path: Path) -> np.ndarray:
         pixels = ds.pixel_array
     except Exception as exc:
         message = " ".join(str(exc).split())[:160]
-        fix = "install pylibjpeg and pylibjpeg-openjpeg for JPEG 2000" if "decode" in message.lower() or "plugin" in message.lower() else "re-export or re-download the series"
+        fix = (
+            "install pylibjpeg and pylibjpeg-openjpeg for JPEG 2000"
+            if "decode" in message.lower() or "plugin" in message.lower()
+            else "re-export or re-download the series"
+        )
         raise CTInputError(path, f"cannot decode pixel data ({message})", fix) from None
     if pixels.ndim != 2:
-        raise CTInputError(path, f"multi-frame or colour pixel data of shape {pixels.shape}", "export the CT as one 2D slice per file")
+        raise CTInputError(
+            path, f"multi-frame or colour pixel data of shape {pixels.shape}", "export the CT as one 2D slice per file"
+        )
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return (pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
@@ -365,7 +435,9 @@ def stack_series(series: DicomSeries, geometry: SeriesGeometry) -> tuple[np.ndar
     if tilted:
         reasons.append(f"gantry tilt {g.tilt_deg:.1f} deg")
     if nonuniform:
-        reasons.append("non-uniform slice spacing " + "/".join(f"{v:.2f}" for v in sorted(set(np.round(g.gaps, 2)))) + " mm")
+        reasons.append(
+            "non-uniform slice spacing " + "/".join(f"{v:.2f}" for v in sorted(set(np.round(g.gaps, 2)))) + " mm"
+        )
     volume, affine = _resample_to_regular_grid(slices, g, rows, cols)
     return volume, LPS_TO_RAS @ affine, " and ".join(reasons)
 
@@ -392,7 +464,9 @@ def _lps_affine(g: SeriesGeometry, origin: np.ndarray, slice_gap: float) -> np.n
     return affine
 
 
-def _resample_to_regular_grid(slices: list[np.ndarray], g: SeriesGeometry, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+def _resample_to_regular_grid(
+    slices: list[np.ndarray], g: SeriesGeometry, rows: int, cols: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Resample slices with per-slice origins onto one orthogonal grid.
 
     The output axes are (row_dir, col_dir, normal): in-plane spacing as acquired, slice spacing
@@ -413,7 +487,9 @@ def _resample_to_regular_grid(slices: list[np.ndarray], g: SeriesGeometry, rows:
     n_out = int(math.floor(extent / gap + 1e-6)) + 1
     out_depths = g.depths[0] + gap * np.arange(n_out)
 
-    grid_r, grid_c = np.meshgrid(np.arange(out_rows, dtype=np.float64), np.arange(out_cols, dtype=np.float64), indexing="ij")
+    grid_r, grid_c = np.meshgrid(
+        np.arange(out_rows, dtype=np.float64), np.arange(out_cols, dtype=np.float64), indexing="ij"
+    )
     shifted_cache: dict[int, np.ndarray] = {}
 
     def shifted(s: int) -> np.ndarray:
@@ -422,7 +498,9 @@ def _resample_to_regular_grid(slices: list[np.ndarray], g: SeriesGeometry, rows:
         if s not in shifted_cache:
             du = (u_min - g.inplane_offsets[s, 0]) / g.col_spacing
             dv = (v_min - g.inplane_offsets[s, 1]) / g.row_spacing
-            shifted_cache[s] = map_coordinates(slices[s], [grid_r + dv, grid_c + du], order=1, cval=fill, prefilter=False).astype(np.float32)
+            shifted_cache[s] = map_coordinates(
+                slices[s], [grid_r + dv, grid_c + du], order=1, cval=fill, prefilter=False
+            ).astype(np.float32)
             if len(shifted_cache) > 4:  # slices are visited in order; keep memory flat
                 shifted_cache.pop(min(shifted_cache))
         return shifted_cache[s]

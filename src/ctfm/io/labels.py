@@ -29,12 +29,29 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ctfm.errors import CTInputError, one_line, optional_import
-from ctfm.io.volume import check_itk_header, LPS_TO_RAS, quiet_native_stderr, quiet_nibabel, read_volume, volume_format, VOLUME_SUFFIXES
+from ctfm.io.volume import (
+    LPS_TO_RAS,
+    VOLUME_SUFFIXES,
+    check_itk_header,
+    quiet_native_stderr,
+    quiet_nibabel,
+    read_volume,
+    volume_format,
+)
 
 if TYPE_CHECKING:
     from monai.data import MetaTensor
 
-__all__ = ["LabelMap", "check_label_values", "label_names", "load_labels", "rasterize_planar_contours", "require_same_grid", "resample_labels", "same_grid"]
+__all__ = [
+    "LabelMap",
+    "check_label_values",
+    "label_names",
+    "load_labels",
+    "rasterize_planar_contours",
+    "require_same_grid",
+    "resample_labels",
+    "same_grid",
+]
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -120,7 +137,11 @@ def check_label_values(values: np.ndarray, class_map: dict[int, str], path) -> N
     unknown = [int(v) for v in present if int(v) not in class_map]
     if unknown:
         shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
-        raise CTInputError(path, f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, {len(class_map) - 1} classes)", "give the class map these labels were made with (--set class_map=...), or fix the label map")
+        raise CTInputError(
+            path,
+            f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, {len(class_map) - 1} classes)",
+            "give the class map these labels were made with (--set class_map=...), or fix the label map",
+        )
 
 
 def require_same_grid(label_path: Path, image) -> None:
@@ -133,7 +154,9 @@ def require_same_grid(label_path: Path, image) -> None:
         return
     array, affine, _ = read_volume(label_path)
     shape = tuple(array.shape[:3])
-    grid = np.asarray(image.affine.detach().cpu().numpy() if hasattr(image.affine, "detach") else image.affine, dtype=np.float64)
+    grid = np.asarray(
+        image.affine.detach().cpu().numpy() if hasattr(image.affine, "detach") else image.affine, dtype=np.float64
+    )
     grid_shape = tuple(int(n) for n in image.shape[1:])
     if not same_grid(affine, shape, grid, grid_shape):
         spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
@@ -255,7 +278,9 @@ def _volume_onto_grid(array, affine, grid_affine, grid_shape, path: Path) -> np.
             "give the label map made for this scan; check that both files carry their real origin",
         )
     if not out.any() and array.any():
-        warnings.warn(f"{path}: no labelled voxel falls inside the image (the grids overlap only in background)", stacklevel=3)
+        warnings.warn(
+            f"{path}: no labelled voxel falls inside the image (the grids overlap only in background)", stacklevel=3
+        )
     return out
 
 
@@ -269,7 +294,9 @@ def _extent_text(affine: np.ndarray, shape) -> str:
 def _image_grid(image) -> tuple[np.ndarray, tuple[int, int, int]]:
     """RAS affine (4x4 float64) and (X, Y, Z) of a [1, X, Y, Z] image."""
     if getattr(image, "affine", None) is None or getattr(image, "ndim", 0) != 4 or image.shape[0] != 1:
-        raise ValueError(f"image must be a MetaTensor of shape [1, X, Y, Z] with an affine, got {type(image).__name__} of shape {tuple(getattr(image, 'shape', ()))}")
+        raise ValueError(
+            f"image must be a MetaTensor of shape [1, X, Y, Z] with an affine, got {type(image).__name__} of shape {tuple(getattr(image, 'shape', ()))}"
+        )
     affine = image.affine
     affine = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine, dtype=np.float64)
     if affine.shape != (4, 4):
@@ -327,7 +354,11 @@ def _detect_format(path: Path) -> str:
         except OSError:
             head = b""
     if head[344:348] in (b"n+1\x00", b"ni1\x00"):
-        raise CTInputError(path, "a NIfTI file whose name does not end in .nii or .nii.gz", f"rename it to end in {'.nii.gz' if gzipped else '.nii'}")
+        raise CTInputError(
+            path,
+            "a NIfTI file whose name does not end in .nii or .nii.gz",
+            f"rename it to end in {'.nii.gz' if gzipped else '.nii'}",
+        )
     return _dicom_kind(path, head)
 
 
@@ -348,7 +379,9 @@ def _dicom_kind(path: Path, head: bytes) -> str:
         return "rtstruct"
     if ds is not None and sop_class:
         kind = getattr(ds.SOPClassUID, "name", sop_class)
-        raise CTInputError(path, f"DICOM {kind} (modality {ds.get('Modality', '?')}), not a segmentation", f"give {_SUPPORTED}")
+        raise CTInputError(
+            path, f"DICOM {kind} (modality {ds.get('Modality', '?')}), not a segmentation", f"give {_SUPPORTED}"
+        )
     raise CTInputError(path, "not a label file this reader knows (by name or content)", f"give {_SUPPORTED}")
 
 
@@ -365,7 +398,11 @@ def _read_label_volume(path: Path, fmt: str) -> tuple[np.ndarray, np.ndarray, di
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3:
-        raise CTInputError(path, f"label map of shape {tuple(array.shape)} holds several volumes", "give one 3D label map (combine the channels into label values)")
+        raise CTInputError(
+            path,
+            f"label map of shape {tuple(array.shape)} holds several volumes",
+            "give one 3D label map (combine the channels into label values)",
+        )
     return _integer_labels(array, path), affine, names
 
 
@@ -373,12 +410,13 @@ def _nifti_header_names(path: Path) -> dict[int, str]:
     """Names from the Caret / TotalSegmentator label table in the header extensions (no voxels read)."""
     import nibabel as nib
 
-
     try:
         with quiet_nibabel():
             extensions = nib.load(str(path)).header.extensions
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise CTInputError(path, f"unreadable NIfTI header ({one_line(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(
+            path, f"unreadable NIfTI header ({one_line(exc)})", "check that the file is complete; re-export it"
+        ) from None
     names: dict[int, str] = {}
     for extension in extensions:
         names.update(parse_label_table(extension.get_content()))
@@ -389,7 +427,6 @@ def _itk_header_names(path: Path) -> dict[int, str]:
     """Names from 3D Slicer NRRD keys (header only); refuses multi-layer segmentations."""
     import SimpleITK as sitk
 
-
     check_itk_header(path)  # a voxel size ITK would invent is refused as such, not as "unreadable"
     sitk.ProcessObject_SetGlobalWarningDisplay(False)
     reader = sitk.ImageFileReader()
@@ -398,7 +435,9 @@ def _itk_header_names(path: Path) -> dict[int, str]:
         with quiet_native_stderr():
             reader.ReadImageInformation()
     except Exception as exc:
-        raise CTInputError(path, f"unreadable image header ({one_line(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(
+            path, f"unreadable image header ({one_line(exc)})", "check that the file is complete; re-export it"
+        ) from None
     if reader.GetNumberOfComponents() != 1:
         # read_volume would refuse it too, but as a CT; say what it means for a segmentation.
         raise CTInputError(
@@ -418,7 +457,11 @@ def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
         if not finite.all() or not np.array_equal(np.rint(array), array):
             sample = array[finite & (np.rint(array) != array)]
             example = f", e.g. {float(sample.flat[0]):.3g}" if sample.size else " (NaN or infinite)"
-            raise CTInputError(path, f"label map holds non-integer values{example}; a probability map or an interpolated image?", "threshold it or export an integer label map")
+            raise CTInputError(
+                path,
+                f"label map holds non-integer values{example}; a probability map or an interpolated image?",
+                "threshold it or export an integer label map",
+            )
     elif array.dtype.kind not in "iu":
         raise CTInputError(path, f"label map of data type {array.dtype}", "export an integer label map")
     low, high = (array.min(), array.max()) if array.size else (0, 0)
@@ -429,9 +472,7 @@ def _integer_labels(array: np.ndarray, path: Path) -> np.ndarray:
     raise CTInputError(path, f"label values up to {high} do not fit in int32", "renumber the labels")
 
 
-_LABEL_RE = re.compile(
-    r"<Label\b([^>]*)>\s*(?:<!\[CDATA\[(.*?)\]\]>|([^<]*?))\s*</Label>", re.DOTALL | re.IGNORECASE
-)
+_LABEL_RE = re.compile(r"<Label\b([^>]*)>\s*(?:<!\[CDATA\[(.*?)\]\]>|([^<]*?))\s*</Label>", re.DOTALL | re.IGNORECASE)
 _KEY_RE = re.compile(r"\bKey\s*=\s*\"(-?\d+)\"", re.IGNORECASE)
 
 
@@ -481,7 +522,11 @@ def _sidecar_names(path: Path) -> dict[int, str]:
         table = table.get("labels", table)
         return {int(key): str(value) for key, value in table.items()}
     except (ValueError, AttributeError, TypeError) as exc:
-        raise CTInputError(sidecar, f"label names file is not a JSON object of label -> name ({one_line(exc)})", 'write {"labels": {"1": "liver", ...}}') from None
+        raise CTInputError(
+            sidecar,
+            f"label names file is not a JSON object of label -> name ({one_line(exc)})",
+            'write {"labels": {"1": "liver", ...}}',
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +539,9 @@ def _dicom_seg_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:
-        raise CTInputError(path, f"unreadable DICOM SEG ({one_line(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(
+            path, f"unreadable DICOM SEG ({one_line(exc)})", "check that the file is complete; re-export it"
+        ) from None
     _check_frame_of_reference(path, "DICOM SEG", [getattr(seg, "FrameOfReferenceUID", None)], image)
     numbers = sorted(int(n) for n in seg.segment_numbers)
     if not numbers:
@@ -560,13 +607,17 @@ def _rtstruct_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np.
                     continue
                 contours.setdefault(label, []).append(np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3))
     except Exception as exc:
-        raise CTInputError(path, f"unreadable RTSTRUCT ({one_line(exc)})", "check that the file is complete; re-export it") from None
+        raise CTInputError(
+            path, f"unreadable RTSTRUCT ({one_line(exc)})", "check that the file is complete; re-export it"
+        ) from None
     if not rois:
         raise CTInputError(path, "RTSTRUCT holds no ROIs", "re-export the structure set")
     frame_uids = [roi.get("ReferencedFrameOfReferenceUID") for roi in rois]
     _check_frame_of_reference(path, "RTSTRUCT", frame_uids, image)
     if not contours:
-        raise CTInputError(path, "RTSTRUCT holds no closed planar contours", "re-export the structure set with its contours")
+        raise CTInputError(
+            path, "RTSTRUCT holds no closed planar contours", "re-export the structure set with its contours"
+        )
     dtype = np.int16 if len(rois) <= np.iinfo(np.int16).max else np.int32
     labels = np.zeros(grid_shape, dtype=dtype)
     drawn = 0
@@ -575,14 +626,19 @@ def _rtstruct_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np.
         labels[mask] = label
         drawn += n_drawn
     if drawn == 0:
-        raise CTInputError(path, "no RTSTRUCT contour lies within the image's slices", "give the RTSTRUCT drawn on this scan")
+        raise CTInputError(
+            path, "no RTSTRUCT contour lies within the image's slices", "give the RTSTRUCT drawn on this scan"
+        )
     if not labels.any():
         warnings.warn(f"{path}: the RTSTRUCT contours enclose no voxel centre of the image", stacklevel=3)
     return labels, names
 
 
 def rasterize_planar_contours(
-    contours_lps: Sequence[np.ndarray], grid_affine: np.ndarray, grid_shape: Sequence[int], source: str | os.PathLike | None = None
+    contours_lps: Sequence[np.ndarray],
+    grid_affine: np.ndarray,
+    grid_shape: Sequence[int],
+    source: str | os.PathLike | None = None,
 ) -> np.ndarray:
     """Fill closed planar contours on a grid with the even-odd rule (inner contours are holes).
 
@@ -677,5 +733,3 @@ def _fill_even_odd(polygons: Sequence[np.ndarray], plane_shape: tuple[int, int])
         np.add.at(toggles, (line_index, first_inside), 1)
     inside = (np.cumsum(toggles, axis=1)[:, :size_a] % 2) == 1
     return inside.T  # [A, B]
-
-

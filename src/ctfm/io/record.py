@@ -39,7 +39,9 @@ class ScanRecord:
     slice_gaps_mm: list[float] = field(default_factory=list)  # distinct gaps along the normal
     resampled: str | None = None  # why the loader resampled onto a regular grid, if it did
     spacing_source: str | None = None  # header fields the voxel size came from, or how it was derived
-    geometry_warnings: list[dict[str, str]] = field(default_factory=list)  # {"message", "fix"}: header geometry read but doubtful
+    geometry_warnings: list[dict[str, str]] = field(
+        default_factory=list
+    )  # {"message", "fix"}: header geometry read but doubtful
     skipped: dict[str, int] = field(default_factory=dict)  # files left out of a DICOM folder, by reason
     warnings: list[str] = field(default_factory=list)
 

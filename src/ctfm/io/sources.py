@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctfm.errors import CTInputError
+from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 from ctfm.io.tables import TABLE_SUFFIXES, read_table
 from ctfm.io.volume import VOLUME_SUFFIXES
-from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
 
 MANIFEST_SUFFIXES = TABLE_SUFFIXES  # a manifest is any table read_table reads
 
@@ -57,7 +57,11 @@ def manifest_sources(path: str | os.PathLike, table=None) -> ManifestSources:
     path = Path(path)
     table = read_table(path) if table is None else table
     if "path" not in table.column_names:
-        raise CTInputError(path, f"manifest has no 'path' column (columns: {', '.join(table.column_names)})", "add a 'path' column with one scan per row")
+        raise CTInputError(
+            path,
+            f"manifest has no 'path' column (columns: {', '.join(table.column_names)})",
+            "add a 'path' column with one scan per row",
+        )
     paths = table.column("path").to_pylist()
     series = table.column("series_uid").to_pylist() if "series_uid" in table.column_names else [None] * len(paths)
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(paths)

@@ -157,7 +157,9 @@ def _read_nifti(path: Path) -> VolumeFile:
             # dataobj applies scl_slope/scl_inter; this mirrors MONAI's NibabelReader.
             array = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise CTInputError(path, f"unreadable NIfTI ({one_line(exc)})", "check that the file is complete; re-export or re-download it") from None
+        raise CTInputError(
+            path, f"unreadable NIfTI ({one_line(exc)})", "check that the file is complete; re-export or re-download it"
+        ) from None
     return VolumeFile(array, np.asarray(img.affine, dtype=np.float64), "nifti", source, notes)
 
 
@@ -206,13 +208,25 @@ def _check_nifti_geometry(raw, path: Path) -> tuple[str, list[tuple[str, str]]]:
     if sform_code > 0:
         srow = np.stack([raw["srow_x"], raw["srow_y"], raw["srow_z"]]).astype(np.float64)
         if not np.all(np.isfinite(srow)):
-            raise CTInputError(path, f"NIfTI sform (srow_x/y/z) holds NaN or Inf: {_fmt_rows(srow)}", "set a valid sform, or sform_code 0 to use the qform, or re-export the scan")
+            raise CTInputError(
+                path,
+                f"NIfTI sform (srow_x/y/z) holds NaN or Inf: {_fmt_rows(srow)}",
+                "set a valid sform, or sform_code 0 to use the qform, or re-export the scan",
+            )
         lengths = np.linalg.norm(srow[:, :3], axis=0)
         for axis in range(n_spatial):
             if lengths[axis] <= 0:
-                raise CTInputError(path, f"NIfTI sform gives axis {AXES[axis]} a voxel size of 0 (column {axis} of srow_x/y/z is zero)", "set a valid sform, or sform_code 0 to use the qform, or re-export the scan")
+                raise CTInputError(
+                    path,
+                    f"NIfTI sform gives axis {AXES[axis]} a voxel size of 0 (column {axis} of srow_x/y/z is zero)",
+                    "set a valid sform, or sform_code 0 to use the qform, or re-export the scan",
+                )
         if n_spatial == 3 and abs(np.linalg.det(srow[:, :3])) <= 1e-9 * float(np.prod(lengths)):
-            raise CTInputError(path, "NIfTI sform axes are not independent (singular 3x3 matrix)", "set a valid sform, or sform_code 0 to use the qform, or re-export the scan")
+            raise CTInputError(
+                path,
+                "NIfTI sform axes are not independent (singular 3x3 matrix)",
+                "set a valid sform, or sform_code 0 to use the qform, or re-export the scan",
+            )
         notes = _qform_disagreement(raw, fixed) if qform_code > 0 else []
         return "NIfTI sform", notes
     pixdim = np.asarray(raw["pixdim"], dtype=np.float64)
@@ -220,19 +234,42 @@ def _check_nifti_geometry(raw, path: Path) -> tuple[str, list[tuple[str, str]]]:
     for axis in range(n_spatial):
         value = pixdim[axis + 1]
         if not np.isfinite(value) or value <= 0:
-            problem = "not a number" if np.isnan(value) else "infinite" if not np.isfinite(value) else "zero" if value == 0 else "negative"
-            raise CTInputError(path, f"NIfTI {which} pixdim[{axis + 1}] (axis {AXES[axis]}) is {value:g}: {problem}", fix)
+            problem = (
+                "not a number"
+                if np.isnan(value)
+                else "infinite"
+                if not np.isfinite(value)
+                else "zero"
+                if value == 0
+                else "negative"
+            )
+            raise CTInputError(
+                path, f"NIfTI {which} pixdim[{axis + 1}] (axis {AXES[axis]}) is {value:g}: {problem}", fix
+            )
     if qform_code > 0:
-        quat = np.asarray([raw[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")], dtype=np.float64)
+        quat = np.asarray(
+            [raw[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")],
+            dtype=np.float64,
+        )
         if not np.all(np.isfinite(quat)):
-            raise CTInputError(path, "NIfTI qform quaternion or offset holds NaN or Inf", "set a valid qform, or re-export the scan")
+            raise CTInputError(
+                path, "NIfTI qform quaternion or offset holds NaN or Inf", "set a valid qform, or re-export the scan"
+            )
         qfac = float(pixdim[0])
         if qfac < 0 and qfac != -1:
             # nibabel reads this as +1, the NIfTI C library as -1: the slice order is ambiguous.
-            raise CTInputError(path, f"NIfTI qfac pixdim[0] is {qfac:g}, neither 1 nor -1: the slice direction is ambiguous", "set pixdim[0] to 1 or -1, as the slice order of the scan says, or re-export it")
+            raise CTInputError(
+                path,
+                f"NIfTI qfac pixdim[0] is {qfac:g}, neither 1 nor -1: the slice direction is ambiguous",
+                "set pixdim[0] to 1 or -1, as the slice order of the scan says, or re-export it",
+            )
         return "NIfTI qform (pixdim)", []
-    notes = [("NIfTI header has no qform or sform (both codes 0): orientation and origin are not recorded, read as nibabel's default (LAS, centred)",
-              "re-export the scan with its orientation, e.g. from the DICOM with dcm2niix")]
+    notes = [
+        (
+            "NIfTI header has no qform or sform (both codes 0): orientation and origin are not recorded, read as nibabel's default (LAS, centred)",
+            "re-export the scan with its orientation, e.g. from the DICOM with dcm2niix",
+        )
+    ]
     return "NIfTI pixdim (no qform or sform)", notes
 
 
@@ -247,16 +284,24 @@ def _qform_disagreement(raw, fixed) -> list[tuple[str, str]]:
         rigid.set_qform(sform)
         sform = rigid.get_qform()
     except Exception:
-        return [("NIfTI qform is invalid; read with the sform (as nibabel and MONAI do), tools that prefer the qform will fail or differ",
-                 "re-save the file with the qform set from the sform, e.g. nibabel img.set_qform(img.get_sform())")]
+        return [
+            (
+                "NIfTI qform is invalid; read with the sform (as nibabel and MONAI do), tools that prefer the qform will fail or differ",
+                "re-save the file with the qform set from the sform, e.g. nibabel img.set_qform(img.get_sform())",
+            )
+        ]
     shape = [max(int(n), 1) for n in raw["dim"][1:4]]
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
     corners = np.vstack([corners, np.ones(corners.shape[1])])
     shift = float(np.max(np.linalg.norm((qform @ corners - sform @ corners)[:3], axis=0)))
     voxel = float(np.min(np.linalg.norm(sform[:3, :3], axis=0)))
     if not np.isfinite(shift) or shift > 0.5 * voxel:
-        return [(f"NIfTI qform and sform disagree (by up to {shift:.3g} mm); read with the sform as nibabel and MONAI do, tools that prefer the qform see another geometry",
-                 "re-save the file with one geometry, e.g. nibabel img.set_qform(img.get_sform())")]
+        return [
+            (
+                f"NIfTI qform and sform disagree (by up to {shift:.3g} mm); read with the sform as nibabel and MONAI do, tools that prefer the qform see another geometry",
+                "re-save the file with one geometry, e.g. nibabel img.set_qform(img.get_sform())",
+            )
+        ]
     return []
 
 
@@ -275,7 +320,11 @@ def _check_nrrd_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
     try:
         header = nrrd.read_header(str(path))
     except Exception as exc:  # pynrrd raises its own NRRDError and plain ValueErrors
-        raise CTInputError(path, f"unreadable NRRD header ({one_line(exc)})", "check that the file is complete; re-export or re-download it") from None
+        raise CTInputError(
+            path,
+            f"unreadable NRRD header ({one_line(exc)})",
+            "check that the file is complete; re-export or re-download it",
+        ) from None
     dim = int(header.get("dimension", 0) or 0)
     fix = "give the header 'space: left-posterior-superior' and 'space directions', e.g. (0.7,0,0) (0,0.7,0) (0,0,2.5), or re-export the scan"
     n_spatial = min(dim, 3)
@@ -287,13 +336,17 @@ def _check_nrrd_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
             if np.all(np.isnan(row)):
                 continue  # "none": a non-spatial axis (e.g. vector components)
             if not np.all(np.isfinite(row)):
-                raise CTInputError(path, f"NRRD space direction of axis {axis} is ({','.join(f'{v:g}' for v in row)}): not finite", fix)
+                raise CTInputError(
+                    path, f"NRRD space direction of axis {axis} is ({','.join(f'{v:g}' for v in row)}): not finite", fix
+                )
             if np.linalg.norm(row) <= 0:
                 raise CTInputError(path, f"NRRD space direction of axis {axis} is zero: a voxel size of 0", fix)
             vectors.append(row)
         if len(vectors) < n_spatial:
             none_axes = [a for a, row in enumerate(directions) if np.all(np.isnan(row))]
-            raise CTInputError(path, f"NRRD space direction of axis {none_axes[0]} is 'none': that axis has no voxel size", fix)
+            raise CTInputError(
+                path, f"NRRD space direction of axis {none_axes[0]} is 'none': that axis has no voxel size", fix
+            )
         matrix = np.asarray(vectors)
         if len(vectors) and np.linalg.matrix_rank(matrix, tol=1e-9 * float(np.max(np.abs(matrix)))) < len(vectors):
             raise CTInputError(path, f"NRRD space directions {_fmt_rows(matrix)} are not independent (singular)", fix)
@@ -307,9 +360,17 @@ def _check_nrrd_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
             raise CTInputError(path, f"NRRD spacing of axis {missing[0]} is nan: that axis has no voxel size", fix)
         for axis, value in given:
             if not np.isfinite(value) or value <= 0:
-                raise CTInputError(path, f"NRRD spacing of axis {axis} is {value:g}: {'not finite' if not np.isfinite(value) else 'zero' if value == 0 else 'negative'}", fix)
-        notes = [("NRRD header gives spacings but no space directions: orientation and origin are not recorded, read as ITK's default (axes along LPS, origin 0)",
-                  "re-export the scan with 'space', 'space directions' and 'space origin'")]
+                raise CTInputError(
+                    path,
+                    f"NRRD spacing of axis {axis} is {value:g}: {'not finite' if not np.isfinite(value) else 'zero' if value == 0 else 'negative'}",
+                    fix,
+                )
+        notes = [
+            (
+                "NRRD header gives spacings but no space directions: orientation and origin are not recorded, read as ITK's default (axes along LPS, origin 0)",
+                "re-export the scan with 'space', 'space directions' and 'space origin'",
+            )
+        ]
         return "NRRD spacings", notes
     raise CTInputError(path, "NRRD header gives no voxel size (neither 'space directions' nor 'spacings')", fix)
 
@@ -333,7 +394,11 @@ def _mha_header(path: Path) -> dict[str, str]:
         fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
             return fields
-    raise CTInputError(path, "MetaImage header has no ElementDataFile line (truncated, or not an MHA/MHD file)", "check that the file is complete; re-export or re-download it")
+    raise CTInputError(
+        path,
+        "MetaImage header has no ElementDataFile line (truncated, or not an MHA/MHD file)",
+        "check that the file is complete; re-export or re-download it",
+    )
 
 
 def _numbers(text: str) -> list[float]:
@@ -357,7 +422,9 @@ def _check_mha_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
         raise CTInputError(path, "MetaImage header gives no voxel size (no ElementSpacing line)", fix)
     tokens = fields[key].split()
     if len(tokens) < n_spatial:
-        raise CTInputError(path, f"MetaImage {key} '{fields[key]}' gives {len(tokens)} value(s) for {n_spatial} axes", fix)
+        raise CTInputError(
+            path, f"MetaImage {key} '{fields[key]}' gives {len(tokens)} value(s) for {n_spatial} axes", fix
+        )
     for axis in range(n_spatial):
         value = _numbers(tokens[axis])[0]
         if not np.isfinite(value) or value <= 0:
@@ -369,7 +436,11 @@ def _check_mha_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
             if len(matrix) == ndims * ndims and ndims >= 2:
                 m = np.asarray(matrix).reshape(ndims, ndims)
                 if not np.all(np.isfinite(m)) or abs(np.linalg.det(m)) < 1e-6:
-                    raise CTInputError(path, f"MetaImage {name} '{fields[name]}' is not a valid rotation (singular or not finite)", "set it to the direction cosines of the scan, e.g. 1 0 0 0 1 0 0 0 1, or re-export it")
+                    raise CTInputError(
+                        path,
+                        f"MetaImage {name} '{fields[name]}' is not a valid rotation (singular or not finite)",
+                        "set it to the direction cosines of the scan, e.g. 1 0 0 0 1 0 0 0 1, or re-export it",
+                    )
     return f"MetaImage {key}", []
 
 
@@ -385,9 +456,17 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with quiet_native_stderr():
             img = sitk.ReadImage(str(path))
     except Exception as exc:
-        raise CTInputError(path, f"unreadable image file ({_itk_reason(exc)})", "check that the file is complete; re-export or re-download it") from None
+        raise CTInputError(
+            path,
+            f"unreadable image file ({_itk_reason(exc)})",
+            "check that the file is complete; re-export or re-download it",
+        ) from None
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise CTInputError(path, f"image has {img.GetNumberOfComponentsPerPixel()} components per voxel", "a CT has one value per voxel; export a scalar volume")
+        raise CTInputError(
+            path,
+            f"image has {img.GetNumberOfComponentsPerPixel()} components per voxel",
+            "a CT has one value per voxel; export a scalar volume",
+        )
     dim = img.GetDimension()
     # SimpleITK arrays are (z, y, x); reverse to the (x, y, z) order of the affine.
     array = sitk.GetArrayViewFromImage(img).transpose(tuple(range(dim))[::-1]).copy()

@@ -12,11 +12,19 @@ segmentation model from any source with its class names (``labelmaps``). Importi
 neither Lightning nor the CLI.
 """
 
-from ctfm.models.factory import build_sidecar, create_model, download_weights, init_model, load_weights, resolve_weights, save_pretrained
+from ctfm.models.factory import (
+    build_sidecar,
+    create_model,
+    download_weights,
+    init_model,
+    load_weights,
+    resolve_weights,
+    save_pretrained,
+)
+from ctfm.models.manage import convert_checkpoint, init_weights_folder, model_table
 from ctfm.models.networks import CTEncoder, CTSegResNet, pool_embedding
 from ctfm.models.registry import ModelEntry, find_entry, get_entry, list_models, register_model
 from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model, save_segmentation_model
-from ctfm.models.manage import convert_checkpoint, init_weights_folder, model_table
 
 __all__ = [
     "CTEncoder",

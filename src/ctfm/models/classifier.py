@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 
 from ctfm.errors import CTInputError
-from ctfm.models.networks import CTEncoder
-from ctfm.models import create_model, save_pretrained
-from ctfm.runtime import atomic_path
-from ctfm.runs import RunFolder
 from ctfm.io.hashing import file_sha256
+from ctfm.models import create_model, save_pretrained
+from ctfm.models.networks import CTEncoder
 from ctfm.models.weights import load_state_into
+from ctfm.runs import RunFolder
+from ctfm.runtime import atomic_path
 
 CLASSIFIER_JSON = "classifier.json"
 HEAD_NAME = "head.safetensors"
@@ -37,14 +37,33 @@ FORMAT = 1
 class CTClassifier(nn.Module):
     """CT-FM trunk + pooled MLP head (see the module docstring); ``forward`` returns logits [B, n_outputs]."""
 
-    def __init__(self, n_outputs: int = 1, head_hidden: int = 256, in_channels: int = 1, init_filters: int = 32, blocks_down=(1, 2, 2, 4, 4)):
+    def __init__(
+        self,
+        n_outputs: int = 1,
+        head_hidden: int = 256,
+        in_channels: int = 1,
+        init_filters: int = 32,
+        blocks_down=(1, 2, 2, 4, 4),
+    ):
         super().__init__()
-        self.trunk = CTEncoder(spatial_dims=3, in_channels=in_channels, init_filters=init_filters, blocks_down=tuple(blocks_down))
+        self.trunk = CTEncoder(
+            spatial_dims=3, in_channels=in_channels, init_filters=init_filters, blocks_down=tuple(blocks_down)
+        )
         features = self.trunk.embedding_dim
         layers: list[nn.Module] = [nn.AdaptiveAvgPool3d(1), nn.Flatten()]
-        layers += [nn.Linear(features, head_hidden), nn.ReLU(), nn.Linear(head_hidden, n_outputs)] if head_hidden else [nn.Linear(features, n_outputs)]
+        layers += (
+            [nn.Linear(features, head_hidden), nn.ReLU(), nn.Linear(head_hidden, n_outputs)]
+            if head_hidden
+            else [nn.Linear(features, n_outputs)]
+        )
         self.head = nn.Sequential(*layers)
-        self.arch = {"n_outputs": int(n_outputs), "head_hidden": int(head_hidden), "in_channels": int(in_channels), "init_filters": int(init_filters), "blocks_down": [int(b) for b in blocks_down]}
+        self.arch = {
+            "n_outputs": int(n_outputs),
+            "head_hidden": int(head_hidden),
+            "in_channels": int(in_channels),
+            "init_filters": int(init_filters),
+            "blocks_down": [int(b) for b in blocks_down],
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x)[-1])
@@ -58,7 +77,9 @@ def load_trunk_weights(model: CTClassifier, source) -> str:
     """
 
     arch = model.arch
-    encoder = create_model("ct-fm", weights=str(source), init_filters=arch["init_filters"], blocks_down=tuple(arch["blocks_down"]))
+    encoder = create_model(
+        "ct-fm", weights=str(source), init_filters=arch["init_filters"], blocks_down=tuple(arch["blocks_down"])
+    )
     state = encoder.state_dict()
     channels = arch["in_channels"]
     if channels != 1:
@@ -69,17 +90,31 @@ def load_trunk_weights(model: CTClassifier, source) -> str:
     return info.sha256 if info is not None else ""
 
 
-def save_classifier(model: CTClassifier, folder, task: str, labels: list[str], spec, layout: str, provenance: dict | None = None, overwrite: bool = True) -> Path:
+def save_classifier(
+    model: CTClassifier,
+    folder,
+    task: str,
+    labels: list[str],
+    spec,
+    layout: str,
+    provenance: dict | None = None,
+    overwrite: bool = True,
+) -> Path:
     """Write ``model`` as a classifier folder (module docstring), all or nothing -> the folder."""
     from safetensors.torch import save_file
-
 
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise CTInputError(folder, "already exists", "choose a new folder")
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        save_pretrained(model.trunk, tmp / ENCODER_DIR, name="ct-fm", provenance=provenance or {"source": "ctfm finetune cls"}, preprocess=spec)
+        save_pretrained(
+            model.trunk,
+            tmp / ENCODER_DIR,
+            name="ct-fm",
+            provenance=provenance or {"source": "ctfm finetune cls"},
+            preprocess=spec,
+        )
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(head, str(tmp / HEAD_NAME))
         meta = {
@@ -113,7 +148,6 @@ def load_classifier(source) -> tuple[CTClassifier, dict]:
     """(model in eval mode, classifier.json) of a classifier folder or fine-tuning run; strict loading."""
     from safetensors.torch import load_file
 
-
     folder = classifier_folder(source)
     meta = json.loads((folder / CLASSIFIER_JSON).read_text(encoding="utf-8"))
     model = CTClassifier(**meta["arch"])
@@ -130,4 +164,11 @@ def classifier_sha256(meta: dict) -> str:
     return hashlib.sha256(f"{meta['encoder_sha256']}:{meta['head_sha256']}".encode()).hexdigest()
 
 
-__all__ = ["CTClassifier", "classifier_folder", "classifier_sha256", "load_classifier", "load_trunk_weights", "save_classifier"]
+__all__ = [
+    "CTClassifier",
+    "classifier_folder",
+    "classifier_sha256",
+    "load_classifier",
+    "load_trunk_weights",
+    "save_classifier",
+]

@@ -20,7 +20,15 @@ from ctfm import __version__
 from ctfm.errors import CTInputError, OptionError
 from ctfm.models import weights as _weights
 from ctfm.models.registry import find_entry, get_entry
-from ctfm.models.weights import CONFIG_NAME, HUB_PREFIX, SIDECAR_FORMAT, WEIGHTS_NAME, WeightsInfo, arch_config, portable_source
+from ctfm.models.weights import (
+    CONFIG_NAME,
+    HUB_PREFIX,
+    SIDECAR_FORMAT,
+    WEIGHTS_NAME,
+    WeightsInfo,
+    arch_config,
+    portable_source,
+)
 from ctfm.preprocess import get_preset
 
 
@@ -30,7 +38,11 @@ def _refuse_model_name(source) -> None:
         return
     entry = find_entry(source)
     if entry is not None and entry.hub_id:
-        raise CTInputError(source, "is a model name, not a weights source", f'for its published weights write weights="{HUB_PREFIX}{entry.hub_id}"')
+        raise CTInputError(
+            source,
+            "is a model name, not a weights source",
+            f'for its published weights write weights="{HUB_PREFIX}{entry.hub_id}"',
+        )
 
 
 def resolve_weights(source: str | os.PathLike) -> Path:
@@ -74,7 +86,11 @@ def create_model(name: str, weights: str | os.PathLike | None = None, **override
         arch = _folder_arch(weights)
         unknown = sorted(set(arch) - _constructor_arguments(entry.builder))
         if unknown:
-            raise CTInputError(weights, f"config.json has arguments {unknown} that model {name!r} does not take", "choose the matching model (e.g. --model ct-fm-segresnet for a segmentation folder)")
+            raise CTInputError(
+                weights,
+                f"config.json has arguments {unknown} that model {name!r} does not take",
+                "choose the matching model (e.g. --model ct-fm-segresnet for a segmentation folder)",
+            )
         kwargs.update(arch)
     model = entry.builder(**{**kwargs, **overrides})
     if weights is not None:
@@ -116,7 +132,9 @@ def _folder_arch(weights) -> dict:
         return {}  # load_weights reports a damaged config.json with the fix
 
 
-def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | None = None, preprocess=None, extra: dict | None = None) -> dict:
+def build_sidecar(
+    model: nn.Module, name: str, sha256: str, provenance: dict | None = None, preprocess=None, extra: dict | None = None
+) -> dict:
     """The ctfm.json content: model, PreprocessSpec, embedding pooling, weights sha256, provenance.
 
     ``preprocess`` is the PreprocessSpec the weights were trained with (default: the registry's);
@@ -126,7 +144,11 @@ def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | N
     arch = arch_config(model)
     if provenance is None:
         info = getattr(model, "weights_info", None)
-        provenance = {"source": "loaded", "loaded_from": portable_source(info.source), "loaded_sha256": info.sha256} if info is not None else {"source": "unspecified"}
+        provenance = (
+            {"source": "loaded", "loaded_from": portable_source(info.source), "loaded_sha256": info.sha256}
+            if info is not None
+            else {"source": "unspecified"}
+        )
     return {
         "ctfm_format": SIDECAR_FORMAT,
         "model": name,
@@ -146,7 +168,15 @@ def build_sidecar(model: nn.Module, name: str, sha256: str, provenance: dict | N
     }
 
 
-def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct-fm", provenance: dict | None = None, overwrite: bool = False, preprocess=None, extra: dict | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    name: str = "ct-fm",
+    provenance: dict | None = None,
+    overwrite: bool = False,
+    preprocess=None,
+    extra: dict | None = None,
+) -> Path:
     """Write ``model`` as a weights folder (config.json, model.safetensors, ctfm.json) -> the folder.
 
     ``name`` is the registered model it was created as (checked before anything is written).
@@ -155,10 +185,24 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str = "ct
     entry = get_entry(name)  # unknown names fail before anything is written
     _weights.target_of(model)
     if isinstance(entry.builder, type) and not isinstance(model, entry.builder):
-        raise OptionError(f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with")
+        raise OptionError(
+            f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with"
+        )
     return _weights.write_weights_folder(
-        model, folder, sidecar=lambda sha256: build_sidecar(model, name, sha256, provenance, preprocess=preprocess, extra=extra), overwrite=overwrite
+        model,
+        folder,
+        sidecar=lambda sha256: build_sidecar(model, name, sha256, provenance, preprocess=preprocess, extra=extra),
+        overwrite=overwrite,
     )
 
 
-__all__ = ["build_sidecar", "create_model", "download_weights", "hub_id_of", "init_model", "load_weights", "resolve_weights", "save_pretrained"]
+__all__ = [
+    "build_sidecar",
+    "create_model",
+    "download_weights",
+    "hub_id_of",
+    "init_model",
+    "load_weights",
+    "resolve_weights",
+    "save_pretrained",
+]

@@ -28,8 +28,13 @@ def model_table() -> list[dict]:
         with torch.device("meta"):  # count parameters without allocating them
             params = sum(p.numel() for p in entry.builder(**entry.kwargs).parameters())
         rows.append(
-            {"name": name, "description": entry.description, "params": params,
-             "preprocess": entry.preprocess_preset, "hub_id": entry.hub_id}
+            {
+                "name": name,
+                "description": entry.description,
+                "params": params,
+                "preprocess": entry.preprocess_preset,
+                "hub_id": entry.hub_id,
+            }
         )
     return rows
 

@@ -23,11 +23,21 @@ class CTEncoder(SegResEncoder):
     ``embed(x)``: [B, 512], the global average of the stride-16 map (CT-FM's embedding).
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, init_filters: int = 32, blocks_down=(1, 2, 2, 4, 4), **kwargs):
+    def __init__(
+        self, spatial_dims: int = 3, in_channels: int = 1, init_filters: int = 32, blocks_down=(1, 2, 2, 4, 4), **kwargs
+    ):
         if kwargs.get("head_module") is not None:
-            raise ValueError("CTEncoder returns all feature maps; use embed() or a head outside the encoder, not head_module")
+            raise ValueError(
+                "CTEncoder returns all feature maps; use embed() or a head outside the encoder, not head_module"
+            )
         kwargs.pop("head_module", None)
-        super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, init_filters=init_filters, blocks_down=tuple(blocks_down), **kwargs)
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            init_filters=init_filters,
+            blocks_down=tuple(blocks_down),
+            **kwargs,
+        )
 
     @property
     def feature_channels(self) -> list[int]:
@@ -49,14 +59,36 @@ class CTEncoder(SegResEncoder):
 
     def arch_config(self) -> dict:
         """Constructor kwargs, as in the published config.json."""
-        return {"spatial_dims": self.spatial_dims, "in_channels": self.in_channels, "init_filters": self.init_filters, "blocks_down": list(self.blocks_down)}
+        return {
+            "spatial_dims": self.spatial_dims,
+            "in_channels": self.in_channels,
+            "init_filters": self.init_filters,
+            "blocks_down": list(self.blocks_down),
+        }
 
 
 class CTSegResNet(SegResNetDS):
     """SegResNetDS whose ``encoder`` is CT-FM's (keys ``encoder.*`` as in ct_fm_segresnet)."""
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, init_filters: int = 32, blocks_down=(1, 2, 2, 4, 4), dsdepth: int = 4, **kwargs):
-        super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, init_filters=init_filters, blocks_down=tuple(blocks_down), dsdepth=dsdepth, **kwargs)
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        init_filters: int = 32,
+        blocks_down=(1, 2, 2, 4, 4),
+        dsdepth: int = 4,
+        **kwargs,
+    ):
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            init_filters=init_filters,
+            blocks_down=tuple(blocks_down),
+            dsdepth=dsdepth,
+            **kwargs,
+        )
 
     def arch_config(self) -> dict:
         return {

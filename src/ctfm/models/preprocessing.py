@@ -42,11 +42,17 @@ def training_spec_of(model: nn.Module, model_name: str) -> tuple[PreprocessSpec,
         try:
             return PreprocessSpec.from_dict(recorded), "weights"
         except (TypeError, ValueError) as exc:
-            raise CTInputError(getattr(info, "path", None), f"ctfm.json records an unusable preprocess spec ({exc})", "fix or remove the 'preprocess' entry of ctfm.json") from None
+            raise CTInputError(
+                getattr(info, "path", None),
+                f"ctfm.json records an unusable preprocess spec ({exc})",
+                "fix or remove the 'preprocess' entry of ctfm.json",
+            ) from None
     return get_preset(get_entry(model_name).preprocess_preset), "registry"
 
 
-def preprocessing_for(model: nn.Module, model_name: str, mode: str, preset: str | PreprocessSpec | None = None) -> PreprocessSpec:
+def preprocessing_for(
+    model: nn.Module, model_name: str, mode: str, preset: str | PreprocessSpec | None = None
+) -> PreprocessSpec:
     """The PreprocessSpec that embedding ``mode`` uses with ``model``.
 
     Derived from the weights (see the module docstring); ``preset`` (a name or a spec) overrides
@@ -58,7 +64,11 @@ def preprocessing_for(model: nn.Module, model_name: str, mode: str, preset: str 
         try:
             expected = PreprocessSpec.from_dict(pinned)
         except (TypeError, ValueError) as exc:
-            raise CTInputError(getattr(info, "path", None), f"ctfm.json records an unusable {mode} spec ({exc})", "fix or remove the 'embedding_preprocess' entry of ctfm.json") from None
+            raise CTInputError(
+                getattr(info, "path", None),
+                f"ctfm.json records an unusable {mode} spec ({exc})",
+                "fix or remove the 'embedding_preprocess' entry of ctfm.json",
+            ) from None
     else:
         training, _ = training_spec_of(model, model_name)
         expected = embedding_spec(training, mode)

@@ -41,7 +41,13 @@ SEG_MODEL = "ct-fm-segresnet"
 TOTALSEG_CHANNELS = 118
 
 # Sliding-window settings of CT-FM's TotalSegmentator recipe (SPL voxels).
-DEFAULT_INFERENCE = {"roi_size": [96, 160, 160], "overlap": 0.625, "mode": "gaussian", "sigma_scale": 0.125, "sw_batch_size": 2}
+DEFAULT_INFERENCE = {
+    "roi_size": [96, 160, 160],
+    "overlap": 0.625,
+    "mode": "gaussian",
+    "sigma_scale": 0.125,
+    "sw_batch_size": 2,
+}
 
 
 class LoadedSegmentation(NamedTuple):
@@ -79,13 +85,21 @@ def _peek_state(path: Path, kind: str) -> dict[str, tuple[int, ...]]:
             with safe_open(str(file), framework="pt") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as exc:
-            raise CTInputError(file, f"is not a readable safetensors file ({type(exc).__name__})", "download or write the file again; it may be truncated") from None
+            raise CTInputError(
+                file,
+                f"is not a readable safetensors file ({type(exc).__name__})",
+                "download or write the file again; it may be truncated",
+            ) from None
     else:
         state, _ = _weights.read_torch(path)
         shapes = {k: tuple(v.shape) for k, v in state.items()}
     import torch
 
-    kept = [k for k in shapes if not _weights.strip_prefixes(k, _weights.WRAPPER_PREFIXES).startswith(_weights.IGNORED_PREFIXES)]
+    kept = [
+        k
+        for k in shapes
+        if not _weights.strip_prefixes(k, _weights.WRAPPER_PREFIXES).startswith(_weights.IGNORED_PREFIXES)
+    ]
     renamed, _ = _weights.convert_state_dict({k: torch.empty(0) for k in kept}, "segresnet")
     return {new: shapes[old] for new, old in zip(renamed, kept)}  # convert_state_dict keeps the order
 
@@ -111,7 +125,9 @@ def load_segmentation_model(
     """
     given = resolve_labels(labels) if labels is not None else None
     if out_channels is not None and given is not None and out_channels != len(given):
-        raise OptionError(f"--out-channels {out_channels} disagrees with the class map ({len(given)} classes including background); give one of them")
+        raise OptionError(
+            f"--out-channels {out_channels} disagrees with the class map ({len(given)} classes including background); give one of them"
+        )
     wanted = len(given) if given is not None else out_channels
     kind, labels_source = "random", "given"
     if source is None:
@@ -122,14 +138,22 @@ def load_segmentation_model(
         source = resolve_segmentation_source(source)
         resolve_weights(source)  # refuses a registered model name with its hf-hub: spelling
         path, fmt = _weights.resolve_source(source)
-        config = _weights.read_json(path / CONFIG_NAME) if fmt in ("folder", "hf-hub") and (path / CONFIG_NAME).is_file() else None
+        config = (
+            _weights.read_json(path / CONFIG_NAME)
+            if fmt in ("folder", "hf-hub") and (path / CONFIG_NAME).is_file()
+            else None
+        )
         if config is not None and "out_channels" in config:
             kind = "segmentation"
             model = create_model(SEG_MODEL, weights=source, **overrides)
         else:
             shapes = _peek_state(path, fmt)
             head = _head_channels(shapes)
-            arch = {k: v for k, v in (config or {}).items() if k in ("init_filters", "blocks_down", "in_channels", "spatial_dims")}
+            arch = {
+                k: v
+                for k, v in (config or {}).items()
+                if k in ("init_filters", "blocks_down", "in_channels", "spatial_dims")
+            }
             if "encoder.conv_init.weight" in shapes and "init_filters" not in arch:
                 arch["init_filters"] = int(shapes["encoder.conv_init.weight"][0])
             if head is not None:
@@ -138,7 +162,11 @@ def load_segmentation_model(
             else:
                 kind = "encoder"
                 if wanted is None:
-                    raise CTInputError(source, "holds CT-FM encoder weights only: the number of classes of the new decoder is unknown", "give the class map (--labels totalseg-v2, a JSON file, or liver,spleen) or --out-channels N")
+                    raise CTInputError(
+                        source,
+                        "holds CT-FM encoder weights only: the number of classes of the new decoder is unknown",
+                        "give the class map (--labels totalseg-v2, a JSON file, or liver,spleen) or --out-channels N",
+                    )
                 n = wanted
             model = init_model(SEG_MODEL, seed, out_channels=n, **{**arch, **overrides})
             load_weights(model, source)
@@ -149,7 +177,9 @@ def load_segmentation_model(
     if given is not None:
         names = given
     elif isinstance(recorded, (dict, list)):
-        names = check_labels(dict(enumerate(recorded)) if isinstance(recorded, list) else recorded, Path(where or ".") / SIDECAR_NAME)
+        names = check_labels(
+            dict(enumerate(recorded)) if isinstance(recorded, list) else recorded, Path(where or ".") / SIDECAR_NAME
+        )
         labels_source = "weights"
     elif n_channels == TOTALSEG_CHANNELS:
         names, labels_source = dict(BUILTIN_LABELS["totalseg-v2"]), "default: 118 channels are TotalSegmentator v2"
@@ -182,7 +212,15 @@ def load_segmentation_model(
     return LoadedSegmentation(model, names, spec, info)
 
 
-def save_segmentation_model(model: nn.Module, folder: str | os.PathLike, labels, spec=None, provenance: dict | None = None, inference: dict | None = None, overwrite: bool = False) -> Path:
+def save_segmentation_model(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    labels,
+    spec=None,
+    provenance: dict | None = None,
+    inference: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a SegResNetDS as a weights folder whose ctfm.json names its classes -> the folder.
 
     ``labels``: a class map with one class per output channel (background included); ``spec``:
@@ -191,13 +229,24 @@ def save_segmentation_model(model: nn.Module, folder: str | os.PathLike, labels,
     """
     names = resolve_labels(labels)
     if len(names) != int(model.out_channels):
-        raise OptionError(f"the model has {model.out_channels} output channels but the class map has {len(names)} classes (background included)")
+        raise OptionError(
+            f"the model has {model.out_channels} output channels but the class map has {len(names)} classes (background included)"
+        )
     extra = {"labels": labels_to_json(names), "inference": {**DEFAULT_INFERENCE, **(inference or {})}}
-    return save_pretrained(model, folder, name=SEG_MODEL, provenance=provenance, overwrite=overwrite, preprocess=spec, extra=extra)
+    return save_pretrained(
+        model, folder, name=SEG_MODEL, provenance=provenance, overwrite=overwrite, preprocess=spec, extra=extra
+    )
 
 
 def weights_sha256(folder: str | os.PathLike) -> str:
     return file_sha256(Path(folder) / WEIGHTS_NAME)
 
 
-__all__ = ["DEFAULT_INFERENCE", "LoadedSegmentation", "SEG_MODEL", "load_segmentation_model", "resolve_segmentation_source", "save_segmentation_model"]
+__all__ = [
+    "DEFAULT_INFERENCE",
+    "LoadedSegmentation",
+    "SEG_MODEL",
+    "load_segmentation_model",
+    "resolve_segmentation_source",
+    "save_segmentation_model",
+]

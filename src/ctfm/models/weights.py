@@ -70,7 +70,9 @@ TARGETS = ("encoder", "segresnet")
 _REPLACEABLE = {CONFIG_NAME, WEIGHTS_NAME, SIDECAR_NAME, "README.md", ".gitattributes", ".cache"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SCHEME = re.compile(r"^([A-Za-z][\w+.-]+):")
-_SOURCE_FIX = f"give a weights folder ({CONFIG_NAME} + {WEIGHTS_NAME}), a .safetensors/.ckpt/.pt file, or {HUB_PREFIX}ORG/NAME"
+_SOURCE_FIX = (
+    f"give a weights folder ({CONFIG_NAME} + {WEIGHTS_NAME}), a .safetensors/.ckpt/.pt file, or {HUB_PREFIX}ORG/NAME"
+)
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,11 @@ def parse_hub_id(text: str) -> tuple[str, str | None]:
     body = text[len(HUB_PREFIX) :] if text.startswith(HUB_PREFIX) else text
     repo_id, _, revision = body.partition("@")
     if not _HUB_ID.match(repo_id) or (("@" in body) and not revision.strip()):
-        raise CTInputError(text, "is not a Hugging Face model id", f"write {HUB_PREFIX}ORG/NAME or {HUB_PREFIX}ORG/NAME@REVISION, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor")
+        raise CTInputError(
+            text,
+            "is not a Hugging Face model id",
+            f"write {HUB_PREFIX}ORG/NAME or {HUB_PREFIX}ORG/NAME@REVISION, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor",
+        )
     return repo_id, (revision or None)
 
 
@@ -158,9 +164,15 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CTInputError(path, f"is not readable JSON ({exc})", "restore the file from the published weights, or write the folder again with ctfm models convert/init") from None
+        raise CTInputError(
+            path,
+            f"is not readable JSON ({exc})",
+            "restore the file from the published weights, or write the folder again with ctfm models convert/init",
+        ) from None
     if not isinstance(value, dict):
-        raise CTInputError(path, f"holds a JSON {type(value).__name__}, not an object", "restore the file from the published weights")
+        raise CTInputError(
+            path, f"holds a JSON {type(value).__name__}, not an object", "restore the file from the published weights"
+        )
     return value
 
 
@@ -181,7 +193,9 @@ def target_of(model: nn.Module) -> str:
         return "segresnet"
     if isinstance(model, SegResEncoder):
         return "encoder"
-    raise TypeError(f"ctfm weights load into a SegResEncoder (CTEncoder) or a SegResNetDS (CTSegResNet), not {type(model).__name__}")
+    raise TypeError(
+        f"ctfm weights load into a SegResEncoder (CTEncoder) or a SegResNetDS (CTSegResNet), not {type(model).__name__}"
+    )
 
 
 def arch_config(model: nn.Module) -> dict:
@@ -221,7 +235,9 @@ def _check_arch(config: dict, model: nn.Module, config_path: Path) -> None:
                 suggested.append(f"{key}={given!r}")
             continue
         accepted = [defaults[key]] if key in defaults else []
-        if hasattr(model, key) and isinstance(getattr(model, key), (int, float, str, bool, list, tuple, dict, type(None))):
+        if hasattr(model, key) and isinstance(
+            getattr(model, key), (int, float, str, bool, list, tuple, dict, type(None))
+        ):
             accepted.append(_normalise(getattr(model, key)))
         if not accepted:
             differing.append(f"{key}={json.dumps(given)} vs no such argument")
@@ -258,9 +274,17 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
         return _local_kind(path)
     scheme = _SCHEME.match(source)
     if scheme:
-        raise CTInputError(source, f"unknown weights source scheme {scheme.group(1)!r}", f"the only scheme is {HUB_PREFIX}, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor; URLs are not fetched directly")
+        raise CTInputError(
+            source,
+            f"unknown weights source scheme {scheme.group(1)!r}",
+            f"the only scheme is {HUB_PREFIX}, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor; URLs are not fetched directly",
+        )
     if _HUB_ID.match(source.partition("@")[0]):
-        raise CTInputError(source, "is neither an existing path nor an explicit Hugging Face id", f"for the Hub write {HUB_PREFIX}{source}; for a local folder give a path that exists")
+        raise CTInputError(
+            source,
+            "is neither an existing path nor an explicit Hugging Face id",
+            f"for the Hub write {HUB_PREFIX}{source}; for a local folder give a path that exists",
+        )
     raise CTInputError(source, "no such weights file or folder", _SOURCE_FIX)
 
 
@@ -282,7 +306,11 @@ def _local_kind(path: Path) -> tuple[Path, str]:
         return path, "ckpt"
     if suffix in TORCH_SUFFIXES:
         return path, "torch"
-    raise CTInputError(path, f"has an unknown weights suffix {path.suffix!r}", f"use a .safetensors, {', '.join(TORCH_SUFFIXES)} file or a weights folder")
+    raise CTInputError(
+        path,
+        f"has an unknown weights suffix {path.suffix!r}",
+        f"use a .safetensors, {', '.join(TORCH_SUFFIXES)} file or a weights folder",
+    )
 
 
 def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
@@ -293,7 +321,9 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
     cache_dir = hub_cache_dir()
     spelled = _spell(repo_id, revision)
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=str(cache_dir), local_files_only=True)
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=str(cache_dir), local_files_only=True
+        )
     except Exception:  # not cached, partially cached, unreadable refs: all mean "not usable offline"
         folder = None
     if folder is not None and (Path(folder) / WEIGHTS_NAME).is_file():
@@ -307,7 +337,11 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=str(cache_dir))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
-        raise CTInputError(source, f"was not found on the Hugging Face Hub or needs a token ({type(exc).__name__})", "check the id (ctfm models list shows the published ones) or log in with `hf auth login`") from None
+        raise CTInputError(
+            source,
+            f"was not found on the Hugging Face Hub or needs a token ({type(exc).__name__})",
+            "check the id (ctfm models list shows the published ones) or log in with `hf auth login`",
+        ) from None
     except Exception as exc:
         raise CTInputError(
             source,
@@ -315,7 +349,9 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
             f"run `ctfm models download {spelled}` where there is network access (it needs network), or pass a local weights folder",
         ) from None
     if not (Path(folder) / WEIGHTS_NAME).is_file():
-        raise CTInputError(source, f"has no {WEIGHTS_NAME} on the Hub", "choose a repository published with safetensors weights")
+        raise CTInputError(
+            source, f"has no {WEIGHTS_NAME} on the Hub", "choose a repository published with safetensors weights"
+        )
     return Path(folder)
 
 
@@ -340,7 +376,11 @@ def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
 
     repo_id, revision = parse_hub_id(repo)
     if hub_offline():
-        raise CTInputError(repo, "cannot be downloaded: HF_HUB_OFFLINE is set", "downloading needs network access: unset HF_HUB_OFFLINE (or set it to 0) on a machine that can reach huggingface.co")
+        raise CTInputError(
+            repo,
+            "cannot be downloaded: HF_HUB_OFFLINE is set",
+            "downloading needs network access: unset HF_HUB_OFFLINE (or set it to 0) on a machine that can reach huggingface.co",
+        )
     try:
         folder = snapshot_download(
             repo_id,
@@ -350,11 +390,21 @@ def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
             local_dir=None if out is None else str(out),
         )
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
-        raise CTInputError(repo, f"was not found on the Hugging Face Hub or needs a token ({type(exc).__name__})", "check the id (ctfm models list shows the published ones) or log in with `hf auth login`") from None
+        raise CTInputError(
+            repo,
+            f"was not found on the Hugging Face Hub or needs a token ({type(exc).__name__})",
+            "check the id (ctfm models list shows the published ones) or log in with `hf auth login`",
+        ) from None
     except Exception as exc:
-        raise CTInputError(repo, f"could not be downloaded ({one_line(exc, 200, with_type=True)})", "downloading needs network access to huggingface.co; check the connection or proxy and retry") from None
+        raise CTInputError(
+            repo,
+            f"could not be downloaded ({one_line(exc, 200, with_type=True)})",
+            "downloading needs network access to huggingface.co; check the connection or proxy and retry",
+        ) from None
     if not (Path(folder) / WEIGHTS_NAME).is_file():
-        raise CTInputError(repo, f"has no {WEIGHTS_NAME} on the Hub", "choose a repository published with safetensors weights")
+        raise CTInputError(
+            repo, f"has no {WEIGHTS_NAME} on the Hub", "choose a repository published with safetensors weights"
+        )
     return Path(folder)
 
 
@@ -368,7 +418,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
-        raise CTInputError(path, f"is not a readable safetensors file ({one_line(exc, 200)})", "download or write the file again; it may be truncated") from None
+        raise CTInputError(
+            path,
+            f"is not a readable safetensors file ({one_line(exc, 200)})",
+            "download or write the file again; it may be truncated",
+        ) from None
 
 
 def read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -382,14 +436,22 @@ def read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             "if you trust the file, re-save only its tensors: torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'state.pt'), then load state.pt",
         ) from None
     except Exception as exc:
-        raise CTInputError(path, f"is not a readable PyTorch file ({one_line(exc, 200, with_type=True)})", "check that the download finished; the file may be truncated") from None
+        raise CTInputError(
+            path,
+            f"is not a readable PyTorch file ({one_line(exc, 200, with_type=True)})",
+            "check that the download finished; the file may be truncated",
+        ) from None
     extra: dict = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         extra = {k: obj[k] for k in ("epoch", "global_step") if isinstance(obj.get(k), (int, float, str))}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
-        raise CTInputError(path, f"holds no state dict of tensors (found: {keys})", "save a dict of tensors (model.state_dict()) or a Lightning checkpoint with a 'state_dict' entry")
+        raise CTInputError(
+            path,
+            f"holds no state dict of tensors (found: {keys})",
+            "save a dict of tensors (model.state_dict()) or a Lightning checkpoint with a 'state_dict' entry",
+        )
     return dict(obj), extra
 
 
@@ -403,7 +465,9 @@ def strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
     return name
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], target: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], target: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename a CT-FM / Lightning / MONAI state dict for ``target`` -> (converted, ignored keys).
 
     Wrappers ``model.``, ``_orig_mod.``, ``module.`` are stripped; ``backbone.`` and ``encoder.``
@@ -427,7 +491,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], target: str) -> t
         if is_encoder and target == "segresnet":
             name = "encoder." + name
         if name in converted:
-            raise OptionError(f"checkpoint keys {origin[name]!r} and {key!r} both become {name!r}; the file mixes two models")
+            raise OptionError(
+                f"checkpoint keys {origin[name]!r} and {key!r} both become {name!r}; the file mixes two models"
+            )
         converted[name], origin[name] = tensor, key
     return converted, ignored
 
@@ -445,10 +511,18 @@ def _strict_load(model: nn.Module, state_dict: dict[str, torch.Tensor], target: 
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f"{k} {list(state_dict[k].shape)} vs {list(expected[k].shape)}" for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    wrong_shape = [
+        f"{k} {list(state_dict[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
     if missing or unexpected or wrong_shape:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape (weights vs model)", wrong_shape)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape (weights vs model)", wrong_shape),
+        ):
             if keys:
                 more = f", ... {len(keys) - 4} more" if len(keys) > 4 else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:4])}{more}")
@@ -480,7 +554,11 @@ def load_state_into(model: nn.Module, source: str | os.PathLike) -> WeightsInfo:
         digest = file_sha256(weights_file)
         recorded = ((metadata or {}).get("weights") or {}).get("sha256")
         if recorded and recorded != digest:
-            raise CTInputError(weights_file, f"has sha256 {digest[:12]}... but {SIDECAR_NAME} records {recorded[:12]}...", "the file was changed or truncated: download or write the folder again")
+            raise CTInputError(
+                weights_file,
+                f"has sha256 {digest[:12]}... but {SIDECAR_NAME} records {recorded[:12]}...",
+                "the file was changed or truncated: download or write the folder again",
+            )
         raw = _read_safetensors(weights_file)
     else:
         weights_file = path
@@ -520,13 +598,23 @@ def _check_destination(folder: Path, overwrite: bool) -> None:
         return
     names = set(os.listdir(folder))
     if names and not overwrite:
-        raise CTInputError(folder, "already exists and is not empty", "choose a new output folder, or overwrite it (--overwrite / overwrite=True)")
+        raise CTInputError(
+            folder,
+            "already exists and is not empty",
+            "choose a new output folder, or overwrite it (--overwrite / overwrite=True)",
+        )
     foreign = sorted(names - _REPLACEABLE)
     if foreign:
-        raise CTInputError(folder, f"holds other files ({', '.join(foreign[:4])}); refusing to replace it", "choose an empty or new output folder")
+        raise CTInputError(
+            folder,
+            f"holds other files ({', '.join(foreign[:4])}); refusing to replace it",
+            "choose an empty or new output folder",
+        )
 
 
-def write_weights_folder(model: nn.Module, folder: str | os.PathLike, sidecar: Callable[[str], dict] | None = None, overwrite: bool = False) -> Path:
+def write_weights_folder(
+    model: nn.Module, folder: str | os.PathLike, sidecar: Callable[[str], dict] | None = None, overwrite: bool = False
+) -> Path:
     """Write ``model`` as a weights folder (config.json, model.safetensors, ctfm.json) -> the folder.
 
     ``sidecar(sha256)`` returns the ctfm.json content for the written model.safetensors (None:

@@ -41,7 +41,13 @@ class WindowSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "WindowSettings":
-        return cls(tuple(int(v) for v in d.get("roi_size", cls.roi_size)), float(d.get("overlap", cls.overlap)), str(d.get("mode", cls.mode)), float(d.get("sigma_scale", cls.sigma_scale)), int(d.get("sw_batch_size", cls.sw_batch_size)))
+        return cls(
+            tuple(int(v) for v in d.get("roi_size", cls.roi_size)),
+            float(d.get("overlap", cls.overlap)),
+            str(d.get("mode", cls.mode)),
+            float(d.get("sigma_scale", cls.sigma_scale)),
+            int(d.get("sw_batch_size", cls.sw_batch_size)),
+        )
 
 
 class LinearHeadSplit:
@@ -127,7 +133,13 @@ def streamed_sliding_window(
         inputs = F.pad(inputs, flat, mode="constant", value=0.0)
     padded = tuple(int(s) for s in inputs.shape[2:])
     windows = sorted(monai_windows(padded, settings), key=lambda s: s[0].start)  # stable: MONAI's order within a start
-    weight = compute_importance_map(settings.roi_size, mode=settings.mode, sigma_scale=settings.sigma_scale, device=inputs.device, dtype=torch.float32)
+    weight = compute_importance_map(
+        settings.roi_size,
+        mode=settings.mode,
+        sigma_scale=settings.sigma_scale,
+        device=inputs.device,
+        dtype=torch.float32,
+    )
     weight = weight.reshape(settings.roi_size)
 
     split = LinearHeadSplit(model) if LinearHeadSplit.applies(model) else None
@@ -190,7 +202,9 @@ def streamed_sliding_window(
                     out = forward(data)
                 out = out.float()
                 if acc is None:
-                    acc = torch.zeros((out.shape[1], depth, padded[1], padded[2]), dtype=torch.float32, device=out.device)
+                    acc = torch.zeros(
+                        (out.shape[1], depth, padded[1], padded[2]), dtype=torch.float32, device=out.device
+                    )
                 for b, (zs, ys, xs) in enumerate(part):
                     for ring_slice, offset, n in ring(zs.start, zs.stop):
                         w = weight[offset : offset + n]
@@ -214,8 +228,24 @@ def monai_logits(inputs: torch.Tensor, model: nn.Module, settings: WindowSetting
     from monai.inferers import sliding_window_inference
 
     with torch.no_grad():
-        out = sliding_window_inference(inputs, settings.roi_size, settings.sw_batch_size, model, overlap=settings.overlap, mode=settings.mode, sigma_scale=settings.sigma_scale)
+        out = sliding_window_inference(
+            inputs,
+            settings.roi_size,
+            settings.sw_batch_size,
+            model,
+            overlap=settings.overlap,
+            mode=settings.mode,
+            sigma_scale=settings.sigma_scale,
+        )
     return out[0].as_tensor() if hasattr(out[0], "as_tensor") else out[0]
 
 
-__all__ = ["LinearHeadSplit", "WindowSettings", "monai_logits", "monai_pad", "monai_windows", "streamed_logits", "streamed_sliding_window"]
+__all__ = [
+    "LinearHeadSplit",
+    "WindowSettings",
+    "monai_logits",
+    "monai_pad",
+    "monai_windows",
+    "streamed_logits",
+    "streamed_sliding_window",
+]

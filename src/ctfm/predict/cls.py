@@ -19,16 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ctfm.runtime import Result
-
-from ctfm.errors import one_line, UserError
+from ctfm.errors import UserError, one_line
 from ctfm.evaluate.reports.report import provenance
 from ctfm.finetune.cls import preprocess_input
 from ctfm.io.sources import discover_inputs
-from ctfm.models.classifier import classifier_folder, load_classifier
+from ctfm.models.classifier import classifier_folder, classifier_sha256, load_classifier
 from ctfm.preprocess import PreprocessSpec
-from ctfm.runtime import progress_bar, write_text_atomic
-from ctfm.models.classifier import classifier_sha256
+from ctfm.runtime import Result, progress_bar, write_text_atomic
 
 
 @dataclass
@@ -45,10 +42,11 @@ class ClsPredictSummary(Result):
         return f"predicted {self.rows - len(self.failed)} scan(s), {len(self.failed)} failed; wrote {self.out}"
 
 
-def predict_cls(inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False) -> ClsPredictSummary:
+def predict_cls(
+    inputs, model, out, device: str | None = None, batch_size: int = 4, progress: bool = False
+) -> ClsPredictSummary:
     """Probabilities for every input scan -> ``out`` (CSV) and ``out``.json (provenance)."""
     import torch
-
 
     folder = classifier_folder(model)
     net, meta = load_classifier(folder)
@@ -66,9 +64,20 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
             array = preprocess_input(source.path, spec, source.series_uid)
             with torch.inference_mode():
                 logits = net(torch.from_numpy(array)[None].to(device))
-                probs = (torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits))[0].float().cpu().numpy()
-            predicted = labels[int(np.argmax(probs))] if task == "multiclass" else ";".join(l for l, p in zip(labels, probs) if p >= 0.5)
-            rows.append([source.path, source.series_uid or "", source.scan_id, *[f"{p:.6g}" for p in probs], predicted, ""])
+                probs = (
+                    (torch.softmax(logits, 1) if task == "multiclass" else torch.sigmoid(logits))[0]
+                    .float()
+                    .cpu()
+                    .numpy()
+                )
+            predicted = (
+                labels[int(np.argmax(probs))]
+                if task == "multiclass"
+                else ";".join(label for label, p in zip(labels, probs) if p >= 0.5)
+            )
+            rows.append(
+                [source.path, source.series_uid or "", source.scan_id, *[f"{p:.6g}" for p in probs], predicted, ""]
+            )
         except UserError as exc:
             summary.failed.append((str(source), one_line(exc)))
             rows.append([source.path, source.series_uid or "", source.scan_id, *[""] * len(labels), "", one_line(exc)])
@@ -80,7 +89,18 @@ def predict_cls(inputs, model, out, device: str | None = None, batch_size: int =
     writer.writerow(["path", "series_uid", "scan_id", *[f"p_{n}" for n in names], "predicted", "error"])
     writer.writerows(rows)
     write_text_atomic(out, buffer.getvalue())
-    fields = provenance(model=str(folder), task=task, labels=labels, weights_sha256=classifier_sha256(meta), encoder_sha256=meta["encoder_sha256"], head_sha256=meta["head_sha256"], preset=spec.name, preset_hash=spec.content_hash(), inputs=[str(s) for s in sources], failed=len(summary.failed))
+    fields = provenance(
+        model=str(folder),
+        task=task,
+        labels=labels,
+        weights_sha256=classifier_sha256(meta),
+        encoder_sha256=meta["encoder_sha256"],
+        head_sha256=meta["head_sha256"],
+        preset=spec.name,
+        preset_hash=spec.content_hash(),
+        inputs=[str(s) for s in sources],
+        failed=len(summary.failed),
+    )
     write_text_atomic(str(out) + ".json", json.dumps(fields, indent=2) + "\n")
     summary.rows = len(rows)
     summary.provenance = fields

@@ -53,8 +53,9 @@ def label_name(path: Path) -> str:
     return path.stem
 
 
-
-def match_cases(pred: str | os.PathLike, truth: str | os.PathLike) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
+def match_cases(
+    pred: str | os.PathLike, truth: str | os.PathLike
+) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
     """[(name, truth file, prediction file or None)] matched by name, and prediction names without a truth."""
     pred, truth = Path(pred), Path(truth)
     for path, what in ((pred, "--pred"), (truth, "--truth")):
@@ -66,13 +67,18 @@ def match_cases(pred: str | os.PathLike, truth: str | os.PathLike) -> tuple[list
             return [(label_name(truth), truth, candidate)], []
         return [(label_name(truth), truth, pred)], []
     if not truth.is_dir() or not pred.is_dir():
-        raise CTInputError(pred if truth.is_dir() else truth, "a truth folder needs a prediction folder", "give two files or two folders")
+        raise CTInputError(
+            pred if truth.is_dir() else truth,
+            "a truth folder needs a prediction folder",
+            "give two files or two folders",
+        )
     truths, preds = _label_files(truth), _label_files(pred)
     if not truths:
-        raise CTInputError(truth, "holds no label maps (.nii.gz, .nii, .nrrd, .mha)", "give the folder of reference segmentations")
+        raise CTInputError(
+            truth, "holds no label maps (.nii.gz, .nii, .nrrd, .mha)", "give the folder of reference segmentations"
+        )
     pairs = [(name, truths[name], preds.get(name)) for name in sorted(truths)]
     return pairs, sorted(set(preds) - set(truths))
-
 
 
 def _label_files(folder: Path) -> dict[str, Path]:
@@ -83,25 +89,28 @@ def _label_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-
 def _read_truth(path: Path):
     """(MetaTensor grid [1, X, Y, Z] holding the truth labels, spacing (mm) per array axis)."""
     import torch
     from monai.data import MetaTensor
 
-
     array, affine, _ = read_volume(path)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
-        raise CTInputError(path, f"label map of shape {tuple(array.shape)} is not one 3D volume", "give one 3D label map")
-    grid = MetaTensor(torch.zeros((1, *array.shape), dtype=torch.int8), affine=torch.as_tensor(affine, dtype=torch.float64))
+        raise CTInputError(
+            path, f"label map of shape {tuple(array.shape)} is not one 3D volume", "give one 3D label map"
+        )
+    grid = MetaTensor(
+        torch.zeros((1, *array.shape), dtype=torch.int8), affine=torch.as_tensor(affine, dtype=torch.float64)
+    )
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     return grid, tuple(float(s) for s in spacing)
 
 
-
-def load_pair(truth_path: Path, pred_path: Path, labels: dict[int, str]) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def load_pair(
+    truth_path: Path, pred_path: Path, labels: dict[int, str]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(truth [X, Y, Z], prediction [X, Y, Z] on the truth grid, spacing mm); refuses another grid or unknown values."""
 
     grid, spacing = _read_truth(truth_path)
@@ -113,11 +122,9 @@ def load_pair(truth_path: Path, pred_path: Path, labels: dict[int, str]) -> tupl
     return truth, prediction, spacing
 
 
-
 def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
     """The class map: given, else the prediction's ``<name>.labels.json`` (ctfm predict seg), else the truth file's names."""
     if labels is not None:
-
         return dict(resolve_labels(labels)), "given"
     for _, truth, pred in pairs:
         if pred is None:
@@ -135,9 +142,9 @@ def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
         if names:
             return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}, "truth file"
         break
-    raise OptionError("no class map: the predictions carry no <name>.labels.json and the truths name no classes; give --labels (totalseg-v2, a JSON file, or liver,spleen)")
-
-
+    raise OptionError(
+        "no class map: the predictions carry no <name>.labels.json and the truths name no classes; give --labels (totalseg-v2, a JSON file, or liver,spleen)"
+    )
 
 
 def score_cases(pairs, labels: dict[int, str], nsd_tolerance_mm: float) -> tuple[list[dict], list[dict]]:
@@ -156,9 +163,17 @@ def score_cases(pairs, labels: dict[int, str], nsd_tolerance_mm: float) -> tuple
             continue
         for value in classes:
             metrics = mask_metrics(truth == value, prediction == value, spacing, nsd_tolerance_mm)
-            rows.append({"case": name, "label": value, "class": labels[value], **metrics, "truth_voxels": int((truth == value).sum()), "pred_voxels": int((prediction == value).sum())})
+            rows.append(
+                {
+                    "case": name,
+                    "label": value,
+                    "class": labels[value],
+                    **metrics,
+                    "truth_voxels": int((truth == value).sum()),
+                    "pred_voxels": int((prediction == value).sum()),
+                }
+            )
     return rows, failures
-
 
 
 def evaluate_segmentation(
@@ -201,29 +216,42 @@ def evaluate_segmentation(
     if compare is not None:
         compare_pairs, _ = match_cases(compare, truth)
         compare_rows, compare_failures = score_cases(compare_pairs, labels, nsd_tolerance_mm)
-        results["compare"] = {"path": str(compare), "summary": summarise_cases(compare_rows, labels, n_resamples, seed), "wilcoxon": compare_dice(rows, compare_rows, labels), "failures": compare_failures}
+        results["compare"] = {
+            "path": str(compare),
+            "summary": summarise_cases(compare_rows, labels, n_resamples, seed),
+            "wilcoxon": compare_dice(rows, compare_rows, labels),
+            "failures": compare_failures,
+        }
     result = SegEvaluation(results, _provenance(pred, truth, compare, pairs, labels))
     if out is not None:
         _write_outputs(Path(out), result, rows, pairs, labels)
     return result
 
 
-
 def _per_case(rows: list[dict]) -> dict:
     cases: dict[str, dict] = {}
     for r in rows:
         cases.setdefault(r["case"], {})[r["class"]] = {m: r[m] for m in (*METRICS, "status")}
-    for name, classes in cases.items():
+    for classes in cases.values():
         dice = [v["dice"] for v in classes.values() if not math.isnan(v["dice"])]
         classes["_macro_dice"] = float(np.mean(dice)) if dice else math.nan
     return cases
 
 
-
 def _provenance(pred, truth, compare, pairs, labels) -> dict:
     """Input hashes, the manifest hash and, where the predictions say so, the model that made them."""
-    files = [{"case": name, "truth": str(t), "truth_sha256": file_sha256(t), "prediction_sha256": file_sha256(p) if p else None} for name, t, p in pairs]
-    manifest = hashlib.sha256(json.dumps([(f["case"], f["truth_sha256"], f["prediction_sha256"]) for f in files]).encode()).hexdigest()
+    files = [
+        {
+            "case": name,
+            "truth": str(t),
+            "truth_sha256": file_sha256(t),
+            "prediction_sha256": file_sha256(p) if p else None,
+        }
+        for name, t, p in pairs
+    ]
+    manifest = hashlib.sha256(
+        json.dumps([(f["case"], f["truth_sha256"], f["prediction_sha256"]) for f in files]).encode()
+    ).hexdigest()
     model = {}
     for _, _, p in pairs:
         if p is not None and p.with_name(label_name(p) + ".labels.json").is_file():
@@ -232,17 +260,32 @@ def _provenance(pred, truth, compare, pairs, labels) -> dict:
             except ValueError:
                 meta = {}
             if isinstance(meta, dict):
-                model = {k: meta[k] for k in ("model", "weights_sha256", "weights", "preset", "preprocess_hash", "ctfm_version") if k in meta}
+                model = {
+                    k: meta[k]
+                    for k in ("model", "weights_sha256", "weights", "preset", "preprocess_hash", "ctfm_version")
+                    if k in meta
+                }
             break
-    return {"pred": str(pred), "truth": str(truth), "compare": str(compare) if compare else None, "data_manifest_sha256": manifest, "inputs": files, "prediction_model": model or None, "n_classes": len(labels) - 1}
-
+    return {
+        "pred": str(pred),
+        "truth": str(truth),
+        "compare": str(compare) if compare else None,
+        "data_manifest_sha256": manifest,
+        "inputs": files,
+        "prediction_model": model or None,
+        "n_classes": len(labels) - 1,
+    }
 
 
 def _write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, labels: dict[int, str]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["case", "label", "class", "dice", "hd95", "nsd", "status", "truth_voxels", "pred_voxels"], lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer,
+        fieldnames=["case", "label", "class", "dice", "hd95", "nsd", "status", "truth_voxels", "pred_voxels"],
+        lineterminator="\n",
+    )
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
@@ -251,9 +294,15 @@ def _write_outputs(out: Path, results: SegEvaluation, rows: list[dict], pairs, l
     if per_case:
         worst, best = min(per_case, key=per_case.get), max(per_case, key=per_case.get)
         paths = {name: (t, p) for name, t, p in pairs}
-        _case_overlay_figure([(f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]), (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best])], labels, out / "overlay.png")
+        _case_overlay_figure(
+            [
+                (f"worst: {worst} (macro Dice {per_case[worst]:.3f})", *paths[worst]),
+                (f"best: {best} (macro Dice {per_case[best]:.3f})", *paths[best]),
+            ],
+            labels,
+            out / "overlay.png",
+        )
     write_results(out, results.data, results.provenance)
-
 
 
 def _case_overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
@@ -263,7 +312,6 @@ def _case_overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
     matplotlib.use("Agg")
     plt = optional_import("matplotlib.pyplot", "eval")
 
-
     fig, axes = plt.subplots(len(cases), 3, figsize=(10, 3.4 * len(cases)), squeeze=False)
     cmap = plt.get_cmap("tab20", max(2, len(labels)))
     for row, (title, truth_path, pred_path) in enumerate(cases):
@@ -271,8 +319,24 @@ def _case_overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
         z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
         t, p = truth[:, :, z].T, prediction[:, :, z].T
         error = np.where(t == p, 0, np.where(p == 0, 1, np.where(t == 0, 2, 3)))
-        for col, (image, name, kwargs) in enumerate(((t, "truth", {"cmap": cmap, "vmin": 0, "vmax": len(labels) - 1}), (p, "prediction", {"cmap": cmap, "vmin": 0, "vmax": len(labels) - 1}), (error, "errors: missed / extra / wrong class", {"cmap": matplotlib.colors.ListedColormap(["black", "tab:blue", "tab:red", "yellow"]), "vmin": 0, "vmax": 3}))):
-            axes[row, col].imshow(np.ma.masked_equal(image, 0) if col < 2 else image, origin="lower", interpolation="nearest", **kwargs)
+        for col, (image, name, kwargs) in enumerate(
+            (
+                (t, "truth", {"cmap": cmap, "vmin": 0, "vmax": len(labels) - 1}),
+                (p, "prediction", {"cmap": cmap, "vmin": 0, "vmax": len(labels) - 1}),
+                (
+                    error,
+                    "errors: missed / extra / wrong class",
+                    {
+                        "cmap": matplotlib.colors.ListedColormap(["black", "tab:blue", "tab:red", "yellow"]),
+                        "vmin": 0,
+                        "vmax": 3,
+                    },
+                ),
+            )
+        ):
+            axes[row, col].imshow(
+                np.ma.masked_equal(image, 0) if col < 2 else image, origin="lower", interpolation="nearest", **kwargs
+            )
             axes[row, col].set_title(f"{title}\n{name}, slice {z}" if col == 0 else name, fontsize=8)
             axes[row, col].axis("off")
     fig.tight_layout()

@@ -29,15 +29,14 @@ import numpy as np
 import torch
 
 from ctfm.errors import OptionError, UserError, one_line, optional_import
-from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
 from ctfm.io import load_ct
 from ctfm.io.sources import resolve_sources
 from ctfm.models.labelmaps import select_classes
-from ctfm.models.segmentation import load_segmentation_model, LoadedSegmentation
+from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model
 from ctfm.predict import writers
+from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
 from ctfm.preprocess.bounded import preprocess_large
-from ctfm.runtime import progress_bar
-from ctfm.runtime import Result
+from ctfm.runtime import Result, progress_bar
 
 LABELS_SUFFIX = ".labels.json"
 FAILURES_NAME = "failures.json"
@@ -48,7 +47,11 @@ def inference_spec(spec):
     padding or cropping to a patch size (the sliding window covers the whole field of view)."""
     if spec.size_policy == "none":
         return spec
-    return spec.with_(name=f"{spec.name}+predict", size_policy="none", description=f"{spec.name} without the size policy (sliding-window prediction)")
+    return spec.with_(
+        name=f"{spec.name}+predict",
+        size_policy="none",
+        description=f"{spec.name} without the size policy (sliding-window prediction)",
+    )
 
 
 def output_name(source) -> str:
@@ -82,7 +85,9 @@ class GridInverter:
         for k in range(3):
             nonzero = np.flatnonzero(np.abs(m[k, :3]) > tol)
             if len(nonzero) != 1:
-                raise RuntimeError(f"network grid is not an axis permutation of the input grid (row {k} of the index map: {m[k, :3]})")
+                raise RuntimeError(
+                    f"network grid is not an axis permutation of the input grid (row {k} of the index map: {m[k, :3]})"
+                )
             self.axis.append(int(nonzero[0]))
         if sorted(self.axis) != [0, 1, 2]:
             raise RuntimeError(f"network axes {self.axis} do not permute the input axes")
@@ -186,18 +191,32 @@ def network_input(image, loaded, device: str = "cpu") -> tuple[torch.Tensor, np.
     return x, np.asarray(image.affine, dtype=np.float64), tuple(image.shape[1:]), net_affine
 
 
-def predict_volume(image, loaded, settings: WindowSettings | None = None, precision: str = "fp32", device: str = "cpu", progress=None) -> np.ndarray:
+def predict_volume(
+    image, loaded, settings: WindowSettings | None = None, precision: str = "fp32", device: str = "cpu", progress=None
+) -> np.ndarray:
     """Labels [X, Y, Z] on the grid of ``image`` ([1, X, Y, Z] HU MetaTensor from load_ct)."""
     return predict_prepared(*network_input(image, loaded, device), loaded, settings, precision, device, progress)
 
 
-def predict_prepared(x, input_affine, input_shape, net_affine, loaded, settings=None, precision: str = "fp32", device: str = "cpu", progress=None) -> np.ndarray:
+def predict_prepared(
+    x,
+    input_affine,
+    input_shape,
+    net_affine,
+    loaded,
+    settings=None,
+    precision: str = "fp32",
+    device: str = "cpu",
+    progress=None,
+) -> np.ndarray:
     """:func:`predict_volume` from :func:`network_input`'s result (the HU volume may be freed first)."""
     model, labels, spec, info = loaded
     settings = settings or WindowSettings.from_dict(info["inference"])
     inverter = GridInverter(input_affine, input_shape, net_affine, x.shape[2:], len(labels))
     model = model.to(device).eval()
-    for first, logits in streamed_sliding_window(x, model, settings, autocast=_precision_context(precision, device), progress=progress):
+    for first, logits in streamed_sliding_window(
+        x, model, settings, autocast=_precision_context(precision, device), progress=progress
+    ):
         inverter.push(first, logits.cpu())
     return inverter.labels
 
@@ -230,12 +249,16 @@ def predict_seg(
     loaded = model if isinstance(model, LoadedSegmentation) else load_segmentation_model(model, labels=labels)
     _precision_context(precision, device)
     keep = select_classes(loaded.labels, classes) if classes else None
-    settings = WindowSettings.from_dict({**loaded.info["inference"], **({"overlap": overlap} if overlap is not None else {})})
+    settings = WindowSettings.from_dict(
+        {**loaded.info["inference"], **({"overlap": overlap} if overlap is not None else {})}
+    )
     if not 0 <= settings.overlap < 1:
         raise OptionError(f"--overlap {settings.overlap}: must be in [0, 1)")
     factor = loaded.model.shape_factor() if hasattr(loaded.model, "shape_factor") else None
     if factor is not None and any(r % f for r, f in zip(settings.roi_size, factor)):
-        raise OptionError(f"sliding-window roi_size {list(settings.roi_size)} must be divisible by {list(factor)} for this network; fix 'inference.roi_size' in the weights' ctfm.json")
+        raise OptionError(
+            f"sliding-window roi_size {list(settings.roi_size)} must be divisible by {list(factor)} for this network; fix 'inference.roi_size' in the weights' ctfm.json"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources = resolve_sources(inputs).sources
@@ -262,7 +285,17 @@ def predict_seg(
             if keep is not None:
                 labels = np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
             provenance = writers.prediction_provenance(loaded, source, record, settings, precision)
-            writers.write_prediction(out, name, labels, image, names, provenance, output_format=output_format, source=source, statistics=statistics)
+            writers.write_prediction(
+                out,
+                name,
+                labels,
+                image,
+                names,
+                provenance,
+                output_format=output_format,
+                source=source,
+                statistics=statistics,
+            )
             summary.done += 1
             summary.outputs.append(out / f"{name}.nii.gz")
             failures.pop(str(source), None)

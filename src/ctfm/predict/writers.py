@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, optional_import
-from ctfm.models.labelmaps import labels_to_json
-from ctfm.runtime import atomic_path, write_text_atomic
 from ctfm.evaluate.reports.report import provenance as base
 from ctfm.io import dicom
+from ctfm.models.labelmaps import labels_to_json
+from ctfm.runtime import atomic_path, write_text_atomic
 
 
 def output_paths(out: Path, name: str, output_format: str, statistics: bool) -> list[Path]:
@@ -36,12 +36,35 @@ def prediction_provenance(loaded, source, record, settings, precision: str) -> d
         weights_sha256=loaded.info["weights_sha256"],
         preprocess=loaded.spec.name,
         preprocess_hash=loaded.info["preprocess_hash"],
-        inference={"roi_size": list(settings.roi_size), "overlap": settings.overlap, "mode": settings.mode, "sigma_scale": settings.sigma_scale, "sw_batch_size": settings.sw_batch_size, "precision": precision},
-        input={"source": Path(source.path).name, "series_uid": source.series_uid, "shape": list(record.shape), "spacing_mm": list(record.spacing_mm), "orientation": record.orientation},
+        inference={
+            "roi_size": list(settings.roi_size),
+            "overlap": settings.overlap,
+            "mode": settings.mode,
+            "sigma_scale": settings.sigma_scale,
+            "sw_batch_size": settings.sw_batch_size,
+            "precision": precision,
+        },
+        input={
+            "source": Path(source.path).name,
+            "series_uid": source.series_uid,
+            "shape": list(record.shape),
+            "spacing_mm": list(record.spacing_mm),
+            "orientation": record.orientation,
+        },
     )
 
 
-def write_prediction(out: Path, name: str, labels: np.ndarray, image, names: dict[int, str], provenance: dict, output_format: str = "nifti", source=None, statistics: bool = False) -> None:
+def write_prediction(
+    out: Path,
+    name: str,
+    labels: np.ndarray,
+    image,
+    names: dict[int, str],
+    provenance: dict,
+    output_format: str = "nifti",
+    source=None,
+    statistics: bool = False,
+) -> None:
     """Write every output of one input; the labels.json last (it marks the NIfTI as complete)."""
     affine = np.asarray(image.affine, dtype=np.float64)
     dcm = None
@@ -53,13 +76,20 @@ def write_prediction(out: Path, name: str, labels: np.ndarray, image, names: dic
             tmp.write_bytes(dcm)
     if statistics:
         rows = class_statistics(labels, image, names)
-        write_text_atomic(out / f"{name}.statistics.json", json.dumps({"classes": rows, "provenance": provenance}, indent=2) + "\n")
+        write_text_atomic(
+            out / f"{name}.statistics.json", json.dumps({"classes": rows, "provenance": provenance}, indent=2) + "\n"
+        )
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["value", "name", "voxels", "volume_ml", "mean_hu", "sd_hu"])
+        writer = csv.DictWriter(
+            buffer, fieldnames=list(rows[0]) if rows else ["value", "name", "voxels", "volume_ml", "mean_hu", "sd_hu"]
+        )
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(out / f"{name}.statistics.csv", buffer.getvalue())
-    write_text_atomic(out / f"{name}.labels.json", json.dumps({"labels": labels_to_json(names), "provenance": provenance}, indent=2) + "\n")
+    write_text_atomic(
+        out / f"{name}.labels.json",
+        json.dumps({"labels": labels_to_json(names), "provenance": provenance}, indent=2) + "\n",
+    )
 
 
 def write_label_nifti(path: Path, labels: np.ndarray, affine: np.ndarray) -> Path:
@@ -89,7 +119,16 @@ def class_statistics(labels: np.ndarray, image, names: dict[int, str]) -> list[d
         n = int(count[v]) if v < len(count) else 0
         mean = total[v] / n if n else None
         sd = float(np.sqrt(max(square[v] / n - mean * mean, 0.0))) if n else None
-        rows.append({"value": int(v), "name": names[int(v)], "voxels": n, "volume_ml": round(n * voxel_ml, 4), "mean_hu": None if mean is None else round(float(mean), 3), "sd_hu": None if sd is None else round(sd, 3)})
+        rows.append(
+            {
+                "value": int(v),
+                "name": names[int(v)],
+                "voxels": n,
+                "volume_ml": round(n * voxel_ml, 4),
+                "mean_hu": None if mean is None else round(float(mean), 3),
+                "sd_hu": None if sd is None else round(sd, 3),
+            }
+        )
     return rows
 
 
@@ -111,7 +150,17 @@ def _series_datasets(source):
     return datasets, geometry
 
 
-_TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber")
+_TYPE2_COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+)
 
 
 def dicom_seg_bytes(labels: np.ndarray, names: dict[int, str], source, provenance: dict) -> bytes:
@@ -124,10 +173,18 @@ def dicom_seg_bytes(labels: np.ndarray, names: dict[int, str], source, provenanc
     from pydicom.uid import generate_uid
 
     if source is None or not Path(source.path).is_dir():
-        raise CTInputError(getattr(source, "path", None), "--format dicom-seg needs a DICOM series as input", "use --format nifti for volume files")
+        raise CTInputError(
+            getattr(source, "path", None),
+            "--format dicom-seg needs a DICOM series as input",
+            "use --format nifti for volume files",
+        )
     datasets, geometry = _series_datasets(source)
     if labels.shape[2] != len(datasets) or labels.shape[:2] != (int(datasets[0].Columns), int(datasets[0].Rows)):
-        raise CTInputError(source.path, "the series was resampled onto a regular grid when loaded (gantry tilt or uneven slices), so its slices do not carry the label frames", "use --format nifti for this series")
+        raise CTInputError(
+            source.path,
+            "the series was resampled onto a regular grid when loaded (gantry tilt or uneven slices), so its slices do not carry the label frames",
+            "use --format nifti for this series",
+        )
     values = [k for k in sorted(names) if k != 0]
     frames = np.zeros((len(datasets), labels.shape[1], labels.shape[0]), dtype=np.uint16)
     for number, value in enumerate(values, start=1):
@@ -139,7 +196,11 @@ def dicom_seg_bytes(labels: np.ndarray, names: dict[int, str], source, provenanc
             segmented_property_category=codes.SCT.Tissue,
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(name="ctfm " + str(provenance.get("model", "")), version=str(provenance.get("ctfm_version", "")), family=codes.DCM.ArtificialIntelligence),
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="ctfm " + str(provenance.get("model", "")),
+                version=str(provenance.get("ctfm_version", "")),
+                family=codes.DCM.ArtificialIntelligence,
+            ),
             tracking_uid=generate_uid(),
             tracking_id=names[value][:64],
         )

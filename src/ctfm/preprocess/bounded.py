@@ -24,16 +24,20 @@ import math
 import numpy as np
 import torch
 
-from ctfm.preprocess.spec import PreprocessSpec
 from ctfm.preprocess import preprocess
-from ctfm.preprocess.transforms import window_transform, AboveThreshold
+from ctfm.preprocess.spec import PreprocessSpec
+from ctfm.preprocess.transforms import AboveThreshold, window_transform
 
 AXES = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def supports_bounded(spec: PreprocessSpec) -> bool:
     """Bounded execution needs a value-independent grid: no foreground crop, constant padding."""
-    return spec.foreground_crop is None and spec.pad_mode == "constant" and spec.size_policy in ("none", "pad", "pad_or_crop")
+    return (
+        spec.foreground_crop is None
+        and spec.pad_mode == "constant"
+        and spec.size_policy in ("none", "pad", "pad_or_crop")
+    )
 
 
 def _geometry(image, spec: PreprocessSpec):
@@ -52,7 +56,12 @@ def _geometry(image, spec: PreprocessSpec):
         x = SpatialPad(spatial_size=size, lazy=True)(x)
     elif spec.size_policy == "pad_or_crop":
         x = ResizeWithPadOrCrop(spatial_size=size, lazy=True)(x)
-    return grid_affine, grid_shape, torch.as_tensor(x.peek_pending_affine(), dtype=torch.float64), tuple(int(s) for s in x.peek_pending_shape())
+    return (
+        grid_affine,
+        grid_shape,
+        torch.as_tensor(x.peek_pending_affine(), dtype=torch.float64),
+        tuple(int(s) for s in x.peek_pending_shape()),
+    )
 
 
 def _translate(affine: torch.Tensor, offset) -> torch.Tensor:
@@ -69,7 +78,13 @@ def supports_bounded_crop(spec: PreprocessSpec) -> bool:
     value-independent, so it can be filled slab by slab and cropped afterwards (in HU, as the chain
     crops before windowing)."""
     crop = spec.foreground_crop
-    return crop is not None and not crop.before_resampling and spec.size_policy == "none" and len(spec.windows) == 1 and spec.pad_mode == "constant"
+    return (
+        crop is not None
+        and not crop.before_resampling
+        and spec.size_policy == "none"
+        and len(spec.windows) == 1
+        and spec.pad_mode == "constant"
+    )
 
 
 def preprocess_large(image, spec: PreprocessSpec):
@@ -80,12 +95,13 @@ def preprocess_large(image, spec: PreprocessSpec):
     """
     from monai.transforms import CropForeground
 
-
     if supports_bounded(spec) and len(spec.windows) == 1:
         return preprocess_bounded(image, spec)
     if supports_bounded_crop(spec):
         hu = preprocess_bounded(image, spec.with_(foreground_crop=None), apply_window=False)
-        crop = CropForeground(select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels)
+        crop = CropForeground(
+            select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels
+        )
         return window_transform(spec.windows[0])(crop(hu))
     return preprocess(image, spec)
 
@@ -99,9 +115,10 @@ def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = 
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
-
     if not supports_bounded(spec):
-        raise ValueError(f"spec {spec.name!r} has a foreground crop or non-constant padding: use ctfm.preprocess.preprocess")
+        raise ValueError(
+            f"spec {spec.name!r} has a foreground crop or non-constant padding: use ctfm.preprocess.preprocess"
+        )
     if len(spec.windows) != 1:
         raise ValueError("bounded preprocessing supports one HU window")
     grid_affine, grid_shape, final_affine, final_shape = _geometry(image, spec)
@@ -126,12 +143,16 @@ def preprocess_bounded(image, spec: PreprocessSpec, rows_per_slab: int | None = 
             slab = resample(
                 MetaTensor(block, affine=block_affine),
                 dst_affine=_translate(final_affine, lo),
-                spatial_size=[h - l for l, h in zip(lo, hi)],
+                spatial_size=[high - low for low, high in zip(lo, hi)],
             )
             out[:, r0:r1, lo[1] : hi[1], lo[2] : hi[2]] = torch.as_tensor(slab, dtype=torch.float32)
     if apply_window:
         out = window_transform(spec.windows[0])(out)
-    return MetaTensor(out, affine=final_affine.to(torch.float64), meta={"filename_or_obj": image.meta.get("filename_or_obj", "") if hasattr(image, "meta") else ""})
+    return MetaTensor(
+        out,
+        affine=final_affine.to(torch.float64),
+        meta={"filename_or_obj": image.meta.get("filename_or_obj", "") if hasattr(image, "meta") else ""},
+    )
 
 
 def _input_block(src: torch.Tensor, src_affine: torch.Tensor, to_src: torch.Tensor, lo, hi):
@@ -140,7 +161,9 @@ def _input_block(src: torch.Tensor, src_affine: torch.Tensor, to_src: torch.Tens
     Linear interpolation reads floor(c) and floor(c) + 1 around each sample coordinate c; the
     block is clamped to the input, where border padding then behaves as on the whole input.
     """
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0] - 1) for b in (lo[1], hi[1] - 1) for c in (lo[2], hi[2] - 1)])
+    corners = np.array(
+        [[a, b, c, 1.0] for a in (lo[0], hi[0] - 1) for b in (lo[1], hi[1] - 1) for c in (lo[2], hi[2] - 1)]
+    )
     coords = (to_src.numpy() @ corners.T)[:3]
     n = src.shape[1:]
     start = [max(0, int(math.floor(coords[i].min())) - 1) for i in range(3)]

@@ -69,14 +69,20 @@ class PreprocessSpec:
     pad_mode: str = "constant"
     pad_value_hu: float = -1024.0
     windows: tuple[Window, ...] = (Window(-1024.0, 2048.0, "ct-fm"),)
-    window_concat_axis: int = 1  # several windows are concatenated along this tensor dim (1 = first spatial axis, as CT-FM's head-CT chain)
+    window_concat_axis: int = (
+        1  # several windows are concatenated along this tensor dim (1 = first spatial axis, as CT-FM's head-CT chain)
+    )
     description: str = ""
 
     def __post_init__(self):
-        if len(self.orientation) != 3 or sorted(self.orientation.upper().replace("R", "L").replace("A", "P").replace("I", "S")) != ["L", "P", "S"]:
+        if len(self.orientation) != 3 or sorted(
+            self.orientation.upper().replace("R", "L").replace("A", "P").replace("I", "S")
+        ) != ["L", "P", "S"]:
             raise OptionError(f"orientation {self.orientation!r}: expected three axis codes like 'SPL' or 'RAS'")
         if self.spacing_mm is not None and (len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0):
-            raise OptionError(f"spacing_mm {self.spacing_mm}: expected three positive numbers (mm, in orientation order)")
+            raise OptionError(
+                f"spacing_mm {self.spacing_mm}: expected three positive numbers (mm, in orientation order)"
+            )
         if self.size_policy not in SIZE_POLICIES:
             raise OptionError(f"size_policy {self.size_policy!r}: expected one of {', '.join(SIZE_POLICIES)}")
         if self.size_policy != "none" and self.patch_size_mm is None:
@@ -115,7 +121,9 @@ class PreprocessSpec:
         data = dict(data)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise OptionError(f"unknown PreprocessSpec keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise OptionError(
+                f"unknown PreprocessSpec keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
         if data.get("foreground_crop") is not None:
             data["foreground_crop"] = ForegroundCrop(**data["foreground_crop"])
         if "windows" in data:
@@ -206,7 +214,9 @@ def get_preset(name: str) -> PreprocessSpec:
     try:
         return PRESETS[name]
     except KeyError:
-        raise OptionError(f"unknown preprocessing preset {name!r}; known presets: {', '.join(list_presets())}") from None
+        raise OptionError(
+            f"unknown preprocessing preset {name!r}; known presets: {', '.join(list_presets())}"
+        ) from None
 
 
 # ---- the preprocessing that goes with a set of weights ------------------------------------------
@@ -238,7 +248,11 @@ def embedding_spec(training: PreprocessSpec, mode: str) -> PreprocessSpec:
     if is_ct_fm_training_spec(training):
         return PRESETS[EMBEDDING_PRESETS[mode]]
     if mode in ("patches", "dense"):
-        return training.with_(name=f"{training.name}+patches", size_policy="none", description=f"sliding windows at the resolution of {training.name}")
+        return training.with_(
+            name=f"{training.name}+patches",
+            size_policy="none",
+            description=f"sliding windows at the resolution of {training.name}",
+        )
     return PRESETS["ct-fm-1mm-320"].with_(
         name=f"{training.name}+whole",
         description=f"whole scan at the resolution of {training.name}, {WHOLE_FIELD_OF_VIEW_MM:g} mm field of view",

@@ -54,7 +54,9 @@ def build_transforms(spec: PreprocessSpec):
     steps = [Orientation(axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     crop = None
     if spec.foreground_crop is not None:
-        crop = CropForeground(select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels)
+        crop = CropForeground(
+            select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels
+        )
     if crop is not None and spec.foreground_crop.before_resampling:
         steps.append(crop)
     if spec.spacing_mm is not None:
@@ -117,12 +119,19 @@ def build_paired_transforms(spec: PreprocessSpec, image_key: str = "image", labe
     )
 
     if len(spec.windows) != 1:
-        raise ValueError(f"spec {spec.name!r} stacks {len(spec.windows)} windows along a spatial axis; a label map cannot follow it")
+        raise ValueError(
+            f"spec {spec.name!r} stacks {len(spec.windows)} windows along a spatial axis; a label map cannot follow it"
+        )
     keys = (image_key, label_key)
     steps = [Orientationd(keys=keys, axcodes=spec.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     crop = None
     if spec.foreground_crop is not None:
-        crop = CropForegroundd(keys=keys, source_key=image_key, select_fn=AboveThreshold(spec.foreground_crop.threshold_hu), margin=spec.foreground_crop.margin_voxels)
+        crop = CropForegroundd(
+            keys=keys,
+            source_key=image_key,
+            select_fn=AboveThreshold(spec.foreground_crop.threshold_hu),
+            margin=spec.foreground_crop.margin_voxels,
+        )
     if crop is not None and spec.foreground_crop.before_resampling:
         steps.append(crop)
     if spec.spacing_mm is not None:

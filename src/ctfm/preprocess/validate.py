@@ -33,7 +33,13 @@ def hu_statistics(image) -> dict[str, float]:
         return {"min": float("nan"), "p1": float("nan"), "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
     step = max(1, finite.size // MAX_VOXELS_FOR_PERCENTILES)
     p1, p50, p99 = np.percentile(finite[::step], [1, 50, 99])
-    return {"min": float(finite.min()), "p1": float(p1), "p50": float(p50), "p99": float(p99), "max": float(finite.max())}
+    return {
+        "min": float(finite.min()),
+        "p1": float(p1),
+        "p50": float(p50),
+        "p99": float(p99),
+        "max": float(finite.max()),
+    }
 
 
 def check_ct(image, record, stats: dict[str, float] | None = None) -> list[Check]:
@@ -44,26 +50,45 @@ def check_ct(image, record, stats: dict[str, float] | None = None) -> list[Check
     spatial = tuple(int(s) for s in array.shape[-3:])
 
     small = [s for s in spatial if s < 2]
-    checks.append(Check("3d", ERROR, f"shape {spatial} is not a 3D volume", "give the whole series or a 3D volume") if small else Check("3d", OK, f"3D volume {spatial[0]}x{spatial[1]}x{spatial[2]}"))
+    checks.append(
+        Check("3d", ERROR, f"shape {spatial} is not a 3D volume", "give the whole series or a 3D volume")
+        if small
+        else Check("3d", OK, f"3D volume {spatial[0]}x{spatial[1]}x{spatial[2]}")
+    )
 
     n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-    checks.append(Check("finite", ERROR, f"{n_bad} NaN or Inf voxels", "re-export the scan; NaN/Inf are not HU values") if n_bad else Check("finite", OK, "no NaN or Inf"))
+    checks.append(
+        Check("finite", ERROR, f"{n_bad} NaN or Inf voxels", "re-export the scan; NaN/Inf are not HU values")
+        if n_bad
+        else Check("finite", OK, "no NaN or Inf")
+    )
 
     if np.isfinite(stats["min"]) and stats["max"] - stats["min"] == 0:
-        checks.append(Check("not_constant", ERROR, f"every voxel is {stats['min']:g}", "the image is blank; check the export"))
+        checks.append(
+            Check("not_constant", ERROR, f"every voxel is {stats['min']:g}", "the image is blank; check the export")
+        )
     else:
         checks.append(Check("not_constant", OK, "values vary"))
 
     bad_spacing = [s for s in record.spacing_mm if not SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1]]
     spacing_text = "x".join(f"{s:.3g}" for s in record.spacing_mm)
     if bad_spacing:
-        checks.append(Check("spacing", ERROR, f"voxel spacing {spacing_text} mm outside {SPACING_RANGE_MM[0]}-{SPACING_RANGE_MM[1]} mm", "fix the header's spacing (pixdim) or the export"))
+        checks.append(
+            Check(
+                "spacing",
+                ERROR,
+                f"voxel spacing {spacing_text} mm outside {SPACING_RANGE_MM[0]}-{SPACING_RANGE_MM[1]} mm",
+                "fix the header's spacing (pixdim) or the export",
+            )
+        )
     else:
         checks.append(Check("spacing", OK, f"{spacing_text} mm"))
 
     notes = getattr(record, "geometry_warnings", None) or []
     if notes:
-        checks.append(Check("geometry", WARN, "; ".join(n["message"] for n in notes), "; ".join(n["fix"] for n in notes)))
+        checks.append(
+            Check("geometry", WARN, "; ".join(n["message"] for n in notes), "; ".join(n["fix"] for n in notes))
+        )
     else:
         source = getattr(record, "spacing_source", None)
         checks.append(Check("geometry", OK, f"voxel size from {source}" if source else "voxel size from the header"))
@@ -80,13 +105,23 @@ def check_ct(image, record, stats: dict[str, float] | None = None) -> list[Check
 
     tilt = record.gantry_tilt_deg or 0.0
     if record.format == "dicom" and tilt > 0.01:
-        checks.append(Check("tilt", WARN, f"gantry tilt {tilt:.1f} deg: resampled onto an orthogonal grid from the slice positions"))
+        checks.append(
+            Check(
+                "tilt", WARN, f"gantry tilt {tilt:.1f} deg: resampled onto an orthogonal grid from the slice positions"
+            )
+        )
     else:
         checks.append(Check("tilt", OK, "no gantry tilt" if record.format == "dicom" else "regular grid"))
 
     gaps = record.slice_gaps_mm
     if record.format == "dicom" and record.resampled and "spacing" in record.resampled:
-        checks.append(Check("uniform_spacing", WARN, f"slice gaps {', '.join(f'{g:g}' for g in gaps)} mm: resampled to {record.spacing_mm[2]:.3g} mm"))
+        checks.append(
+            Check(
+                "uniform_spacing",
+                WARN,
+                f"slice gaps {', '.join(f'{g:g}' for g in gaps)} mm: resampled to {record.spacing_mm[2]:.3g} mm",
+            )
+        )
     else:
         checks.append(Check("uniform_spacing", OK, "uniform slice spacing"))
 
@@ -102,11 +137,26 @@ def _check_hu(stats: dict[str, float]) -> Check:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return Check("hu_range", ERROR, "no finite values", "re-export the scan")
     if lo >= 0 and hi <= 255:
-        return Check("hu_range", ERROR, f"values {lo:g}..{hi:g} are not HU: a label map, or an 8-bit (0-255) export", "give the CT image itself, in Hounsfield units (the original DICOM or a volume export)")
+        return Check(
+            "hu_range",
+            ERROR,
+            f"values {lo:g}..{hi:g} are not HU: a label map, or an 8-bit (0-255) export",
+            "give the CT image itself, in Hounsfield units (the original DICOM or a volume export)",
+        )
     if lo >= 0 and hi <= 4095:
-        return Check("hu_range", ERROR, f"values {lo:g}..{hi:g} look like raw stored values (0-4095) without RescaleIntercept", "apply the rescale slope/intercept (HU = slope*value + intercept) or export in HU")
+        return Check(
+            "hu_range",
+            ERROR,
+            f"values {lo:g}..{hi:g} look like raw stored values (0-4095) without RescaleIntercept",
+            "apply the rescale slope/intercept (HU = slope*value + intercept) or export in HU",
+        )
     if lo >= 0:
-        return Check("hu_range", ERROR, f"no negative values (min {lo:g}): air would be about -1000 HU", "export in Hounsfield units")
+        return Check(
+            "hu_range",
+            ERROR,
+            f"no negative values (min {lo:g}): air would be about -1000 HU",
+            "export in Hounsfield units",
+        )
     if stats["p1"] > -800 and lo > -900:
         return Check("hu_range", WARN, f"no air near -1000 HU (min {lo:g}): a tight field of view, or not HU")
     return Check("hu_range", OK, f"air near -1000 HU present (min {lo:g}, p1 {stats['p1']:g})")
@@ -127,7 +177,6 @@ def load_usable_ct(path, series_uid: str | None = None):
     """``load_ct`` + every check; ``(image, record)`` or a :class:`CTInputError` naming the first
     error. Geometry warnings stay in ``record.warnings`` (batch jobs keep stderr for failures)."""
     import warnings
-
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError, one_line
-from ctfm.runtime import PARTIAL_SUFFIX, atomic_path, parallel_map, progress_bar, utc_now, write_parquet_atomic
 from ctfm import __version__
+from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import resolve_sources
-from ctfm.preprocess import get_preset, load_usable_ct, preprocess, PreprocessSpec
+from ctfm.preprocess import PreprocessSpec, get_preset, load_usable_ct, preprocess
+from ctfm.runtime import PARTIAL_SUFFIX, atomic_path, parallel_map, progress_bar, utc_now, write_parquet_atomic
 
 INDEX_NAME = "index.parquet"
 FAILURES_NAME = "failures.parquet"
@@ -86,7 +86,17 @@ def _index_schema():
 def _failures_schema():
     import pyarrow as pa
 
-    return pa.schema([("scan_id", pa.string()), ("source_path", pa.string()), ("series_uid", pa.string()), ("preset_hash", pa.string()), ("dtype", pa.string()), ("error", pa.string()), ("created_at", pa.string())])
+    return pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("source_path", pa.string()),
+            ("series_uid", pa.string()),
+            ("preset_hash", pa.string()),
+            ("dtype", pa.string()),
+            ("error", pa.string()),
+            ("created_at", pa.string()),
+        ]
+    )
 
 
 @dataclass
@@ -124,7 +134,6 @@ def _check_dtype(dtype) -> str:
 
 def volume_file_name(scan_id: str, preset_hash: str, dtype: str) -> str:
     return f"{scan_id}-{preset_hash[:12]}-{DTYPES[dtype]}.npy"
-
 
 
 # ---- one scan ---------------------------------------------------------------------------------
@@ -208,7 +217,11 @@ class _BuildLock:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.fh.close()
-            raise CTInputError(self.path.parent, "another `ctfm cohort cache` run is writing this cache", "wait for it to finish, or use another cache folder") from None
+            raise CTInputError(
+                self.path.parent,
+                "another `ctfm cohort cache` run is writing this cache",
+                "wait for it to finish, or use another cache folder",
+            ) from None
         return self
 
     def __exit__(self, *exc):
@@ -233,7 +246,9 @@ def _read_rows(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:
-        raise CTInputError(path, f"unreadable cache file ({one_line(exc, 120)})", "delete it and rebuild the cache") from None
+        raise CTInputError(
+            path, f"unreadable cache file ({one_line(exc, 120)})", "delete it and rebuild the cache"
+        ) from None
 
 
 def _entry_key(row: dict) -> tuple[str, str, str]:
@@ -250,15 +265,18 @@ def _file_ok(cache_dir: Path, row: dict) -> bool:
 def _write_index(cache_dir: Path, old_rows: list[dict], new_rows: list[dict]) -> None:
     import pyarrow as pa
 
-    
     merged = {_entry_key(r): r for r in [*old_rows, *new_rows]}
-    rows = sorted(merged.values(), key=lambda r: (r["source_path"], r.get("series_uid") or "", r["preset_hash"], r["dtype"]))
+    rows = sorted(
+        merged.values(), key=lambda r: (r["source_path"], r.get("series_uid") or "", r["preset_hash"], r["dtype"])
+    )
     schema = _index_schema()
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     write_parquet_atomic(table, cache_dir / INDEX_NAME)
 
 
-def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, progress: bool = True, dtype: str = "float32") -> CacheSummary:
+def build_cache(
+    sources_or_manifest, cache_dir, spec=None, workers: int = 1, progress: bool = True, dtype: str = "float32"
+) -> CacheSummary:
     """Preprocess every scan once into ``cache_dir`` (see the module docstring for the layout).
 
     Args:
@@ -282,12 +300,18 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
     start = time.perf_counter()
     resolved = resolve_sources(sources_or_manifest)
     (cache_dir / VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
-    summary = CacheSummary(cache_dir=str(cache_dir), unreadable=resolved.unreadable, not_downloaded=resolved.not_downloaded)
+    summary = CacheSummary(
+        cache_dir=str(cache_dir), unreadable=resolved.unreadable, not_downloaded=resolved.not_downloaded
+    )
     preset_hash = spec.content_hash()
     with _BuildLock(cache_dir):
         _remove_partials(cache_dir)
         old_rows = _read_rows(cache_dir / INDEX_NAME)
-        done = {r["scan_id"] for r in old_rows if r["preset_hash"] == preset_hash and r["dtype"] == dtype and _file_ok(cache_dir, r)}
+        done = {
+            r["scan_id"]
+            for r in old_rows
+            if r["preset_hash"] == preset_hash and r["dtype"] == dtype and _file_ok(cache_dir, r)
+        }
         todo = [s for s in resolved.sources if s.scan_id not in done]
         summary.skipped = len(resolved.sources) - len(todo)
         new_rows: list[dict] = []
@@ -296,14 +320,26 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
         last_flush = time.monotonic()
         job = functools.partial(cache_one, spec=spec, cache_dir=str(cache_dir), dtype=dtype)
         try:
-            for source, result in parallel_map(job, todo, workers=workers, on_crash=lambda s, message: {"error": message}):
+            for source, result in parallel_map(
+                job, todo, workers=workers, on_crash=lambda s, message: {"error": message}
+            ):
                 if "row" in result:
                     new_rows.append(result["row"])
                     summary.done += 1
                     summary.bytes_written += result["row"]["file_bytes"]
                 else:
                     summary.failed.append((str(source), result["error"]))
-                    failures.append({"scan_id": source.scan_id, "source_path": os.path.abspath(source.path), "series_uid": source.series_uid, "preset_hash": preset_hash, "dtype": dtype, "error": result["error"], "created_at": utc_now()})
+                    failures.append(
+                        {
+                            "scan_id": source.scan_id,
+                            "source_path": os.path.abspath(source.path),
+                            "series_uid": source.series_uid,
+                            "preset_hash": preset_hash,
+                            "dtype": dtype,
+                            "error": result["error"],
+                            "created_at": utc_now(),
+                        }
+                    )
                 bar.update(1)
                 bar.set_postfix_str(f"{len(summary.failed)} failed")
                 if time.monotonic() - last_flush > FLUSH_SECONDS:
@@ -312,24 +348,36 @@ def build_cache(sources_or_manifest, cache_dir, spec=None, workers: int = 1, pro
         finally:
             bar.close()
             _write_index(cache_dir, old_rows, new_rows)
-            _write_failures(cache_dir, failures, attempted={s.scan_id for s in todo}, preset_hash=preset_hash, dtype=dtype, write=write_parquet_atomic)
+            _write_failures(
+                cache_dir,
+                failures,
+                attempted={s.scan_id for s in todo},
+                preset_hash=preset_hash,
+                dtype=dtype,
+                write=write_parquet_atomic,
+            )
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _write_failures(cache_dir: Path, failures: list[dict], attempted: set[str], preset_hash: str, dtype: str, write) -> None:
+def _write_failures(
+    cache_dir: Path, failures: list[dict], attempted: set[str], preset_hash: str, dtype: str, write
+) -> None:
     """Keep earlier failures of scans not attempted now; replace those attempted by this run's."""
     import pyarrow as pa
 
     path = cache_dir / FAILURES_NAME
-    old = [r for r in _read_rows(path) if not (r["scan_id"] in attempted and r["preset_hash"] == preset_hash and r["dtype"] == dtype)]
+    old = [
+        r
+        for r in _read_rows(path)
+        if not (r["scan_id"] in attempted and r["preset_hash"] == preset_hash and r["dtype"] == dtype)
+    ]
     rows = old + failures
     if not rows:
         path.unlink(missing_ok=True)
         return
     schema = _failures_schema()
     write(pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema), path)
-
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -354,7 +402,11 @@ class VolumeCache:
         self.cache_dir = Path(cache_dir)
         index = self.cache_dir / INDEX_NAME
         if not index.exists():
-            raise CTInputError(self.cache_dir, f"not a volume cache (no {INDEX_NAME})", "build it with `ctfm cohort cache MANIFEST CACHE_DIR`")
+            raise CTInputError(
+                self.cache_dir,
+                f"not a volume cache (no {INDEX_NAME})",
+                "build it with `ctfm cohort cache MANIFEST CACHE_DIR`",
+            )
         rows = _read_rows(index)
         if spec is not None:
             wanted = resolve_spec(spec).content_hash()
@@ -364,7 +416,11 @@ class VolumeCache:
         kinds = sorted({(r["preset"], r["preset_hash"][:12], r["dtype"]) for r in rows})
         if len(kinds) > 1:
             listed = ", ".join(f"{p} ({h}, {d})" for p, h, d in kinds)
-            raise CTInputError(self.cache_dir, f"the cache holds volumes of several presets/dtypes: {listed}", "pick one with VolumeCache(cache_dir, spec=..., dtype=...)")
+            raise CTInputError(
+                self.cache_dir,
+                f"the cache holds volumes of several presets/dtypes: {listed}",
+                "pick one with VolumeCache(cache_dir, spec=..., dtype=...)",
+            )
         self._rows = sorted(rows, key=lambda r: (r["source_path"], r.get("series_uid") or ""))
         self._position = {r["scan_id"]: i for i, r in enumerate(self._rows)}
         self.max_open = max_open
@@ -417,13 +473,25 @@ class VolumeCache:
             row = self._rows[k]
             path = (self.cache_dir / row["file"]).resolve()
             if not path.is_relative_to(self.cache_dir.resolve()):  # an index must not point outside its cache
-                raise CTInputError(self.cache_dir / "index.parquet", f"entry {row['file']!r} points outside the cache", "rebuild the cache with `ctfm cohort cache`")
+                raise CTInputError(
+                    self.cache_dir / "index.parquet",
+                    f"entry {row['file']!r} points outside the cache",
+                    "rebuild the cache with `ctfm cohort cache`",
+                )
             try:
                 volume = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise CTInputError(path, f"cached volume unreadable ({one_line(exc, 120)})", "rebuild the cache with `ctfm cohort cache` (it redoes missing files)") from None
+                raise CTInputError(
+                    path,
+                    f"cached volume unreadable ({one_line(exc, 120)})",
+                    "rebuild the cache with `ctfm cohort cache` (it redoes missing files)",
+                ) from None
             if tuple(volume.shape) != tuple(row["shape"]) or volume.dtype.name != row["dtype"]:
-                raise CTInputError(path, f"cached volume is {volume.dtype.name} {tuple(volume.shape)}, the index says {row['dtype']} {tuple(row['shape'])}", "rebuild the cache")
+                raise CTInputError(
+                    path,
+                    f"cached volume is {volume.dtype.name} {tuple(volume.shape)}, the index says {row['dtype']} {tuple(row['shape'])}",
+                    "rebuild the cache",
+                )
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))
         self._open[k] = volume  # most recently used last
@@ -440,7 +508,13 @@ class VolumeCache:
         size = tuple(int(v) for v in size)
         if len(start) != volume.ndim or len(size) != volume.ndim:
             raise ValueError(f"start {start} and size {size} must have {volume.ndim} values (d, h, w)")
-        if any(s < 0 for s in start) or any(n < 1 for n in size) or any(s + n > v for s, n, v in zip(start, size, volume.shape)):
-            raise ValueError(f"crop at {start} of size {size} does not fit in volume {self._index(i)} of shape {tuple(volume.shape)}")
+        if (
+            any(s < 0 for s in start)
+            or any(n < 1 for n in size)
+            or any(s + n > v for s, n, v in zip(start, size, volume.shape))
+        ):
+            raise ValueError(
+                f"crop at {start} of size {size} does not fit in volume {self._index(i)} of shape {tuple(volume.shape)}"
+            )
         crop = volume[tuple(slice(s, s + n) for s, n in zip(start, size))]
         return np.array(crop, dtype=dtype if dtype is not None else crop.dtype)

@@ -40,7 +40,9 @@ class PretrainConfig(RunConfig):
     temperature: float = 0.1  # for the losses that take one (the NT-Xent family)
     loss_kwargs: dict = field(default_factory=dict)  # other arguments of the loss, e.g. {"mu": 25.0} for vicreg
     num_crops: int = 15
-    crop_size: list = field(default_factory=lambda: [32, 128, 128])  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
+    crop_size: list = field(
+        default_factory=lambda: [32, 128, 128]
+    )  # voxels of the ct-fm-ssl volume (64x128x128 mm at 3x1x1 mm)
     # Training voxel spacing in mm (S, P, L); empty: CT-FM's 3x1x1. The exported weights record the
     # resulting PreprocessSpec, so that `ctfm embed` feeds the encoder at the same spacing.
     spacing_mm: list = field(default_factory=list)
@@ -64,7 +66,9 @@ class PretrainConfig(RunConfig):
             raise OptionError(f"crop_scale {self.crop_scale}: expected [low, high] with 0 < low <= high <= 1")
         positive = all(isinstance(v, (int, float)) and v > 0 for v in self.spacing_mm)
         if self.spacing_mm and (len(self.spacing_mm) != 3 or not positive):
-            raise OptionError(f"spacing_mm {self.spacing_mm}: expected three positive numbers in mm (S, P, L), e.g. [2, 2, 2]")
+            raise OptionError(
+                f"spacing_mm {self.spacing_mm}: expected three positive numbers in mm (S, P, L), e.g. [2, 2, 2]"
+            )
         _check_loss(self)
 
 
@@ -103,7 +107,11 @@ def training_spec(config: PretrainConfig):
     if not config.spacing_mm or tuple(float(v) for v in config.spacing_mm) == spec.spacing_mm:
         return spec
     spacing = tuple(float(v) for v in config.spacing_mm)
-    return spec.with_(name=f"ct-fm-ssl-{'x'.join(f'{v:g}' for v in spacing)}mm", spacing_mm=spacing, description=f"ct-fm-ssl at {'x'.join(f'{v:g}' for v in spacing)} mm")
+    return spec.with_(
+        name=f"ct-fm-ssl-{'x'.join(f'{v:g}' for v in spacing)}mm",
+        spacing_mm=spacing,
+        description=f"ct-fm-ssl at {'x'.join(f'{v:g}' for v in spacing)} mm",
+    )
 
 
 def _check_loss(config: PretrainConfig) -> None:
@@ -111,8 +119,12 @@ def _check_loss(config: PretrainConfig) -> None:
     if not isinstance(config.loss, str) or config.loss not in LOSSES:
         raise OptionError(f"loss {config.loss!r}: unknown; choose one of {', '.join(sorted(LOSSES))}")
     if not isinstance(config.loss_kwargs, dict):
-        raise OptionError(f"loss_kwargs {config.loss_kwargs!r}: expected a mapping of argument -> value, e.g. {{\"mu\": 25.0}}")
+        raise OptionError(
+            f'loss_kwargs {config.loss_kwargs!r}: expected a mapping of argument -> value, e.g. {{"mu": 25.0}}'
+        )
     accepted = loss_arguments(config.loss)
     unknown = sorted(set(config.loss_kwargs) - accepted)
     if unknown:
-        raise OptionError(f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes {', '.join(sorted(accepted)) or 'none'}")
+        raise OptionError(
+            f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes {', '.join(sorted(accepted)) or 'none'}"
+        )

@@ -39,7 +39,9 @@ class PredictionHead(nn.Module):
     def __init__(self, dim: int = 128, hidden: int | None = None):
         super().__init__()
         hidden = hidden or max(1, dim // 4)
-        self.layers = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        self.layers = nn.Sequential(
+            nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.layers(z.reshape(-1, z.shape[-1])).reshape(z.shape)
@@ -68,7 +70,9 @@ class ContrastivePretrainer(L.LightningModule):
         self.criterion = build_loss(loss, **(loss_kwargs or {}))  # an unknown name fails before the model is built
         self.encoder = create_model(model, **(model_kwargs or {}))
         self.projection_head = ProjectionHead(self.encoder.embedding_dim, *projection)
-        self.prediction_head = PredictionHead(projection[-1]) if getattr(self.criterion, "needs_prediction", False) else None
+        self.prediction_head = (
+            PredictionHead(projection[-1]) if getattr(self.criterion, "needs_prediction", False) else None
+        )
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """[B, N, 2, 1, D, H, W] -> projections [B, N, 2, out]."""
@@ -91,7 +95,9 @@ class ContrastivePretrainer(L.LightningModule):
             fix = f"use precision 32-true or a lower lr; resume from {RunFolder.CHECKPOINTS}/{RunFolder.LAST}"
             problem = f"training diverged: non-finite loss at step {self.global_step} (precision {precision})"
             raise CTInputError(None, problem, fix)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=views.shape[0])
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=views.shape[0]
+        )
         return loss
 
     def configure_optimizers(self):

@@ -40,12 +40,16 @@ def launch_rank() -> int:
 def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
     data = Path(config.data)
     if not config.data:
-        raise OptionError("config.data is empty: give a manifest, a folder of scans or a cache folder (--set data=PATH)")
+        raise OptionError(
+            "config.data is empty: give a manifest, a folder of scans or a cache folder (--set data=PATH)"
+        )
     spec = training_spec(config)
     if (data / "index.parquet").exists():
         cache = VolumeCache(data, spec=spec)
         if len(cache) == 0:
-            raise OptionError(f"{data}: the cache holds no volumes preprocessed with {spec.name} ({'x'.join(f'{v:g}' for v in spec.spacing_mm)} mm); build one at that spacing, or set spacing_mm to the cache's")
+            raise OptionError(
+                f"{data}: the cache holds no volumes preprocessed with {spec.name} ({'x'.join(f'{v:g}' for v in spec.spacing_mm)} mm); build one at that spacing, or set spacing_mm to the cache's"
+            )
         return cache
     cache_dir = config.cache_dir()
     done = cache_dir / ".built"
@@ -53,7 +57,10 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
         done.unlink(missing_ok=True)
         summary = build_cache([str(data)], cache_dir, spec=spec, workers=config.cache_workers, progress=False)
         if summary.failed:
-            warnings.warn(f"{len(summary.failed)} scan(s) could not be cached (see {cache_dir / 'failures.parquet'})", stacklevel=2)
+            warnings.warn(
+                f"{len(summary.failed)} scan(s) could not be cached (see {cache_dir / 'failures.parquet'})",
+                stacklevel=2,
+            )
         write_text_atomic(done, "ok\n")
     else:  # other ranks wait for rank 0's cache instead of building it again
         deadline = time.monotonic() + wait_seconds
@@ -119,7 +126,9 @@ def pretrain(config: PretrainConfig, resume: bool = True, extra_callbacks=(), pr
     return export
 
 
-def export_encoder(module, folder: Path, config: PretrainConfig | None = None, step: int | None = None, epoch: int | None = None) -> Path:
+def export_encoder(
+    module, folder: Path, config: PretrainConfig | None = None, step: int | None = None, epoch: int | None = None
+) -> Path:
     """Write ``module.encoder`` in the published layout (config.json + model.safetensors + ctfm.json)."""
     provenance = {"source": "ctfm pretrain", "global_step": step, "epoch": epoch}
     if config is not None:
@@ -127,7 +136,14 @@ def export_encoder(module, folder: Path, config: PretrainConfig | None = None, s
     # The sidecar records what the encoder was trained on (ct-fm-ssl volumes at the run's
     # spacing): every consumer derives its preprocessing from it.
     spec = training_spec(config) if config is not None else get_preset("ct-fm-ssl")
-    return save_pretrained(module.encoder.cpu().eval(), folder, name=config.model if config else "ct-fm", provenance=provenance, overwrite=True, preprocess=spec)
+    return save_pretrained(
+        module.encoder.cpu().eval(),
+        folder,
+        name=config.model if config else "ct-fm",
+        provenance=provenance,
+        overwrite=True,
+        preprocess=spec,
+    )
 
 
 def export_checkpoint(checkpoint: str | Path, folder: str | Path) -> Path:

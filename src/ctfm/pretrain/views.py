@@ -179,17 +179,31 @@ class MultiCropViews:
     """Scan volume -> [num_crops, 2, 1, *crop_size] views (float32, values in [0, 1] before
     augmentation). ``read(start, size)`` returns the crop [D, H, W] of the scan."""
 
-    def __init__(self, num_crops: int = NUM_CROPS, crop_size=CROP_SIZE, scale=(0.33, 1.0), flip_p=0.5, histogram_p=0.5, smooth_p=0.5):
+    def __init__(
+        self,
+        num_crops: int = NUM_CROPS,
+        crop_size=CROP_SIZE,
+        scale=(0.33, 1.0),
+        flip_p=0.5,
+        histogram_p=0.5,
+        smooth_p=0.5,
+    ):
         if num_crops < 2:
-            raise OptionError(f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other crops)")
+            raise OptionError(
+                f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other crops)"
+            )
         self.num_crops = num_crops
         self.crop_size = tuple(int(c) for c in crop_size)
-        self.augment = ViewAugment(self.crop_size, tuple(scale), flip_p=flip_p, histogram_p=histogram_p, smooth_p=smooth_p)
+        self.augment = ViewAugment(
+            self.crop_size, tuple(scale), flip_p=flip_p, histogram_p=histogram_p, smooth_p=smooth_p
+        )
 
     def get_params(self, state: np.random.RandomState, shape) -> MultiCropParams:
         """Draw the crop positions in a volume of ``shape`` (D, H, W), then both views of each crop."""
         if any(s < c for s, c in zip(shape, self.crop_size)):
-            raise OptionError(f"volume {tuple(shape)} is smaller than the crop {self.crop_size}: preprocess with ct-fm-ssl (it pads to the crop size)")
+            raise OptionError(
+                f"volume {tuple(shape)} is smaller than the crop {self.crop_size}: preprocess with ct-fm-ssl (it pads to the crop size)"
+            )
         starts = crop_starts(shape, self.crop_size, self.num_crops, state)
         views = tuple((self.augment.get_params(state), self.augment.get_params(state)) for _ in range(self.num_crops))
         return MultiCropParams(starts, views)
@@ -203,7 +217,9 @@ class MultiCropViews:
         set_track_meta(False)  # plain tensors: the views need no affine bookkeeping (about 20 % faster)
         try:
             for i, (start, pair) in enumerate(zip(params.starts, params.views)):
-                crop = torch.from_numpy(np.ascontiguousarray(read(tuple(int(v) for v in start), self.crop_size), dtype=np.float32))[None]
+                crop = torch.from_numpy(
+                    np.ascontiguousarray(read(tuple(int(v) for v in start), self.crop_size), dtype=np.float32)
+                )[None]
                 for v in range(2):
                     out[i, v] = self.augment.apply(crop.clone(), pair[v])
         finally:

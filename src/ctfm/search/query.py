@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.errors import CTInputError, OptionError
-from ctfm.store.schema import RUN_KEY
-from ctfm.store.vectors import key_dict
 from ctfm.embedding.modes import EmbedOptions
 from ctfm.embedding.runner import embed_source, run_key, weights_sha256_of
+from ctfm.errors import CTInputError, OptionError
 from ctfm.io.sources import ScanSource
 from ctfm.models import create_model
 from ctfm.preprocess import PreprocessSpec
+from ctfm.store.schema import RUN_KEY
+from ctfm.store.vectors import key_dict
 
 
 class WeightsMismatchError(OptionError):
@@ -75,8 +75,14 @@ def resolve_scan(scans: dict, text: str, store_root) -> ScanRef:
         if len(matches) == 1:
             return ScanRef(text, matches[0], scans[matches[0]], None)
         if len(matches) > 1:
-            raise OptionError(f"scan {text!r}: the prefix matches {len(matches)} scans of {store_root} ({', '.join(matches[:4])} ...); give more digits")
-    raise CTInputError(text, f"neither a scan id of the store {store_root} nor a file", "give a scan_id from `ctfm index status`/scans.parquet, or the path of a CT file or DICOM folder")
+            raise OptionError(
+                f"scan {text!r}: the prefix matches {len(matches)} scans of {store_root} ({', '.join(matches[:4])} ...); give more digits"
+            )
+    raise CTInputError(
+        text,
+        f"neither a scan id of the store {store_root} nor a file",
+        "give a scan_id from `ctfm index status`/scans.parquet, or the path of a CT file or DICOM folder",
+    )
 
 
 def run_spec(row: dict):
@@ -90,7 +96,14 @@ def run_options(key: tuple, spec, device: str = "cpu"):
 
     fields = key_dict(key)
     pool = fields["pool"] if fields["mode"] == "patches" else "mean"
-    return EmbedOptions(mode=fields["mode"], spec=spec, precision=fields["precision"], device=device, overlap=float(fields["overlap"] or 0.0), pool=(pool,))
+    return EmbedOptions(
+        mode=fields["mode"],
+        spec=spec,
+        precision=fields["precision"],
+        device=device,
+        overlap=float(fields["overlap"] or 0.0),
+        pool=(pool,),
+    )
 
 
 def load_encoder(key: tuple, weights: str | os.PathLike | None = None, encoder=None):
@@ -105,7 +118,9 @@ def load_encoder(key: tuple, weights: str | os.PathLike | None = None, encoder=N
     sha = weights_sha256_of(encoder)
     if sha != fields["weights_sha256"]:
         where = weights if weights is not None else "the encoder given"
-        raise WeightsMismatchError(f"{where}: weights sha256 {sha[:16]}... are not the store's ({str(fields['weights_sha256'])[:16]}...; give the weights the store was embedded with)")
+        raise WeightsMismatchError(
+            f"{where}: weights sha256 {sha[:16]}... are not the store's ({str(fields['weights_sha256'])[:16]}...; give the weights the store was embedded with)"
+        )
     return encoder.eval()
 
 
@@ -127,10 +142,17 @@ def check_point_in_image(image, point_mm, label: str) -> np.ndarray:
     ijk = np.linalg.solve(affine, np.append(np.asarray(point_mm, dtype=np.float64), 1.0))[:3]
     shape = np.asarray(image.shape[1:])
     if np.any(ijk < -0.5) or np.any(ijk > shape - 0.5):
-        corners = np.array([[a, b, c, 1.0] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)]) @ affine.T
+        corners = (
+            np.array([[a, b, c, 1.0] for a in (0, shape[0] - 1) for b in (0, shape[1] - 1) for c in (0, shape[2] - 1)])
+            @ affine.T
+        )
         low, high = corners[:, :3].min(0), corners[:, :3].max(0)
         extent = ", ".join(f"{'xyz'[i]} {low[i]:.1f}..{high[i]:.1f}" for i in range(3))
-        raise CTInputError(label, f"point ({', '.join(f'{v:g}' for v in point_mm)}) mm lies outside the scan (its extent: {extent} mm RAS)", "give x,y,z in world millimetres (RAS) inside the scan")
+        raise CTInputError(
+            label,
+            f"point ({', '.join(f'{v:g}' for v in point_mm)}) mm lies outside the scan (its extent: {extent} mm RAS)",
+            "give x,y,z in world millimetres (RAS) inside the scan",
+        )
     return ijk
 
 

@@ -30,7 +30,9 @@ def window_half_extent_mm(spec, size) -> np.ndarray:
     return half
 
 
-def weighted_centre(centres_mm: np.ndarray, scores: np.ndarray, half_extent_mm: np.ndarray, top: int = 8, sharpness: float = 10.0) -> tuple[np.ndarray, int]:
+def weighted_centre(
+    centres_mm: np.ndarray, scores: np.ndarray, half_extent_mm: np.ndarray, top: int = 8, sharpness: float = 10.0
+) -> tuple[np.ndarray, int]:
     """``(point [3] RAS mm, index of the best window)`` from one scan's windows.
 
     ``centres_mm`` [n, 3], ``scores`` [n] (higher is better). The ``top`` best windows that
@@ -60,7 +62,9 @@ def grid_stride(starts: np.ndarray, size) -> np.ndarray:
     return stride
 
 
-def pattern_search(score_at, starts_vox, initial_step: np.ndarray, max_evaluations: int = 400) -> tuple[np.ndarray, float, int]:
+def pattern_search(
+    score_at, starts_vox, initial_step: np.ndarray, max_evaluations: int = 400
+) -> tuple[np.ndarray, float, int]:
     """Coarse-to-fine neighbourhood search for the window position that maximises ``score_at``.
 
     ``score_at(positions [m, 3]) -> scores [m]`` scores windows at voxel positions (batched).
@@ -73,7 +77,10 @@ def pattern_search(score_at, starts_vox, initial_step: np.ndarray, max_evaluatio
     used = len(starts)
     centre, best = starts[int(np.argmax(scores))], float(np.max(scores))
     step = np.maximum(np.round(np.asarray(initial_step, dtype=np.float64)), 0)
-    offsets = np.array([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)], dtype=np.float64)
+    offsets = np.array(
+        [[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)],
+        dtype=np.float64,
+    )
     while np.any(step >= 1) and used < max_evaluations:
         moves = np.unique(centre + offsets * step, axis=0)
         moves = moves[np.any(moves != centre, axis=1)]
@@ -99,7 +106,13 @@ def window_cells(starts: np.ndarray, scores: np.ndarray, size, shape) -> tuple[l
     total = np.zeros([len(e) - 1 for e in edges], dtype=np.float64)
     count = np.zeros_like(total)
     for start, score in zip(starts, scores):
-        box = tuple(slice(np.searchsorted(edges[a], min(start[a], shape[a])), np.searchsorted(edges[a], min(start[a] + size[a], shape[a]))) for a in range(3))
+        box = tuple(
+            slice(
+                np.searchsorted(edges[a], min(start[a], shape[a])),
+                np.searchsorted(edges[a], min(start[a] + size[a], shape[a])),
+            )
+            for a in range(3)
+        )
         total[box] += score
         count[box] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -114,7 +127,9 @@ def window_similarity_grid(starts: np.ndarray, scores: np.ndarray, size, shape) 
     return means[np.ix_(*index)].astype(np.float32)
 
 
-def similarity_on_grid(starts: np.ndarray, scores: np.ndarray, size, prepared_shape, prepared_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
+def similarity_on_grid(
+    starts: np.ndarray, scores: np.ndarray, size, prepared_shape, prepared_affine: np.ndarray, shape, affine: np.ndarray
+) -> np.ndarray:
     """[X, Y, Z] float32 on the grid ``shape``/``affine`` (RAS): each voxel takes the covering
     mean of the preprocessed voxel nearest it (NaN outside the windows).
 
@@ -126,12 +141,22 @@ def similarity_on_grid(starts: np.ndarray, scores: np.ndarray, size, prepared_sh
     to_prepared = np.linalg.solve(prepared_affine, affine)  # target voxel -> preprocessed voxel
     m, offset = to_prepared[:3, :3], to_prepared[:3, 3]
     source_axis = np.argmax(np.abs(m), axis=0)  # for each target axis
-    separable = len(set(source_axis.tolist())) == 3 and all(np.sum(np.abs(m[:, t]) > 1e-6 * np.abs(m).max()) == 1 for t in range(3))
+    separable = len(set(source_axis.tolist())) == 3 and all(
+        np.sum(np.abs(m[:, t]) > 1e-6 * np.abs(m).max()) == 1 for t in range(3)
+    )
     if not separable:
         from scipy.ndimage import affine_transform
 
         grid = window_similarity_grid(starts, scores, size, prepared_shape)
-        return affine_transform(grid, matrix=m, offset=offset, output_shape=tuple(int(v) for v in shape), order=0, mode="constant", cval=np.nan).astype(np.float32)
+        return affine_transform(
+            grid,
+            matrix=m,
+            offset=offset,
+            output_shape=tuple(int(v) for v in shape),
+            order=0,
+            mode="constant",
+            cval=np.nan,
+        ).astype(np.float32)
     index, valid = [], []
     for t in range(3):
         a = source_axis[t]

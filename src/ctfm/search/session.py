@@ -31,7 +31,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ctfm.embedding.modes import encode_windows, window_size
 from ctfm.errors import CTInputError, OptionError
+from ctfm.io import save_nifti
+from ctfm.preprocess import load_usable_ct, preprocess
 from ctfm.search.query import (
     ScanRef,
     centred_window,
@@ -43,12 +46,9 @@ from ctfm.search.query import (
     run_spec,
 )
 from ctfm.search.regions import grid_stride, pattern_search, similarity_on_grid, weighted_centre, window_half_extent_mm
+from ctfm.store import open_store
 from ctfm.store.index import StaleIndexError, list_indexes, load_index, prepare_vectors
 from ctfm.store.vectors import RunVectors, load_run_vectors, matching_scans, run_digest, select_run
-from ctfm.embedding.modes import encode_windows, window_size
-from ctfm.io import save_nifti
-from ctfm.preprocess import load_usable_ct, preprocess
-from ctfm.store import open_store
 
 QUERY_SOURCES = ("auto", "centred", "stored")
 REFINEMENTS = ("auto", "fine", "weighted", "none")
@@ -173,15 +173,17 @@ class SearchSession:
             ids = patch.scan_id
             cuts = np.flatnonzero(ids[1:] != ids[:-1]) + 1 if len(ids) else np.zeros(0, dtype=int)
             self._bounds = np.concatenate([[0], cuts, [len(ids)]]).astype(np.int64)
-            self._spans = {str(ids[lo]): (int(lo), int(hi)) for lo, hi in zip(self._bounds[:-1], self._bounds[1:]) if hi > lo}
+            self._spans = {
+                str(ids[lo]): (int(lo), int(hi)) for lo, hi in zip(self._bounds[:-1], self._bounds[1:]) if hi > lo
+            }
             self._patch = patch
         return self._patch
 
     def preload(self) -> SearchSession:
         """Read the vectors of both levels now (an app calls this once at start-up)."""
-        self.scan_vectors
+        _ = self.scan_vectors  # the properties read and keep the vectors
         try:
-            self.patch_vectors
+            _ = self.patch_vectors
         except OptionError:  # a store without patch vectors still serves scan search
             pass
         self._scan_index()
@@ -192,7 +194,9 @@ class SearchSession:
             self.encoder = load_encoder(key, self.weights, self.encoder).to(self.device)
             self._encoder_checked = True
         if self.encoder is None and required:
-            raise OptionError(f"{required} needs the store's weights (model {key[1]}, weights sha256 {str(key[2])[:16]}...): give --weights (weights= in Python)")
+            raise OptionError(
+                f"{required} needs the store's weights (model {key[1]}, weights sha256 {str(key[2])[:16]}...): give --weights (weights= in Python)"
+            )
         return self.encoder if self._encoder_checked else None
 
     def _scan_index(self):
@@ -252,7 +256,14 @@ class SearchSession:
             self._remember_transient(ref, row)
         return np.asarray(row["embedding"], dtype=np.float32), ref
 
-    def search_scans(self, query: str | ScanRef | np.ndarray, k: int = 10, filters: dict | None = None, include_self: bool = False, metric: str = "cosine") -> list[ScanHit]:
+    def search_scans(
+        self,
+        query: str | ScanRef | np.ndarray,
+        k: int = 10,
+        filters: dict | None = None,
+        include_self: bool = False,
+        metric: str = "cosine",
+    ) -> list[ScanHit]:
         """The ``k`` scans nearest to ``query`` (scan id, path or a vector of the run)."""
         _check_k(k)
         vectors = self.scan_vectors
@@ -281,7 +292,17 @@ class SearchSession:
             if scan_id in skip or (allowed is not None and scan_id not in allowed):
                 continue
             row = vectors.scans[scan_id]
-            hits.append(ScanHit(len(hits) + 1, scan_id, row["source_path"], score, row.get("series_uid"), row.get("body_part"), row.get("series_description")))
+            hits.append(
+                ScanHit(
+                    len(hits) + 1,
+                    scan_id,
+                    row["source_path"],
+                    score,
+                    row.get("series_uid"),
+                    row.get("body_part"),
+                    row.get("series_description"),
+                )
+            )
             if len(hits) == k:
                 break
         return hits
@@ -293,9 +314,13 @@ class SearchSession:
         vectors = self.patch_vectors
         span = self._spans.get(scan_id)
         if span is None:
-            raise OptionError(f"scan {scan_id}: has no patch vectors in the store's patch run (embed it with --mode patches)")
+            raise OptionError(
+                f"scan {scan_id}: has no patch vectors in the store's patch run (embed it with --mode patches)"
+            )
         lo, hi = span
-        return _Grid(scan_id, vectors.scans[scan_id], self._patch_unit[lo:hi], vectors.centers_mm[lo:hi], vectors.starts[lo:hi])
+        return _Grid(
+            scan_id, vectors.scans[scan_id], self._patch_unit[lo:hi], vectors.centers_mm[lo:hi], vectors.starts[lo:hi]
+        )
 
     def _remember_transient(self, ref: ScanRef, row: dict) -> _Grid:
         patches = sorted(row["patches"], key=lambda p: p["patch_index"])
@@ -325,15 +350,24 @@ class SearchSession:
         point = _point(point_mm)
         vectors = self.patch_vectors
         ref = scan if isinstance(scan, ScanRef) else self.resolve(scan)
-        encoder = self._encoder(vectors.key, required=None if query_from != "centred" and ref.in_store else f"{ref.text}: a centred query window")
+        encoder = self._encoder(
+            vectors.key,
+            required=None if query_from != "centred" and ref.in_store else f"{ref.text}: a centred query window",
+        )
         if query_from == "stored" or (query_from == "auto" and encoder is None):
             if not ref.in_store:
-                raise OptionError(f"{ref.text}: not in the store, so it has no stored windows (give --weights to embed it)")
+                raise OptionError(
+                    f"{ref.text}: not in the store, so it has no stored windows (give --weights to embed it)"
+                )
             grid = self._grid_of(ref.scan_id)
             half = window_half_extent_mm(self.spec, self.window_size)
             inside = np.all(np.abs(grid.centers_mm - point) <= half + 1e-6, axis=1)
             if not inside.any():
-                raise CTInputError(ref.source_path, f"point ({', '.join(f'{v:g}' for v in point)}) mm lies outside every stored window of the scan", "give x,y,z in world millimetres (RAS) inside the scan")
+                raise CTInputError(
+                    ref.source_path,
+                    f"point ({', '.join(f'{v:g}' for v in point)}) mm lies outside every stored window of the scan",
+                    "give x,y,z in world millimetres (RAS) inside the scan",
+                )
             distance = np.linalg.norm(grid.centers_mm - point, axis=1)
             distance[~inside] = np.inf
             i = int(np.argmin(distance))
@@ -349,14 +383,27 @@ class SearchSession:
         """Windows [B, 1, D, H, W] -> unit vectors [B, d] (batches of 8)."""
         import torch
 
-
         precision = self.patch_vectors.key[5]
         out = []
         for i in range(0, len(windows), 8):
-            out.append(encode_windows(self.encoder, torch.from_numpy(np.ascontiguousarray(windows[i : i + 8])), self.device, precision).numpy())
+            out.append(
+                encode_windows(
+                    self.encoder, torch.from_numpy(np.ascontiguousarray(windows[i : i + 8])), self.device, precision
+                ).numpy()
+            )
         return prepare_vectors(np.concatenate(out), "cosine")
 
-    def search_point(self, scan, point_mm, k: int = 10, target=None, filters: dict | None = None, query_from: str = "auto", refine: str = "auto", include_self: bool | None = None) -> list[RegionHit]:
+    def search_point(
+        self,
+        scan,
+        point_mm,
+        k: int = 10,
+        target=None,
+        filters: dict | None = None,
+        query_from: str = "auto",
+        refine: str = "auto",
+        include_self: bool | None = None,
+    ) -> list[RegionHit]:
         """The ``k`` scans (or the one ``target``) whose windows best match the region at
         ``point_mm`` of ``scan``, each hit refined to a point in its own world mm.
 
@@ -413,7 +460,9 @@ class SearchSession:
             image, prepared = self._prepared_scan(grid.row["source_path"])
             affine = np.asarray(prepared.affine, dtype=np.float64)
             half = (np.asarray(size) - 1) / 2.0
-            start0 = np.stack([np.linalg.solve(affine, np.append(p, 1.0))[:3] - half for p in (point, grid.centers_mm[best])])
+            start0 = np.stack(
+                [np.linalg.solve(affine, np.append(p, 1.0))[:3] - half for p in (point, grid.centers_mm[best])]
+            )
 
             def score_at(starts):
                 windows = np.stack([cut_window(prepared, np.round(s).astype(int), size) for s in starts])
@@ -421,18 +470,37 @@ class SearchSession:
 
             start, score, _ = pattern_search(score_at, start0, grid_stride(grid.starts, size) / 2.0)
             point = (affine @ np.append(start + half, 1.0))[:3]
-        return RegionHit(rank, grid.row["scan_id"], grid.row["source_path"], float(score), [float(v) for v in point], grid.centers_mm[best].tolist(), float(scores[best]), mode)
+        return RegionHit(
+            rank,
+            grid.row["scan_id"],
+            grid.row["source_path"],
+            float(score),
+            [float(v) for v in point],
+            grid.centers_mm[best].tolist(),
+            float(scores[best]),
+            mode,
+        )
 
     def similarity_volume(self, query: RegionQuery | np.ndarray, target) -> tuple[np.ndarray, np.ndarray]:
         """``(similarity [X, Y, Z] float32, affine 4x4 RAS)`` on the target's own voxel grid:
         per voxel, the mean cosine of the target windows covering it (voxels no window reaches
         carry the lowest value)."""
-        vector = query.vector if isinstance(query, RegionQuery) else prepare_vectors(np.asarray(query)[None], "cosine")[0]
+        vector = (
+            query.vector if isinstance(query, RegionQuery) else prepare_vectors(np.asarray(query)[None], "cosine")[0]
+        )
         grid = self._target_grid(target)
         image, prepared = self._prepared_scan(grid.row["source_path"])
         scores = grid.unit @ vector
         affine = np.asarray(image.affine, dtype=np.float64)
-        volume = similarity_on_grid(grid.starts, scores, self.window_size, tuple(prepared.shape[1:]), np.asarray(prepared.affine, dtype=np.float64), tuple(image.shape[1:]), affine)
+        volume = similarity_on_grid(
+            grid.starts,
+            scores,
+            self.window_size,
+            tuple(prepared.shape[1:]),
+            np.asarray(prepared.affine, dtype=np.float64),
+            tuple(image.shape[1:]),
+            affine,
+        )
         floor = float(np.nanmin(volume)) if np.isfinite(volume).any() else float(scores.min())
         return np.nan_to_num(volume, nan=floor).astype(np.float32), affine
 
@@ -440,7 +508,6 @@ class SearchSession:
         """:meth:`similarity_volume` written as NIfTI (atomically)."""
         import torch
         from monai.data import MetaTensor
-
 
         volume, affine = self.similarity_volume(query, target)
         save_nifti(MetaTensor(torch.from_numpy(volume)[None], affine=torch.as_tensor(affine)), path)
@@ -466,10 +533,22 @@ def search_scans(
     return SearchSession(store, **session).search_scans(query, k, filters, include_self)
 
 
-def search_point(store, scan, point_mm, k: int = 10, target=None, filters: dict | None = None, query_from: str = "auto", refine: str = "auto", **session) -> list[RegionHit]:
+def search_point(
+    store,
+    scan,
+    point_mm,
+    k: int = 10,
+    target=None,
+    filters: dict | None = None,
+    query_from: str = "auto",
+    refine: str = "auto",
+    **session,
+) -> list[RegionHit]:
     return SearchSession(store, **session).search_point(scan, point_mm, k, target, filters, query_from, refine)
 
 
-def similarity_volume(store, scan, point_mm, target, query_from: str = "auto", **session) -> tuple[np.ndarray, np.ndarray]:
+def similarity_volume(
+    store, scan, point_mm, target, query_from: str = "auto", **session
+) -> tuple[np.ndarray, np.ndarray]:
     s = SearchSession(store, **session)
     return s.similarity_volume(s.region_query(scan, point_mm, query_from), target)

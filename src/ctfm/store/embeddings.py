@@ -48,8 +48,15 @@ def open_store(path) -> EmbeddingStore:
     root = Path(path)
     if not root.is_dir():
         raise CTInputError(root, "no such store folder", "give the folder that `ctfm embed --out` wrote")
-    if not any((root / f"{kind}.parquet").exists() for kind in ("scans", "patches", "failures")) and not (root / "parts").is_dir():
-        raise CTInputError(root, "not an embedding store (no scans.parquet, failures.parquet or parts/)", "give the folder that `ctfm embed --out` wrote")
+    if (
+        not any((root / f"{kind}.parquet").exists() for kind in ("scans", "patches", "failures"))
+        and not (root / "parts").is_dir()
+    ):
+        raise CTInputError(
+            root,
+            "not an embedding store (no scans.parquet, failures.parquet or parts/)",
+            "give the folder that `ctfm embed --out` wrote",
+        )
     return EmbeddingStore(root)
 
 
@@ -104,16 +111,25 @@ class EmbeddingStore:
         stem = f"{scan_row['scan_id']}-{key_digest(run_key_of(scan_row))}-w{writer}-{write_id[:12]}"
         if patch_rows:
             rows = [{**p, **key, "write_id": write_id} for p in patch_rows]
-            write_parquet_atomic(pa.Table.from_pylist(rows, schema=table_schemas["patches"]), self.parts / f"{stem}.patches.parquet")
-        write_parquet_atomic(pa.Table.from_pylist([scan_row], schema=table_schemas["scans"]), self.parts / f"{stem}.scans.parquet")
+            write_parquet_atomic(
+                pa.Table.from_pylist(rows, schema=table_schemas["patches"]), self.parts / f"{stem}.patches.parquet"
+            )
+        write_parquet_atomic(
+            pa.Table.from_pylist([scan_row], schema=table_schemas["scans"]), self.parts / f"{stem}.scans.parquet"
+        )
         return write_id
 
-    def add_failure(self, source_path: str, series_uid: str | None, error: str, created_at: str, writer: str = "0") -> None:
+    def add_failure(
+        self, source_path: str, series_uid: str | None, error: str, created_at: str, writer: str = "0"
+    ) -> None:
         import pyarrow as pa
 
         self._ensure()
         row = {"source_path": source_path, "series_uid": series_uid, "error": error, "created_at": created_at}
-        write_parquet_atomic(pa.Table.from_pylist([row], schema=schemas()["failures"]), self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet")
+        write_parquet_atomic(
+            pa.Table.from_pylist([row], schema=schemas()["failures"]),
+            self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet",
+        )
 
     # ---- reading -------------------------------------------------------------------------
     def _part_files(self, kind: str, committed_scans: list[Path] | None = None) -> list[Path]:
@@ -131,7 +147,9 @@ class EmbeddingStore:
                 continue
         names = [p for _, _, p in sorted(files)]
         if kind == "patches":
-            committed = {p.name for p in (committed_scans if committed_scans is not None else self._part_files("scans"))}
+            committed = {
+                p.name for p in (committed_scans if committed_scans is not None else self._part_files("scans"))
+            }
             names = [p for p in names if p.name.replace(".patches.parquet", ".scans.parquet") in committed]
         return names
 
@@ -163,7 +181,13 @@ class EmbeddingStore:
         included (for integrity checks; use :meth:`scans` / :meth:`patches` otherwise)."""
         with self._locked(exclusive=False):
             scans = self._part_files("scans")
-            parts = scans if kind == "scans" else self._part_files(kind, committed_scans=scans) if kind == "patches" else self._part_files(kind)
+            parts = (
+                scans
+                if kind == "scans"
+                else self._part_files(kind, committed_scans=scans)
+                if kind == "patches"
+                else self._part_files(kind)
+            )
             return self._read_files(kind, parts)
 
     def scans(self, columns: list[str] | None = None):
@@ -224,7 +248,11 @@ class EmbeddingStore:
             # Fold exactly the parts listed now (patches only with their listed scan part); parts
             # that land meanwhile wait for the next compaction.
             scans = self._part_files("scans")
-            listed = {"scans": scans, "patches": self._part_files("patches", committed_scans=scans), "failures": self._part_files("failures")}
+            listed = {
+                "scans": scans,
+                "patches": self._part_files("patches", committed_scans=scans),
+                "failures": self._part_files("failures"),
+            }
             if not any(listed.values()):
                 return
             scan_table = _latest(self._read_files("scans", listed["scans"]), SCAN_KEY)

@@ -163,7 +163,9 @@ def train_and_add(index, vectors: np.ndarray, params: IndexParams) -> None:
     if params.kind == "ivf" and not index.is_trained:
         n_train = min(len(vectors), params.train_size or 64 * ivf_part(index).nlist)
         rng = np.random.default_rng(params.seed)
-        sample = vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        sample = (
+            vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        )
         index.train(sample)
     if len(vectors):
         index.add(vectors)
@@ -242,10 +244,22 @@ class VectorIndex:
     def check_key(self, key: tuple, what: str = "the query") -> None:
         """Refuse vectors of another computation (other weights, preset, pool, ...)."""
         if tuple(key) != self.key:
-            differing = [f"{name} {mine!r} vs {theirs!r}" for name, mine, theirs in zip(RUN_KEY, self.key, key) if mine != theirs]
-            raise MixedKeysError(f"{self.path or 'index'}: {what} was computed differently from the index's vectors ({'; '.join(differing)}) (embed it with the store's model, weights and preset, or build an index of that run with --run)")
+            differing = [
+                f"{name} {mine!r} vs {theirs!r}" for name, mine, theirs in zip(RUN_KEY, self.key, key) if mine != theirs
+            ]
+            raise MixedKeysError(
+                f"{self.path or 'index'}: {what} was computed differently from the index's vectors ({'; '.join(differing)}) (embed it with the store's model, weights and preset, or build an index of that run with --run)"
+            )
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int | None = None, ef_search: int | None = None, refine: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` [Q, d] -> ``(scores [Q, k], rows [Q, k])``; rows index ``ids`` (-1: none).
 
         Score: cosine similarity, or minus the Euclidean distance (higher is better for both).
@@ -268,10 +282,14 @@ class VectorIndex:
             kwargs["sel"] = selector
         search_params = None
         if kwargs:
-            cls = {"ivf": faiss.SearchParametersIVF, "hnsw": faiss.SearchParametersHNSW}.get(params.kind, faiss.SearchParameters)
+            cls = {"ivf": faiss.SearchParametersIVF, "hnsw": faiss.SearchParametersHNSW}.get(
+                params.kind, faiss.SearchParameters
+            )
             search_params = cls(**kwargs)
         if params.kind == "ivf" and params.refine:
-            search_params = faiss.IndexRefineSearchParameters(k_factor=float(refine or params.refine), base_index_params=search_params)
+            search_params = faiss.IndexRefineSearchParameters(
+                k_factor=float(refine or params.refine), base_index_params=search_params
+            )
             if selector is not None:
                 search_params.sel = selector
         scores, rows = self.faiss_index.search(q, k, params=search_params)
@@ -289,13 +307,26 @@ class VectorIndex:
 def _ids_table(vectors: RunVectors):
     import pyarrow as pa
 
-    columns = {"scan_id": pa.array(vectors.scan_id.tolist(), pa.string()), "write_id": pa.array(vectors.write_id.tolist(), pa.string())}
+    columns = {
+        "scan_id": pa.array(vectors.scan_id.tolist(), pa.string()),
+        "write_id": pa.array(vectors.write_id.tolist(), pa.string()),
+    }
     if vectors.level == "patch":
         columns["patch_index"] = pa.array(vectors.patch_index, pa.int32())
     return pa.table(columns)
 
 
-def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexParams, covered, seconds: float, extra: dict | None = None) -> Path:
+def _write(
+    store,
+    level: str,
+    key: tuple,
+    faiss_index,
+    ids_table,
+    params: IndexParams,
+    covered,
+    seconds: float,
+    extra: dict | None = None,
+) -> Path:
     faiss = optional_import("faiss", "search")
 
     digest = run_digest(key)
@@ -335,7 +366,9 @@ def _write(store, level: str, key: tuple, faiss_index, ids_table, params: IndexP
     return path
 
 
-def build_index(store, level: str = "scan", params: IndexParams | None = None, run: str | None = None, where: dict | None = None) -> VectorIndex:
+def build_index(
+    store, level: str = "scan", params: IndexParams | None = None, run: str | None = None, where: dict | None = None
+) -> VectorIndex:
     """Build (or rebuild) the index of one run at ``level`` over every current row of it
     (``run``/``where`` pick the run, as :meth:`ctfm.store.EmbeddingStore.find_run`)."""
     params = params or IndexParams()
@@ -350,7 +383,9 @@ def build_index(store, level: str = "scan", params: IndexParams | None = None, r
     return load_index(store, level, run=run_digest(key))
 
 
-def update_index(store, level: str = "scan", run: str | None = None, where: dict | None = None) -> tuple[VectorIndex, str]:
+def update_index(
+    store, level: str = "scan", run: str | None = None, where: dict | None = None
+) -> tuple[VectorIndex, str]:
     """Bring an index up to date: ``(index, what was done)``, one of "up to date", "extended"
     (only new scans: their vectors are added; ivf keeps its trained lists) or "rebuilt" (scans
     re-embedded or removed, or no index yet)."""
@@ -373,14 +408,26 @@ def update_index(store, level: str = "scan", run: str | None = None, where: dict
 
     ids = pa.concat_tables([_ids_from_arrays(index.ids, level), _ids_table(added)])
     covered = index.covered() | added.covered()
-    _write(store, level, key, index.faiss_index, ids, index.params, covered, index.manifest.get("build_seconds", 0) + time.perf_counter() - start)
+    _write(
+        store,
+        level,
+        key,
+        index.faiss_index,
+        ids,
+        index.params,
+        covered,
+        index.manifest.get("build_seconds", 0) + time.perf_counter() - start,
+    )
     return load_index(store, level, run=run_digest(key)), "extended"
 
 
 def _ids_from_arrays(ids: dict, level: str):
     import pyarrow as pa
 
-    columns = {"scan_id": pa.array(ids["scan_id"].tolist(), pa.string()), "write_id": pa.array(ids["write_id"].tolist(), pa.string())}
+    columns = {
+        "scan_id": pa.array(ids["scan_id"].tolist(), pa.string()),
+        "write_id": pa.array(ids["write_id"].tolist(), pa.string()),
+    }
     if level == "patch":
         columns["patch_index"] = pa.array(ids["patch_index"], pa.int32())
     return pa.table(columns)
@@ -407,16 +454,25 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
         raise OptionError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
     manifests = [m for m in list_indexes(store) if m["level"] == level and (run is None or m["digest"].startswith(run))]
     if not manifests:
-        raise OptionError(f"{store.root}: no {level}-level index{f' of run {run}' if run else ''} (build one: ctfm index build {store.root} --level {level})")
+        raise OptionError(
+            f"{store.root}: no {level}-level index{f' of run {run}' if run else ''} (build one: ctfm index build {store.root} --level {level})"
+        )
     if len(manifests) > 1:
-        raise OptionError(f"{store.root}: {len(manifests)} {level}-level indexes (runs {', '.join(m['digest'] for m in manifests)}): choose one with --run DIGEST")
+        raise OptionError(
+            f"{store.root}: {len(manifests)} {level}-level indexes (runs {', '.join(m['digest'] for m in manifests)}): choose one with --run DIGEST"
+        )
     manifest = manifests[0]
     if manifest.get("format") != FORMAT_VERSION:
-        raise OptionError(f"{manifest_path(store, level, manifest['digest'])}: index format {manifest.get('format')} (this ctfm reads {FORMAT_VERSION}; rebuild it: ctfm index build {store.root} --level {level})")
+        raise OptionError(
+            f"{manifest_path(store, level, manifest['digest'])}: index format {manifest.get('format')} (this ctfm reads {FORMAT_VERSION}; rebuild it: ctfm index build {store.root} --level {level})"
+        )
     folder = index_dir(store)
     faiss_index = faiss.read_index(str(folder / manifest["faiss_file"]))
     table = pq.read_table(folder / manifest["ids_file"])
-    ids = {"scan_id": np.asarray(table.column("scan_id").to_pylist(), dtype=object), "write_id": np.asarray(table.column("write_id").to_pylist(), dtype=object)}
+    ids = {
+        "scan_id": np.asarray(table.column("scan_id").to_pylist(), dtype=object),
+        "write_id": np.asarray(table.column("write_id").to_pylist(), dtype=object),
+    }
     if "patch_index" in table.column_names:
         ids["patch_index"] = table.column("patch_index").to_numpy().astype(np.int64)
     index = VectorIndex(faiss_index, manifest, ids, manifest_path(store, level, manifest["digest"]))
@@ -439,7 +495,11 @@ def index_status(store, run: str | None = None, where: dict | None = None) -> di
     """Runs by level (digest, key fields, counts) and every index with its staleness (``ctfm index status``);
     ``run`` (a digest prefix) and ``where`` keep only the runs they match and those runs' indexes."""
     runs = {
-        level: [{k: v for k, v in r.items() if k != "key"} for r in store.runs(level, where) if run is None or r["digest"].startswith(run)]
+        level: [
+            {k: v for k, v in r.items() if k != "key"}
+            for r in store.runs(level, where)
+            if run is None or r["digest"].startswith(run)
+        ]
         for level in LEVELS
     }
     shown = {(level, r["digest"]) for level, level_runs in runs.items() for r in level_runs}
@@ -450,10 +510,20 @@ def index_status(store, run: str | None = None, where: dict | None = None) -> di
         index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
         state = index.staleness(store)
         params = manifest["params"]
-        indexes.append({
-            "level": manifest["level"], "run": manifest["digest"], "kind": params["kind"], "metric": params["metric"],
-            "vectors": manifest["vectors"], "scans": manifest["scans"], "created_at": manifest["created_at"],
-            "stale": state.stale, "state": state.describe(), "added": len(state.added), "changed": len(state.changed),
-            "path": str(index.path),
-        })
+        indexes.append(
+            {
+                "level": manifest["level"],
+                "run": manifest["digest"],
+                "kind": params["kind"],
+                "metric": params["metric"],
+                "vectors": manifest["vectors"],
+                "scans": manifest["scans"],
+                "created_at": manifest["created_at"],
+                "stale": state.stale,
+                "state": state.describe(),
+                "added": len(state.added),
+                "changed": len(state.changed),
+                "path": str(index.path),
+            }
+        )
     return {"store": str(store.root), "runs": runs, "indexes": indexes}

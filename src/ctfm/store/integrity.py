@@ -57,7 +57,10 @@ def summarise(store: EmbeddingStore) -> dict:
     size = sum(p.stat().st_size for p in store.root.rglob("*.parquet"))
     return {
         "store": str(store.root),
-        "runs": sorted(runs.values(), key=lambda r: (str(r["mode"]), str(r["model"]), str(r["preset"]), str(r["pool"]), float(r["overlap"] or 0))),
+        "runs": sorted(
+            runs.values(),
+            key=lambda r: (str(r["mode"]), str(r["model"]), str(r["preset"]), str(r["pool"]), float(r["overlap"] or 0)),
+        ),
         "scans": len(set(scans.column("scan_id").to_pylist())),
         "scan_rows": scans.num_rows,
         "patches": patches.num_rows,
@@ -80,24 +83,43 @@ def check_store(store: EmbeddingStore) -> list[Problem]:
             problems.append(Problem(code, count if count is not None else len(examples), f"{message}: {shown}", fix))
 
     unreadable = []
-    for path in sorted(store.root.glob("*.parquet")) + (sorted(store.parts.glob("*.parquet")) if store.parts.exists() else []):
+    for path in sorted(store.root.glob("*.parquet")) + (
+        sorted(store.parts.glob("*.parquet")) if store.parts.exists() else []
+    ):
         if path.name.startswith("."):
             continue
         try:
             pq.read_metadata(path)
         except Exception as exc:  # a damaged file of any kind
             unreadable.append(f"{path.name} ({type(exc).__name__})")
-    report("unreadable_file", unreadable, "files that are not readable Parquet", "delete them and re-run `ctfm embed` (completed scans are kept)")
+    report(
+        "unreadable_file",
+        unreadable,
+        "files that are not readable Parquet",
+        "delete them and re-run `ctfm embed` (completed scans are kept)",
+    )
     if unreadable:
         return problems  # the row checks below would fail on the same files
 
     scans = store.raw("scans").to_pylist()
     patches = store.raw("patches").to_pylist()
 
-    no_key = [f"{r['scan_id']} ({r['source_path']})" for r in scans if any(r[k] is None for k in (*SCAN_KEY, "write_id"))]
-    report("scan_without_key", no_key, "scan rows without a full computation key (written by an older ctfm)", "re-embed into a new store")
+    no_key = [
+        f"{r['scan_id']} ({r['source_path']})" for r in scans if any(r[k] is None for k in (*SCAN_KEY, "write_id"))
+    ]
+    report(
+        "scan_without_key",
+        no_key,
+        "scan rows without a full computation key (written by an older ctfm)",
+        "re-embed into a new store",
+    )
     no_key_patches = [r for r in patches if any(r[k] is None for k in (*SCAN_KEY, "write_id"))]
-    report("patch_without_key", [f"{r['scan_id']} patch {r['patch_index']}" for r in no_key_patches], "patch rows without their scan's computation key (written by an older ctfm)", "re-embed into a new store")
+    report(
+        "patch_without_key",
+        [f"{r['scan_id']} patch {r['patch_index']}" for r in no_key_patches],
+        "patch rows without their scan's computation key (written by an older ctfm)",
+        "re-embed into a new store",
+    )
 
     keyed_scans = [r for r in scans if all(r[k] is not None for k in (*SCAN_KEY, "write_id"))]
     # The row a reader uses for each key is the last one; earlier writes are superseded.
@@ -119,7 +141,12 @@ def check_store(store: EmbeddingStore) -> list[Problem]:
             superseded += 1  # patches of an older write of the same key: dropped at compaction
         else:
             orphans.append(f"{p['scan_id']} patch {p['patch_index']} ({_key_text(w[1:-1])})")
-    report("orphan_patches", orphans, "patch rows with no scan row of the same key and write", "re-embed the scans named (or delete the store and re-run)")
+    report(
+        "orphan_patches",
+        orphans,
+        "patch rows with no scan row of the same key and write",
+        "re-embed the scans named (or delete the store and re-run)",
+    )
 
     mismatched, duplicated = [], []
     for key, row in current.items():
@@ -135,7 +162,12 @@ def check_store(store: EmbeddingStore) -> list[Problem]:
             duplicated.append(f"{row['scan_id']} patch indices {dup[:4]}")
         if row["mode"] == "patches" and sorted(counts) != list(range(expected)):
             mismatched.append(f"{row['scan_id']} ({_key_text(key[1:])}) records {expected} patches, has {len(counts)}")
-    report("patch_count_mismatch", mismatched, "scan rows whose patches are missing or not their own", "re-embed the scans named (`ctfm embed` with the same options after deleting the store)")
+    report(
+        "patch_count_mismatch",
+        mismatched,
+        "scan rows whose patches are missing or not their own",
+        "re-embed the scans named (`ctfm embed` with the same options after deleting the store)",
+    )
     report("duplicate_patches", duplicated, "patch indices stored twice within one write", "re-embed the scans named")
 
     bad_vectors = []
@@ -151,9 +183,21 @@ def check_store(store: EmbeddingStore) -> list[Problem]:
     for (model, _), dims in dims_by_model.items():
         if len(dims) > 1:
             bad_vectors.append(f"model {model}: embeddings of sizes {sorted(dims)}")
-    report("bad_embedding", bad_vectors, "scan embeddings that are missing, not finite or of mixed size", "re-embed the scans named")
+    report(
+        "bad_embedding",
+        bad_vectors,
+        "scan embeddings that are missing, not finite or of mixed size",
+        "re-embed the scans named",
+    )
     if superseded:
-        problems.append(Problem("superseded_patches", superseded, f"{superseded} patch rows of earlier writes of the same scan and key (ignored by readers)", "harmless; `ctfm store compact` (or the next `ctfm embed` into the store) folds them away"))
+        problems.append(
+            Problem(
+                "superseded_patches",
+                superseded,
+                f"{superseded} patch rows of earlier writes of the same scan and key (ignored by readers)",
+                "harmless; `ctfm store compact` (or the next `ctfm embed` into the store) folds them away",
+            )
+        )
     return problems
 
 

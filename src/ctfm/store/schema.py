@@ -109,7 +109,9 @@ def schemas():
             ("embedding", vector),
         ]
     )
-    failures = pa.schema([("source_path", pa.string()), ("series_uid", pa.string()), ("error", pa.string()), ("created_at", pa.string())])
+    failures = pa.schema(
+        [("source_path", pa.string()), ("series_uid", pa.string()), ("error", pa.string()), ("created_at", pa.string())]
+    )
     return {"scans": scans, "patches": patches, "failures": failures}
 
 

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from ctfm.errors import OptionError
-from ctfm.runtime import atomic_path
 from ctfm.io.labels import parse_label_table
+from ctfm.runtime import atomic_path
 
 # Stable label ids: files written by earlier versions must keep meaning the same thing,
 # so never renumber; add new structures at the end.
@@ -102,9 +102,7 @@ class Phantom:
 
     def __post_init__(self) -> None:
         if self.image.shape != self.labels.shape or self.image.ndim != 3:
-            raise ValueError(
-                f"image {self.image.shape} and labels {self.labels.shape} must be the same 3-D shape"
-            )
+            raise ValueError(f"image {self.image.shape} and labels {self.labels.shape} must be the same 3-D shape")
         if self.affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
 
@@ -171,10 +169,7 @@ def _ellipsoid(
     grow = 1.0 + np.abs(taper).sum(axis=1)  # the taper can only widen a radius this much
     half = np.sqrt(((rotation * (radii * grow)) ** 2).sum(axis=1))
     box = grid.box(centre, half)
-    d = [
-        (grid.axes[i][box[i]] - centre[i]).reshape([-1 if j == i else 1 for j in range(3)])
-        for i in range(3)
-    ]
+    d = [(grid.axes[i][box[i]] - centre[i]).reshape([-1 if j == i else 1 for j in range(3)]) for i in range(3)]
     # Local coordinates q = R^T (p - c), scaled by the radii.
     q = [(rotation[0, j] * d[0] + rotation[1, j] * d[1] + rotation[2, j] * d[2]) / radii[j] for j in range(3)]
     total = 0.0
@@ -546,7 +541,6 @@ def read_label_table(source: str | os.PathLike | Any) -> dict[int, str]:
     """
     import nibabel as nib
 
-
     image = nib.load(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
     for extension in image.header.extensions:
         names = parse_label_table(extension.get_content())
@@ -597,7 +591,9 @@ def write_phantom(phantom: Phantom, out_dir: str | os.PathLike, stem: str = "pha
     # gzips ".nii.gz"); the renames happen only once all three are written.
     with contextlib.ExitStack() as stack:
         image_tmp, labels_tmp, json_tmp = (
-            stack.enter_context(atomic_path(final, suffix=".nii.gz" if final.name.endswith(".nii.gz") else final.suffix))
+            stack.enter_context(
+                atomic_path(final, suffix=".nii.gz" if final.name.endswith(".nii.gz") else final.suffix)
+            )
             for final in (image_path, labels_path, json_path)
         )
         nib.save(image, image_tmp)

@@ -20,12 +20,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctfm.errors import CTInputError
-from ctfm.evaluate.metrics.stats import Interval, PairedComparison, paired_p_value, percentile_interval, resample_weights
+from ctfm.errors import CTInputError, optional_import
+from ctfm.evaluate.metrics.stats import (
+    Interval,
+    PairedComparison,
+    paired_p_value,
+    percentile_interval,
+    resample_weights,
+)
 
-from ctfm.errors import optional_import
-
-BINARY_METRICS = ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity", "balanced_accuracy@0.5", "f1@0.5", "sensitivity@0.5", "specificity@0.5")
+BINARY_METRICS = (
+    "auroc",
+    "average_precision",
+    "balanced_accuracy",
+    "f1",
+    "sensitivity",
+    "specificity",
+    "balanced_accuracy@0.5",
+    "f1@0.5",
+    "sensitivity@0.5",
+    "specificity@0.5",
+)
 MULTICLASS_METRICS = ("auroc_ovr", "balanced_accuracy", "f1_macro", "accuracy")
 MISSING = {"", "na", "nan", "none", "null"}  # label values read as "no label"
 
@@ -67,7 +82,11 @@ def encode_target(name: str, values: list[str], task: str = "auto", source=None)
     if task == "binary":
         bad = next((v for v, n in zip(present, numbers) if n is None or n not in (0.0, 1.0)), None)
         if bad is not None:
-            raise CTInputError(source, f"column {name!r} has the label {bad!r}, not 0 or 1, for a binary task", "code the target as 0/1, or use --task multiclass")
+            raise CTInputError(
+                source,
+                f"column {name!r} has the label {bad!r}, not 0 or 1, for a binary task",
+                "code the target as 0/1, or use --task multiclass",
+            )
         classes = ["0", "1"]
         codes = [int(n) for n in numbers]
     else:
@@ -83,7 +102,11 @@ def encode_target(name: str, values: list[str], task: str = "auto", source=None)
     counts = np.bincount(y[y >= 0], minlength=len(classes))
     if (counts > 0).sum() < 2:
         only = classes[int(np.argmax(counts))] if counts.sum() else "none"
-        raise CTInputError(source, f"target {name!r} has one class ({int(counts.sum())} labelled scans, all {only!r})", "a probe needs at least two classes; check the column and the join")
+        raise CTInputError(
+            source,
+            f"target {name!r} has one class ({int(counts.sum())} labelled scans, all {only!r})",
+            "a probe needs at least two classes; check the column and the join",
+        )
     return Target(name=name, task=task, classes=classes, y=y, missing=int(missing.sum()))
 
 
@@ -134,7 +157,13 @@ def _threshold_metrics(y, predicted, weights, suffix=""):
     sensitivity, specificity = _safe_div(tp, tp + fn), _safe_div(tn, tn + fp)
     precision = _safe_div(tp, tp + fp)
     f1 = np.where(tp > 0, _safe_div(2 * tp, 2 * tp + fp + fn), 0.0)
-    return {f"balanced_accuracy{suffix}": (sensitivity + specificity) / 2, f"f1{suffix}": f1, f"sensitivity{suffix}": sensitivity, f"specificity{suffix}": specificity, f"precision{suffix}": precision}
+    return {
+        f"balanced_accuracy{suffix}": (sensitivity + specificity) / 2,
+        f"f1{suffix}": f1,
+        f"sensitivity{suffix}": sensitivity,
+        f"specificity{suffix}": specificity,
+        f"precision{suffix}": precision,
+    }
 
 
 def binary_metrics_weighted(y, p, threshold: float, weights) -> dict[str, np.ndarray]:
@@ -196,7 +225,9 @@ def _interval(point: float, samples: np.ndarray, n_resamples: int, confidence: f
     return Interval(point, low, high, confidence, n_resamples, int(np.isfinite(samples).sum()))
 
 
-def bootstrap_metrics(metric_fn, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
+def bootstrap_metrics(
+    metric_fn, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95
+) -> dict:
     """Percentile bootstrap intervals of several metrics at once: ``metric_fn(weights [R, n]) ->
     {name: [R]}``, the estimate at unit weights. Returns name -> :class:`ctfm.evaluate.metrics.stats.Interval`.
 
@@ -208,18 +239,31 @@ def bootstrap_metrics(metric_fn, n: int, n_resamples: int = 1000, seed: int = 0,
     for weights in resample_weights(n, n_resamples, seed, groups):
         for k, v in metric_fn(weights).items():
             samples[k].append(v)
-    return {k: _interval(point[k], np.concatenate(samples[k]) if samples[k] else np.array([]), n_resamples, confidence) for k in point}
+    return {
+        k: _interval(point[k], np.concatenate(samples[k]) if samples[k] else np.array([]), n_resamples, confidence)
+        for k in point
+    }
 
 
-def bootstrap_binary(y, p, threshold: float = 0.5, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
-    return bootstrap_metrics(lambda w: binary_metrics_weighted(y, p, threshold, w), len(y), n_resamples, seed, groups, confidence)
+def bootstrap_binary(
+    y, p, threshold: float = 0.5, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95
+) -> dict:
+    return bootstrap_metrics(
+        lambda w: binary_metrics_weighted(y, p, threshold, w), len(y), n_resamples, seed, groups, confidence
+    )
 
 
-def bootstrap_multiclass(y, probabilities, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
-    return bootstrap_metrics(lambda w: multiclass_metrics_weighted(y, probabilities, w), len(y), n_resamples, seed, groups, confidence)
+def bootstrap_multiclass(
+    y, probabilities, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95
+) -> dict:
+    return bootstrap_metrics(
+        lambda w: multiclass_metrics_weighted(y, probabilities, w), len(y), n_resamples, seed, groups, confidence
+    )
 
 
-def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95) -> dict:
+def paired_bootstrap_metrics(
+    metric_fn_a, metric_fn_b, n: int, n_resamples: int = 1000, seed: int = 0, groups=None, confidence: float = 0.95
+) -> dict:
     """A minus B of every metric on the same resamples of the same cases; name ->
     :class:`ctfm.evaluate.metrics.stats.PairedComparison` (two-sided p: twice the smaller tail at zero)."""
 
@@ -235,7 +279,9 @@ def paired_bootstrap_metrics(metric_fn_a, metric_fn_b, n: int, n_resamples: int 
         d = np.concatenate(diffs[k]) if diffs[k] else np.array([])
         low, high = percentile_interval(d, confidence)
         p_value = paired_p_value(d)
-        out[k] = PairedComparison(float(a0[k][0]), float(b0[k][0]), float(a0[k][0] - b0[k][0]), low, high, p_value, "paired bootstrap")
+        out[k] = PairedComparison(
+            float(a0[k][0]), float(b0[k][0]), float(a0[k][0] - b0[k][0]), low, high, p_value, "paired bootstrap"
+        )
     return out
 
 

@@ -39,7 +39,9 @@ DEFAULT_NSD_TOLERANCE_MM = 2.0
 # --------------------------------------------------------------------------- one pair of masks
 
 
-def mask_metrics(truth: np.ndarray, prediction: np.ndarray, spacing, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> dict:
+def mask_metrics(
+    truth: np.ndarray, prediction: np.ndarray, spacing, nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM
+) -> dict:
     """Dice, HD95 (mm), NSD at ``nsd_tolerance_mm`` and the status of two boolean masks [X, Y, Z]."""
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
@@ -54,7 +56,11 @@ def mask_metrics(truth: np.ndarray, prediction: np.ndarray, spacing, nsd_toleran
     spacing = [float(s) for s in spacing]
     dice = float(compute_dice(y_pred, y, include_background=True)[0, 0])
     hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)[0, 0])
-    nsd = float(compute_surface_dice(y_pred, y, class_thresholds=[float(nsd_tolerance_mm)], include_background=True, spacing=spacing)[0, 0])
+    nsd = float(
+        compute_surface_dice(
+            y_pred, y, class_thresholds=[float(nsd_tolerance_mm)], include_background=True, spacing=spacing
+        )[0, 0]
+    )
     return {"dice": dice, "hd95": hd95, "nsd": nsd, "status": "ok"}
 
 
@@ -90,9 +96,19 @@ def summarise_cases(rows: list[dict], labels: dict[int, str], n_resamples: int =
         matrix = _matrix(rows, metric, cases, classes)
         for k, value in enumerate(classes):
             column = matrix[:, k]
-            entry = summary["per_class"].setdefault(labels[value], {"label": value, "n_defined": int(np.isfinite(matrix[:, k]).sum())})
-            entry[metric] = bootstrap_ci(_class_mean, column, n_resamples=n_resamples, seed=seed).as_dict() if np.isfinite(column).any() else None
-        summary["macro"][metric] = bootstrap_ci(_macro, matrix, n_resamples=n_resamples, seed=seed).as_dict() if np.isfinite(matrix).any() else None
+            entry = summary["per_class"].setdefault(
+                labels[value], {"label": value, "n_defined": int(np.isfinite(matrix[:, k]).sum())}
+            )
+            entry[metric] = (
+                bootstrap_ci(_class_mean, column, n_resamples=n_resamples, seed=seed).as_dict()
+                if np.isfinite(column).any()
+                else None
+            )
+        summary["macro"][metric] = (
+            bootstrap_ci(_macro, matrix, n_resamples=n_resamples, seed=seed).as_dict()
+            if np.isfinite(matrix).any()
+            else None
+        )
     statuses = {}
     for r in rows:
         statuses.setdefault(r["class"], {}).setdefault(r["status"], 0)
@@ -108,13 +124,25 @@ def compare_dice(rows_a: list[dict], rows_b: list[dict], labels: dict[int, str])
     cases = sorted({r["case"] for r in rows_a} & {r["case"] for r in rows_b})
     classes = [v for v in sorted(labels) if v != 0]
     a, b = _matrix(rows_a, "dice", cases, classes), _matrix(rows_b, "dice", cases, classes)
-    out = {"cases": len(cases), "per_class": {}, "method": "Wilcoxon signed-rank on per-case Dice (A = --pred, B = --compare)"}
+    out = {
+        "cases": len(cases),
+        "per_class": {},
+        "method": "Wilcoxon signed-rank on per-case Dice (A = --pred, B = --compare)",
+    }
     for k, value in enumerate(classes):
-        out["per_class"][labels[value]] = {"mean_a": _class_mean(a[:, k]), "mean_b": _class_mean(b[:, k]), **wilcoxon_paired(a[:, k], b[:, k])}
+        out["per_class"][labels[value]] = {
+            "mean_a": _class_mean(a[:, k]),
+            "mean_b": _class_mean(b[:, k]),
+            **wilcoxon_paired(a[:, k], b[:, k]),
+        }
     with np.errstate(all="ignore"):
         macro_a = np.array([np.nanmean(r) if np.isfinite(r).any() else math.nan for r in a])
         macro_b = np.array([np.nanmean(r) if np.isfinite(r).any() else math.nan for r in b])
-    out["macro_per_case"] = {"mean_a": _class_mean(macro_a), "mean_b": _class_mean(macro_b), **wilcoxon_paired(macro_a, macro_b)}
+    out["macro_per_case"] = {
+        "mean_a": _class_mean(macro_a),
+        "mean_b": _class_mean(macro_b),
+        **wilcoxon_paired(macro_a, macro_b),
+    }
     return out
 
 
@@ -128,5 +156,3 @@ class SegEvaluation(DocumentResult):
         macro = summary["macro"].get("dice")
         dice = f", macro Dice {macro['estimate']:.3f} [{macro['low']:.3f}, {macro['high']:.3f}]" if macro else ""
         return f"evaluate seg: {summary['cases']} case(s) scored, {len(self.data['failures'])} failed{dice}"
-
-

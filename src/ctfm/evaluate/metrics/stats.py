@@ -102,7 +102,9 @@ def resample_weights(n: int, n_resamples: int, seed: int = 0, groups=None):
     codes, n_units = resample_units(n, groups)
     for draws in resample_draws(n_units, n_resamples, seed):
         chunk = len(draws)
-        counts = np.bincount((draws + np.arange(chunk)[:, None] * n_units).ravel(), minlength=chunk * n_units).reshape(chunk, n_units)
+        counts = np.bincount((draws + np.arange(chunk)[:, None] * n_units).ravel(), minlength=chunk * n_units).reshape(
+            chunk, n_units
+        )
         yield counts[:, codes].astype(np.float64)
 
 
@@ -196,7 +198,9 @@ def paired_bootstrap(
     for r, rows in enumerate(resample_indices(n, n_resamples, seed, groups)):
         differences[r] = _safe(statistic, [truth[rows], a[rows]]) - _safe(statistic, [truth[rows], b[rows]])
     low, high = percentile_interval(differences, confidence)
-    return PairedComparison(estimate_a, estimate_b, estimate_a - estimate_b, low, high, paired_p_value(differences), "paired bootstrap")
+    return PairedComparison(
+        estimate_a, estimate_b, estimate_a - estimate_b, low, high, paired_p_value(differences), "paired bootstrap"
+    )
 
 
 # --------------------------------------------------------------------------- DeLong
@@ -258,7 +262,15 @@ def delong_test(y_true, score_a, score_b) -> PairedComparison:
     sd = math.sqrt(variance)
     z = difference / sd
     half = norm.ppf(0.5 + DEFAULT_CONFIDENCE / 2.0) * sd
-    return PairedComparison(float(auc[0]), float(auc[1]), difference, difference - half, difference + half, float(2.0 * norm.sf(abs(z))), "DeLong")
+    return PairedComparison(
+        float(auc[0]),
+        float(auc[1]),
+        difference,
+        difference - half,
+        difference + half,
+        float(2.0 * norm.sf(abs(z))),
+        "DeLong",
+    )
 
 
 # --------------------------------------------------------------------------- Wilcoxon
@@ -278,7 +290,11 @@ def wilcoxon_paired(values_a, values_b) -> dict:
         raise ValueError(f"paired values must match one to one; got {a.shape} and {b.shape}")
     keep = np.isfinite(a) & np.isfinite(b)
     difference = a[keep] - b[keep]
-    result = {"n": int(keep.sum()), "n_excluded": int((~keep).sum()), "median_difference": float(np.median(difference)) if difference.size else math.nan}
+    result = {
+        "n": int(keep.sum()),
+        "n_excluded": int((~keep).sum()),
+        "median_difference": float(np.median(difference)) if difference.size else math.nan,
+    }
     if difference.size == 0:
         return {**result, "statistic": math.nan, "p_value": math.nan}
     if np.all(difference == 0):

@@ -31,11 +31,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ctfm.evaluate.metrics.classification import binary_metrics, multiclass_metrics, primary_metric, Target, youden_threshold
-from ctfm.store import open_store, RUN_KEY
 
 from ctfm.errors import CTInputError, OptionError, optional_import
+from ctfm.evaluate.metrics.classification import (
+    Target,
+    binary_metrics,
+    multiclass_metrics,
+    primary_metric,
+    youden_threshold,
+)
 from ctfm.io.tables import read_table
+from ctfm.store import RUN_KEY, open_store
 
 KEYS = ("scan_id", "series_uid", "source_path")
 METHODS = ("logistic", "knn", "mlp")
@@ -71,12 +77,18 @@ def read_label_file(path, key: str, needed: list[str]) -> tuple[list[str], dict[
     header = table.column_names
     for column in [key, *needed]:
         if column not in header:
-            raise CTInputError(path, f"no column {column!r} (columns: {', '.join(header) or 'none'})", "add it, or choose another with --key/--target/--group-column/--split-column")
+            raise CTInputError(
+                path,
+                f"no column {column!r} (columns: {', '.join(header) or 'none'})",
+                "add it, or choose another with --key/--target/--group-column/--split-column",
+            )
     keys = _text_column(table, key)
     seen: dict[str, int] = {}
     for i, k in enumerate(keys):
         if k and k in seen:
-            raise CTInputError(path, f"key {key}={k!r} appears on rows {seen[k] + 2} and {i + 2}", "give one label row per scan")
+            raise CTInputError(
+                path, f"key {key}={k!r} appears on rows {seen[k] + 2} and {i + 2}", "give one label row per scan"
+            )
         seen[k] = i
     return keys, {c: _text_column(table, c) for c in needed}
 
@@ -95,7 +107,9 @@ def _normalise_key(key: str, value) -> str | None:
     return os.path.abspath(value) if key == "source_path" else str(value)
 
 
-def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "scan_id", run: str | None = None, where: dict | None = None) -> ProbeInputs:
+def load_probe_inputs(
+    store_path, labels_path, columns: list[str], key: str = "scan_id", run: str | None = None, where: dict | None = None
+) -> ProbeInputs:
     """Join the label file to the scan rows of one run of a store (see the module docstring);
     ``run`` (a digest or unique prefix) and ``where`` (``{column: value}``) pick the run, as
     :meth:`ctfm.store.EmbeddingStore.select`."""
@@ -106,7 +120,9 @@ def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "s
     vectors = store.select("scan", run=run, where=where)
     n_rows = vectors.metadata.num_rows
     if vectors.vectors.shape[1] == 0:
-        raise CTInputError(store.root, f"{n_rows} of {n_rows} scan rows have no embedding", "re-run `ctfm embed` into a fresh store")
+        raise CTInputError(
+            store.root, f"{n_rows} of {n_rows} scan rows have no embedding", "re-run `ctfm embed` into a fresh store"
+        )
     store_keys = [_normalise_key(key, v) for v in vectors.metadata.column(key).to_pylist()]
     by_key: dict[str, int] = {}
     duplicated = 0
@@ -117,7 +133,11 @@ def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "s
             duplicated += 1
         by_key[value] = i
     if duplicated:
-        raise CTInputError(store.root, f"{duplicated} scan rows share a {key} with another row", "join on a unique key, e.g. --key scan_id")
+        raise CTInputError(
+            store.root,
+            f"{duplicated} scan rows share a {key} with another row",
+            "join on a unique key, e.g. --key scan_id",
+        )
     label_index = {}
     for i, k in enumerate(label_keys):
         value = _normalise_key(key, k)
@@ -127,12 +147,18 @@ def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "s
     if not matched:
         example_store = next(iter(by_key), None)
         example_label = next(iter(label_index), None)
-        raise CTInputError(labels_path, f"no label row matches a scan of the store by {key} (store has e.g. {example_store!r}, labels e.g. {example_label!r})", "check --key and the key column's values")
+        raise CTInputError(
+            labels_path,
+            f"no label row matches a scan of the store by {key} (store has e.g. {example_store!r}, labels e.g. {example_label!r})",
+            "check --key and the key column's values",
+        )
     order = [label_index[k] for k in matched]
     rows = np.asarray([by_key[k] for k in matched], dtype=np.int64)
     features = np.ascontiguousarray(vectors.vectors[rows], dtype=np.float32)
     if not np.all(np.isfinite(features)):
-        raise CTInputError(store.root, "embeddings contain NaN or infinity", "run `ctfm store check` and re-embed those scans")
+        raise CTInputError(
+            store.root, "embeddings contain NaN or infinity", "run `ctfm store check` and re-embed those scans"
+        )
     join = {
         "key": key,
         "store_rows": n_rows,
@@ -144,7 +170,11 @@ def load_probe_inputs(store_path, labels_path, columns: list[str], key: str = "s
         "examples_labels_without_scan": [k for k in label_index if k not in by_key][:5],
     }
     first = vectors.metadata.slice(int(rows[0]), 1).to_pylist()[0]
-    run_fields = {k: first.get(k) for k in RUN_KEY} | {"preset": first.get("preset"), "package_version": first.get("package_version"), "dim": int(features.shape[1])}
+    run_fields = {k: first.get(k) for k in RUN_KEY} | {
+        "preset": first.get("preset"),
+        "package_version": first.get("package_version"),
+        "dim": int(features.shape[1]),
+    }
     scan_ids = vectors.metadata.column("scan_id").to_pylist()
     return ProbeInputs(
         store=str(store.root),
@@ -172,14 +202,21 @@ def outer_folds(y, groups=None, cv: int = 5, split=None, seed: int = 0) -> list[
         split = np.asarray([str(s).strip().lower() for s in split])
         unknown = sorted(set(split) - TRAIN_VALUES - TEST_VALUES)
         if unknown:
-            raise OptionError(f"--split-column: values {unknown} are neither train/val nor test (rename them, or leave them out of the label file)")
-        train, test = np.flatnonzero(np.isin(split, list(TRAIN_VALUES))), np.flatnonzero(np.isin(split, list(TEST_VALUES)))
+            raise OptionError(
+                f"--split-column: values {unknown} are neither train/val nor test (rename them, or leave them out of the label file)"
+            )
+        train, test = (
+            np.flatnonzero(np.isin(split, list(TRAIN_VALUES))),
+            np.flatnonzero(np.isin(split, list(TEST_VALUES))),
+        )
         if not len(train) or not len(test):
             raise OptionError("--split-column: needs both training (train/val) and test rows among the labelled scans")
         if groups is not None:
             shared = set(np.asarray(groups)[train]) & set(np.asarray(groups)[test])
             if shared:
-                raise OptionError(f"--split-column puts {len(shared)} group(s) on both sides (e.g. {sorted(shared)[0]!r}); fix the split or drop --group-column")
+                raise OptionError(
+                    f"--split-column puts {len(shared)} group(s) on both sides (e.g. {sorted(shared)[0]!r}); fix the split or drop --group-column"
+                )
         return [(train, test)]
     counts = np.bincount(y)
     counts = counts[counts > 0]
@@ -187,9 +224,13 @@ def outer_folds(y, groups=None, cv: int = 5, split=None, seed: int = 0) -> list[
     if cv < 2:
         raise OptionError(f"--cv {cv}: needs at least 2 folds")
     if cv > n_groups:
-        raise OptionError(f"--cv {cv}: more folds than {'groups' if groups is not None else 'labelled scans'} ({n_groups})")
+        raise OptionError(
+            f"--cv {cv}: more folds than {'groups' if groups is not None else 'labelled scans'} ({n_groups})"
+        )
     if counts.min() < cv:
-        warnings.warn(f"the rarest class has {counts.min()} scans, fewer than --cv {cv}: some test folds lack it")
+        warnings.warn(
+            f"the rarest class has {counts.min()} scans, fewer than --cv {cv}: some test folds lack it", stacklevel=2
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         if groups is not None:
@@ -284,7 +325,11 @@ class KNNPath:
     def _neighbours(X_train, X_eval, k):
         NearestNeighbors = optional_import("sklearn.neighbors", "eval").NearestNeighbors
 
-        return NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(X_train).kneighbors(X_eval, return_distance=False)
+        return (
+            NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute")
+            .fit(X_train)
+            .kneighbors(X_eval, return_distance=False)
+        )
 
     @staticmethod
     def _votes(neighbour_labels, k, n_classes):
@@ -320,7 +365,10 @@ class MLPPath:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=value, max_iter=200, random_state=self.seed)).fit(X_train, y_train)
+            model = make_pipeline(
+                StandardScaler(),
+                MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=value, max_iter=200, random_state=self.seed),
+            ).fit(X_train, y_train)
         proba = model.predict_proba(X_eval)
         out = np.zeros((len(X_eval), n_classes))
         out[:, model.classes_.astype(int)] = proba
@@ -356,7 +404,9 @@ class FoldFit:
     test_proba: np.ndarray
 
 
-def fit_fold(method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0) -> FoldFit:
+def fit_fold(
+    method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0
+) -> FoldFit:
     """Choose the hyperparameter (and binary threshold) by inner CV on the training part, refit on
     all of it, predict the test part. Too few cases per class for inner CV: the method's default."""
 
@@ -404,7 +454,9 @@ class TargetPredictions:
         return self.proba[:, 1] if self.target.task == "binary" else self.proba
 
 
-def cross_validated_predictions(features, target: Target, folds, method: str = "logistic", groups=None, inner_cv: int = 3, seed: int = 0) -> TargetPredictions:
+def cross_validated_predictions(
+    features, target: Target, folds, method: str = "logistic", groups=None, inner_cv: int = 3, seed: int = 0
+) -> TargetPredictions:
     """Out-of-fold probabilities of ``target`` over ``folds`` (positions into its labelled rows)."""
     if method not in PROBES:
         raise OptionError(f"--method {method}: unknown (choose {', '.join(METHODS)})")
@@ -413,18 +465,30 @@ def cross_validated_predictions(features, target: Target, folds, method: str = "
     g = None if groups is None else np.asarray(groups)[labelled]
     rows, fold_ids, probas, thresholds, fits = [], [], [], [], []
     for f, (tr, te) in enumerate(folds):
-        fit = fit_fold(method, X[tr], y[tr], None if g is None else g[tr], X[te], target.task, len(target.classes), inner_cv, seed + f)
+        fit = fit_fold(
+            method,
+            X[tr],
+            y[tr],
+            None if g is None else g[tr],
+            X[te],
+            target.task,
+            len(target.classes),
+            inner_cv,
+            seed + f,
+        )
         rows.append(labelled[te])
         fold_ids.append(np.full(len(te), f))
         probas.append(fit.test_proba)
         thresholds.append(np.full(len(te), fit.threshold if fit.threshold is not None else np.nan))
         fits.append(fit)
-    return TargetPredictions(target, np.concatenate(rows), np.concatenate(fold_ids), np.concatenate(probas), np.concatenate(thresholds), fits)
+    return TargetPredictions(
+        target, np.concatenate(rows), np.concatenate(fold_ids), np.concatenate(probas), np.concatenate(thresholds), fits
+    )
 
 
 # ---- few-shot --------------------------------------------------------------------------------
 def parse_shots(text: str) -> list[int | str]:
-    """"1,2,5,all" -> [1, 2, 5, "all"]."""
+    """ "1,2,5,all" -> [1, 2, 5, "all"]."""
     out: list[int | str] = []
     for item in str(text).split(","):
         item = item.strip().lower()
@@ -433,7 +497,9 @@ def parse_shots(text: str) -> list[int | str]:
         elif item.isdigit() and int(item) > 0:
             out.append(int(item))
         else:
-            raise OptionError(f"--shots {text}: {item!r} is neither a positive whole number nor 'all' (e.g. --shots 1,2,5,10,all)")
+            raise OptionError(
+                f"--shots {text}: {item!r} is neither a positive whole number nor 'all' (e.g. --shots 1,2,5,10,all)"
+            )
     return out
 
 
@@ -448,7 +514,17 @@ def few_shot_draw(y_train, shots: int, rng) -> np.ndarray | None:
     return np.sort(np.concatenate(picks))
 
 
-def few_shot_curve(features, target: Target, folds, shots: list, repeats: int = 10, method: str = "logistic", groups=None, inner_cv: int = 3, seed: int = 0) -> dict:
+def few_shot_curve(
+    features,
+    target: Target,
+    folds,
+    shots: list,
+    repeats: int = 10,
+    method: str = "logistic",
+    groups=None,
+    inner_cv: int = 3,
+    seed: int = 0,
+) -> dict:
     """The primary metric against k labelled cases per class: for every k and repeat, each outer
     fold's training part is cut to k cases per class (drawn with a seed made of seed, repeat, fold
     and k, so every store sees the same draws), the probe is fitted, and the pooled out-of-fold
@@ -472,15 +548,35 @@ def few_shot_curve(features, target: Target, folds, shots: list, repeats: int = 
                         ok = False
                         break
                     chosen = tr[pick]
-                fit = fit_fold(method, X[chosen], y[chosen], None if g is None else g[chosen], X[te], target.task, len(target.classes), inner_cv, seed + f)
+                fit = fit_fold(
+                    method,
+                    X[chosen],
+                    y[chosen],
+                    None if g is None else g[chosen],
+                    X[te],
+                    target.task,
+                    len(target.classes),
+                    inner_cv,
+                    seed + f,
+                )
                 selections.add(fit.selection)
                 rows.append(te)
                 probas.append(fit.test_proba)
             if not ok:
                 break
             rows_all, proba_all = np.concatenate(rows), np.concatenate(probas)
-            m = binary_metrics(y[rows_all], proba_all[:, 1]) if target.task == "binary" else multiclass_metrics(y[rows_all], proba_all)
+            m = (
+                binary_metrics(y[rows_all], proba_all[:, 1])
+                if target.task == "binary"
+                else multiclass_metrics(y[rows_all], proba_all)
+            )
             values.append(float(m[metric]))
         if values:
-            curve[str(k)] = {"shots": k, "values": values, "mean": float(np.mean(values)), "sd": float(np.std(values)), "selection": sorted(selections)}
+            curve[str(k)] = {
+                "shots": k,
+                "values": values,
+                "mean": float(np.mean(values)),
+                "sd": float(np.std(values)),
+                "selection": sorted(selections),
+            }
     return {"metric": metric, "repeats": repeats, "points": curve}

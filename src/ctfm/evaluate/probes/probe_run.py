@@ -24,12 +24,18 @@ import numpy as np
 from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.evaluate.metrics import classification as cm
 from ctfm.evaluate.metrics.classification import encode_target
-from ctfm.evaluate.probes.probe import METHODS, TASKS, cross_validated_predictions, few_shot_curve, load_probe_inputs, outer_folds
 from ctfm.evaluate.metrics.stats import delong_test
-from ctfm.evaluate.reports.report import provenance, Report, write_results
-from ctfm.runtime import write_text_atomic
+from ctfm.evaluate.probes.probe import (
+    METHODS,
+    TASKS,
+    cross_validated_predictions,
+    few_shot_curve,
+    load_probe_inputs,
+    outer_folds,
+)
+from ctfm.evaluate.reports.report import Report, provenance, write_results
 from ctfm.io.hashing import file_sha256
-from ctfm.runtime import DocumentResult
+from ctfm.runtime import DocumentResult, write_text_atomic
 
 PREDICTIONS_NAME = "predictions.csv"
 
@@ -40,7 +46,11 @@ def _common_rows(inputs):
     for other in inputs[1:]:
         common &= set(other.keys)
     if not common:
-        raise CTInputError(inputs[1].store if len(inputs) > 1 else inputs[0].store, "no labelled scan is in every store", "probe stores that embed the same scans (joined by --key)")
+        raise CTInputError(
+            inputs[1].store if len(inputs) > 1 else inputs[0].store,
+            "no labelled scan is in every store",
+            "probe stores that embed the same scans (joined by --key)",
+        )
     order = [k for k in inputs[0].keys if k in common]
     for item in inputs:
         position = {k: i for i, k in enumerate(item.keys)}
@@ -61,22 +71,59 @@ def _metric_fn(target, predictions):
     return lambda w: cm.multiclass_metrics_weighted(y, score, w)
 
 
-def _probe_target(name, inputs, task, method, cv, split, groups, inner_cv, seed, n_resamples, shots, repeats, labels_path):
+def _probe_target(
+    name, inputs, task, method, cv, split, groups, inner_cv, seed, n_resamples, shots, repeats, labels_path
+):
     target = encode_target(name, inputs[0].columns[name], task, labels_path)
     labelled = target.labelled
-    folds = outer_folds(target.y[labelled], None if groups is None else groups[labelled], cv, None if split is None else split[labelled], seed)
+    folds = outer_folds(
+        target.y[labelled],
+        None if groups is None else groups[labelled],
+        cv,
+        None if split is None else split[labelled],
+        seed,
+    )
     counts = np.bincount(target.y[labelled], minlength=len(target.classes))
-    entry = {"target": name, "task": target.task, "classes": target.classes, "n_labelled": int(len(labelled)), "n_missing": target.missing, "class_counts": dict(zip(target.classes, counts.tolist())), "folds": len(folds), "stores": [], "comparisons": [], "_predictions": []}
-    for s, item in enumerate(inputs):
+    entry = {
+        "target": name,
+        "task": target.task,
+        "classes": target.classes,
+        "n_labelled": int(len(labelled)),
+        "n_missing": target.missing,
+        "class_counts": dict(zip(target.classes, counts.tolist())),
+        "folds": len(folds),
+        "stores": [],
+        "comparisons": [],
+        "_predictions": [],
+    }
+    for item in inputs:
         started = time.perf_counter()
         preds = cross_validated_predictions(item.features, target, folds, method, groups, inner_cv, seed)
         fit_seconds = time.perf_counter() - started
         case_groups = None if groups is None else groups[preds.rows]
         metrics = cm.bootstrap_metrics(_metric_fn(target, preds), len(preds.rows), n_resamples, seed, case_groups)
-        fits = [{"fold": f, "param": fit.param, "value": fit.value, "selection": fit.selection, "threshold": fit.threshold, "inner_scores": fit.inner_scores} for f, fit in enumerate(preds.fits)]
-        store_entry = {"store": item.store, "metrics": {k: v.as_dict() for k, v in metrics.items()}, "n_test": int(len(preds.rows)), "fits": fits, "fit_seconds": fit_seconds}
+        fits = [
+            {
+                "fold": f,
+                "param": fit.param,
+                "value": fit.value,
+                "selection": fit.selection,
+                "threshold": fit.threshold,
+                "inner_scores": fit.inner_scores,
+            }
+            for f, fit in enumerate(preds.fits)
+        ]
+        store_entry = {
+            "store": item.store,
+            "metrics": {k: v.as_dict() for k, v in metrics.items()},
+            "n_test": int(len(preds.rows)),
+            "fits": fits,
+            "fit_seconds": fit_seconds,
+        }
         if shots:
-            store_entry["few_shot"] = few_shot_curve(item.features, target, folds, shots, repeats, method, groups, inner_cv, seed)
+            store_entry["few_shot"] = few_shot_curve(
+                item.features, target, folds, shots, repeats, method, groups, inner_cv, seed
+            )
         entry["stores"].append(store_entry)
         entry["_predictions"].append(preds)
     base = entry["_predictions"][0]
@@ -84,10 +131,16 @@ def _probe_target(name, inputs, task, method, cv, split, groups, inner_cv, seed,
         other = entry["_predictions"][s]
         assert np.array_equal(base.rows, other.rows)  # same folds, same order: paired by construction
         case_groups = None if groups is None else groups[base.rows]
-        paired = cm.paired_bootstrap_metrics(_metric_fn(target, other), _metric_fn(target, base), len(base.rows), n_resamples, seed, case_groups)
-        comparison = {"a": inputs[s].store, "b": inputs[0].store, "difference": "a - b", "paired_bootstrap": {k: v.as_dict() for k, v in paired.items()}}
+        paired = cm.paired_bootstrap_metrics(
+            _metric_fn(target, other), _metric_fn(target, base), len(base.rows), n_resamples, seed, case_groups
+        )
+        comparison = {
+            "a": inputs[s].store,
+            "b": inputs[0].store,
+            "difference": "a - b",
+            "paired_bootstrap": {k: v.as_dict() for k, v in paired.items()},
+        }
         if target.task == "binary":
-
             comparison["delong_auroc"] = delong_test(base.y, other.score, base.score).as_dict()
         entry["comparisons"].append(comparison)
     return entry
@@ -146,7 +199,11 @@ def run_probe(
     if group_column:
         groups = np.asarray(inputs[0].columns[group_column], dtype=object)
         if any(g == "" for g in groups):
-            raise CTInputError(labels, f"{sum(g == '' for g in groups)} matched rows have no {group_column!r}", "fill the group column for every labelled scan")
+            raise CTInputError(
+                labels,
+                f"{sum(g == '' for g in groups)} matched rows have no {group_column!r}",
+                "fill the group column for every labelled scan",
+            )
     if split_column:
         split = np.asarray(inputs[0].columns[split_column], dtype=object)
     args = (inputs, task, method, cv, split, groups, inner_cv, seed, n_resamples, shots, repeats, labels)
@@ -159,16 +216,33 @@ def run_probe(
         entries = [_probe_target(t, *args) for t in targets]
     seconds = time.perf_counter() - started
     result = {
-        "settings": {"key": key, "task": task, "method": method, "cv": None if split_column else cv, "split_column": split_column, "group_column": group_column, "inner_cv": inner_cv, "shots": shots, "repeats": repeats, "n_resamples": n_resamples, "seed": seed, "run": run, "where": where or {}},
+        "settings": {
+            "key": key,
+            "task": task,
+            "method": method,
+            "cv": None if split_column else cv,
+            "split_column": split_column,
+            "group_column": group_column,
+            "inner_cv": inner_cv,
+            "shots": shots,
+            "repeats": repeats,
+            "n_resamples": n_resamples,
+            "seed": seed,
+            "run": run,
+            "where": where or {},
+        },
         "join": [dict(item.join, store=item.store) for item in inputs],
         "targets": [{k: v for k, v in e.items() if not k.startswith("_")} for e in entries],
         "seconds": seconds,
     }
 
-    result = ProbeResult(result, provenance(
-        stores=[{"path": item.store, **item.run} for item in inputs],
-        labels={"path": str(labels), "sha256": file_sha256(labels)},
-    ))
+    result = ProbeResult(
+        result,
+        provenance(
+            stores=[{"path": item.store, **item.run} for item in inputs],
+            labels={"path": str(labels), "sha256": file_sha256(labels)},
+        ),
+    )
     if out:
         _write_outputs(out, result, entries, inputs)
     return result
@@ -179,7 +253,9 @@ def _predictions_csv(entries, inputs, key) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     key_columns = ["scan_id"] if key == "scan_id" else [key, "scan_id"]
-    writer.writerow(["store", "target", *key_columns, "fold", "label", "predicted", "probability", "threshold", "probabilities"])
+    writer.writerow(
+        ["store", "target", *key_columns, "fold", "label", "predicted", "probability", "threshold", "probabilities"]
+    )
     for entry in entries:
         classes = entry["classes"]
         for item, preds in zip(inputs, entry["_predictions"]):
@@ -189,7 +265,20 @@ def _predictions_csv(entries, inputs, key) -> str:
                     predicted, probability = int(proba[1] >= threshold), proba[1]
                 else:
                     predicted, probability = classes[int(np.argmax(proba))], float(np.max(proba))
-                writer.writerow([item.store, entry["target"], *([item.keys[row]] if key != "scan_id" else []), item.scan_ids[row], int(fold), label, predicted, f"{probability:.6g}", "" if not np.isfinite(threshold) else f"{threshold:.6g}", ";".join(f"{p:.6g}" for p in proba)])
+                writer.writerow(
+                    [
+                        item.store,
+                        entry["target"],
+                        *([item.keys[row]] if key != "scan_id" else []),
+                        item.scan_ids[row],
+                        int(fold),
+                        label,
+                        predicted,
+                        f"{probability:.6g}",
+                        "" if not np.isfinite(threshold) else f"{threshold:.6g}",
+                        ";".join(f"{p:.6g}" for p in proba),
+                    ]
+                )
     return buffer.getvalue()
 
 
@@ -220,7 +309,9 @@ def _curves(entry, names, folder: Path) -> list[tuple[Path, str]]:
                 else:
                     y, x, _ = precision_recall_curve(preds.y, preds.score)
                     m = store["metrics"]["average_precision"]
-                    ax.step(x, y, where="post", label=f"{name}: AP {m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
+                    ax.step(
+                        x, y, where="post", label=f"{name}: AP {m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+                    )
             if kind == "roc":
                 ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
                 ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC: {entry['target']}")
@@ -233,7 +324,9 @@ def _curves(entry, names, folder: Path) -> list[tuple[Path, str]]:
             path = folder / f"{kind}_{safe}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
-            figures.append((path, f"{kind.upper()} curve of {entry['target']} (out-of-fold predictions, 95% bootstrap CI)"))
+            figures.append(
+                (path, f"{kind.upper()} curve of {entry['target']} (out-of-fold predictions, 95% bootstrap CI)")
+            )
     if any("few_shot" in s for s in entry["stores"]):
         fig, ax = plt.subplots(figsize=(5.2, 4.0))
         for name, store in zip(names, entry["stores"]):
@@ -272,23 +365,105 @@ def _write_outputs(out, result: ProbeResult, entries, inputs) -> Path:
     document = result.data
     write_text_atomic(folder / PREDICTIONS_NAME, _predictions_csv(entries, inputs, result["settings"]["key"]))
     names = _short_names([item.store for item in inputs])
-    page = Report("Probe on frozen embeddings", f"{result['settings']['method']} probe; {len(entries)} target(s); {len(inputs)} store(s)")
+    page = Report(
+        "Probe on frozen embeddings",
+        f"{result['settings']['method']} probe; {len(entries)} target(s); {len(inputs)} store(s)",
+    )
     page.heading("Labels joined to the stores")
-    page.table([{"store": n, **{k: j[k] for k in ("key", "store_rows", "label_rows", "matched", "scans_without_label", "labels_without_scan")}, "not in every store": j.get("not_in_every_store", 0)} for n, j in zip(names, result["join"])])
+    page.table(
+        [
+            {
+                "store": n,
+                **{
+                    k: j[k]
+                    for k in (
+                        "key",
+                        "store_rows",
+                        "label_rows",
+                        "matched",
+                        "scans_without_label",
+                        "labels_without_scan",
+                    )
+                },
+                "not in every store": j.get("not_in_every_store", 0),
+            }
+            for n, j in zip(names, result["join"])
+        ]
+    )
     settings = result["settings"]
-    split_text = f"split column {settings['split_column']!r}" if settings["split_column"] else f"{settings['cv']}-fold cross-validation"
-    page.paragraph(f"Outer evaluation: {split_text}" + (f", grouped by {settings['group_column']!r} (no group on both sides; CIs resample groups)" if settings["group_column"] else "") + f". Hyperparameters and the binary threshold are chosen by {settings['inner_cv']}-fold inner CV on each training part. 95% percentile bootstrap CIs over {settings['n_resamples']} resamples of the test cases.")
+    split_text = (
+        f"split column {settings['split_column']!r}"
+        if settings["split_column"]
+        else f"{settings['cv']}-fold cross-validation"
+    )
+    page.paragraph(
+        f"Outer evaluation: {split_text}"
+        + (
+            f", grouped by {settings['group_column']!r} (no group on both sides; CIs resample groups)"
+            if settings["group_column"]
+            else ""
+        )
+        + f". Hyperparameters and the binary threshold are chosen by {settings['inner_cv']}-fold inner CV on each training part. 95% percentile bootstrap CIs over {settings['n_resamples']} resamples of the test cases."
+    )
     for entry in entries:
-        page.heading(f"Target {entry['target']} ({entry['task']}, {entry['n_labelled']} labelled, {entry['n_missing']} missing)")
+        page.heading(
+            f"Target {entry['target']} ({entry['task']}, {entry['n_labelled']} labelled, {entry['n_missing']} missing)"
+        )
         metric_names = cm.BINARY_METRICS if entry["task"] == "binary" else cm.MULTICLASS_METRICS
-        page.table([{"store": n, **{k: _ci_text(s["metrics"][k]) for k in metric_names}} for n, s in zip(names, entry["stores"])], ["store", *metric_names], caption="metrics (estimate [95% CI])")
-        page.table([{"store": n, **{f"fold {f['fold']}": f"{f['param']}={f['value']:g} ({f['selection']})" + (f", t={f['threshold']:.3f}" if f["threshold"] is not None else "") for f in s["fits"]}} for n, s in zip(names, entry["stores"])], caption="chosen hyperparameter per fold")
+        page.table(
+            [
+                {"store": n, **{k: _ci_text(s["metrics"][k]) for k in metric_names}}
+                for n, s in zip(names, entry["stores"])
+            ],
+            ["store", *metric_names],
+            caption="metrics (estimate [95% CI])",
+        )
+        page.table(
+            [
+                {
+                    "store": n,
+                    **{
+                        f"fold {f['fold']}": f"{f['param']}={f['value']:g} ({f['selection']})"
+                        + (f", t={f['threshold']:.3f}" if f["threshold"] is not None else "")
+                        for f in s["fits"]
+                    },
+                }
+                for n, s in zip(names, entry["stores"])
+            ],
+            caption="chosen hyperparameter per fold",
+        )
         for comparison in entry["comparisons"]:
-            rows = [{"metric": k, "a": v["estimate_a"], "b": v["estimate_b"], "a - b": v["difference"], "low": v["low"], "high": v["high"], "p": v["p_value"], "method": v["method"]} for k, v in comparison["paired_bootstrap"].items()]
+            rows = [
+                {
+                    "metric": k,
+                    "a": v["estimate_a"],
+                    "b": v["estimate_b"],
+                    "a - b": v["difference"],
+                    "low": v["low"],
+                    "high": v["high"],
+                    "p": v["p_value"],
+                    "method": v["method"],
+                }
+                for k, v in comparison["paired_bootstrap"].items()
+            ]
             if "delong_auroc" in comparison:
                 d = comparison["delong_auroc"]
-                rows.insert(0, {"metric": "auroc", "a": d["estimate_a"], "b": d["estimate_b"], "a - b": d["difference"], "low": d["low"], "high": d["high"], "p": d["p_value"], "method": d["method"]})
-            page.table(rows, caption=f"{Path(comparison['a']).name} (a) vs {Path(comparison['b']).name} (b), same cases")
+                rows.insert(
+                    0,
+                    {
+                        "metric": "auroc",
+                        "a": d["estimate_a"],
+                        "b": d["estimate_b"],
+                        "a - b": d["difference"],
+                        "low": d["low"],
+                        "high": d["high"],
+                        "p": d["p_value"],
+                        "method": d["method"],
+                    },
+                )
+            page.table(
+                rows, caption=f"{Path(comparison['a']).name} (a) vs {Path(comparison['b']).name} (b), same cases"
+            )
         for path, caption in _curves(entry, names, folder):
             page.figure(path, caption)
     page.provenance(provenance_fields)

@@ -44,7 +44,9 @@ def _views(ras: np.ndarray) -> list[tuple[str, np.ndarray, int]]:
     ]
 
 
-def orthogonal_slices_figure(panels: list[tuple[str, object, tuple[float, float]]], path: str | os.PathLike, title: str = "") -> Path:
+def orthogonal_slices_figure(
+    panels: list[tuple[str, object, tuple[float, float]]], path: str | os.PathLike, title: str = ""
+) -> Path:
     """Save a PNG with one row per panel: (label, image with affine, (vmin, vmax)).
 
     Each row shows the centre axial, coronal and sagittal slices with true physical aspect.
@@ -96,7 +98,9 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def grouped_bars(series: dict[str, dict[str, float]], path: str | os.PathLike, title: str = "", ylabel: str = "") -> Path:
+def grouped_bars(
+    series: dict[str, dict[str, float]], path: str | os.PathLike, title: str = "", ylabel: str = ""
+) -> Path:
     """One group of bars per metric, one bar per series (e.g. ours beside the paper's)."""
     plt = pyplot()
     metrics = list(dict.fromkeys(m for values in series.values() for m in values))
@@ -105,7 +109,9 @@ def grouped_bars(series: dict[str, dict[str, float]], path: str | os.PathLike, t
     for i, (name, values) in enumerate(series.items()):
         xs = [m + i * width for m in range(len(metrics))]
         ax.bar(xs, [values.get(m, np.nan) for m in metrics], width=width, label=name)
-    ax.set_xticks([m + width * (len(series) - 1) / 2 for m in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(
+        [m + width * (len(series) - 1) / 2 for m in range(len(metrics))], metrics, rotation=30, ha="right", fontsize=8
+    )
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -152,7 +158,17 @@ def _ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(np.asarray(affine, np.float64)))
 
 
-def overlay_figure(base: np.ndarray, overlay: np.ndarray, affine: np.ndarray, path: str | os.PathLike, title: str = "", centre_voxel=None, base_range: tuple[float, float] = (0.0, 1.0), cmap: str = "magma", alpha=0.5) -> Path:
+def overlay_figure(
+    base: np.ndarray,
+    overlay: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    title: str = "",
+    centre_voxel=None,
+    base_range: tuple[float, float] = (0.0, 1.0),
+    cmap: str = "magma",
+    alpha=0.5,
+) -> Path:
     """Axial, coronal and sagittal slices of ``base`` [X, Y, Z] with ``overlay`` on the same grid
     ([X, Y, Z] scalars in [0, 1] drawn with ``cmap``, or [X, Y, Z, 3] RGB drawn where non-zero),
     in radiological convention with true physical aspect, through ``centre_voxel`` (default the
@@ -178,7 +194,11 @@ def overlay_figure(base: np.ndarray, overlay: np.ndarray, affine: np.ndarray, pa
     for ax, (name, plane, heat, aspect) in zip(axes, views):
         ax.imshow(plane, cmap="gray", vmin=base_range[0], vmax=base_range[1], aspect=aspect, interpolation="nearest")
         if rgb:
-            ax.imshow(np.dstack([np.clip(heat, 0, 1), (heat.sum(axis=-1) > 0) * float(alpha)]), aspect=aspect, interpolation="nearest")
+            ax.imshow(
+                np.dstack([np.clip(heat, 0, 1), (heat.sum(axis=-1) > 0) * float(alpha)]),
+                aspect=aspect,
+                interpolation="nearest",
+            )
         else:
             ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         ax.set_title(name, fontsize=9)

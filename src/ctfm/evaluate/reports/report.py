@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ctfm.runtime import jsonable, utc_now, write_text_atomic
 from ctfm import __version__
+from ctfm.runtime import jsonable, utc_now, write_text_atomic
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.html"
@@ -32,7 +32,6 @@ def provenance(**fields: Any) -> dict:
     """What produced a result: the ctfm, Python and torch versions, the time, the command line,
     and the caller's ``fields`` (model, weights sha256, preset, spec hash, store, input hashes...)."""
     import torch
-
 
     return jsonable(
         {
@@ -92,7 +91,9 @@ class Report:
             return self.paragraph(f"{caption}: no rows" if caption else "no rows")
         columns = columns or list(rows[0])
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c), digits)}</td>" for c in columns) + "</tr>" for row in rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{_cell(row.get(c), digits)}</td>" for c in columns) + "</tr>" for row in rows
+        )
         title = f"<caption>{html.escape(caption)}</caption>" if caption else ""
         self._parts.append(f"<table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         return self
@@ -101,11 +102,16 @@ class Report:
         """Embed a PNG file (base64), so that the page needs no file beside it."""
         data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
         note = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self._parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{note}</figure>')
+        self._parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{note}</figure>'
+        )
         return self
 
     def provenance(self, fields: dict) -> "Report":
-        rows = [{"field": k, "value": json.dumps(v) if isinstance(v, (dict, list)) else v} for k, v in jsonable(fields).items()]
+        rows = [
+            {"field": k, "value": json.dumps(v) if isinstance(v, (dict, list)) else v}
+            for k, v in jsonable(fields).items()
+        ]
         self.heading("Provenance")
         return self.table(rows, ["field", "value"])
 

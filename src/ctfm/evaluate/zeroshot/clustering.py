@@ -16,15 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, optional_import
-from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
 from ctfm.evaluate.reports.figures import scatter_labelled
-from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
 from ctfm.evaluate.reports.report import Report
-from ctfm.evaluate.zeroshot.inputs import store_vectors, unit_rows
+from ctfm.evaluate.zeroshot.inputs import (
+    ZeroShotResult,
+    encode_batches,
+    load_eval_encoder,
+    store_vectors,
+    unit_rows,
+    write_evaluation_outputs,
+)
+from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 from ctfm.io.hashing import file_sha256
 from ctfm.io.tables import read_table
-from ctfm.evaluate.zeroshot.inputs import encode_batches, load_eval_encoder
-from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
 
@@ -63,12 +67,13 @@ def kmeans_ari(vectors: np.ndarray, labels, seed: int = 0) -> float:
     KMeans = optional_import("sklearn.cluster", "eval").KMeans
     adjusted_rand_score = optional_import("sklearn.metrics", "eval").adjusted_rand_score
 
-
     labels = np.asarray(labels)
     n_clusters = len(np.unique(labels))
     if n_clusters < 2:
         raise OptionError("clustering needs at least 2 distinct labels")
-    assigned = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(unit_rows(np.asarray(vectors, dtype=np.float64)))
+    assigned = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(
+        unit_rows(np.asarray(vectors, dtype=np.float64))
+    )
     return float(adjusted_rand_score(labels, assigned))
 
 
@@ -84,7 +89,13 @@ def silhouette(vectors: np.ndarray, labels) -> float:
 
 
 def clustering_metrics(vectors: np.ndarray, labels, k: int = 5, seed: int = 0) -> dict:
-    return {"silhouette_cosine": silhouette(vectors, labels), f"knn{k}_accuracy": knn_accuracy(vectors, labels, k), "kmeans_ari": kmeans_ari(vectors, labels, seed), "n": int(len(labels)), "n_labels": int(len(np.unique(labels)))}
+    return {
+        "silhouette_cosine": silhouette(vectors, labels),
+        f"knn{k}_accuracy": knn_accuracy(vectors, labels, k),
+        "kmeans_ari": kmeans_ari(vectors, labels, seed),
+        "n": int(len(labels)),
+        "n_labels": int(len(np.unique(labels))),
+    }
 
 
 def tsne_2d(vectors: np.ndarray, perplexity: float = 100.0, seed: int = 42) -> np.ndarray:
@@ -92,7 +103,9 @@ def tsne_2d(vectors: np.ndarray, perplexity: float = 100.0, seed: int = 42) -> n
     TSNE = optional_import("sklearn.manifold", "eval").TSNE
 
     n = len(vectors)
-    return TSNE(n_components=2, perplexity=float(min(perplexity, max(1.0, (n - 1) / 3))), random_state=seed, init="pca").fit_transform(np.asarray(vectors, dtype=np.float64))
+    return TSNE(
+        n_components=2, perplexity=float(min(perplexity, max(1.0, (n - 1) / 3))), random_state=seed, init="pca"
+    ).fit_transform(np.asarray(vectors, dtype=np.float64))
 
 
 def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.ndarray:
@@ -103,32 +116,72 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
     n = len(vectors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_components=2, n_neighbors=int(max(2, min(n_neighbors, n - 1))), metric="cosine", random_state=seed, init="random" if n < 10 else "spectral")
+        reducer = umap.UMAP(
+            n_components=2,
+            n_neighbors=int(max(2, min(n_neighbors, n - 1))),
+            metric="cosine",
+            random_state=seed,
+            init="random" if n < 10 else "spectral",
+        )
         return reducer.fit_transform(np.asarray(vectors, dtype=np.float32))
 
 
-def run_clustering(vectors: np.ndarray, labels, out, provenance_fields: dict, title: str, k: int = 5, seed: int = 0, perplexity: float = 100.0, with_umap: bool = True) -> ClusteringResult:
+def run_clustering(
+    vectors: np.ndarray,
+    labels,
+    out,
+    provenance_fields: dict,
+    title: str,
+    k: int = 5,
+    seed: int = 0,
+    perplexity: float = 100.0,
+    with_umap: bool = True,
+) -> ClusteringResult:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
 
     labels = np.asarray([str(v) for v in labels])
     metrics = clustering_metrics(vectors, labels, k, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [scatter_labelled(tsne_2d(vectors, perplexity), labels, out / "tsne.png", f"t-SNE (perplexity {min(perplexity, max(1.0, (len(labels) - 1) / 3)):g}, seed 42)")]
+    figures = [
+        scatter_labelled(
+            tsne_2d(vectors, perplexity),
+            labels,
+            out / "tsne.png",
+            f"t-SNE (perplexity {min(perplexity, max(1.0, (len(labels) - 1) / 3)):g}, seed 42)",
+        )
+    ]
     if with_umap:
         figures.append(scatter_labelled(umap_2d(vectors), labels, out / "umap.png", "UMAP (cosine, seed 42)"))
     report = Report(f"Clustering: {title}", f"{metrics['n']} embeddings, {metrics['n_labels']} labels")
-    report.heading("Agreement with the labels").table([{"metric": name, "value": value} for name, value in metrics.items() if name not in ("n", "n_labels")], digits=4)
-    report.paragraph(f"Silhouette under cosine distance (-1..1); leave-one-out {k}-NN accuracy by cosine; adjusted Rand index of k-means with one cluster per label. Paper: {PAPER_NOTE}.")
+    report.heading("Agreement with the labels").table(
+        [{"metric": name, "value": value} for name, value in metrics.items() if name not in ("n", "n_labels")], digits=4
+    )
+    report.paragraph(
+        f"Silhouette under cosine distance (-1..1); leave-one-out {k}-NN accuracy by cosine; adjusted Rand index of k-means with one cluster per label. Paper: {PAPER_NOTE}."
+    )
     for figure in figures:
         report.figure(figure, figure.stem)
     counts = {name: int((labels == name).sum()) for name in sorted(set(labels))}
     report.heading("Labels").table([{"label": name, "n": n} for name, n in counts.items()])
-    results = {"evaluation": "clustering", "metrics": metrics, "label_counts": counts, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
+    results = {
+        "evaluation": "clustering",
+        "metrics": metrics,
+        "label_counts": counts,
+        "paper": PAPER_NOTE,
+        "figures": [f.name for f in figures],
+    }
     return write_evaluation_outputs(out, results, provenance_fields, report, ClusteringResult)
 
 
-def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_column: str = "label", run: str | None = None, where: dict | None = None) -> tuple[np.ndarray, list[str], dict]:
+def labelled_store_vectors(
+    store,
+    labels_path,
+    scan_column: str = "scan",
+    label_column: str = "label",
+    run: str | None = None,
+    where: dict | None = None,
+) -> tuple[np.ndarray, list[str], dict]:
     """``(vectors [N, D], labels, provenance)`` for the rows of a labels sheet found in a store."""
 
     vectors = store_vectors(store, run=run, where=where)
@@ -137,10 +190,22 @@ def labelled_store_vectors(store, labels_path, scan_column: str = "scan", label_
     labels = [str(row[label_column]) for row in sheet]
     if len(set(index)) != len(index):
         raise CTInputError(labels_path, "a scan is listed twice", "list each scan once")
-    return vectors.matrix[index], labels, {**vectors.provenance(), "labels": os.path.abspath(labels_path), "labels_sha256": file_sha256(labels_path)}
+    return (
+        vectors.matrix[index],
+        labels,
+        {**vectors.provenance(), "labels": os.path.abspath(labels_path), "labels_sha256": file_sha256(labels_path)},
+    )
 
 
-def organmnist_vectors(npz, weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu", batch_size: int = 8, limit: int | None = None) -> tuple[np.ndarray, list[str], dict]:
+def organmnist_vectors(
+    npz,
+    weights: str | None,
+    model: str = "ct-fm",
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> tuple[np.ndarray, list[str], dict]:
     """All OrganMNIST3D volumes (train + val + test, flipped as CT-FM's clustering notebook does)
     embedded, with organ names."""
 

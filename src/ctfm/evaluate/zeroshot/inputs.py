@@ -17,14 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ctfm.embedding.modes import POOLINGS
-from ctfm.errors import CTInputError, OptionError
-from ctfm.embedding.modes import encode_windows
 from ctfm.embedding.api import build_encoder
+from ctfm.embedding.modes import POOLINGS, encode_windows
 from ctfm.embedding.runner import weights_sha256_of
+from ctfm.errors import CTInputError, OptionError
 from ctfm.evaluate.reports.report import provenance, write_results
-from ctfm.store import open_store
 from ctfm.runtime import DocumentResult
+from ctfm.store import open_store
 from ctfm.store.vectors import key_dict
 
 
@@ -47,9 +46,17 @@ class StoreVectors:
             rows = lookup.get(candidate)
             if rows is not None:
                 if len(rows) > 1:
-                    raise CTInputError(where, f"scan {key!r} matches {len(rows)} store rows ({', '.join(self.scan_ids[r] for r in rows[:3])}...)", "name it by scan id or full path")
+                    raise CTInputError(
+                        where,
+                        f"scan {key!r} matches {len(rows)} store rows ({', '.join(self.scan_ids[r] for r in rows[:3])}...)",
+                        "name it by scan id or full path",
+                    )
                 return rows[0]
-        raise CTInputError(where, f"scan {key!r} is not in the store {self.store} (computation {self.key.get('mode')}, weights {str(self.key.get('weights_sha256'))[:12]})", "embed it first with ctfm embed ... --out STORE, or name it by scan id, path or file name")
+        raise CTInputError(
+            where,
+            f"scan {key!r} is not in the store {self.store} (computation {self.key.get('mode')}, weights {str(self.key.get('weights_sha256'))[:12]})",
+            "embed it first with ctfm embed ... --out STORE, or name it by scan id, path or file name",
+        )
 
     def _lookup(self) -> dict[str, list[int]]:
         if not hasattr(self, "_names"):
@@ -61,7 +68,12 @@ class StoreVectors:
         return self._names
 
     def provenance(self) -> dict:
-        return {"store": os.path.abspath(self.store), "computation": self.key, "n_scans": len(self.scan_ids), "content_hashes_sha256": digest_of(sorted(self.content_hashes))}
+        return {
+            "store": os.path.abspath(self.store),
+            "computation": self.key,
+            "n_scans": len(self.scan_ids),
+            "content_hashes_sha256": digest_of(sorted(self.content_hashes)),
+        }
 
 
 def _stem(path: str) -> str:
@@ -81,7 +93,9 @@ def digest_of(items) -> str:
     return h.hexdigest()
 
 
-def store_vectors(store_path: str | os.PathLike, run: str | None = None, where: dict | None = None, pool_patches: str | None = None) -> StoreVectors:
+def store_vectors(
+    store_path: str | os.PathLike, run: str | None = None, where: dict | None = None, pool_patches: str | None = None
+) -> StoreVectors:
     """The scan vectors of the one run of ``store_path`` that ``run`` (a digest or unique prefix)
     and ``where`` (``{column: value}`` of the scan rows) pick (:meth:`ctfm.store.EmbeddingStore.select`;
     several candidates are a one-line error listing them), in scan id order.
@@ -105,15 +119,30 @@ def store_vectors(store_path: str | os.PathLike, run: str | None = None, where: 
         scans = vectors.scan_table.take(pc.sort_indices(vectors.scan_table, sort_keys=[("scan_id", "ascending")]))
         missing = sorted(set(scans.column("scan_id").to_pylist()) - set(ids[starts].tolist()))
         if missing:
-            raise CTInputError(store_path, f"scans without patch rows: {', '.join(missing[:3])}", "run ctfm store check, or re-embed them in patches mode")
+            raise CTInputError(
+                store_path,
+                f"scans without patch rows: {', '.join(missing[:3])}",
+                "run ctfm store check, or re-embed them in patches mode",
+            )
         if pool_patches == "mean":
             counts = np.diff(np.r_[starts, len(ids)])
-            matrix = (np.add.reduceat(vectors.vectors.astype(np.float64), starts, axis=0) / counts[:, None]).astype(np.float32)
+            matrix = (np.add.reduceat(vectors.vectors.astype(np.float64), starts, axis=0) / counts[:, None]).astype(
+                np.float32
+            )
         else:
-            matrix = getattr(np, "minimum" if pool_patches == "min" else "maximum").reduceat(vectors.vectors, starts, axis=0)
+            matrix = getattr(np, "minimum" if pool_patches == "min" else "maximum").reduceat(
+                vectors.vectors, starts, axis=0
+            )
         key = {**key_dict(vectors.key), "pool": f"{pool_patches} (recomputed from patches)"}
     hashes = [h or "" for h in scans.column("content_hash").to_pylist()]
-    return StoreVectors(os.fspath(store_path), key, scans.column("scan_id").to_pylist(), scans.column("source_path").to_pylist(), np.ascontiguousarray(matrix, dtype=np.float32), hashes)
+    return StoreVectors(
+        os.fspath(store_path),
+        key,
+        scans.column("scan_id").to_pylist(),
+        scans.column("source_path").to_pylist(),
+        np.ascontiguousarray(matrix, dtype=np.float32),
+        hashes,
+    )
 
 
 def load_eval_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, device: str = "cpu"):
@@ -121,19 +150,32 @@ def load_eval_encoder(weights: str | None, model: str = "ct-fm", seed: int = 0, 
     init (warned, for testing)."""
 
     encoder = build_encoder(model, weights, seed).eval().to(device)
-    fields = {"model": model, "weights": weights if weights is not None else f"random-init seed {seed}", "weights_sha256": weights_sha256_of(encoder)}
+    fields = {
+        "model": model,
+        "weights": weights if weights is not None else f"random-init seed {seed}",
+        "weights_sha256": weights_sha256_of(encoder),
+    }
     return encoder, fields
 
 
-def encode_batches(encoder, volumes: np.ndarray, batch_size: int = 8, device: str = "cpu", precision: str = "fp32") -> np.ndarray:
+def encode_batches(
+    encoder, volumes: np.ndarray, batch_size: int = 8, device: str = "cpu", precision: str = "fp32"
+) -> np.ndarray:
     """[N, D, H, W] (or [N, 1, D, H, W]) float32 in [0, 1] -> [N, 512] pooled embeddings, encoded
     as every stored patch and region query is (:func:`ctfm.embedding.modes.encode_windows`)."""
     import torch
 
-
     if volumes.ndim == 4:
         volumes = volumes[:, None]
-    out = [encode_windows(encoder, torch.from_numpy(np.ascontiguousarray(volumes[i : i + batch_size], dtype=np.float32)), device, precision).numpy() for i in range(0, len(volumes), batch_size)]
+    out = [
+        encode_windows(
+            encoder,
+            torch.from_numpy(np.ascontiguousarray(volumes[i : i + batch_size], dtype=np.float32)),
+            device,
+            precision,
+        ).numpy()
+        for i in range(0, len(volumes), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

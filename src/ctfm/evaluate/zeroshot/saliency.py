@@ -18,14 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ctfm.errors import OptionError
 from ctfm.evaluate.reports.figures import overlay_figure
 from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult, load_eval_encoder, write_evaluation_outputs
 from ctfm.io import load_labels, save_nifti
 from ctfm.io.hashing import content_hash
 from ctfm.preprocess import get_preset, load_usable_ct, preprocess
-from ctfm.errors import OptionError
-from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
-from ctfm.evaluate.zeroshot.inputs import load_eval_encoder, write_evaluation_outputs
 
 MASK_SIZE, OVERLAP = 10, 0.25
 SALIENCY_SPACING_MM = (3.0, 3.0, 3.0)
@@ -41,7 +40,12 @@ class SaliencyResult(ZeroShotResult):
 def saliency_spec():
     """The preprocessing of CT-FM's saliency script: ct-fm-patches at 3 mm isotropic."""
 
-    return get_preset("ct-fm-patches").with_(name="ct-fm-saliency-3mm", spacing_mm=SALIENCY_SPACING_MM, patch_size_mm=None, description="CT-FM saliency: SPL, 3 mm isotropic, crop to HU > 0, [-1024, 2048] -> [0, 1]")
+    return get_preset("ct-fm-patches").with_(
+        name="ct-fm-saliency-3mm",
+        spacing_mm=SALIENCY_SPACING_MM,
+        patch_size_mm=None,
+        description="CT-FM saliency: SPL, 3 mm isotropic, crop to HU > 0, [-1024, 2048] -> [0, 1]",
+    )
 
 
 class EmbeddingChange(nn.Module):
@@ -57,14 +61,18 @@ class EmbeddingChange(nn.Module):
         return (1.0 - torch.nn.functional.cosine_similarity(vectors, self.reference.to(vectors.dtype), dim=1))[:, None]
 
 
-def occlusion_saliency(encoder, volume: torch.Tensor, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12) -> np.ndarray:
+def occlusion_saliency(
+    encoder, volume: torch.Tensor, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12
+) -> np.ndarray:
     """volume [1, 1, D, H, W] in [0, 1] -> saliency [D, H, W] (1 - cosine to the unoccluded embedding)."""
     from monai.visualize import OcclusionSensitivity
 
     if not 0 <= overlap < 1:
         raise OptionError(f"overlap {overlap}: expected a fraction in [0, 1)")
     if mask_size < 1 or any(s < mask_size for s in volume.shape[2:]):
-        raise OptionError(f"mask size {mask_size}: must be >= 1 and fit in the preprocessed volume {tuple(volume.shape[2:])}")
+        raise OptionError(
+            f"mask size {mask_size}: must be >= 1 and fit in the preprocessed volume {tuple(volume.shape[2:])}"
+        )
     encoder = encoder.eval()
     import warnings
 
@@ -72,24 +80,35 @@ def occlusion_saliency(encoder, volume: torch.Tensor, mask_size: int = MASK_SIZE
         warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)  # inside MONAI
         reference = encoder.embed(volume)[0]
         change = EmbeddingChange(encoder, reference).eval()
-        occlusion = OcclusionSensitivity(nn_module=change, mask_size=mask_size, n_batch=n_batch, overlap=overlap, activate=False, verbose=False)
+        occlusion = OcclusionSensitivity(
+            nn_module=change, mask_size=mask_size, n_batch=n_batch, overlap=overlap, activate=False, verbose=False
+        )
         sensitivity, _ = occlusion(volume)
     return np.asarray(sensitivity[0, 0].detach().cpu().numpy(), dtype=np.float32)
 
 
-def onto_grid(values: np.ndarray, values_affine: np.ndarray, grid_affine: np.ndarray, grid_shape, order: int = 1) -> np.ndarray:
+def onto_grid(
+    values: np.ndarray, values_affine: np.ndarray, grid_affine: np.ndarray, grid_shape, order: int = 1
+) -> np.ndarray:
     """Resample ``values`` (on ``values_affine``) onto another voxel grid of the same world (mm)."""
     from scipy.ndimage import affine_transform
 
     to_values = np.linalg.solve(np.asarray(values_affine, np.float64), np.asarray(grid_affine, np.float64))
-    return affine_transform(values.astype(np.float32), to_values[:3, :3], offset=to_values[:3, 3], output_shape=tuple(int(s) for s in grid_shape), order=order, mode="constant", cval=0.0)
+    return affine_transform(
+        values.astype(np.float32),
+        to_values[:3, :3],
+        offset=to_values[:3, 3],
+        output_shape=tuple(int(s) for s in grid_shape),
+        order=order,
+        mode="constant",
+        cval=0.0,
+    )
 
 
 def saliency_figure(image: np.ndarray, saliency: np.ndarray, affine: np.ndarray, path, title: str = "") -> Path:
     """Slices through the saliency peak (map smoothed by one voxel and min-max scaled for display)
     over the preprocessed scan, radiological convention; ``affine`` of the shared grid."""
     from scipy.ndimage import gaussian_filter
-
 
     shown = gaussian_filter(saliency, 1.0)
     peak = np.unravel_index(int(np.argmax(shown)), shown.shape)
@@ -106,13 +125,31 @@ def saliency_in_label(saliency: np.ndarray, labels: np.ndarray) -> dict:
         raise OptionError("the label map must have voxels both inside and outside the label on the saliency grid")
     top = saliency >= np.quantile(saliency, 0.99)
     mean_in, mean_out = float(saliency[inside].mean()), float(saliency[~inside].mean())
-    return {"mean_inside": mean_in, "mean_outside": mean_out, "ratio": mean_in / mean_out if mean_out > 0 else None, "top1pct_inside_fraction": float(inside[top].mean()), "label_fraction_of_volume": float(inside.mean())}
+    return {
+        "mean_inside": mean_in,
+        "mean_outside": mean_out,
+        "ratio": mean_in / mean_out if mean_out > 0 else None,
+        "top1pct_inside_fraction": float(inside[top].mean()),
+        "label_fraction_of_volume": float(inside.mean()),
+    }
 
 
-def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", seed: int = 0, labels=None, mask_size: int = MASK_SIZE, overlap: float = OVERLAP, n_batch: int = 12, device: str = "cpu", encoder=None, weights_fields: dict | None = None) -> SaliencyResult:
+def run_saliency(
+    scan,
+    out,
+    weights: str | None = None,
+    model: str = "ct-fm",
+    seed: int = 0,
+    labels=None,
+    mask_size: int = MASK_SIZE,
+    overlap: float = OVERLAP,
+    n_batch: int = 12,
+    device: str = "cpu",
+    encoder=None,
+    weights_fields: dict | None = None,
+) -> SaliencyResult:
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
-
 
     image, record = load_usable_ct(scan)
     if encoder is None:
@@ -126,19 +163,61 @@ def run_saliency(scan, out, weights: str | None = None, model: str = "ct-fm", se
     on_input = onto_grid(saliency, prepared_affine, image_affine, image.shape[1:])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    nifti = save_nifti(MetaTensor(torch.from_numpy(on_input)[None], affine=torch.from_numpy(image_affine)), out / "saliency.nii.gz")
-    figure = saliency_figure(np.asarray(prepared[0]), saliency, prepared_affine, out / "saliency_overlay.png", f"{Path(scan).name}: 1 - cosine under occlusion (mask {mask_size}, overlap {overlap})")
-    summary = {"min": float(saliency.min()), "max": float(saliency.max()), "mean": float(saliency.mean()), "preprocessed_shape": list(saliency.shape), "input_shape": [int(s) for s in image.shape[1:]]}
-    report = Report("Saliency (occlusion)", f"{Path(scan).name}: mask {mask_size} voxels at 3 mm, overlap {overlap}, saliency = 1 - cosine of the embeddings")
-    report.heading("Map").table([{"figure": k, "value": v} for k, v in summary.items() if not isinstance(v, list)], digits=5).figure(figure, "slices through the saliency peak (map smoothed by 1 voxel for display; the NIfTI holds the raw map)")
-    results = {"evaluation": "saliency", "scan": os.path.abspath(scan), "mask_size": mask_size, "overlap": overlap, "spacing_mm": list(SALIENCY_SPACING_MM), "map": summary, "nifti": nifti.name, "paper": PAPER_NOTE, "figures": [figure.name]}
+    nifti = save_nifti(
+        MetaTensor(torch.from_numpy(on_input)[None], affine=torch.from_numpy(image_affine)), out / "saliency.nii.gz"
+    )
+    figure = saliency_figure(
+        np.asarray(prepared[0]),
+        saliency,
+        prepared_affine,
+        out / "saliency_overlay.png",
+        f"{Path(scan).name}: 1 - cosine under occlusion (mask {mask_size}, overlap {overlap})",
+    )
+    summary = {
+        "min": float(saliency.min()),
+        "max": float(saliency.max()),
+        "mean": float(saliency.mean()),
+        "preprocessed_shape": list(saliency.shape),
+        "input_shape": [int(s) for s in image.shape[1:]],
+    }
+    report = Report(
+        "Saliency (occlusion)",
+        f"{Path(scan).name}: mask {mask_size} voxels at 3 mm, overlap {overlap}, saliency = 1 - cosine of the embeddings",
+    )
+    report.heading("Map").table(
+        [{"figure": k, "value": v} for k, v in summary.items() if not isinstance(v, list)], digits=5
+    ).figure(
+        figure, "slices through the saliency peak (map smoothed by 1 voxel for display; the NIfTI holds the raw map)"
+    )
+    results = {
+        "evaluation": "saliency",
+        "scan": os.path.abspath(scan),
+        "mask_size": mask_size,
+        "overlap": overlap,
+        "spacing_mm": list(SALIENCY_SPACING_MM),
+        "map": summary,
+        "nifti": nifti.name,
+        "paper": PAPER_NOTE,
+        "figures": [figure.name],
+    }
     if labels is not None:
         label_map = load_labels(labels, image)
-        on_prepared = onto_grid(np.asarray(label_map.labels[0], np.float32), image_affine, prepared_affine, saliency.shape, order=0)
+        on_prepared = onto_grid(
+            np.asarray(label_map.labels[0], np.float32), image_affine, prepared_affine, saliency.shape, order=0
+        )
         results["in_label"] = saliency_in_label(saliency, on_prepared)
-        report.heading(f"Inside the label ({Path(labels).name})").table([{"figure": k, "value": v} for k, v in results["in_label"].items()], digits=4)
+        report.heading(f"Inside the label ({Path(labels).name})").table(
+            [{"figure": k, "value": v} for k, v in results["in_label"].items()], digits=4
+        )
     report.paragraph(f"Paper: {PAPER_NOTE}.")
-    prov = {**(weights_fields or {}), "scan": os.path.abspath(scan), "scan_content_hash": content_hash(image), "preset": spec.name, "preset_hash": spec.content_hash(), "labels": os.path.abspath(labels) if labels else None}
+    prov = {
+        **(weights_fields or {}),
+        "scan": os.path.abspath(scan),
+        "scan_content_hash": content_hash(image),
+        "preset": spec.name,
+        "preset_hash": spec.content_hash(),
+        "labels": os.path.abspath(labels) if labels else None,
+    }
     result = write_evaluation_outputs(out, results, prov, report, SaliencyResult)
     result.data["nifti_path"] = os.fspath(nifti)
     return result

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ctfm.evaluate.metrics.stats import bootstrap_ci
-from ctfm.evaluate.reports.figures import pyplot, histograms, save_figure
-from ctfm.evaluate.reports.report import Report
-from ctfm.evaluate.zeroshot.inputs import store_vectors, unit_rows
 from ctfm.errors import CTInputError, OptionError, optional_import
-from ctfm.evaluate.zeroshot.inputs import ZeroShotResult
-from ctfm.evaluate.zeroshot.inputs import write_evaluation_outputs
+from ctfm.evaluate.metrics.stats import bootstrap_ci
+from ctfm.evaluate.reports.figures import histograms, pyplot, save_figure
+from ctfm.evaluate.reports.report import Report
+from ctfm.evaluate.zeroshot.inputs import ZeroShotResult, store_vectors, unit_rows, write_evaluation_outputs
 from ctfm.io.hashing import file_sha256
 from ctfm.io.tables import read_table
 
@@ -68,7 +66,6 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
     ``b[i]`` ([N, D] each; ``subjects`` [N] groups pairs of one subject, default one per pair)."""
     roc_auc_score = optional_import("sklearn.metrics", "eval").roc_auc_score
 
-
     a, b = unit_rows(np.asarray(a, np.float64)), unit_rows(np.asarray(b, np.float64))
     n = len(a)
     if n < 2 or a.shape != b.shape:
@@ -78,10 +75,20 @@ def pair_statistics(a: np.ndarray, b: np.ndarray, subjects=None) -> dict:
     same = subjects[:, None] == subjects[None, :]
     pair = np.diag(similarity).copy()
     non_pair = similarity[~same]
-    auc = float(roc_auc_score(np.r_[np.ones(len(pair)), np.zeros(len(non_pair))], np.r_[pair, non_pair])) if len(non_pair) else float("nan")
+    auc = (
+        float(roc_auc_score(np.r_[np.ones(len(pair)), np.zeros(len(non_pair))], np.r_[pair, non_pair]))
+        if len(non_pair)
+        else float("nan")
+    )
     a_to_b = (same[np.arange(n), np.argmax(similarity, axis=1)]).astype(float)
     b_to_a = (same[np.argmax(similarity, axis=0), np.arange(n)]).astype(float)
-    return {"pair_cosine": pair, "non_pair_cosine": non_pair, "separation_auc": auc, "rank1_a_to_b": a_to_b, "rank1_b_to_a": b_to_a}
+    return {
+        "pair_cosine": pair,
+        "non_pair_cosine": non_pair,
+        "separation_auc": auc,
+        "rank1_a_to_b": a_to_b,
+        "rank1_b_to_a": b_to_a,
+    }
 
 
 def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dict:
@@ -98,18 +105,38 @@ def stability(a: np.ndarray, b: np.ndarray, subjects=None, seed: int = 0) -> dic
     finite = icc[np.isfinite(icc)]
     return {
         "n_pairs": int(len(stats["pair_cosine"])),
-        "pair_cosine": {**interval(stats["pair_cosine"]), "median": float(np.median(stats["pair_cosine"])), "min": float(stats["pair_cosine"].min())},
-        "non_pair_cosine": {"mean": float(np.mean(stats["non_pair_cosine"])) if len(stats["non_pair_cosine"]) else None, "median": float(np.median(stats["non_pair_cosine"])) if len(stats["non_pair_cosine"]) else None, "n": int(len(stats["non_pair_cosine"]))},
+        "pair_cosine": {
+            **interval(stats["pair_cosine"]),
+            "median": float(np.median(stats["pair_cosine"])),
+            "min": float(stats["pair_cosine"].min()),
+        },
+        "non_pair_cosine": {
+            "mean": float(np.mean(stats["non_pair_cosine"])) if len(stats["non_pair_cosine"]) else None,
+            "median": float(np.median(stats["non_pair_cosine"])) if len(stats["non_pair_cosine"]) else None,
+            "n": int(len(stats["non_pair_cosine"])),
+        },
         "separation_auc": stats["separation_auc"],
-        "rank1_reidentification": {"a_to_b": interval(stats["rank1_a_to_b"]), "b_to_a": interval(stats["rank1_b_to_a"])},
-        "icc_2_1": {"median": float(np.median(finite)) if finite.size else None, "mean": float(np.mean(finite)) if finite.size else None, "fraction_above_0.75": float(np.mean(finite > 0.75)) if finite.size else None, "fraction_above_0.9": float(np.mean(finite > 0.9)) if finite.size else None, "n_dimensions": int(icc.size), "n_undefined": int(icc.size - finite.size)},
+        "rank1_reidentification": {
+            "a_to_b": interval(stats["rank1_a_to_b"]),
+            "b_to_a": interval(stats["rank1_b_to_a"]),
+        },
+        "icc_2_1": {
+            "median": float(np.median(finite)) if finite.size else None,
+            "mean": float(np.mean(finite)) if finite.size else None,
+            "fraction_above_0.75": float(np.mean(finite > 0.75)) if finite.size else None,
+            "fraction_above_0.9": float(np.mean(finite > 0.9)) if finite.size else None,
+            "n_dimensions": int(icc.size),
+            "n_undefined": int(icc.size - finite.size),
+        },
         "_per_dimension_icc": icc,
         "_pair": stats["pair_cosine"],
         "_non_pair": stats["non_pair_cosine"],
     }
 
 
-def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, where: dict | None = None) -> StabilityResult:
+def run_stability(
+    store, manifest, out, seed: int = 0, run: str | None = None, where: dict | None = None
+) -> StabilityResult:
     """Stability of the store's vectors for the pairs in ``manifest``; results.json, figures, report."""
 
     rows = read_table(manifest, required=("scan_a", "scan_b")).to_pylist()
@@ -122,7 +149,14 @@ def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, w
     result = stability(vectors.matrix[ia], vectors.matrix[ib], subjects, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [histograms({"pairs (test-retest)": result["_pair"], "non-pairs": result["_non_pair"]}, out / "pair_cosine.png", "cosine similarity: pairs vs non-pairs", "cosine similarity")]
+    figures = [
+        histograms(
+            {"pairs (test-retest)": result["_pair"], "non-pairs": result["_non_pair"]},
+            out / "pair_cosine.png",
+            "cosine similarity: pairs vs non-pairs",
+            "cosine similarity",
+        )
+    ]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     icc = result["_per_dimension_icc"]
@@ -130,16 +164,31 @@ def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, w
     ax.set_xlabel("ICC(2,1) per embedding dimension")
     ax.set_title("per-dimension test-retest ICC", fontsize=10)
     figures.append(save_figure(fig, out / "icc.png"))
-    per_pair = [{"scan_a": r["scan_a"], "scan_b": r["scan_b"], "subject": r.get("subject", ""), "cosine": float(c)} for r, c in zip(rows, result["_pair"])]
+    per_pair = [
+        {"scan_a": r["scan_a"], "scan_b": r["scan_b"], "subject": r.get("subject", ""), "cosine": float(c)}
+        for r, c in zip(rows, result["_pair"])
+    ]
     summary = {k: v for k, v in result.items() if not k.startswith("_")}
     report = Report("Test-retest stability", f"{summary['n_pairs']} pairs from {Path(manifest).name}")
     report.heading("Summary").table(
         [
-            {"figure": "pair cosine (mean)", "value": summary["pair_cosine"]["mean"], "95% CI": f"[{summary['pair_cosine']['low']:.4f}, {summary['pair_cosine']['high']:.4f}]"},
+            {
+                "figure": "pair cosine (mean)",
+                "value": summary["pair_cosine"]["mean"],
+                "95% CI": f"[{summary['pair_cosine']['low']:.4f}, {summary['pair_cosine']['high']:.4f}]",
+            },
             {"figure": "non-pair cosine (mean)", "value": summary["non_pair_cosine"]["mean"], "95% CI": ""},
             {"figure": "separation AUC (pair > non-pair)", "value": summary["separation_auc"], "95% CI": ""},
-            {"figure": "rank-1 re-identification a->b", "value": summary["rank1_reidentification"]["a_to_b"]["mean"], "95% CI": f"[{summary['rank1_reidentification']['a_to_b']['low']:.3f}, {summary['rank1_reidentification']['a_to_b']['high']:.3f}]"},
-            {"figure": "rank-1 re-identification b->a", "value": summary["rank1_reidentification"]["b_to_a"]["mean"], "95% CI": ""},
+            {
+                "figure": "rank-1 re-identification a->b",
+                "value": summary["rank1_reidentification"]["a_to_b"]["mean"],
+                "95% CI": f"[{summary['rank1_reidentification']['a_to_b']['low']:.3f}, {summary['rank1_reidentification']['a_to_b']['high']:.3f}]",
+            },
+            {
+                "figure": "rank-1 re-identification b->a",
+                "value": summary["rank1_reidentification"]["b_to_a"]["mean"],
+                "95% CI": "",
+            },
             {"figure": "ICC(2,1) median over dimensions", "value": summary["icc_2_1"]["median"], "95% CI": ""},
             {"figure": "dimensions with ICC > 0.75", "value": summary["icc_2_1"]["fraction_above_0.75"], "95% CI": ""},
         ],
@@ -149,7 +198,14 @@ def run_stability(store, manifest, out, seed: int = 0, run: str | None = None, w
     for figure in figures:
         report.figure(figure, figure.stem)
     report.heading("Pairs").table(per_pair, digits=4)
-    results = {"evaluation": "stability", **summary, "per_pair": per_pair, "per_dimension_icc": icc, "paper": PAPER_NOTE, "figures": [f.name for f in figures]}
+    results = {
+        "evaluation": "stability",
+        **summary,
+        "per_pair": per_pair,
+        "per_dimension_icc": icc,
+        "paper": PAPER_NOTE,
+        "figures": [f.name for f in figures],
+    }
     prov = {**vectors.provenance(), "manifest": os.path.abspath(manifest), "manifest_sha256": file_sha256(manifest)}
     result = write_evaluation_outputs(out, results, prov, report, StabilityResult)
     del result.data["per_dimension_icc"]  # in results.json, not in the returned summary

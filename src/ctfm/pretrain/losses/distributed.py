@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from ctfm.runtime import rank_and_world_size
 
+
 class _AllGatherWithGradient(torch.autograd.Function):
     """all_gather whose backward sends every rank's gradient for a slice back to its owner.
 

@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfm.pretrain.losses.common import as_crop_view_tensor, check_reduction, check_temperature, full_precision, apply_reduction, upcast
+from ctfm.pretrain.losses.common import (
+    apply_reduction,
+    as_crop_view_tensor,
+    check_reduction,
+    check_temperature,
+    full_precision,
+    upcast,
+)
 from ctfm.pretrain.losses.vicreg import variance_hinge
 
 
@@ -73,7 +80,9 @@ class IntraSampleNTXentLoss(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         if not 0.0 <= variance_weight <= 1.0:
-            raise ValueError(f"variance_weight={variance_weight!r}: must lie in [0, 1] (it blends (1 - w) * NT-Xent + w * variance)")
+            raise ValueError(
+                f"variance_weight={variance_weight!r}: must lie in [0, 1] (it blends (1 - w) * NT-Xent + w * variance)"
+            )
         if not variance_eps >= 0:
             raise ValueError(f"variance_eps={variance_eps!r}: must be >= 0")
         self.variance_weight = float(variance_weight)

@@ -10,7 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctfm.pretrain.losses.common import check_pair, check_reduction, check_temperature, full_precision, apply_reduction, split_stacked_views, upcast
+from ctfm.pretrain.losses.common import (
+    apply_reduction,
+    check_pair,
+    check_reduction,
+    check_temperature,
+    full_precision,
+    split_stacked_views,
+    upcast,
+)
 from ctfm.pretrain.losses.distributed import gather_with_gradient
 from ctfm.runtime import rank_and_world_size
 
@@ -75,7 +83,9 @@ class NTXentLoss(nn.Module):
             z0, z1 = split_stacked_views(z0)
         check_pair(z0, z1)
         if z0.ndim != 2:
-            raise ValueError(f"z0 has shape {tuple(z0.shape)}: expected [B, D] (or pass one stacked [..., 2, D] tensor)")
+            raise ValueError(
+                f"z0 has shape {tuple(z0.shape)}: expected [B, D] (or pass one stacked [..., 2, D] tensor)"
+            )
         rank, world_size = rank_and_world_size(environment=False) if self.gather_distributed else (0, 1)
         if z0.shape[0] * world_size < 2:
             raise ValueError(
@@ -98,7 +108,9 @@ class NTXentLoss(nn.Module):
         """
         check_pair(z0, z1)
         if z0.shape[-2] < 2:
-            raise ValueError(f"NT-Xent groups of {z0.shape[-2]} sample (shape {tuple(z0.shape)}): each group needs >= 2 samples")
+            raise ValueError(
+                f"NT-Xent groups of {z0.shape[-2]} sample (shape {tuple(z0.shape)}): each group needs >= 2 samples"
+            )
         with full_precision(z0.device):
             z0, z1 = F.normalize(upcast(z0), dim=-1), F.normalize(upcast(z1), dim=-1)
             return _ntxent_per_anchor(z0, z1, z0, z1, 0, self.temperature).mean(dim=(-2, -1))

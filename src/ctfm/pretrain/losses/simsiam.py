@@ -32,14 +32,20 @@ class SimSiamLoss(nn.Module):
 
     needs_prediction = True  # the caller supplies predictions p (a prediction head on z)
 
-    def forward(self, z0: torch.Tensor, z1: torch.Tensor, p0: torch.Tensor | None = None, p1: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z0: torch.Tensor, z1: torch.Tensor, p0: torch.Tensor | None = None, p1: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``z0``, ``z1``, ``p0``, ``p1`` [B, D] -> scalar; or ``forward(z, p)``, each [..., 2, D]."""
         if p0 is None and p1 is None:
             if isinstance(z0, torch.Tensor) and (z0.ndim < 3 or z0.shape[-2] != 2):
-                raise ValueError(f"SimSiamLoss got two tensors of shape {tuple(z0.shape)}: pass (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors")
+                raise ValueError(
+                    f"SimSiamLoss got two tensors of shape {tuple(z0.shape)}: pass (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors"
+                )
             (z0, z1), (p0, p1) = split_stacked_views(z0, "z"), split_stacked_views(z1, "p")
         elif p0 is None or p1 is None:
-            raise ValueError("SimSiamLoss takes (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors")
+            raise ValueError(
+                "SimSiamLoss takes (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors"
+            )
         if not isinstance(z0, torch.Tensor) or z0.ndim != 2:
             shape = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
             raise ValueError(f"z0 has shape {shape}: expected [B, D] (use IntraSampleWrapper for per-image groups)")

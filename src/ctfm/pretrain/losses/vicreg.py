@@ -64,7 +64,9 @@ class VICRegLoss(nn.Module):
             z0, z1 = split_stacked_views(z0)
         check_pair(z0, z1)
         if z0.shape[-2] < 2:
-            raise ValueError(f"VICReg got {z0.shape[-2]} sample (shape {tuple(z0.shape)}): variance and covariance need >= 2 samples")
+            raise ValueError(
+                f"VICReg got {z0.shape[-2]} sample (shape {tuple(z0.shape)}): variance and covariance need >= 2 samples"
+            )
         with full_precision(z0.device):
             z0, z1 = upcast(z0), upcast(z1)
             return {
@@ -76,7 +78,9 @@ class VICRegLoss(nn.Module):
     def forward(self, z0: torch.Tensor, z1: torch.Tensor | None = None) -> torch.Tensor:
         """``z0``, ``z1`` [B, D] -> scalar."""
         if z1 is not None and z0.ndim != 2:
-            raise ValueError(f"z0 has shape {tuple(z0.shape)}: expected [B, D] (use IntraSampleWrapper for per-image groups)")
+            raise ValueError(
+                f"z0 has shape {tuple(z0.shape)}: expected [B, D] (use IntraSampleWrapper for per-image groups)"
+            )
         return self.forward_per_group(z0, z1)
 
     def forward_per_group(self, z0: torch.Tensor, z1: torch.Tensor | None = None) -> torch.Tensor:
