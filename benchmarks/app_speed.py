@@ -62,7 +62,8 @@ def build(root: Path, n: int, init_filters: int) -> dict:
         return_records=False,
     )
     print(
-        f"store: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed, {time.perf_counter() - start:.0f} s",
+        f"store: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed, "
+        f"{time.perf_counter() - start:.0f} s",
         flush=True,
     )
     return {"store": root / "store", "weights": weights}

@@ -151,11 +151,13 @@ def main() -> None:
     gflop = encoder_gflop_320()
     peak = matmul_peak_gflops()
     print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}"
     )
     print(f"encoder cost at 320^3: {gflop:.0f} GFLOP; fp32 matmul peak (2048^2): {peak:.0f} GFLOP/s\n")
     print(
-        "| scan | pipeline | wall s | speed-up | peak RSS GB | cosine to reference | encoder GFLOP/s (% of matmul peak) |"
+        "| scan | pipeline | wall s | speed-up | peak RSS GB | cosine to reference | encoder GFLOP/s (% of matmul "
+        "peak) |"
     )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,14 +167,16 @@ def main() -> None:
             ref = run_worker("reference", scan, weights)
             rate = gflop / ref["encoder_seconds"]
             print(
-                f"| {rel} | reference fp32 | {ref['seconds']:.1f} | 1.00 | {ref['peak_rss_gb']:.2f} | 1 | {rate:.0f} ({100 * rate / peak:.0f} %) |",
+                f"| {rel} | reference fp32 | {ref['seconds']:.1f} | 1.00 | {ref['peak_rss_gb']:.2f} | 1 | {rate:.0f} "
+                f"({100 * rate / peak:.0f} %) |",
                 flush=True,
             )
             for precision in ("fp32", "bf16"):
                 ours = run_worker("ours", scan, weights, precision)
                 rate = gflop / ours["seconds"]  # upper bound on time spent in the encoder: whole run
                 print(
-                    f"| {rel} | ctfm {precision} | {ours['seconds']:.1f} | {ref['seconds'] / ours['seconds']:.2f} | {ours['peak_rss_gb']:.2f} | "
+                    f"| {rel} | ctfm {precision} | {ours['seconds']:.1f} | {ref['seconds'] / ours['seconds']:.2f} | "
+                    f"{ours['peak_rss_gb']:.2f} | "
                     f"{cosine(ours['embedding'], ref['embedding']):.6f} | >= {rate:.0f} ({100 * rate / peak:.0f} %) |",
                     flush=True,
                 )

@@ -266,7 +266,8 @@ def main(argv=None) -> int:
 
     arms = ("random-init", "ctfm-pretrained")
     print(
-        "\n| class | random init | pretrained | random init, series grid | pretrained, series grid | random init, training scan | pretrained, training scan |\n|---|---|---|---|---|---|---|"
+        "\n| class | random init | pretrained | random init, series grid | pretrained, series grid | random init, "
+        "training scan | pretrained, training scan |\n|---|---|---|---|---|---|---|"
     )
     for n in names:
         cells = (
@@ -282,7 +283,8 @@ def main(argv=None) -> int:
         fit = [v for v in training_fit[key].values() if v == v]
         grid = [v for v in product[key].values() if v == v]
         print(
-            f"macro ({key}): test scan {np.mean(vals):.3f} over {len(vals)} classes present (series grid, ctfm predict seg: {np.mean(grid):.3f} over {len(grid)}); training scan {np.mean(fit):.3f} over {len(fit)}"
+            f"macro ({key}): test scan {np.mean(vals):.3f} over {len(vals)} classes present (series grid, ctfm predict "
+            f"seg: {np.mean(grid):.3f} over {len(grid)}); training scan {np.mean(fit):.3f} over {len(fit)}"
         )
     return 0
 

@@ -96,7 +96,8 @@ def main() -> None:
     from ctfm.models import init_model, save_pretrained
 
     print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; budget {args.budget_gb} GB\n"
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; budget "
+        f"{args.budget_gb} GB\n"
     )
     print("| scan | ctfm s | ctfm peak RSS GB | within budget | unbounded s | unbounded peak RSS GB | cosine |")
     print("|---|---|---|---|---|---|---|")
@@ -112,7 +113,8 @@ def main() -> None:
             cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
             ok = "yes" if ours["peak_rss_gb"] <= args.budget_gb else "NO"
             print(
-                f"| {name} | {ours['seconds']:.1f} | {ours['peak_rss_gb']:.2f} | {ok} | {full['seconds']:.1f} | {full['peak_rss_gb']:.2f} | {cos:.7f} |",
+                f"| {name} | {ours['seconds']:.1f} | {ours['peak_rss_gb']:.2f} | {ok} | {full['seconds']:.1f} | "
+                f"{full['peak_rss_gb']:.2f} | {cos:.7f} |",
                 flush=True,
             )
             scan.unlink()

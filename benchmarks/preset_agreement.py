@@ -34,7 +34,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}"
     )
     print("| scan | preset | shape | max abs diff | ours s | reference s |")
     print("|---|---|---|---|---|---|")

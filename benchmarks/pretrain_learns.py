@@ -174,7 +174,8 @@ def main() -> None:
         "--checkpoint-patches",
         type=patch_sizes,
         default=[PATCHES[1]],
-        help="patch sizes at which the periodic checkpoints are also evaluated (default 8x64x64; the 8x128x128 evaluation takes minutes per encoder)",
+        help="patch sizes at which the periodic checkpoints are also evaluated (default 8x64x64; the 8x128x128 "
+        "evaluation takes minutes per encoder)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
@@ -248,17 +249,20 @@ def main() -> None:
     overrides = parse_set(args.set)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
-        f"pretraining: {minutes:.1f} min, {len(losses)} epochs x {config.steps_per_epoch} steps, {len(PRETRAIN_SCANS)} scans, crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}"
+        f"pretraining: {minutes:.1f} min, {len(losses)} epochs x {config.steps_per_epoch} steps, {len(PRETRAIN_SCANS)} "
+        f"scans, crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}"
         + (f", overrides {overrides}" if overrides else "")
     )
     for patch, (names, n_train, n_test, results) in evaluations.items():
         mm = tuple(round(v * m) for v, m in zip(patch, (3, 1, 1)))
         print(f"\n### patches of {patch[0]}x{patch[1]}x{patch[2]} voxels ({mm[0]}x{mm[1]}x{mm[2]} mm)\n")
         print(
-            f"{len(names)} organs ({', '.join(names)}); {n_train} train / {n_test} test patches per draw, {DRAWS} draws\n"
+            f"{len(names)} organs ({', '.join(names)}); {n_train} train / {n_test} test patches per draw, {DRAWS} "
+            "draws\n"
         )
         print(
-            "| encoder | minutes of pretraining | kNN balanced accuracy (mean ± sd) | logistic balanced accuracy (mean ± sd) |"
+            "| encoder | minutes of pretraining | kNN balanced accuracy (mean ± sd) | logistic balanced accuracy (mean "
+            "± sd) |"
         )
         print("|---|---|---|---|")
         for label, at, _ in encoders:
@@ -266,11 +270,13 @@ def main() -> None:
                 continue
             r = results[label]
             print(
-                f"| {label} | {at:.1f} | {r['knn'][0]:.1f} ± {r['knn'][1]:.1f} | {r['logistic'][0]:.1f} ± {r['logistic'][1]:.1f} |"
+                f"| {label} | {at:.1f} | {r['knn'][0]:.1f} ± {r['knn'][1]:.1f} | {r['logistic'][0]:.1f} ± "
+                f"{r['logistic'][1]:.1f} |"
             )
         final, base = results["pretrained (export)"], results["random init"]
         print(
-            f"\ngain of the exported encoder: kNN {final['knn'][0] - base['knn'][0]:+.1f} points, logistic {final['logistic'][0] - base['logistic'][0]:+.1f} points"
+            f"\ngain of the exported encoder: kNN {final['knn'][0] - base['knn'][0]:+.1f} points, logistic "
+            f"{final['logistic'][0] - base['logistic'][0]:+.1f} points"
         )
     step = max(1, len(losses) // 12)
     print(

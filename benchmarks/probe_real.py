@@ -153,8 +153,10 @@ def probe_table(result: dict, metrics: tuple[str, ...]) -> list[str]:
                 dl = c["delong_auroc"]
                 extra = f"; DeLong AUROC {100 * dl['difference']:+.1f} [{100 * dl['low']:+.1f}, {100 * dl['high']:+.1f}], {_p(dl['p_value'], 10**9)}"
             lines.append(
-                f"| {entry['target']} | pretrained − random | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}], {_p(d['p_value'], n)} (paired bootstrap){extra} |"
-                + " |" * (len(metrics) - 1)
+                f"| {entry['target']} | pretrained − random | {100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, "
+                f"{100 * d['high']:+.1f}], {_p(d['p_value'], n)} (paired bootstrap){extra} |"
+                + " |"
+                * (len(metrics) - 1)
             )
     return lines
 
@@ -213,7 +215,8 @@ def timing(out: Path, n: int = 10_000, dim: int = 512, n_targets: int = 15, jobs
         fit = sum(s["fit_seconds"] for t in result["targets"] for s in t["stores"])
         auroc = np.mean([t["stores"][0]["metrics"]["auroc"]["estimate"] for t in result["targets"]])
         lines.append(
-            f"| {name} | {n} x {dim}, {n_targets} targets | {wall:.1f} | {cpu:.1f} | {result['seconds']:.1f} | {fit:.1f} | {auroc:.3f} |"
+            f"| {name} | {n} x {dim}, {n_targets} targets | {wall:.1f} | {cpu:.1f} | {result['seconds']:.1f} | "
+            f"{fit:.1f} | {auroc:.3f} |"
         )
     return lines
 
@@ -295,7 +298,8 @@ def main() -> None:
             )
             sections.append(
                 (
-                    f"organ identity, patches {tag} ({len(names)} organs, {len(ty)} train / {len(vy)} test patches), {method}",
+                    f"organ identity, patches {tag} ({len(names)} organs, {len(ty)} train / {len(vy)} test patches), "
+                    f"{method}",
                     probe_table(result, ("balanced_accuracy", "auroc_ovr", "accuracy")),
                     ("balanced accuracy %", "AUROC (one-vs-rest) %", "accuracy %"),
                 )
@@ -344,7 +348,8 @@ def main() -> None:
         )
         sections.append(
             (
-                f"pelvis vs abdomen (binary; {counts.get('pelvis', 0)} / {counts.get('abdomen', 0)} patches), 3 folds grouped by scan, {method}",
+                f"pelvis vs abdomen (binary; {counts.get('pelvis', 0)} / {counts.get('abdomen', 0)} patches), 3 folds "
+                f"grouped by scan, {method}",
                 probe_table(result, ("auroc", "balanced_accuracy", "f1")),
                 ("AUROC %", "balanced accuracy %", "F1 %"),
             )
@@ -352,7 +357,9 @@ def main() -> None:
     evaluation_minutes = (time.time() - evaluation_started) / 60
 
     print(
-        f"pretraining: {args.steps} steps ({settings['max_epochs']} epochs x {steps_per_epoch}), {minutes:.1f} min; evaluation {evaluation_minutes:.1f} min; crops {config.num_crops} x {config.crop_size}, batch {config.batch_size}, lr {config.lr}"
+        f"pretraining: {args.steps} steps ({settings['max_epochs']} epochs x {steps_per_epoch}), {minutes:.1f} min; "
+        f"evaluation {evaluation_minutes:.1f} min; crops {config.num_crops} x {config.crop_size}, batch "
+        f"{config.batch_size}, lr {config.lr}"
     )
     for title, lines, headers in sections:
         print(f"\n### {title}\n")

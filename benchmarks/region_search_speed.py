@@ -125,7 +125,9 @@ def main() -> None:
             scan_times.append(time.perf_counter() - t0)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(
-            f"open + preload: {opened:.2f} s; region query (stored window, {args.scans * len(centres)} windows, k=10, weighted): median {np.median(times) * 1000:.1f} ms, max {np.max(times) * 1000:.1f} ms; scan query (flat index): median {np.median(scan_times) * 1000:.2f} ms; peak RSS {rss:.2f} GiB; {len(hits)} hits"
+            f"open + preload: {opened:.2f} s; region query (stored window, {args.scans * len(centres)} windows, k=10, "
+            f"weighted): median {np.median(times) * 1000:.1f} ms, max {np.max(times) * 1000:.1f} ms; scan query (flat "
+            f"index): median {np.median(scan_times) * 1000:.2f} ms; peak RSS {rss:.2f} GiB; {len(hits)} hits"
         )
 
 

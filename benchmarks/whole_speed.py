@@ -52,7 +52,8 @@ def wait_for_memory(min_gb: float, timeout_s: float = 3600) -> None:
     while available_gb() < min_gb:
         if time.monotonic() - start > timeout_s:
             raise SystemExit(
-                f"error: memory: {available_gb():.1f} GB available, the reference needs {min_gb} GB (run when the machine is quieter)"
+                f"error: memory: {available_gb():.1f} GB available, the reference needs {min_gb} GB (run when the "
+                "machine is quieter)"
             )
         print(f"  waiting: {available_gb():.1f} GB available, need {min_gb} GB", file=sys.stderr, flush=True)
         time.sleep(30)
@@ -115,7 +116,8 @@ def main() -> None:
             for precision in args.precisions:
                 ours = run_worker("ours", scan, weights, precision)
                 print(
-                    f"  {name}: ctfm {precision} {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s CPU ({load()})",
+                    f"  {name}: ctfm {precision} {ours['seconds']:.1f} s wall, {ours['cpu_seconds']:.1f} s CPU "
+                    f"({load()})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -133,7 +135,8 @@ def main() -> None:
     print(f"load after: {load()}\n")
     print("Seconds are wall (CPU) seconds from file to vector; ratios are reference / ctfm (wall, CPU).\n")
     print(
-        "| scan | fill of 320³ | conv work | reference s | ctfm fp32 s | ratio fp32 | cosine fp32 | ctfm bf16 s | ratio bf16 | cosine bf16 |"
+        "| scan | fill of 320³ | conv work | reference s | ctfm fp32 s | ratio fp32 | cosine fp32 | ctfm bf16 s | "
+        "ratio bf16 | cosine bf16 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():

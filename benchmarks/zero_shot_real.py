@@ -256,10 +256,13 @@ def print_tables(results: dict, args) -> None:
     import torch
 
     print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; pretraining {results['pretrain_minutes']:.1f} min ({args.steps} steps of {args.batch_size} scans x {args.num_crops} crops), total {results['total_minutes']:.1f} min"
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; pretraining "
+        f"{results['pretrain_minutes']:.1f} min ({args.steps} steps of {args.batch_size} scans x {args.num_crops} "
+        f"crops), total {results['total_minutes']:.1f} min"
     )
     print(
-        f"\norgans in both scans ({len(results['organs'])}): {', '.join(results['organs'])}; crops A {results['crops']['A']}, B {results['crops']['B']}\n"
+        f"\norgans in both scans ({len(results['organs'])}): {', '.join(results['organs'])}; crops A "
+        f"{results['crops']['A']}, B {results['crops']['B']}\n"
     )
     print("| encoder | direction | " + " | ".join(f"P@{k} [95% CI]" for k in KS) + " | chance P@k |")
     print("|---|---|" + "---|" * (len(KS) + 1))
@@ -274,7 +277,8 @@ def print_tables(results: dict, args) -> None:
             )
     if results["search"]:
         print(
-            f"\nsemantic search at {args.search_spacing:g} mm, {int(round(64 / args.search_spacing))}^3 windows, overlap 0.625"
+            f"\nsemantic search at {args.search_spacing:g} mm, {int(round(64 / args.search_spacing))}^3 windows, "
+            "overlap 0.625"
         )
         print("\n| encoder | prediction | pairs | error mm mean [95% CI] | median | inside-label rate |")
         print("|---|---|---|---|---|---|")
@@ -283,15 +287,21 @@ def print_tables(results: dict, args) -> None:
                 s = by_refine[refine]
                 if s.get("pairs"):
                     print(
-                        f"| {name} | {'best window centre' if refine == 'none' else 'weighted refinement'} | {s['pairs']} | {s['error_mm_mean']:.1f} [{s['error_mm_low']:.1f}, {s['error_mm_high']:.1f}] | {s['error_mm_median']:.1f} | {s['inside_label_rate']:.3f} |"
+                        f"| {name} | {'best window centre' if refine == 'none' else 'weighted refinement'} | "
+                        f"{s['pairs']} | {s['error_mm_mean']:.1f} [{s['error_mm_low']:.1f}, {s['error_mm_high']:.1f}] | "
+                        f"{s['error_mm_median']:.1f} | {s['inside_label_rate']:.3f} |"
                     )
     print(
-        "\n| encoder | pairs | pair cosine mean [95% CI] | non-pair cosine mean | separation AUC | rank-1 a->b | rank-1 b->a | ICC(2,1) median |"
+        "\n| encoder | pairs | pair cosine mean [95% CI] | non-pair cosine mean | separation AUC | rank-1 a->b | "
+        "rank-1 b->a | ICC(2,1) median |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, s in results["stability"].items():
         print(
-            f"| {name} | {s['n_pairs']} | {s['pair_cosine']['mean']:.4f} [{s['pair_cosine']['low']:.4f}, {s['pair_cosine']['high']:.4f}] | {s['non_pair_cosine']['mean']:.4f} | {s['separation_auc']:.3f} | {s['rank1_reidentification']['a_to_b']['mean']:.3f} | {s['rank1_reidentification']['b_to_a']['mean']:.3f} | {s['icc_2_1']['median']:.3f} |"
+            f"| {name} | {s['n_pairs']} | {s['pair_cosine']['mean']:.4f} [{s['pair_cosine']['low']:.4f}, "
+            f"{s['pair_cosine']['high']:.4f}] | {s['non_pair_cosine']['mean']:.4f} | {s['separation_auc']:.3f} | "
+            f"{s['rank1_reidentification']['a_to_b']['mean']:.3f} | {s['rank1_reidentification']['b_to_a']['mean']:.3f} "
+            f"| {s['icc_2_1']['median']:.3f} |"
         )
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
 

@@ -44,7 +44,8 @@ def serve(store, host: str = "127.0.0.1", port: int = 8000, on_start=None, **kwa
                 f"--port {port}: {host}:{port} is already in use (choose another port, or --port 0 for a free one)"
             ) from None
         raise OptionError(
-            f"--host {host}: cannot bind {host}:{port} ({exc.strerror or exc}; give an address of this machine, e.g. 127.0.0.1)"
+            f"--host {host}: cannot bind {host}:{port} ({exc.strerror or exc}; give an address of this machine, e.g. "
+            "127.0.0.1)"
         ) from None
     bound_port = sock.getsockname()[1]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{bound_port}"

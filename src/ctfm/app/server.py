@@ -46,11 +46,13 @@ class SearchRequest(BaseModel):
     target: Optional[str] = Field(None, description="search this one scan (store id) instead of the whole store")
     query: Optional[Literal["centred", "stored"]] = Field(
         None,
-        description="centred: embed the window centred on the point (needs the weights); stored: the query scan's stored window nearest the point (no model run); default: the server's",
+        description="centred: embed the window centred on the point (needs the weights); stored: the query scan's "
+        "stored window nearest the point (no model run); default: the server's",
     )
     refine: Optional[Literal["fine", "weighted", "none"]] = Field(
         None,
-        description="how a hit is moved from its best window to a point: fine (pattern search with the encoder), weighted (similarity-weighted centre of the top windows), none; default: the server's",
+        description="how a hit is moved from its best window to a point: fine (pattern search with the encoder), "
+        "weighted (similarity-weighted centre of the top windows), none; default: the server's",
     )
 
 
@@ -131,7 +133,8 @@ def create_app(state) -> FastAPI:
             if int(length) > limit + 2**20:  # the multipart envelope around the file
                 return error(
                     413,
-                    f"upload of {int(length) / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB (upload a smaller file or start the server with a larger --max-upload-mb)",
+                    f"upload of {int(length) / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB (upload "
+                    "a smaller file or start the server with a larger --max-upload-mb)",
                 )
         return await call_next(request)
 

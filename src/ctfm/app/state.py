@@ -425,7 +425,8 @@ class AppState:
 
         if self.encoder is None:
             raise OptionError(
-                "this server was started without the store's weights, so it cannot embed uploads the store's way (restart it with --weights)"
+                "this server was started without the store's weights, so it cannot embed uploads the store's way "
+                "(restart it with --weights)"
             )
 
         path = self.uploads.receive(stream, filename)

@@ -23,7 +23,8 @@ VERBS = {
     "embed": ("ctfm.cli.embed", "embed CT scans (files, folders, DICOM trees, manifests) into a store"),
     "evaluate": (
         "ctfm.cli.evaluate",
-        "zero-shot evaluations (retrieval, semantic search, clustering, concepts, stability, saliency) and segmentation scores",
+        "zero-shot evaluations (retrieval, semantic search, clustering, concepts, stability, saliency) and "
+        "segmentation scores",
     ),
     "finetune": ("ctfm.cli.finetune", "fine-tune a CT-FM model on labelled scans (segmentation, classification)"),
     "index": ("ctfm.cli.index", "build, update and inspect the FAISS index beside a store"),
@@ -149,7 +150,8 @@ def _internal_error(exc: BaseException, debug: bool) -> int:
         traceback.print_exception(exc, file=sys.stderr)
     hint = "" if debug else "; re-run with ctfm --debug ... for the traceback"
     print(
-        f"internal error (a bug in ctfm {__version__}, please report it): {type(exc).__name__}: {one_line(exc, 300)}{hint}",
+        f"internal error (a bug in ctfm {__version__}, please report it): {type(exc).__name__}: "
+        f"{one_line(exc, 300)}{hint}",
         file=sys.stderr,
     )
     return EXIT_FAILED

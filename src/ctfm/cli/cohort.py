@@ -100,7 +100,8 @@ def _idc(args) -> int:
     for key, reason in cohort.skipped.items():
         print(f"  NOT applied: {PAPER_FILTERS[key]}: {reason}")
     print(
-        f"{cohort.n_series} series, {cohort.n_patients} patients, {cohort.n_collections} collections, {format_size_mb(cohort.size_mb)}; manifest: {args.out}"
+        f"{cohort.n_series} series, {cohort.n_patients} patients, {cohort.n_collections} collections, "
+        f"{format_size_mb(cohort.size_mb)}; manifest: {args.out}"
     )
     return 0
 
@@ -110,7 +111,8 @@ def _download(args) -> int:
 
     summary = download_idc(args.manifest, args.dir, progress=not args.no_progress)
     print(
-        f"downloaded {summary.downloaded} series, {summary.already} already had a path, {len(summary.missing)} missing; manifest updated: {args.manifest}"
+        f"downloaded {summary.downloaded} series, {summary.already} already had a path, {len(summary.missing)} missing; "
+        f"manifest updated: {args.manifest}"
     )
     for uid, why in summary.missing[:20]:
         print(f"error: series {uid}: {why}", file=sys.stderr)
@@ -130,7 +132,8 @@ def _scan(args) -> int:
     write_parquet_atomic(summary.table, args.out)
     ok = summary.n_scans - summary.n_errors
     print(
-        f"scanned {summary.n_scans} scan(s): {ok} usable CT, {summary.n_errors} unreadable or unusable (see the 'error' column); {format_size_mb(summary.disk_bytes / 1e6)} on disk; manifest: {args.out}"
+        f"scanned {summary.n_scans} scan(s): {ok} usable CT, {summary.n_errors} unreadable or unusable (see the 'error' "
+        f"column); {format_size_mb(summary.disk_bytes / 1e6)} on disk; manifest: {args.out}"
     )
     return 0
 
@@ -153,7 +156,8 @@ def _cache(args) -> int:
     if summary.not_downloaded:
         left_out.append(f"{summary.not_downloaded} not downloaded (no path; run `ctfm cohort download`)")
     print(
-        f"cached {summary.done} scan(s) ({format_size_mb(summary.bytes_written / 1e6)}), skipped {summary.skipped} already cached, {len(summary.failed)} failed"
+        f"cached {summary.done} scan(s) ({format_size_mb(summary.bytes_written / 1e6)}), skipped {summary.skipped} "
+        f"already cached, {len(summary.failed)} failed"
         + (f"; left out {', '.join(left_out)}" if left_out else "")
         + f"; {summary.seconds:.1f} s; cache: {args.cache_dir}"
     )

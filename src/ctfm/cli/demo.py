@@ -82,7 +82,8 @@ def run(args) -> int:
         else "ok"
     )
     print(
-        f"2/6 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at {' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}"
+        f"2/6 loaded {record.format} {'x'.join(map(str, record.shape))} voxels at "
+        f"{' x '.join(f'{s:.3g}' for s in record.spacing_mm)} mm; checks: {worst}"
     )
     for c in checks:
         if c.status != "ok":
@@ -92,7 +93,8 @@ def run(args) -> int:
     result = ctfm.preprocess(image, spec)
     preprocessed_path = save_nifti(result, out / f"{Path(source).name.split('.')[0]}_{spec.name}.nii.gz")
     print(
-        f"3/6 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> {preprocessed_path}"
+        f"3/6 preprocessed with {spec.name}: {'x'.join(map(str, result.shape[1:]))} voxels ({spec.orientation}) -> "
+        f"{preprocessed_path}"
     )
 
     figure = orthogonal_slices_figure(
@@ -128,7 +130,8 @@ def embed_cohort(out: Path, args) -> None:
         f"5/6 weights: {weights} (ct-fm, random init, seed 0) -- the published CT-FM weights cannot be downloaded here;"
     )
     print(
-        "      with network: ctfm models download project-lighter/ct_fm_feature_extractor, then --weights hf-hub:project-lighter/ct_fm_feature_extractor"
+        "      with network: ctfm models download project-lighter/ct_fm_feature_extractor, then --weights "
+        "hf-hub:project-lighter/ct_fm_feature_extractor"
     )
     scans = []
     for seed in range(args.seed, args.seed + args.cohort):
@@ -147,7 +150,8 @@ def embed_cohort(out: Path, args) -> None:
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     print(
-        f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {precision}) into {out / 'store'}; nearest neighbours by cosine:"
+        f"6/6 embedded {len(records)} synthetic scans ({args.mode}, {precision}) into {out / 'store'}; nearest "
+        "neighbours by cosine:"
     )
     for i, name in enumerate(names):
         j = int(np.argmax(similarity[i]))
@@ -157,7 +161,8 @@ def embed_cohort(out: Path, args) -> None:
     store = open_store(out / "store")
     problems = check_store(store)
     print(
-        f"      store check: {'consistent' if is_consistent(problems) else 'INCONSISTENT'} (preprocessing {records.spec.name}, recorded with each row; `ctfm store info {out / 'store'}` lists its runs)"
+        f"      store check: {'consistent' if is_consistent(problems) else 'INCONSISTENT'} (preprocessing "
+        f"{records.spec.name}, recorded with each row; `ctfm store info {out / 'store'}` lists its runs)"
     )
 
 
@@ -177,6 +182,7 @@ def zero_shot_examples(out: Path, args) -> None:
         )
         scans.append({"image": str(image), "labels": str(labels)})
     print(
-        "zero-shot examples (ctfm evaluate's protocols, small; random weights of a narrow ct-fm encoder, init_filters 8, seed 0: the figures show the machinery, not CT-FM's quality):"
+        "zero-shot examples (ctfm evaluate's protocols, small; random weights of a narrow ct-fm encoder, init_filters "
+        "8, seed 0: the figures show the machinery, not CT-FM's quality):"
     )
     demo_examples(scans, out / "examples", init_model("ct-fm", seed=0, init_filters=8))

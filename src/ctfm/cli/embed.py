@@ -44,7 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--preset",
-        help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for whole, ct-fm-patches for patches); warned when it differs",
+        help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for "
+        "whole, ct-fm-patches for patches); warned when it differs",
     )
     parser.add_argument("--overlap", type=float, default=0.0, help="patch overlap fraction (patches mode)")
     parser.add_argument(

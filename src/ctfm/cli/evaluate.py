@@ -141,7 +141,8 @@ def register_semantic_search(sub) -> None:
     p.add_argument(
         "pairs",
         metavar="SHEET",
-        help="CSV/Parquet with columns image, labels (one row per labelled scan); the first row is the query unless --query",
+        help="CSV/Parquet with columns image, labels (one row per labelled scan); the first row is the query unless "
+        "--query",
     )
     p.add_argument(
         "--label",
@@ -164,7 +165,8 @@ def register_semantic_search(sub) -> None:
     p.add_argument(
         "--refine",
         default="none,weighted",
-        help="predicted points to report, comma-separated: none (best window centre, CT-FM), weighted, fine (default none,weighted)",
+        help="predicted points to report, comma-separated: none (best window centre, CT-FM), weighted, fine (default "
+        "none,weighted)",
     )
     p.add_argument(
         "--spacing-mm",

@@ -65,7 +65,8 @@ def run_seg(args) -> int:
             hd = entry.get("hd95")
             nsd = entry.get("nsd")
             print(
-                f"{name:<32} {text:>22} {('n/a' if not hd or hd['estimate'] is None or math.isnan(hd['estimate']) else format(hd['estimate'], '.1f')):>10} {('n/a' if not nsd else format(nsd['estimate'], '.3f')):>7}"
+                f"{name:<32} {text:>22} "
+                f"{('n/a' if not hd or hd['estimate'] is None or math.isnan(hd['estimate']) else format(hd['estimate'], '.1f')):>10} {('n/a' if not nsd else format(nsd['estimate'], '.3f')):>7}"
             )
         macro = summary["macro"].get("dice")
         if macro:
@@ -73,7 +74,8 @@ def run_seg(args) -> int:
         if "compare" in results:
             w = results["compare"]["wilcoxon"]["macro_per_case"]
             print(
-                f"compare: macro Dice per case {w['mean_a']:.3f} vs {w['mean_b']:.3f}, Wilcoxon p = {w['p_value']:.3g} (n = {w['n']})"
+                f"compare: macro Dice per case {w['mean_a']:.3f} vs {w['mean_b']:.3f}, Wilcoxon p = {w['p_value']:.3g} "
+                f"(n = {w['n']})"
             )
         for failure in results["failures"]:
             print(f"failed: {failure['case']}: {failure['error']}")

@@ -67,6 +67,7 @@ def run_seg(args) -> int:
     config = resolve_seg_config(preset, args.config, parse_set(args.sets))
     export = ctfm.finetune_seg(config, resume=not args.no_resume)
     print(
-        f"done: run folder {config.out}; model exported to {export} (use: ctfm predict seg SCANS --model {config.out} -o OUTDIR)"
+        f"done: run folder {config.out}; model exported to {export} (use: ctfm predict seg SCANS --model {config.out} "
+        "-o OUTDIR)"
     )
     return 0

@@ -45,6 +45,7 @@ def run_cls(args) -> int:
     config = resolve_cls_config(preset, args.config, parse_set(args.sets))
     export = ctfm.finetune_cls(config, resume=not args.no_resume)
     print(
-        f"done: run folder {config.out}; classifier exported to {export} (use: ctfm predict cls SCANS --model {config.out} -o preds.csv)"
+        f"done: run folder {config.out}; classifier exported to {export} (use: ctfm predict cls SCANS --model "
+        f"{config.out} -o preds.csv)"
     )
     return 0

@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
     )
     add_run_selection(
         build,
-        run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index status`)",
+        run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index "
+        "status`)",
     )
     build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
     build.add_argument(
@@ -55,7 +56,8 @@ def add_arguments(parser) -> None:
     build.add_argument(
         "--codec",
         default="flat",
-        help="ivf: how lists store vectors: flat (default), sq8 (1 byte per value) or pq<M> (M bytes per vector, e.g. pq64)",
+        help="ivf: how lists store vectors: flat (default), sq8 (1 byte per value) or pq<M> (M bytes per vector, e.g. "
+        "pq64)",
     )
     build.add_argument(
         "--refine",
@@ -117,7 +119,9 @@ def _run(args) -> int:
         else:
             m = index.manifest
             print(
-                f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: {m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; {index.path}"
+                f"built {m['level']}-level {m['params']['kind']} {m['params']['metric']} index of run {m['digest']}: "
+                f"{m['vectors']} vectors of {m['dim']} from {m['scans']} scan(s) in {m['build_seconds']:.2f} s; "
+                f"{index.path}"
             )
         return 0
     if args._subcommand == "update":
@@ -146,5 +150,6 @@ def _print_status(status: dict) -> None:
         print("no index (build one: ctfm index build STORE [--level scan|patch])")
     for i in status["indexes"]:
         print(
-            f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}"
+            f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} "
+            f"scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}"
         )

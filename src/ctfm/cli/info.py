@@ -57,7 +57,9 @@ def _as_text(report: dict) -> str:
         lines += [
             f"  series       {r['series_uid']} '{r['series_description'] or ''}' ({r['n_slices_on_disk']} slices)",
             f"  study        {r['study_uid']}",
-            f"  acquisition  {r['manufacturer'] or '?'}, kernel {r['kernel'] or '?'}, slice thickness {r['slice_thickness_mm']} mm, body part {r['body_part'] or '?'}, contrast {r['contrast'] or 'none recorded'}, tilt {r['gantry_tilt_deg']} deg",
+            f"  acquisition  {r['manufacturer'] or '?'}, kernel {r['kernel'] or '?'}, slice thickness "
+            f"{r['slice_thickness_mm']} mm, body part {r['body_part'] or '?'}, contrast "
+            f"{r['contrast'] or 'none recorded'}, tilt {r['gantry_tilt_deg']} deg",
         ]
         if r["skipped"]:
             lines.append("  skipped      " + ", ".join(f"{n} {k}" for k, n in sorted(r["skipped"].items())))

@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
     p = action(
         "list",
         "list the registered models",
-        "List the registered models: name, parameters, preprocessing preset, hub id.\n\nExample:\n  ctfm models list --json",
+        "List the registered models: name, parameters, preprocessing preset, hub id.\n\nExample:\n  ctfm models list "
+        "--json",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
 
@@ -44,7 +45,8 @@ def add_arguments(parser) -> None:
         "download",
         "download published weights into the Hugging Face cache or a folder (needs network)",
         "Download ORG/NAME[@REV] (hf-hub: optional, or a model name from `ctfm models list`).\n\n"
-        "Examples:\n  ctfm models download project-lighter/ct_fm_feature_extractor\n  ctfm models download ct-fm --out weights/ct-fm",
+        "Examples:\n  ctfm models download project-lighter/ct_fm_feature_extractor\n  ctfm models download ct-fm --out "
+        "weights/ct-fm",
     )
     p.add_argument("repo", help="ORG/NAME, hf-hub:ORG/NAME[@REV] or a registered model name")
     p.add_argument("--out", metavar="DIR", help="write a plain weights folder here instead of the Hugging Face cache")
@@ -85,7 +87,8 @@ def _add_writing_arguments(p) -> None:
     p.add_argument(
         "--labels",
         metavar="MAP",
-        help="class names written with the weights (segmentation models only): totalseg-v2, a JSON file, or liver,spleen (0 is background); sets --out-channels",
+        help="class names written with the weights (segmentation models only): totalseg-v2, a JSON file, or "
+        "liver,spleen (0 is background); sets --out-channels",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing weights folder")
 
@@ -124,7 +127,8 @@ def _list(args) -> int:
     widths = {k: max(len(str(c[k])) for c in cells) for k in ("name", "params", "preprocess", "hub_id")}
     for c in cells:
         print(
-            f"{c['name']:<{widths['name']}}  {c['params']:>{widths['params']}}  {c['preprocess']:<{widths['preprocess']}}  {c['hub_id']:<{widths['hub_id']}}  {c['description']}"
+            f"{c['name']:<{widths['name']}}  {c['params']:>{widths['params']}}  "
+            f"{c['preprocess']:<{widths['preprocess']}}  {c['hub_id']:<{widths['hub_id']}}  {c['description']}"
         )
     return 0
 
@@ -147,7 +151,8 @@ def _convert(args) -> int:
     folder, info = convert_checkpoint(args.checkpoint, args.out, args.model, args.seed, **_writing(args))
     _report(
         folder,
-        f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded into the {info.loaded_into})",
+        f"converted {portable_source(args.checkpoint)} ({info.format}, {len(info.ignored_keys)} keys ignored, loaded "
+        f"into the {info.loaded_into})",
     )
     return 0
 
@@ -167,5 +172,6 @@ def _report(folder, what: str) -> None:
     print(f"{folder}")
     print(f"  {what}")
     print(
-        f"  model {sidecar['model']}, {sidecar['weights']['parameters']:,} parameters, sha256 {sidecar['weights']['sha256']}"
+        f"  model {sidecar['model']}, {sidecar['weights']['parameters']:,} parameters, sha256 "
+        f"{sidecar['weights']['sha256']}"
     )

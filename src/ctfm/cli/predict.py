@@ -38,7 +38,8 @@ def add_seg(sub) -> None:
         "--model",
         required=True,
         metavar="WEIGHTS_OR_RUN",
-        help="a segmentation weights folder, hf-hub:ORG/NAME, a checkpoint, a fine-tuning run folder, or encoder weights with --labels",
+        help="a segmentation weights folder, hf-hub:ORG/NAME, a checkpoint, a fine-tuning run folder, or encoder "
+        "weights with --labels",
     )
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument(

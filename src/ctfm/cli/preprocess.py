@@ -74,6 +74,7 @@ def run(args) -> int:
         spec.save(args.save_spec)
     shape = "x".join(str(s) for s in result.shape[1:])
     print(
-        f"wrote {out} ({spec.name}: {shape} voxels, {spec.orientation}, spacing {list(spec.spacing_mm) if spec.spacing_mm else 'as acquired'} mm)"
+        f"wrote {out} ({spec.name}: {shape} voxels, {spec.orientation}, spacing "
+        f"{list(spec.spacing_mm) if spec.spacing_mm else 'as acquired'} mm)"
     )
     return 0

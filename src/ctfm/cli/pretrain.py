@@ -46,6 +46,7 @@ def run(args) -> int:
     config = resolve_pretrain_config(preset, args.config, parse_set(args.sets))
     export = ctfm.pretrain(config, resume=not args.no_resume)
     print(
-        f"done: run folder {config.out}; encoder exported to {export} (use: ctfm embed SCANS --weights {export} --out STORE)"
+        f"done: run folder {config.out}; encoder exported to {export} (use: ctfm embed SCANS --weights {export} --out "
+        "STORE)"
     )
     return 0

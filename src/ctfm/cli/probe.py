@@ -67,7 +67,8 @@ def add_arguments(parser) -> None:
 
     add_run_selection(
         parser,
-        run_help="the run to probe when a store holds several: its digest or a unique prefix (`ctfm store info` lists them)",
+        run_help="the run to probe when a store holds several: its digest or a unique prefix (`ctfm store info` lists "
+        "them)",
     )
     parser.add_argument(
         "--shots", metavar="LIST", help="few-shot curve: labelled cases per class, e.g. 1,2,5,10,20,all"
@@ -114,12 +115,14 @@ def run(args) -> int:
         return 0
     for join in result["join"]:
         print(
-            f"{join['store']}: {join['matched']} labelled scan(s) joined by {join['key']}; {join['scans_without_label']} scan(s) without a label, {join['labels_without_scan']} label row(s) without a scan"
-            + (f", {join['not_in_every_store']} not in every store" if join.get("not_in_every_store") else "")
+            f"{join['store']}: {join['matched']} labelled scan(s) joined by {join['key']}; "
+            f"{join['scans_without_label']} scan(s) without a label, {join['labels_without_scan']} label row(s) without "
+            "a scan" + (f", {join['not_in_every_store']} not in every store" if join.get("not_in_every_store") else "")
         )
     for entry in result["targets"]:
         print(
-            f"target {entry['target']} ({entry['task']}, {entry['n_labelled']} labelled, {entry['n_missing']} missing, {entry['folds']} fold(s)):"
+            f"target {entry['target']} ({entry['task']}, {entry['n_labelled']} labelled, {entry['n_missing']} missing, "
+            f"{entry['folds']} fold(s)):"
         )
         names = (
             ("auroc", "average_precision", "balanced_accuracy", "f1", "sensitivity", "specificity")
@@ -138,7 +141,8 @@ def run(args) -> int:
         for comparison in entry["comparisons"]:
             first = comparison.get("delong_auroc") or next(iter(comparison["paired_bootstrap"].values()))
             print(
-                f"  {comparison['a']} - {comparison['b']}: {first['difference']:+.3f} [{first['low']:+.3f}, {first['high']:+.3f}], p={first['p_value']:.3g} ({first['method']})"
+                f"  {comparison['a']} - {comparison['b']}: {first['difference']:+.3f} [{first['low']:+.3f}, "
+                f"{first['high']:+.3f}], p={first['p_value']:.3g} ({first['method']})"
             )
     if args.out:
         print(f"wrote {args.out}/results.json, predictions.csv, report.html ({result['seconds']:.1f} s)")

@@ -51,25 +51,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     parser.add_argument(
         "--weights",
-        help="the store's weights (checked by sha256): needed for files outside the store, centred query windows and fine refinement",
+        help="the store's weights (checked by sha256): needed for files outside the store, centred query windows and "
+        "fine refinement",
     )
     from ctfm.cli.selection import add_run_selection
 
     add_run_selection(
         parser,
-        run_help="the run to search when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)",
+        run_help="the run to search when the store holds several: its digest or a unique prefix (`ctfm store info` "
+        "lists them)",
     )
     parser.add_argument(
         "--query-from",
         default="auto",
         choices=["auto", "centred", "stored"],
-        help="region query window: centred on the point (needs --weights) or the stored window nearest it; auto: centred with --weights",
+        help="region query window: centred on the point (needs --weights) or the stored window nearest it; auto: "
+        "centred with --weights",
     )
     parser.add_argument(
         "--refine",
         default="auto",
         choices=["auto", "fine", "weighted", "none"],
-        help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the top windows), none (best window centre); auto: fine for --target with --weights, else weighted",
+        help="hit location: fine (search with the encoder, to a voxel), weighted (similarity-weighted centre of the "
+        "top windows), none (best window centre); auto: fine for --target with --weights, else weighted",
     )
     parser.add_argument("--include-self", action="store_true", help="let the query scan itself be a hit")
     parser.add_argument(
@@ -89,7 +93,8 @@ def parse_point(text: str):
         values = []
     if not sep or not scan or len(values) != 3:
         raise OptionError(
-            f"--point {text!r}: expected PATH_OR_ID:x,y,z with three numbers in world mm (RAS), e.g. scan.nii.gz:12.5,-30,104"
+            f"--point {text!r}: expected PATH_OR_ID:x,y,z with three numbers in world mm (RAS), e.g. "
+            "scan.nii.gz:12.5,-30,104"
         )
     return scan, values
 
@@ -141,7 +146,8 @@ def run(args) -> int:
         hits,
         args.json,
         lambda h: (
-            f"{h.rank:3d}  {h.score:+.4f}  ({', '.join(f'{v:.1f}' for v in h.point_mm)}) mm  {h.scan_id}  {h.source_path}"
+            f"{h.rank:3d}  {h.score:+.4f}  ({', '.join(f'{v:.1f}' for v in h.point_mm)}) mm  {h.scan_id}  "
+            f"{h.source_path}"
         ),
     )
     return 0

@@ -22,31 +22,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
     parser.add_argument(
         "--weights",
-        help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: needed for uploads and centred query windows (a store embedded with ctfm's seeded random init needs none)",
+        help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: "
+        "needed for uploads and centred query windows (a store embedded with ctfm's seeded random init needs none)",
     )
     from ctfm.cli.selection import add_run_selection
 
     add_run_selection(
         parser,
-        run_help="the patch-level run to serve when the store holds several: its digest or a unique prefix (`ctfm store info` lists them)",
+        run_help="the patch-level run to serve when the store holds several: its digest or a unique prefix (`ctfm "
+        "store info` lists them)",
     )
     parser.add_argument(
         "--query",
         default="stored",
         choices=["stored", "centred"],
-        help="default query vector: stored (the query scan's stored window nearest the click; milliseconds) or centred (the window centred on the click, embedded: the reference protocol, about a second or more per click on a CPU); the page can switch",
+        help="default query vector: stored (the query scan's stored window nearest the click; milliseconds) or centred "
+        "(the window centred on the click, embedded: the reference protocol, about a second or more per click on "
+        "a CPU); the page can switch",
     )
     parser.add_argument(
         "--refine",
         default="weighted",
         choices=["weighted", "fine", "none"],
-        help="how hits move from their best window to a point (default weighted: no model run; fine: pattern search with the encoder, slow on a CPU)",
+        help="how hits move from their best window to a point (default weighted: no model run; fine: pattern search "
+        "with the encoder, slow on a CPU)",
     )
     parser.add_argument(
         "--display-cache-gb",
         type=float,
         default=20.0,
-        help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read from their sources when chosen",
+        help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read "
+        "from their sources when chosen",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -72,7 +78,8 @@ def run(args) -> int:
             "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from other machines"
         )
         print(
-            f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {reach}); API at {url}/docs; Ctrl-C stops",
+            f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {reach}); API at "
+            f"{url}/docs; Ctrl-C stops",
             flush=True,
         )
         if state.weights_note:

@@ -70,7 +70,9 @@ def _run(args) -> int:
 
 def _print_summary(summary: dict) -> None:
     print(
-        f"store {summary['store']}: {summary['scans']} scan(s) in {summary['scan_rows']} row(s), {summary['patches']} patch(es), {summary['failures']} failure(s) ({summary['failed_sources']} source(s)), {summary['pending_parts']} pending part file(s), {summary['bytes'] / 1e6:.1f} MB"
+        f"store {summary['store']}: {summary['scans']} scan(s) in {summary['scan_rows']} row(s), {summary['patches']} "
+        f"patch(es), {summary['failures']} failure(s) ({summary['failed_sources']} source(s)), "
+        f"{summary['pending_parts']} pending part file(s), {summary['bytes'] / 1e6:.1f} MB"
     )
     if not summary["runs"]:
         print("no runs")

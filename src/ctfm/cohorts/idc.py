@@ -76,9 +76,12 @@ _EXTRA_INDICES = {
 }
 # The paper's query reads every instance; the fetchable indices summarise a series.
 _INDEX_NOTES = {
-    "slice_thickness": "from ct_index, whose SliceThickness is one representative instance per series (ANY_VALUE), not the min/max over all instances of the paper's query",
-    "localizer": "from ct_index, whose ImageType is one representative instance per series (ANY_VALUE), not every instance as in the paper's query",
-    "unique_positions": "from volume_geometry_index.unique_slice_positions (distinct positions along the slice normal), the equivalent of instances / distinct ImagePositionPatient = 1",
+    "slice_thickness": "from ct_index, whose SliceThickness is one representative instance per series (ANY_VALUE), not "
+    "the min/max over all instances of the paper's query",
+    "localizer": "from ct_index, whose ImageType is one representative instance per series (ANY_VALUE), not every "
+    "instance as in the paper's query",
+    "unique_positions": "from volume_geometry_index.unique_slice_positions (distinct positions along the slice "
+    "normal), the equivalent of instances / distinct ImagePositionPatient = 1",
 }
 
 
@@ -301,7 +304,8 @@ def _extra_index(client, name: str, columns: list[str], fetch: bool):
     if not installed and not fetch:
         return (
             None,
-            f"needs idc-index's {name}, which is not bundled with the package and not installed locally (--fetch-indices downloads it; that needs network access)",
+            f"needs idc-index's {name}, which is not bundled with the package and not installed locally "
+            "(--fetch-indices downloads it; that needs network access)",
         )
     try:
         client.fetch_index(name)  # loads from disk when installed, downloads otherwise

@@ -39,7 +39,8 @@ def build_encoder(model: str, weights: str | None, seed: int):
     if weights is not None:
         return create_model(model, weights=weights)
     warnings.warn(
-        f"no weights given: {model} with random weights (seed {seed}), for testing only; give weights (e.g. hf-hub:project-lighter/ct_fm_feature_extractor) for CT-FM",
+        f"no weights given: {model} with random weights (seed {seed}), for testing only; give weights (e.g. "
+        "hf-hub:project-lighter/ct_fm_feature_extractor) for CT-FM",
         RandomWeightsWarning,
         stacklevel=3,
     )

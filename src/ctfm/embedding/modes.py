@@ -66,7 +66,8 @@ class DenseFeatures:
         idx = np.round(ijk).astype(int)
         if np.any(idx < 0) or np.any(idx >= np.asarray(self.features.shape[1:])):
             raise OptionError(
-                f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid {list(self.features.shape[1:])})"
+                f"point {list(point_mm)} mm lies outside the feature volume (feature voxel {idx.tolist()}, grid "
+                f"{list(self.features.shape[1:])})"
             )
         return self.features[:, idx[0], idx[1], idx[2]]
 
@@ -123,7 +124,8 @@ def resolve_precision(precision: str, device: str) -> str:
         import warnings
 
         warnings.warn(
-            f"bf16 has no native support on this {torch.device(device).type} (it is emulated and runs far slower than fp32); use --precision fp32 or auto",
+            f"bf16 has no native support on this {torch.device(device).type} (it is emulated and runs far slower than "
+            "fp32); use --precision fp32 or auto",
             SlowPrecisionWarning,
             stacklevel=3,
         )

@@ -79,7 +79,8 @@ class SegData:
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise OptionError(
-                f"classes {unknown} are not in the class map of {self.where} ({len(by_name)} classes, e.g. {', '.join(list(by_name)[:5])})"
+                f"classes {unknown} are not in the class map of {self.where} ({len(by_name)} classes, e.g. "
+                f"{', '.join(list(by_name)[:5])})"
             )
         if len(set(names)) != len(names):
             raise OptionError(f"classes {names}: each class once")
@@ -110,7 +111,8 @@ def open_seg_data(
     path = Path(data)
     if not str(data):
         raise OptionError(
-            "data is empty: give a manifest (CSV/Parquet with image, label[, split]), a TotalSegmentator folder or an MSD task folder (--set data=PATH)"
+            "data is empty: give a manifest (CSV/Parquet with image, label[, split]), a TotalSegmentator folder or an "
+            "MSD task folder (--set data=PATH)"
         )
     if path.is_dir() and (path / "meta.csv").is_file():
         cases, kind = totalseg_cases(path, split_column), "totalseg"
@@ -125,7 +127,8 @@ def open_seg_data(
     elif path.exists():
         raise CTInputError(
             path,
-            "is neither a manifest (.csv/.tsv/.parquet/.xlsx) nor a folder with meta.csv (TotalSegmentator) or dataset.json (MSD)",
+            "is neither a manifest (.csv/.tsv/.parquet/.xlsx) nor a folder with meta.csv (TotalSegmentator) or "
+            "dataset.json (MSD)",
             "give one of those",
         )
     else:
@@ -367,7 +370,8 @@ def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, s
                 raise CTInputError(
                     path,
                     "the label file names no classes, and no class map was given",
-                    'give --set class_map=FILE.json ({"0": "background", "1": "liver", ...}) or a built-in map such as totalseg-v2',
+                    'give --set class_map=FILE.json ({"0": "background", "1": "liver", ...}) or a built-in map such as '
+                    "totalseg-v2",
                 )
             return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}
     raise CTInputError(manifest, "no case has a label", "add label paths")

@@ -163,7 +163,8 @@ def training_spec(config: SegConfig):
     patch_mm = tuple(float(p) * (s if spacing else 1.0) for p, s in zip(config.patch_size, spacing or (1.0, 1.0, 1.0)))
     return PreprocessSpec(
         name="ct-fm-seg" if spacing is None else f"ct-fm-seg-{'x'.join(f'{v:g}' for v in spacing)}mm",
-        description="CT-FM segmentation fine-tuning volume: SPL, HU [-1024, 2048] -> [0, 1], foreground (HU > -1024) crop + margin, pad to the patch",
+        description="CT-FM segmentation fine-tuning volume: SPL, HU [-1024, 2048] -> [0, 1], foreground (HU > -1024) "
+        "crop + margin, pad to the patch",
         orientation=config.orientation,
         spacing_mm=spacing,
         foreground_crop=ForegroundCrop(threshold_hu=-1024.0, margin_voxels=int(config.foreground_margin)),

@@ -151,7 +151,8 @@ def _refuse_unplaced(index: DicomFolderIndex, series: DicomSeries, folder: Path)
     if files:
         raise CTInputError(
             folder,
-            f"{len(files.files)} image file(s) of series {series.uid} have no ImagePositionPatient/ImageOrientationPatient (e.g. {files.files[0].name}): their slices cannot be placed",
+            f"{len(files.files)} image file(s) of series {series.uid} have no "
+            f"ImagePositionPatient/ImageOrientationPatient (e.g. {files.files[0].name}): their slices cannot be placed",
             "re-export the series with its slice positions; ctfm never guesses one",
         )
 
@@ -261,7 +262,8 @@ def series_geometry(series: DicomSeries, folder: Path) -> SeriesGeometry:
         raise CTInputError(
             folder,
             f"{duplicates} duplicate slice position(s) in series {series.uid}",
-            "the folder mixes acquisitions or copies of slices; keep one file per position or choose a series with --series",
+            "the folder mixes acquisitions or copies of slices; keep one file per position or choose a series with "
+            "--series",
         )
 
     rel = positions - positions[0]
@@ -298,21 +300,24 @@ def _orientation(header, series: DicomSeries, folder: Path) -> tuple[np.ndarray,
     if iop is None or not np.all(np.isfinite(iop)):
         raise CTInputError(
             folder,
-            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} is not six finite numbers",
+            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} is not six finite "
+            "numbers",
             fix,
         )
     lengths = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
     if min(lengths) < 1e-6:
         raise CTInputError(
             folder,
-            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} has a zero direction",
+            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid} has a zero "
+            "direction",
             fix,
         )
     row_dir, col_dir = iop[:3] / lengths[0], iop[3:] / lengths[1]
     if abs(float(row_dir @ col_dir)) > 0.01:
         raise CTInputError(
             folder,
-            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid}: row and column directions are not perpendicular",
+            f"ImageOrientationPatient {_shown(header.ImageOrientationPatient)} of series {series.uid}: row and column "
+            "directions are not perpendicular",
             fix,
         )
     return row_dir, col_dir
@@ -329,7 +334,8 @@ def _pixel_spacing(series: DicomSeries, folder: Path) -> tuple[float, float]:
         if values is None or not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise CTInputError(
                 folder,
-                f"PixelSpacing {_shown(header.PixelSpacing)} of series {series.uid} ({path.name}) is not two positive numbers",
+                f"PixelSpacing {_shown(header.PixelSpacing)} of series {series.uid} ({path.name}) is not two positive "
+                "numbers",
                 fix,
             )
         seen.add(tuple(np.round(values, 6)))
@@ -352,7 +358,8 @@ def _positions(series: DicomSeries, folder: Path) -> np.ndarray:
         if values is None or not np.all(np.isfinite(values)):
             raise CTInputError(
                 folder,
-                f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is not three finite numbers",
+                f"ImagePositionPatient {_shown(header.ImagePositionPatient)} of {path.name} (series {series.uid}) is "
+                "not three finite numbers",
                 "re-export the series with its slice positions; ctfm never guesses one",
             )
         positions.append(values)
@@ -544,7 +551,8 @@ def spacing_source(series: DicomSeries, geometry: SeriesGeometry, slice_spacing:
     thickness, between = _number(first, "SliceThickness"), _number(first, "SpacingBetweenSlices")
     how = "finest recurring gap" if resampled else "gap"
     return (
-        f"PixelSpacing {geometry.row_spacing:g}\\{geometry.col_spacing:g} mm; slice spacing {slice_spacing:.4g} mm derived from ImagePositionPatient "
+        f"PixelSpacing {geometry.row_spacing:g}\\{geometry.col_spacing:g} mm; slice spacing {slice_spacing:.4g} mm "
+        "derived from ImagePositionPatient "
         f"({how} along the slice normal; SliceThickness {f'{thickness:g}' if thickness is not None else 'absent'}, "
         f"SpacingBetweenSlices {f'{between:g}' if between is not None else 'absent'})"
     )

@@ -139,7 +139,8 @@ def check_label_values(values: np.ndarray, class_map: dict[int, str], path) -> N
         shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
         raise CTInputError(
             path,
-            f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, {len(class_map) - 1} classes)",
+            f"label values {shown} are not in the class map (values {min(class_map)}..{max(class_map)}, "
+            f"{len(class_map) - 1} classes)",
             "give the class map these labels were made with (--set class_map=...), or fix the label map",
         )
 
@@ -163,8 +164,10 @@ def require_same_grid(label_path: Path, image) -> None:
         grid_spacing = np.sqrt((grid[:3, :3] ** 2).sum(axis=0))
         raise CTInputError(
             label_path,
-            f"label map on another grid than its image (labels {'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm, "
-            f"image {'x'.join(map(str, grid_shape))} of {'x'.join(f'{v:.3g}' for v in grid_spacing)} mm{', origins differ' if shape == grid_shape else ''})",
+            f"label map on another grid than its image (labels {'x'.join(map(str, shape))} voxels of "
+            f"{'x'.join(f'{v:.3g}' for v in spacing)} mm, "
+            f"image {'x'.join(map(str, grid_shape))} of {'x'.join(f'{v:.3g}' for v in grid_spacing)} "
+            f"mm{', origins differ' if shape == grid_shape else ''})",
             "give the label map made on this scan, or resample it onto the scan's grid first",
         )
 
@@ -295,7 +298,8 @@ def _image_grid(image) -> tuple[np.ndarray, tuple[int, int, int]]:
     """RAS affine (4x4 float64) and (X, Y, Z) of a [1, X, Y, Z] image."""
     if getattr(image, "affine", None) is None or getattr(image, "ndim", 0) != 4 or image.shape[0] != 1:
         raise ValueError(
-            f"image must be a MetaTensor of shape [1, X, Y, Z] with an affine, got {type(image).__name__} of shape {tuple(getattr(image, 'shape', ()))}"
+            f"image must be a MetaTensor of shape [1, X, Y, Z] with an affine, got {type(image).__name__} of shape "
+            f"{tuple(getattr(image, 'shape', ()))}"
         )
     affine = image.affine
     affine = np.asarray(affine.detach().cpu().numpy() if hasattr(affine, "detach") else affine, dtype=np.float64)

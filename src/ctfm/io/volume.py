@@ -266,7 +266,8 @@ def _check_nifti_geometry(raw, path: Path) -> tuple[str, list[tuple[str, str]]]:
         return "NIfTI qform (pixdim)", []
     notes = [
         (
-            "NIfTI header has no qform or sform (both codes 0): orientation and origin are not recorded, read as nibabel's default (LAS, centred)",
+            "NIfTI header has no qform or sform (both codes 0): orientation and origin are not recorded, read as "
+            "nibabel's default (LAS, centred)",
             "re-export the scan with its orientation, e.g. from the DICOM with dcm2niix",
         )
     ]
@@ -286,7 +287,8 @@ def _qform_disagreement(raw, fixed) -> list[tuple[str, str]]:
     except Exception:
         return [
             (
-                "NIfTI qform is invalid; read with the sform (as nibabel and MONAI do), tools that prefer the qform will fail or differ",
+                "NIfTI qform is invalid; read with the sform (as nibabel and MONAI do), tools that prefer the qform "
+                "will fail or differ",
                 "re-save the file with the qform set from the sform, e.g. nibabel img.set_qform(img.get_sform())",
             )
         ]
@@ -298,7 +300,8 @@ def _qform_disagreement(raw, fixed) -> list[tuple[str, str]]:
     if not np.isfinite(shift) or shift > 0.5 * voxel:
         return [
             (
-                f"NIfTI qform and sform disagree (by up to {shift:.3g} mm); read with the sform as nibabel and MONAI do, tools that prefer the qform see another geometry",
+                f"NIfTI qform and sform disagree (by up to {shift:.3g} mm); read with the sform as nibabel and MONAI "
+                "do, tools that prefer the qform see another geometry",
                 "re-save the file with one geometry, e.g. nibabel img.set_qform(img.get_sform())",
             )
         ]
@@ -362,12 +365,14 @@ def _check_nrrd_header(path: Path) -> tuple[str, list[tuple[str, str]]]:
             if not np.isfinite(value) or value <= 0:
                 raise CTInputError(
                     path,
-                    f"NRRD spacing of axis {axis} is {value:g}: {'not finite' if not np.isfinite(value) else 'zero' if value == 0 else 'negative'}",
+                    f"NRRD spacing of axis {axis} is {value:g}: "
+                    f"{'not finite' if not np.isfinite(value) else 'zero' if value == 0 else 'negative'}",
                     fix,
                 )
         notes = [
             (
-                "NRRD header gives spacings but no space directions: orientation and origin are not recorded, read as ITK's default (axes along LPS, origin 0)",
+                "NRRD header gives spacings but no space directions: orientation and origin are not recorded, read as "
+                "ITK's default (axes along LPS, origin 0)",
                 "re-export the scan with 'space', 'space directions' and 'space origin'",
             )
         ]

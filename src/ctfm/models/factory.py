@@ -160,7 +160,8 @@ def build_sidecar(
             "feature_map": "last",
             "dim": int(arch["init_filters"]) * 2 ** (len(arch["blocks_down"]) - 1),
             "stride": 2 ** (len(arch["blocks_down"]) - 1),
-            "description": "adaptive_avg_pool3d(encoder(x)[-1], 1).flatten(1): the global average of the last feature map",
+            "description": "adaptive_avg_pool3d(encoder(x)[-1], 1).flatten(1): the global average of the last feature "
+            "map",
         },
         "weights": {"file": WEIGHTS_NAME, "sha256": sha256, "parameters": sum(p.numel() for p in model.parameters())},
         "provenance": {**provenance, "ctfm_version": __version__},
@@ -186,7 +187,8 @@ def save_pretrained(
     _weights.target_of(model)
     if isinstance(entry.builder, type) and not isinstance(model, entry.builder):
         raise OptionError(
-            f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model was created with"
+            f"model is a {type(model).__name__} but {name!r} builds a {entry.builder.__name__}; pass the name the model "
+            "was created with"
         )
     return _weights.write_weights_folder(
         model,

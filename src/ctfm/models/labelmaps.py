@@ -183,7 +183,8 @@ def resolve_labels(spec) -> dict[int, str]:
         raise CTInputError(text, "no such class map file", "check the path")
     if not names:
         raise OptionError(
-            f"labels {text!r}: give a built-in map ({', '.join(list_label_maps())}), a JSON file or class names like liver,spleen"
+            f"labels {text!r}: give a built-in map ({', '.join(list_label_maps())}), a JSON file or class names like "
+            "liver,spleen"
         )
     if names[0] == BACKGROUND:
         names = names[1:]
@@ -209,7 +210,8 @@ def select_classes(labels: dict[int, str], names) -> list[int]:
     if unknown:
         sample = ", ".join(list(by_name)[1:6])
         raise OptionError(
-            f"--classes: unknown class name(s) {', '.join(unknown)}; the model's classes are {sample}, ... (see its labels.json)"
+            f"--classes: unknown class name(s) {', '.join(unknown)}; the model's classes are {sample}, ... (see its "
+            "labels.json)"
         )
     return [by_name[n] for n in names]
 

@@ -77,7 +77,8 @@ def preprocessing_for(
     chosen = preset if isinstance(preset, PreprocessSpec) else get_preset(preset)
     if chosen.content_hash() != expected.content_hash():
         warnings.warn(
-            f"preset {chosen.name} overrides the preprocessing these weights expect for {mode} mode ({expected.name}); embeddings will differ from the weights' own recipe",
+            f"preset {chosen.name} overrides the preprocessing these weights expect for {mode} mode ({expected.name}); "
+            "embeddings will differ from the weights' own recipe",
             PreprocessOverrideWarning,
             stacklevel=2,
         )

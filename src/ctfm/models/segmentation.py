@@ -126,7 +126,8 @@ def load_segmentation_model(
     given = resolve_labels(labels) if labels is not None else None
     if out_channels is not None and given is not None and out_channels != len(given):
         raise OptionError(
-            f"--out-channels {out_channels} disagrees with the class map ({len(given)} classes including background); give one of them"
+            f"--out-channels {out_channels} disagrees with the class map ({len(given)} classes including background); "
+            "give one of them"
         )
     wanted = len(given) if given is not None else out_channels
     kind, labels_source = "random", "given"
@@ -230,7 +231,8 @@ def save_segmentation_model(
     names = resolve_labels(labels)
     if len(names) != int(model.out_channels):
         raise OptionError(
-            f"the model has {model.out_channels} output channels but the class map has {len(names)} classes (background included)"
+            f"the model has {model.out_channels} output channels but the class map has {len(names)} classes (background "
+            "included)"
         )
     extra = {"labels": labels_to_json(names), "inference": {**DEFAULT_INFERENCE, **(inference or {})}}
     return save_pretrained(

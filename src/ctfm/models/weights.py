@@ -151,7 +151,8 @@ def parse_hub_id(text: str) -> tuple[str, str | None]:
         raise CTInputError(
             text,
             "is not a Hugging Face model id",
-            f"write {HUB_PREFIX}ORG/NAME or {HUB_PREFIX}ORG/NAME@REVISION, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor",
+            f"write {HUB_PREFIX}ORG/NAME or {HUB_PREFIX}ORG/NAME@REVISION, e.g. "
+            f"{HUB_PREFIX}project-lighter/ct_fm_feature_extractor",
         )
     return repo_id, (revision or None)
 
@@ -248,7 +249,8 @@ def _check_arch(config: dict, model: nn.Module, config_path: Path) -> None:
         example = f"e.g. create_model(NAME, {', '.join(suggested)}), " if suggested else ""
         raise CTInputError(
             config_path,
-            f"describes another architecture than the model: weights {json.dumps(config, sort_keys=True)}, model {json.dumps(arch, sort_keys=True)} (differs: {'; '.join(differing)})",
+            f"describes another architecture than the model: weights {json.dumps(config, sort_keys=True)}, model "
+            f"{json.dumps(arch, sort_keys=True)} (differs: {'; '.join(differing)})",
             f"build the model with the folder's arguments, {example}or choose weights made for this architecture",
         )
 
@@ -277,7 +279,8 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
         raise CTInputError(
             source,
             f"unknown weights source scheme {scheme.group(1)!r}",
-            f"the only scheme is {HUB_PREFIX}, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor; URLs are not fetched directly",
+            f"the only scheme is {HUB_PREFIX}, e.g. {HUB_PREFIX}project-lighter/ct_fm_feature_extractor; URLs are not "
+            "fetched directly",
         )
     if _HUB_ID.match(source.partition("@")[0]):
         raise CTInputError(
@@ -332,7 +335,8 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
         raise CTInputError(
             source,
             f"is not in the Hugging Face cache ({cache_dir}) and HF_HUB_OFFLINE is set",
-            f"run `ctfm models download {spelled}` on a machine with network access (downloading needs network), or pass a local weights folder",
+            f"run `ctfm models download {spelled}` on a machine with network access (downloading needs network), or "
+            "pass a local weights folder",
         )
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=str(cache_dir))
@@ -345,8 +349,10 @@ def _resolve_hub(source: str, repo_id: str, revision: str | None) -> Path:
     except Exception as exc:
         raise CTInputError(
             source,
-            f"is not in the Hugging Face cache ({cache_dir}) and downloading it failed ({one_line(exc, 200, with_type=True)})",
-            f"run `ctfm models download {spelled}` where there is network access (it needs network), or pass a local weights folder",
+            f"is not in the Hugging Face cache ({cache_dir}) and downloading it failed "
+            f"({one_line(exc, 200, with_type=True)})",
+            f"run `ctfm models download {spelled}` where there is network access (it needs network), or pass a local "
+            "weights folder",
         ) from None
     if not (Path(folder) / WEIGHTS_NAME).is_file():
         raise CTInputError(
@@ -379,7 +385,8 @@ def download_weights(repo: str, out: str | os.PathLike | None = None) -> Path:
         raise CTInputError(
             repo,
             "cannot be downloaded: HF_HUB_OFFLINE is set",
-            "downloading needs network access: unset HF_HUB_OFFLINE (or set it to 0) on a machine that can reach huggingface.co",
+            "downloading needs network access: unset HF_HUB_OFFLINE (or set it to 0) on a machine that can reach "
+            "huggingface.co",
         )
     try:
         folder = snapshot_download(
@@ -433,7 +440,8 @@ def read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CTInputError(
             path,
             f"holds Python objects that safe loading (weights_only=True) refuses ({one_line(exc, 200)})",
-            "if you trust the file, re-save only its tensors: torch.save(torch.load(PATH, weights_only=False)['state_dict'], 'state.pt'), then load state.pt",
+            "if you trust the file, re-save only its tensors: torch.save(torch.load(PATH, "
+            "weights_only=False)['state_dict'], 'state.pt'), then load state.pt",
         ) from None
     except Exception as exc:
         raise CTInputError(
@@ -528,8 +536,10 @@ def _strict_load(model: nn.Module, state_dict: dict[str, torch.Tensor], target: 
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:4])}{more}")
         raise CTInputError(
             where,
-            f"weights do not fit the {type(model).__name__}{' encoder' if loaded_into == 'encoder' else ''} ({'; '.join(parts)})",
-            "use weights made for this architecture, or build the model with the arguments in the weights' config.json (ctfm models list names the models)",
+            f"weights do not fit the {type(model).__name__}{' encoder' if loaded_into == 'encoder' else ''} "
+            f"({'; '.join(parts)})",
+            "use weights made for this architecture, or build the model with the arguments in the weights' config.json "
+            "(ctfm models list names the models)",
         )
     module.load_state_dict(state_dict, strict=True)
     return loaded_into

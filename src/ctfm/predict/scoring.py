@@ -143,7 +143,8 @@ def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
             return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}, "truth file"
         break
     raise OptionError(
-        "no class map: the predictions carry no <name>.labels.json and the truths name no classes; give --labels (totalseg-v2, a JSON file, or liver,spleen)"
+        "no class map: the predictions carry no <name>.labels.json and the truths name no classes; give --labels "
+        "(totalseg-v2, a JSON file, or liver,spleen)"
     )
 
 

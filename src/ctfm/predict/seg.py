@@ -257,7 +257,8 @@ def predict_seg(
     factor = loaded.model.shape_factor() if hasattr(loaded.model, "shape_factor") else None
     if factor is not None and any(r % f for r, f in zip(settings.roi_size, factor)):
         raise OptionError(
-            f"sliding-window roi_size {list(settings.roi_size)} must be divisible by {list(factor)} for this network; fix 'inference.roi_size' in the weights' ctfm.json"
+            f"sliding-window roi_size {list(settings.roi_size)} must be divisible by {list(factor)} for this network; "
+            "fix 'inference.roi_size' in the weights' ctfm.json"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

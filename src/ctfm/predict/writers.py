@@ -182,7 +182,8 @@ def dicom_seg_bytes(labels: np.ndarray, names: dict[int, str], source, provenanc
     if labels.shape[2] != len(datasets) or labels.shape[:2] != (int(datasets[0].Columns), int(datasets[0].Rows)):
         raise CTInputError(
             source.path,
-            "the series was resampled onto a regular grid when loaded (gantry tilt or uneven slices), so its slices do not carry the label frames",
+            "the series was resampled onto a regular grid when loaded (gantry tilt or uneven slices), so its slices do "
+            "not carry the label frames",
             "use --format nifti for this series",
         )
     values = [k for k in sorted(names) if k != 0]

@@ -179,7 +179,8 @@ PRESETS: dict[str, PreprocessSpec] = {
     ),
     "ct-fm-1mm-320": PreprocessSpec(
         name="ct-fm-1mm-320",
-        description="CT-FM whole-scan embedding of extract_feat_LP.py: 1 mm, no crop, pad/crop to 320^3 (docs/recipe.md)",
+        description="CT-FM whole-scan embedding of extract_feat_LP.py: 1 mm, no crop, pad/crop to 320^3 "
+        "(docs/recipe.md)",
         spacing_mm=(1.0, 1.0, 1.0),
         foreground_crop=None,
         size_policy="pad_or_crop",
@@ -188,7 +189,8 @@ PRESETS: dict[str, PreprocessSpec] = {
     ),
     "head-ct": PreprocessSpec(
         name="head-ct",
-        description="Head-CT triage (SinoCT/CQ500): crop, 5x2x2 mm, 48x128x128, four windows stacked on axis 0 (docs/recipe.md)",
+        description="Head-CT triage (SinoCT/CQ500): crop, 5x2x2 mm, 48x128x128, four windows stacked on axis 0 "
+        "(docs/recipe.md)",
         spacing_mm=(5.0, 2.0, 2.0),
         foreground_crop=ForegroundCrop(threshold_hu=0.0, before_resampling=True),
         size_policy="pad_then_center_crop",

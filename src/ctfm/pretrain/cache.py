@@ -489,7 +489,8 @@ class VolumeCache:
             if tuple(volume.shape) != tuple(row["shape"]) or volume.dtype.name != row["dtype"]:
                 raise CTInputError(
                     path,
-                    f"cached volume is {volume.dtype.name} {tuple(volume.shape)}, the index says {row['dtype']} {tuple(row['shape'])}",
+                    f"cached volume is {volume.dtype.name} {tuple(volume.shape)}, the index says {row['dtype']} "
+                    f"{tuple(row['shape'])}",
                     "rebuild the cache",
                 )
             if len(self._open) >= self.max_open:

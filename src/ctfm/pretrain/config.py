@@ -126,5 +126,6 @@ def _check_loss(config: PretrainConfig) -> None:
     unknown = sorted(set(config.loss_kwargs) - accepted)
     if unknown:
         raise OptionError(
-            f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes {', '.join(sorted(accepted)) or 'none'}"
+            f"loss_kwargs {unknown}: not arguments of loss {config.loss!r}; it takes "
+            f"{', '.join(sorted(accepted)) or 'none'}"
         )

@@ -48,7 +48,9 @@ def _cache_for(config: PretrainConfig, wait_seconds: float = 24 * 3600):
         cache = VolumeCache(data, spec=spec)
         if len(cache) == 0:
             raise OptionError(
-                f"{data}: the cache holds no volumes preprocessed with {spec.name} ({'x'.join(f'{v:g}' for v in spec.spacing_mm)} mm); build one at that spacing, or set spacing_mm to the cache's"
+                f"{data}: the cache holds no volumes preprocessed with {spec.name} "
+                f"({'x'.join(f'{v:g}' for v in spec.spacing_mm)} mm); build one at that spacing, or set spacing_mm to "
+                "the cache's"
             )
         return cache
     cache_dir = config.cache_dir()

@@ -190,7 +190,8 @@ class MultiCropViews:
     ):
         if num_crops < 2:
             raise OptionError(
-                f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other crops)"
+                f"num_crops {num_crops}: intra-sample contrast needs at least 2 crops (negatives come from the other "
+                "crops)"
             )
         self.num_crops = num_crops
         self.crop_size = tuple(int(c) for c in crop_size)
@@ -202,7 +203,8 @@ class MultiCropViews:
         """Draw the crop positions in a volume of ``shape`` (D, H, W), then both views of each crop."""
         if any(s < c for s, c in zip(shape, self.crop_size)):
             raise OptionError(
-                f"volume {tuple(shape)} is smaller than the crop {self.crop_size}: preprocess with ct-fm-ssl (it pads to the crop size)"
+                f"volume {tuple(shape)} is smaller than the crop {self.crop_size}: preprocess with ct-fm-ssl (it pads "
+                "to the crop size)"
             )
         starts = crop_starts(shape, self.crop_size, self.num_crops, state)
         views = tuple((self.augment.get_params(state), self.augment.get_params(state)) for _ in range(self.num_crops))

@@ -76,7 +76,8 @@ def resolve_scan(scans: dict, text: str, store_root) -> ScanRef:
             return ScanRef(text, matches[0], scans[matches[0]], None)
         if len(matches) > 1:
             raise OptionError(
-                f"scan {text!r}: the prefix matches {len(matches)} scans of {store_root} ({', '.join(matches[:4])} ...); give more digits"
+                f"scan {text!r}: the prefix matches {len(matches)} scans of {store_root} ({', '.join(matches[:4])} "
+                "...); give more digits"
             )
     raise CTInputError(
         text,
@@ -119,7 +120,8 @@ def load_encoder(key: tuple, weights: str | os.PathLike | None = None, encoder=N
     if sha != fields["weights_sha256"]:
         where = weights if weights is not None else "the encoder given"
         raise WeightsMismatchError(
-            f"{where}: weights sha256 {sha[:16]}... are not the store's ({str(fields['weights_sha256'])[:16]}...; give the weights the store was embedded with)"
+            f"{where}: weights sha256 {sha[:16]}... are not the store's ({str(fields['weights_sha256'])[:16]}...; give "
+            "the weights the store was embedded with)"
         )
     return encoder.eval()
 

@@ -195,7 +195,8 @@ class SearchSession:
             self._encoder_checked = True
         if self.encoder is None and required:
             raise OptionError(
-                f"{required} needs the store's weights (model {key[1]}, weights sha256 {str(key[2])[:16]}...): give --weights (weights= in Python)"
+                f"{required} needs the store's weights (model {key[1]}, weights sha256 {str(key[2])[:16]}...): give "
+                "--weights (weights= in Python)"
             )
         return self.encoder if self._encoder_checked else None
 

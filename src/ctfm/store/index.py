@@ -248,7 +248,9 @@ class VectorIndex:
                 f"{name} {mine!r} vs {theirs!r}" for name, mine, theirs in zip(RUN_KEY, self.key, key) if mine != theirs
             ]
             raise MixedKeysError(
-                f"{self.path or 'index'}: {what} was computed differently from the index's vectors ({'; '.join(differing)}) (embed it with the store's model, weights and preset, or build an index of that run with --run)"
+                f"{self.path or 'index'}: {what} was computed differently from the index's vectors "
+                f"({'; '.join(differing)}) (embed it with the store's model, weights and preset, or build an index of "
+                "that run with --run)"
             )
 
     def search(
@@ -455,16 +457,19 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
     manifests = [m for m in list_indexes(store) if m["level"] == level and (run is None or m["digest"].startswith(run))]
     if not manifests:
         raise OptionError(
-            f"{store.root}: no {level}-level index{f' of run {run}' if run else ''} (build one: ctfm index build {store.root} --level {level})"
+            f"{store.root}: no {level}-level index{f' of run {run}' if run else ''} (build one: ctfm index build "
+            f"{store.root} --level {level})"
         )
     if len(manifests) > 1:
         raise OptionError(
-            f"{store.root}: {len(manifests)} {level}-level indexes (runs {', '.join(m['digest'] for m in manifests)}): choose one with --run DIGEST"
+            f"{store.root}: {len(manifests)} {level}-level indexes (runs {', '.join(m['digest'] for m in manifests)}): "
+            "choose one with --run DIGEST"
         )
     manifest = manifests[0]
     if manifest.get("format") != FORMAT_VERSION:
         raise OptionError(
-            f"{manifest_path(store, level, manifest['digest'])}: index format {manifest.get('format')} (this ctfm reads {FORMAT_VERSION}; rebuild it: ctfm index build {store.root} --level {level})"
+            f"{manifest_path(store, level, manifest['digest'])}: index format {manifest.get('format')} (this ctfm reads "
+            f"{FORMAT_VERSION}; rebuild it: ctfm index build {store.root} --level {level})"
         )
     folder = index_dir(store)
     faiss_index = faiss.read_index(str(folder / manifest["faiss_file"]))

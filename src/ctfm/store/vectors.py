@@ -36,7 +36,8 @@ def as_matrix(column, dtype=np.float32) -> np.ndarray:
     values = array.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     if values.size % n:
         raise OptionError(
-            f"vectors of unequal length in one run ({values.size} values over {n} rows); run `ctfm store check` on the store"
+            f"vectors of unequal length in one run ({values.size} values over {n} rows); run `ctfm store check` on the "
+            "store"
         )
     return values.reshape(n, values.size // n)
 

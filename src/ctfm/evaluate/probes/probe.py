@@ -149,7 +149,8 @@ def load_probe_inputs(
         example_label = next(iter(label_index), None)
         raise CTInputError(
             labels_path,
-            f"no label row matches a scan of the store by {key} (store has e.g. {example_store!r}, labels e.g. {example_label!r})",
+            f"no label row matches a scan of the store by {key} (store has e.g. {example_store!r}, labels e.g. "
+            f"{example_label!r})",
             "check --key and the key column's values",
         )
     order = [label_index[k] for k in matched]
@@ -203,7 +204,8 @@ def outer_folds(y, groups=None, cv: int = 5, split=None, seed: int = 0) -> list[
         unknown = sorted(set(split) - TRAIN_VALUES - TEST_VALUES)
         if unknown:
             raise OptionError(
-                f"--split-column: values {unknown} are neither train/val nor test (rename them, or leave them out of the label file)"
+                f"--split-column: values {unknown} are neither train/val nor test (rename them, or leave them out of "
+                "the label file)"
             )
         train, test = (
             np.flatnonzero(np.isin(split, list(TRAIN_VALUES))),
@@ -215,7 +217,8 @@ def outer_folds(y, groups=None, cv: int = 5, split=None, seed: int = 0) -> list[
             shared = set(np.asarray(groups)[train]) & set(np.asarray(groups)[test])
             if shared:
                 raise OptionError(
-                    f"--split-column puts {len(shared)} group(s) on both sides (e.g. {sorted(shared)[0]!r}); fix the split or drop --group-column"
+                    f"--split-column puts {len(shared)} group(s) on both sides (e.g. {sorted(shared)[0]!r}); fix the "
+                    "split or drop --group-column"
                 )
         return [(train, test)]
     counts = np.bincount(y)

@@ -403,7 +403,8 @@ def _write_outputs(out, result: ProbeResult, entries, inputs) -> Path:
             if settings["group_column"]
             else ""
         )
-        + f". Hyperparameters and the binary threshold are chosen by {settings['inner_cv']}-fold inner CV on each training part. 95% percentile bootstrap CIs over {settings['n_resamples']} resamples of the test cases."
+        + f". Hyperparameters and the binary threshold are chosen by {settings['inner_cv']}-fold inner CV on each "
+        f"training part. 95% percentile bootstrap CIs over {settings['n_resamples']} resamples of the test cases."
     )
     for entry in entries:
         page.heading(

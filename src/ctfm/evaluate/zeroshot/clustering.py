@@ -158,7 +158,8 @@ def run_clustering(
         [{"metric": name, "value": value} for name, value in metrics.items() if name not in ("n", "n_labels")], digits=4
     )
     report.paragraph(
-        f"Silhouette under cosine distance (-1..1); leave-one-out {k}-NN accuracy by cosine; adjusted Rand index of k-means with one cluster per label. Paper: {PAPER_NOTE}."
+        f"Silhouette under cosine distance (-1..1); leave-one-out {k}-NN accuracy by cosine; adjusted Rand index of "
+        f"k-means with one cluster per label. Paper: {PAPER_NOTE}."
     )
     for figure in figures:
         report.figure(figure, figure.stem)

@@ -58,7 +58,8 @@ def pca_colours(
     rows = np.concatenate([f.reshape(f.shape[0], -1).T[m.reshape(-1)] for f, m in zip(features, masks)])
     if len(rows) <= n_components:
         raise OptionError(
-            f"only {len(rows)} feature voxels inside the body; concept maps need more than {n_components} (use a larger scan or --zoom)"
+            f"only {len(rows)} feature voxels inside the body; concept maps need more than {n_components} (use a larger "
+            "scan or --zoom)"
         )
     mean, std = rows.mean(axis=0), rows.std(axis=0)
     std[std == 0] = 1.0

@@ -63,7 +63,9 @@ def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: s
     )
     p = retrieval["A->B"]
     say(
-        f"      retrieval: {len(tags_a)} organ crops of {Path(scans[0]['image']).name} query those of {Path(scans[1]['image']).name}: P@1 {p['P@1']['mean']:.2f}, P@5 {p['P@5']['mean']:.2f} (chance {p['chance']:.2f}) -> {paths['report']}"
+        f"      retrieval: {len(tags_a)} organ crops of {Path(scans[0]['image']).name} query those of "
+        f"{Path(scans[1]['image']).name}: P@1 {p['P@1']['mean']:.2f}, P@5 {p['P@5']['mean']:.2f} (chance "
+        f"{p['chance']:.2f}) -> {paths['report']}"
     )
 
     run = semantic_search_cases(
@@ -80,7 +82,8 @@ def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: s
     summary = summarise_label([c["weighted"] for c in run["cases"]])
     report = Report(
         "Demo: semantic search of organ centroids",
-        f"each organ's centroid in {Path(scans[0]['image']).name} searched in {Path(scans[1]['image']).name}; 32^3 windows at 2 mm",
+        f"each organ's centroid in {Path(scans[0]['image']).name} searched in {Path(scans[1]['image']).name}; 32^3 "
+        "windows at 2 mm",
     )
     report.table(
         [
@@ -101,7 +104,9 @@ def demo_examples(scans: list[dict], out, encoder, per_organ: int = 5, device: s
         report,
     )
     say(
-        f"      semantic search: {summary['pairs']} organ centroids, error {summary['error_mm_mean']:.0f} mm mean / {summary['error_mm_median']:.0f} mm median, {summary['inside_label_rate']:.0%} inside the organ -> {paths_search['report']}"
+        f"      semantic search: {summary['pairs']} organ centroids, error {summary['error_mm_mean']:.0f} mm mean / "
+        f"{summary['error_mm_median']:.0f} mm median, {summary['inside_label_rate']:.0%} inside the organ -> "
+        f"{paths_search['report']}"
     )
     return {
         "retrieval": retrieval,

@@ -48,13 +48,15 @@ class StoreVectors:
                 if len(rows) > 1:
                     raise CTInputError(
                         where,
-                        f"scan {key!r} matches {len(rows)} store rows ({', '.join(self.scan_ids[r] for r in rows[:3])}...)",
+                        f"scan {key!r} matches {len(rows)} store rows "
+                        f"({', '.join(self.scan_ids[r] for r in rows[:3])}...)",
                         "name it by scan id or full path",
                     )
                 return rows[0]
         raise CTInputError(
             where,
-            f"scan {key!r} is not in the store {self.store} (computation {self.key.get('mode')}, weights {str(self.key.get('weights_sha256'))[:12]})",
+            f"scan {key!r} is not in the store {self.store} (computation {self.key.get('mode')}, weights "
+            f"{str(self.key.get('weights_sha256'))[:12]})",
             "embed it first with ctfm embed ... --out STORE, or name it by scan id, path or file name",
         )
 

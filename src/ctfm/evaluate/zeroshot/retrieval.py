@@ -400,13 +400,16 @@ def run_organmnist(
     ]
     report = Report(
         "Retrieval: OrganMNIST3D",
-        f"gallery {run['n_gallery']} train volumes, {run['n_queries']} queries ({queries}), L2 distance, AP/HR/F1 at 3, 5, 10",
+        f"gallery {run['n_gallery']} train volumes, {run['n_queries']} queries ({queries}), L2 distance, AP/HR/F1 at 3, "
+        "5, 10",
     )
     report.heading("Results beside the paper's").table(rows, digits=4).figure(
         figure, "this run beside CT-FM's and SuPreM's published figures"
     )
     report.paragraph(
-        "AP@k averages the precision at each hit's rank over the hits in the top k (0 without a hit); HR@k is 1 when any of the top k has the query's organ; F1@k is their harmonic mean per query. Means over queries with 95% bootstrap intervals."
+        "AP@k averages the precision at each hit's rank over the hits in the top k (0 without a hit); HR@k is 1 when "
+        "any of the top k has the query's organ; F1@k is their harmonic mean per query. Means over queries with 95% "
+        "bootstrap intervals."
     )
     results = {
         "evaluation": "retrieval",
@@ -633,7 +636,8 @@ def evaluate_retrieval(
     ``store`` with ``annotations`` and ``relevance`` columns (3D-MIR, :func:`run_mir`)."""
     if bool(organmnist) == bool(store):
         raise OptionError(
-            "retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR protocol)"
+            "retrieval: give either --organmnist NPZ (OrganMNIST3D protocol) or STORE --annotations SHEET (3D-MIR "
+            "protocol)"
         )
     if organmnist:
         return run_organmnist(organmnist, out, weights, model, seed, queries, device, batch_size, limit)

@@ -73,7 +73,8 @@ def search_spec(spacing_mm: float = 1.0, window_voxels: int = 64):
 
     if spacing_mm <= 0 or window_voxels < 16:
         raise OptionError(
-            f"spacing {spacing_mm} mm, window {window_voxels} voxels: expected a positive spacing and a window of at least 16 voxels"
+            f"spacing {spacing_mm} mm, window {window_voxels} voxels: expected a positive spacing and a window of at "
+            "least 16 voxels"
         )
     if (spacing_mm, window_voxels) == (1.0, 64):
         return get_preset("ct-fm-patches").with_(
@@ -101,7 +102,8 @@ def label_value(names: dict[int, str], label: str | int, where=None) -> int:
             return int(value)
     raise CTInputError(
         where,
-        f"no label named {text!r} (known: {', '.join(sorted(str(n) for n in names.values())[:12]) or 'none: the file names no labels'})",
+        f"no label named {text!r} (known: "
+        f"{', '.join(sorted(str(n) for n in names.values())[:12]) or 'none: the file names no labels'})",
         "give a label name from the file or its value",
     )
 
@@ -377,14 +379,16 @@ def run_semantic_search(
     )
     report = Report(
         "Semantic search (label centroids)",
-        f"{len(scans)} labelled scans, {len(pairs)} query-target pairs, labels {', '.join(map(str, labels))}; {window_voxels}^3 windows at {spacing_mm:g} mm, overlap {overlap}, cosine"
+        f"{len(scans)} labelled scans, {len(pairs)} query-target pairs, labels {', '.join(map(str, labels))}; "
+        f"{window_voxels}^3 windows at {spacing_mm:g} mm, overlap {overlap}, cosine"
         + ("" if spec.name == "ct-fm-search-1mm" else " (not CT-FM's 64^3 at 1 mm)"),
     )
     report.heading("Results beside the paper's").table(rows, digits=3).figure(
         figure, "errors in mm; the paper's figures are for the heart over 469 thorax pairs"
     )
     report.paragraph(
-        "The inside-label rate tests the one target voxel at the predicted point; the paper's test is looser (any voxel of a label crop), so its rate is an upper bound on this one."
+        "The inside-label rate tests the one target voxel at the predicted point; the paper's test is looser (any "
+        "voxel of a label crop), so its rate is an upper bound on this one."
     )
     case_rows = [
         {

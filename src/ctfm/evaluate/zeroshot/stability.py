@@ -182,7 +182,8 @@ def run_stability(
             {
                 "figure": "rank-1 re-identification a->b",
                 "value": summary["rank1_reidentification"]["a_to_b"]["mean"],
-                "95% CI": f"[{summary['rank1_reidentification']['a_to_b']['low']:.3f}, {summary['rank1_reidentification']['a_to_b']['high']:.3f}]",
+                "95% CI": f"[{summary['rank1_reidentification']['a_to_b']['low']:.3f}, "
+                f"{summary['rank1_reidentification']['a_to_b']['high']:.3f}]",
             },
             {
                 "figure": "rank-1 re-identification b->a",

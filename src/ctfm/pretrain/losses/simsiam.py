@@ -39,7 +39,8 @@ class SimSiamLoss(nn.Module):
         if p0 is None and p1 is None:
             if isinstance(z0, torch.Tensor) and (z0.ndim < 3 or z0.shape[-2] != 2):
                 raise ValueError(
-                    f"SimSiamLoss got two tensors of shape {tuple(z0.shape)}: pass (z0, z1, p0, p1) as [B, D] tensors, or (z, p) as stacked [..., 2, D] tensors"
+                    f"SimSiamLoss got two tensors of shape {tuple(z0.shape)}: pass (z0, z1, p0, p1) as [B, D] tensors, "
+                    "or (z, p) as stacked [..., 2, D] tensors"
                 )
             (z0, z1), (p0, p1) = split_stacked_views(z0, "z"), split_stacked_views(z1, "p")
         elif p0 is None or p1 is None:
