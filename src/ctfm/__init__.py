@@ -53,7 +53,7 @@ _API = {
     "evaluate_concepts": "ctfm.evaluate.zeroshot.concepts:run_concepts",
     "evaluate_stability": "ctfm.evaluate.zeroshot.stability:run_stability",
     "evaluate_saliency": "ctfm.evaluate.zeroshot.saliency:run_saliency",
-    "evaluate_seg": "ctfm.evaluate.metrics.segmentation:evaluate_segmentation",
+    "evaluate_seg": "ctfm.predict.scoring:evaluate_segmentation",
     "serve": "ctfm.app:serve",
 }
 
