@@ -105,9 +105,9 @@ def test_views_refuse_volumes_smaller_than_the_crop():
 def test_sampler_splits_indices_across_ranks_without_overlap(monkeypatch):
     sampler = EpochIndexSampler(10)
     sampler.set_epoch(3)
-    from ctfm.pretrain import data as pretrain_data  # ctfm.pretrain is the function, the module is ctfm.pretrain.data
+    import ctfm.runs
 
-    monkeypatch.setattr(pretrain_data, "rank_and_world_size", lambda environment=True: (1, 3))
+    monkeypatch.setattr(ctfm.runs, "rank_and_world_size", lambda environment=True: (1, 3))
     assert list(sampler) == [(3, 1), (3, 4), (3, 7)] and len(sampler) == 3
 
 
