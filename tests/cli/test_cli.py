@@ -1,10 +1,8 @@
-"""The `ctfm` command as a user runs it (real processes for the main paths)."""
+"""The `ctfm` command as a user runs it (in process through `ctfm.cli.main`, with its exit code and output)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -18,12 +16,8 @@ from ctfm.io import load_ct
 from ctfm.preprocess import get_preset, preprocess
 
 
-def ctfm(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ctfm", *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def test_demo_writes_its_outputs(tmp_path):
-    result = ctfm("demo", "--out", tmp_path / "demo", "--seed", 2, "--cohort", 3)
+def test_demo_writes_its_outputs(tmp_path, run_cli):
+    result = run_cli("demo", "--out", tmp_path / "demo", "--seed", 2, "--cohort", 3)
     assert result.returncode == 0, result.stderr
     assert "not real data" in result.stdout
     # The cohort: a random ct-fm weights folder, a store with three scans, a neighbour for each.
@@ -44,9 +38,9 @@ def test_demo_writes_its_outputs(tmp_path):
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("scan", ["head_tilt_dicom/dicom", "abdomen_dicom/dicom"])
-def test_info_json_schema_on_real_dicom(scan):
+def test_info_json_schema_on_real_dicom(scan, run_cli):
     path = data_path(scan)
-    result = ctfm("info", path, "--json")
+    result = run_cli("info", path, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"path", "format", "shape", "spacing_mm", "orientation", "hu", "record", "checks", "usable"}
@@ -67,17 +61,17 @@ def test_info_json_schema_on_real_dicom(scan):
 
 
 @pytest.mark.realdata
-def test_info_text_on_nrrd():
-    result = ctfm("info", data_path("lung_tumour_nrrd/lung1_image.nrrd"))
+def test_info_text_on_nrrd(run_cli):
+    result = run_cli("info", data_path("lung_tumour_nrrd/lung1_image.nrrd"))
     assert result.returncode == 0, result.stderr
     assert "format       nrrd" in result.stdout and "usable       yes" in result.stdout
 
 
 @pytest.mark.realdata
-def test_preprocess_writes_the_preset_result_with_its_affine(tmp_path):
+def test_preprocess_writes_the_preset_result_with_its_affine(tmp_path, run_cli):
     source = data_path("sarcoma_ct/STS_025/CT_image.nii.gz")
     out = tmp_path / "sub" / "out.nii.gz"
-    result = ctfm("preprocess", source, "--preset", "ct-fm-patches", "-o", out, "--save-spec", tmp_path / "spec.json")
+    result = run_cli("preprocess", source, "--preset", "ct-fm-patches", "-o", out, "--save-spec", tmp_path / "spec.json")
     assert result.returncode == 0, result.stderr
     expected = preprocess(load_ct(source)[0], get_preset("ct-fm-patches"))
     written = nib.load(str(out))

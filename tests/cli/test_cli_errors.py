@@ -3,30 +3,23 @@ exit 1 (the traceback with --debug); `ctfm embed` and `ctfm.embed` share their d
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import ctfm
+import ctfm.cli.info
 from ctfm.errors import CTInputError, MissingDependencyError, OptionError, UserError
 from ctfm.synth import make_phantom, write_phantom
 
-# A verb whose implementation raises: a stand-in for a bug, run in a real process.
-BUGGY_VERB = """
-import sys
-import ctfm.cli.info as verb
-def broken(args):
-    {{}}["missing key"]
-verb.run = broken
-from ctfm.cli import main
-sys.exit(main({argv!r}))
-"""
 
+@pytest.fixture
+def buggy_info(monkeypatch):
+    """`ctfm info` with an implementation that raises: a stand-in for a bug."""
 
-def run_python(code: str):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    def broken(args):
+        {}["missing key"]
+
+    monkeypatch.setattr(ctfm.cli.info, "run", broken)
 
 
 def test_user_error_types():
@@ -35,8 +28,8 @@ def test_user_error_types():
     assert issubclass(MissingDependencyError, UserError) and issubclass(MissingDependencyError, ImportError)
 
 
-def test_a_bug_is_not_reported_as_bad_input(tmp_path):
-    result = run_python(BUGGY_VERB.format(argv=["info", str(tmp_path)]))
+def test_a_bug_is_not_reported_as_bad_input(tmp_path, buggy_info, run_cli):
+    result = run_cli("info", tmp_path)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -44,8 +37,8 @@ def test_a_bug_is_not_reported_as_bad_input(tmp_path):
     assert not lines[0].startswith("error:")
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = run_python(BUGGY_VERB.format(argv=["--debug", "info", str(tmp_path)]))
+def test_debug_shows_the_traceback(tmp_path, buggy_info, run_cli):
+    result = run_cli("--debug", "info", tmp_path)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "broken" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("internal error")
@@ -64,21 +57,21 @@ def test_debug_shows_the_traceback(tmp_path):
     ],
     ids=["embed-overlap", "embed-preset", "finetune-no-task", "predict-no-task", "cls-freeze", "seg-percentage"],
 )
-def test_bad_option_values_are_user_errors(tmp_path, argv, message):
+def test_bad_option_values_are_user_errors(tmp_path, argv, message, run_cli):
     scan = write_phantom(make_phantom(0, shape=(24, 20, 16), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="p")[0]
     argv = [str(scan) if a == "NOFILE" else str(tmp_path / "store") if a == "STORE" else a.replace("out=STORE", f"out={tmp_path / 'store'}") for a in argv]
-    result = subprocess.run([sys.executable, "-m", "ctfm", *argv], capture_output=True, text=True, timeout=300)
+    result = run_cli(*argv)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
 
 
-def test_cli_and_api_share_the_random_init_and_defaults(tmp_path):
+def test_cli_and_api_share_the_random_init_and_defaults(tmp_path, run_cli):
     """Without weights both use seed 0 and the same device default, so they give the same vector."""
     scan = write_phantom(make_phantom(1, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="p")[0]
     store = tmp_path / "store"
-    result = subprocess.run([sys.executable, "-m", "ctfm", "embed", str(scan), "--mode", "patches", "--out", str(store), "--no-progress"], capture_output=True, text=True, timeout=600)
+    result = run_cli("embed", scan, "--mode", "patches", "--out", store, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "warning: no weights given: ct-fm with random weights (seed 0)" in result.stderr
     with pytest.warns(UserWarning, match="random weights"):
