@@ -10,12 +10,14 @@ PHANTOM_SPACING = (3.0, 3.0, 3.0)
 OVERLAP = 0.5
 
 
-def build_store(root: Path, weights: Path, n_scans: int = 3) -> dict:
-    """Phantoms ``p0..`` under ``root/scans`` and a patches-mode store ``root/store`` embedded with
-    ``weights`` (the random tiny weights folder, init_filters 4, 64-d vectors); returns their paths."""
+def build_store(root: Path, tiny_weights: Path, n_scans: int = 3) -> dict:
+    """Phantoms ``p0..`` under ``root/scans``, a copy of the random tiny weights folder (init_filters 4,
+    64-d vectors) at ``root/weights`` (every path the server knows lies under ``root``) and a
+    patches-mode store ``root/store``; returns their paths."""
     import ctfm
     from ctfm.synth import make_phantom, write_phantom
 
+    weights = Path(shutil.copytree(tiny_weights, root / "weights"))
     scans = [write_phantom(make_phantom(seed, shape=PHANTOM_SHAPE, spacing_mm=PHANTOM_SPACING), root / "scans", stem=f"p{seed}")[0] for seed in range(n_scans)]
     store = root / "store"
     run = ctfm.embed([str(p) for p in scans], weights=str(weights), mode="patches", overlap=OVERLAP, out=str(store), device="cpu", return_records=False)

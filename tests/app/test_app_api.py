@@ -64,6 +64,7 @@ def _error(response, status: int, *words: str) -> str:
 
 
 # ---- scans and slices ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_info_and_scan_list_carry_provenance_and_the_random_weights_message(client, built):
     info = client.get("/api/info").json()
     assert info["scans"] == 3 and info["patches"] >= 3 and info["run"]["mode"] == "patches"
@@ -355,6 +356,7 @@ def test_unsafe_member_names():
 
 
 # ---- the command ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_serve_binds_localhost_and_says_so(built):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ctfm", "serve", str(built["store"]), "--weights", str(built["weights"]), "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -12,7 +12,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser 
 from app_fixtures import copy_store  # noqa: E402
 from app_browser import CHANGED_PIXELS_JS, SNAPSHOT_JS, InProcessServer, artefact_dir, chromium_path, launch  # noqa: E402
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):

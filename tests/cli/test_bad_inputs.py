@@ -164,6 +164,7 @@ def _unreadable_file_command(path: Path) -> list[str]:
     return command
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_refused_in_a_real_process():
     folder = Path(tempfile.mkdtemp())
     try:
@@ -178,6 +179,7 @@ def test_unreadable_file_is_refused_in_a_real_process():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     path = tmp_path / "empty.nii.gz"
     path.write_bytes(b"")

@@ -16,6 +16,7 @@ from ctfm.io import load_ct
 from ctfm.preprocess import get_preset, preprocess
 
 
+@pytest.mark.slow
 def test_demo_writes_its_outputs(tmp_path, run_cli):
     result = run_cli("demo", "--out", tmp_path / "demo", "--seed", 2, "--cohort", 3)
     assert result.returncode == 0, result.stderr
@@ -36,6 +37,7 @@ def test_demo_writes_its_outputs(tmp_path, run_cli):
     assert str(figure) in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("scan", ["head_tilt_dicom/dicom", "abdomen_dicom/dicom"])
 def test_info_json_schema_on_real_dicom(scan, run_cli):
@@ -60,6 +62,7 @@ def test_info_json_schema_on_real_dicom(scan, run_cli):
         assert report["record"]["contrast"] == "APPLIED" and report["record"]["body_part"] == "PARTIALBODY"
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_info_text_on_nrrd(run_cli):
     result = run_cli("info", data_path("lung_tumour_nrrd/lung1_image.nrrd"))
@@ -67,6 +70,7 @@ def test_info_text_on_nrrd(run_cli):
     assert "format       nrrd" in result.stdout and "usable       yes" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_preprocess_writes_the_preset_result_with_its_affine(tmp_path, run_cli):
     source = data_path("sarcoma_ct/STS_025/CT_image.nii.gz")

@@ -44,6 +44,7 @@ def test_debug_shows_the_traceback(tmp_path, buggy_info, run_cli):
     assert result.stderr.strip().splitlines()[-1].startswith("internal error")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -67,6 +68,7 @@ def test_bad_option_values_are_user_errors(tmp_path, argv, message, run_cli):
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_cli_and_api_share_the_random_init_and_defaults(tmp_path, run_cli):
     """Without weights both use seed 0 and the same device default, so they give the same vector."""
     scan = write_phantom(make_phantom(1, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="p")[0]

@@ -182,6 +182,7 @@ def _forbid_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+@pytest.mark.slow
 def test_real_idc_index_query_offline(monkeypatch, capsys, tmp_path):
     idc_index = pytest.importorskip("idc_index", reason="idc-index is not installed (pip install idc-index)")
     _forbid_network(monkeypatch)
@@ -349,6 +350,7 @@ def scanned(tmp_path_factory):
     return root, out, {Path(r["path"]).relative_to(root).as_posix(): r for r in pq.read_table(out).to_pylist()}
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_scan_lists_every_real_scan_and_records_label_files_as_errors(scanned):
     from ctfm.embedding.runner import discover_inputs

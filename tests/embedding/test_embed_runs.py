@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import ctfm
-from ctfm.cli import main
 from ctfm.store import EmbeddingStore
 from ctfm.synth import make_phantom, write_phantom
 
@@ -30,22 +29,22 @@ SCAN_COLUMNS = {
 
 
 def ctfm_cli(*args, timeout=600, **kwargs):
+    """A real ``python -m ctfm`` process (for DDP, which starts its own workers)."""
     return subprocess.run([sys.executable, "-m", "ctfm", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
+def cohort(tmp_path_factory, tiny_weights):
     """Four small phantoms (3 mm voxels) and a narrow random CT-FM weights folder."""
     root = tmp_path_factory.mktemp("cohort")
     scans = [write_phantom(make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed}")[0] for seed in range(4)]
-    weights = root / "weights"
-    assert main(["models", "init", "ct-fm", "--seed", "0", "--out", str(weights), "--init-filters", "4"]) == 0
-    return {"root": root, "scans": scans, "weights": weights}
+    return {"root": root, "scans": scans, "weights": tiny_weights}
 
 
-def test_patch_mode_store_schema_and_api(cohort, tmp_path):
+@pytest.mark.slow
+def test_patch_mode_store_schema_and_api(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
-    result = ctfm_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "min", "--out", store, "--no-progress")
+    result = run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "min", "--out", store, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "embedded 2 scan(s), skipped 0 already in the store, 0 failed" in result.stdout
     scans = pq.read_table(store / "scans.parquet")
@@ -62,7 +61,7 @@ def test_patch_mode_store_schema_and_api(cohort, tmp_path):
         own = np.asarray([p["embedding"] for p in patches if p["scan_id"] == r["scan_id"]])
         np.testing.assert_allclose(r["embedding"], own.min(axis=0), atol=1e-6)
     # A different pooling is a different result: it is computed, not taken from the store.
-    mean = ctfm_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "mean", "--out", store, "--no-progress")
+    mean = run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "mean", "--out", store, "--no-progress")
     assert "embedded 2 scan(s), skipped 0" in mean.stdout
     assert EmbeddingStore(store).scans().num_rows == 4
     # The Python API returns the same records.
@@ -73,14 +72,15 @@ def test_patch_mode_store_schema_and_api(cohort, tmp_path):
         assert len(rec["patches"]) == by_id[rec["scan_id"]]["n_patches"]
 
 
-def test_folders_manifests_failures_and_resume(cohort, tmp_path):
+@pytest.mark.slow
+def test_folders_manifests_failures_and_resume(cohort, tmp_path, run_cli):
     scans_dir = cohort["root"] / "scans"
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
     manifest = tmp_path / "manifest.csv"
     pcsv.write_csv(pa.table({"path": [str(broken), str(cohort["scans"][0])]}), manifest)
     store = tmp_path / "store"
-    first = ctfm_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
+    first = run_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
     # 4 phantoms + their 4 label maps from the folder, the broken file from the manifest.
     assert first.returncode == 1
     assert "embedded 4 scan(s)" in first.stdout and "5 failed" in first.stdout
@@ -89,16 +89,17 @@ def test_folders_manifests_failures_and_resume(cohort, tmp_path):
     assert sum("not HU: a label map" in e for e in errors) == 4
     failures = EmbeddingStore(store).failures().to_pylist()
     assert len(failures) == 5 and all(f["error"] for f in failures)
-    again = ctfm_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
+    again = run_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
     assert "embedded 0 scan(s), skipped 4 already in the store" in again.stdout
     assert EmbeddingStore(store).scans().num_rows == 4
     # A Parquet manifest works the same way.
     pq.write_table(pa.table({"path": [str(p) for p in cohort["scans"]]}), tmp_path / "m.parquet")
-    third = ctfm_cli("embed", tmp_path / "m.parquet", "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
+    third = run_cli("embed", tmp_path / "m.parquet", "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
     assert third.returncode == 0 and "skipped 4" in third.stdout
 
 
-def test_sigkill_loses_nothing_already_written(cohort, tmp_path):
+@pytest.mark.slow
+def test_sigkill_loses_nothing_already_written(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
     many = cohort["scans"] * 1  # four scans; kill after the first one lands
     command = [sys.executable, "-m", "ctfm", "embed", *map(str, many), "--weights", str(cohort["weights"]), "--mode", "whole", "--out", str(store), "--no-progress"]
@@ -117,7 +118,7 @@ def test_sigkill_loses_nothing_already_written(cohort, tmp_path):
     for f in store.rglob("*.parquet"):
         if not f.name.startswith("."):
             pq.read_table(f)  # every visible file is whole
-    rerun = ctfm_cli("embed", *many, "--weights", cohort["weights"], "--mode", "whole", "--out", store, "--no-progress")
+    rerun = run_cli("embed", *many, "--weights", cohort["weights"], "--mode", "whole", "--out", store, "--no-progress")
     assert rerun.returncode == 0, rerun.stderr
     assert f"skipped {written.num_rows} already in the store" in rerun.stdout
     final = EmbeddingStore(store).scans()
@@ -125,6 +126,7 @@ def test_sigkill_loses_nothing_already_written(cohort, tmp_path):
     assert not list((store / "parts").glob("*")), "compaction leaves no parts or stale temporaries"
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"

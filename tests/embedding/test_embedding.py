@@ -35,6 +35,7 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [1, 2, 3, 5, 16, 17, 33])
 @pytest.mark.parametrize("chunk", [1, 3, 8, 64])
 def test_streamed_features_equal_the_full_forward(depth, chunk):
@@ -55,6 +56,7 @@ def test_streaming_needs_eval_mode_batchnorm():
         streamed_embedding(encoder, torch.randn(1, 1, 8, 16, 16))
 
 
+@pytest.mark.slow
 def test_streamed_full_size_encoder_matches_on_a_slab():
     encoder = narrow_encoder(init_filters=32)
     assert sum(p.numel() for p in encoder.parameters()) == 77_760_992
@@ -64,6 +66,7 @@ def test_streamed_full_size_encoder_matches_on_a_slab():
     assert cosine(streamed_embedding(encoder, x, chunk=6), full) > 0.99999
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_whole_mode_equals_the_reference_definition():
     """extract_feat_LP.py (docs/recipe.md): 1 mm, 320^3 pad/crop, last map average-pooled — here in one full pass."""
@@ -79,6 +82,7 @@ def test_whole_mode_equals_the_reference_definition():
     np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_bf16_whole_embedding_is_close_to_fp32():
     path = data_path("sarcoma_ct/STS_019/CT_image.nii.gz")
@@ -94,6 +98,7 @@ def test_bf16_whole_embedding_is_close_to_fp32():
     assert cosine(fp32, bf16) >= 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_patches_mode_equals_ct_fm_sliding_windows():
     """CT-FM's feature_extractor.py: ct-fm-patches preprocessing, SlidingWindowSplitter((24,128,128))."""
@@ -115,6 +120,7 @@ def test_patches_mode_equals_ct_fm_sliding_windows():
         np.testing.assert_allclose(grid.pooled(how), fn(np.stack(vectors), axis=0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_patch_centres_are_world_millimetres():
     from monai.data import MetaTensor
 
@@ -139,6 +145,7 @@ def test_patch_centres_are_world_millimetres():
     np.testing.assert_allclose(grid.centers_mm[0], first)
 
 
+@pytest.mark.slow
 def test_dense_features_and_point_queries():
     from monai.data import MetaTensor
 

@@ -40,6 +40,7 @@ BOXES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BOXES))
 @pytest.mark.parametrize("init_filters", [4, 8])
 def test_equals_the_full_forward_on_boxes_in_padding(name, init_filters):
@@ -91,6 +92,7 @@ def test_cost_ratio_reflects_the_fill():
     assert small < large < full == 1.0
 
 
+@pytest.mark.slow
 def test_dispatch_uses_the_streamed_path_when_nothing_is_saved(monkeypatch):
     encoder = narrow_encoder(init_filters=4)
     calls = []
@@ -111,6 +113,7 @@ def test_dispatch_uses_the_streamed_path_when_nothing_is_saved(monkeypatch):
     assert calls == ["streamed", "streamed"]
 
 
+@pytest.mark.slow
 def test_full_size_encoder_matches_on_a_small_box():
     encoder = narrow_encoder(init_filters=32)
     x = boxed((32, 80, 64), (slice(6, 26), slice(30, 70), slice(10, 40)))

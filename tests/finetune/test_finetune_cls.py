@@ -37,6 +37,7 @@ def _manifest(path, rows, header):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("layout", ["stack", "channels"])
 def test_head_ct_input_is_the_reference_chain(layout):
@@ -82,6 +83,7 @@ def test_head_ct_preset_is_the_recipe():
     assert (model.head[2].in_features, model.head[2].out_features, model.head[4].out_features) == (512, 256, 1)
 
 
+@pytest.mark.slow
 def test_tiny_finetune_and_predict_end_to_end(phantoms, tmp_path, capsys):
     paths = phantoms["paths"]
     manifest = _manifest(tmp_path / "cases.csv", [[p, i % 2, "train" if i < 4 else "val"] for i, p in enumerate(paths)], ["path", "abnormal", "split"])
@@ -110,6 +112,7 @@ def test_tiny_finetune_and_predict_end_to_end(phantoms, tmp_path, capsys):
     assert first["p_abnormal"] == next(r for r in rows if r["path"] == str(paths[0]))["p_abnormal"]
 
 
+@pytest.mark.slow
 def test_multilabel_and_multiclass_heads(phantoms, tmp_path):
     from ctfm.finetune.cls import finetune_cls
 
@@ -138,6 +141,7 @@ def test_bad_manifests_are_one_line_errors(phantoms, tmp_path, capsys, case, exp
     assert err.startswith("error:") and expected in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_predict_records_unreadable_inputs_and_exits_1(phantoms, tmp_path, capsys):
     from ctfm.finetune.cls import finetune_cls
 

@@ -123,6 +123,7 @@ def test_config_layers_and_refusals(tmp_path):
         resolve_config(ToyConfig, TOY_PRESETS, "tiny", None, {"steps_per_epoch": 0})
 
 
+@pytest.mark.slow
 def test_run_folder_best_checkpoint_and_exact_resume(tmp_path):
     straight = Recorder()
     export = run_finetune(toy_config(tmp_path / "straight"), ToyTask(), extra_callbacks=[straight], progress_bar=False)

@@ -40,6 +40,7 @@ class Losses(L.Callback):
         self.losses.append(float(outputs["loss"].detach()))
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_validates_and_exports(phantom_manifest, tmp_path):
     from ctfm.finetune.seg import finetune_seg, resolve_seg_config
     from ctfm.models.segmentation import load_segmentation_model
@@ -59,6 +60,7 @@ def test_tiny_run_learns_validates_and_exports(phantom_manifest, tmp_path):
     assert sidecar["provenance"]["checkpoint"] == "best.ckpt" and sidecar["inference"]["roi_size"] == [32, 32, 32]
 
 
+@pytest.mark.slow
 def test_samples_are_functions_of_seed_epoch_index_and_crops_centre_on_foreground(phantom_manifest, tmp_path):
     from ctfm.finetune.data import open_seg_data
     from ctfm.finetune.seg import PreprocessedCases, SegTrainDataset, resolve_seg_config, training_spec
@@ -155,6 +157,7 @@ def test_bad_labels_are_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and "unknown config keys ['pach_size']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_frozen_encoder_keeps_its_weights(phantom_manifest, tmp_path):
     from ctfm.finetune.seg import SegmentationTask, resolve_seg_config
 

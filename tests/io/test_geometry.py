@@ -219,6 +219,7 @@ for entry in sys.argv[2:]:
 """
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_one_error_line_per_bad_file_and_no_library_output(bad, tmp_path):
     """Real file descriptors and the libraries' own logging setup (no pytest capture): each bad
     file gives one error line; files nibabel or ITK would have "fixed" in silence print nothing."""
@@ -247,9 +248,9 @@ def test_a_real_process_prints_one_error_line_per_bad_file_and_no_library_output
     assert not out_path.exists()
 
 
-def test_batch_embed_records_each_refusal_without_raw_library_lines(bad, tmp_path):
-    weights = tmp_path / "weights"
-    assert main(["models", "init", "ct-fm", "--seed", "0", "--out", str(weights), "--init-filters", "4"]) == 0
+@pytest.mark.slow
+def test_batch_embed_records_each_refusal_without_raw_library_lines(bad, tmp_path, tiny_weights):
+    weights = tiny_weights
     inputs = [bad[n] for n in ("nifti qform pixdim zero", "nrrd no voxel size", "mha missing spacing", "dicom zero PixelSpacing")]
     result = subprocess.run(
         [sys.executable, "-m", "ctfm", "embed", *map(str, inputs), "--weights", str(weights), "--mode", "patches", "--out", str(tmp_path / "store"), "--no-progress", "--device", "cpu"],

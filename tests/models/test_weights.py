@@ -68,6 +68,7 @@ def assert_same_outputs(m1, m2, x) -> None:
 # layout and round trip
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(tmp_path):
     model = tiny(1)
     folder = save_pretrained(model, tmp_path / "w", provenance={"source": "test"})
@@ -135,6 +136,7 @@ def test_save_is_atomic_and_refuses_to_clobber(tmp_path, monkeypatch):
         save_pretrained(tiny(), tmp_path / "x", name="ct-fm-segresnet")
 
 
+@pytest.mark.slow
 def test_full_size_ct_fm_round_trip(tmp_path):
     start = time.perf_counter()
     model = init_model("ct-fm", 0)
@@ -185,6 +187,7 @@ def test_lighter_zoo_folder_loads_in_ctfm(tmp_path):
     assert json.loads((ours / SIDECAR_NAME).read_text())["provenance"]["loaded_from"] == "zoo"
 
 
+@pytest.mark.slow
 def test_real_lighter_zoo_package(tmp_path):
     lighter_zoo = pytest.importorskip("lighter_zoo")
     model = tiny(6)
@@ -449,6 +452,7 @@ def _ctfm_imports(module: str) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_registry_and_weights_do_not_import_each_other():
     """registry is a leaf (networks only), weights knows no model names, factory joins them."""
     registry = _ctfm_imports("ctfm.models.registry")

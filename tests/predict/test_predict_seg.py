@@ -50,6 +50,7 @@ def save(path, hu, affine):
     return path
 
 
+@pytest.mark.slow
 def test_streamed_aggregation_equals_monai():
     torch.manual_seed(0)
     model = load_segmentation_model(None, out_channels=9, init_filters=4, seed=2).model
@@ -125,13 +126,15 @@ def test_dicom_series_nifti_and_dicom_seg_agree(tmp_path):
     assert json.loads((tmp_path / "out" / f"{name}.labels.json").read_text())["labels"] == {"0": "background", "1": "bone"}
 
 
-def tiny_weights(tmp_path, labels="liver,spleen"):
-    model, names, spec, _ = load_segmentation_model(None, labels=labels, init_filters=2, seed=0)
+@pytest.fixture
+def tiny_seg_weights(tmp_path):
+    """A random liver/spleen segmentation weights folder (init_filters 2) with this file's window settings."""
+    model, names, spec, _ = load_segmentation_model(None, labels="liver,spleen", init_filters=2, seed=0)
     return save_segmentation_model(model, tmp_path / "weights", names, spec=PreprocessSpec(name="tiny", spacing_mm=None, foreground_crop=None), inference=SETTINGS)
 
 
-def test_cli_batch_resume_failures_and_bad_inputs(tmp_path, capsys):
-    weights = tiny_weights(tmp_path)
+def test_cli_batch_resume_failures_and_bad_inputs(tmp_path, capsys, tiny_seg_weights):
+    weights = tiny_seg_weights
     scan = save(tmp_path / "a.nii.gz", phantom((20, 18, 16)), np.diag([1.0, 1.0, 2.0, 1.0]))
     (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ from ctfm.preprocess import ForegroundCrop, get_preset, preprocess
 from ctfm.preprocess.bounded import preprocess_bounded, supports_bounded
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("scan", ["abdomen_3mm/example_ct.nii.gz", "whole_scans_1p5mm/neck_a.nii.gz", "head_tilt_dicom/dicom", "liver_3slice_dicomseg/dicom"])
 def test_equals_the_chain_on_real_scans(scan):
@@ -50,6 +51,7 @@ def test_specs_with_a_foreground_crop_are_not_bounded():
         preprocess_bounded(MetaTensor(torch.zeros(1, 4, 4, 4)), get_preset("ct-fm-1mm-320").with_(foreground_crop=ForegroundCrop()))
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("scan", ["abdomen_3mm/example_ct.nii.gz"])
 def test_a_crop_after_resampling_runs_bounded_and_equals_the_chain(scan):

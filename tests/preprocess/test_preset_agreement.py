@@ -48,6 +48,7 @@ def agreement(scan: str, reader: str | None, preset: str) -> tuple[float, tuple,
     return diff, tuple(ours.shape), tuple(ref.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("preset", sorted(REFERENCE_CHAINS))
 @pytest.mark.parametrize("scan,reader", SCANS, ids=[s for s, _ in SCANS])
@@ -57,6 +58,7 @@ def test_preset_equals_reference_chain(scan, reader, preset):
     assert diff <= TOLERANCE, f"{preset} on {scan}: max abs difference {diff:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_ssl_preset_affine_matches_reference():
     path = data_path("abdomen_3mm/example_ct.nii.gz")

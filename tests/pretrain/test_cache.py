@@ -50,6 +50,7 @@ def references():
     return {os.path.abspath(p): _reference(p) for p in _sources()}
 
 
+@pytest.mark.slow
 def test_cached_volumes_equal_the_preprocessing_chain(built, references):
     cache_dir, summary = built
     assert (summary.done, summary.skipped, summary.failed) == (3, 0, [])
@@ -101,6 +102,7 @@ def test_resume_skips_finished_scans(built):
     assert {p.name: p.stat().st_mtime_ns for p in (cache_dir / VOLUMES_DIR).iterdir()} == mtimes
 
 
+@pytest.mark.slow
 def test_killed_mid_write_leaves_no_visible_entry(built, tmp_path):
     cache_dir = tmp_path / "c"
     shutil.copytree(built[0], cache_dir)
@@ -146,6 +148,7 @@ def test_broken_and_unusable_inputs_are_recorded_and_the_run_goes_on(tmp_path, c
     assert {f["source_path"] for f in pq.read_table(cache_dir / "failures.parquet").to_pylist()} == {str(broken), str(label)}
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_same_cache_as_one(built, tmp_path):
     cache_dir = tmp_path / "c2"
     summary = build_cache(_sources(), cache_dir, workers=2, progress=False)
@@ -159,6 +162,7 @@ def test_two_workers_give_the_same_cache_as_one(built, tmp_path):
         assert np.array_equal(np.asarray(one.volume(i)), np.asarray(two.volume(i)))
 
 
+@pytest.mark.slow
 def test_float16_error_is_below_the_bound(built, tmp_path):
     cache_dir = tmp_path / "mixed"
     shutil.copytree(built[0], cache_dir)
@@ -206,6 +210,7 @@ def _square_or_die(x: int) -> int:
     return x * x
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_recorded_and_the_rest_goes_on():
     from ctfm.runtime import parallel_map
 

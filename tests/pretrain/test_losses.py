@@ -275,6 +275,7 @@ def _gathered_ntxent_worker(rank: int, world_size: int, rendezvous: str, z0_glob
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ntxent_gather_two_processes_matches_concatenated_batch(tmp_path):
     world_size, local, dim = 2, 3, 5
     z0 = random_embeddings(world_size * local, dim, seed=12)

@@ -221,6 +221,7 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"].detach()))
 
 
+@pytest.mark.slow
 def test_training_checkpoints_metrics_and_export(phantom_scans, tmp_path):
     from ctfm.pretrain.train import pretrain
 
@@ -236,6 +237,7 @@ def test_training_checkpoints_metrics_and_export(phantom_scans, tmp_path):
     assert records[0]["embedding"].shape == (64,)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_next_losses(phantom_scans, tmp_path):
     from ctfm.pretrain.train import pretrain
 
@@ -249,6 +251,7 @@ def test_resume_gives_the_same_next_losses(phantom_scans, tmp_path):
     np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(phantom_scans, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
@@ -263,6 +266,7 @@ def test_two_process_ddp_on_cpu(phantom_scans, tmp_path):
     assert (out / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_fast_histogram_shift_equals_monai():
     """Same draws as MONAI's RandHistogramShift from the same state, same mapping to float rounding."""
     from monai.transforms import RandHistogramShift
@@ -284,6 +288,7 @@ def test_fast_histogram_shift_equals_monai():
     assert 8 <= fired <= 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_registered_loss_trains_one_step_through_the_config(loss, phantom_scans, tmp_path):
     """Each name of the loss table is reachable from `ctfm pretrain` (the config's ``loss`` key):
@@ -303,6 +308,7 @@ def test_every_registered_loss_trains_one_step_through_the_config(loss, phantom_
     assert torch.isfinite(value) and not torch.equal(before, module.encoder.conv_init.weight)
 
 
+@pytest.mark.slow
 def test_a_simsiam_run_goes_through_the_trainer(phantom_scans, tmp_path):
     from ctfm.pretrain.train import pretrain
 
@@ -323,6 +329,7 @@ def test_loss_names_and_arguments_are_checked_when_the_config_is_resolved():
     assert build_module(config).criterion.loss.mu == 5.0
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_training_with_a_clear_error():
     from ctfm.errors import CTInputError
     from ctfm.pretrain.module import ContrastivePretrainer
@@ -334,6 +341,7 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
         module.training_step(views, 0)
 
 
+@pytest.mark.slow
 def test_a_model_pretrained_at_another_spacing_embeds_at_that_spacing(phantom_scans, tmp_path):
     """spacing_mm=[2,2,2]: the cache, the export's ctfm.json and then `ctfm.embed` all use 2 mm."""
     import json

@@ -59,6 +59,7 @@ def test_flat_index_round_trip_equals_exact_search(store):
     assert index.manifest["rows_sha256"] == loaded.manifest["rows_sha256"]
 
 
+@pytest.mark.slow
 def test_l2_ivf_and_hnsw_indexes_find_the_exact_neighbours_on_a_small_store(store):
     ids_matrix = None
     for kind, codec, refine in (("flat", "flat", 0), ("ivf", "flat", 0), ("ivf", "pq4x4", 30), ("ivf", "sq8", 5), ("hnsw", "flat", 0)):

@@ -25,20 +25,15 @@ from ctfm.store.schema import schemas
 from ctfm.synth import make_phantom, write_phantom
 
 
-def ctfm_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "ctfm", *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """Three small phantoms (3 mm voxels) and two narrow random CT-FM weights folders."""
+def cohort(tmp_path_factory, tiny_weights):
+    """Three small phantoms (3 mm voxels) and two narrow random CT-FM weights folders (seeds 0, 1)."""
     root = tmp_path_factory.mktemp("store_cohort")
     scans = [write_phantom(make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed}")[0] for seed in range(3)]
     # One phantom larger than a 72x128x128 mm window, so that overlap changes the window count.
     large = write_phantom(make_phantom(7, shape=(110, 100, 40), spacing_mm=(2.0, 2.0, 3.0)), root / "large", stem="large")[0]
-    for seed in (0, 1):
-        assert main(["models", "init", "ct-fm", "--seed", str(seed), "--out", str(root / f"weights{seed}"), "--init-filters", "4"]) == 0
-    return {"root": root, "scans": scans, "large": large, "weights": root / "weights0", "weights_b": root / "weights1"}
+    assert main(["models", "init", "ct-fm", "--seed", "1", "--out", str(root / "weights1"), "--init-filters", "4"]) == 0
+    return {"root": root, "scans": scans, "large": large, "weights": tiny_weights, "weights_b": root / "weights1"}
 
 
 # ---- the key, at the level of the store ------------------------------------------------------
@@ -88,12 +83,13 @@ def test_a_rewritten_scan_replaces_its_patches_as_a_set(tmp_path):
 
 
 # ---- the issue's reproduction, end to end ---------------------------------------------------
-def test_overlap_runs_into_one_store_stay_consistent(cohort, tmp_path):
+@pytest.mark.slow
+def test_overlap_runs_into_one_store_stay_consistent(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
     scan = cohort["large"]
     common = ["--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress"]
-    assert ctfm_cli("embed", scan, *common, "--overlap", "0.5").returncode == 0
-    assert ctfm_cli("embed", scan, *common, "--overlap", "0").returncode == 0
+    assert run_cli("embed", scan, *common, "--overlap", "0.5").returncode == 0
+    assert run_cli("embed", scan, *common, "--overlap", "0").returncode == 0
     rows = {r["overlap"]: r for r in EmbeddingStore(store).scans().to_pylist()}
     assert set(rows) == {0.0, 0.5} and rows[0.5]["n_patches"] > rows[0.0]["n_patches"]
     patches = EmbeddingStore(store).patches().to_pylist()
@@ -105,10 +101,11 @@ def test_overlap_runs_into_one_store_stay_consistent(cohort, tmp_path):
     for overlap in (0.0, 0.5):
         (record,) = ctfm.embed(str(scan), weights=str(cohort["weights"]), mode="patches", overlap=overlap, out=store)
         assert record["n_patches"] == rows[overlap]["n_patches"] == len(record["patches"])
-    check = ctfm_cli("store", "check", store)
+    check = run_cli("store", "check", store)
     assert check.returncode == 0 and "consistent" in check.stdout, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "first, second",
     [
@@ -120,7 +117,7 @@ def test_overlap_runs_into_one_store_stay_consistent(cohort, tmp_path):
     ],
     ids=["pool", "precision", "mode", "preset", "weights"],
 )
-def test_real_runs_differing_in_one_option_keep_both(cohort, tmp_path, first, second):
+def test_real_runs_differing_in_one_option_keep_both(cohort, tmp_path, first, second, run_cli):
     store = tmp_path / "store"
     scans = cohort["scans"][:2]
 
@@ -130,9 +127,9 @@ def test_real_runs_differing_in_one_option_keep_both(cohort, tmp_path, first, se
         mode = [] if "--mode" in extra else ["--mode", "patches"]
         return [*scans, "--weights", weights, *mode, *extra, "--out", store, "--no-progress"]
 
-    one = ctfm_cli("embed", *args(first))
+    one = run_cli("embed", *args(first))
     assert one.returncode == 0, one.stderr
-    two = ctfm_cli("embed", *args(second))
+    two = run_cli("embed", *args(second))
     assert two.returncode == 0, two.stderr
     assert "embedded 2 scan(s), skipped 0" in two.stdout
     scans_table = EmbeddingStore(store).scans()
@@ -140,6 +137,7 @@ def test_real_runs_differing_in_one_option_keep_both(cohort, tmp_path, first, se
     assert is_consistent(check_store(EmbeddingStore(store)))
 
 
+@pytest.mark.slow
 def test_two_embed_processes_into_one_store_lose_nothing(cohort, tmp_path):
     store = tmp_path / "store"
     base = [sys.executable, "-m", "ctfm", "embed", "--weights", str(cohort["weights"]), "--out", str(store), "--no-progress"]
@@ -160,10 +158,11 @@ def test_two_embed_processes_into_one_store_lose_nothing(cohort, tmp_path):
 
 
 # ---- ctfm store check / info -------------------------------------------------------------------
-def test_store_check_reports_orphans_and_mismatches(cohort, tmp_path):
+@pytest.mark.slow
+def test_store_check_reports_orphans_and_mismatches(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
-    assert ctfm_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress").returncode == 0
-    ok = ctfm_cli("store", "check", store, "--json")
+    assert run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress").returncode == 0
+    ok = run_cli("store", "check", store, "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["consistent"] is True
     patches = pq.read_table(store / "patches.parquet")
     rows = patches.to_pylist()
@@ -172,56 +171,60 @@ def test_store_check_reports_orphans_and_mismatches(cohort, tmp_path):
     kept = [r for r in rows if not (r["scan_id"] == victim and r["patch_index"] == 0)]
     orphan = {**rows[0], "scan_id": "0123456789abcdef", "write_id": "f" * 32}
     pq.write_table(pa.Table.from_pylist(kept + [orphan], schema=schemas()["patches"]), store / "patches.parquet")
-    bad = ctfm_cli("store", "check", store)
+    bad = run_cli("store", "check", store)
     assert bad.returncode == 1
     assert "orphan_patches (1)" in bad.stderr and "0123456789abcdef" in bad.stderr
     assert "patch_count_mismatch (1)" in bad.stderr and victim in bad.stderr
     assert "INCONSISTENT" in bad.stdout
-    codes = {p["code"] for p in json.loads(ctfm_cli("store", "check", store, "--json").stdout)["problems"]}
+    codes = {p["code"] for p in json.loads(run_cli("store", "check", store, "--json").stdout)["problems"]}
     assert codes == {"orphan_patches", "patch_count_mismatch"}
 
 
-def test_store_check_flags_patch_rows_without_the_key(tmp_path):
+@pytest.mark.slow
+def test_store_check_flags_patch_rows_without_the_key(tmp_path, run_cli):
     """A store whose patch rows carry only scan id, weights and preset (the old layout)."""
     store = tmp_path / "store"
     store.mkdir()
     old_patch = pa.table({"scan_id": ["abc"], "patch_index": pa.array([0], pa.int32()), "weights_sha256": ["w"], "preset_hash": ["p"], "embedding": [[0.0] * 4]})
     pq.write_table(old_patch, store / "patches.parquet")
-    result = ctfm_cli("store", "check", store)
+    result = run_cli("store", "check", store)
     assert result.returncode == 1 and "patch_without_key" in result.stderr
 
 
-def test_store_check_finds_damaged_files_and_refuses_non_stores(tmp_path):
+@pytest.mark.slow
+def test_store_check_finds_damaged_files_and_refuses_non_stores(tmp_path, run_cli):
     store = tmp_path / "store"
     (store / "parts").mkdir(parents=True)
     (store / "scans.parquet").write_bytes(b"PAR1 not really")
-    result = ctfm_cli("store", "check", store)
+    result = run_cli("store", "check", store)
     assert result.returncode == 1 and "unreadable_file" in result.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    refused = ctfm_cli("store", "info", empty)
+    refused = run_cli("store", "info", empty)
     assert refused.returncode == 2 and refused.stderr.startswith(f"error: {empty}: not an embedding store")
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_store_info_summarises_runs(cohort, tmp_path):
+@pytest.mark.slow
+def test_store_info_summarises_runs(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
     for overlap in ("0", "0.5"):
-        assert ctfm_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--overlap", overlap, "--out", store, "--no-progress").returncode == 0
+        assert run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--overlap", overlap, "--out", store, "--no-progress").returncode == 0
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"x")
-    assert ctfm_cli("embed", broken, "--weights", cohort["weights"], "--out", store, "--no-progress").returncode == 1
-    info = json.loads(ctfm_cli("store", "info", store, "--json").stdout)
+    assert run_cli("embed", broken, "--weights", cohort["weights"], "--out", store, "--no-progress").returncode == 1
+    info = json.loads(run_cli("store", "info", store, "--json").stdout)
     assert info["scans"] == 2 and info["scan_rows"] == 4 and info["failures"] == 1
     assert sorted(r["overlap"] for r in info["runs"]) == [0.0, 0.5]
     assert all(r["scans"] == 2 and r["patches"] > 0 and r["preset"] == "ct-fm-patches" for r in info["runs"])
     assert info["patches"] == sum(r["patches"] for r in info["runs"])
-    text = ctfm_cli("store", "info", store)
+    text = run_cli("store", "info", store)
     assert text.returncode == 0 and "2 scan(s) in 4 row(s)" in text.stdout and "ct-fm-patches" in text.stdout
 
 
 # ---- what the rows record ------------------------------------------------------------------------
-def test_weights_carry_their_preprocessing(cohort, tmp_path):
+@pytest.mark.slow
+def test_weights_carry_their_preprocessing(cohort, tmp_path, run_cli):
     """A model trained at 2 mm embeds at 2 mm; --preset overrides it with a warning."""
     folder = tmp_path / "weights_2mm"
     assert main(["models", "init", "ct-fm", "--seed", "0", "--out", str(folder), "--init-filters", "4"]) == 0
@@ -231,7 +234,7 @@ def test_weights_carry_their_preprocessing(cohort, tmp_path):
     (folder / "ctfm.json").write_text(json.dumps(sidecar))
     store = tmp_path / "store"
     for mode in ("whole", "patches"):
-        result = ctfm_cli("embed", cohort["scans"][0], "--weights", folder, "--mode", mode, "--out", store, "--no-progress")
+        result = run_cli("embed", cohort["scans"][0], "--weights", folder, "--mode", mode, "--out", store, "--no-progress")
         assert result.returncode == 0, result.stderr
         assert "warning" not in result.stderr
     rows = {r["mode"]: r for r in EmbeddingStore(store).scans().to_pylist()}
@@ -239,13 +242,14 @@ def test_weights_carry_their_preprocessing(cohort, tmp_path):
         expected = embedding_spec(trained, mode)
         assert row["preset_hash"] == expected.content_hash() and row["preset"] == expected.name
         assert json.loads(row["preprocess_spec"])["spacing_mm"] == [2.0, 2.0, 2.0]
-    override = ctfm_cli("embed", cohort["scans"][0], "--weights", folder, "--mode", "whole", "--preset", "ct-fm-1mm-320", "--out", store, "--no-progress")
+    override = run_cli("embed", cohort["scans"][0], "--weights", folder, "--mode", "whole", "--preset", "ct-fm-1mm-320", "--out", store, "--no-progress")
     assert override.returncode == 0
     assert "warning: preset ct-fm-1mm-320 overrides the preprocessing these weights expect for whole mode (my-2mm+whole)" in override.stderr
     used = [r for r in EmbeddingStore(store).scans().to_pylist() if r["preset"] == "ct-fm-1mm-320"]
     assert len(used) == 1 and json.loads(used[0]["preprocess_spec"])["spacing_mm"] == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.slow
 def test_ct_fm_weights_keep_the_published_presets(cohort):
     records = ctfm.embed(str(cohort["scans"][0]), weights=str(cohort["weights"]), mode="whole")
     assert records[0]["preset"] == "ct-fm-1mm-320" and records.spec.name == "ct-fm-1mm-320"
@@ -253,13 +257,14 @@ def test_ct_fm_weights_keep_the_published_presets(cohort):
     assert records[0]["preset"] == "ct-fm-patches"
 
 
-def test_dicom_record_fields_become_columns(tmp_path, cohort):
+@pytest.mark.slow
+def test_dicom_record_fields_become_columns(tmp_path, cohort, run_cli):
     from dicom_factory import axial_positions, write_series
 
     folder = tmp_path / "series"
     write_series(folder, axial_positions(12, gap=2.5), rows=40, cols=36, pixel_spacing=(2.0, 2.0), values=lambda pts: -1000.0 + 1100.0 * (np.abs(pts[..., 0]) < 20))
     store = tmp_path / "store"
-    result = ctfm_cli("embed", folder, cohort["scans"][0], "--weights", cohort["weights"], "--out", store, "--no-progress")
+    result = run_cli("embed", folder, cohort["scans"][0], "--weights", cohort["weights"], "--out", store, "--no-progress")
     assert result.returncode == 0, result.stderr
     rows = {r["format"]: r for r in EmbeddingStore(store).scans().to_pylist()}
     dicom = rows["dicom"]

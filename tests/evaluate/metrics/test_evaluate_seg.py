@@ -66,6 +66,7 @@ def _cases(tmp_path):
     return truth, pred, other
 
 
+@pytest.mark.slow
 def test_folders_macro_ci_compare_and_outputs(tmp_path):
     truth, pred, other = _cases(tmp_path)
     result = evaluate_segmentation(pred, truth, labels=LABELS, compare=other, out=tmp_path / "eval", n_resamples=200)

@@ -44,6 +44,7 @@ def test_group_bootstrap_moves_whole_groups():
     assert set(seen) == {1.0, 3.0, 5.0}
 
 
+@pytest.mark.slow
 def test_undefined_resamples_are_skipped_and_counted():
     y = np.array([0, 1, 0, 1, 0, 0])
     score = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.4])
@@ -79,6 +80,7 @@ def test_delong_test_of_identical_scores_and_of_a_better_score():
     assert better.low < better.difference < better.high
 
 
+@pytest.mark.slow
 def test_paired_bootstrap_difference_and_p_value():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 150)

@@ -95,6 +95,7 @@ def test_metrics_agree_with_sklearn(seed):
     assert mc["f1_macro"] == pytest.approx(f1_score(classes, proba.argmax(1), average="macro"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grouped", [False, True])
 def test_vectorised_bootstrap_equals_stats_bootstrap(grouped):
     rng = np.random.default_rng(3)
@@ -118,6 +119,7 @@ def test_youden_threshold_separates_a_separable_score():
 
 
 # ---- probes on stores ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_planted_signal_is_found_and_shuffled_labels_give_chance(planted):
     result = run_probe([str(planted["store"])], str(planted["labels"]), ["label", "shuffled"], cv=4, n_resamples=300)
     real, shuffled = (t["stores"][0]["metrics"]["auroc"] for t in result["targets"])
@@ -128,12 +130,14 @@ def test_planted_signal_is_found_and_shuffled_labels_give_chance(planted):
     assert len(fits) == 4 and all(f["selection"] == "inner-cv" and len(f["inner_scores"]) == 13 for f in fits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["knn", "mlp"])
 def test_other_methods_find_the_planted_signal(planted, method):
     result = run_probe([str(planted["store"])], str(planted["labels"]), ["label"], method=method, cv=2, inner_cv=2, n_resamples=100)
     assert result["targets"][0]["stores"][0]["metrics"]["auroc"]["estimate"] > 0.8
 
 
+@pytest.mark.slow
 def test_group_column_prevents_leakage(tmp_path):
     """Each patient's scans sit near one patient vector and the label is random per patient: a
     split that puts one patient on both sides scores almost perfectly, a grouped split at chance."""
@@ -155,6 +159,7 @@ def test_group_column_prevents_leakage(tmp_path):
         assert not set(patients[train]) & set(patients[test])
 
 
+@pytest.mark.slow
 def test_join_counts_unmatched_rows_on_both_sides(planted, tmp_path):
     y = planted["y"]
     ids = [f"s{i:04d}" for i in range(10, 120)] + ["ghost1", "ghost2"]  # 10 scans unlabelled, 2 labels without scan
@@ -165,6 +170,7 @@ def test_join_counts_unmatched_rows_on_both_sides(planted, tmp_path):
     assert set(join["examples_labels_without_scan"]) == {"ghost1", "ghost2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["series_uid", "source_path"])
 def test_other_join_keys(planted, tmp_path, key):
     ids = [f"1.2.840.{i}" if key == "series_uid" else f"/archive/s{i:04d}.nii.gz" for i in range(120)]
@@ -173,6 +179,7 @@ def test_other_join_keys(planted, tmp_path, key):
     assert result["join"][0]["matched"] == 120
 
 
+@pytest.mark.slow
 def test_multiclass_and_multilabel_targets(planted):
     result = run_probe([str(planted["store"])], str(planted["labels"]), ["tissue"], cv=3, n_resamples=100)
     entry = result["targets"][0]
@@ -190,6 +197,7 @@ def test_few_shot_draws_depend_on_labels_and_seed_only():
     assert few_shot_draw(y, 11, np.random.default_rng(0)) is None
 
 
+@pytest.mark.slow
 def test_compare_two_stores_with_few_shot_curves_and_outputs(planted, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["probe", str(planted["store"]), str(planted["weak"]), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--inner-cv", "2", "--shots", "2,5,all", "--repeats", "2", "--resamples", "200", "--out", str(out)])
@@ -212,6 +220,7 @@ def test_compare_two_stores_with_few_shot_curves_and_outputs(planted, tmp_path, 
     assert "data:image/png;base64," in page and "<script" not in page and "DeLong" in page
 
 
+@pytest.mark.slow
 def test_a_store_with_several_runs_needs_run_or_where(planted, tmp_path, capsys):
     root = tmp_path / "two_runs"
     rng = np.random.default_rng(0)
@@ -236,6 +245,7 @@ def _bad(tmp_path, planted, label_columns, *extra, store=None, key="scan_id"):
     return ["probe", str(store or planted["store"]), "--labels", str(labels), "--target", "label", "--out", str(tmp_path / "out"), *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, expected",
     [

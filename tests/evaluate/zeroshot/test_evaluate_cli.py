@@ -27,6 +27,7 @@ def _write_store(root, vectors: dict[str, np.ndarray], weights="w" * 64, patches
     return root
 
 
+@pytest.mark.slow
 def test_stability_cli_json_and_outputs(tmp_path, run_cli):
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4, 16))
@@ -49,6 +50,7 @@ def test_stability_cli_json_and_outputs(tmp_path, run_cli):
     assert (tmp_path / "eval" / "pair_cosine.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_mir_retrieval_and_clustering_cli(tmp_path, run_cli):
     vectors = {"q1": [1, 0], "q2": [0, 1], "t1": [1, 0.1], "t2": [0.1, 1], "t3": [1, 1]}
     store = _write_store(tmp_path / "store", {k: np.asarray(v, float) for k, v in vectors.items()})
@@ -125,6 +127,7 @@ def test_store_reading_evaluations_take_run_and_where_and_refuse_the_old_flags(t
     assert not (tmp_path / "old").exists()
 
 
+@pytest.mark.slow
 def test_organmnist_retrieval_cli(tmp_path, run_cli, tiny_weights):
     rng = np.random.default_rng(0)
     arrays = {}
@@ -153,6 +156,7 @@ def _phantom(tmp_path, seed=0):
     return write_phantom(make_phantom(seed=seed, shape=(40, 32, 24), spacing_mm=(4.0, 4.0, 4.0)), tmp_path, stem=f"p{seed}")
 
 
+@pytest.mark.slow
 def test_saliency_and_concepts_cli(tmp_path, run_cli, tiny_weights):
     import nibabel as nib
 
@@ -173,6 +177,7 @@ def test_saliency_and_concepts_cli(tmp_path, run_cli, tiny_weights):
     assert len(printed["figures"]) == 2 and all((tmp_path / "concepts" / f).exists() for f in printed["figures"])
 
 
+@pytest.mark.slow
 def test_semantic_search_cli_on_phantoms(tmp_path, run_cli, tiny_weights):
     import shutil
 

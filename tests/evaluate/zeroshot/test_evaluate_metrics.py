@@ -171,6 +171,7 @@ def test_onto_grid_and_saliency_in_label_by_hand():
     assert result["top1pct_inside_fraction"] == 1.0 and result["label_fraction_of_volume"] == 0.1
 
 
+@pytest.mark.slow
 def test_occlusion_saliency_is_one_minus_cosine():
     from ctfm.models import init_model
 
