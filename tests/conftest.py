@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -25,8 +26,45 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
-def app_store(tmp_path_factory):
+def app_store(tmp_path_factory, tiny_weights):
     """A small patches-mode store of phantoms for the app's API and browser tests (built once)."""
     from app_fixtures import build_store
 
-    return build_store(tmp_path_factory.mktemp("app"))
+    return build_store(tmp_path_factory.mktemp("app"), tiny_weights)
+
+
+class CliRun(NamedTuple):
+    """What one ``ctfm`` command gave: unpacks as ``code, out, err``."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*argv)``: ``ctfm.cli.main(argv)`` in this process, with only that command's output
+    (arguments may be paths or numbers). Tests launch ``python -m ctfm`` only where the process is the point."""
+    from ctfm.cli import main
+
+    def run(*argv) -> CliRun:
+        capsys.readouterr()  # what came before is not this command's output
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse's own refusals, as the process would exit
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliRun(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A narrow random CT-FM weights folder (``ctfm models init ct-fm --seed 0 --init-filters 4``: 64-d
+    vectors), written once per session; tests only read it."""
+    from ctfm.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny_weights") / "ct-fm"
+    assert main(["models", "init", "ct-fm", "--seed", "0", "--out", str(folder), "--init-filters", "4"]) == 0
+    return folder

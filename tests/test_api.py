@@ -70,6 +70,7 @@ def test_verbs_return_typed_results():
         assert returned.summary is not Result.summary, f"{name}: {returned.__name__} has no summary()"
 
 
+@pytest.mark.slow
 def test_import_ctfm_is_light():
     command = [sys.executable, "-X", "importtime", "-c", "import ctfm"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)

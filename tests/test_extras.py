@@ -15,6 +15,8 @@ import pytest
 
 from ctfm.errors import EXTRAS
 
+pytestmark = pytest.mark.slow  # one subprocess with the extras refused
+
 # top-level modules of every extra's packages (pyproject.toml), refused in the subprocess
 REFUSED = [
     "lightning", "pytorch_lightning", "lightning_fabric", "tensorboardX",  # train

@@ -214,6 +214,7 @@ def test_a_run_folder_is_a_weights_source(tmp_path):
     assert RunFolder.exported(tmp_path / "nowhere", "model.safetensors") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "verb",
     [
