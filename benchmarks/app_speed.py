@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "app"))  # app_browser (server, browser)
 
 
 def build(root: Path, n: int, init_filters: int) -> dict:
@@ -90,9 +90,8 @@ def add_real(built: dict, paths: list[str]) -> list[str]:
 
 
 def measure(store: Path, weights: Path, trials: int, query: str, real_ids: list[str] = (), warm: bool = True) -> dict:
-    from playwright.sync_api import sync_playwright
-
     from app_browser import Server, launch
+    from playwright.sync_api import sync_playwright
 
     rows = []
     with Server(store, "--weights", str(weights), "--query", query) as server, sync_playwright() as p:

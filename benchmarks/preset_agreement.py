@@ -20,10 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the reference chains live with the tests that gate on them
 
+from test_preset_agreement import SCANS  # noqa: E402
+
 from ctfm.io import load_ct  # noqa: E402
 from ctfm.preprocess import get_preset, preprocess  # noqa: E402
 from reference_chains import REFERENCE_CHAINS, load_reference  # noqa: E402
-from test_preset_agreement import SCANS  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,10 @@ def data_path(relative: str) -> Path:
     """Path of a real scan under ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA / relative
     if not path.exists():
-        pytest.skip(f"real CT data not found at {path} (tests read ../shared/data beside the repository; set CTFM_TEST_DATA to point elsewhere)")
+        pytest.skip(
+            f"real CT data not found at {path} (tests read ../shared/data beside the repository; set CTFM_TEST_DATA to "
+            "point elsewhere)"
+        )
     return path
 
 

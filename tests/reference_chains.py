@@ -71,11 +71,19 @@ def head_ct(image):
             T.SpatialPadd(keys="image", spatial_size=[48, 128, 128], mode="minimum"),
             T.CenterSpatialCropd(keys="image", roi_size=[48, 128, 128]),
             T.CopyItemsd(keys="image", times=len(keys), names=keys),
-            *[T.ScaleIntensityRanged(keys=k, a_min=lo, a_max=hi, b_min=0, b_max=1, clip=True) for k, (lo, hi) in HEAD_WINDOWS.items()],
+            *[
+                T.ScaleIntensityRanged(keys=k, a_min=lo, a_max=hi, b_min=0, b_max=1, clip=True)
+                for k, (lo, hi) in HEAD_WINDOWS.items()
+            ],
             T.ConcatItemsd(keys=keys, name="image", dim=1),
         ]
     )
     return chain({"image": image})["image"]
 
 
-REFERENCE_CHAINS = {"ct-fm-ssl": ct_fm_ssl, "ct-fm-patches": ct_fm_patches, "ct-fm-1mm-320": ct_fm_1mm_320, "head-ct": head_ct}
+REFERENCE_CHAINS = {
+    "ct-fm-ssl": ct_fm_ssl,
+    "ct-fm-patches": ct_fm_patches,
+    "ct-fm-1mm-320": ct_fm_1mm_320,
+    "head-ct": head_ct,
+}

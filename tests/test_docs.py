@@ -24,7 +24,11 @@ def _markdown_files() -> list[Path]:
 def _text_files() -> list[Path]:
     files = list(_markdown_files())
     for folder in ("src", "tests", "benchmarks"):
-        files += [p for p in sorted((ROOT / folder).rglob("*")) if p.is_file() and p.suffix in (".py", ".md", ".txt", ".yaml", ".json", ".toml")]
+        files += [
+            p
+            for p in sorted((ROOT / folder).rglob("*"))
+            if p.is_file() and p.suffix in (".py", ".md", ".txt", ".yaml", ".json", ".toml")
+        ]
     return sorted(set(files))
 
 
@@ -57,8 +61,12 @@ def test_no_pointer_to_documents_outside_the_repository(path):
     if path == Path(__file__).resolve():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
-    found = [(n + 1, word) for n, line in enumerate(text.splitlines()) for word in FOREIGN if word.lower() in line.lower()]
-    assert not found, f"{path.relative_to(ROOT)} points outside the repository: " + ", ".join(f"line {n}: {w!r}" for n, w in found)
+    found = [
+        (n + 1, word) for n, line in enumerate(text.splitlines()) for word in FOREIGN if word.lower() in line.lower()
+    ]
+    assert not found, f"{path.relative_to(ROOT)} points outside the repository: " + ", ".join(
+        f"line {n}: {w!r}" for n, w in found
+    )
 
 
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -19,11 +19,20 @@ pytestmark = pytest.mark.slow  # one subprocess with the extras refused
 
 # top-level modules of every extra's packages (pyproject.toml), refused in the subprocess
 REFUSED = [
-    "lightning", "pytorch_lightning", "lightning_fabric", "tensorboardX",  # train
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "tensorboardX",  # train
     "faiss",  # search
-    "fastapi", "uvicorn", "starlette", "python_multipart", "PIL",  # app
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "python_multipart",
+    "PIL",  # app
     "highdicom",  # dicom-seg
-    "sklearn", "matplotlib", "umap",  # eval
+    "sklearn",
+    "matplotlib",
+    "umap",  # eval
     "idc_index",  # idc
 ]
 
@@ -129,7 +138,9 @@ def test_core_verbs_give_their_results(light):
     assert {"p0.nii.gz", "p0.labels.json"} <= set(light["predicted"])
 
 
-@pytest.mark.parametrize("key", ["train", "search", "app", "dicom-seg", "idc", "eval", "eval (evaluate)", "eval (demo)"])
+@pytest.mark.parametrize(
+    "key", ["train", "search", "app", "dicom-seg", "idc", "eval", "eval (evaluate)", "eval (demo)"]
+)
 def test_a_verb_of_each_extra_names_it_in_one_line(light, key):
     extra, verb = key.split()[0], light["verbs"][key]
     lines = verb["stderr"].strip().splitlines()

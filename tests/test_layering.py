@@ -43,8 +43,7 @@ LAYER_NAMES = ("1a", "1b", "1c", "2", "3", "4", "5", "6", "7", "8", "9")
 
 # Imports that break the table for now, each with its reason: (importing module, imported module) -> reason.
 # An entry that no longer occurs fails test_allow_lists_are_current.
-LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
-}
+LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 # ctfm imports that stay inside a function, each with its reason: (importing module, imported module) -> reason.
 DEFERRED: dict[tuple[str, str], str] = {
@@ -198,8 +197,10 @@ def layer_violations(graph: Graph) -> list[str]:
             out.append(f"{imp.where()} -> {imp.target}: package {src if src not in layers else dst} not in LAYERS")
         elif layers[dst] >= layers[src]:
             way = "sideways" if layers[dst] == layers[src] else "upward"
-            out.append(f"{imp.where()} -> {imp.target}: {way} ({src}, layer {LAYER_NAMES[layers[src]]} -> "
-                       f"{dst}, layer {LAYER_NAMES[layers[dst]]})")
+            out.append(
+                f"{imp.where()} -> {imp.target}: {way} ({src}, layer {LAYER_NAMES[layers[src]]} -> "
+                f"{dst}, layer {LAYER_NAMES[layers[dst]]})"
+            )
     return out
 
 

@@ -7,7 +7,19 @@ import pytest
 from ctfm.errors import one_line
 from ctfm.runtime import PARTIAL_SUFFIX, atomic_path, rank_and_world_size, write_text_atomic
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE")
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "JSM_NAMESPACE_RANK",
+    "JSM_NAMESPACE_SIZE",
+)
 
 
 def test_atomic_path_writes_files_and_folders_all_or_nothing(tmp_path):

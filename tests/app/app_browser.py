@@ -21,7 +21,10 @@ def chromium_path() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip("no chromium on PATH: the browser tests drive Debian's chromium package (apt-get install chromium; .ci/run installs it)")
+    pytest.skip(
+        "no chromium on PATH: the browser tests drive Debian's chromium package (apt-get install chromium; .ci/run "
+        "installs it)"
+    )
 
 
 def artefact_dir() -> Path:
@@ -39,7 +42,13 @@ class Server:
 
         src = str(Path(ctfm.__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ctfm", "serve", str(store), "--port", "0", "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ctfm", "serve", str(store), "--port", "0", "--device", "cpu", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         line = self.proc.stdout.readline()
         match = re.search(r"at (http://127\.0\.0\.1:\d+) ", line)
         if not match:
@@ -104,7 +113,11 @@ class InProcessServer:
 
 def launch(playwright):
     """Headless system Chromium (no sandbox: tests may run as root in a container)."""
-    return playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+    return playwright.chromium.launch(
+        executable_path=chromium_path(),
+        headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+    )
 
 
 SNAPSHOT_JS = """(sel) => {

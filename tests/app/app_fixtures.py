@@ -18,9 +18,22 @@ def build_store(root: Path, tiny_weights: Path, n_scans: int = 3) -> dict:
     from ctfm.synth import make_phantom, write_phantom
 
     weights = Path(shutil.copytree(tiny_weights, root / "weights"))
-    scans = [write_phantom(make_phantom(seed, shape=PHANTOM_SHAPE, spacing_mm=PHANTOM_SPACING), root / "scans", stem=f"p{seed}")[0] for seed in range(n_scans)]
+    scans = [
+        write_phantom(
+            make_phantom(seed, shape=PHANTOM_SHAPE, spacing_mm=PHANTOM_SPACING), root / "scans", stem=f"p{seed}"
+        )[0]
+        for seed in range(n_scans)
+    ]
     store = root / "store"
-    run = ctfm.embed([str(p) for p in scans], weights=str(weights), mode="patches", overlap=OVERLAP, out=str(store), device="cpu", return_records=False)
+    run = ctfm.embed(
+        [str(p) for p in scans],
+        weights=str(weights),
+        mode="patches",
+        overlap=OVERLAP,
+        out=str(store),
+        device="cpu",
+        return_records=False,
+    )
     assert run.summary.done == n_scans and not run.summary.failed, run.summary.failed
     return {"root": root, "scans": scans, "weights": weights, "store": store}
 

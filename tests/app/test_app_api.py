@@ -27,7 +27,6 @@ from ctfm.app import build_app  # noqa: E402
 from ctfm.app.uploads import unsafe_member  # noqa: E402
 from ctfm.synth import make_phantom, write_phantom  # noqa: E402
 
-
 SRC = str(Path(ctfm.__file__).resolve().parents[1])  # the ctfm the tests import, for subprocesses
 
 
@@ -74,7 +73,10 @@ def test_info_and_scan_list_carry_provenance_and_the_random_weights_message(clie
     assert sorted(s["name"] for s in scans) == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz"]
     for s in scans:
         assert s["shape"] == [48, 40, 30] and s["spacing_mm"] == [3.0, 3.0, 3.0]
-        assert s["provenance"]["weights_sha256"] == info["run"]["weights_sha256"] and len(s["provenance"]["content_hash"]) == 64
+        assert (
+            s["provenance"]["weights_sha256"] == info["run"]["weights_sha256"]
+            and len(s["provenance"]["content_hash"]) == 64
+        )
         assert "source_path" not in s  # scans are addressed by id, never by path
     detail = client.get(f"/api/scans/{scans[0]['id']}").json()
     g = detail["display"]
@@ -94,7 +96,9 @@ def test_slices_are_windowed_pngs_in_radiological_orientation(client, built):
     volume = client.state.volumes.get(sid).hu
     expected = np.clip((volume[::-1, ::-1, 15].T.astype(np.float32) - (40 - 200)) / 400, 0, 1) * 255
     np.testing.assert_allclose(np.asarray(axial, dtype=np.float32), expected, atol=1.0)
-    lung = np.asarray(_png(client.get(f"/api/scans/{sid}/slice", params={"axis": "axial", "index": 15, "window": "lung"})))
+    lung = np.asarray(
+        _png(client.get(f"/api/scans/{sid}/slice", params={"axis": "axial", "index": 15, "window": "lung"}))
+    )
     assert not np.array_equal(lung, np.asarray(axial))
     thumb = _png(client.get(f"/api/scans/{sid}/slice", params={"axis": "axial", "index": 15, "size": 96}))
     assert max(thumb.size) == 96 and thumb.size == (96, 80)
@@ -153,8 +157,12 @@ def test_search_finds_the_store_and_a_scans_own_region(client):
 def test_centred_query_embeds_the_window_at_the_click(client):
     sid = client.get("/api/scans").json()["scans"][0]["id"]
     point = _window_point(client, sid)
-    hits = client.post("/api/search", json={"scan_id": sid, "point_mm": point, "k": 3, "target": sid, "query": "centred"}).json()["hits"]
-    assert hits[0]["query"] == "centred" and hits[0]["window_score"] > 0.999  # centred on a stored window's centre: the same window
+    hits = client.post(
+        "/api/search", json={"scan_id": sid, "point_mm": point, "k": 3, "target": sid, "query": "centred"}
+    ).json()["hits"]
+    assert (
+        hits[0]["query"] == "centred" and hits[0]["window_score"] > 0.999
+    )  # centred on a stored window's centre: the same window
 
 
 @pytest.mark.parametrize(
@@ -223,9 +231,17 @@ def test_page_and_api_page_load_nothing_from_the_network(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
     spec = client.get("/openapi.json").json()
-    assert {"/api/scans", "/api/scans/{scan_id}/slice", "/api/scans/{scan_id}/heatmap", "/api/search"} <= set(spec["paths"])
+    assert {"/api/scans", "/api/scans/{scan_id}/slice", "/api/scans/{scan_id}/heatmap", "/api/search"} <= set(
+        spec["paths"]
+    )
     assert {"get", "post"} <= set(spec["paths"]["/api/scans"])
-    for text in (page.text, docs.text, client.get("/static/app.js").text, client.get("/static/api.js").text, client.get("/static/app.css").text):
+    for text in (
+        page.text,
+        docs.text,
+        client.get("/static/app.js").text,
+        client.get("/static/api.js").text,
+        client.get("/static/app.css").text,
+    ):
         assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text), "a page asset points outside the server"
         assert not re.search(r"(fetch|import)\(\s*[\"'`]https?://", text)
         assert "@import" not in text
@@ -247,7 +263,9 @@ def _uploads(client) -> list[str]:
 
 
 def _phantom_bytes(tmp_path, seed=7, shape=(40, 32, 24)) -> bytes:
-    path, _ = write_phantom(make_phantom(seed, shape=shape, spacing_mm=(3.0, 3.0, 3.0)), tmp_path / f"up{seed}", stem="scan")
+    path, _ = write_phantom(
+        make_phantom(seed, shape=shape, spacing_mm=(3.0, 3.0, 3.0)), tmp_path / f"up{seed}", stem="scan"
+    )
     return path.read_bytes()
 
 
@@ -256,7 +274,15 @@ def _dicom_zip(tmp_path, members=None) -> bytes:
 
     phantom = make_phantom(8, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0))
     values = np.stack([phantom.image[:, :, k].T for k in range(24)])  # rows y, columns x
-    files = write_series(tmp_path / "series", [(0.0, 0.0, 3.0 * k) for k in range(24)], values=values, rows=32, cols=40, pixel_spacing=(3.0, 3.0), description="uploaded series")
+    files = write_series(
+        tmp_path / "series",
+        [(0.0, 0.0, 3.0 * k) for k in range(24)],
+        values=values,
+        rows=32,
+        cols=40,
+        pixel_spacing=(3.0, 3.0),
+        description="uploaded series",
+    )
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for i, f in enumerate(files):
@@ -293,7 +319,7 @@ def _zip_with(name: str, data: bytes = b"x", symlink: bool = False) -> bytes:
     with zipfile.ZipFile(buffer, "w") as archive:
         info = zipfile.ZipInfo(name)
         if symlink:
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
         archive.writestr(info, data)
     return buffer.getvalue()
 
@@ -314,11 +340,15 @@ BAD_UPLOADS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "payload", "status", "words"), BAD_UPLOADS, ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_UPLOADS)])
+@pytest.mark.parametrize(
+    ("name", "payload", "status", "words"), BAD_UPLOADS, ids=[f"{i}-{case[0]}" for i, case in enumerate(BAD_UPLOADS)]
+)
 def test_bad_uploads_are_refused_and_leave_nothing(upload_client, name, payload, status, words):
     before = len(upload_client.get("/api/scans").json()["scans"])
     kept = _uploads(upload_client)
-    _error(upload_client.post("/api/scans", files={"file": (name, payload, "application/octet-stream")}), status, *words)
+    _error(
+        upload_client.post("/api/scans", files={"file": (name, payload, "application/octet-stream")}), status, *words
+    )
     assert _uploads(upload_client) == kept
     assert len(upload_client.get("/api/scans").json()["scans"]) == before
 
@@ -329,7 +359,11 @@ def test_an_unusable_nifti_is_refused(upload_client, tmp_path):
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), dtype=np.float32), np.eye(4)), flat)  # constant: not a CT
     kept = _uploads(upload_client)
-    error = _error(upload_client.post("/api/scans", files={"file": ("flat.nii.gz", flat.read_bytes(), "application/gzip")}), 400, "not a usable CT")
+    error = _error(
+        upload_client.post("/api/scans", files={"file": ("flat.nii.gz", flat.read_bytes(), "application/gzip")}),
+        400,
+        "not a usable CT",
+    )
     assert str(upload_client.state.uploads.root) not in error  # the server's own paths stay private
     assert _uploads(upload_client) == kept
 
@@ -337,13 +371,22 @@ def test_an_unusable_nifti_is_refused(upload_client, tmp_path):
 def test_oversized_uploads_are_refused(upload_client):
     kept = _uploads(upload_client)
     big = b"\0" * (3 * 2**20)  # the limit is 2 MiB
-    _error(upload_client.post("/api/scans", files={"file": ("big.nii", big, "application/octet-stream")}), 413, "limit of 2 MiB", "--max-upload-mb")
+    _error(
+        upload_client.post("/api/scans", files={"file": ("big.nii", big, "application/octet-stream")}),
+        413,
+        "limit of 2 MiB",
+        "--max-upload-mb",
+    )
     # A zip that unpacks past the limit (many times its own size) is refused as well.
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("series/0.dcm", b"\0" * (20 * 2**20))
     assert len(buffer.getvalue()) < 2**20
-    _error(upload_client.post("/api/scans", files={"file": ("bomb.zip", buffer.getvalue(), "application/zip")}), 413, "unpacks to more than")
+    _error(
+        upload_client.post("/api/scans", files={"file": ("bomb.zip", buffer.getvalue(), "application/zip")}),
+        413,
+        "unpacks to more than",
+    )
     _error(upload_client.post("/api/scans", data={"nofile": "1"}), 422, "file")
     assert _uploads(upload_client) == kept
 
@@ -359,7 +402,25 @@ def test_unsafe_member_names():
 @pytest.mark.slow
 def test_serve_binds_localhost_and_says_so(built):
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ctfm", "serve", str(built["store"]), "--weights", str(built["weights"]), "--port", "0", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ctfm",
+            "serve",
+            str(built["store"]),
+            "--weights",
+            str(built["weights"]),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         match = re.search(r"at (http://127\.0\.0\.1:(\d+)) \(bound to 127\.0\.0\.1, this machine only\)", line)
@@ -397,9 +458,23 @@ def test_serve_refuses_bad_stores_and_weights(built, tmp_path, capsys):
     taken.listen()
     try:
         capsys.readouterr()
-        assert main(["serve", str(built["store"]), "--weights", str(built["weights"]), "--port", str(taken.getsockname()[1])]) == 2
+        assert (
+            main(
+                [
+                    "serve",
+                    str(built["store"]),
+                    "--weights",
+                    str(built["weights"]),
+                    "--port",
+                    str(taken.getsockname()[1]),
+                ]
+            )
+            == 2
+        )
         assert "already in use" in capsys.readouterr().err
-        assert main(["serve", str(built["store"]), "--host", "192.0.2.77", "--port", "0"]) == 2  # not an address of this machine
+        assert (
+            main(["serve", str(built["store"]), "--host", "192.0.2.77", "--port", "0"]) == 2
+        )  # not an address of this machine
         assert "cannot bind" in capsys.readouterr().err
     finally:
         taken.close()
@@ -417,7 +492,9 @@ def test_display_grids_keep_world_points_whatever_the_stored_orientation():
     permuted = np.array([[0, 0, 2.0, 1], [1.5, 0, 0, 2], [0, -3.0, 0, 3], [0, 0, 0, 1]])  # axes swapped and flipped
     for affine in (np.diag([2.0, 1.5, 3.0, 1.0]), lps, permuted):
         display = to_display(MetaTensor(torch.from_numpy(hu)[None], affine=torch.as_tensor(affine)))
-        assert np.all(np.diag(display.affine)[:3] > 0) and np.allclose(display.affine[:3, :3], np.diag(np.diag(display.affine[:3, :3])))
+        assert np.all(np.diag(display.affine)[:3] > 0) and np.allclose(
+            display.affine[:3, :3], np.diag(np.diag(display.affine[:3, :3]))
+        )
         for ijk in [(0, 0, 0), (5, 4, 3), (2, 3, 1)]:
             world = affine @ np.append(ijk, 1.0)
             shown = display.voxel_of(world[:3])
@@ -434,13 +511,17 @@ def test_without_the_weights_the_app_searches_stored_windows_and_refuses_uploads
         point = state.vectors.centers_mm[np.flatnonzero(state.vectors.scan_id == sid)[0]].tolist()
         assert len(c.post("/api/search", json={"scan_id": sid, "point_mm": point, "k": 5}).json()["hits"]) == 2
         _error(c.post("/api/search", json={"scan_id": sid, "point_mm": point, "query": "centred"}), 400, "weights")
-        _error(c.post("/api/scans", files={"file": ("a.nii", b"x" * 400, "application/octet-stream")}), 400, "--weights")
+        _error(
+            c.post("/api/scans", files={"file": ("a.nii", b"x" * 400, "application/octet-stream")}), 400, "--weights"
+        )
 
 
 def test_random_weights_are_named():
     from ctfm.app.state import weights_are_random
 
-    assert "random initialisation (seed 3)" in weights_are_random("ab" * 32, {"provenance": {"source": "random-init", "seed": 3}})
+    assert "random initialisation (seed 3)" in weights_are_random(
+        "ab" * 32, {"provenance": {"source": "random-init", "seed": 3}}
+    )
     assert "randomly initialised encoder" in weights_are_random("state:" + "0" * 64, {})
     assert weights_are_random("ab" * 32, {"provenance": {"source": "converted"}}) is None
 
@@ -464,13 +545,20 @@ def test_display_volumes_are_kept_in_the_servers_folder(built, tmp_path):
 def test_errors_name_scans_by_id_not_by_the_servers_paths(client, built):
     sid = client.get("/api/scans").json()["scans"][0]["id"]
     corner = _world(client.get(f"/api/scans/{sid}").json(), (0, 0, 0))  # air, outside the cropped windows
-    error = _error(client.post("/api/search", json={"scan_id": sid, "point_mm": corner, "k": 3}), 400, f"scan {sid}", "outside every stored window")
+    error = _error(
+        client.post("/api/search", json={"scan_id": sid, "point_mm": corner, "k": 3}),
+        400,
+        f"scan {sid}",
+        "outside every stored window",
+    )
     assert str(built["root"]) not in error and ".nii" not in error
 
 
 def test_the_display_folder_keeps_to_its_budget(built, tmp_path):
     store = copy_store(built, tmp_path / "store")
-    _, state = build_app(store, weights=str(built["weights"]), device="cpu", display_cache_gb=1.5 * 48 * 40 * 30 * 2 / 2**30)
+    _, state = build_app(
+        store, weights=str(built["weights"]), device="cpu", display_cache_gb=1.5 * 48 * 40 * 30 * 2 / 2**30
+    )
     state.warm_up().join(timeout=120)
     assert len(list((store / "app-cache").glob("*.npy"))) == 1  # room for one scan, not two
     assert state.volumes.get(state.order[2]).shape == (48, 40, 30)  # the others still open, from their sources

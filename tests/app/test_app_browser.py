@@ -7,10 +7,12 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("ctfm.search", reason="the app searches with ctfm.search (region search)")
-playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser tests drive Chromium with Playwright (pip install playwright)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser tests drive Chromium with Playwright (pip install playwright)"
+)
 
-from app_fixtures import copy_store  # noqa: E402
 from app_browser import CHANGED_PIXELS_JS, SNAPSHOT_JS, InProcessServer, artefact_dir, chromium_path, launch  # noqa: E402
+from app_fixtures import copy_store  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -18,7 +20,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
     chromium_path()  # skip with the reason before starting anything
     store = copy_store(app_store, tmp_path / "store")  # the upload below adds a scan
-    with InProcessServer(store, weights=str(app_store["weights"]), device="cpu") as server, playwright_api.sync_playwright() as p:
+    with (
+        InProcessServer(store, weights=str(app_store["weights"]), device="cpu") as server,
+        playwright_api.sync_playwright() as p,
+    ):
         browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 980})
@@ -28,7 +33,9 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
             page.on("request", lambda r: requests.append(r.url))
             page.goto(server.url)
             page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-            assert "model ct-fm" in page.inner_text("#provenance") and "preset ct-fm-patches" in page.inner_text("#provenance")
+            assert "model ct-fm" in page.inner_text("#provenance") and "preset ct-fm-patches" in page.inner_text(
+                "#provenance"
+            )
             assert page.is_visible("#random-weights") and "random initialisation" in page.inner_text("#random-weights")
             items = page.locator("#scan-list li")
             assert items.count() == 3
@@ -53,7 +60,9 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
 
             hits.first.click()
             for axis in ("axial", "coronal", "sagittal"):
-                page.wait_for_selector(f"#match-viewer .view[data-axis='{axis}'] canvas[data-overlay='heatmap']", timeout=60_000)
+                page.wait_for_selector(
+                    f"#match-viewer .view[data-axis='{axis}'] canvas[data-overlay='heatmap']", timeout=60_000
+                )
             assert page.get_attribute("#match-viewer", "data-hit") == ids[0]
             assert ids[0] in page.get_attribute("#match-viewer .view[data-axis='axial'] canvas", "data-drawn")
             # The heatmap colours the match view: switching it off changes a large part of the image.
@@ -75,30 +84,52 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
             before = page.get_attribute("#match-viewer .view[data-axis='axial'] canvas", "data-drawn")
             page.hover("#match-viewer .view[data-axis='axial'] canvas")
             page.mouse.wheel(0, 100)
-            page.wait_for_function(f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{before}'", timeout=30_000)
+            page.wait_for_function(
+                f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{before}'",
+                timeout=30_000,
+            )
             after_wheel = page.get_attribute("#match-viewer .view[data-axis='axial'] canvas", "data-drawn")
             page.keyboard.press("PageUp")
-            page.wait_for_function(f"document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== '{after_wheel}'", timeout=30_000)
+            page.wait_for_function(
+                "document.querySelector(\"#match-viewer .view[data-axis='axial'] canvas\").dataset.drawn !== "
+                f"'{after_wheel}'",
+                timeout=30_000,
+            )
 
             # The match becomes the query: a search from the crosshair in that scan.
             page.click("#search-from-match")
-            page.wait_for_function(f"document.querySelector('#hit-list .hit') && ![...document.querySelectorAll('#hit-list .hit')].some(h => h.dataset.scanId === '{ids[0]}')", timeout=30_000)
-            assert query_id in [page.locator("#hit-list .hit").nth(i).get_attribute("data-scan-id") for i in range(page.locator("#hit-list .hit").count())]
+            page.wait_for_function(
+                "document.querySelector('#hit-list .hit') && ![...document.querySelectorAll('#hit-list .hit')].some(h "
+                f"=> h.dataset.scanId === '{ids[0]}')",
+                timeout=30_000,
+            )
+            assert query_id in [
+                page.locator("#hit-list .hit").nth(i).get_attribute("data-scan-id")
+                for i in range(page.locator("#hit-list .hit").count())
+            ]
 
             # Upload a NIfTI scan from the page: it is embedded, listed and chosen.
             from ctfm.synth import make_phantom, write_phantom
 
-            upload, _ = write_phantom(make_phantom(11, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), tmp_path / "up", stem="uploaded")
+            upload, _ = write_phantom(
+                make_phantom(11, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), tmp_path / "up", stem="uploaded"
+            )
             page.set_input_files("#upload-file", str(upload))
             page.click("#upload-button")
             try:
                 page.wait_for_function("document.querySelectorAll('#scan-list li').length === 4", timeout=90_000)
             except playwright_api.TimeoutError:
-                raise AssertionError(f"upload not listed: {page.inner_text('#upload-status')} / {page.inner_text('#message')}") from None
+                raise AssertionError(
+                    f"upload not listed: {page.inner_text('#upload-status')} / {page.inner_text('#message')}"
+                ) from None
             assert "added" in page.inner_text("#upload-status")
-            page.wait_for_selector("#scan-list li.active:has-text('40×32×24')", timeout=30_000)  # the new scan is chosen
+            page.wait_for_selector(
+                "#scan-list li.active:has-text('40×32×24')", timeout=30_000
+            )  # the new scan is chosen
             page.wait_for_selector("#query-viewer .view[data-axis='axial'] canvas[data-drawn]", timeout=30_000)
             assert not errors, errors
-            assert all(u.startswith(server.url) for u in requests), [u for u in requests if not u.startswith(server.url)]
+            assert all(u.startswith(server.url) for u in requests), [
+                u for u in requests if not u.startswith(server.url)
+            ]
         finally:
             browser.close()

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from dicom_factory import axial_positions, write_series
-
 from ctfm.cli import main
+from dicom_factory import axial_positions, write_series
 
 
 def nifti(path: Path, array, spacing=(1.0, 1.0, 2.0), dtype=np.int16) -> Path:
@@ -111,10 +110,30 @@ def test_corpus_is_large_enough(corpus):
 
 CORPUS_NAMES = sorted(
     [
-        "zero-byte nii.gz", "truncated nii.gz", "gzip of garbage", "wrong extension (text)", "text named .nrrd", "2D image",
-        "3D with one slice", "4D image", "NaN voxels", "constant volume", "8-bit export", "raw 12-bit without rescale",
-        "absurd spacing", "zero voxel size", "MR series", "duplicate positions", "missing slice", "mixed series", "empty folder",
-        "folder without DICOM", "missing path", "SEG-only folder", "single_slices folder", "single DICOM slice file",
+        "zero-byte nii.gz",
+        "truncated nii.gz",
+        "gzip of garbage",
+        "wrong extension (text)",
+        "text named .nrrd",
+        "2D image",
+        "3D with one slice",
+        "4D image",
+        "NaN voxels",
+        "constant volume",
+        "8-bit export",
+        "raw 12-bit without rescale",
+        "absurd spacing",
+        "zero voxel size",
+        "MR series",
+        "duplicate positions",
+        "missing slice",
+        "mixed series",
+        "empty folder",
+        "folder without DICOM",
+        "missing path",
+        "SEG-only folder",
+        "single_slices folder",
+        "single DICOM slice file",
         "single JPEG 2000 slice file",
     ]
 )
@@ -183,7 +202,15 @@ def test_unreadable_file_is_refused_in_a_real_process():
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     path = tmp_path / "empty.nii.gz"
     path.write_bytes(b"")
-    result = subprocess.run([sys.executable, "-m", "ctfm", "preprocess", str(path), "-o", str(tmp_path / "o.nii.gz")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ctfm", "preprocess", str(path), "-o", str(tmp_path / "o.nii.gz")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {path}: empty file (0 bytes) (the copy or download was interrupted; fetch the file again)"
+    assert (
+        result.stderr.strip()
+        == f"error: {path}: empty file (0 bytes) (the copy or download was interrupted; fetch the file again)"
+    )
     assert not (tmp_path / "o.nii.gz").exists()

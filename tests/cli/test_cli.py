@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import data_path
-from dicom_factory import axial_positions, write_series
-
 from ctfm.cli import main
 from ctfm.io import load_ct
 from ctfm.preprocess import get_preset, preprocess
+from dicom_factory import axial_positions, write_series
 
 
 @pytest.mark.slow
@@ -22,7 +21,10 @@ def test_demo_writes_its_outputs(tmp_path, run_cli):
     assert result.returncode == 0, result.stderr
     assert "not real data" in result.stdout
     # The cohort: a random ct-fm weights folder, a store with three scans, a neighbour for each.
-    assert "cannot be downloaded here" in result.stdout and "hf-hub:project-lighter/ct_fm_feature_extractor" in result.stdout
+    assert (
+        "cannot be downloaded here" in result.stdout
+        and "hf-hub:project-lighter/ct_fm_feature_extractor" in result.stdout
+    )
     neighbours = [line for line in result.stdout.splitlines() if "->" in line and "cosine" in line]
     assert len(neighbours) == 3
     import pyarrow.parquet as pq
@@ -48,10 +50,34 @@ def test_info_json_schema_on_real_dicom(scan, run_cli):
     assert set(report) == {"path", "format", "shape", "spacing_mm", "orientation", "hu", "record", "checks", "usable"}
     assert report["format"] == "dicom" and report["usable"] is True
     assert set(report["hu"]) == {"min", "p1", "p50", "p99", "max"}
-    assert report["hu"]["min"] <= report["hu"]["p1"] <= report["hu"]["p50"] <= report["hu"]["p99"] <= report["hu"]["max"]
+    assert (
+        report["hu"]["min"] <= report["hu"]["p1"] <= report["hu"]["p50"] <= report["hu"]["p99"] <= report["hu"]["max"]
+    )
     names = {c["name"]: c["status"] for c in report["checks"]}
-    assert set(names) == {"3d", "finite", "not_constant", "spacing", "geometry", "hu_range", "modality", "tilt", "uniform_spacing", "slices"}
-    for key in ("study_uid", "series_uid", "sop_uids", "kernel", "slice_thickness_mm", "manufacturer", "body_part", "contrast", "gantry_tilt_deg", "spacing_source"):
+    assert set(names) == {
+        "3d",
+        "finite",
+        "not_constant",
+        "spacing",
+        "geometry",
+        "hu_range",
+        "modality",
+        "tilt",
+        "uniform_spacing",
+        "slices",
+    }
+    for key in (
+        "study_uid",
+        "series_uid",
+        "sop_uids",
+        "kernel",
+        "slice_thickness_mm",
+        "manufacturer",
+        "body_part",
+        "contrast",
+        "gantry_tilt_deg",
+        "spacing_source",
+    ):
         assert key in report["record"]
     assert "derived from ImagePositionPatient" in report["record"]["spacing_source"]
     if "tilt" in scan:
@@ -75,7 +101,9 @@ def test_info_text_on_nrrd(run_cli):
 def test_preprocess_writes_the_preset_result_with_its_affine(tmp_path, run_cli):
     source = data_path("sarcoma_ct/STS_025/CT_image.nii.gz")
     out = tmp_path / "sub" / "out.nii.gz"
-    result = run_cli("preprocess", source, "--preset", "ct-fm-patches", "-o", out, "--save-spec", tmp_path / "spec.json")
+    result = run_cli(
+        "preprocess", source, "--preset", "ct-fm-patches", "-o", out, "--save-spec", tmp_path / "spec.json"
+    )
     assert result.returncode == 0, result.stderr
     expected = preprocess(load_ct(source)[0], get_preset("ct-fm-patches"))
     written = nib.load(str(out))
@@ -91,7 +119,18 @@ def test_preprocess_with_a_spec_file_and_series_choice(tmp_path, capsys):
     spec = get_preset("ct-fm-patches").with_(name="mine", spacing_mm=(2.0, 1.0, 1.0))
     spec.save(tmp_path / "mine.json")
     out = tmp_path / "out.nii.gz"
-    code = main(["preprocess", str(tmp_path / "dicom"), "--spec", str(tmp_path / "mine.json"), "--series", "1.2.3.2", "-o", str(out)])
+    code = main(
+        [
+            "preprocess",
+            str(tmp_path / "dicom"),
+            "--spec",
+            str(tmp_path / "mine.json"),
+            "--series",
+            "1.2.3.2",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert nib.load(str(out)).shape[0] == 8  # the 8-slice series, 2 mm apart, kept at 2 mm along S
 
@@ -102,7 +141,9 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"name": "x", "spacing": [1, 1, 1]}')
     assert main(["preprocess", "x.nii.gz", "--spec", str(tmp_path / "bad.json"), "-o", str(tmp_path / "o.nii.gz")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'bad.json'}: invalid PreprocessSpec") and len(err.strip().splitlines()) == 1
+    assert (
+        err.startswith(f"error: {tmp_path / 'bad.json'}: invalid PreprocessSpec") and len(err.strip().splitlines()) == 1
+    )
     assert main(["preprocess", "x.nii.gz", "-o", str(tmp_path / "o.png")]) == 2
     assert "output must be a NIfTI file" in capsys.readouterr().err
 
@@ -111,11 +152,19 @@ def test_os_errors_and_wrong_model_for_weights_are_one_line_errors(tmp_path, cap
     blocker = tmp_path / "file"
     blocker.write_text("x")
     source = tmp_path / "scan.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((16, 16, 8), -1000, np.int16) + np.arange(8, dtype=np.int16) * 100, np.eye(4)), str(source))
+    nib.save(
+        nib.Nifti1Image(np.full((16, 16, 8), -1000, np.int16) + np.arange(8, dtype=np.int16) * 100, np.eye(4)),
+        str(source),
+    )
     assert main(["preprocess", str(source), "-o", str(blocker / "sub" / "out.nii.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert main(["models", "init", "ct-fm-segresnet", "--seed", "0", "--out", str(tmp_path / "seg"), "--init-filters", "4"]) == 0
+    assert (
+        main(
+            ["models", "init", "ct-fm-segresnet", "--seed", "0", "--out", str(tmp_path / "seg"), "--init-filters", "4"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["embed", str(source), "--weights", str(tmp_path / "seg"), "--out", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -128,4 +177,9 @@ def test_preset_list_and_synth(tmp_path, capsys):
     for name in ("ct-fm-ssl", "ct-fm-patches", "ct-fm-1mm-320", "head-ct"):
         assert name in listing
     assert main(["synth", "--out", str(tmp_path), "--n", "2", "--seed", "5"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.nii.gz")) == ["phantom_seed5.nii.gz", "phantom_seed5_labels.nii.gz", "phantom_seed6.nii.gz", "phantom_seed6_labels.nii.gz"]
+    assert sorted(p.name for p in tmp_path.glob("*.nii.gz")) == [
+        "phantom_seed5.nii.gz",
+        "phantom_seed5_labels.nii.gz",
+        "phantom_seed6.nii.gz",
+        "phantom_seed6_labels.nii.gz",
+    ]

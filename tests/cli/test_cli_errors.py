@@ -49,18 +49,34 @@ def test_debug_shows_the_traceback(tmp_path, buggy_info, run_cli):
     "argv, message",
     [
         (["embed", "NOFILE", "--out", "STORE", "--mode", "patches", "--overlap", "1.5"], "overlap 1.5"),
-        (["embed", "NOFILE", "--out", "STORE", "--preset", "no-such-preset"], "unknown preprocessing preset 'no-such-preset'"),
+        (
+            ["embed", "NOFILE", "--out", "STORE", "--preset", "no-such-preset"],
+            "unknown preprocessing preset 'no-such-preset'",
+        ),
         (["finetune"], "ctfm finetune needs a task: cls or seg"),
         (["predict"], "ctfm predict needs a task: cls or seg"),
         # Checks every fine-tuning task shares (RunConfig), for classification as for segmentation.
-        (["finetune", "cls", "--preset", "tiny", "--set", "freeze=trunk", "--set", "out=STORE"], "freeze 'trunk': expected a list of parameter-name prefixes"),
-        (["finetune", "seg", "--preset", "tiny", "--set", "percentage=0", "--set", "out=STORE"], "percentage 0: expected a share of the cases in (0, 100]"),
+        (
+            ["finetune", "cls", "--preset", "tiny", "--set", "freeze=trunk", "--set", "out=STORE"],
+            "freeze 'trunk': expected a list of parameter-name prefixes",
+        ),
+        (
+            ["finetune", "seg", "--preset", "tiny", "--set", "percentage=0", "--set", "out=STORE"],
+            "percentage 0: expected a share of the cases in (0, 100]",
+        ),
     ],
     ids=["embed-overlap", "embed-preset", "finetune-no-task", "predict-no-task", "cls-freeze", "seg-percentage"],
 )
 def test_bad_option_values_are_user_errors(tmp_path, argv, message, run_cli):
     scan = write_phantom(make_phantom(0, shape=(24, 20, 16), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="p")[0]
-    argv = [str(scan) if a == "NOFILE" else str(tmp_path / "store") if a == "STORE" else a.replace("out=STORE", f"out={tmp_path / 'store'}") for a in argv]
+    argv = [
+        str(scan)
+        if a == "NOFILE"
+        else str(tmp_path / "store")
+        if a == "STORE"
+        else a.replace("out=STORE", f"out={tmp_path / 'store'}")
+        for a in argv
+    ]
     result = run_cli(*argv)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]

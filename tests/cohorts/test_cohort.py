@@ -14,10 +14,10 @@ import pytest
 
 from conftest import data_path
 from ctfm.cli import main
-from ctfm.errors import CTInputError, MissingDependencyError
 from ctfm.cohorts import idc
-from ctfm.io.sources import resolve_sources
 from ctfm.cohorts.idc import PAPER_FILTERS, apply_paper_filters, download_idc, series_folder
+from ctfm.errors import CTInputError, MissingDependencyError
+from ctfm.io.sources import resolve_sources
 
 
 # ---- the paper's filters on a synthetic index --------------------------------------------------
@@ -68,7 +68,10 @@ def test_paper_filters_on_a_synthetic_index():
 
 def test_paper_filters_report_what_the_bundled_index_cannot_filter():
     # the columns of idc-index's bundled `index`: no thickness, ImageType or positions
-    rows = [{k: v for k, v in r.items() if k not in ("SliceThickness", "ImageType", "unique_slice_positions")} for r in SYNTHETIC]
+    rows = [
+        {k: v for k, v in r.items() if k not in ("SliceThickness", "ImageType", "unique_slice_positions")}
+        for r in SYNTHETIC
+    ]
     kept, applied, skipped = apply_paper_filters(pa.Table.from_pylist(rows))
     assert applied == {"modality": 2, "instances": 1}
     assert set(skipped) == {"slice_thickness", "localizer", "unique_positions"}
@@ -80,15 +83,61 @@ def test_paper_filters_report_what_the_bundled_index_cannot_filter():
 def test_paper_filters_other_column_shapes():
     # per-instance min/max thickness, ImageType as a DICOM backslash string, distinct position counts
     rows = [
-        {"Modality": "CT", "instanceCount": 100, "SliceThickness_min": 1.0, "SliceThickness_max": 5.0, "ImageType": "ORIGINAL\\PRIMARY\\AXIAL", "n_distinct_positions": 100, "SeriesInstanceUID": "ok"},
-        {"Modality": "CT", "instanceCount": 100, "SliceThickness_min": 0.5, "SliceThickness_max": 2.0, "ImageType": "ORIGINAL\\PRIMARY\\AXIAL", "n_distinct_positions": 100, "SeriesInstanceUID": "min_too_thin"},
-        {"Modality": "CT", "instanceCount": 100, "SliceThickness_min": 2.0, "SliceThickness_max": 6.0, "ImageType": "ORIGINAL\\PRIMARY\\AXIAL", "n_distinct_positions": 100, "SeriesInstanceUID": "max_too_thick"},
-        {"Modality": "CT", "instanceCount": 100, "SliceThickness_min": 2.0, "SliceThickness_max": 2.0, "ImageType": "ORIGINAL\\PRIMARY\\localizer", "n_distinct_positions": 100, "SeriesInstanceUID": "localizer"},
-        {"Modality": "CT", "instanceCount": 100, "SliceThickness_min": 2.0, "SliceThickness_max": 2.0, "ImageType": "ORIGINAL\\PRIMARY\\AXIAL", "n_distinct_positions": 50, "SeriesInstanceUID": "two_per_position"},
+        {
+            "Modality": "CT",
+            "instanceCount": 100,
+            "SliceThickness_min": 1.0,
+            "SliceThickness_max": 5.0,
+            "ImageType": "ORIGINAL\\PRIMARY\\AXIAL",
+            "n_distinct_positions": 100,
+            "SeriesInstanceUID": "ok",
+        },
+        {
+            "Modality": "CT",
+            "instanceCount": 100,
+            "SliceThickness_min": 0.5,
+            "SliceThickness_max": 2.0,
+            "ImageType": "ORIGINAL\\PRIMARY\\AXIAL",
+            "n_distinct_positions": 100,
+            "SeriesInstanceUID": "min_too_thin",
+        },
+        {
+            "Modality": "CT",
+            "instanceCount": 100,
+            "SliceThickness_min": 2.0,
+            "SliceThickness_max": 6.0,
+            "ImageType": "ORIGINAL\\PRIMARY\\AXIAL",
+            "n_distinct_positions": 100,
+            "SeriesInstanceUID": "max_too_thick",
+        },
+        {
+            "Modality": "CT",
+            "instanceCount": 100,
+            "SliceThickness_min": 2.0,
+            "SliceThickness_max": 2.0,
+            "ImageType": "ORIGINAL\\PRIMARY\\localizer",
+            "n_distinct_positions": 100,
+            "SeriesInstanceUID": "localizer",
+        },
+        {
+            "Modality": "CT",
+            "instanceCount": 100,
+            "SliceThickness_min": 2.0,
+            "SliceThickness_max": 2.0,
+            "ImageType": "ORIGINAL\\PRIMARY\\AXIAL",
+            "n_distinct_positions": 50,
+            "SeriesInstanceUID": "two_per_position",
+        },
     ]
     kept, applied, skipped = apply_paper_filters(pa.Table.from_pylist(rows))
     assert kept.column("SeriesInstanceUID").to_pylist() == ["ok"]
-    assert skipped == {} and applied == {"modality": 0, "instances": 0, "slice_thickness": 2, "localizer": 1, "unique_positions": 1}
+    assert skipped == {} and applied == {
+        "modality": 0,
+        "instances": 0,
+        "slice_thickness": 2,
+        "localizer": 1,
+        "unique_positions": 1,
+    }
 
 
 def test_paper_filters_accept_a_pandas_frame():
@@ -108,9 +157,14 @@ class FakeIDCClient:
 
     def __init__(self, installed=(), fetch_error=None):
         pd = pytest.importorskip("pandas")
-        rows = [{k: v for k, v in r.items() if k not in ("SliceThickness", "ImageType", "unique_slice_positions")} for r in SYNTHETIC]
+        rows = [
+            {k: v for k, v in r.items() if k not in ("SliceThickness", "ImageType", "unique_slice_positions")}
+            for r in SYNTHETIC
+        ]
         self.index = pd.DataFrame(rows)
-        self.indices_overview = {name: {"installed": name in installed} for name in ("ct_index", "volume_geometry_index")}
+        self.indices_overview = {
+            name: {"installed": name in installed} for name in ("ct_index", "volume_geometry_index")
+        }
         self.ct_index = None
         self.volume_geometry_index = None
         self.fetch_error = fetch_error
@@ -122,9 +176,24 @@ class FakeIDCClient:
         if self.fetch_error is not None and not self.indices_overview[name]["installed"]:
             raise self.fetch_error
         if name == "ct_index":
-            self.ct_index = pd.DataFrame([{"SeriesInstanceUID": r["SeriesInstanceUID"], "SliceThickness": r["SliceThickness"], "ImageType": r["ImageType"], "KVP": 120.0} for r in SYNTHETIC])
+            self.ct_index = pd.DataFrame(
+                [
+                    {
+                        "SeriesInstanceUID": r["SeriesInstanceUID"],
+                        "SliceThickness": r["SliceThickness"],
+                        "ImageType": r["ImageType"],
+                        "KVP": 120.0,
+                    }
+                    for r in SYNTHETIC
+                ]
+            )
         else:
-            self.volume_geometry_index = pd.DataFrame([{"SeriesInstanceUID": r["SeriesInstanceUID"], "unique_slice_positions": r["unique_slice_positions"]} for r in SYNTHETIC])
+            self.volume_geometry_index = pd.DataFrame(
+                [
+                    {"SeriesInstanceUID": r["SeriesInstanceUID"], "unique_slice_positions": r["unique_slice_positions"]}
+                    for r in SYNTHETIC
+                ]
+            )
 
 
 def test_select_idc_cohort_uses_locally_installed_indices():
@@ -134,7 +203,18 @@ def test_select_idc_cohort_uses_locally_installed_indices():
     assert result.skipped == {} and set(result.notes) == {"slice_thickness", "localizer", "unique_positions"}
     assert "ANY_VALUE" in result.notes["slice_thickness"]
     names = result.table.column_names
-    for column in ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "collection_id", "Modality", "instanceCount", "SliceThickness", "series_size_MB", "path", "series_uid"):
+    for column in (
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "PatientID",
+        "collection_id",
+        "Modality",
+        "instanceCount",
+        "SliceThickness",
+        "series_size_MB",
+        "path",
+        "series_uid",
+    ):
         assert column in names
     assert result.table.column("path").null_count == result.n_series
     assert (result.n_series, result.n_patients, result.n_collections, result.size_mb) == (5, 5, 2, 50.0)
@@ -157,7 +237,9 @@ def test_select_idc_cohort_errors_are_one_line():
         idc.select_idc_cohort(client=FakeIDCClient(), collections=["nslt"])
     # simulated: the extra index cannot be downloaded (what `requests` raises offline)
     with pytest.raises(CTInputError, match="could not fetch the IDC ct_index.*ConnectionError"):
-        idc.select_idc_cohort(client=FakeIDCClient(fetch_error=ConnectionError("Failed to resolve github.com")), fetch_indices=True)
+        idc.select_idc_cohort(
+            client=FakeIDCClient(fetch_error=ConnectionError("Failed to resolve github.com")), fetch_indices=True
+        )
 
 
 def test_missing_idc_index_names_the_pip_command(monkeypatch, capsys, tmp_path):
@@ -192,11 +274,22 @@ def test_real_idc_index_query_offline(monkeypatch, capsys, tmp_path):
         pytest.skip(f"idc-index {idc_index.__version__} touches the network when its client starts: {exc}")
     monkeypatch.setattr(idc, "idc_client", lambda: client)
     out = tmp_path / "cohort.parquet"
-    assert main(["cohort", "idc", "--out", str(out), "--limit", "5"]) == 0  # would raise _NetworkTouched on any connection
+    assert (
+        main(["cohort", "idc", "--out", str(out), "--limit", "5"]) == 0
+    )  # would raise _NetworkTouched on any connection
     printed = capsys.readouterr().out
     table = pq.read_table(out)
     assert table.num_rows == 5
-    for column in ("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "collection_id", "Modality", "instanceCount", "series_size_MB", "path"):
+    for column in (
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "PatientID",
+        "collection_id",
+        "Modality",
+        "instanceCount",
+        "series_size_MB",
+        "path",
+    ):
         assert column in table.column_names
     assert set(table.column("Modality").to_pylist()) == {"CT"}
     assert min(table.column("instanceCount").to_pylist()) > 50
@@ -213,10 +306,28 @@ def test_real_idc_index_query_offline(monkeypatch, capsys, tmp_path):
 # ---- download (the transfer itself is always simulated here) -----------------------------------
 def _idc_manifest(path: Path, n: int = 2) -> Path:
     rows = [
-        {"SeriesInstanceUID": f"1.2.3.{i}", "StudyInstanceUID": "1.2.3", "PatientID": f"P{i}", "collection_id": "demo_collection", "Modality": "CT", "instanceCount": 3, "series_size_MB": 1.5, "series_uid": f"1.2.3.{i}", "path": None}
+        {
+            "SeriesInstanceUID": f"1.2.3.{i}",
+            "StudyInstanceUID": "1.2.3",
+            "PatientID": f"P{i}",
+            "collection_id": "demo_collection",
+            "Modality": "CT",
+            "instanceCount": 3,
+            "series_size_MB": 1.5,
+            "series_uid": f"1.2.3.{i}",
+            "path": None,
+        }
         for i in range(n)
     ]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([(k, pa.int64() if k == "instanceCount" else pa.float64() if k == "series_size_MB" else pa.string()) for k in rows[0]]))
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                (k, pa.int64() if k == "instanceCount" else pa.float64() if k == "series_size_MB" else pa.string())
+                for k in rows[0]
+            ]
+        ),
+    )
     pq.write_table(table, path)
     return path
 
@@ -224,7 +335,10 @@ def _idc_manifest(path: Path, n: int = 2) -> Path:
 # What idc-index 0.13 logs when s5cmd cannot reach the bucket (captured from a real offline run);
 # download_from_selection returns normally after it.
 OFFLINE_LOG = [
-    'Download process failed with the following errors:\nERROR session: fetching region failed: RequestError: send request failed\n\nERROR "cp s3://idc-open-data/357b6269/* DOWNLOAD_DIR/CT_1.2": RequestError: send request failed caused by: Get "https://s3.amazonaws.com/idc-open-data?list-type=2": dial tcp: lookup s3.amazonaws.com on RESOLVER:53: no such host',
+    "Download process failed with the following errors:\nERROR session: fetching region failed: RequestError: send "
+    'request failed\n\nERROR "cp s3://idc-open-data/357b6269/* DOWNLOAD_DIR/CT_1.2": RequestError: send request failed '
+    'caused by: Get "https://s3.amazonaws.com/idc-open-data?list-type=2": dial tcp: lookup s3.amazonaws.com on '
+    "RESOLVER:53: no such host",
     "Download process return non-zero exit code: 1",
 ]
 
@@ -296,7 +410,10 @@ def test_download_records_paths_and_resumes(tmp_path, capsys, monkeypatch):
     assert main(["cohort", "download", str(manifest), str(out_dir), "--no-progress"]) == 1
     assert asked[-1] == ["1.2.3.1", "1.2.3.2"]
     captured = capsys.readouterr()
-    assert "downloaded 1 series, 1 already had a path, 1 missing" in captured.out and "error: series 1.2.3.2: nothing downloaded" in captured.err
+    assert (
+        "downloaded 1 series, 1 already had a path, 1 missing" in captured.out
+        and "error: series 1.2.3.2: nothing downloaded" in captured.err
+    )
     # a run that gets nothing at all is an error (exit 2), and says how to resume
     monkeypatch.setattr(idc, "idc_download", lambda uids, d, progress=True: [])
     assert main(["cohort", "download", str(manifest), str(out_dir), "--no-progress"]) == 2
@@ -360,7 +477,11 @@ def test_scan_lists_every_real_scan_and_records_label_files_as_errors(scanned):
     assert set(rows) == set(CT_SCANS) | set(LABEL_FILES)
     for name in CT_SCANS:
         assert rows[name]["error"] is None, rows[name]["error"]
-        assert rows[name]["content_hash"] and rows[name]["disk_bytes"] > 0 and rows[name]["n_voxels"] == int(np.prod(rows[name]["shape"]))
+        assert (
+            rows[name]["content_hash"]
+            and rows[name]["disk_bytes"] > 0
+            and rows[name]["n_voxels"] == int(np.prod(rows[name]["shape"]))
+        )
     for name in LABEL_FILES:
         assert rows[name]["error"] and "not HU" in rows[name]["error"] and rows[name]["shape"] is None
 
@@ -376,11 +497,19 @@ def test_scan_rows_match_the_loader(scanned):
             warnings.simplefilter("ignore")
             image, record = load_ct(row["path"], row["series_uid"])
         assert row["shape"] == list(image.shape[1:]) and np.allclose(row["spacing_mm"], record.spacing_mm)
-        assert (row["SeriesInstanceUID"], row["StudyInstanceUID"], row["Modality"], row["SliceThickness"]) == (record.series_uid, record.study_uid, record.modality, record.slice_thickness_mm)
+        assert (row["SeriesInstanceUID"], row["StudyInstanceUID"], row["Modality"], row["SliceThickness"]) == (
+            record.series_uid,
+            record.study_uid,
+            record.modality,
+            record.slice_thickness_mm,
+        )
     assert rows["abdomen_dicom/dicom"]["Modality"] == "CT" and rows["abdomen_dicom/dicom"]["n_slices"] == 20
     assert rows["abdomen_dicom/dicom"]["SliceThickness"] == 3.0
     assert rows["head_tilt_dicom/dicom"]["warnings"] and "resampled" in rows["head_tilt_dicom/dicom"]["warnings"]
-    assert rows["lung_tumour_nrrd/lung1_image.nrrd"]["format"] == "nrrd" and rows["lung_tumour_nrrd/lung1_image.nrrd"]["n_slices"] == 48
+    assert (
+        rows["lung_tumour_nrrd/lung1_image.nrrd"]["format"] == "nrrd"
+        and rows["lung_tumour_nrrd/lung1_image.nrrd"]["n_slices"] == 48
+    )
     # the manifest feeds the cache: rows with an error are left out and counted
     resolved = resolve_sources(out)
     assert len(resolved.sources) == len(CT_SCANS) and resolved.unreadable == len(LABEL_FILES)

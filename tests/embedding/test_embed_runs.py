@@ -20,31 +20,77 @@ from ctfm.store import EmbeddingStore
 from ctfm.synth import make_phantom, write_phantom
 
 SCAN_COLUMNS = {
-    "scan_id", "source_path", "series_uid", "study_uid", "content_hash", "mode", "pool", "overlap", "n_patches", "model",
-    "weights_sha256", "preset", "preset_hash", "precision", "package_version", "created_at", "embedding",
+    "scan_id",
+    "source_path",
+    "series_uid",
+    "study_uid",
+    "content_hash",
+    "mode",
+    "pool",
+    "overlap",
+    "n_patches",
+    "model",
+    "weights_sha256",
+    "preset",
+    "preset_hash",
+    "precision",
+    "package_version",
+    "created_at",
+    "embedding",
     # how it was computed and what the scan record says (filterable without the source files)
-    "write_id", "preprocess_spec", "format", "modality", "kernel", "slice_thickness_mm", "manufacturer", "body_part",
-    "contrast", "study_date", "series_description", "orientation", "spacing_mm", "shape",
+    "write_id",
+    "preprocess_spec",
+    "format",
+    "modality",
+    "kernel",
+    "slice_thickness_mm",
+    "manufacturer",
+    "body_part",
+    "contrast",
+    "study_date",
+    "series_description",
+    "orientation",
+    "spacing_mm",
+    "shape",
 }
 
 
 def ctfm_cli(*args, timeout=600, **kwargs):
     """A real ``python -m ctfm`` process (for DDP, which starts its own workers)."""
-    return subprocess.run([sys.executable, "-m", "ctfm", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "ctfm", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, tiny_weights):
     """Four small phantoms (3 mm voxels) and a narrow random CT-FM weights folder."""
     root = tmp_path_factory.mktemp("cohort")
-    scans = [write_phantom(make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed}")[0] for seed in range(4)]
+    scans = [
+        write_phantom(
+            make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed}"
+        )[0]
+        for seed in range(4)
+    ]
     return {"root": root, "scans": scans, "weights": tiny_weights}
 
 
 @pytest.mark.slow
 def test_patch_mode_store_schema_and_api(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
-    result = run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "min", "--out", store, "--no-progress")
+    result = run_cli(
+        "embed",
+        *cohort["scans"][:2],
+        "--weights",
+        cohort["weights"],
+        "--mode",
+        "patches",
+        "--pool",
+        "min",
+        "--out",
+        store,
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert "embedded 2 scan(s), skipped 0 already in the store, 0 failed" in result.stdout
     scans = pq.read_table(store / "scans.parquet")
@@ -61,11 +107,25 @@ def test_patch_mode_store_schema_and_api(cohort, tmp_path, run_cli):
         own = np.asarray([p["embedding"] for p in patches if p["scan_id"] == r["scan_id"]])
         np.testing.assert_allclose(r["embedding"], own.min(axis=0), atol=1e-6)
     # A different pooling is a different result: it is computed, not taken from the store.
-    mean = run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--pool", "mean", "--out", store, "--no-progress")
+    mean = run_cli(
+        "embed",
+        *cohort["scans"][:2],
+        "--weights",
+        cohort["weights"],
+        "--mode",
+        "patches",
+        "--pool",
+        "mean",
+        "--out",
+        store,
+        "--no-progress",
+    )
     assert "embedded 2 scan(s), skipped 0" in mean.stdout
     assert EmbeddingStore(store).scans().num_rows == 4
     # The Python API returns the same records.
-    records = ctfm.embed([str(p) for p in cohort["scans"][:2]], weights=str(cohort["weights"]), mode="patches", pool="min")
+    records = ctfm.embed(
+        [str(p) for p in cohort["scans"][:2]], weights=str(cohort["weights"]), mode="patches", pool="min"
+    )
     by_id = {r["scan_id"]: r for r in rows}
     for rec in records:
         np.testing.assert_allclose(rec["embedding"], by_id[rec["scan_id"]]["embedding"], atol=1e-6)
@@ -80,7 +140,18 @@ def test_folders_manifests_failures_and_resume(cohort, tmp_path, run_cli):
     manifest = tmp_path / "manifest.csv"
     pcsv.write_csv(pa.table({"path": [str(broken), str(cohort["scans"][0])]}), manifest)
     store = tmp_path / "store"
-    first = run_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
+    first = run_cli(
+        "embed",
+        scans_dir,
+        manifest,
+        "--weights",
+        cohort["weights"],
+        "--mode",
+        "patches",
+        "--out",
+        store,
+        "--no-progress",
+    )
     # 4 phantoms + their 4 label maps from the folder, the broken file from the manifest.
     assert first.returncode == 1
     assert "embedded 4 scan(s)" in first.stdout and "5 failed" in first.stdout
@@ -89,12 +160,33 @@ def test_folders_manifests_failures_and_resume(cohort, tmp_path, run_cli):
     assert sum("not HU: a label map" in e for e in errors) == 4
     failures = EmbeddingStore(store).failures().to_pylist()
     assert len(failures) == 5 and all(f["error"] for f in failures)
-    again = run_cli("embed", scans_dir, manifest, "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
+    again = run_cli(
+        "embed",
+        scans_dir,
+        manifest,
+        "--weights",
+        cohort["weights"],
+        "--mode",
+        "patches",
+        "--out",
+        store,
+        "--no-progress",
+    )
     assert "embedded 0 scan(s), skipped 4 already in the store" in again.stdout
     assert EmbeddingStore(store).scans().num_rows == 4
     # A Parquet manifest works the same way.
     pq.write_table(pa.table({"path": [str(p) for p in cohort["scans"]]}), tmp_path / "m.parquet")
-    third = run_cli("embed", tmp_path / "m.parquet", "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress")
+    third = run_cli(
+        "embed",
+        tmp_path / "m.parquet",
+        "--weights",
+        cohort["weights"],
+        "--mode",
+        "patches",
+        "--out",
+        store,
+        "--no-progress",
+    )
     assert third.returncode == 0 and "skipped 4" in third.stdout
 
 
@@ -102,7 +194,20 @@ def test_folders_manifests_failures_and_resume(cohort, tmp_path, run_cli):
 def test_sigkill_loses_nothing_already_written(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
     many = cohort["scans"] * 1  # four scans; kill after the first one lands
-    command = [sys.executable, "-m", "ctfm", "embed", *map(str, many), "--weights", str(cohort["weights"]), "--mode", "whole", "--out", str(store), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "ctfm",
+        "embed",
+        *map(str, many),
+        "--weights",
+        str(cohort["weights"]),
+        "--mode",
+        "whole",
+        "--out",
+        str(store),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     parts = store / "parts"

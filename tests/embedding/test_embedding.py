@@ -3,18 +3,16 @@ definitions; world coordinates of patches; dense point queries."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from conftest import data_path
-from reference_chains import REFERENCE_CHAINS, load_reference
-
 from ctfm.embedding import EmbedOptions, embed_dense, embed_patches, embed_whole
 from ctfm.embedding.streaming import streamed_embedding, streamed_features
 from ctfm.io import load_ct
 from ctfm.models import create_model, pool_embedding
+from reference_chains import REFERENCE_CHAINS, load_reference
 
 
 def narrow_encoder(seed: int = 0, init_filters: int = 4):
@@ -47,7 +45,9 @@ def test_streamed_features_equal_the_full_forward(depth, chunk):
     for level, (a, b) in enumerate(zip(full, streamed)):
         assert a.shape == b.shape, (level, a.shape, b.shape)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(streamed_embedding(encoder, x, chunk=chunk), pool_embedding(full[-1]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        streamed_embedding(encoder, x, chunk=chunk), pool_embedding(full[-1]), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_streaming_needs_eval_mode_batchnorm():
@@ -92,7 +92,9 @@ def test_bf16_whole_embedding_is_close_to_fp32():
     # and the agreement does not depend on the grid.
     from ctfm.preprocess import get_preset
 
-    spec = get_preset("ct-fm-1mm-320").with_(name="whole-3mm-64", spacing_mm=(3.0, 3.0, 3.0), patch_size_mm=(192.0, 192.0, 192.0))
+    spec = get_preset("ct-fm-1mm-320").with_(
+        name="whole-3mm-64", spacing_mm=(3.0, 3.0, 3.0), patch_size_mm=(192.0, 192.0, 192.0)
+    )
     fp32 = embed_whole(encoder, image, EmbedOptions(mode="whole", spec=spec))
     bf16 = embed_whole(encoder, image, EmbedOptions(mode="whole", spec=spec, precision="bf16"))
     assert cosine(fp32, bf16) >= 0.999
@@ -127,7 +129,9 @@ def test_patch_centres_are_world_millimetres():
     from ctfm.preprocess import PreprocessSpec
 
     # Already at 3x1x1 mm in SPL order: the spec's resampling and orientation keep the grid.
-    affine = torch.tensor([[0, 0, -1.0, 50.0], [0, -1.0, 0, 20.0], [3.0, 0, 0, -100.0], [0, 0, 0, 1.0]], dtype=torch.float64)
+    affine = torch.tensor(
+        [[0, 0, -1.0, 50.0], [0, -1.0, 0, 20.0], [3.0, 0, 0, -100.0], [0, 0, 0, 1.0]], dtype=torch.float64
+    )
     image = MetaTensor(torch.full((1, 48, 300, 30), 100.0), affine=affine)
     spec = PreprocessSpec(name="t", foreground_crop=None, patch_size_mm=(72.0, 128.0, 128.0))
     grid = embed_patches(narrow_encoder(), image, EmbedOptions(mode="patches", spec=spec))
@@ -151,7 +155,9 @@ def test_dense_features_and_point_queries():
 
     from ctfm.preprocess import PreprocessSpec
 
-    image = MetaTensor(torch.randn(1, 40, 48, 64) * 300, affine=torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0], dtype=torch.float64)))
+    image = MetaTensor(
+        torch.randn(1, 40, 48, 64) * 300, affine=torch.diag(torch.tensor([1.0, 1.0, 3.0, 1.0], dtype=torch.float64))
+    )
     spec = PreprocessSpec(name="t", foreground_crop=None)
     encoder = narrow_encoder()
     dense = embed_dense(encoder, image, EmbedOptions(mode="dense", spec=spec, chunk=5))

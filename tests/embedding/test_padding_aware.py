@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from test_embedding import narrow_encoder
 
 from ctfm.embedding import padding_aware
@@ -57,7 +56,9 @@ def test_thin_volumes(shape):
     encoder = narrow_encoder(init_filters=4)
     x = torch.zeros(1, 1, *shape)
     x[0, 0, shape[0] // 2, shape[1] // 2, : shape[2] // 2 + 1] = torch.rand(shape[2] // 2 + 1)
-    torch.testing.assert_close(padding_aware_embedding(encoder, x, chunk=2), reference(encoder, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        padding_aware_embedding(encoder, x, chunk=2), reference(encoder, x), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_nonzero_padding_runs_inside_the_scan_and_batches():
@@ -66,7 +67,9 @@ def test_nonzero_padding_runs_inside_the_scan_and_batches():
     x = boxed((56, 48, 40), (slice(5, 50), slice(12, 40), slice(8, 30)), pad_value=0.37, batch=2)
     x[:, :, 20:31] = x[:, :, 20:21].clone()  # a run of 11 identical slices inside the box along D
     x[:, :, :, 25:29] = x[:, :, :, 25:26].clone()
-    torch.testing.assert_close(padding_aware_embedding(encoder, x, chunk=4), reference(encoder, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        padding_aware_embedding(encoder, x, chunk=4), reference(encoder, x), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_bf16_stays_close():

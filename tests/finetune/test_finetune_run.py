@@ -32,7 +32,22 @@ class ToyConfig(FinetuneConfig):
             raise OptionError(f"noise {self.noise}: expected >= 0")
 
 
-TOY_PRESETS = {"tiny": {"batch_size": 4, "num_workers": 0, "max_epochs": 3, "steps_per_epoch": 2, "warmup_epochs": 0, "precision": "32-true", "accelerator": "cpu", "devices": 1, "strategy": "auto", "val_every_n_epochs": 1, "checkpoint_every_n_epochs": 1, "lr": 0.05}}
+TOY_PRESETS = {
+    "tiny": {
+        "batch_size": 4,
+        "num_workers": 0,
+        "max_epochs": 3,
+        "steps_per_epoch": 2,
+        "warmup_epochs": 0,
+        "precision": "32-true",
+        "accelerator": "cpu",
+        "devices": 1,
+        "strategy": "auto",
+        "val_every_n_epochs": 1,
+        "checkpoint_every_n_epochs": 1,
+        "lr": 0.05,
+    }
+}
 
 
 class ToyData(Dataset):
@@ -85,7 +100,9 @@ class ToyTask(FinetuneTask):
         from ctfm.runs import EpochIndexSampler
 
         data = ToyData(config)
-        train = DataLoader(data, batch_size=config.batch_size, sampler=EpochIndexSampler(samples_per_epoch(config, len(data))))
+        train = DataLoader(
+            data, batch_size=config.batch_size, sampler=EpochIndexSampler(samples_per_epoch(config, len(data)))
+        )
         val = DataLoader([(torch.ones(3), torch.tensor(3.0))], batch_size=1)
         return train, val
 

@@ -22,7 +22,9 @@ def phantom_manifest(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantoms")
     rows = []
     for seed in range(3):
-        image, label = write_phantom(make_phantom(seed=seed, shape=(40, 32, 36), spacing_mm=(6.0, 6.0, 6.0)), folder, stem=f"p{seed}")
+        image, label = write_phantom(
+            make_phantom(seed=seed, shape=(40, 32, 36), spacing_mm=(6.0, 6.0, 6.0)), folder, stem=f"p{seed}"
+        )
         rows.append({"image": image.name, "label": label.name, "split": "val" if seed == 2 else "train"})
     manifest = folder / "cases.csv"
     with open(manifest, "w", newline="") as fh:
@@ -45,7 +47,11 @@ def test_tiny_run_learns_validates_and_exports(phantom_manifest, tmp_path):
     from ctfm.finetune.seg import finetune_seg, resolve_seg_config
     from ctfm.models.segmentation import load_segmentation_model
 
-    config = resolve_seg_config("tiny", None, {"data": str(phantom_manifest), "out": str(tmp_path / "run"), "classes": CLASSES, "val_fraction": 0.0})
+    config = resolve_seg_config(
+        "tiny",
+        None,
+        {"data": str(phantom_manifest), "out": str(tmp_path / "run"), "classes": CLASSES, "val_fraction": 0.0},
+    )
     losses = Losses()
     export = finetune_seg(config, extra_callbacks=[losses], progress_bar=False)
     assert len(losses.losses) == 12 and np.mean(losses.losses[-4:]) < np.mean(losses.losses[:4])
@@ -88,7 +94,13 @@ def test_paired_transforms_give_the_image_chain_exactly(phantom_manifest):
     image, label = load_case(data.cases[0], data)
     paired = build_paired_transforms(spec)({"image": image.float(), "label": label.float()})
     torch.testing.assert_close(paired["image"].as_tensor(), build_transforms(spec)(image.float()).as_tensor())
-    assert paired["label"].shape == paired["image"].shape and set(torch.unique(paired["label"]).tolist()) <= {0, 1, 2, 3, 4}
+    assert paired["label"].shape == paired["image"].shape and set(torch.unique(paired["label"]).tolist()) <= {
+        0,
+        1,
+        2,
+        3,
+        4,
+    }
 
 
 def _nifti(array, path, affine=None):
@@ -117,7 +129,9 @@ def test_totalsegmentator_folder_combines_masks_and_reads_splits(tmp_path):
     values = label.numpy()[0]
     assert (values == 2).sum() == 18 and (values == 1).sum() == 8  # channel order follows `classes`
     with pytest.raises(CTInputError, match="missing mask of class 'heart'"):
-        load_case(data.cases[0], open_seg_data(tmp_path, class_map=class_map, split_column="vista_split").select(["heart"]))
+        load_case(
+            data.cases[0], open_seg_data(tmp_path, class_map=class_map, split_column="vista_split").select(["heart"])
+        )
     with pytest.raises(CTInputError, match="lacks split column 'fold'"):
         open_seg_data(tmp_path, class_map=class_map, split_column="fold")
 
@@ -126,8 +140,19 @@ def test_msd_folder_folds_and_few_shot(tmp_path):
     from ctfm.finetune.data import few_shot, open_seg_data
 
     (tmp_path / "imagesTr").mkdir()
-    entries = [{"image": f"./imagesTr/lung_{i:03d}.nii.gz", "label": f"./labelsTr/lung_{i:03d}.nii.gz", "fold": i % 5} for i in range(10)]
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "cancer"}, "training": entries, "testing": ["./imagesTs/lung_100.nii.gz"]}))
+    entries = [
+        {"image": f"./imagesTr/lung_{i:03d}.nii.gz", "label": f"./labelsTr/lung_{i:03d}.nii.gz", "fold": i % 5}
+        for i in range(10)
+    ]
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "cancer"},
+                "training": entries,
+                "testing": ["./imagesTs/lung_100.nii.gz"],
+            }
+        )
+    )
     data = open_seg_data(tmp_path)
     assert data.kind == "msd" and data.source_labels == {0: "background", 1: "cancer"}
     assert [c.name for c in data.split("val")] == ["lung_004", "lung_009"] and len(data.split("test")) == 1
@@ -148,9 +173,27 @@ def test_bad_labels_are_refused_in_one_line(tmp_path, capsys):
     outside[2, 2, 2] = 9
     _nifti(outside, tmp_path / "outside.nii.gz")
     (tmp_path / "map.json").write_text(json.dumps({"0": "background", "1": "liver"}))
-    for label, message in (("short.nii.gz", "label map on another grid than its image"), ("outside.nii.gz", "label values 9 are not in the class map")):
+    for label, message in (
+        ("short.nii.gz", "label map on another grid than its image"),
+        ("outside.nii.gz", "label values 9 are not in the class map"),
+    ):
         (tmp_path / "m.csv").write_text(f"image,label\nct.nii.gz,{label}\n")
-        code = main(["finetune", "seg", "--preset", "tiny", "--set", f"data={tmp_path / 'm.csv'}", "--set", f"out={tmp_path / 'run'}", "--set", f"class_map={tmp_path / 'map.json'}", "--set", "val_fraction=0"])
+        code = main(
+            [
+                "finetune",
+                "seg",
+                "--preset",
+                "tiny",
+                "--set",
+                f"data={tmp_path / 'm.csv'}",
+                "--set",
+                f"out={tmp_path / 'run'}",
+                "--set",
+                f"class_map={tmp_path / 'map.json'}",
+                "--set",
+                "val_fraction=0",
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     code = main(["finetune", "seg", "--preset", "tiny", "--set", "pach_size=[8,8,8]"])
@@ -161,7 +204,19 @@ def test_bad_labels_are_refused_in_one_line(tmp_path, capsys):
 def test_frozen_encoder_keeps_its_weights(phantom_manifest, tmp_path):
     from ctfm.finetune.seg import SegmentationTask, resolve_seg_config
 
-    config = resolve_seg_config("tiny", None, {"data": str(phantom_manifest), "out": str(tmp_path / "frozen"), "classes": CLASSES, "freeze": ["encoder"], "max_epochs": 1, "steps_per_epoch": 2, "val_every_n_epochs": 0})
+    config = resolve_seg_config(
+        "tiny",
+        None,
+        {
+            "data": str(phantom_manifest),
+            "out": str(tmp_path / "frozen"),
+            "classes": CLASSES,
+            "freeze": ["encoder"],
+            "max_epochs": 1,
+            "steps_per_epoch": 2,
+            "val_every_n_epochs": 0,
+        },
+    )
     task = SegmentationTask()
     module = task.build_module(config)
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
@@ -169,7 +224,11 @@ def test_frozen_encoder_keeps_its_weights(phantom_manifest, tmp_path):
 
     run_finetune(config, task, progress_bar=False)
     after = torch.load(tmp_path / "frozen" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert all(torch.equal(before[k], after[f"model.{k}"]) for k in before if k.startswith("encoder.") and "running" not in k and "num_batches" not in k)
+    assert all(
+        torch.equal(before[k], after[f"model.{k}"])
+        for k in before
+        if k.startswith("encoder.") and "running" not in k and "num_batches" not in k
+    )
     assert any(not torch.equal(before[k], after[f"model.{k}"]) for k in before if k.startswith("up_layers."))
 
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import data_path
-from dicom_factory import axial_positions, write_series
-
 from ctfm.errors import CTInputError
 from ctfm.io import CTGeometryWarning, load_ct
+from dicom_factory import axial_positions, write_series
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -60,7 +59,9 @@ def test_stacking_a_tilted_series_as_uniform_would_be_wrong(tmp_path):
     """Guard for the test above: naive stacking of the same slices disagrees with the true field."""
     tilt = math.radians(20.0)
     orientation = (1, 0, 0, 0, math.cos(tilt), -math.sin(tilt))
-    write_series(tmp_path, [(0.0, 0.0, 4.0 * k) for k in range(8)], values=linear_hu, orientation=orientation, rows=16, cols=8)
+    write_series(
+        tmp_path, [(0.0, 0.0, 4.0 * k) for k in range(8)], values=linear_hu, orientation=orientation, rows=16, cols=8
+    )
     import pydicom
 
     files = sorted(tmp_path.glob("*.dcm"))
@@ -109,7 +110,11 @@ def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
     with pytest.raises(CTInputError) as err:
         load_ct(tmp_path)
     message = str(err.value)
-    assert "1.2.3.4.1 'soft tissue' 5 slices" in message and "1.2.3.4.2 'lung' 7 slices" in message and "--series" in message
+    assert (
+        "1.2.3.4.1 'soft tissue' 5 slices" in message
+        and "1.2.3.4.2 'lung' 7 slices" in message
+        and "--series" in message
+    )
     image, record = load_ct(tmp_path, series_uid="1.2.3.4.2")
     assert image.shape[-1] == 7 and record.series_uid == "1.2.3.4.2"
 

@@ -18,15 +18,25 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_factory import axial_positions, write_series
-
 from ctfm.cli import main
 from ctfm.io import CTGeometryWarning, load_ct
+from dicom_factory import axial_positions, write_series
 
 SHAPE = (12, 10, 6)  # x, y, z
 SPACING = (0.8, 0.7, 2.5)
 ORIGIN = (-10.0, -12.0, 30.0)
-RAW_LIBRARY_LINES = ("pixdim", "should be", "setting", "MetaImage", "MetaObject", "ITK", "itk::", "nrrd", "WARNING", "Traceback")
+RAW_LIBRARY_LINES = (
+    "pixdim",
+    "should be",
+    "setting",
+    "MetaImage",
+    "MetaObject",
+    "ITK",
+    "itk::",
+    "nrrd",
+    "WARNING",
+    "Traceback",
+)
 
 
 def body() -> np.ndarray:
@@ -57,24 +67,32 @@ def write_nifti(path: Path, *, nifti2=False, qform=True, sform=False, **raw) -> 
     for key, value in raw.items():
         if key.startswith("pixdim"):
             pixdim = np.array(header["pixdim"])
-            pixdim[int(key[len("pixdim"):])] = value
+            pixdim[int(key[len("pixdim") :])] = value
             header["pixdim"] = pixdim
         elif key.startswith("srow_col"):
-            column = int(key[len("srow_col"):])
+            column = int(key[len("srow_col") :])
             for row in ("srow_x", "srow_y", "srow_z"):
                 values = np.array(header[row])
                 values[column] = value
                 header[row] = values
         else:
             header[key] = value
-    data = header.binaryblock + data[klass.sizeof_hdr:]
+    data = header.binaryblock + data[klass.sizeof_hdr :]
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
 
 
 def write_nrrd(path: Path, geometry: str, detached: bool = False) -> Path:
     """A raw little-endian int16 NRRD of body() whose geometry lines are ``geometry``."""
-    lines = ["NRRD0004", "type: short", "dimension: 3", f"sizes: {SHAPE[0]} {SHAPE[1]} {SHAPE[2]}", "endian: little", "encoding: raw", *geometry.splitlines()]
+    lines = [
+        "NRRD0004",
+        "type: short",
+        "dimension: 3",
+        f"sizes: {SHAPE[0]} {SHAPE[1]} {SHAPE[2]}",
+        "endian: little",
+        "encoding: raw",
+        *geometry.splitlines(),
+    ]
     data = body().transpose(2, 1, 0).tobytes()  # NRRD: fastest axis first
     if detached:
         (path.with_suffix(".raw")).write_bytes(data)
@@ -86,7 +104,15 @@ def write_nrrd(path: Path, geometry: str, detached: bool = False) -> Path:
 
 def write_mha(path: Path, geometry: str, data_file: bool = True) -> Path:
     """A MetaImage (.mha inline, .mhd with a .raw beside it) of body() with ``geometry`` lines."""
-    lines = ["ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False", f"DimSize = {SHAPE[0]} {SHAPE[1]} {SHAPE[2]}", "ElementType = MET_SHORT", *geometry.splitlines()]
+    lines = [
+        "ObjectType = Image",
+        "NDims = 3",
+        "BinaryData = True",
+        "BinaryDataByteOrderMSB = False",
+        f"DimSize = {SHAPE[0]} {SHAPE[1]} {SHAPE[2]}",
+        "ElementType = MET_SHORT",
+        *geometry.splitlines(),
+    ]
     data = body().transpose(2, 1, 0).tobytes()
     if path.suffix == ".mhd":
         path.with_suffix(".raw").write_bytes(data)
@@ -120,6 +146,7 @@ def _set(keyword, value, only=None):
                 delattr(ds, keyword)
             else:
                 setattr(ds, keyword, value)
+
     return change
 
 
@@ -128,46 +155,176 @@ def _set(keyword, value, only=None):
 
 BAD = {
     "nifti qform pixdim zero": (lambda r: write_nifti(r / "q_zero.nii.gz", pixdim3=0.0), "pixdim[3] (axis z) is 0"),
-    "nifti qform pixdim negative": (lambda r: write_nifti(r / "q_neg.nii.gz", pixdim2=-0.7), "pixdim[2] (axis y) is -0.7: negative"),
+    "nifti qform pixdim negative": (
+        lambda r: write_nifti(r / "q_neg.nii.gz", pixdim2=-0.7),
+        "pixdim[2] (axis y) is -0.7: negative",
+    ),
     "nifti qform pixdim nan": (lambda r: write_nifti(r / "q_nan.nii", pixdim1=np.nan), "pixdim[1] (axis x) is nan"),
     "nifti qform pixdim inf": (lambda r: write_nifti(r / "q_inf.nii.gz", pixdim1=np.inf), "pixdim[1] (axis x) is inf"),
-    "nifti qform quaternion nan": (lambda r: write_nifti(r / "q_quat.nii.gz", quatern_b=np.nan), "quaternion or offset"),
+    "nifti qform quaternion nan": (
+        lambda r: write_nifti(r / "q_quat.nii.gz", quatern_b=np.nan),
+        "quaternion or offset",
+    ),
     "nifti ambiguous qfac": (lambda r: write_nifti(r / "q_qfac.nii.gz", pixdim0=-0.5), "qfac pixdim[0] is -0.5"),
-    "nifti2 qform pixdim zero": (lambda r: write_nifti(r / "q2_zero.nii.gz", nifti2=True, pixdim3=0.0), "pixdim[3] (axis z) is 0"),
-    "nifti no qform/sform pixdim zero": (lambda r: write_nifti(r / "n_zero.nii.gz", qform=False, pixdim2=0.0), "voxel size (no qform or sform) pixdim[2]"),
-    "nifti sform zero column": (lambda r: write_nifti(r / "s_zero.nii.gz", qform=False, sform=True, srow_col2=0.0), "sform gives axis z a voxel size of 0"),
-    "nifti sform nan": (lambda r: write_nifti(r / "s_nan.nii.gz", qform=False, sform=True, srow_col0=np.nan), "sform (srow_x/y/z) holds NaN"),
-    "nifti sform singular": (lambda r: write_nifti(r / "s_sing.nii.gz", qform=False, sform=True, srow_x=[0.8, 0.8, 0, 0], srow_y=[0, 0, 0.7, 0], srow_z=[0, 0, 0, 0.0]), "not independent"),
-    "nifti2 sform singular": (lambda r: write_nifti(r / "s2_sing.nii.gz", nifti2=True, qform=False, sform=True, srow_x=[0.8, 0.8, 0, 0], srow_y=[0.1, 0.1, 2.5, 0], srow_z=[0, 0, 0.1, 0]), "not independent"),
-    "nrrd zero direction": (lambda r: write_nrrd(r / "zero.nrrd", "space: left-posterior-superior\nspace directions: (0.8,0,0) (0,0.7,0) (0,0,0)\nspace origin: (0,0,0)"), "space direction of axis 2 is zero"),
-    "nrrd nan direction": (lambda r: write_nrrd(r / "nan.nrrd", "space: left-posterior-superior\nspace directions: (0.8,0,0) (0,nan,0) (0,0,2.5)\nspace origin: (0,0,0)"), "space direction of axis 1 is (0,nan,0): not finite"),
-    "nrrd none direction": (lambda r: write_nrrd(r / "none.nrrd", "space: left-posterior-superior\nspace directions: (0.8,0,0) none (0,0,2.5)\nspace origin: (0,0,0)"), "axis 1 is 'none'"),
-    "nrrd dependent directions": (lambda r: write_nrrd(r / "dep.nrrd", "space: left-posterior-superior\nspace directions: (0.8,0,0) (1.6,0,0) (0,0,2.5)\nspace origin: (0,0,0)"), "not independent"),
+    "nifti2 qform pixdim zero": (
+        lambda r: write_nifti(r / "q2_zero.nii.gz", nifti2=True, pixdim3=0.0),
+        "pixdim[3] (axis z) is 0",
+    ),
+    "nifti no qform/sform pixdim zero": (
+        lambda r: write_nifti(r / "n_zero.nii.gz", qform=False, pixdim2=0.0),
+        "voxel size (no qform or sform) pixdim[2]",
+    ),
+    "nifti sform zero column": (
+        lambda r: write_nifti(r / "s_zero.nii.gz", qform=False, sform=True, srow_col2=0.0),
+        "sform gives axis z a voxel size of 0",
+    ),
+    "nifti sform nan": (
+        lambda r: write_nifti(r / "s_nan.nii.gz", qform=False, sform=True, srow_col0=np.nan),
+        "sform (srow_x/y/z) holds NaN",
+    ),
+    "nifti sform singular": (
+        lambda r: write_nifti(
+            r / "s_sing.nii.gz",
+            qform=False,
+            sform=True,
+            srow_x=[0.8, 0.8, 0, 0],
+            srow_y=[0, 0, 0.7, 0],
+            srow_z=[0, 0, 0, 0.0],
+        ),
+        "not independent",
+    ),
+    "nifti2 sform singular": (
+        lambda r: write_nifti(
+            r / "s2_sing.nii.gz",
+            nifti2=True,
+            qform=False,
+            sform=True,
+            srow_x=[0.8, 0.8, 0, 0],
+            srow_y=[0.1, 0.1, 2.5, 0],
+            srow_z=[0, 0, 0.1, 0],
+        ),
+        "not independent",
+    ),
+    "nrrd zero direction": (
+        lambda r: write_nrrd(
+            r / "zero.nrrd",
+            "space: left-posterior-superior\nspace directions: (0.8,0,0) (0,0.7,0) (0,0,0)\nspace origin: (0,0,0)",
+        ),
+        "space direction of axis 2 is zero",
+    ),
+    "nrrd nan direction": (
+        lambda r: write_nrrd(
+            r / "nan.nrrd",
+            "space: left-posterior-superior\nspace directions: (0.8,0,0) (0,nan,0) (0,0,2.5)\nspace origin: (0,0,0)",
+        ),
+        "space direction of axis 1 is (0,nan,0): not finite",
+    ),
+    "nrrd none direction": (
+        lambda r: write_nrrd(
+            r / "none.nrrd",
+            "space: left-posterior-superior\nspace directions: (0.8,0,0) none (0,0,2.5)\nspace origin: (0,0,0)",
+        ),
+        "axis 1 is 'none'",
+    ),
+    "nrrd dependent directions": (
+        lambda r: write_nrrd(
+            r / "dep.nrrd",
+            "space: left-posterior-superior\nspace directions: (0.8,0,0) (1.6,0,0) (0,0,2.5)\nspace origin: (0,0,0)",
+        ),
+        "not independent",
+    ),
     "nrrd no voxel size": (lambda r: write_nrrd(r / "nosize.nrrd", ""), "neither 'space directions' nor 'spacings'"),
-    "nrrd zero spacing": (lambda r: write_nrrd(r / "sp_zero.nrrd", "spacings: 0.8 0 2.5"), "spacing of axis 1 is 0: zero"),
-    "nrrd negative spacing": (lambda r: write_nrrd(r / "sp_neg.nrrd", "spacings: 0.8 0.7 -2.5"), "spacing of axis 2 is -2.5: negative"),
+    "nrrd zero spacing": (
+        lambda r: write_nrrd(r / "sp_zero.nrrd", "spacings: 0.8 0 2.5"),
+        "spacing of axis 1 is 0: zero",
+    ),
+    "nrrd negative spacing": (
+        lambda r: write_nrrd(r / "sp_neg.nrrd", "spacings: 0.8 0.7 -2.5"),
+        "spacing of axis 2 is -2.5: negative",
+    ),
     "nrrd nan spacing": (lambda r: write_nrrd(r / "sp_nan.nrrd", "spacings: nan 0.7 2.5"), "spacing of axis 0 is nan"),
-    "nhdr zero direction": (lambda r: write_nrrd(r / "det.nhdr", "space: left-posterior-superior\nspace directions: (0,0,0) (0,0.7,0) (0,0,2.5)\nspace origin: (0,0,0)", detached=True), "axis 0 is zero"),
-    "mha zero spacing": (lambda r: write_mha(r / "zero.mha", "ElementSpacing = 0.8 0 2.5"), "ElementSpacing of axis y is 0: zero"),
-    "mha negative spacing": (lambda r: write_mha(r / "neg.mha", "ElementSpacing = 0.8 0.7 -2.5"), "ElementSpacing of axis z is -2.5: negative"),
-    "mha nan spacing": (lambda r: write_mha(r / "nan.mha", "ElementSpacing = nan 0.7 2.5"), "ElementSpacing of axis x is nan"),
+    "nhdr zero direction": (
+        lambda r: write_nrrd(
+            r / "det.nhdr",
+            "space: left-posterior-superior\nspace directions: (0,0,0) (0,0.7,0) (0,0,2.5)\nspace origin: (0,0,0)",
+            detached=True,
+        ),
+        "axis 0 is zero",
+    ),
+    "mha zero spacing": (
+        lambda r: write_mha(r / "zero.mha", "ElementSpacing = 0.8 0 2.5"),
+        "ElementSpacing of axis y is 0: zero",
+    ),
+    "mha negative spacing": (
+        lambda r: write_mha(r / "neg.mha", "ElementSpacing = 0.8 0.7 -2.5"),
+        "ElementSpacing of axis z is -2.5: negative",
+    ),
+    "mha nan spacing": (
+        lambda r: write_mha(r / "nan.mha", "ElementSpacing = nan 0.7 2.5"),
+        "ElementSpacing of axis x is nan",
+    ),
     "mha missing spacing": (lambda r: write_mha(r / "none.mha", ""), "no ElementSpacing line"),
-    "mha short spacing": (lambda r: write_mha(r / "short.mha", "ElementSpacing = 0.8 0.7"), "gives 2 value(s) for 3 axes"),
-    "mha zero element size": (lambda r: write_mha(r / "size0.mha", "ElementSize = 0.8 0.7 0"), "ElementSize of axis z is 0"),
-    "mha no data file line": (lambda r: write_mha(r / "nodata.mha", "ElementSpacing = 0.8 0.7 2.5", data_file=False), "no ElementDataFile line"),
-    "mhd zero spacing": (lambda r: write_mha(r / "zero.mhd", "ElementSpacing = 0 0.7 2.5"), "ElementSpacing of axis x is 0"),
-    "mha singular matrix": (lambda r: write_mha(r / "tm.mha", "TransformMatrix = 1 0 0 1 0 0 0 0 1\nElementSpacing = 0.8 0.7 2.5"), "TransformMatrix"),
+    "mha short spacing": (
+        lambda r: write_mha(r / "short.mha", "ElementSpacing = 0.8 0.7"),
+        "gives 2 value(s) for 3 axes",
+    ),
+    "mha zero element size": (
+        lambda r: write_mha(r / "size0.mha", "ElementSize = 0.8 0.7 0"),
+        "ElementSize of axis z is 0",
+    ),
+    "mha no data file line": (
+        lambda r: write_mha(r / "nodata.mha", "ElementSpacing = 0.8 0.7 2.5", data_file=False),
+        "no ElementDataFile line",
+    ),
+    "mhd zero spacing": (
+        lambda r: write_mha(r / "zero.mhd", "ElementSpacing = 0 0.7 2.5"),
+        "ElementSpacing of axis x is 0",
+    ),
+    "mha singular matrix": (
+        lambda r: write_mha(r / "tm.mha", "TransformMatrix = 1 0 0 1 0 0 0 0 1\nElementSpacing = 0.8 0.7 2.5"),
+        "TransformMatrix",
+    ),
     "dicom no PixelSpacing": (lambda r: write_dicom(r / "no_ps", _set("PixelSpacing", None)), "has no PixelSpacing"),
-    "dicom zero PixelSpacing": (lambda r: write_dicom(r / "zero_ps", _set("PixelSpacing", [0.0, 1.0])), "PixelSpacing 0.0\\1.0"),
-    "dicom negative PixelSpacing": (lambda r: write_dicom(r / "neg_ps", _set("PixelSpacing", [1.5, -1.0])), "is not two positive numbers"),
-    "dicom nan PixelSpacing": (lambda r: write_dicom(r / "nan_ps", _set("PixelSpacing", ["nan", "1.0"])), "PixelSpacing nan\\1.0"),
-    "dicom nan position": (lambda r: write_dicom(r / "nan_ipp", _set("ImagePositionPatient", ["0", "nan", "10"], only=2)), "ImagePositionPatient 0\\nan\\10 of slice002.dcm"),
-    "dicom one-value PixelSpacing": (lambda r: write_dicom(r / "one_ps", _set("PixelSpacing", 1.5)), "is not two positive numbers"),
-    "dicom mixed PixelSpacing": (lambda r: write_dicom(r / "mix_ps", _set("PixelSpacing", [1.0, 1.0], only=2)), "mixes pixel spacings"),
-    "dicom slice without position": (lambda r: write_dicom(r / "no_ipp1", _set("ImagePositionPatient", None, only=3)), "have no ImagePositionPatient"),
-    "dicom no positions": (lambda r: write_dicom(r / "no_ipp", _set("ImagePositionPatient", None)), "have no ImagePositionPatient"),
-    "dicom empty position": (lambda r: write_dicom(r / "empty_ipp", _set("ImagePositionPatient", "", only=1)), "is not three finite numbers"),
-    "dicom zero orientation": (lambda r: write_dicom(r / "zero_iop", _set("ImageOrientationPatient", [0, 0, 0, 0, 1, 0])), "has a zero direction"),
+    "dicom zero PixelSpacing": (
+        lambda r: write_dicom(r / "zero_ps", _set("PixelSpacing", [0.0, 1.0])),
+        "PixelSpacing 0.0\\1.0",
+    ),
+    "dicom negative PixelSpacing": (
+        lambda r: write_dicom(r / "neg_ps", _set("PixelSpacing", [1.5, -1.0])),
+        "is not two positive numbers",
+    ),
+    "dicom nan PixelSpacing": (
+        lambda r: write_dicom(r / "nan_ps", _set("PixelSpacing", ["nan", "1.0"])),
+        "PixelSpacing nan\\1.0",
+    ),
+    "dicom nan position": (
+        lambda r: write_dicom(r / "nan_ipp", _set("ImagePositionPatient", ["0", "nan", "10"], only=2)),
+        "ImagePositionPatient 0\\nan\\10 of slice002.dcm",
+    ),
+    "dicom one-value PixelSpacing": (
+        lambda r: write_dicom(r / "one_ps", _set("PixelSpacing", 1.5)),
+        "is not two positive numbers",
+    ),
+    "dicom mixed PixelSpacing": (
+        lambda r: write_dicom(r / "mix_ps", _set("PixelSpacing", [1.0, 1.0], only=2)),
+        "mixes pixel spacings",
+    ),
+    "dicom slice without position": (
+        lambda r: write_dicom(r / "no_ipp1", _set("ImagePositionPatient", None, only=3)),
+        "have no ImagePositionPatient",
+    ),
+    "dicom no positions": (
+        lambda r: write_dicom(r / "no_ipp", _set("ImagePositionPatient", None)),
+        "have no ImagePositionPatient",
+    ),
+    "dicom empty position": (
+        lambda r: write_dicom(r / "empty_ipp", _set("ImagePositionPatient", "", only=1)),
+        "is not three finite numbers",
+    ),
+    "dicom zero orientation": (
+        lambda r: write_dicom(r / "zero_iop", _set("ImageOrientationPatient", [0, 0, 0, 0, 1, 0])),
+        "has a zero direction",
+    ),
 }
 
 
@@ -183,7 +340,7 @@ def assert_refused(err: str, path: Path, words: str) -> None:
     line = lines[0]
     assert line.startswith(f"error: {path}: ") and line.endswith(")") and " (" in line, line
     assert words in line, line
-    problem = line[len(f"error: {path}: "):]
+    problem = line[len(f"error: {path}: ") :]
     assert not any(raw in problem.split(" (")[0] for raw in ("0x", ".cxx", "Exception thrown")), line
 
 
@@ -233,7 +390,9 @@ def test_a_real_process_prints_one_error_line_per_bad_file_and_no_library_output
         write_mha(tmp_path / "ok.mha", "ElementSpacing = 0.8 0.7 2.5"),
     ]
     entries = [f"bad:{bad[n]}" for n in names] + [f"good:{p}" for p in quiet]
-    result = subprocess.run([sys.executable, "-c", DRIVER, str(out_path), *entries], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(out_path), *entries], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     blocks = result.stderr.split("=== ")[1:]
     assert len(blocks) == 4 * len(names) + 2 * len(quiet), result.stderr
@@ -251,10 +410,30 @@ def test_a_real_process_prints_one_error_line_per_bad_file_and_no_library_output
 @pytest.mark.slow
 def test_batch_embed_records_each_refusal_without_raw_library_lines(bad, tmp_path, tiny_weights):
     weights = tiny_weights
-    inputs = [bad[n] for n in ("nifti qform pixdim zero", "nrrd no voxel size", "mha missing spacing", "dicom zero PixelSpacing")]
+    inputs = [
+        bad[n]
+        for n in ("nifti qform pixdim zero", "nrrd no voxel size", "mha missing spacing", "dicom zero PixelSpacing")
+    ]
     result = subprocess.run(
-        [sys.executable, "-m", "ctfm", "embed", *map(str, inputs), "--weights", str(weights), "--mode", "patches", "--out", str(tmp_path / "store"), "--no-progress", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "ctfm",
+            "embed",
+            *map(str, inputs),
+            "--weights",
+            str(weights),
+            "--mode",
+            "patches",
+            "--out",
+            str(tmp_path / "store"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -275,11 +454,17 @@ GOOD = {
     "nifti sform": (lambda r: write_nifti(r / "s.nii", qform=False, sform=True), "NIfTI sform"),
     "nifti2 qform": (lambda r: write_nifti(r / "q2.nii.gz", nifti2=True), "NIfTI qform (pixdim)"),
     "nifti qfac 0": (lambda r: write_nifti(r / "qfac0.nii.gz", pixdim0=0.0), "NIfTI qform (pixdim)"),
-    "nifti sform, zero pixdim": (lambda r: write_nifti(r / "s_p0.nii.gz", sform=True, qform=False, pixdim3=0.0), "NIfTI sform"),
+    "nifti sform, zero pixdim": (
+        lambda r: write_nifti(r / "s_p0.nii.gz", sform=True, qform=False, pixdim3=0.0),
+        "NIfTI sform",
+    ),
     "nrrd": (lambda r: write_nrrd(r / "ok.nrrd", GOOD_NRRD), "NRRD space directions"),
     "nhdr": (lambda r: write_nrrd(r / "ok.nhdr", GOOD_NRRD, detached=True), "NRRD space directions"),
     "mha": (lambda r: write_mha(r / "ok.mha", "ElementSpacing = 0.8 0.7 2.5"), "MetaImage ElementSpacing"),
-    "mhd": (lambda r: write_mha(r / "ok.mhd", "TransformMatrix = 1 0 0 0 1 0 0 0 1\nElementSpacing = 0.8 0.7 2.5"), "MetaImage ElementSpacing"),
+    "mhd": (
+        lambda r: write_mha(r / "ok.mhd", "TransformMatrix = 1 0 0 0 1 0 0 0 1\nElementSpacing = 0.8 0.7 2.5"),
+        "MetaImage ElementSpacing",
+    ),
     "mha element size": (lambda r: write_mha(r / "size.mha", "ElementSize = 0.8 0.7 2.5"), "MetaImage ElementSize"),
 }
 
@@ -316,7 +501,12 @@ def _info_json(path, capfd) -> dict:
         (lambda r: write_nifti(r / "no_xform.nii.gz", qform=False), "no qform or sform"),
         (lambda r: write_nrrd(r / "spacings.nrrd", "spacings: 0.8 0.7 2.5"), "spacings but no space directions"),
     ],
-    ids=["qform-sform disagreement", "sform with a zero-pixdim qform", "nifti without orientation", "nrrd spacings only"],
+    ids=[
+        "qform-sform disagreement",
+        "sform with a zero-pixdim qform",
+        "nifti without orientation",
+        "nrrd spacings only",
+    ],
 )
 def test_doubtful_header_geometry_is_a_warn_check_with_a_fix(build, words, tmp_path, capfd):
     path = build(tmp_path)
@@ -330,14 +520,19 @@ def test_doubtful_header_geometry_is_a_warn_check_with_a_fix(build, words, tmp_p
     out_path = tmp_path / "pre.nii.gz"
     assert main(["preprocess", str(path), "--preset", "ct-fm-ssl", "-o", str(out_path)]) == 0
     _, err = capfd.readouterr()
-    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("warning: ")] and words in err
+    assert (
+        err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("warning: ")]
+        and words in err
+    )
     assert not any(raw in err for raw in ("pixdim[", "should be"))
 
 
 def test_sheared_sform_with_its_rigid_qform_is_not_a_disagreement(tmp_path, capfd):
     """A writer stores the closest rigid transform of a sheared sform as qform: that is the
     format's convention, not a conflict."""
-    affine = np.array([[-0.8, 0.05, 0.0, 120.0], [0.0, 0.75, 0.3, -40.5], [0.04, 0.0, 2.5, 300.25], [0.0, 0.0, 0.0, 1.0]])
+    affine = np.array(
+        [[-0.8, 0.05, 0.0, 120.0], [0.0, 0.75, 0.3, -40.5], [0.04, 0.0, 2.5, 300.25], [0.0, 0.0, 0.0, 1.0]]
+    )
     img = nib.Nifti1Image(body(), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -358,7 +553,10 @@ def test_dicom_slice_spacing_derivation_is_recorded_and_shown(tmp_path, capfd):
     assert report["record"]["spacing_source"] == record.spacing_source
     assert main(["info", str(folder)]) == 0
     out, _ = capfd.readouterr()
-    assert "geometry        voxel size from PixelSpacing 1.5\\1 mm; slice spacing 2 mm derived from ImagePositionPatient" in out
+    assert (
+        "geometry        voxel size from PixelSpacing 1.5\\1 mm; slice spacing 2 mm derived from ImagePositionPatient"
+        in out
+    )
 
 
 def test_dicom_without_spacing_between_slices_says_absent(tmp_path):

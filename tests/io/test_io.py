@@ -8,7 +8,6 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import data_path
-
 from ctfm.errors import CTInputError
 from ctfm.io import load_ct, orientation_code, save_nifti
 

@@ -184,7 +184,12 @@ def test_names_from_sidecar_json_and_label_table(tmp_path):
 def test_slicer_segment_names_from_nrrd(tmp_path):
     path = save_itk(random_labels(GRID_SHAPE), GRID_AFFINE, tmp_path / "seg.nrrd")
     img = sitk.ReadImage(str(path))
-    for key, value in {"Segment0_Name": "tumour", "Segment0_LabelValue": "3", "Segment1_Name": "lung", "Segment1_LabelValue": "1"}.items():
+    for key, value in {
+        "Segment0_Name": "tumour",
+        "Segment0_LabelValue": "3",
+        "Segment1_Name": "lung",
+        "Segment1_LabelValue": "1",
+    }.items():
         img.SetMetaData(key, value)
     sitk.WriteImage(img, str(path))
     assert load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE)).names == {3: "tumour", 1: "lung"}

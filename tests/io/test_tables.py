@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import sys
-
 import pytest
 
 from ctfm.errors import CTInputError, MissingDependencyError

@@ -25,7 +25,15 @@ def _same(a, b) -> bool:
 def test_totalseg_v2_map():
     m = BUILTIN_LABELS["totalseg-v2"]
     assert len(m) == 118 and m[0] == "background"
-    assert (m[5], m[26], m[33], m[51], m[52], m[116], m[117]) == ("liver", "vertebrae_S1", "vertebrae_T11", "heart", "aorta", "sternum", "costal_cartilages")
+    assert (m[5], m[26], m[33], m[51], m[52], m[116], m[117]) == (
+        "liver",
+        "vertebrae_S1",
+        "vertebrae_T11",
+        "heart",
+        "aorta",
+        "sternum",
+        "costal_cartilages",
+    )
     assert select_classes(m, "liver,spleen") == [5, 1]
 
 
@@ -44,7 +52,10 @@ def test_folder_round_trip_keeps_labels(tmp_path):
     model, labels, spec, info = load_segmentation_model(None, labels="liver,spleen", init_filters=FILTERS, seed=3)
     folder = save_segmentation_model(model, tmp_path / "seg", labels, spec=spec, provenance={"source": "test"})
     sidecar = json.loads((folder / "ctfm.json").read_text())
-    assert sidecar["labels"] == {"0": "background", "1": "liver", "2": "spleen"} and sidecar["inference"]["overlap"] == 0.625
+    assert (
+        sidecar["labels"] == {"0": "background", "1": "liver", "2": "spleen"}
+        and sidecar["inference"]["overlap"] == 0.625
+    )
     again = load_segmentation_model(folder)
     assert again.labels == labels and again.info["kind"] == "segmentation" and again.info["labels_source"] == "weights"
     assert _same(model, again.model)
@@ -60,9 +71,15 @@ def test_encoder_sources_load_into_encoder(tmp_path):
     encoder = init_model("ct-fm", 1, init_filters=FILTERS)
     save_pretrained(encoder, tmp_path / "enc")
     seg = load_segmentation_model(tmp_path / "enc", labels="totalseg-v2", seed=5)
-    assert seg.model.out_channels == 118 and seg.info["kind"] == "encoder" and seg.model.weights_info.loaded_into == "encoder"
+    assert (
+        seg.model.out_channels == 118
+        and seg.info["kind"] == "encoder"
+        and seg.model.weights_info.loaded_into == "encoder"
+    )
     assert _same(seg.model.encoder, encoder)
-    assert _same(load_segmentation_model(tmp_path / "enc", labels="totalseg-v2", seed=5).model, seg.model)  # decoder from the seed
+    assert _same(
+        load_segmentation_model(tmp_path / "enc", labels="totalseg-v2", seed=5).model, seg.model
+    )  # decoder from the seed
     with pytest.raises(CTInputError, match="encoder weights only"):
         load_segmentation_model(tmp_path / "enc")
     ckpt = tmp_path / "epoch=1.ckpt"
@@ -86,7 +103,23 @@ def test_full_checkpoint_and_wrong_class_count(tmp_path):
 
 def test_cli_init_byte_identical_per_seed(tmp_path, capsys):
     def init(out, seed, *extra):
-        assert main(["models", "init", "ct-fm-segresnet", "--seed", str(seed), "--init-filters", str(FILTERS), "--out", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "models",
+                    "init",
+                    "ct-fm-segresnet",
+                    "--seed",
+                    str(seed),
+                    "--init-filters",
+                    str(FILTERS),
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
     a = init(tmp_path / "a", 7, "--out-channels", "3")
@@ -95,5 +128,20 @@ def test_cli_init_byte_identical_per_seed(tmp_path, capsys):
     named = init(tmp_path / "d", 7, "--labels", "liver,spleen")
     assert named["model.safetensors"] == a["model.safetensors"]
     assert json.loads(named["ctfm.json"])["labels"]["2"] == "spleen"
-    assert main(["models", "init", "ct-fm-segresnet", "--out-channels", "5", "--labels", "liver", "--out", str(tmp_path / "e")]) == 2
+    assert (
+        main(
+            [
+                "models",
+                "init",
+                "ct-fm-segresnet",
+                "--out-channels",
+                "5",
+                "--labels",
+                "liver",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     assert "disagrees with --labels" in capsys.readouterr().err

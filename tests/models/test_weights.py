@@ -75,7 +75,13 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, SIDECAR_NAME])
     assert json.loads((folder / CONFIG_NAME).read_text()) == TINY_CONFIG  # constructor kwargs only
     tensors = load_file(folder / WEIGHTS_NAME)
-    assert {"conv_init.weight", "layers.0.blocks.0.norm1.weight", "layers.0.blocks.0.norm1.running_var", "layers.0.blocks.0.norm1.num_batches_tracked", "layers.3.downsample.weight"} <= set(tensors)
+    assert {
+        "conv_init.weight",
+        "layers.0.blocks.0.norm1.weight",
+        "layers.0.blocks.0.norm1.running_var",
+        "layers.0.blocks.0.norm1.num_batches_tracked",
+        "layers.3.downsample.weight",
+    } <= set(tensors)
     assert_same_tensors(tensors, model.state_dict())
 
     loaded = create_model("ct-fm", init_filters=FILTERS, weights=str(folder))
@@ -84,11 +90,17 @@ def test_save_load_round_trip(tmp_path):
 
     info = loaded.weights_info
     sidecar = json.loads((folder / SIDECAR_NAME).read_text())
-    assert info.sha256 == file_sha256(folder / WEIGHTS_NAME) == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert (
+        info.sha256
+        == file_sha256(folder / WEIGHTS_NAME)
+        == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    )
     assert sidecar["weights"]["sha256"] == info.sha256
     assert (info.format, info.ignored_keys, info.loaded_into, info.config) == ("folder", (), "model", TINY_CONFIG)
     assert sidecar["model"] == "ct-fm" and sidecar["preprocess"]["name"] == "ct-fm-patches"
-    assert sidecar["embedding"]["pooling"] == "avg" and sidecar["embedding"]["dim"] == FILTERS * 16 == loaded.embedding_dim
+    assert (
+        sidecar["embedding"]["pooling"] == "avg" and sidecar["embedding"]["dim"] == FILTERS * 16 == loaded.embedding_dim
+    )
     assert sidecar["provenance"]["source"] == "test" and "ctfm_version" in sidecar["provenance"]
     assert info.to_dict()["source"] == "w" and info.to_dict()["model"] == "ct-fm"  # no machine path
 
@@ -146,7 +158,9 @@ def test_full_size_ct_fm_round_trip(tmp_path):
     loaded = create_model("ct-fm", weights=folder)
     assert sum(p.numel() for p in loaded.parameters()) == 77_760_992
     assert json.loads((folder / SIDECAR_NAME).read_text())["weights"]["parameters"] == 77_760_992
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     assert time.perf_counter() - start < 10
 
 
@@ -242,7 +256,11 @@ def test_lightning_checkpoint_prefixes(tmp_path, prefix, head):
     encoder = create_model("ct-fm", init_filters=FILTERS, weights=path)
     assert_same_tensors(encoder.state_dict(), source.state_dict())
     info = encoder.weights_info
-    assert info.format == "ckpt" and info.sha256 == file_sha256(path) and info.metadata == {"epoch": 449, "global_step": 225000}
+    assert (
+        info.format == "ckpt"
+        and info.sha256 == file_sha256(path)
+        and info.metadata == {"epoch": 449, "global_step": 225000}
+    )
     assert len(info.ignored_keys) == (3 if head else 0) and all("projection_head." in k for k in info.ignored_keys)
 
     seg = create_model("ct-fm-segresnet", init_filters=FILTERS, weights=path)
@@ -252,11 +270,20 @@ def test_lightning_checkpoint_prefixes(tmp_path, prefix, head):
 
 def test_convert_state_dict_targets():
     w = torch.zeros(1)
-    state = {"model.backbone.conv_init.weight": w, "model.projection_head.layers.0.weight": w, "model.up_layers.0.head.weight": w}
-    assert convert_state_dict(state, "encoder") == ({"conv_init.weight": w, "up_layers.0.head.weight": w}, ["model.projection_head.layers.0.weight"])
+    state = {
+        "model.backbone.conv_init.weight": w,
+        "model.projection_head.layers.0.weight": w,
+        "model.up_layers.0.head.weight": w,
+    }
+    assert convert_state_dict(state, "encoder") == (
+        {"conv_init.weight": w, "up_layers.0.head.weight": w},
+        ["model.projection_head.layers.0.weight"],
+    )
     converted, ignored = convert_state_dict(state, "segresnet")
     assert sorted(converted) == ["encoder.conv_init.weight", "up_layers.0.head.weight"] and len(ignored) == 1
-    assert sorted(convert_state_dict({"_orig_mod.encoder.layers.0.downsample.weight": w}, "segresnet")[0]) == ["encoder.layers.0.downsample.weight"]
+    assert sorted(convert_state_dict({"_orig_mod.encoder.layers.0.downsample.weight": w}, "segresnet")[0]) == [
+        "encoder.layers.0.downsample.weight"
+    ]
     with pytest.raises(ValueError, match="both become"):
         convert_state_dict({"backbone.conv_init.weight": w, "encoder.conv_init.weight": w}, "encoder")
     with pytest.raises(ValueError, match="unknown conversion target"):
@@ -312,7 +339,9 @@ def test_strict_missing_and_unexpected_keys(tmp_path):
 
 def test_strict_shape_mismatch(tmp_path):
     save_file(tiny(filters=8).state_dict(), tmp_path / "wide.safetensors")
-    with pytest.raises(CTInputError, match=r"wrong shape \(weights vs model\): conv_init.weight \[8, 1, 3, 3, 3\] vs \[4, 1, 3, 3, 3\]"):
+    with pytest.raises(
+        CTInputError, match=r"wrong shape \(weights vs model\): conv_init.weight \[8, 1, 3, 3, 3\] vs \[4, 1, 3, 3, 3\]"
+    ):
         create_model("ct-fm", init_filters=FILTERS, weights=tmp_path / "wide.safetensors")
 
 
@@ -327,8 +356,13 @@ def test_arch_mismatch_names_both(tmp_path):
 
 def test_missing_num_batches_tracked_is_tolerated(tmp_path):
     source = tiny(13)
-    save_file({k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.safetensors")
-    assert_same_outputs(source, create_model("ct-fm", init_filters=FILTERS, weights=tmp_path / "old.safetensors"), tiny_input())
+    save_file(
+        {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")},
+        tmp_path / "old.safetensors",
+    )
+    assert_same_outputs(
+        source, create_model("ct-fm", init_filters=FILTERS, weights=tmp_path / "old.safetensors"), tiny_input()
+    )
 
 
 def test_sidecar_sha256_is_checked(tmp_path):
@@ -390,7 +424,11 @@ def test_hf_hub_not_cached_offline_names_the_download_command(offline_cache):
     with pytest.raises(CTInputError) as err:
         resolve_weights("hf-hub:project-lighter/ct_fm_feature_extractor")
     message = str(err.value)
-    assert "HF_HUB_OFFLINE" in message and "`ctfm models download project-lighter/ct_fm_feature_extractor`" in message and "network" in message
+    assert (
+        "HF_HUB_OFFLINE" in message
+        and "`ctfm models download project-lighter/ct_fm_feature_extractor`" in message
+        and "network" in message
+    )
 
 
 def test_hf_hub_download_failure_names_the_download_command(tmp_path, monkeypatch):
@@ -409,7 +447,10 @@ def test_hf_hub_download_failure_names_the_download_command(tmp_path, monkeypatc
     with pytest.raises(CTInputError) as err:
         resolve_weights("hf-hub:org/name@v1")
     message = str(err.value)
-    assert "downloading it failed (OSError: [Errno 101] Network is unreachable)" in message and "`ctfm models download org/name@v1`" in message
+    assert (
+        "downloading it failed (OSError: [Errno 101] Network is unreachable)" in message
+        and "`ctfm models download org/name@v1`" in message
+    )
 
 
 def test_ambiguous_and_malformed_sources(tmp_path, monkeypatch):
@@ -432,7 +473,10 @@ def test_ambiguous_and_malformed_sources(tmp_path, monkeypatch):
         resolve_weights("empty")
     # An ORG/NAME-looking relative path that exists is a local folder.
     save_pretrained(tiny(), tmp_path / "project-lighter" / "ct_fm_feature_extractor")
-    assert resolve_weights("project-lighter/ct_fm_feature_extractor") == tmp_path / "project-lighter" / "ct_fm_feature_extractor"
+    assert (
+        resolve_weights("project-lighter/ct_fm_feature_extractor")
+        == tmp_path / "project-lighter" / "ct_fm_feature_extractor"
+    )
     assert parse_hub_id("hf-hub:a/b@c") == ("a/b", "c") and parse_hub_id("a/b") == ("a/b", None)
 
 

@@ -31,7 +31,18 @@ class ThresholdNet(nn.Module):
 
 def threshold_model(spacing=None) -> LoadedSegmentation:
     spec = PreprocessSpec(name="test", orientation="SPL", spacing_mm=spacing)
-    return LoadedSegmentation(ThresholdNet(), {0: "background", 1: "bone"}, spec, {"model": "threshold", "weights": {}, "weights_sha256": None, "preprocess_hash": spec.content_hash(), "inference": SETTINGS})
+    return LoadedSegmentation(
+        ThresholdNet(),
+        {0: "background", 1: "bone"},
+        spec,
+        {
+            "model": "threshold",
+            "weights": {},
+            "weights_sha256": None,
+            "preprocess_hash": spec.content_hash(),
+            "inference": SETTINGS,
+        },
+    )
 
 
 def phantom(shape=(30, 26, 22)) -> np.ndarray:
@@ -102,13 +113,17 @@ def dicom_phantom(folder):
         return np.where((x > 1) & (x < 6) & (y > -7) & (y < 0) & (z > 13) & (z < 22), 1000.0, hu)
 
     positions = [(8.0, -12.0, 10.0 + 2.0 * i) for i in range(8)]
-    write_series(folder, positions, values=values, rows=24, cols=20, pixel_spacing=(1.0, 1.0), orientation=(-1, 0, 0, 0, 1, 0))
+    write_series(
+        folder, positions, values=values, rows=24, cols=20, pixel_spacing=(1.0, 1.0), orientation=(-1, 0, 0, 0, 1, 0)
+    )
     return folder
 
 
 def test_dicom_series_nifti_and_dicom_seg_agree(tmp_path):
     folder = dicom_phantom(tmp_path / "dicom")
-    summary = predict_seg([folder], threshold_model(), tmp_path / "out", output_format="dicom-seg", statistics=True, progress=False)
+    summary = predict_seg(
+        [folder], threshold_model(), tmp_path / "out", output_format="dicom-seg", statistics=True, progress=False
+    )
     assert summary.done == 1 and not summary.failed
     image, record = load_ct(folder)
     name = record.series_uid
@@ -121,16 +136,29 @@ def test_dicom_series_nifti_and_dicom_seg_agree(tmp_path):
     assert seg.names == {1: "bone"} and np.array_equal(seg.labels.numpy()[0], written)
     stats = json.loads((tmp_path / "out" / f"{name}.statistics.json").read_text())["classes"]
     voxel_ml = abs(np.linalg.det(np.asarray(image.affine)[:3, :3])) / 1000
-    assert stats[0]["voxels"] == int(written.sum()) and stats[0]["volume_ml"] == pytest.approx(written.sum() * voxel_ml, abs=1e-3)
-    assert stats[0]["mean_hu"] == pytest.approx(float(hu[written == 1].mean()), abs=1e-3) and stats[0]["sd_hu"] == pytest.approx(0.0, abs=1e-3)
-    assert json.loads((tmp_path / "out" / f"{name}.labels.json").read_text())["labels"] == {"0": "background", "1": "bone"}
+    assert stats[0]["voxels"] == int(written.sum()) and stats[0]["volume_ml"] == pytest.approx(
+        written.sum() * voxel_ml, abs=1e-3
+    )
+    assert stats[0]["mean_hu"] == pytest.approx(float(hu[written == 1].mean()), abs=1e-3) and stats[0][
+        "sd_hu"
+    ] == pytest.approx(0.0, abs=1e-3)
+    assert json.loads((tmp_path / "out" / f"{name}.labels.json").read_text())["labels"] == {
+        "0": "background",
+        "1": "bone",
+    }
 
 
 @pytest.fixture
 def tiny_seg_weights(tmp_path):
     """A random liver/spleen segmentation weights folder (init_filters 2) with this file's window settings."""
     model, names, spec, _ = load_segmentation_model(None, labels="liver,spleen", init_filters=2, seed=0)
-    return save_segmentation_model(model, tmp_path / "weights", names, spec=PreprocessSpec(name="tiny", spacing_mm=None, foreground_crop=None), inference=SETTINGS)
+    return save_segmentation_model(
+        model,
+        tmp_path / "weights",
+        names,
+        spec=PreprocessSpec(name="tiny", spacing_mm=None, foreground_crop=None),
+        inference=SETTINGS,
+    )
 
 
 def test_cli_batch_resume_failures_and_bad_inputs(tmp_path, capsys, tiny_seg_weights):
@@ -138,19 +166,67 @@ def test_cli_batch_resume_failures_and_bad_inputs(tmp_path, capsys, tiny_seg_wei
     scan = save(tmp_path / "a.nii.gz", phantom((20, 18, 16)), np.diag([1.0, 1.0, 2.0, 1.0]))
     (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
     out = tmp_path / "out"
-    argv = ["predict", "seg", str(scan), str(tmp_path / "broken.nii.gz"), "--model", str(weights), "-o", str(out), "--no-progress"]
+    argv = [
+        "predict",
+        "seg",
+        str(scan),
+        str(tmp_path / "broken.nii.gz"),
+        "--model",
+        str(weights),
+        "-o",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert "predicted 1 input(s)" in captured.out and "broken.nii.gz" in captured.err
     assert "broken.nii.gz" in json.loads((out / "failures.json").read_text())["failures"].popitem()[0]
     written = nib.load(str(out / "a.nii.gz"))
-    assert written.shape == (20, 18, 16) and np.allclose(written.affine, np.diag([1.0, 1.0, 2.0, 1.0])) and written.get_data_dtype() == np.uint8
+    assert (
+        written.shape == (20, 18, 16)
+        and np.allclose(written.affine, np.diag([1.0, 1.0, 2.0, 1.0]))
+        and written.get_data_dtype() == np.uint8
+    )
     assert main(argv[:3] + argv[4:]) == 0 and "skipped 1 already done" in capsys.readouterr().out
     # the weights have 3 channels, totalseg-v2 has 118 classes: one line, exit 2
-    assert main(["predict", "seg", str(scan), "--model", str(weights), "--labels", "totalseg-v2", "-o", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "seg",
+                str(scan),
+                "--model",
+                str(weights),
+                "--labels",
+                "totalseg-v2",
+                "-o",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "3 output channels" in err and "118 classes" in err
-    assert main(["predict", "seg", str(scan), "--model", str(weights), "--classes", "heart", "-o", str(tmp_path / "o3")]) == 2
+    assert (
+        main(["predict", "seg", str(scan), "--model", str(weights), "--classes", "heart", "-o", str(tmp_path / "o3")])
+        == 2
+    )
     assert "unknown class name(s) heart" in capsys.readouterr().err
-    assert main(["predict", "seg", str(scan), "--model", str(weights), "--format", "dicom-seg", "-o", str(tmp_path / "o4"), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "predict",
+                "seg",
+                str(scan),
+                "--model",
+                str(weights),
+                "--format",
+                "dicom-seg",
+                "-o",
+                str(tmp_path / "o4"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "needs a DICOM series" in capsys.readouterr().err

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from conftest import data_path
-from reference_chains import REFERENCE_CHAINS, load_reference
-
 from ctfm.io import load_ct
 from ctfm.preprocess import get_preset, preprocess
+from reference_chains import REFERENCE_CHAINS, load_reference
 
 # (scan, how the reference loads it). The reference loads files with MONAI's LoadImage as CT-FM
 # did; for the gantry-tilted series MONAI's reader would stack slices as if uniform (the bug our

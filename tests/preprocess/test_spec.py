@@ -9,7 +9,16 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from ctfm.preprocess import PRESETS, ForegroundCrop, PreprocessSpec, Window, build_transforms, get_preset, list_presets, preprocess
+from ctfm.preprocess import (
+    PRESETS,
+    ForegroundCrop,
+    PreprocessSpec,
+    Window,
+    build_transforms,
+    get_preset,
+    list_presets,
+    preprocess,
+)
 
 
 def tiny_ct(shape=(24, 20, 16), spacing=(2.0, 2.0, 3.0)) -> MetaTensor:
@@ -17,7 +26,9 @@ def tiny_ct(shape=(24, 20, 16), spacing=(2.0, 2.0, 3.0)) -> MetaTensor:
     array = np.full(shape, -1000.0, dtype=np.float32)
     array[4:-4, 3:-3, 2:-2] = 40.0
     array[10:14, 8:12, 6:10] = 700.0
-    return MetaTensor(torch.from_numpy(array)[None], affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
+    return MetaTensor(
+        torch.from_numpy(array)[None], affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    )
 
 
 def test_patch_size_rule_matches_ct_fm():
@@ -25,7 +36,9 @@ def test_patch_size_rule_matches_ct_fm():
     assert get_preset("ct-fm-patches").patch_size_voxels == (24, 128, 128)
     assert get_preset("ct-fm-1mm-320").patch_size_voxels == (320, 320, 320)
     assert get_preset("head-ct").patch_size_voxels == (48, 128, 128)
-    spec = PreprocessSpec(name="x", spacing_mm=(1.5, 0.7, 0.7), size_policy="pad", patch_size_mm=(100, 100, 100), patch_multiple=16)
+    spec = PreprocessSpec(
+        name="x", spacing_mm=(1.5, 0.7, 0.7), size_policy="pad", patch_size_mm=(100, 100, 100), patch_multiple=16
+    )
     assert spec.patch_size_voxels == tuple(math.ceil((100 // s) / 16) * 16 for s in (1.5, 0.7, 0.7))
 
 
@@ -82,10 +95,15 @@ def test_ssl_chain_on_a_tiny_volume():
 def test_foreground_crop_before_and_after_resampling_differ_only_in_order():
     spec = PreprocessSpec(name="t", spacing_mm=(3.0, 2.0, 2.0), foreground_crop=ForegroundCrop(threshold_hu=0.0))
     out_after = preprocess(tiny_ct(), spec)
-    out_before = preprocess(tiny_ct(), spec.with_(foreground_crop=ForegroundCrop(threshold_hu=0.0, before_resampling=True)))
+    out_before = preprocess(
+        tiny_ct(), spec.with_(foreground_crop=ForegroundCrop(threshold_hu=0.0, before_resampling=True))
+    )
     assert out_after.shape[0] == out_before.shape[0] == 1
     names_after = [type(t).__name__ for t in build_transforms(spec).transforms]
-    names_before = [type(t).__name__ for t in build_transforms(spec.with_(foreground_crop=ForegroundCrop(before_resampling=True))).transforms]
+    names_before = [
+        type(t).__name__
+        for t in build_transforms(spec.with_(foreground_crop=ForegroundCrop(before_resampling=True))).transforms
+    ]
     assert names_after.index("CropForeground") > names_after.index("Spacing")
     assert names_before.index("CropForeground") < names_before.index("Spacing")
 

@@ -8,15 +8,18 @@ import torch
 from monai.data import MetaTensor
 
 from conftest import data_path
-
 from ctfm.io import ScanRecord, load_ct
 from ctfm.preprocess import check_ct, hu_statistics, is_usable
 
 
 def make(array, spacing=(1.0, 1.0, 2.0), modality=None, fmt="nifti"):
     array = np.asarray(array, dtype=np.float32)
-    image = MetaTensor(torch.from_numpy(array)[None], affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)))
-    record = ScanRecord(path="x.nii.gz", format=fmt, shape=array.shape, spacing_mm=spacing, orientation="RAS", modality=modality)
+    image = MetaTensor(
+        torch.from_numpy(array)[None], affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    )
+    record = ScanRecord(
+        path="x.nii.gz", format=fmt, shape=array.shape, spacing_mm=spacing, orientation="RAS", modality=modality
+    )
     return image, record
 
 
@@ -75,7 +78,15 @@ def test_hu_statistics_are_exact_on_small_arrays():
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("scan", ["abdomen_3mm/example_ct.nii.gz", "lung_tumour_nrrd/lung1_image.nrrd", "sarcoma_ct/STS_019/CT_image.nii.gz", "abdomen_dicom/dicom"])
+@pytest.mark.parametrize(
+    "scan",
+    [
+        "abdomen_3mm/example_ct.nii.gz",
+        "lung_tumour_nrrd/lung1_image.nrrd",
+        "sarcoma_ct/STS_019/CT_image.nii.gz",
+        "abdomen_dicom/dicom",
+    ],
+)
 def test_real_scans_are_usable(scan):
     image, record = load_ct(data_path(scan))
     checks = check_ct(image, record)

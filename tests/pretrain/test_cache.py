@@ -13,10 +13,10 @@ import pytest
 
 from conftest import data_path
 from ctfm.cli import main
-from ctfm.io.sources import ScanSource
 from ctfm.errors import CTInputError
-from ctfm.pretrain.cache import INDEX_NAME, VOLUMES_DIR, VolumeCache, _BuildLock, build_cache
+from ctfm.io.sources import ScanSource
 from ctfm.preprocess import get_preset
+from ctfm.pretrain.cache import INDEX_NAME, VOLUMES_DIR, VolumeCache, _BuildLock, build_cache
 
 pytestmark = pytest.mark.realdata
 
@@ -65,12 +65,19 @@ def test_cached_volumes_equal_the_preprocessing_chain(built, references):
         assert volume.shape == expected.shape == cache.shape(i)
         assert np.array_equal(np.asarray(volume), expected)  # exact: float32, same chain
         assert entry["preset"] == "ct-fm-ssl" and entry["preset_hash"] == spec.content_hash()
-        assert entry["file"].startswith(f"{VOLUMES_DIR}/") and entry["file_bytes"] == (cache_dir / entry["file"]).stat().st_size
+        assert (
+            entry["file"].startswith(f"{VOLUMES_DIR}/")
+            and entry["file_bytes"] == (cache_dir / entry["file"]).stat().st_size
+        )
         assert np.allclose(cache.spacing(i), (3.0, 1.0, 1.0)) and len(entry["affine"]) == 16
         assert entry["content_hash"] and entry["source_shape"] and entry["dtype"] == "float32"
         assert min(volume.shape) >= 32  # padded to the 32x128x128 crop
     dicom = cache.entry(ScanSource(str(data_path("abdomen_dicom/dicom"))).scan_id)
-    assert dicom["source_format"] == "dicom" and dicom["source_shape"] == [512, 512, 20]  # (its UIDs are blank: anonymised)
+    assert dicom["source_format"] == "dicom" and dicom["source_shape"] == [
+        512,
+        512,
+        20,
+    ]  # (its UIDs are blank: anonymised)
 
 
 def test_read_crop_equals_slicing(built):
@@ -81,7 +88,9 @@ def test_read_crop_equals_slicing(built):
         size = (32, 128, 128)
         start = tuple(int(rng.integers(0, s - c + 1)) for s, c in zip(shape, size))
         crop = cache.read_crop(i, start, size)
-        expected = np.asarray(cache.volume(i))[start[0] : start[0] + 32, start[1] : start[1] + 128, start[2] : start[2] + 128]
+        expected = np.asarray(cache.volume(i))[
+            start[0] : start[0] + 32, start[1] : start[1] + 128, start[2] : start[2] + 128
+        ]
         assert not isinstance(crop, np.memmap) and crop.dtype == np.float32
         assert np.array_equal(crop, expected)
     assert np.array_equal(cache.read_crop(cache.ids[0], (0, 0, 0), (1, 2, 3)), np.asarray(cache.volume(0))[:1, :2, :3])
@@ -113,7 +122,10 @@ def test_killed_mid_write_leaves_no_visible_entry(built, tmp_path):
     (cache_dir / VOLUMES_DIR / f".{os.path.basename(victim['file'])}.0123abcd.partial").write_bytes(b"\x93NUMPY half")
     (cache_dir / f".{INDEX_NAME}.0123abcd.partial").write_bytes(b"PAR1 half")
     table = pq.read_table(cache_dir / INDEX_NAME)
-    pq.write_table(table.filter(np.array([sid != victim["scan_id"] for sid in table.column("scan_id").to_pylist()])), cache_dir / INDEX_NAME)
+    pq.write_table(
+        table.filter(np.array([sid != victim["scan_id"] for sid in table.column("scan_id").to_pylist()])),
+        cache_dir / INDEX_NAME,
+    )
     cache = VolumeCache(cache_dir)
     assert len(cache) == 2 and victim["scan_id"] not in cache.ids  # only complete, indexed entries are visible
     # the resumed run clears the temporaries and redoes only the unindexed scan
@@ -145,7 +157,10 @@ def test_broken_and_unusable_inputs_are_recorded_and_the_run_goes_on(tmp_path, c
     broken.unlink()
     code = main(["cohort", "cache", str(label), str(good), str(cache_dir), "--no-progress"])
     assert code == 1 and "skipped 1 already cached, 1 failed" in capsys.readouterr().out
-    assert {f["source_path"] for f in pq.read_table(cache_dir / "failures.parquet").to_pylist()} == {str(broken), str(label)}
+    assert {f["source_path"] for f in pq.read_table(cache_dir / "failures.parquet").to_pylist()} == {
+        str(broken),
+        str(label),
+    }
 
 
 @pytest.mark.slow
@@ -187,7 +202,16 @@ def test_manifests_feed_the_cache(built, tmp_path):
 
     good = str(data_path("sarcoma_ct/STS_019/CT_image.nii.gz"))
     manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"path": [good, None, good.replace("CT_image", "CT_mask")], "series_uid": [None, "1.2.3", None], "error": [None, None, "label map"]}), manifest)
+    pq.write_table(
+        pa.table(
+            {
+                "path": [good, None, good.replace("CT_image", "CT_mask")],
+                "series_uid": [None, "1.2.3", None],
+                "error": [None, None, "label map"],
+            }
+        ),
+        manifest,
+    )
     summary = build_cache(manifest, built[0], progress=False)
     assert (summary.done, summary.skipped, summary.not_downloaded, summary.unreadable) == (0, 1, 1, 1)
 

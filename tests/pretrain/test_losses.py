@@ -78,7 +78,11 @@ def reference_ntxent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> 
     for anchor in range(2 * batch):
         partner = (anchor + batch) % (2 * batch)
         logits = [_dot(views[anchor], views[partner]) / temperature]
-        logits += [_dot(views[anchor], views[other]) / temperature for other in range(2 * batch) if other not in (anchor, partner)]
+        logits += [
+            _dot(views[anchor], views[other]) / temperature
+            for other in range(2 * batch)
+            if other not in (anchor, partner)
+        ]
         losses.append(_cross_entropy_first(logits))
     return losses
 
@@ -194,7 +198,12 @@ def test_intrasample_variance_term():
     assert per_anchor.shape == (3, 4) and abs(per_anchor.mean().item() - blended(z).item()) < 1e-12
     # Spread-out embeddings (std >= 1 per feature) make the variance term vanish.
     wide = z * 100
-    assert abs(IntraSampleNTXentLoss(0.1, variance_weight=0.5)(wide).item() - 0.5 * IntraSampleNTXentLoss(0.1)(wide).item()) < 1e-12
+    assert (
+        abs(
+            IntraSampleNTXentLoss(0.1, variance_weight=0.5)(wide).item() - 0.5 * IntraSampleNTXentLoss(0.1)(wide).item()
+        )
+        < 1e-12
+    )
 
 
 @pytest.mark.parametrize(
@@ -414,7 +423,14 @@ def test_wrapper_gradients_flow():
 
 
 def test_registry_builds_every_loss():
-    assert set(LOSSES) == {"intrasample_ntxent", "ntxent", "simsiam", "vicreg", "intrasample_simsiam", "intrasample_vicreg"}
+    assert set(LOSSES) == {
+        "intrasample_ntxent",
+        "ntxent",
+        "simsiam",
+        "vicreg",
+        "intrasample_simsiam",
+        "intrasample_vicreg",
+    }
     for name in LOSSES:
         assert isinstance(build_loss(name), torch.nn.Module)
     assert build_loss("intrasample_ntxent", temperature=0.2).temperature == 0.2
@@ -426,7 +442,10 @@ def test_registry_builds_every_loss():
 def test_gradients_match_finite_differences():
     z = random_embeddings(2, 3, 2, 4, seed=24).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: IntraSampleNTXentLoss(0.3, variance_weight=0.2)(t), (z,))
-    z0, z1 = random_embeddings(3, 4, seed=25).requires_grad_(True), random_embeddings(3, 4, seed=26).requires_grad_(True)
+    z0, z1 = (
+        random_embeddings(3, 4, seed=25).requires_grad_(True),
+        random_embeddings(3, 4, seed=26).requires_grad_(True),
+    )
     assert torch.autograd.gradcheck(lambda a, b: NTXentLoss(0.3)(a, b), (z0, z1))
     assert torch.autograd.gradcheck(lambda a, b: VICRegLoss()(a, b), (z0, z1))
 

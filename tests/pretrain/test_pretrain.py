@@ -13,15 +13,16 @@ import torch
 
 import ctfm
 from ctfm.pretrain.config import PretrainConfig, resolve_pretrain_config
-from ctfm.runs import EpochIndexSampler
 from ctfm.pretrain.losses import LOSSES
 from ctfm.pretrain.views import CROP_SIZE, MultiCropViews, sample_state
-from ctfm.runs import parse_set
+from ctfm.runs import EpochIndexSampler, parse_set
 from ctfm.synth import make_phantom, write_phantom
 
 
 def reader(volume):
-    return lambda start, size: volume[start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
+    return lambda start, size: volume[
+        start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]
+    ]
 
 
 def test_views_shape_determinism_and_variety():
@@ -60,7 +61,11 @@ def test_augmentations_fire_with_their_probabilities():
         assert p.smooth_sigma is None or all(0.25 <= v <= 1.5 for v in p.smooth_sigma)
         if p.histogram is not None:
             assert p.histogram.reference == (0.0, 0.25, 0.5, 0.75, 1.0)
-            assert p.histogram.floating[0] == 0.0 and p.histogram.floating[-1] == 1.0 and list(p.histogram.floating) == sorted(p.histogram.floating)
+            assert (
+                p.histogram.floating[0] == 0.0
+                and p.histogram.floating[-1] == 1.0
+                and list(p.histogram.floating) == sorted(p.histogram.floating)
+            )
 
 
 def test_views_are_drawn_parameters_then_a_deterministic_transform():
@@ -86,11 +91,19 @@ def test_augmentation_settings_reach_the_views_and_bad_values_are_refused():
     plain = MultiCropViews(num_crops=2, crop_size=(8, 16, 16), scale=(1.0, 1.0), flip_p=0, histogram_p=0, smooth_p=0)
     views = plain(volume.shape, reader(volume), sample_state(0, 0, 0))
     torch.testing.assert_close(views[:, 0], views[:, 1], rtol=0, atol=1e-6)
-    config = resolve_pretrain_config("tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0})
+    config = resolve_pretrain_config(
+        "tiny", overrides={"crop_scale": [1.0, 1.0], "flip_p": 0.0, "histogram_shift_p": 0.0, "smooth_p": 0.0}
+    )
     augment = build_loader(config, cache=[volume]).dataset.views.augment
     assert (augment.scale, augment.flip_p, augment.histogram.prob, augment.smooth_p) == ((1.0, 1.0), 0.0, 0.0, 0.0)
     drawn = augment.get_params(sample_state(0, 0, 1))
-    assert (drawn.scale, drawn.crop_start, drawn.flip, drawn.histogram, drawn.smooth_sigma) == (1.0, (0, 0, 0), False, None, None)
+    assert (drawn.scale, drawn.crop_start, drawn.flip, drawn.histogram, drawn.smooth_sigma) == (
+        1.0,
+        (0, 0, 0),
+        False,
+        None,
+        None,
+    )
     with pytest.raises(ValueError, match="histogram_shift_p"):
         resolve_pretrain_config("tiny", overrides={"histogram_shift_p": 1.5})
     with pytest.raises(ValueError, match="crop_scale"):
@@ -113,11 +126,24 @@ def test_sampler_splits_indices_across_ranks_without_overlap(monkeypatch):
 
 def test_config_presets_files_and_overrides(tmp_path):
     ct_fm = resolve_pretrain_config("ct-fm")
-    assert (ct_fm.max_epochs, ct_fm.steps_per_epoch, ct_fm.batch_size, ct_fm.devices, ct_fm.num_crops) == (500, 500, 4, 4, 15)
+    assert (ct_fm.max_epochs, ct_fm.steps_per_epoch, ct_fm.batch_size, ct_fm.devices, ct_fm.num_crops) == (
+        500,
+        500,
+        4,
+        4,
+        15,
+    )
     assert (ct_fm.lr, ct_fm.weight_decay, ct_fm.warmup_epochs, ct_fm.temperature) == (1e-4, 1e-6, 10, 0.1)
     (tmp_path / "run.yaml").write_text("preset: tiny\nlr: 0.0003\n")
-    config = resolve_pretrain_config(None, tmp_path / "run.yaml", parse_set(["max_steps=7", "data=scans/", 'model_kwargs={"init_filters": 4}']))
-    assert config.lr == 3e-4 and config.max_steps == 7 and config.data == "scans/" and config.model_kwargs == {"init_filters": 4}
+    config = resolve_pretrain_config(
+        None, tmp_path / "run.yaml", parse_set(["max_steps=7", "data=scans/", 'model_kwargs={"init_filters": 4}'])
+    )
+    assert (
+        config.lr == 3e-4
+        and config.max_steps == 7
+        and config.data == "scans/"
+        and config.model_kwargs == {"init_filters": 4}
+    )
     assert config.devices == 1 and config.precision == "32-true"
     with pytest.raises(ValueError, match="unknown config keys"):
         resolve_pretrain_config("tiny", overrides={"learning_rate": 1})
@@ -208,7 +234,15 @@ def phantom_scans(tmp_path_factory):
 
 
 def tiny_config(data, out, **changes) -> PretrainConfig:
-    values = dict(data=str(data), out=str(out), crop_size=[16, 32, 32], num_crops=3, steps_per_epoch=2, max_epochs=2, model_kwargs={"init_filters": 4})
+    values = dict(
+        data=str(data),
+        out=str(out),
+        crop_size=[16, 32, 32],
+        num_crops=3,
+        steps_per_epoch=2,
+        max_epochs=2,
+        model_kwargs={"init_filters": 4},
+    )
     values.update(changes)
     return resolve_pretrain_config("tiny", overrides=values)
 
@@ -230,7 +264,11 @@ def test_training_checkpoints_metrics_and_export(phantom_scans, tmp_path):
     assert len(recorder.losses) == 4 and all(np.isfinite(recorder.losses))
     run = tmp_path / "run"
     assert (run / "config.yaml").exists() and (run / "metrics.csv").read_text().count("\n") >= 4
-    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {
+        "last.ckpt",
+        "epoch=0-step=2.ckpt",
+        "epoch=1-step=4.ckpt",
+    }
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
     # The export is a published-layout folder that `ctfm embed` loads.
     records = ctfm.embed(str(phantom_scans / "p0.nii.gz"), weights=str(export), mode="patches")
@@ -244,7 +282,9 @@ def test_resume_gives_the_same_next_losses(phantom_scans, tmp_path):
     straight = LossRecorder()
     pretrain(tiny_config(phantom_scans, tmp_path / "straight"), extra_callbacks=[straight])
     first = LossRecorder()
-    pretrain(tiny_config(phantom_scans, tmp_path / "resumed", max_steps=2), extra_callbacks=[first])  # stops after epoch 0
+    pretrain(
+        tiny_config(phantom_scans, tmp_path / "resumed", max_steps=2), extra_callbacks=[first]
+    )  # stops after epoch 0
     second = LossRecorder()
     pretrain(tiny_config(phantom_scans, tmp_path / "resumed"), extra_callbacks=[second])  # resumes from last.ckpt
     assert len(first.losses) == 2 and len(second.losses) == 2
@@ -255,10 +295,37 @@ def test_resume_gives_the_same_next_losses(phantom_scans, tmp_path):
 def test_two_process_ddp_on_cpu(phantom_scans, tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "ctfm", "pretrain", "--preset", "tiny", "--set", f"data={phantom_scans}", "--set", f"out={out}",
-         "--set", "devices=2", "--set", "strategy=ddp", "--set", "crop_size=[16, 32, 32]", "--set", "num_crops=3",
-         "--set", 'model_kwargs={"init_filters": 4}', "--set", "max_epochs=1", "--set", "steps_per_epoch=2", "--set", "sync_batchnorm=true"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "ctfm",
+            "pretrain",
+            "--preset",
+            "tiny",
+            "--set",
+            f"data={phantom_scans}",
+            "--set",
+            f"out={out}",
+            "--set",
+            "devices=2",
+            "--set",
+            "strategy=ddp",
+            "--set",
+            "crop_size=[16, 32, 32]",
+            "--set",
+            "num_crops=3",
+            "--set",
+            'model_kwargs={"init_filters": 4}',
+            "--set",
+            "max_epochs=1",
+            "--set",
+            "steps_per_epoch=2",
+            "--set",
+            "sync_batchnorm=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sync_batchnorm needs GPUs" in result.stderr  # SyncBatchNorm is GPU-only in torch
@@ -313,13 +380,18 @@ def test_a_simsiam_run_goes_through_the_trainer(phantom_scans, tmp_path):
     from ctfm.pretrain.train import pretrain
 
     recorder = LossRecorder()
-    export = pretrain(tiny_config(phantom_scans, tmp_path / "run", loss="intrasample_simsiam", max_steps=2), extra_callbacks=[recorder])
+    export = pretrain(
+        tiny_config(phantom_scans, tmp_path / "run", loss="intrasample_simsiam", max_steps=2),
+        extra_callbacks=[recorder],
+    )
     assert len(recorder.losses) == 2 and all(-1.0 <= v <= 1.0 for v in recorder.losses)  # a negative cosine
     assert (export / "model.safetensors").is_file()
 
 
 def test_loss_names_and_arguments_are_checked_when_the_config_is_resolved():
-    with pytest.raises(ValueError, match=r"loss 'simclr': unknown; choose one of intrasample_ntxent, intrasample_simsiam, .*vicreg$"):
+    with pytest.raises(
+        ValueError, match=r"loss 'simclr': unknown; choose one of intrasample_ntxent, intrasample_simsiam, .*vicreg$"
+    ):
         resolve_pretrain_config("tiny", overrides={"loss": "simclr"})
     with pytest.raises(ValueError, match="not arguments of loss 'vicreg'; it takes eps, lambda_, mu, nu"):
         resolve_pretrain_config("tiny", overrides={"loss": "vicreg", "loss_kwargs": {"temperature": 0.2}})
@@ -348,7 +420,9 @@ def test_a_model_pretrained_at_another_spacing_embeds_at_that_spacing(phantom_sc
 
     from ctfm.pretrain.train import pretrain
 
-    export = pretrain(tiny_config(phantom_scans, tmp_path / "run", spacing_mm=[2, 2, 2], max_epochs=1), progress_bar=False)
+    export = pretrain(
+        tiny_config(phantom_scans, tmp_path / "run", spacing_mm=[2, 2, 2], max_epochs=1), progress_bar=False
+    )
     recorded = json.loads((export / "ctfm.json").read_text())["preprocess"]
     assert recorded["spacing_mm"] == [2.0, 2.0, 2.0] and recorded["name"] == "ct-fm-ssl-2x2x2mm"
     for mode in ("whole", "patches"):

@@ -42,12 +42,31 @@ def world(tmp_path_factory, tiny_weights):
     store = root / "store"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctfm.embed([str(p) for p in (original, reoriented, cropped, other)], weights=str(tiny_weights), mode="patches", overlap=0.5, preset=WINDOW_SPEC, out=store, device="cpu", return_records=False)
+        ctfm.embed(
+            [str(p) for p in (original, reoriented, cropped, other)],
+            weights=str(tiny_weights),
+            mode="patches",
+            overlap=0.5,
+            preset=WINDOW_SPEC,
+            out=store,
+            device="cpu",
+            return_records=False,
+        )
     session = SearchSession(store)
     grid = session._grid_of(session.resolve(str(original)).scan_id)
     centre = grid.centers_mm.mean(0)
     on_grid = grid.centers_mm[int(np.argmin(np.linalg.norm(grid.centers_mm - centre, axis=1)))]
-    return {"root": root, "store": store, "original": original, "reoriented": reoriented, "cropped": cropped, "other": other, "weights": tiny_weights, "weights_b": root / "w1", "point": on_grid}
+    return {
+        "root": root,
+        "store": store,
+        "original": original,
+        "reoriented": reoriented,
+        "cropped": cropped,
+        "other": other,
+        "weights": tiny_weights,
+        "weights_b": root / "w1",
+        "point": on_grid,
+    }
 
 
 def _distance(a, b) -> float:
@@ -114,12 +133,41 @@ def test_scan_search_and_region_cli_json_schema(world, capsys, tmp_path):
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     heatmap = tmp_path / "sim.nii.gz"
     x, y, z = world["point"]
-    assert main(["search", store, "--point", f"{world['original']}:{x},{y},{z}", "-k", "2", "--json", "--heatmap", str(heatmap)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                store,
+                "--point",
+                f"{world['original']}:{x},{y},{z}",
+                "-k",
+                "2",
+                "--json",
+                "--heatmap",
+                str(heatmap),
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2
     for h in hits:
-        assert set(h) == {"rank", "scan_id", "source_path", "score", "point_mm", "window_center_mm", "window_score", "refine"}
-        assert isinstance(h["scan_id"], str) and isinstance(h["score"], float) and len(h["point_mm"]) == 3 and all(isinstance(v, float) for v in h["point_mm"])
+        assert set(h) == {
+            "rank",
+            "scan_id",
+            "source_path",
+            "score",
+            "point_mm",
+            "window_center_mm",
+            "window_score",
+            "refine",
+        }
+        assert (
+            isinstance(h["scan_id"], str)
+            and isinstance(h["score"], float)
+            and len(h["point_mm"]) == 3
+            and all(isinstance(v, float) for v in h["point_mm"])
+        )
     assert nib.load(str(heatmap)).shape == nib.load(hits[0]["source_path"]).shape
 
 
@@ -128,18 +176,45 @@ def test_search_index_and_serve_take_run_and_where_and_refuse_the_old_flags(worl
 
     store = str(world["store"])
     (run,) = open_store(store).runs("patch")
-    assert main(["search", store, "--scan", str(world["original"]), "-k", "5", "--json", "--run", run["digest"][:6], "--where", "orientation=RAS"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                store,
+                "--scan",
+                str(world["original"]),
+                "-k",
+                "5",
+                "--json",
+                "--run",
+                run["digest"][:6],
+                "--where",
+                "orientation=RAS",
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     rows = open_store(store).select("scan", where={"orientation": "RAS"}).scans
     assert hits and {h["scan_id"] for h in hits} <= set(rows)
-    assert main(["index", "build", store, "--level", "patch", "--where", "mode=patches", "--where", "overlap=0.5", "--json"]) == 0
+    assert (
+        main(
+            ["index", "build", store, "--level", "patch", "--where", "mode=patches", "--where", "overlap=0.5", "--json"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["digest"] == run["digest"]
     assert main(["index", "status", store, "--run", run["digest"][:6], "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert [r["digest"] for r in status["runs"]["patch"]] == [run["digest"]] and status["indexes"]
     err = _one_line_error(capsys, ["search", store, "--scan", str(world["original"]), "--where", "overlap=0.25"])
     assert "no scan-level vectors match --where overlap=0.25" in err and run["digest"] in err
-    for argv in (["search", store, "--scan", str(world["original"]), "--mode", "patches"], ["index", "build", store, "--overlap", "0.5"], ["index", "update", store, "--select", "mode=patches"], ["serve", store, "--weights-sha256", "abc", "--port", "0"]):
+    for argv in (
+        ["search", store, "--scan", str(world["original"]), "--mode", "patches"],
+        ["index", "build", store, "--overlap", "0.5"],
+        ["index", "update", store, "--select", "mode=patches"],
+        ["serve", store, "--weights-sha256", "abc", "--port", "0"],
+    ):
         err = _one_line_error(capsys, argv)
         assert "this option was removed" in err and "--run DIGEST" in err and "--where COLUMN=VALUE" in err, err
 
@@ -155,8 +230,12 @@ def _one_line_error(capsys, argv) -> str:
 def test_bad_input_gets_one_line(world, capsys, tmp_path):
     store = str(world["store"])
     scan = str(world["original"])
-    assert "lies outside every stored window" in _one_line_error(capsys, ["search", store, "--point", f"{scan}:900,0,0"])
-    assert "lies outside the scan (its extent" in _one_line_error(capsys, ["search", store, "--point", f"{scan}:900,0,0", "--weights", str(world["weights"])])
+    assert "lies outside every stored window" in _one_line_error(
+        capsys, ["search", store, "--point", f"{scan}:900,0,0"]
+    )
+    assert "lies outside the scan (its extent" in _one_line_error(
+        capsys, ["search", store, "--point", f"{scan}:900,0,0", "--weights", str(world["weights"])]
+    )
     assert "neither a scan id of the store" in _one_line_error(capsys, ["search", store, "--scan", "0123456789abcdef"])
     assert "expected PATH_OR_ID:x,y,z" in _one_line_error(capsys, ["search", store, "--point", f"{scan}:1,2"])
     err = _one_line_error(capsys, ["search", store, "--point", f"{scan}:0,0,0", "--weights", str(world["weights_b"])])
@@ -168,7 +247,16 @@ def test_bad_input_gets_one_line(world, capsys, tmp_path):
     assert main(["index", "build", store]) == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctfm.embed([str(outside)], weights=str(world["weights"]), mode="patches", overlap=0.5, preset=WINDOW_SPEC, out=world["store"], device="cpu", return_records=False)
+        ctfm.embed(
+            [str(outside)],
+            weights=str(world["weights"]),
+            mode="patches",
+            overlap=0.5,
+            preset=WINDOW_SPEC,
+            out=world["store"],
+            device="cpu",
+            return_records=False,
+        )
     capsys.readouterr()
     with pytest.warns(UserWarning, match="index is stale: 1 scan"):
         hits = SearchSession(store).search_scans(str(outside), k=2)
@@ -188,8 +276,12 @@ def test_window_cells_average_the_windows_covering_each_voxel():
     np.testing.assert_allclose(grid[0, :, 0], [1, 1, 2, 2, 3, 3, np.nan])
     # Onto a grid with axes swapped and the second one flipped: the same world voxels, same values.
     prepared_affine = np.eye(4)
-    target_affine = np.array([[0, 0, 1, 0], [0, -1, 0, 6], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # target (i,j,k) -> prepared (k, 6-j, i)
-    out = similarity_on_grid(starts, np.array([1.0, 3.0]), (1, 4, 1), (1, 7, 1), prepared_affine, (1, 7, 1), target_affine)
+    target_affine = np.array(
+        [[0, 0, 1, 0], [0, -1, 0, 6], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float
+    )  # target (i,j,k) -> prepared (k, 6-j, i)
+    out = similarity_on_grid(
+        starts, np.array([1.0, 3.0]), (1, 4, 1), (1, 7, 1), prepared_affine, (1, 7, 1), target_affine
+    )
     np.testing.assert_allclose(out[0, :, 0], [np.nan, 3, 3, 2, 2, 1, 1])
 
 
@@ -205,14 +297,18 @@ def test_weighted_centre_and_pattern_search_on_known_landscapes():
     flat, _ = weighted_centre(centres, np.ones(4), np.array([10.0, 10, 10]))
     np.testing.assert_allclose(flat, centres[0])  # no spread: the best window's centre
     target = np.array([7.0, -3.0, 12.0])
-    found, score, used = pattern_search(lambda p: -np.abs(np.asarray(p) - target).sum(axis=1), np.array([[0.0, 0, 0]]), np.array([8.0, 8, 8]))
+    found, score, used = pattern_search(
+        lambda p: -np.abs(np.asarray(p) - target).sum(axis=1), np.array([[0.0, 0, 0]]), np.array([8.0, 8, 8])
+    )
     np.testing.assert_allclose(found, target)
     assert score == 0 and used < 400
 
 
 @pytest.mark.slow
 def test_a_file_outside_the_store_is_embedded_the_stores_way(world, tmp_path):
-    outside = write_phantom(make_phantom(5, shape=(48, 40, 30), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="outside")[0]
+    outside = write_phantom(make_phantom(5, shape=(48, 40, 30), spacing_mm=(3.0, 3.0, 3.0)), tmp_path, stem="outside")[
+        0
+    ]
     session = SearchSession(world["store"], weights=str(world["weights"]))
     vector, ref = session.scan_vector(str(outside))
     with warnings.catch_warnings():
@@ -220,5 +316,7 @@ def test_a_file_outside_the_store_is_embedded_the_stores_way(world, tmp_path):
         assert not ref.in_store and len(session.search_scans(str(outside), k=2)) == 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        records = ctfm.embed([str(outside)], weights=str(world["weights"]), mode="patches", overlap=0.5, preset=WINDOW_SPEC, device="cpu")
+        records = ctfm.embed(
+            [str(outside)], weights=str(world["weights"]), mode="patches", overlap=0.5, preset=WINDOW_SPEC, device="cpu"
+        )
     np.testing.assert_allclose(vector, records[0]["embedding"], atol=1e-6)  # the same chain as ctfm embed

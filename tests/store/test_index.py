@@ -10,16 +10,43 @@ import pytest
 from ctfm.cli import main
 from ctfm.errors import OptionError
 from ctfm.store import EmbeddingStore
-from ctfm.store.index import IndexParams, MixedKeysError, StaleIndexError, build_index, list_indexes, load_index, update_index
+from ctfm.store.index import (
+    IndexParams,
+    MixedKeysError,
+    StaleIndexError,
+    build_index,
+    list_indexes,
+    load_index,
+    update_index,
+)
 
-KEY = {"mode": "patches", "model": "ct-fm", "weights_sha256": "w" * 64, "preset_hash": "p" * 64, "pool": "mean", "precision": "fp32", "overlap": 0.5}
+KEY = {
+    "mode": "patches",
+    "model": "ct-fm",
+    "weights_sha256": "w" * 64,
+    "preset_hash": "p" * 64,
+    "pool": "mean",
+    "precision": "fp32",
+    "overlap": 0.5,
+}
 DIM = 16
 
 
 def _add(store, scan_id: str, rng, key=KEY, n_patches: int = 4, **record):
     vectors = rng.normal(size=(n_patches, DIM)).astype(np.float32)
-    patches = [{"patch_index": i, "center_mm": [float(i), 0.0, 0.0], "start_voxel": [i, 0, 0], "embedding": vectors[i]} for i in range(n_patches)]
-    row = {"scan_id": scan_id, "source_path": f"/data/{scan_id}.nii.gz", **key, "n_patches": n_patches, "preset": "p", "embedding": vectors.mean(0), **record}
+    patches = [
+        {"patch_index": i, "center_mm": [float(i), 0.0, 0.0], "start_voxel": [i, 0, 0], "embedding": vectors[i]}
+        for i in range(n_patches)
+    ]
+    row = {
+        "scan_id": scan_id,
+        "source_path": f"/data/{scan_id}.nii.gz",
+        **key,
+        "n_patches": n_patches,
+        "preset": "p",
+        "embedding": vectors.mean(0),
+        **record,
+    }
     store.add(row, patches)
     return row, vectors
 
@@ -45,7 +72,9 @@ def _exact_cosine(matrix, query):
 def test_flat_index_round_trip_equals_exact_search(store):
     index = build_index(store, "scan")
     files = sorted(p.name for p in (store.root / "index").iterdir())
-    assert len(files) == 3 and any(f.endswith(".faiss") for f in files) and any(f.endswith(".ids.parquet") for f in files)
+    assert (
+        len(files) == 3 and any(f.endswith(".faiss") for f in files) and any(f.endswith(".ids.parquet") for f in files)
+    )
     loaded = load_index(store, "scan")
     assert loaded.ntotal == 30 and loaded.key == tuple(KEY.values()) and loaded.manifest["scans"] == 30
     ids = list(loaded.ids["scan_id"])
@@ -62,8 +91,16 @@ def test_flat_index_round_trip_equals_exact_search(store):
 @pytest.mark.slow
 def test_l2_ivf_and_hnsw_indexes_find_the_exact_neighbours_on_a_small_store(store):
     ids_matrix = None
-    for kind, codec, refine in (("flat", "flat", 0), ("ivf", "flat", 0), ("ivf", "pq4x4", 30), ("ivf", "sq8", 5), ("hnsw", "flat", 0)):
-        index = build_index(store, "patch", IndexParams(kind=kind, metric="l2", nlist=2, nprobe=2, codec=codec, refine=refine))
+    for kind, codec, refine in (
+        ("flat", "flat", 0),
+        ("ivf", "flat", 0),
+        ("ivf", "pq4x4", 30),
+        ("ivf", "sq8", 5),
+        ("hnsw", "flat", 0),
+    ):
+        index = build_index(
+            store, "patch", IndexParams(kind=kind, metric="l2", nlist=2, nprobe=2, codec=codec, refine=refine)
+        )
         kind = f"{kind}/{codec}/{refine}"
         ids = list(zip(index.ids["scan_id"], index.ids["patch_index"]))
         matrix = np.stack([store.rows[s][1][p] for s, p in ids])
@@ -125,7 +162,11 @@ def test_runs_are_never_mixed(store):
 def test_index_cli_build_status_check_and_update(store, capsys):
     assert main(["index", "build", str(store.root), "--level", "patch", "--kind", "hnsw", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
-    assert manifest["vectors"] == 120 and manifest["params"]["kind"] == "hnsw" and manifest["key"]["weights_sha256"] == "w" * 64
+    assert (
+        manifest["vectors"] == 120
+        and manifest["params"]["kind"] == "hnsw"
+        and manifest["key"]["weights_sha256"] == "w" * 64
+    )
     assert main(["index", "check", str(store.root)]) == 0
     _add(store, "scan_more", np.random.default_rng(1))
     capsys.readouterr()

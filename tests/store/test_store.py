@@ -29,24 +29,57 @@ from ctfm.synth import make_phantom, write_phantom
 def cohort(tmp_path_factory, tiny_weights):
     """Three small phantoms (3 mm voxels) and two narrow random CT-FM weights folders (seeds 0, 1)."""
     root = tmp_path_factory.mktemp("store_cohort")
-    scans = [write_phantom(make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed}")[0] for seed in range(3)]
+    scans = [
+        write_phantom(
+            make_phantom(seed, shape=(40, 32, 24), spacing_mm=(3.0, 3.0, 3.0)), root / "scans", stem=f"p{seed}"
+        )[0]
+        for seed in range(3)
+    ]
     # One phantom larger than a 72x128x128 mm window, so that overlap changes the window count.
-    large = write_phantom(make_phantom(7, shape=(110, 100, 40), spacing_mm=(2.0, 2.0, 3.0)), root / "large", stem="large")[0]
+    large = write_phantom(
+        make_phantom(7, shape=(110, 100, 40), spacing_mm=(2.0, 2.0, 3.0)), root / "large", stem="large"
+    )[0]
     assert main(["models", "init", "ct-fm", "--seed", "1", "--out", str(root / "weights1"), "--init-filters", "4"]) == 0
     return {"root": root, "scans": scans, "large": large, "weights": tiny_weights, "weights_b": root / "weights1"}
 
 
 # ---- the key, at the level of the store ------------------------------------------------------
-BASE_KEY = {"mode": "patches", "model": "ct-fm", "weights_sha256": "w" * 64, "preset_hash": "p" * 64, "pool": "mean", "precision": "fp32", "overlap": 0.5}
-OTHER_VALUE = {"mode": "whole", "model": "other-model", "weights_sha256": "v" * 64, "preset_hash": "q" * 64, "pool": "min", "precision": "bf16", "overlap": 0.0}
+BASE_KEY = {
+    "mode": "patches",
+    "model": "ct-fm",
+    "weights_sha256": "w" * 64,
+    "preset_hash": "p" * 64,
+    "pool": "mean",
+    "precision": "fp32",
+    "overlap": 0.5,
+}
+OTHER_VALUE = {
+    "mode": "whole",
+    "model": "other-model",
+    "weights_sha256": "v" * 64,
+    "preset_hash": "q" * 64,
+    "pool": "min",
+    "precision": "bf16",
+    "overlap": 0.0,
+}
 
 
 def _scan_row(key: dict, n_patches: int, fill: float) -> dict:
-    return {"scan_id": "abc", "source_path": "/x.nii.gz", **key, "n_patches": n_patches, "preset": "p", "embedding": [fill] * 8}
+    return {
+        "scan_id": "abc",
+        "source_path": "/x.nii.gz",
+        **key,
+        "n_patches": n_patches,
+        "preset": "p",
+        "embedding": [fill] * 8,
+    }
 
 
 def _patch_rows(n: int, fill: float) -> list[dict]:
-    return [{"patch_index": i, "center_mm": [float(i), 0.0, 0.0], "start_voxel": [i, 0, 0], "embedding": [fill + i] * 8} for i in range(n)]
+    return [
+        {"patch_index": i, "center_mm": [float(i), 0.0, 0.0], "start_voxel": [i, 0, 0], "embedding": [fill + i] * 8}
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("field", RUN_KEY)
@@ -65,9 +98,14 @@ def test_runs_differing_in_one_key_field_keep_their_own_rows(tmp_path, field):
         assert len(scans) == 2, f"{field}: both scan rows survive (compacted={compacted})"
         patches = store.patches().to_pylist()
         for row, n, base in ((scans[0], 5, 100.0), (scans[1], n_second, 200.0)):
-            own = sorted((p for p in patches if all(p[k] == row[k] for k in (*RUN_KEY, "write_id"))), key=lambda p: p["patch_index"])
+            own = sorted(
+                (p for p in patches if all(p[k] == row[k] for k in (*RUN_KEY, "write_id"))),
+                key=lambda p: p["patch_index"],
+            )
             assert [p["patch_index"] for p in own] == list(range(n))
-            assert [p["embedding"][0] for p in own] == [base + i for i in range(n)], f"{field}: patches are the run's own"
+            assert [p["embedding"][0] for p in own] == [base + i for i in range(n)], (
+                f"{field}: patches are the run's own"
+            )
         assert is_consistent(check_store(store)), check_store(store)
 
 
@@ -140,11 +178,31 @@ def test_real_runs_differing_in_one_option_keep_both(cohort, tmp_path, first, se
 @pytest.mark.slow
 def test_two_embed_processes_into_one_store_lose_nothing(cohort, tmp_path):
     store = tmp_path / "store"
-    base = [sys.executable, "-m", "ctfm", "embed", "--weights", str(cohort["weights"]), "--out", str(store), "--no-progress"]
+    base = [
+        sys.executable,
+        "-m",
+        "ctfm",
+        "embed",
+        "--weights",
+        str(cohort["weights"]),
+        "--out",
+        str(store),
+        "--no-progress",
+    ]
     # Two processes at once: one in patches mode over all scans, one in whole mode over all scans.
     procs = [
-        subprocess.Popen([*base, *map(str, cohort["scans"]), "--mode", "patches"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        subprocess.Popen([*base, *map(str, cohort["scans"]), "--mode", "whole"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            [*base, *map(str, cohort["scans"]), "--mode", "patches"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*base, *map(str, cohort["scans"]), "--mode", "whole"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
     ]
     for p in procs:
         _, err = p.communicate(timeout=600)
@@ -161,7 +219,20 @@ def test_two_embed_processes_into_one_store_lose_nothing(cohort, tmp_path):
 @pytest.mark.slow
 def test_store_check_reports_orphans_and_mismatches(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
-    assert run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--out", store, "--no-progress").returncode == 0
+    assert (
+        run_cli(
+            "embed",
+            *cohort["scans"][:2],
+            "--weights",
+            cohort["weights"],
+            "--mode",
+            "patches",
+            "--out",
+            store,
+            "--no-progress",
+        ).returncode
+        == 0
+    )
     ok = run_cli("store", "check", store, "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["consistent"] is True
     patches = pq.read_table(store / "patches.parquet")
@@ -185,7 +256,15 @@ def test_store_check_flags_patch_rows_without_the_key(tmp_path, run_cli):
     """A store whose patch rows carry only scan id, weights and preset (the old layout)."""
     store = tmp_path / "store"
     store.mkdir()
-    old_patch = pa.table({"scan_id": ["abc"], "patch_index": pa.array([0], pa.int32()), "weights_sha256": ["w"], "preset_hash": ["p"], "embedding": [[0.0] * 4]})
+    old_patch = pa.table(
+        {
+            "scan_id": ["abc"],
+            "patch_index": pa.array([0], pa.int32()),
+            "weights_sha256": ["w"],
+            "preset_hash": ["p"],
+            "embedding": [[0.0] * 4],
+        }
+    )
     pq.write_table(old_patch, store / "patches.parquet")
     result = run_cli("store", "check", store)
     assert result.returncode == 1 and "patch_without_key" in result.stderr
@@ -209,7 +288,22 @@ def test_store_check_finds_damaged_files_and_refuses_non_stores(tmp_path, run_cl
 def test_store_info_summarises_runs(cohort, tmp_path, run_cli):
     store = tmp_path / "store"
     for overlap in ("0", "0.5"):
-        assert run_cli("embed", *cohort["scans"][:2], "--weights", cohort["weights"], "--mode", "patches", "--overlap", overlap, "--out", store, "--no-progress").returncode == 0
+        assert (
+            run_cli(
+                "embed",
+                *cohort["scans"][:2],
+                "--weights",
+                cohort["weights"],
+                "--mode",
+                "patches",
+                "--overlap",
+                overlap,
+                "--out",
+                store,
+                "--no-progress",
+            ).returncode
+            == 0
+        )
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"x")
     assert run_cli("embed", broken, "--weights", cohort["weights"], "--out", store, "--no-progress").returncode == 1
@@ -234,7 +328,9 @@ def test_weights_carry_their_preprocessing(cohort, tmp_path, run_cli):
     (folder / "ctfm.json").write_text(json.dumps(sidecar))
     store = tmp_path / "store"
     for mode in ("whole", "patches"):
-        result = run_cli("embed", cohort["scans"][0], "--weights", folder, "--mode", mode, "--out", store, "--no-progress")
+        result = run_cli(
+            "embed", cohort["scans"][0], "--weights", folder, "--mode", mode, "--out", store, "--no-progress"
+        )
         assert result.returncode == 0, result.stderr
         assert "warning" not in result.stderr
     rows = {r["mode"]: r for r in EmbeddingStore(store).scans().to_pylist()}
@@ -242,9 +338,24 @@ def test_weights_carry_their_preprocessing(cohort, tmp_path, run_cli):
         expected = embedding_spec(trained, mode)
         assert row["preset_hash"] == expected.content_hash() and row["preset"] == expected.name
         assert json.loads(row["preprocess_spec"])["spacing_mm"] == [2.0, 2.0, 2.0]
-    override = run_cli("embed", cohort["scans"][0], "--weights", folder, "--mode", "whole", "--preset", "ct-fm-1mm-320", "--out", store, "--no-progress")
+    override = run_cli(
+        "embed",
+        cohort["scans"][0],
+        "--weights",
+        folder,
+        "--mode",
+        "whole",
+        "--preset",
+        "ct-fm-1mm-320",
+        "--out",
+        store,
+        "--no-progress",
+    )
     assert override.returncode == 0
-    assert "warning: preset ct-fm-1mm-320 overrides the preprocessing these weights expect for whole mode (my-2mm+whole)" in override.stderr
+    assert (
+        "warning: preset ct-fm-1mm-320 overrides the preprocessing these weights expect for whole mode (my-2mm+whole)"
+        in override.stderr
+    )
     used = [r for r in EmbeddingStore(store).scans().to_pylist() if r["preset"] == "ct-fm-1mm-320"]
     assert len(used) == 1 and json.loads(used[0]["preprocess_spec"])["spacing_mm"] == [1.0, 1.0, 1.0]
 
@@ -262,17 +373,35 @@ def test_dicom_record_fields_become_columns(tmp_path, cohort, run_cli):
     from dicom_factory import axial_positions, write_series
 
     folder = tmp_path / "series"
-    write_series(folder, axial_positions(12, gap=2.5), rows=40, cols=36, pixel_spacing=(2.0, 2.0), values=lambda pts: -1000.0 + 1100.0 * (np.abs(pts[..., 0]) < 20))
+    write_series(
+        folder,
+        axial_positions(12, gap=2.5),
+        rows=40,
+        cols=36,
+        pixel_spacing=(2.0, 2.0),
+        values=lambda pts: -1000.0 + 1100.0 * (np.abs(pts[..., 0]) < 20),
+    )
     store = tmp_path / "store"
-    result = run_cli("embed", folder, cohort["scans"][0], "--weights", cohort["weights"], "--out", store, "--no-progress")
+    result = run_cli(
+        "embed", folder, cohort["scans"][0], "--weights", cohort["weights"], "--out", store, "--no-progress"
+    )
     assert result.returncode == 0, result.stderr
     rows = {r["format"]: r for r in EmbeddingStore(store).scans().to_pylist()}
     dicom = rows["dicom"]
-    assert (dicom["modality"], dicom["kernel"], dicom["manufacturer"], dicom["body_part"]) == ("CT", "B30f", "TEST", "CHEST")
+    assert (dicom["modality"], dicom["kernel"], dicom["manufacturer"], dicom["body_part"]) == (
+        "CT",
+        "B30f",
+        "TEST",
+        "CHEST",
+    )
     assert dicom["series_description"] == "test series" and dicom["slice_thickness_mm"] is not None
     assert dicom["spacing_mm"] == pytest.approx([2.0, 2.0, 2.5]) and dicom["shape"] == [36, 40, 12]
     nifti = rows["nifti"]
-    assert nifti["modality"] is None and nifti["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0]) and nifti["shape"] == [40, 32, 24]
+    assert (
+        nifti["modality"] is None
+        and nifti["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0])
+        and nifti["shape"] == [40, 32, 24]
+    )
     # The store can be split on them without the DICOM files.
     table = pq.read_table(store / "scans.parquet", filters=[("kernel", "=", "B30f")])
     assert table.num_rows == 1

@@ -194,8 +194,12 @@ def test_write_phantom_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(ValueError):
         write_phantom(p, tmp_path, stem="../escape")
     broken = Phantom(
-        image=p.image, labels=p.labels, affine=p.affine, spacing_mm=p.spacing_mm,
-        label_names={**p.label_names, 3: "bad]]>name"}, seed=p.seed,
+        image=p.image,
+        labels=p.labels,
+        affine=p.affine,
+        spacing_mm=p.spacing_mm,
+        label_names={**p.label_names, 3: "bad]]>name"},
+        seed=p.seed,
     )
     with pytest.raises(ValueError):
         write_phantom(broken, tmp_path / "other")

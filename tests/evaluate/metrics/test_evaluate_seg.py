@@ -44,7 +44,9 @@ def test_empty_mask_rules():
 
 
 def _save(array, path, affine=None):
-    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else affine), str(path))
+    nib.save(
+        nib.Nifti1Image(array.astype(np.uint8), np.diag([1.5, 1.5, 3.0, 1.0]) if affine is None else affine), str(path)
+    )
 
 
 def _cases(tmp_path):
@@ -98,7 +100,9 @@ def test_bad_predictions_are_recorded_and_the_cli_exits_1(tmp_path, capsys):
     bad[0, 0, 0] = 7  # not in the class map
     _save(bad, pred / "case2.nii.gz")
     (pred / "case3.nii.gz").unlink()
-    code = main(["evaluate", "seg", "--pred", str(pred), "--truth", str(truth), "--labels", "liver,spleen", "--resamples", "50"])
+    code = main(
+        ["evaluate", "seg", "--pred", str(pred), "--truth", str(truth), "--labels", "liver,spleen", "--resamples", "50"]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "another grid" in out and "label values 7" in out and "no prediction" in out

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ctfm.evaluate.reports.report import Report, jsonable, provenance, write_results
 from ctfm.evaluate.metrics.stats import bootstrap_ci, delong_test, delong_variance, paired_bootstrap, wilcoxon_paired
+from ctfm.evaluate.reports.report import Report, jsonable, provenance, write_results
 
 
 def test_bootstrap_of_a_constant_has_no_width():
@@ -104,7 +104,11 @@ def test_wilcoxon_matches_scipy_and_leaves_out_nan_pairs():
 
 
 def test_results_json_has_provenance_and_no_nan(tmp_path):
-    path = write_results(tmp_path / "out", {"dice": {"liver": np.float32(0.5), "empty": math.nan}, "n": np.int64(3)}, provenance(model="ct-fm", weights_sha256="ab" * 32))
+    path = write_results(
+        tmp_path / "out",
+        {"dice": {"liver": np.float32(0.5), "empty": math.nan}, "n": np.int64(3)},
+        provenance(model="ct-fm", weights_sha256="ab" * 32),
+    )
     document = json.loads(path.read_text())
     assert document["dice"] == {"liver": 0.5, "empty": None} and document["n"] == 3
     assert document["provenance"]["model"] == "ct-fm" and document["provenance"]["ctfm_version"]
@@ -123,7 +127,9 @@ def test_report_is_self_contained(tmp_path):
     plt.savefig(figure_path)
     plt.close("all")
     page = Report("Probe <AUROC>", subtitle="two stores")
-    page.heading("Results").table([{"target": "liver", "auroc": 0.91234, "ci": None}], caption="per target").figure(figure_path, "ROC")
+    page.heading("Results").table([{"target": "liver", "auroc": 0.91234, "ci": None}], caption="per target").figure(
+        figure_path, "ROC"
+    )
     page.provenance({"model": "ct-fm"})
     written = page.write(tmp_path / "report")
     text = written.read_text()
@@ -188,8 +194,12 @@ def test_vectorised_and_loop_bootstrap_agree_on_an_odd_grouped_cohort():
     expected = (reference.estimate, reference.low, reference.high, reference.n_valid)
     assert (ours.estimate, ours.low, ours.high, ours.n_valid) == pytest.approx(expected)
     paired = cm.paired_bootstrap_metrics(
-        lambda w: cm.binary_metrics_weighted(y, p, 0.5, w), lambda w: cm.binary_metrics_weighted(y, q, 0.5, w),
-        151, 150, 2, groups,
+        lambda w: cm.binary_metrics_weighted(y, p, 0.5, w),
+        lambda w: cm.binary_metrics_weighted(y, q, 0.5, w),
+        151,
+        150,
+        2,
+        groups,
     )["auroc"]
     reference = paired_bootstrap(roc_auc_score, y, p, q, groups=groups, n_resamples=150, seed=2)
     expected = (reference.difference, reference.low, reference.high, reference.p_value)

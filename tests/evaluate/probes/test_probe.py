@@ -17,12 +17,20 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1
 from ctfm.cli import main
 from ctfm.evaluate.metrics import classification as cm
 from ctfm.evaluate.metrics.classification import encode_target
+from ctfm.evaluate.metrics.stats import bootstrap_ci, paired_bootstrap
 from ctfm.evaluate.probes.probe import few_shot_draw, outer_folds
 from ctfm.evaluate.probes.probe_run import run_probe
-from ctfm.evaluate.metrics.stats import bootstrap_ci, paired_bootstrap
 from ctfm.store import EmbeddingStore
 
-RUN = {"mode": "whole", "model": "ct-fm", "weights_sha256": "a" * 64, "preset_hash": "b" * 64, "pool": "mean", "precision": "fp32", "overlap": 0.0}
+RUN = {
+    "mode": "whole",
+    "model": "ct-fm",
+    "weights_sha256": "a" * 64,
+    "preset_hash": "b" * 64,
+    "pool": "mean",
+    "precision": "fp32",
+    "overlap": 0.0,
+}
 
 
 def write_store(root, features, run=RUN, ids=None):
@@ -30,7 +38,17 @@ def write_store(root, features, run=RUN, ids=None):
     store = EmbeddingStore(root)
     for i, vector in enumerate(features):
         scan_id = ids[i] if ids else f"s{i:04d}"
-        store.add({"scan_id": scan_id, "source_path": f"/archive/{scan_id}.nii.gz", "series_uid": f"1.2.840.{i}", **run, "n_patches": 0, "preset": "ct-fm-1mm-320", "embedding": [float(v) for v in vector]})
+        store.add(
+            {
+                "scan_id": scan_id,
+                "source_path": f"/archive/{scan_id}.nii.gz",
+                "series_uid": f"1.2.840.{i}",
+                **run,
+                "n_patches": 0,
+                "preset": "ct-fm-1mm-320",
+                "embedding": [float(v) for v in vector],
+            }
+        )
     return root
 
 
@@ -57,7 +75,10 @@ def planted(tmp_path_factory):
     tissue = np.where(features[:, 1] > 0.4, "bone", np.where(features[:, 1] < -0.4, "fat", "muscle"))
     write_store(root / "store", features)
     write_store(root / "weak", np.c_[features[:, :1] * 0.2 + rng.normal(size=(120, 1)), features[:, 1:]])
-    labels = write_labels(root / "labels.csv", {"label": y, "shuffled": shuffled, "tissue": tissue, "patient": [f"p{i // 2}" for i in range(120)]})
+    labels = write_labels(
+        root / "labels.csv",
+        {"label": y, "shuffled": shuffled, "tissue": tissue, "patient": [f"p{i // 2}" for i in range(120)]},
+    )
     return {"root": root, "store": root / "store", "weak": root / "weak", "labels": labels, "y": y}
 
 
@@ -74,7 +95,11 @@ def test_binary_metrics_match_hand_counts():
     # descending thresholds: 0.8 (TP 1, P 1), 0.6 (TP 2 of 3 at that step), 0.4, 0.35 (TP 3 of 5)
     assert m["average_precision"] == pytest.approx((1 / 3) * 1 + (1 / 3) * (2 / 3) + (1 / 3) * (3 / 5))
     at_high = cm.binary_metrics(y, p, threshold=0.7)
-    assert at_high["sensitivity"] == pytest.approx(1 / 3) and at_high["specificity"] == 1.0 and at_high["sensitivity@0.5"] == pytest.approx(2 / 3)
+    assert (
+        at_high["sensitivity"] == pytest.approx(1 / 3)
+        and at_high["specificity"] == 1.0
+        and at_high["sensitivity@0.5"] == pytest.approx(2 / 3)
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -106,9 +131,18 @@ def test_vectorised_bootstrap_equals_stats_bootstrap(grouped):
     ours = cm.bootstrap_binary(y, p, 0.5, n_resamples=100, seed=7, groups=groups)["auroc"]
     reference = bootstrap_ci(roc_auc_score, y, p, groups=groups, n_resamples=100, seed=7)
     assert (ours.estimate, ours.low, ours.high) == pytest.approx((reference.estimate, reference.low, reference.high))
-    paired = cm.paired_bootstrap_metrics(lambda w: cm.binary_metrics_weighted(y, p, 0.5, w), lambda w: cm.binary_metrics_weighted(y, q, 0.5, w), 150, 100, 7, groups)["auroc"]
+    paired = cm.paired_bootstrap_metrics(
+        lambda w: cm.binary_metrics_weighted(y, p, 0.5, w),
+        lambda w: cm.binary_metrics_weighted(y, q, 0.5, w),
+        150,
+        100,
+        7,
+        groups,
+    )["auroc"]
     reference = paired_bootstrap(roc_auc_score, y, p, q, groups=groups, n_resamples=100, seed=7)
-    assert (paired.difference, paired.low, paired.high, paired.p_value) == pytest.approx((reference.difference, reference.low, reference.high, reference.p_value))
+    assert (paired.difference, paired.low, paired.high, paired.p_value) == pytest.approx(
+        (reference.difference, reference.low, reference.high, reference.p_value)
+    )
 
 
 def test_youden_threshold_separates_a_separable_score():
@@ -133,7 +167,9 @@ def test_planted_signal_is_found_and_shuffled_labels_give_chance(planted):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["knn", "mlp"])
 def test_other_methods_find_the_planted_signal(planted, method):
-    result = run_probe([str(planted["store"])], str(planted["labels"]), ["label"], method=method, cv=2, inner_cv=2, n_resamples=100)
+    result = run_probe(
+        [str(planted["store"])], str(planted["labels"]), ["label"], method=method, cv=2, inner_cv=2, n_resamples=100
+    )
     assert result["targets"][0]["stores"][0]["metrics"]["auroc"]["estimate"] > 0.8
 
 
@@ -147,10 +183,15 @@ def test_group_column_prevents_leakage(tmp_path):
     features = np.repeat(centres, per, axis=0) + 0.01 * rng.normal(size=(n_patients * per, 32))
     patient_label = np.repeat([0, 1], n_patients // 2)
     rng.shuffle(patient_label)
-    labels = write_labels(tmp_path / "labels.csv", {"label": np.repeat(patient_label, per), "patient": np.repeat([f"p{i}" for i in range(n_patients)], per)})
+    labels = write_labels(
+        tmp_path / "labels.csv",
+        {"label": np.repeat(patient_label, per), "patient": np.repeat([f"p{i}" for i in range(n_patients)], per)},
+    )
     store = write_store(tmp_path / "store", features)
     leaky = run_probe([str(store)], str(labels), ["label"], method="knn", cv=5, n_resamples=200)
-    grouped = run_probe([str(store)], str(labels), ["label"], method="knn", cv=5, group_column="patient", n_resamples=200)
+    grouped = run_probe(
+        [str(store)], str(labels), ["label"], method="knn", cv=5, group_column="patient", n_resamples=200
+    )
     assert leaky["targets"][0]["stores"][0]["metrics"]["auroc"]["estimate"] > 0.95
     honest = grouped["targets"][0]["stores"][0]["metrics"]["auroc"]
     assert honest["low"] < 0.5 < honest["high"], honest
@@ -166,7 +207,13 @@ def test_join_counts_unmatched_rows_on_both_sides(planted, tmp_path):
     labels = write_labels(tmp_path / "labels.csv", {"label": list(y[10:]) + [0, 1]}, ids=ids)
     result = run_probe([str(planted["store"])], str(labels), ["label"], cv=3, n_resamples=50)
     join = result["join"][0]
-    assert (join["store_rows"], join["label_rows"], join["matched"], join["scans_without_label"], join["labels_without_scan"]) == (120, 112, 110, 10, 2)
+    assert (
+        join["store_rows"],
+        join["label_rows"],
+        join["matched"],
+        join["scans_without_label"],
+        join["labels_without_scan"],
+    ) == (120, 112, 110, 10, 2)
     assert set(join["examples_labels_without_scan"]) == {"ghost1", "ghost2"}
 
 
@@ -185,7 +232,9 @@ def test_multiclass_and_multilabel_targets(planted):
     entry = result["targets"][0]
     assert entry["task"] == "multiclass" and entry["classes"] == ["bone", "fat", "muscle"]
     assert entry["stores"][0]["metrics"]["balanced_accuracy"]["estimate"] > 0.6  # dimension 1 decides the tissue
-    multi = run_probe([str(planted["store"])], str(planted["labels"]), ["label", "shuffled"], task="multilabel", cv=3, n_resamples=50)
+    multi = run_probe(
+        [str(planted["store"])], str(planted["labels"]), ["label", "shuffled"], task="multilabel", cv=3, n_resamples=50
+    )
     assert [t["task"] for t in multi["targets"]] == ["binary", "binary"]
 
 
@@ -200,7 +249,29 @@ def test_few_shot_draws_depend_on_labels_and_seed_only():
 @pytest.mark.slow
 def test_compare_two_stores_with_few_shot_curves_and_outputs(planted, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["probe", str(planted["store"]), str(planted["weak"]), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--inner-cv", "2", "--shots", "2,5,all", "--repeats", "2", "--resamples", "200", "--out", str(out)])
+    code = main(
+        [
+            "probe",
+            str(planted["store"]),
+            str(planted["weak"]),
+            "--labels",
+            str(planted["labels"]),
+            "--target",
+            "label",
+            "--cv",
+            "3",
+            "--inner-cv",
+            "2",
+            "--shots",
+            "2,5,all",
+            "--repeats",
+            "2",
+            "--resamples",
+            "200",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     document = json.loads((out / "results.json").read_text())
     entry = document["targets"][0]
@@ -208,9 +279,17 @@ def test_compare_two_stores_with_few_shot_curves_and_outputs(planted, tmp_path, 
     delong = entry["comparisons"][0]["delong_auroc"]
     assert strong > weak and delong["difference"] == pytest.approx(weak - strong) and delong["p_value"] < 0.05
     curve = entry["stores"][0]["few_shot"]["points"]
-    assert list(curve) == ["2", "5", "all"] and len(curve["2"]["values"]) == 2 and curve["all"]["mean"] == pytest.approx(strong)
+    assert (
+        list(curve) == ["2", "5", "all"]
+        and len(curve["2"]["values"]) == 2
+        and curve["all"]["mean"] == pytest.approx(strong)
+    )
     provenance = document["provenance"]
-    assert provenance["labels"]["sha256"] and provenance["stores"][0]["weights_sha256"] == "a" * 64 and provenance["ctfm_version"]
+    assert (
+        provenance["labels"]["sha256"]
+        and provenance["stores"][0]["weights_sha256"] == "a" * 64
+        and provenance["ctfm_version"]
+    )
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * 120 and {r["label"] for r in rows} == {"0", "1"}
@@ -229,20 +308,91 @@ def test_a_store_with_several_runs_needs_run_or_where(planted, tmp_path, capsys)
     assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--where" in err and "--run" in err and len(err.splitlines()) == 1
-    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--where", "mode=whole"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(root),
+                "--labels",
+                str(planted["labels"]),
+                "--target",
+                "label",
+                "--cv",
+                "3",
+                "--resamples",
+                "20",
+                "--where",
+                "mode=whole",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     digest = next(r["digest"] for r in EmbeddingStore(root).runs("scan") if r["mode"] == "patches")
-    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--resamples", "20", "--run", digest[:6], "--json"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(root),
+                "--labels",
+                str(planted["labels"]),
+                "--target",
+                "label",
+                "--cv",
+                "3",
+                "--resamples",
+                "20",
+                "--run",
+                digest[:6],
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["provenance"]["stores"][0]["mode"] == "patches"
-    assert main(["probe", str(root), "--labels", str(planted["labels"]), "--target", "label", "--cv", "3", "--select", "mode=whole"]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                str(root),
+                "--labels",
+                str(planted["labels"]),
+                "--target",
+                "label",
+                "--cv",
+                "3",
+                "--select",
+                "mode=whole",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --select mode=whole: this option was removed") and "--run DIGEST" in err and len(err.splitlines()) == 1
+    assert (
+        err.startswith("error: --select mode=whole: this option was removed")
+        and "--run DIGEST" in err
+        and len(err.splitlines()) == 1
+    )
 
 
 # ---- bad input ---------------------------------------------------------------------------------
 def _bad(tmp_path, planted, label_columns, *extra, store=None, key="scan_id"):
-    labels = write_labels(tmp_path / "labels.csv", label_columns, key=key) if label_columns is not None else planted["labels"]
-    return ["probe", str(store or planted["store"]), "--labels", str(labels), "--target", "label", "--out", str(tmp_path / "out"), *extra]
+    labels = (
+        write_labels(tmp_path / "labels.csv", label_columns, key=key)
+        if label_columns is not None
+        else planted["labels"]
+    )
+    return [
+        "probe",
+        str(store or planted["store"]),
+        "--labels",
+        str(labels),
+        "--target",
+        "label",
+        "--out",
+        str(tmp_path / "out"),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -264,7 +414,9 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tmp_path, capsys, cas
     elif case == "one class":
         argv = _bad(tmp_path, planted, {"label": [1] * n})
     elif case == "non-numeric binary":
-        argv = _bad(tmp_path, planted, {"label": ["abnormal" if v else "normal" for v in planted["y"]]}, "--task", "binary")
+        argv = _bad(
+            tmp_path, planted, {"label": ["abnormal" if v else "normal" for v in planted["y"]]}, "--task", "binary"
+        )
     elif case == "no embeddings":
         store = write_store(tmp_path / "empty_vectors", [[] for _ in range(n)])
         argv = _bad(tmp_path, planted, None, store=store)
@@ -293,9 +445,23 @@ def test_label_sheets_in_every_table_format_join_alike(planted, tmp_path):
     from ctfm.io import read_table
 
     table = read_table(planted["labels"])
-    pq.write_table(table.set_column(table.column_names.index("label"), "label", pa.array([int(v) for v in table.column("label").to_pylist()])), tmp_path / "labels.parquet")
-    (tmp_path / "labels.tsv").write_text("\n".join("\t".join(row) for row in [table.column_names, *zip(*[table.column(c).to_pylist() for c in table.column_names])]) + "\n")
-    results = [run_probe([str(planted["store"])], str(path), ["label"], cv=3, n_resamples=20) for path in (planted["labels"], tmp_path / "labels.parquet", tmp_path / "labels.tsv")]
+    pq.write_table(
+        table.set_column(
+            table.column_names.index("label"), "label", pa.array([int(v) for v in table.column("label").to_pylist()])
+        ),
+        tmp_path / "labels.parquet",
+    )
+    (tmp_path / "labels.tsv").write_text(
+        "\n".join(
+            "\t".join(row)
+            for row in [table.column_names, *zip(*[table.column(c).to_pylist() for c in table.column_names])]
+        )
+        + "\n"
+    )
+    results = [
+        run_probe([str(planted["store"])], str(path), ["label"], cv=3, n_resamples=20)
+        for path in (planted["labels"], tmp_path / "labels.parquet", tmp_path / "labels.tsv")
+    ]
     assert [r["join"][0]["matched"] for r in results] == [120, 120, 120]
     aurocs = [r["targets"][0]["stores"][0]["metrics"]["auroc"]["estimate"] for r in results]
     assert aurocs[0] == aurocs[1] == aurocs[2] and aurocs[0] > 0.9

@@ -62,7 +62,9 @@ def test_label_retrieval_metrics_by_hand():
 
 
 def _vectors(names, matrix):
-    return StoreVectors("store", {"mode": "patches"}, list(names), [f"/data/{n}.nii.gz" for n in names], np.asarray(matrix, np.float32))
+    return StoreVectors(
+        "store", {"mode": "patches"}, list(names), [f"/data/{n}.nii.gz" for n in names], np.asarray(matrix, np.float32)
+    )
 
 
 def test_mir_protocol_by_hand():
@@ -90,14 +92,26 @@ def test_mir_protocol_by_hand():
 def test_mir_refuses_unknown_scans_and_small_galleries():
     vectors = _vectors(["q1", "t1"], [[1, 0], [0, 1]])
     with pytest.raises(CTInputError, match="not in the store"):
-        retrieval.mir_retrieval(vectors, [{"scan": "nope", "split": "test", "flag": 1}], ["flag"], group_column=None, ks=(1,))
+        retrieval.mir_retrieval(
+            vectors, [{"scan": "nope", "split": "test", "flag": 1}], ["flag"], group_column=None, ks=(1,)
+        )
     with pytest.raises(CTInputError, match="fewer than k=3"):
-        retrieval.mir_retrieval(vectors, [{"scan": "q1", "split": "test", "flag": 1}, {"scan": "t1", "split": "train", "flag": 1}], ["flag"], group_column=None, ks=(3,))
+        retrieval.mir_retrieval(
+            vectors,
+            [{"scan": "q1", "split": "test", "flag": 1}, {"scan": "t1", "split": "train", "flag": 1}],
+            ["flag"],
+            group_column=None,
+            ks=(3,),
+        )
 
 
 def test_organmnist_loader_scales_and_transposes(tmp_path):
     images = np.arange(2 * 4 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 4)
-    np.savez(tmp_path / "o.npz", **{f"{s}_images": images for s in ("train", "val", "test")}, **{f"{s}_labels": np.array([[0], [3]]) for s in ("train", "val", "test")})
+    np.savez(
+        tmp_path / "o.npz",
+        **{f"{s}_images": images for s in ("train", "val", "test")},
+        **{f"{s}_labels": np.array([[0], [3]]) for s in ("train", "val", "test")},
+    )
     splits = retrieval.load_organmnist3d(tmp_path / "o.npz", "retrieval")
     volumes, labels = splits["train"]
     assert labels.tolist() == [0, 3]
@@ -211,7 +225,9 @@ def test_centroid_label_at_and_label_value_by_hand():
     labels[0, 0, 0] = labels[2, 0, 0] = 7
     affine = np.diag([2.0, 3.0, 1.0, 1.0])
     affine[:3, 3] = [10.0, 0.0, -5.0]
-    assert semantic_search.centroid_mm(labels, affine, 7).tolist() == pytest.approx([12.0, 0.0, -5.0])  # voxel (1, 0, 0)
+    assert semantic_search.centroid_mm(labels, affine, 7).tolist() == pytest.approx(
+        [12.0, 0.0, -5.0]
+    )  # voxel (1, 0, 0)
     assert semantic_search.centroid_mm(labels, affine, 3) is None
     assert semantic_search.label_at(labels, affine, [14.4, 1.0, -5.2]) == 7  # nearest voxel (2, 0, 0)
     assert semantic_search.label_at(labels, affine, [12.0, 0.0, -5.0]) == 0  # the centroid itself is not in the label
@@ -220,6 +236,8 @@ def test_centroid_label_at_and_label_value_by_hand():
     assert semantic_search.label_value(names, "heart") == 7 and semantic_search.label_value(names, "3") == 3
     with pytest.raises(CTInputError, match="no label named 'lung'"):
         semantic_search.label_value(names, "lung")
-    summary = semantic_search.summarise_label([{"error_mm": 10.0, "inside_label": True}, {"error_mm": 30.0, "inside_label": False}])
+    summary = semantic_search.summarise_label(
+        [{"error_mm": 10.0, "inside_label": True}, {"error_mm": 30.0, "inside_label": False}]
+    )
     assert (summary["error_mm_mean"], summary["error_mm_median"], summary["inside_label_rate"]) == (20.0, 20.0, 0.5)
     assert summary["error_mm_sd"] == pytest.approx(math.sqrt(200.0))
