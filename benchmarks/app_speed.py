@@ -62,7 +62,7 @@ def build(root: Path, n: int, init_filters: int) -> dict:
         return_records=False,
     )
     print(
-        f"store: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed, "
+        f"store: {run.totals.done} embedded, {run.totals.skipped} already there, {len(run.totals.failed)} failed, "
         f"{time.perf_counter() - start:.0f} s",
         flush=True,
     )
@@ -83,7 +83,7 @@ def add_real(built: dict, paths: list[str]) -> list[str]:
         progress=True,
     )
     print(
-        f"real scans: {run.summary.done} embedded, {run.summary.skipped} already there, {len(run.summary.failed)} failed",
+        f"real scans: {run.totals.done} embedded, {run.totals.skipped} already there, {len(run.totals.failed)} failed",
         flush=True,
     )
     return [r["scan_id"] for r in run]

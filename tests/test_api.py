@@ -30,7 +30,15 @@ NESTED = {
     "predict": "task",
     "store": "command",
 }
-TYPED = ["probe", "predict_seg", "predict_cls", "evaluate_retrieval", "evaluate_semantic_search", "evaluate_clustering"]
+TYPED = [
+    "embed",
+    "probe",
+    "predict_seg",
+    "predict_cls",
+    "evaluate_retrieval",
+    "evaluate_semantic_search",
+    "evaluate_clustering",
+]
 TYPED += ["evaluate_concepts", "evaluate_stability", "evaluate_saliency", "evaluate_seg"]
 VERB_MODULES = {m for m, _ in VERBS.values()} | {"ctfm.cli.evaluate_seg", "ctfm.cli.finetune_cls"}
 

@@ -34,7 +34,7 @@ def build_store(root: Path, tiny_weights: Path, n_scans: int = 3) -> dict:
         device="cpu",
         return_records=False,
     )
-    assert run.summary.done == n_scans and not run.summary.failed, run.summary.failed
+    assert run.totals.done == n_scans and not run.totals.failed, run.totals.failed
     return {"root": root, "scans": scans, "weights": weights, "store": store}
 
 

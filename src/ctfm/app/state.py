@@ -463,9 +463,9 @@ class AppState:
         except BaseException:
             self.uploads.discard(path)
             raise
-        if result.summary.failed:
+        if result.totals.failed:
             self.uploads.discard(path)
-            _, message = result.summary.failed[0]
+            _, message = result.totals.failed[0]
             raise CTInputError(filename, "the upload is not a usable CT", message.replace(str(path), "the upload"))
         if not result:
             self.uploads.discard(path)

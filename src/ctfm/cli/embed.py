@@ -94,7 +94,7 @@ def run(args) -> int:
         distributed=distributed,
         return_records=False,
     )
-    summary = run.summary
+    summary = run.totals
     if summary is None:  # not global rank 0: rank 0 reports
         return 0
     print(f"{summary.summary()}; preprocessing {run.spec.name}; store: {args.out}")

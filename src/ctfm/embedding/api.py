@@ -85,7 +85,7 @@ def embed(
 
     Returns:
         an :class:`EmbedRun`: the records of ``inputs`` (rows of scans.parquet with the embedding
-        as a float32 [512] array, patches under ``"patches"``), with ``.summary`` and ``.spec``.
+        as a float32 [512] array, patches under ``"patches"``), with ``.totals``, ``.spec``, ``summary()`` and ``to_json()``.
     """
 
     if isinstance(inputs, (str, os.PathLike)):
@@ -106,7 +106,7 @@ def embed(
         todo = pending_sources(sources, store, encoder, model, options)
         summary = run_distributed(todo, encoder, model, options, store, distributed, progress=progress)
         if summary is None:  # not global rank 0: rank 0 reports
-            return EmbedRun(summary=None, spec=spec, store=out)
+            return EmbedRun(totals=None, spec=spec, store=out)
         summary.skipped += len(sources) - len(todo)
     else:
         summary = run_sources(
@@ -119,7 +119,7 @@ def embed(
             keep_records=store is None and return_records,
         )
     if store is None:
-        return EmbedRun(summary.records, summary=summary, spec=spec)
+        return EmbedRun(summary.records, totals=summary, spec=spec)
     store.compact()
     records = store_records(store, sources, run_key(encoder, model, options)) if return_records else []
-    return EmbedRun(records, summary=summary, spec=spec, store=out)
+    return EmbedRun(records, totals=summary, spec=spec, store=out)

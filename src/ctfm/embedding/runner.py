@@ -24,7 +24,7 @@ from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs
 from ctfm.preprocess import load_usable_ct
-from ctfm.runtime import Result, progress_bar, utc_now
+from ctfm.runtime import Result, jsonable, progress_bar, utc_now
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
 from ctfm.store.vectors import load_run_vectors
 
@@ -64,18 +64,30 @@ class RunSummary(Result):
         return f"embedded {self.done} scan(s), skipped {self.skipped} already in the store, {failed} failed{rate}"
 
 
-class EmbedRun(list):
-    """The records of a run (a list of ``scans.parquet`` rows, patches under ``"patches"``),
-    with the run's ``summary`` (:class:`RunSummary`), the ``spec`` used and the ``store`` path.
+class EmbedRun(list, Result):
+    """What :func:`ctfm.embed` returns: the records of a run (a list of ``scans.parquet`` rows,
+    patches under ``"patches"``), with the run's ``totals`` (:class:`RunSummary`: embedded,
+    skipped, failed, seconds), the ``spec`` used and the ``store`` path; :meth:`summary` is one
+    line, :meth:`to_json` the totals, spec and store (records stay in the list, or the store).
 
-    On a DDP rank other than 0, the list is empty and ``summary`` is None (rank 0 reports).
+    On a DDP rank other than 0, the list is empty and ``totals`` is None (rank 0 reports).
     """
 
-    def __init__(self, records=(), summary: RunSummary | None = None, spec=None, store=None):
+    def __init__(self, records=(), totals: RunSummary | None = None, spec=None, store=None):
         super().__init__(records)
-        self.summary = summary
+        self.totals = totals
         self.spec = spec
         self.store = store
+
+    def summary(self) -> str:
+        return (
+            self.totals.summary() if self.totals is not None else "embedding: this rank reports nothing (rank 0 does)"
+        )
+
+    def to_json(self) -> dict:
+        totals = None if self.totals is None else {k: v for k, v in self.totals.to_json().items() if k != "records"}
+        spec = None if self.spec is None else {"name": self.spec.name, "hash": self.spec.content_hash()}
+        return jsonable({"totals": totals, "spec": spec, "store": None if self.store is None else str(self.store)})
 
 
 def default_device() -> str:

@@ -216,8 +216,8 @@ def semantic_search_cases(
             device=device,
             progress=progress,
         )
-    if run.summary.failed:
-        source, message = run.summary.failed[0]
+    if run.totals.failed:
+        source, message = run.totals.failed[0]
         raise CTInputError(source, f"could not be embedded: {message}", "check the scan with ctfm info")
     session = SearchSession(store, encoder=encoder, device=device)
     cases, skipped = [], []
