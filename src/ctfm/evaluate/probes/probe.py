@@ -308,10 +308,7 @@ class LogisticPath:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=1000)).fit(X_train, y_train)
-        proba = model.predict_proba(X_eval)
-        out = np.zeros((len(X_eval), n_classes))
-        out[:, model.classes_.astype(int)] = proba
-        return out
+        return _full_proba(model, X_eval, n_classes)
 
 
 class KNNPath:
