@@ -62,6 +62,7 @@ def bind(host: str, port: int) -> socket.socket:
             f"--host {host}: cannot bind {host}:{port} ({exc.strerror or exc}; give an address of this machine, e.g. "
             "127.0.0.1)"
         ) from None
+    sock.listen(128)  # connections wait in the backlog from now on, before uvicorn accepts them
     return sock
 
 

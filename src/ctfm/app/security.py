@@ -283,8 +283,8 @@ class Guard:
                     send,
                     500,
                     {
-                        "error": f"internal error (a bug in ctfm {__version__}): {type(exc).__name__}; the server's "
-                        "console has the details"
+                        "error": f"internal error in ctfm {__version__} ({type(exc).__name__}): the server's console "
+                        "has the details"
                     },
                 )
 

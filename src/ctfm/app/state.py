@@ -324,12 +324,8 @@ class AppState:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the scan was checked when it was embedded
                 image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
-        except (CTInputError, OSError) as exc:
-            raise CTInputError(
-                f"scan {scan_id}",
-                "its source file cannot be read now (moved, deleted or unreadable)",
-                "put it back where it was embedded from, or embed it again",
-            ) from exc
+        except (CTInputError, OSError):
+            raise _unreadable(scan_id) from None
         return image
 
     def redact(self, message: str) -> str:
@@ -590,14 +586,20 @@ def _by_id(scan_id: str):
     except CTInputError as exc:
         if exc.path is None or exc.path in (scan_id, f"scan {scan_id}"):
             raise
+        if not os.path.exists(exc.path):
+            raise _unreadable(scan_id) from None
         problem, fix = (part.replace(exc.path, "its source file") for part in (exc.problem, exc.fix))
         raise CTInputError(f"scan {scan_id}", problem, fix) from None
     except OSError:
-        raise CTInputError(
-            f"scan {scan_id}",
-            "its source file cannot be read now (moved, deleted or unreadable)",
-            "put it back where it was embedded from, or embed it again",
-        ) from None
+        raise _unreadable(scan_id) from None
+
+
+def _unreadable(scan_id: str) -> CTInputError:
+    return CTInputError(
+        f"scan {scan_id}",
+        "its source file cannot be read now (moved, deleted or unreadable)",
+        "put it back where it was embedded from, or embed it again",
+    )
 
 
 def _private_paths(root: Path, rows) -> list[tuple[str, str]]:
