@@ -52,6 +52,22 @@ def copy_store(built: dict, target: Path) -> Path:
 SERVE_LINE = re.compile(r"at (http://(\S+?):(\d+))(?:/\?token=(\S+))? \(bound to ")
 
 
+def wait_for_port(port: int, seconds: float = 30.0) -> None:
+    """Return once 127.0.0.1:PORT accepts a connection (a server that announced itself listens)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Server:
     """``ctfm serve STORE --port 0 ...`` in a subprocess; ``url`` (without the token), ``token``
     (when it printed one) and ``pid`` once it listens; ``stop()`` returns what it wrote on stderr."""
@@ -76,6 +92,7 @@ class Server:
         self.url, self.port, self.token = match.group(1), int(match.group(3)), match.group(4)
         self.banner = line
         self.pid = self.proc.pid
+        wait_for_port(self.port)
 
     def stop(self) -> str:
         if self.proc.poll() is None:

@@ -126,9 +126,9 @@ def served(app_store, tmp_path_factory):
     """``ctfm serve`` (a process: its memory and console are observed) over a private copy of the store."""
     store = copy_store(app_store, tmp_path_factory.mktemp("hostile") / "store")
     server = Server(store, "--weights", str(app_store["weights"]))
-    server.store = store
-    server.scans = json.loads(ask(server.port, "GET", "/api/scans").body)["scans"]
     try:
+        server.store = store
+        server.scans = json.loads(ask(server.port, "GET", "/api/scans").body)["scans"]
         yield server
     finally:
         server.console = server.stop()
@@ -162,6 +162,25 @@ def test_host_at_another_port_or_malformed_is_refused(served):
     refused(ask(served.port, "GET", "/api/scans", {"Host": "localhost:1"}), 403, "Host")
     refused(ask(served.port, "GET", "/api/scans", {"Host": f"127.0.0.1.{EVIL}:{served.port}"}), 403, "Host")
     refused(ask(served.port, "GET", "/api/scans", {"Host": "user@127.0.0.1"}), 400, "Host")
+
+
+def test_repeated_host_or_origin_headers_are_refused(served):
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/api/search", skip_host=True, skip_accept_encoding=True)
+        for name, value in [
+            ("Host", f"127.0.0.1:{served.port}"),
+            ("Origin", f"http://{EVIL}"),
+            ("Origin", f"http://127.0.0.1:{served.port}"),  # the last one is the server's own
+            ("Content-Type", "application/json"),
+            ("Content-Length", "2"),
+        ]:
+            conn.putheader(name, value)
+        conn.endheaders(b"{}")
+        response = conn.getresponse()
+        assert response.status == 400 and b"repeats its origin header" in response.read()
+    finally:
+        conn.close()
 
 
 def test_local_names_at_the_bound_port_are_served(served):
@@ -355,7 +374,7 @@ def test_a_zipped_dicom_bomb_is_refused_from_its_headers(served, tmp_path):
 
 
 def test_a_huge_json_body_is_refused_by_its_length(served):
-    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=20) as sock:
         sock.sendall(
             f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {100 * 2**20}\r\n\r\n".encode()
@@ -368,7 +387,7 @@ def test_a_huge_json_body_is_refused_by_its_length(served):
 
 
 def test_a_chunked_body_is_counted_as_it_arrives(served):
-    with socket.create_connection(("127.0.0.1", served.port), timeout=60) as sock:
+    with socket.create_connection(("127.0.0.1", served.port), timeout=20) as sock:
         sock.sendall(
             f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nContent-Type: application/json\r\n"
             "Transfer-Encoding: chunked\r\n\r\n".encode()

@@ -50,6 +50,7 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.~-]+")  # safe unquoted in a URL and a 
 UPLOAD_PATH = "/api/scans"
 PUBLIC_PATHS = ("/", "/docs", "/favicon.ico")  # the page and its files need no token (they hold no data)
 SAFE_METHODS = ("GET", "HEAD")
+SINGLE_HEADERS = {"host", "origin", "referer", "sec-fetch-site", "authorization", "content-length"}
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -236,11 +237,15 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {}
+        headers, repeated = {}, set()
         for key, value in scope.get("headers", ()):
             name = key.decode("latin-1").lower()
             text = value.decode("latin-1")
+            if name in headers and name in SINGLE_HEADERS:
+                repeated.add(name)
             headers[name] = f"{headers[name]}; {text}" if name == "cookie" and name in headers else text
+        if repeated:  # which one would a check read? none: a browser sends each once
+            return await _reply(send, 400, {"error": f"the request repeats its {', '.join(sorted(repeated))} header"})
         method, path, scheme = scope["method"], scope.get("path", ""), scope.get("scheme", "http")
         server = scope.get("server") or (None, None)
         port = int(server[1]) if server[1] is not None else (443 if scheme == "https" else 80)
