@@ -97,16 +97,21 @@ def test_bad_predictions_are_recorded_and_the_cli_exits_1(tmp_path, capsys):
     truth, pred, _ = _cases(tmp_path)
     _save(np.zeros((16, 16, 9), np.uint8), pred / "case1.nii.gz")  # another grid
     bad = np.zeros((16, 16, 8), np.uint8)
-    bad[0, 0, 0] = 7  # not in the class map
+    bad[0, 0, 0] = 7  # not in the class map: scored as its own class, not refused
     _save(bad, pred / "case2.nii.gz")
     (pred / "case3.nii.gz").unlink()
     code = main(
         ["evaluate", "seg", "--pred", str(pred), "--truth", str(truth), "--labels", "liver,spleen", "--resamples", "50"]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 1
-    assert "another grid" in out and "label values 7" in out and "no prediction" in out
-    assert "1 case(s) scored, 3 failed" in out
+    assert "another grid" in out and "no prediction" in out
+    assert "2 case(s) scored, 2 failed" in out
+    row = next(line for line in out.splitlines() if line.startswith("label_7 "))
+    assert row.split()[1:5] == ["0.000", "[0.000,", "0.000]", "n/a"] and row.endswith("1 false_positive")
+    notice = [line for line in captured.err.splitlines() if "label_7" in line]
+    assert len(notice) == 1 and notice[0].startswith("warning: the class map given does not name them")
 
 
 def test_missing_truth_is_a_one_line_error(tmp_path, capsys):
