@@ -233,7 +233,23 @@ def score_cases(pairs, names: ClassNames, nsd_tolerance_mm: float) -> tuple[list
                     "pred_voxels": int(p.sum()),
                 }
             )
-    return rows, failures
+    return _with_absent_rows(rows), failures
+
+
+def _with_absent_rows(rows: list[dict]) -> list[dict]:
+    """Rows plus an ``absent`` row for each case and class another case holds (a value present in
+    some cases only is a class of every case), in case order then class order."""
+    classes = sorted({r["class"] for r in rows}, key=_class_order)
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["class"]] = r
+    absent = {"dice": math.nan, "hd95": math.nan, "nsd": math.nan, "status": "absent"}
+    out = []
+    for case, held in by_case.items():
+        order = [*held, *(c for c in classes if c not in held)]
+        for cls in order:
+            out.append(held.get(cls) or {"case": case, "class": cls, **absent, "truth_voxels": 0, "pred_voxels": 0})
+    return out
 
 
 def _class_order(name: str):
