@@ -288,7 +288,7 @@ def _unnamed_notice(rows: list[dict], names: ClassNames) -> None:
     reason = {
         "none": "the truth and prediction files name no classes",
         "given": "the class map given does not name them",
-    }.get(names.source, f"neither {names.source} names them")
+    }.get(names.source, f"the names from the {names.source} do not cover them")
     warnings.warn(
         UnnamedLabelsWarning(
             f"{reason}: label value(s) {values} scored as {shown} (name them with --labels tumour,... for values "
