@@ -285,7 +285,9 @@ def test_unnamed_label_maps_give_a_class_per_value_found(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         named = open_seg_data(manifest, class_map="tumour,node")
-    assert named.source_labels == {0: "background", 1: "tumour", 2: "node"}
+        gaps = open_seg_data(manifest, class_map={"2": "node", "1": "tumour"})
+    assert named.source_labels == gaps.source_labels == {0: "background", 1: "tumour", 2: "node"}
+    assert open_seg_data(manifest, class_map={"0": "background", "2": "node"}).select([]).value_map == {0: 0, 2: 1}
 
 
 def test_unusable_unnamed_label_maps_are_refused_in_one_line(tmp_path, run_cli):

@@ -363,8 +363,8 @@ def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
 
 
 def _class_map(spec, where) -> dict[int, str]:
-
-    return dict(resolve_labels(spec))
+    """The label values of the files -> names; gaps allowed (vertebrae 26..33)."""
+    return dict(resolve_labels(spec, channels=False))
 
 
 def _names_from_labels(cases: list[SegCase], manifest: Path) -> dict[int, str]:

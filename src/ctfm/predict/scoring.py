@@ -167,7 +167,7 @@ def class_names(labels, pairs) -> ClassNames:
     ``<name>.labels.json`` (ctfm predict seg) or the names stored in the prediction files, and the
     names stored in the truth files; a side that names nothing takes the other side's names by value."""
     if labels is not None:
-        given = {k: v for k, v in resolve_labels(labels).items() if k != 0}
+        given = {k: v for k, v in resolve_labels(labels, channels=False).items() if k != 0}
         return ClassNames(given, given, "given", [given[k] for k in sorted(given)])
     first = next(((t, p) for _, t, p in pairs if p is not None), None)
     if first is None:
@@ -175,7 +175,10 @@ def class_names(labels, pairs) -> ClassNames:
     truth_path, pred_path = first
     pred, source = _sidecar_labels(pred_path), f"{label_name(pred_path)}.labels.json"
     if pred is None:
-        pred, source = label_names(pred_path), "prediction file"
+        try:
+            pred, source = label_names(pred_path), "prediction file"
+        except UserError:  # a damaged prediction fails as its case, not the whole run
+            pred, source = {}, "prediction file"
     truth = {k: v for k, v in label_names(truth_path).items() if k != 0}
     pred = {k: v for k, v in pred.items() if k != 0}
     if truth and not pred:
@@ -204,8 +207,8 @@ def score_cases(pairs, names: ClassNames, nsd_tolerance_mm: float) -> tuple[list
     """Per case and class metric rows, and failures (missing or refused predictions).
 
     A class is every name either side holds in that case: one only in the prediction is a
-    ``false_positive`` row, one only in the truth a ``missed`` row; the classes of the class map
-    that neither holds are ``absent`` rows. Rows carry ``class``, ``truth_value``, ``pred_value``.
+    ``false_positive`` row, one only in the truth a ``missed`` row; the classes of the class map,
+    or of another case, that neither holds are ``absent`` rows.
     """
 
     rows, failures = [], []

@@ -230,6 +230,14 @@ def test_real_unnamed_label_maps(tmp_path):
     assert all(case[f"label_{v}"]["dice"] == 1.0 for v in range(26, 33))
     assert (case["label_33"]["status"], case["label_34"]["status"]) == ("missed", "false_positive")
 
+    # --labels names the file values themselves, gaps allowed; the unnamed extra value keeps label_34
+    (tmp_path / "names.json").write_text(json.dumps({"26": "vertebrae_S1", "33": "vertebrae_T11"}))
+    with pytest.warns(UserWarning, match="class map given does not name them: label value"):
+        result = evaluate_segmentation(pred_path, truth, labels=tmp_path / "names.json", n_resamples=20)
+    case = result["per_case"]["truth"]
+    assert case["vertebrae_S1"]["dice"] == 1.0 and case["vertebrae_T11"]["status"] == "missed"
+    assert case["label_34"]["status"] == "false_positive" and case["label_27"]["dice"] == 1.0
+
     lung = data_path("lung_tumour_nrrd/lung1_label.nrrd")  # NRRD, 1 = tumour, no names
     with pytest.warns(UserWarning, match="label_1"):
         result = evaluate_segmentation(lung, lung, n_resamples=20)
