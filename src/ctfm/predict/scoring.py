@@ -286,8 +286,8 @@ def _unnamed_notice(rows: list[dict], names: ClassNames) -> None:
     unnamed = sorted({r["class"] for r in rows if r["class"] not in named}, key=_class_order)
     if not unnamed:
         return
-    values = ", ".join(str(named_value(n)) for n in unnamed[:8]) + (", ..." if len(unnamed) > 8 else "")
-    shown = ", ".join(unnamed[:8]) + (", ..." if len(unnamed) > 8 else "")
+    values = ", ".join(str(named_value(n)) for n in unnamed[:12]) + (", ..." if len(unnamed) > 12 else "")
+    shown = ", ".join(unnamed) if len(unnamed) <= 3 else f"{unnamed[0]} ... {unnamed[-1]}"
     reason = {
         "none": "the truth and prediction files name no classes",
         "given": "the class map given does not name them",
