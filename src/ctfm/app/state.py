@@ -21,7 +21,7 @@ import numpy as np
 import ctfm
 from ctfm import __version__
 from ctfm.app.security import echo
-from ctfm.app.uploads import DEFAULT_MAX_VOXELS, UploadFolder
+from ctfm.app.uploads import DEFAULT_MAX_VOXELS, UploadFolder, shown_name
 from ctfm.app.volumes import (
     DisplayVolumeCache,
     colour_overlay,
@@ -531,12 +531,15 @@ class AppState:
             )
 
         path = self.uploads.receive(stream, filename)
+        filename = shown_name(filename)  # as the messages below repeat it: one line, 200 characters at most
         fields = self.key_fields
         try:
             sources = discover_inputs([str(path)])
         except CTInputError as exc:
             self.uploads.discard(path)
-            raise CTInputError(filename, "the upload is not a usable CT", exc.problem) from None
+            raise CTInputError(
+                filename, "the upload is not a usable CT", exc.problem.replace(str(path), "the upload")
+            ) from None
         except BaseException:
             self.uploads.discard(path)
             raise
