@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import math
 import sys
 import warnings
 
@@ -59,6 +60,79 @@ USER_OS_ERRNOS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose refusals are one line, ``error: ctfm VERB: <message> (see ctfm VERB --help)``,
+    exit 2, like every other bad input; ``--help`` is argparse's own. Sub-verbs' parsers are this
+    class too (``add_subparsers`` makes parsers of the parent's class)."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {text} (see {self.prog} --help)\n")
+
+
+# ---- argparse type= validators: each option's rule, defined once --------------------------------
+def _number(text: str, kind, rule: str, accept) -> float | int:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {rule}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {rule}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts: k, batch, workers, nlist)."""
+    return _number(text, int, "a whole number >= 1", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number >= 0."""
+    return _number(text, int, "a whole number >= 0", lambda v: v >= 0)
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, no inf)."""
+    return _number(text, float, "a finite number", math.isfinite)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (sizes, perplexity, zoom)."""
+    return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (overlaps)."""
+    return _number(text, float, "a fraction in [0, 1)", lambda v: math.isfinite(v) and 0 <= v < 1)
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (pick a free one) to 65535."""
+    return _number(text, int, "a port number 0-65535", lambda v: 0 <= v <= 65535)
+
+
+def device(text: str) -> str:
+    """A device that exists on this machine (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    from ctfm.errors import OptionError
+    from ctfm.runtime import check_device
+
+    try:
+        return check_device(text, option="")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
+def accelerator(text: str) -> str:
+    """A Lightning accelerator this machine has (``auto``, ``cpu``, ``gpu``, ...)."""
+    from ctfm.errors import OptionError
+    from ctfm.runtime import check_accelerator
+
+    try:
+        return check_accelerator(text, option="")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
 def add_subcommands(parser, verb: str, register=(), noun: str = "command"):
     """The one way a verb gets sub-verbs (``ctfm store info``, ``ctfm finetune seg``): returns the
     subparsers action; each function in ``register`` adds one sub-verb's parser to it (the module may
@@ -84,7 +158,7 @@ def run_subcommand(args, runs: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctfm", description="Foundation models for computed tomography.")
+    parser = Parser(prog="ctfm", description="Foundation models for computed tomography.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

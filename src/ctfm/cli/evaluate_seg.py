@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfm.cli import positive_float, positive_int
+
 
 def add_seg(sub) -> None:
     p = sub.add_parser(
@@ -32,9 +34,13 @@ def add_seg(sub) -> None:
     p.add_argument("--compare", metavar="PATH", help="a second prediction set: paired Wilcoxon of per-case Dice")
     p.add_argument("--out", metavar="DIR", help="write results.json, metrics.csv and overlay.png here")
     p.add_argument(
-        "--nsd-tolerance", type=float, default=2.0, metavar="MM", help="surface tolerance of the NSD in mm (default 2)"
+        "--nsd-tolerance",
+        type=positive_float,
+        default=2.0,
+        metavar="MM",
+        help="surface tolerance of the NSD in mm (default 2)",
     )
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ctfm.cli import device, positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE")
@@ -42,7 +44,7 @@ def add_arguments(parser) -> None:
         metavar="ID_OR_PATH",
         help="region search in this scan only (a file outside the store is embedded first)",
     )
-    parser.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    parser.add_argument("-k", type=positive_int, default=10, help="number of hits (default 10)")
     parser.add_argument(
         "--heatmap",
         metavar="OUT.nii.gz",
@@ -79,7 +81,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector"
     )
-    parser.add_argument("--device", default="cpu", help="where the encoder runs (default cpu)")
+    parser.add_argument("--device", type=device, default="cpu", help="where the encoder runs (default cpu)")
 
 
 def parse_point(text: str):

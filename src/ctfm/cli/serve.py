@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import sys
 
+from ctfm.cli import device, port, positive_float
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE", help="store folder with patch embeddings")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument(
+        "--max-upload-mb", type=positive_float, default=512, help="largest upload accepted, MiB (default 512)"
+    )
     parser.add_argument(
         "--weights",
         help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: "
@@ -49,12 +53,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--display-cache-gb",
-        type=float,
+        type=positive_float,
         default=20.0,
         help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read "
         "from their sources when chosen",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def run(args) -> int:

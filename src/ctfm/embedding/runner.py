@@ -109,7 +109,7 @@ def record_columns(record) -> dict:
 def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
     """Load, embed and describe one scan; returns the store row (patch rows under ``"patches"``)."""
 
-    image, record = load_usable_ct(source.path, series_uid=source.series_uid)
+    image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=options.spec)
     row = {
         "scan_id": source.scan_id,
         "source_path": os.path.abspath(source.path),

@@ -305,7 +305,7 @@ class PreprocessedInputs:
 def preprocess_input(path: str, spec, series_uid: str | None = None) -> np.ndarray:
     """One scan -> float32 [C, D, H, W] through ``spec`` (the one preprocessing definition)."""
 
-    image, _ = load_usable_ct(path, series_uid=series_uid)
+    image, _ = load_usable_ct(path, series_uid=series_uid, spec=spec)
     out = preprocess(image, spec)
     return np.ascontiguousarray(np.asarray(out.detach().cpu() if hasattr(out, "detach") else out), dtype=np.float32)
 

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
-from ctfm.io import load_ct, load_labels
+from ctfm.io import load_labels
 from ctfm.io.labels import check_label_values, label_names, require_same_grid
 from ctfm.io.tables import is_table, read_table
 from ctfm.models.labelmaps import resolve_labels
+from ctfm.preprocess.validate import load_usable_ct
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -297,7 +298,7 @@ def load_case(case: SegCase, data: SegData):
             the class map; a TotalSegmentator mask is missing.
     """
 
-    image, _ = load_ct(case.image)
+    image, _ = load_usable_ct(case.image)
     if case.label is None:
         raise CTInputError(case.image, "has no label map", "give a label for training and validation cases")
     label_path = Path(case.label)
