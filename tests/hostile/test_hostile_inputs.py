@@ -125,10 +125,22 @@ def test_finetune_seg_refuses_an_all_nan_case_before_training(tmp_path, run_cli)
         writer = csv.writer(fh)
         writer.writerow(["image", "label", "split"])
         writer.writerows([[good, label, "train"], [nan, label, "train"], [good, label, "val"]])
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"0": "background", "1": "bone"}')
     out = tmp_path / "run"
     line = refused(
         run_cli(
-            "finetune", "seg", "--preset", "tiny", "--set", f"data={manifest}", "--set", f"out={out}", "--no-resume"
+            "finetune",
+            "seg",
+            "--preset",
+            "tiny",
+            "--set",
+            f"data={manifest}",
+            "--set",
+            f"class_map={classes}",
+            "--set",
+            f"out={out}",
+            "--no-resume",
         ),
         "all-nan.nii.gz",
         "NaN or Inf",

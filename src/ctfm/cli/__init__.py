@@ -101,6 +101,11 @@ def positive_float(text: str) -> float:
     return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
 
 
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (budgets where 0 turns a feature off)."""
+    return _number(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1) (overlaps)."""
     return _number(text, float, "a fraction in [0, 1)", lambda v: math.isfinite(v) and 0 <= v < 1)

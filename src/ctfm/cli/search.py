@@ -126,6 +126,10 @@ def run(args) -> int:
         _print(hits, args.json, lambda h: f"{h.rank:3d}  {h.score:+.4f}  {h.scan_id}  {h.source_path}")
         return 0
     scan, point = parse_point(args.point)
+    if args.heatmap:  # the similarity volume is NIfTI: its path is checked before the search runs
+        from ctfm.runtime import require_output_file
+
+        require_output_file(args.heatmap, (".nii.gz", ".nii"), "--heatmap")
     session = SearchSession(args.store, **options)  # region search keeps its session for the query and heatmap
     query = session.region_query(scan, point, args.query_from)
     hits = session.search_point(
@@ -144,6 +148,8 @@ def run(args) -> int:
             )
             if not args.json:
                 print(f"similarity volume: {args.heatmap}", file=sys.stderr)
+        else:
+            print(f"warning: no hit, so no similarity volume written to {args.heatmap}", file=sys.stderr)
     _print(
         hits,
         args.json,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from ctfm.cli import device, port, positive_float
+from ctfm.cli import device, nonnegative_float, port, positive_float
 
 
 def add_arguments(parser) -> None:
@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--display-cache-gb",
-        type=positive_float,
+        type=nonnegative_float,
         default=20.0,
         help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read "
         "from their sources when chosen",
@@ -64,18 +64,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import ctfm
     from ctfm.cli.selection import run_selection
-    from ctfm.errors import OptionError
 
     run_digest, where = run_selection(args)
 
-    if not 0 <= args.port <= 65535:
-        raise OptionError(f"--port {args.port}: expected 0..65535")
-    if not args.display_cache_gb >= 0:
-        raise OptionError(
-            f"--display-cache-gb {args.display_cache_gb:g}: expected a size in GiB (0 turns the folder off)"
-        )
-    if not args.max_upload_mb > 0:
-        raise OptionError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size in MiB")
+    # --port, --display-cache-gb and --max-upload-mb are checked by their type= validators
 
     def announce(url: str, state) -> None:
         reach = (
