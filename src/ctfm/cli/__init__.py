@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import math
@@ -138,6 +139,47 @@ def accelerator(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).strip()) from None
 
 
+def encoding(text: str) -> str:
+    """A text encoding Python knows (``cp1252``, ``latin-1``, ``utf-16``, ...), for ``--encoding``."""
+    from ctfm.errors import OptionError
+    from ctfm.io.tables import check_encoding
+
+    try:
+        return check_encoding(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--encoding ").strip()) from None
+
+
+# Commands that read sheets (manifests, label sheets, annotations): they take --encoding.
+TABLE_COMMANDS = {
+    "cohort": None,  # every sub-command
+    "embed": None,
+    "evaluate": ("retrieval", "semantic-search", "clustering", "stability"),
+    "finetune": None,
+    "predict": None,
+    "pretrain": None,
+    "probe": None,
+}
+
+
+def _add_encoding(parser, names) -> None:
+    """``--encoding`` on ``parser``, or on its sub-commands ``names`` (None: all), recursively."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument(
+            "--encoding",
+            type=encoding,
+            default=None,
+            metavar="NAME",
+            help="text encoding of CSV/TSV sheets, e.g. cp1252 or latin-1 (default: UTF-8 with or without BOM, "
+            "else cp1252 or Latin-1 with a notice)",
+        )
+        return
+    for name, sub in subs[0].choices.items():
+        if names is None or name in names:
+            _add_encoding(sub, None)
+
+
 def add_subcommands(parser, verb: str, register=(), noun: str = "command"):
     """The one way a verb gets sub-verbs (``ctfm store info``, ``ctfm finetune seg``): returns the
     subparsers action; each function in ``register`` adds one sub-verb's parser to it (the module may
@@ -176,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
+        if verb in TABLE_COMMANDS:
+            _add_encoding(p, TABLE_COMMANDS[verb])
         p.set_defaults(_module=mod)
     return parser
 
@@ -199,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     warnings.showwarning = _print_warning
     try:
-        return int(args._module.run(args) or 0)
+        with _table_encoding(getattr(args, "encoding", None)):
+            return int(args._module.run(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -217,6 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(exc, args.debug)
     except Exception as exc:  # anything else is ours to fix
         return _internal_error(exc, args.debug)
+
+
+def _table_encoding(name: str | None):
+    """The context in which a command reads its sheets with ``--encoding`` (nothing to do without it)."""
+    if not name:
+        return contextlib.nullcontext()
+    from ctfm.io.tables import using_encoding
+
+    return using_encoding(name)
 
 
 def _internal_error(exc: BaseException, debug: bool) -> int:
