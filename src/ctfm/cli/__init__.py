@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     from ctfm.errors import UserError, one_line
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line refusal (2): a code, also for in-process callers
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     if args.version:
         from ctfm import __version__
 
