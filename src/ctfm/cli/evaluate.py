@@ -57,7 +57,7 @@ def _selection(args) -> dict:
 def _device(args) -> str:
     from ctfm.embedding.runner import default_device
 
-    return args.device or default_device()
+    return default_device(args.device)
 
 
 def _emit(result, as_json: bool) -> int:
