@@ -270,3 +270,20 @@ def small_store(tmp_path):
 def test_ivf_nlist_above_the_vectors(run_cli, small_store):
     pytest.importorskip("faiss")
     refused(run_cli("index", "build", small_store, "--kind", "ivf", "--nlist", "50"), "--nlist 50", "3 vector")
+
+
+@pytest.mark.parametrize("kw", [{"k": 0}, {"perplexity": float("nan")}, {"perplexity": -5.0}, {"batch_size": 0}])
+def test_clustering_options_checked_in_the_api(tmp_path, kw):
+    import ctfm
+
+    with pytest.raises(OptionError, match="expected"):
+        ctfm.evaluate_clustering(tmp_path / "st", out=tmp_path / "o", labels="l.csv", **kw)
+    assert not (tmp_path / "o").exists()
+
+
+def test_clustering_output_that_is_a_file(run_cli, tmp_path):
+    (tmp_path / "o").write_text("x")
+    refused(
+        run_cli("evaluate", "clustering", tmp_path / "st", "--labels", "l.csv", "--out", tmp_path / "o"), "not a folder"
+    )
+    assert (tmp_path / "o").read_text() == "x"
