@@ -299,3 +299,13 @@ def test_cohort_scan_empty_folder(tmp_path, run_cli):
     folder.mkdir()
     refused(run_cli("cohort", "scan", folder, "--out", tmp_path / "inventory.parquet"), "no 3D CT found")
     assert not (tmp_path / "inventory.parquet").exists()
+
+
+def test_predict_cls_output_must_be_csv(tmp_path, run_cli):
+    refused(run_cli("predict", "cls", tmp_path, "--model", tmp_path / "run", "-o", tmp_path / "preds.png"), ".csv")
+
+
+def test_predict_cls_empty_folder(tmp_path, run_cli):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    refused(run_cli("predict", "cls", folder, "--model", tmp_path / "run", "-o", tmp_path / "p.csv"), "no 3D CT found")
