@@ -309,3 +309,36 @@ def test_predict_cls_empty_folder(tmp_path, run_cli):
     folder = tmp_path / "empty"
     folder.mkdir()
     refused(run_cli("predict", "cls", folder, "--model", tmp_path / "run", "-o", tmp_path / "p.csv"), "no 3D CT found")
+
+
+def test_finetune_seg_bounds_the_resampled_size(tmp_path, run_cli):
+    """10 mm voxels over 2.5 m: at the tiny preset's 4 mm fine, at 0.5 mm far past the bound."""
+    big = nifti(tmp_path / "big.nii.gz", body((256, 256, 40)), (10.0, 10.0, 10.0), np.int16)
+    label = nifti(tmp_path / "big_label.nii.gz", (body((256, 256, 40)) > 100).astype(np.uint8), (10.0,) * 3, np.uint8)
+    manifest = tmp_path / "cases.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["image", "label", "split"], [big, label, "train"]])
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"0": "background", "1": "bone"}')
+    out = tmp_path / "run"
+    refused(
+        run_cli(
+            "finetune",
+            "seg",
+            "--preset",
+            "tiny",
+            "--set",
+            f"data={manifest}",
+            "--set",
+            f"class_map={classes}",
+            "--set",
+            "spacing_mm=[0.5,0.5,0.5]",
+            "--set",
+            "val_fraction=0",
+            "--set",
+            f"out={out}",
+        ),
+        "big.nii.gz",
+        "voxels once resampled",
+    )
+    assert not (out / "checkpoints").exists()

@@ -189,10 +189,11 @@ def resampled_voxels(shape, spacing_mm, target_mm) -> int:
     return int(math.ceil(extent_mm3 / math.prod(float(t) for t in target_mm)))
 
 
-def check_size(record, spec) -> Check:
-    """The voxel count of the scan after ``spec``'s resampling, bounded by :data:`MAX_RESAMPLED_VOXELS`."""
+def check_size(shape, spacing_mm, spec) -> Check:
+    """The voxel count of a scan of ``shape`` at ``spacing_mm`` after ``spec``'s resampling, bounded
+    by :data:`MAX_RESAMPLED_VOXELS`."""
     target = getattr(spec, "spacing_mm", None)
-    n = resampled_voxels(record.shape[-3:], record.spacing_mm, target)
+    n = resampled_voxels(shape[-3:], spacing_mm, target)
     at = "x".join(f"{t:g}" for t in target) + " mm" if target is not None else "its own spacing"
     if n > MAX_RESAMPLED_VOXELS:
         return Check(
@@ -204,6 +205,14 @@ def check_size(record, spec) -> Check:
     return Check("size", OK, f"{n:.3g} voxels at {at}")
 
 
+def require_size(image, spec, path) -> None:
+    """:func:`check_size` of a loaded image (its shape and the spacing of its affine), raised as a
+    :class:`CTInputError` naming ``path``: for callers that hold the image without its record."""
+    affine = np.asarray(image.affine if hasattr(image, "affine") else np.eye(4), dtype=np.float64)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    require_usable([check_size(tuple(image.shape[-3:]), spacing, spec)], path)
+
+
 def check_scan(image, record, spec=None, path=None) -> list[Check]:
     """The checks every verb applies to a scan before it computes: :func:`check_ct` (3D, finite,
     not constant, sane spacing, HU, modality) and, given the ``spec`` it will be preprocessed with,
@@ -211,7 +220,7 @@ def check_scan(image, record, spec=None, path=None) -> list[Check]:
     record's path) and the first error; returns the checks when the scan is usable."""
     checks = check_ct(image, record)
     if spec is not None and is_usable(checks):
-        checks.append(check_size(record, spec))
+        checks.append(check_size(record.shape, record.spacing_mm, spec))
     require_usable(checks, path if path is not None else record.path)
     return checks
 
