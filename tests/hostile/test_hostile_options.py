@@ -287,3 +287,17 @@ def test_clustering_output_that_is_a_file(run_cli, tmp_path):
         run_cli("evaluate", "clustering", tmp_path / "st", "--labels", "l.csv", "--out", tmp_path / "o"), "not a folder"
     )
     assert (tmp_path / "o").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("concepts", "s.nii.gz"),
+        ("stability", "st", "--manifest", "m.csv"),
+        ("retrieval", "st", "--annotations", "a.csv"),
+        ("semantic-search", "l.csv", "--label", "heart"),
+    ],
+)
+def test_every_evaluation_checks_its_output_folder_first(run_cli, tmp_path, argv):
+    (tmp_path / "o").write_text("x")
+    refused(run_cli("evaluate", *argv, "--out", tmp_path / "o"), "not a folder")

@@ -365,6 +365,10 @@ def run(args) -> int:
         "sklearn",
     ):  # before any work: every evaluation writes figures, most score with sklearn
         optional_import(module, "eval", f"ctfm evaluate {args._subcommand}")
+    if getattr(args, "out", None) is not None:  # every evaluation's folder: checked before any work
+        from ctfm.runtime import require_output_dir
+
+        require_output_dir(args.out, f"--out of ctfm evaluate {args._subcommand}")
     runs = {
         "retrieval": run_retrieval,
         "semantic-search": run_semantic_search,
