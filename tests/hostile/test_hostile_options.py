@@ -80,10 +80,10 @@ def test_accelerator_gpu_without_cuda():
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (("evaluate", "clustering", "st", "--labels", "l.csv", "--out", "o", "--k", "0"), ("--k", "'0'", ">= 1")),
+        (("evaluate", "clustering", "st", "--labels", "l.csv", "--out", "o", "--k", "0"), ("--k 0", ">= 1")),
         (("evaluate", "clustering", "st", "--out", "o", "--perplexity", "-5"), ("--perplexity", "-5")),
         (("evaluate", "clustering", "st", "--out", "o", "--perplexity", "nan"), ("--perplexity", "nan")),
-        (("evaluate", "saliency", "s.nii.gz", "--out", "o", "--batch", "0"), ("--batch", "'0'")),
+        (("evaluate", "saliency", "s.nii.gz", "--out", "o", "--batch", "0"), ("--batch 0",)),
         (("evaluate", "saliency", "s.nii.gz", "--out", "o", "--mask-size", "-1"), ("--mask-size",)),
         (("evaluate", "saliency", "s.nii.gz", "--out", "o", "--overlap", "1.5"), ("--overlap", "[0, 1)")),
         (("serve", "st", "--max-upload-mb", "inf"), ("--max-upload-mb", "inf")),
@@ -95,7 +95,7 @@ def test_accelerator_gpu_without_cuda():
         (("predict", "seg", "x", "--model", "m", "-o", "o", "--overlap", "1"), ("--overlap",)),
         (("cohort", "scan", "x", "--out", "o.parquet", "--workers", "0"), ("--workers",)),
         (("synth", "--out", "o", "--n", "0"), ("--n",)),
-        (("probe", "st", "--labels", "l.csv", "--out", "o", "--cv", "1.5"), ("--cv", "whole number")),
+        (("probe", "st", "--labels", "l.csv", "--out", "o", "--cv", "1.5"), ("--cv 1.5", "expected a whole number")),
         (("embed", "x", "--out", "s", "--devices", "0"), ("--devices",)),
         (("evaluate", "concepts", "s.nii.gz", "--out", "o", "--zoom", "0"), ("--zoom",)),
     ],

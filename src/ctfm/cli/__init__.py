@@ -15,6 +15,7 @@ import contextlib
 import errno
 import importlib
 import math
+import re
 import sys
 import warnings
 
@@ -68,6 +69,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         text = " ".join(str(message).split())
+        # a type= refusal reads like every other bad value: "--overlap 1.5: expected a fraction in [0, 1)"
+        text = re.sub(r"^argument ([^:]+): '([^']*)': ", lambda m: f"{m[1].split('/')[-1]} {m[2]}: ", text)
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {text} (see {self.prog} --help)\n")
 
 
@@ -76,7 +79,7 @@ def _number(text: str, kind, rule: str, accept) -> float | int:
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not {rule}") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {rule}") from None
     if not accept(value):
         raise argparse.ArgumentTypeError(f"{text!r}: expected {rule}")
     return value
