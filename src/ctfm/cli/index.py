@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 
+from ctfm.cli import nonnegative_int, positive_int
 from ctfm.cli.selection import add_run_selection
 
 
@@ -49,9 +50,12 @@ def add_arguments(parser) -> None:
         run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index "
         "status`)",
     )
-    build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
+    build.add_argument("--nlist", type=positive_int, help="ivf: number of lists (default ~4 sqrt(N))")
     build.add_argument(
-        "--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)"
+        "--nprobe",
+        type=positive_int,
+        default=16,
+        help="ivf: lists visited per query (default 16; stored as the search default)",
     )
     build.add_argument(
         "--codec",
@@ -61,15 +65,17 @@ def add_arguments(parser) -> None:
     )
     build.add_argument(
         "--refine",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="ivf: keep the full vectors too and re-rank REFINE x k candidates exactly (e.g. 10 with pq)",
     )
-    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
-    build.add_argument("--ef-construction", type=int, default=80, help="hnsw: build-time candidate list (default 80)")
+    build.add_argument("--hnsw-m", type=positive_int, default=32, help="hnsw: links per node (default 32)")
+    build.add_argument(
+        "--ef-construction", type=positive_int, default=80, help="hnsw: build-time candidate list (default 80)"
+    )
     build.add_argument(
         "--ef-search",
-        type=int,
+        type=positive_int,
         default=64,
         help="hnsw: search-time candidate list (default 64; stored as the search default)",
     )

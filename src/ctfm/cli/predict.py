@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctfm.cli import device, fraction
+
 
 def add_seg(sub) -> None:
     p = sub.add_parser(
@@ -57,9 +59,11 @@ def add_seg(sub) -> None:
     p.add_argument(
         "--classes", metavar="NAMES", help="keep only these classes, e.g. liver,spleen (the others become background)"
     )
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the weights', 0.625)")
+    p.add_argument(
+        "--overlap", type=fraction, default=None, help="sliding-window overlap (default: the weights', 0.625)"
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--statistics", action="store_true", help="per-class volume (ml), mean/sd HU and voxel count as JSON and CSV"
     )
@@ -84,7 +88,7 @@ def add_cls(sub) -> None:
         "--model", required=True, metavar="RUN", help="run folder of ctfm finetune cls, or its export/ folder"
     )
     p.add_argument("-o", "--out", required=True, metavar="CSV", help="predictions CSV")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import sys
 
+from ctfm.cli import device, nonnegative_float, positive_float
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE", help="store folder with patch embeddings")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
+    parser.add_argument(
+        "--max-upload-mb", type=positive_float, default=512, help="largest upload accepted, MiB (default 512)"
+    )
     parser.add_argument(
         "--weights",
         help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: "
@@ -49,29 +53,24 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--display-cache-gb",
-        type=float,
+        type=nonnegative_float,
         default=20.0,
         help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read "
         "from their sources when chosen",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def run(args) -> int:
     import ctfm
     from ctfm.cli.selection import run_selection
-    from ctfm.errors import OptionError
 
     run_digest, where = run_selection(args)
 
     if not 0 <= args.port <= 65535:
+        from ctfm.errors import OptionError
+
         raise OptionError(f"--port {args.port}: expected 0..65535")
-    if not args.display_cache_gb >= 0:
-        raise OptionError(
-            f"--display-cache-gb {args.display_cache_gb:g}: expected a size in GiB (0 turns the folder off)"
-        )
-    if not args.max_upload_mb > 0:
-        raise OptionError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size in MiB")
 
     def announce(url: str, state) -> None:
         reach = (

@@ -36,6 +36,7 @@ from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model
 from ctfm.predict import writers
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
 from ctfm.preprocess.bounded import preprocess_large
+from ctfm.preprocess.validate import load_usable_ct
 from ctfm.runtime import Result, progress_bar
 
 LABELS_SUFFIX = ".labels.json"
@@ -260,9 +261,9 @@ def predict_seg(
             f"sliding-window roi_size {list(settings.roi_size)} must be divisible by {list(factor)} for this network; "
             "fix 'inference.roi_size' in the weights' ctfm.json"
         )
+    sources = resolve_sources(inputs).sources
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sources = resolve_sources(inputs).sources
     summary = SegPredictSummary(out=str(out))
     start = time.perf_counter()
     bar = progress_bar(len(sources), progress)
@@ -276,7 +277,7 @@ def predict_seg(
             bar.update(1)
             continue
         try:
-            image, record = load_ct(source.path, series_uid=source.series_uid)
+            image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=inference_spec(loaded.spec))
             prepared = network_input(image, loaded, device)
             geometry = image[:, :1, :1, :1].clone()  # keeps the affine, frees the HU volume while predicting
             del image

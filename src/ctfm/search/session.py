@@ -220,7 +220,7 @@ class SearchSession:
             self._prepared.move_to_end(path)
             return self._prepared[path]
 
-        image, _ = load_usable_ct(path)
+        image, _ = load_usable_ct(path, spec=self.spec)
         entry = (image, preprocess(image, self.spec))
         self._prepared[path] = entry
         while len(self._prepared) > PREPARED_CACHE:

@@ -128,6 +128,15 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
 
 
+def check_nlist(params: IndexParams, n: int) -> None:
+    """An ivf index cannot have more lists than vectors to train them on: a one-line :class:`OptionError`."""
+    if params.kind == "ivf" and params.nlist is not None and params.nlist > n:
+        raise OptionError(
+            f"--nlist {params.nlist}: more inverted lists than the {n} vector(s) of this run; give --nlist <= {n} "
+            f"(or leave it out: ~4 sqrt(N), {default_nlist(n)} here)"
+        )
+
+
 def new_faiss_index(dim: int, params: IndexParams, n: int):
     """An empty (untrained for ivf) FAISS index for ``n`` vectors of ``dim``."""
     faiss = optional_import("faiss", "search")
@@ -377,6 +386,7 @@ def build_index(
     key = select_run(store, level, run, where)
     start = time.perf_counter()
     vectors = load_run_vectors(store, level, key)
+    check_nlist(params, len(vectors.vectors))
     x = prepare_vectors(vectors.vectors, params.metric)
     index = new_faiss_index(x.shape[1], params, len(x))
     train_and_add(index, x, params)
