@@ -263,7 +263,8 @@ class EmbeddingStore:
             pc.fill_null(scans.column("n_patches"), 0),
             pa.scalar(0, pa.int32()),
         )
-        scans = scans.append_column("_expected", expected).append_column("_row", pa.array(range(scans.num_rows)))
+        rows = pa.array(range(scans.num_rows), pa.int64())
+        scans = scans.append_column("_expected", expected).append_column("_row", rows)
         in_range = pc.and_(pc.greater_equal(windows.column("patch_index"), 0), pc.is_valid(windows.column("write_id")))
         counts = (
             windows.filter(in_range)
@@ -281,8 +282,9 @@ class EmbeddingStore:
         )
         complete = pc.or_(complete, pc.equal(expected, 0))
         keep = joined.filter(complete if with_complete else pc.invert(complete))
-        rows = pc.sort_indices(keep.column("_row"))
-        return keep.take(rows).select([*SCAN_KEY, "write_id", "n_patches", "source_path"])
+        return keep.take(pc.sort_indices(keep.column("_row"))).select(
+            [*SCAN_KEY, "write_id", "n_patches", "source_path"]
+        )
 
     # ---- maintenance ---------------------------------------------------------------------
     def compact(self) -> None:

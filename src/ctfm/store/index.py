@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from ctfm import __version__
-from ctfm.errors import OptionError, UserError, one_line, optional_import
+from ctfm.errors import CTInputError, OptionError, UserError, one_line, optional_import
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
 from ctfm.store.damage import DamagedFileError, writing
+from ctfm.store.embeddings import STALE_TEMPORARY_SECONDS
 from ctfm.store.schema import RUN_KEY
 from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_table, select_run
 
@@ -173,12 +174,7 @@ def index_member(store, level: str, digest: str, name, what: str) -> Path:
             f"{what} {name!r} is not a file of this index in {folder} (a manifest names only its own files there; "
             "refused, nothing it names was opened or deleted)",
         )
-    path = folder / name
-    try:
-        inside = path.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
-    if not inside:
+    if not inside_index_dir(store, folder / name):
         raise damaged_index(
             store,
             where,
@@ -186,7 +182,17 @@ def index_member(store, level: str, digest: str, name, what: str) -> Path:
             digest,
             f"{what} {name!r} leads outside {folder} (a symlink; refused, nothing it names was opened or deleted)",
         )
-    return path
+    return folder / name
+
+
+def inside_index_dir(store, path: Path) -> bool:
+    """Whether ``path``, symlinks followed, lies in ``STORE/index/``, itself inside the store."""
+    folder = index_dir(store)
+    try:
+        real = folder.resolve()
+        return real.is_relative_to(Path(store.root).resolve()) and path.resolve().is_relative_to(real)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
 
 
 def read_manifest(store, path: Path) -> dict:
@@ -199,6 +205,8 @@ def read_manifest(store, path: Path) -> dict:
     def damaged(problem: str) -> DamagedIndexError:
         return damaged_index(store, path, level, digest, problem)
 
+    if not inside_index_dir(store, path):
+        raise damaged(f"the manifest leads outside {index_dir(store)} (a symlink; refused, not read)")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
@@ -521,6 +529,12 @@ def _write(
 
     digest = run_digest(key)
     folder = index_dir(store)
+    if folder.is_symlink() and not inside_index_dir(store, folder):
+        raise CTInputError(
+            folder,
+            "leads outside the store (a symlink); refused: an index is written only inside its store",
+            f"make {folder} a folder of the store (or remove the link) and run the command again",
+        )
     folder.mkdir(parents=True, exist_ok=True)
     build = uuid.uuid4().hex[:12]
     stem = f"{level}-{digest}.{build}"
@@ -561,6 +575,13 @@ def _write(
         raise
     for old in superseded:  # the old build's files, now unreferenced
         old.unlink(missing_ok=True)
+    now = time.time()
+    for stale in folder.glob(".*.partial"):  # temporaries of builds killed mid-write, an hour on
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                stale.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
     return path
 
 
@@ -593,8 +614,11 @@ def update_index(
         return build_index(store, level, run=run_digest(key)), "built"
     try:
         index = load_index(store, level, run=run_digest(key), on_stale="ignore")
-    except DamagedIndexError:  # nothing to extend: build it anew (which warns), with the params it recorded if any
-        return build_index(store, level, _recorded_params(store, path), run=run_digest(key)), "rebuilt"
+    except DamagedIndexError as exc:  # nothing to extend: build it anew, with the params it recorded if any
+        warnings.warn(f"{exc}: rebuilding it", stacklevel=2)
+        with warnings.catch_warnings():  # said once: the build would say it again of a damaged manifest
+            warnings.simplefilter("ignore", UserWarning)
+            return build_index(store, level, _recorded_params(store, path), run=run_digest(key)), "rebuilt"
     state = index.staleness(store)
     if not state.stale:
         return index, "up to date"
