@@ -62,6 +62,7 @@ def read_parquet(path: Path, root, schema, columns: list[str] | None = None):
     import pyarrow.parquet as pq
 
     try:
+        _check_shape(pq.read_schema(path), schema)
         if columns is None:
             table = pq.read_table(path)
         else:
@@ -72,6 +73,34 @@ def read_parquet(path: Path, root, schema, columns: list[str] | None = None):
         raise
     except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as exc:
         raise damaged_store_file(path, root, f"not readable Parquet of this table ({reason(exc, path)})") from None
+
+
+# Columns every file of a table has had, in any ctfm version: a file without them is another table.
+REQUIRED_COLUMNS = {  # most specific first: a table is the first whose columns its schema holds
+    "patches": ("scan_id", "patch_index", "embedding"),
+    "scans": ("scan_id", "embedding"),
+    "failures": ("source_path", "error"),
+}
+
+
+def _check_shape(found, schema) -> None:
+    """Refuse a file whose schema is not the table's: required columns missing, or a column of a
+    type that cannot be read as the store's (checked on the footer, before any row is read)."""
+    import pyarrow as pa
+
+    names = set(found.names)
+    kind = next((k for k, cols in REQUIRED_COLUMNS.items() if set(cols) <= set(schema.names)), None)
+    missing = [c for c in REQUIRED_COLUMNS.get(kind, ()) if c not in names]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)} column (another table)")
+    for field in schema:
+        if field.name in names:
+            have = found.field(field.name).type
+            if have != field.type:
+                try:
+                    pa.array([], type=have).cast(field.type)
+                except (pa.ArrowException, ValueError, TypeError):
+                    raise ValueError(f"column {field.name} is {have}, not {field.type}") from None
 
 
 def reason(exc: BaseException, path) -> str:
