@@ -53,16 +53,16 @@ def copy_store(hostile: dict, tmp_path: Path) -> Path:
     return target
 
 
-def embed_argv(hostile: dict, store: Path) -> list[str]:
-    return [
-        "embed",
-        *map(str, hostile["scans"]),
-        "--weights",
-        str(hostile["weights"]),
-        "--out",
-        str(store),
-        *EMBED_OPTIONS,
-    ]
+def embed_argv(hostile: dict, store: Path, broken: bool = False) -> list[str]:
+    """``ctfm embed`` of the two phantoms (and of the unreadable input with ``broken``) into ``store``."""
+    inputs = [*map(str, hostile["scans"]), *([str(hostile["broken"])] if broken else [])]
+    return ["embed", *inputs, "--weights", str(hostile["weights"]), "--out", str(store), *EMBED_OPTIONS]
+
+
+def pending_scan_id(store: Path) -> str:
+    """The scan id of the store's pending part pair (its name starts with it)."""
+    (part,) = (Path(store) / "parts").glob("*.scans.parquet")
+    return part.name.split("-", 1)[0]
 
 
 # ---- damage ---------------------------------------------------------------------------------

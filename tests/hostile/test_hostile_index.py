@@ -41,6 +41,8 @@ def _argv(verb: str, store, hostile) -> list:
         return ["search", store, "--scan", _scan_id(store), "-k", "3", "--json"]
     if verb == "compact":
         return ["store", "compact", store]
+    if verb == "store_repair":
+        return ["store", "check", "--repair", store]
     group, name = verb.split("_", 1)
     return [group, name, store]
 
@@ -95,7 +97,8 @@ def test_a_manifest_naming_a_file_outside_the_store_is_refused_and_the_file_surv
     victim.write_bytes(b"the user's own file")
     _escape(kind, store, victim)
     outside = sorted(p.name for p in tmp_path.iterdir() if p.name != "store")
-    for verb in ("index_status", "index_check", "search", "index_update", "index_build", "store_check"):
+    verbs = ("index_status", "index_check", "search", "index_update", "index_build", "store_check", "store_repair")
+    for verb in verbs:
         result = run_cli(*_argv(verb, store, hostile_store))
         assert "internal error" not in result.stderr and "Traceback" not in result.stderr, (verb, result.stderr)
         assert victim.read_bytes() == b"the user's own file", f"{verb} touched the file outside the store"

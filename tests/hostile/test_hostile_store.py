@@ -24,6 +24,7 @@ from hostile_stores import (
     foreign_table,
     garbage,
     index_files,
+    pending_scan_id,
     rows_of,
     run_limited,
     store_file,
@@ -134,14 +135,18 @@ def test_repair_quarantines_the_damaged_file_and_embed_restores_the_clean_rows(k
     assert kept.read_bytes() == damaged_bytes  # moved, not rewritten
     note = json.loads((Path(report["quarantine"]) / "note.json").read_text())
     assert {m["file"] for m in note["moved"]} == set(moved) and moved[relative]["reason"]
-    if kind == "patches":  # every scan's windows were lost: all are to be recomputed
-        assert {r["scan_id"] for r in report["recompute"]} == {key[0] for key in clean["scans"]}
+    if kind == "patches":  # the windows of every scan but the one with a pending part were lost
+        lost = {key[0] for key in clean["scans"]} - {pending_scan_id(hostile_store["store"])}
+        assert {r["scan_id"] for r in report["recompute"]} == lost and len(lost) == 1
     # the advice: re-run `ctfm embed` on the same sources (the broken input fails again, as it did)
-    result = run_cli(*embed_argv(hostile_store, store), hostile_store["broken"])
+    result = run_cli(*embed_argv(hostile_store, store, broken=True))
     assert result.returncode == 1 and "internal error" not in result.stderr, result.stderr
     assert rows_of(store) == clean  # same keys, same vectors bit for bit, same windows, same failures
     check = run_cli("store", "check", store)
     assert check.returncode == 0, check.stdout + check.stderr
+    # an index over re-embedded rows is stale (new write ids), never damaged; update brings it back
+    assert "DAMAGED" not in run_cli("index", "status", store).stdout
+    assert run_cli("index", "update", store).returncode == 0
     assert run_cli("index", "check", store).returncode == 0
 
 
@@ -152,8 +157,9 @@ def test_deleting_a_damaged_patches_file_and_re_embedding_restores_every_window(
     clean = rows_of(hostile_store["store"])
     store = copy_store(hostile_store, tmp_path)
     (store / "patches.parquet").unlink()
-    assert ctfm.open_store(store).incomplete_scans().num_rows == 2
-    assert run_cli(*embed_argv(hostile_store, store), hostile_store["broken"]).returncode == 1
+    short = ctfm.open_store(store).incomplete_scans().column("scan_id").to_pylist()
+    assert set(short) == {key[0] for key in clean["scans"]} - {pending_scan_id(store)} and len(short) == 1
+    assert run_cli(*embed_argv(hostile_store, store, broken=True)).returncode == 1
     assert rows_of(store) == clean
 
 
@@ -165,7 +171,7 @@ def test_an_embed_killed_mid_run_leaves_a_readable_store_that_resume_completes(h
     clean = rows_of(hostile_store["store"])
     store = tmp_path / "store"
     env = {**os.environ, "PYTHONPATH": str(Path(ctfm.__file__).parents[1]), "OMP_NUM_THREADS": str(_threads())}
-    argv = [sys.executable, "-m", "ctfm", *map(str, embed_argv(hostile_store, store)), str(hostile_store["broken"])]
+    argv = [sys.executable, "-m", "ctfm", *map(str, embed_argv(hostile_store, store, broken=True))]
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -181,12 +187,12 @@ def test_an_embed_killed_mid_run_leaves_a_readable_store_that_resume_completes(h
     check = run_cli("store", "check", store)
     assert check.returncode == 0, check.stdout + check.stderr  # nothing half written under a final name
     assert len(ctfm.open_store(store).scans()) >= 1
-    assert run_cli(*embed_argv(hostile_store, store), hostile_store["broken"]).returncode == 1
+    assert run_cli(*embed_argv(hostile_store, store, broken=True)).returncode == 1
     assert rows_of(store) == clean
     # the killed run's part, damaged: repaired, then recomputed
     garbage(sorted((killed / "parts").glob("*.scans.parquet"))[0])
     assert run_cli("store", "check", "--repair", killed).returncode in (0, 1)
-    assert run_cli(*embed_argv(hostile_store, killed), hostile_store["broken"]).returncode == 1
+    assert run_cli(*embed_argv(hostile_store, killed, broken=True)).returncode == 1
     assert rows_of(killed) == clean
 
 

@@ -22,9 +22,11 @@ from ctfm.runtime import Result
 from ctfm.store.damage import DamagedFileError, quarantine, read_parquet, write_note
 from ctfm.store.embeddings import EmbeddingStore
 from ctfm.store.index import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     DamagedIndexError,
     index_dir,
+    inside_index_dir,
     manifest_files,
     open_index_files,
     read_manifest,
@@ -121,7 +123,8 @@ def damaged_indexes(store: EmbeddingStore) -> list[tuple[Path, str, list[Path]]]
         try:
             manifest = read_manifest(store, path)
             try:
-                open_index_files(store, manifest)
+                if manifest.get("format") == FORMAT_VERSION:  # another format: `ctfm index status` says so
+                    open_index_files(store, manifest)
             except MissingDependencyError:
                 pass
         except FileNotFoundError:
@@ -129,6 +132,9 @@ def damaged_indexes(store: EmbeddingStore) -> list[tuple[Path, str, list[Path]]]
         except DamagedIndexError as exc:
             level, digest = MANIFEST_NAME.fullmatch(path.name).groups()
             prefix = f"{level}-{digest}."
+            if not inside_index_dir(store, index_dir(store)):  # a link out of the store: reported, never moved
+                found.append((path, exc.problem, []))
+                continue
             members = [p for p in sorted(index_dir(store).iterdir()) if p.name.startswith(prefix) and p != path]
             found.append((path, exc.problem, [path, *members]))
     return found
