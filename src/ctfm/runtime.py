@@ -140,8 +140,9 @@ def check_accelerator(accelerator: str, option: str = "accelerator") -> str:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Write ``path`` all or nothing: yields a hidden temporary beside it to write (a file, or a
-    folder the caller creates); on success its bytes are fsynced and it is renamed onto ``path``,
-    on any error it is removed and ``path`` is left as it was.
+    folder the caller creates); on success its bytes are fsynced, it is renamed onto ``path`` and
+    the folder is fsynced; on any error (in the write, flush, fsync or close) it is removed and
+    ``path`` is left as it was.
 
     A folder replaces an existing folder by a swap (the old one is renamed aside, then deleted).
     Readers never see half a file; a crash leaves no debris under the final name.
@@ -168,8 +169,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself on disk (as SQLite and Parquet writers do)
     finally:
         _remove(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder's entry list, where the platform allows opening a folder (POSIX)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; the rename stands as the OS keeps it
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # some filesystems refuse fsync on a folder; the file's own bytes are synced
+        pass
+    finally:
+        os.close(handle)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

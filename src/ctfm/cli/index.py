@@ -13,7 +13,7 @@ Examples:
   ctfm index update store/ --level patch           add scans embedded since the build
   ctfm index status store/ [--json]                runs, indexes, staleness
   ctfm index build store/ --where mode=patches --where overlap=0.5 --level patch
-  ctfm index check store/                          exit 1 when any index is stale
+  ctfm index check store/                          exit 1 when any index is stale or damaged
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def add_arguments(parser) -> None:
     add_run_selection(update)
     for name, text in (
         ("status", "runs of the store and the state of each index"),
-        ("check", "exit 1 when any index is stale"),
+        ("check", "exit 1 when any index is stale or damaged (rebuild a damaged one with `ctfm index build`)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("store", metavar="STORE")
@@ -139,7 +139,7 @@ def _run(args) -> int:
         print(json.dumps(status, indent=2))
     else:
         _print_status(status)
-    if args._subcommand == "check":
+    if args._subcommand == "check":  # stale or damaged
         return 1 if any(i["stale"] for i in status["indexes"]) else 0
     return 0
 
@@ -155,6 +155,9 @@ def _print_status(status: dict) -> None:
     if not status["indexes"]:
         print("no index (build one: ctfm index build STORE [--level scan|patch])")
     for i in status["indexes"]:
+        if i.get("damaged"):
+            print(f"index {i['level']}/{i['run']}: DAMAGED: {i['state']}")
+            continue
         print(
             f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} "
             f"scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}"
