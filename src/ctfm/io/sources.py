@@ -105,8 +105,10 @@ def _scan_folder(folder: Path) -> list[ScanSource]:
     # A CT series none of whose files gives a slice position is listed too: loading it is
     # refused with the reason, rather than the series vanishing from the batch unseen.
     unplaced = [s for s in index.unplaced.values() if s.uid not in placed and len(s.files) >= 2]
-    for s in [*index.series, *unplaced]:
-        if s.modality != "CT" or len(s.files) < 2:
+    # A multi-frame CT (one file) is listed too, so that its one-line refusal is seen.
+    multiframe = [s for s in index.multiframe.values() if s.uid not in placed and s.modality == "CT"]
+    for s in [*index.series, *unplaced, *multiframe]:
+        if s.modality != "CT" or (len(s.files) < 2 and s not in multiframe):
             continue
         parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))
         series.append(ScanSource(str(parent), s.uid))
