@@ -1,0 +1,247 @@
+"""DICOM SEG output on real series: tilted (frames resampled back onto each acquired slice),
+anonymised (blank UIDs derived from content), plain; multi-frame CT refused; refusals before any
+prediction. Every SEG is read back with highdicom and pydicom and checked with dciodvfy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from test_predict_seg import threshold_model
+
+from conftest import data_path
+from ctfm.io import dicom, load_ct
+from ctfm.io.sources import ScanSource
+from ctfm.io.volume import LPS_TO_RAS
+from ctfm.models.segmentation import load_segmentation_model, save_segmentation_model
+from ctfm.predict import writers
+from ctfm.predict.seg import predict_seg
+from ctfm.preprocess import PreprocessSpec
+
+hd = pytest.importorskip("highdicom")
+
+SETTINGS = {"roi_size": [32, 64, 64], "overlap": 0.25, "mode": "gaussian", "sigma_scale": 0.125, "sw_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def seg_weights(tmp_path_factory):
+    """A random liver/spleen SegResNetDS folder (init_filters 2) on a 4 mm grid: fast on real scans."""
+    model, names, _, _ = load_segmentation_model(None, labels="liver,spleen", init_filters=2, seed=0)
+    spec = PreprocessSpec(name="tiny-4mm", orientation="SPL", spacing_mm=(4.0, 4.0, 4.0), foreground_crop=None)
+    return save_segmentation_model(
+        model, tmp_path_factory.mktemp("seg") / "weights", names, spec=spec, inference=SETTINGS
+    )
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines dciodvfy (dicom3tools) prints for a DICOM file; skips where it is absent."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (run.stdout + run.stderr).splitlines()
+    assert any(line.strip() == "Segmentation" for line in lines), lines  # it recognised the IOD
+    return [line for line in lines if line.startswith("Error")]
+
+
+def expected_frames(nifti: Path, files: list[Path]) -> dict[Path, np.ndarray]:
+    """Per source file, the NIfTI labels resampled nearest neighbour onto that slice by SimpleITK
+    (each slice read as its own image: origin, direction and spacing from its header)."""
+    labels = sitk.ReadImage(str(nifti))
+    out = {}
+    for f in files:
+        ref = sitk.ReadImage(str(f))
+        moved = sitk.Resample(labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+        out[f] = sitk.GetArrayFromImage(moved)[0]
+    return out
+
+
+def read_back(dcm: Path, uids: dict[Path, str]) -> dict[Path, np.ndarray]:
+    """Labels (segment numbers) per source file from the SEG, by the SOPInstanceUID each frame references."""
+    raw = pydicom.dcmread(dcm)
+    assert raw.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and raw.SegmentationType == "BINARY"
+    by_frame = [
+        item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for item in raw.PerFrameFunctionalGroupsSequence
+    ]
+    assert set(by_frame) <= set(uids.values())  # every frame references a source instance
+    seg = hd.seg.segread(dcm)
+    out = {}
+    for f, uid in uids.items():
+        if uid in by_frame:
+            out[f] = seg.get_pixels_by_source_instance([uid], combine_segments=True, skip_overlap_checks=True)[0]
+        else:  # an empty slice: frames without a segment pixel are omitted
+            out[f] = None
+    return out
+
+
+def check_seg(out: Path, folder: Path, uids: dict[Path, str] | None = None) -> tuple[Path, dict]:
+    """The SEG of ``out`` equals, slice by slice, the NIfTI labels resampled onto each source slice;
+    dciodvfy reports no error. Returns the SEG path and the labels.json."""
+    (dcm,) = out.glob("*.dcm")
+    (nifti,) = out.glob("*.nii.gz")
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    uids = uids or {f: str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    expected = expected_frames(nifti, files)
+    got = read_back(dcm, uids)
+    labelled = 0
+    for f in files:
+        frame = got[f] if got[f] is not None else np.zeros_like(expected[f])
+        assert np.array_equal(frame, expected[f]), f.name
+        labelled += int((frame > 0).sum())
+    assert labelled > 0
+    assert dciodvfy_errors(dcm) == []
+    return dcm, json.loads(next(out.glob("*.labels.json")).read_text())
+
+
+@pytest.mark.slow
+def test_plain_series_seg_equals_nifti(tmp_path, run_cli, seg_weights):
+    folder = data_path("sarcoma_ct/STS_019/dicom/image")
+    code, stdout, err = run_cli(
+        "predict", "seg", str(folder), "--model", str(seg_weights), "--format", "dicom-seg", "-o", str(tmp_path)
+    )
+    assert code == 0, err
+    dcm, sidecar = check_seg(tmp_path, folder)
+    image, record = load_ct(folder)
+    assert dcm.name == f"{record.series_uid}.dcm" and "derived" not in sidecar["dicom_source"]
+    # an untilted series: the frames are the NIfTI's slices themselves, voxel for voxel
+    nifti = np.asarray(nib.load(str(tmp_path / f"{record.series_uid}.nii.gz")).dataobj)
+    seg = hd.seg.segread(dcm)
+    for k, sop in enumerate(record.sop_uids):
+        frame = seg.get_pixels_by_source_instance([sop], combine_segments=True, skip_overlap_checks=True)[0]
+        assert np.array_equal(frame, nifti[:, :, k].T)
+    assert seg.StudyID == "IBSI_1_STS_019_C" and len(seg.StudyID) == 16  # the source's 17 characters, cut to SH
+
+
+@pytest.mark.slow
+def test_tilted_series_frames_on_the_acquired_slices(tmp_path):
+    folder = data_path("head_tilt_dicom/dicom")
+    summary = predict_seg(
+        [folder], threshold_model(spacing=(4.0, 2.0, 2.0)), tmp_path, output_format="dicom-seg", progress=False
+    )
+    assert summary.done == 1 and not summary.failed
+    check_seg(tmp_path, folder)  # frames = NIfTI labels resampled by SimpleITK onto each tilted slice
+
+    # how far the frames are from the regular grid: each acquired pixel takes the label of the
+    # voxel centre nearest to it, at most half a voxel diagonal away (docs/segmentation.md)
+    image, record = load_ct(folder)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    datasets = writers.dicom_seg_source(ScanSource(str(folder), record.series_uid)).datasets
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    c, r = np.meshgrid(np.arange(cols, dtype=float), np.arange(rows, dtype=float))
+    pixels = np.stack([c.ravel(), r.ravel(), np.zeros(c.size), np.ones(c.size)])
+    distances = []
+    for ds in datasets:
+        index = (np.linalg.inv(affine) @ LPS_TO_RAS @ dicom.slice_affine_lps(ds) @ pixels)[:3]
+        inside = np.all((np.rint(index) >= 0) & (np.rint(index) < np.array(image.shape[1:])[:, None]), axis=0)
+        distances.append(np.linalg.norm(affine[:3, :3] @ (index - np.rint(index))[:, inside], axis=0))
+    distances = np.concatenate(distances)
+    half_diagonal = 0.5 * float(np.linalg.norm(record.spacing_mm))
+    assert record.gantry_tilt_deg > 18 and distances.max() <= half_diagonal + 1e-6
+    assert 1.9 < distances.max() < 2.0 and 0.5 < distances.mean() < 0.6  # the figures the docs give
+
+
+@pytest.mark.slow
+def test_anonymised_series_gets_derived_uids(tmp_path):
+    folder = data_path("abdomen_dicom/dicom")
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    assert all(not pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files)  # the trap
+    summary = predict_seg(
+        [folder], threshold_model(spacing=(4.0, 2.0, 2.0)), tmp_path, output_format="dicom-seg", progress=False
+    )
+    assert summary.done == 1 and not summary.failed, summary.failed
+    sidecar = json.loads(next(tmp_path.glob("*.labels.json")).read_text())["dicom_source"]
+    assert sidecar["derived"] == [
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+    ]
+    assert "sha256" in sidecar["method"]
+    uids = {f: sidecar["instances"][f.name] for f in files}
+    assert len(set(uids.values())) == len(files)
+    dcm, _ = check_seg(tmp_path, folder, uids)
+    series_uid = sidecar["series_instance_uid"]
+    assert dcm.name == f"{series_uid}.dcm"  # the output name is the derived series UID, not the folder's
+    raw = pydicom.dcmread(dcm)
+    assert raw.StudyInstanceUID == sidecar["study_instance_uid"]
+    assert raw.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert "derived" in raw.SeriesDescription and "derived" in raw.ContentDescription
+    # the same files give the same UIDs: a second derivation, from scratch, agrees
+    again = writers.dicom_seg_source(ScanSource(str(folder), ""))
+    assert again.series_uid == series_uid and [str(d.SOPInstanceUID) for d in again.datasets] == [
+        uids[f] for f in again.files
+    ]
+    assert all(d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" for d in again.datasets)  # CT Image Storage
+
+
+def enhanced_ct(folder: Path) -> Path:
+    """A Legacy Converted Enhanced CT (one multi-frame file) made by highdicom from the plain real series."""
+    source = data_path("sarcoma_ct/STS_019/dicom/image")
+    datasets = [pydicom.dcmread(f) for f in sorted(source.iterdir())]
+    for ds in datasets:
+        ds.StudyID = str(ds.StudyID)[:16]
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    folder.mkdir()
+    image.save_as(folder / "enhanced.dcm")
+    return folder
+
+
+@pytest.mark.slow
+def test_multiframe_ct_refused_in_one_line(tmp_path, run_cli, seg_weights):
+    folder = enhanced_ct(tmp_path / "enhanced")
+    with pytest.raises(Exception, match="Legacy Converted Enhanced CT image .*one slice per file"):
+        load_ct(folder)
+    for output_format, expected_code in (("dicom-seg", 2), ("nifti", 1)):
+        out = tmp_path / output_format
+        code, _, err = run_cli(
+            "predict",
+            "seg",
+            str(folder),
+            "--model",
+            str(seg_weights),
+            "--format",
+            output_format,
+            "-o",
+            str(out),
+            "--no-progress",
+        )
+        assert code == expected_code and err.count("\n") == 1 and "Legacy Converted Enhanced CT" in err, err
+        assert not list(out.glob("*.nii.gz"))
+
+
+def test_refusals_come_before_the_model_is_read(tmp_path, run_cli, seg_weights):
+    """A doomed run spends no compute: with the weights file made unreadable garbage the refusal is
+    still about the input or the output folder (the model was never opened), and nothing is written."""
+    broken = tmp_path / "broken-weights"
+    shutil.copytree(seg_weights, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    scan = data_path("abdomen_3mm/example_ct_sm.nii.gz")
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    code, _, err = run_cli("predict", "seg", str(scan), "--model", str(broken), "--format", "dicom-seg", "-o", str(out))
+    assert code == 2 and "needs a DICOM series" in err and err.count("\n") == 1 and time.perf_counter() - start < 5
+    assert not out.exists()
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run_cli(
+        "predict",
+        "seg",
+        str(data_path("sarcoma_ct/STS_019/dicom/image")),
+        "--model",
+        str(broken),
+        "-o",
+        str(tmp_path / "a-file"),
+    )
+    assert code == 2 and "a file, not a folder" in err
+    # the same broken weights on a good input: now the model is read, and refused
+    code, _, err = run_cli("predict", "seg", str(scan), "--model", str(broken), "-o", str(out))
+    assert code == 2 and "model.safetensors" in err, err
