@@ -25,6 +25,7 @@ from ctfm.models.segmentation import load_segmentation_model, save_segmentation_
 from ctfm.predict import writers
 from ctfm.predict.seg import predict_seg
 from ctfm.preprocess import PreprocessSpec
+from dicom_factory import write_series
 
 hd = pytest.importorskip("highdicom")
 
@@ -245,3 +246,72 @@ def test_refusals_come_before_the_model_is_read(tmp_path, run_cli, seg_weights):
     # the same broken weights on a good input: now the model is read, and refused
     code, _, err = run_cli("predict", "seg", str(scan), "--model", str(broken), "-o", str(out))
     assert code == 2 and "model.safetensors" in err, err
+
+
+def tilted_phantom(folder: Path, blank_uids: bool = False) -> Path:
+    """A small series tilted 20 deg along y with two slice gaps (2 mm, then 3 mm) and a bright block."""
+
+    def values(points):
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        hu = np.where((np.abs(x) < 9) & (np.abs(y) < 11), 40.0, -1000.0)
+        return np.where((x > -4) & (x < 5) & (y > -6) & (y < 3) & (z > 13) & (z < 22), 1000.0, hu)
+
+    depths = [10.0, 12.0, 14.0, 16.0, 18.0, 21.0, 24.0, 27.0]
+    positions = [(-10.0, -12.0 + np.tan(np.radians(20)) * (d - 10.0), d) for d in depths]
+    write_series(folder, positions, values=values, rows=24, cols=20, pixel_spacing=(1.0, 1.0))
+    if blank_uids:
+        for f in folder.iterdir():
+            ds = pydicom.dcmread(f)
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+                setattr(ds, keyword, "")
+            ds.save_as(f)
+    return folder
+
+
+def test_synthetic_tilted_series_seg(tmp_path):
+    folder = tilted_phantom(tmp_path / "tilted")
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"out{k}"
+        summary = predict_seg([folder], threshold_model(), out, output_format="dicom-seg", progress=False)
+        assert summary.done == 1 and not summary.failed, summary.failed
+        runs.append(out)
+    _, record = load_ct(folder)
+    assert record.resampled and record.gantry_tilt_deg == pytest.approx(20, abs=0.1)
+    dcm, _ = check_seg(runs[0], folder)
+    # the frames carry the block where the acquired pixels are bright, up to its boundary voxels
+    files = sorted(folder.iterdir())
+    headers = [pydicom.dcmread(f) for f in files]
+    frames = read_back(dcm, {f: str(ds.SOPInstanceUID) for f, ds in zip(files, headers)})
+    bright = 0
+    for f, ds in zip(files, headers):
+        truth = (ds.pixel_array.astype(float) + float(ds.RescaleIntercept)) > 512
+        frame = frames[f] > 0 if frames[f] is not None else np.zeros_like(truth)
+        assert (frame == truth).mean() > 0.9, f.name
+        bright += int(truth.sum())
+    assert bright > 0
+    # the same prediction gives the same SEG UIDs (sending it twice does not make two objects)
+    first, second = (pydicom.dcmread(next(r.glob("*.dcm"))) for r in runs)
+    assert first.SOPInstanceUID == second.SOPInstanceUID and first.SeriesInstanceUID == second.SeriesInstanceUID
+
+
+def test_blank_uids_filled_deterministically(tmp_path):
+    folder = tilted_phantom(tmp_path / "anon", blank_uids=True)
+    first = writers.dicom_seg_source(ScanSource(str(folder), ""))
+    second = writers.dicom_seg_source(ScanSource(str(folder), ""))
+    assert set(first.derived) == {"SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"}
+    assert [str(d.SOPInstanceUID) for d in first.datasets] == [str(d.SOPInstanceUID) for d in second.datasets]
+    assert len({str(d.SOPInstanceUID) for d in first.datasets}) == len(first.datasets)
+    assert first.series_uid != first.datasets[0].StudyInstanceUID
+    assert all(str(d.FrameOfReferenceUID) == str(first.datasets[0].FrameOfReferenceUID) for d in first.datasets)
+    # other pixels give other UIDs
+    f = first.files[0]
+    ds = pydicom.dcmread(f)
+    ds.PixelData = (ds.pixel_array + 1).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(f)
+    third = writers.dicom_seg_source(ScanSource(str(folder), ""))
+    assert third.datasets[0].SOPInstanceUID != first.datasets[0].SOPInstanceUID
+    assert third.series_uid != first.series_uid
+    assert (
+        "derived" in third.uid_record() and third.uid_record()["instances"][f.name] == third.datasets[0].SOPInstanceUID
+    )
