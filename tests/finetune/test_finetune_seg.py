@@ -248,3 +248,107 @@ def test_a_checkpoint_with_the_old_optimizer_keys_loads(tmp_path):
     assert state["epoch"] == 4
     for key, value in module.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+# --------------------------------------------------------------------------- label maps without names
+
+
+def _unnamed_manifest(tmp_path, masks: dict[str, np.ndarray]):
+    image = np.full((10, 10, 6), -300, np.int16)
+    _nifti(image, tmp_path / "ct.nii.gz")
+    rows = ["name,image,label"]
+    for name, mask in masks.items():
+        _nifti(mask, tmp_path / f"{name}.nii.gz")
+        rows.append(f"{name},ct.nii.gz,{name}.nii.gz")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "m.csv"
+
+
+def test_unnamed_label_maps_give_a_class_per_value_found(tmp_path):
+    from ctfm.finetune.data import load_case, open_seg_data
+    from ctfm.io.labels import UnnamedLabelsWarning
+
+    a = np.zeros((10, 10, 6), np.uint8)
+    a[2:5, 2:5, 1:4] = 1
+    b = a.copy()
+    b[6:9, 6:9, 1:4] = 2  # value 2 only in this case: still a class
+    manifest = _unnamed_manifest(tmp_path, {"a": a, "b": b})
+    with pytest.warns(UnnamedLabelsWarning, match=r"training on 2 class\(es\) called label_1, label_2 .*class_map"):
+        data = open_seg_data(manifest)
+    assert data.source_labels == {0: "background", 1: "label_1", 2: "label_2"}
+    data = data.select([])
+    assert data.classes == {0: "background", 1: "label_1", 2: "label_2"}
+    assert set(np.unique(load_case(data.cases[1], data)[1].numpy()).tolist()) == {0, 1, 2}
+    # a class map still names them, with no notice
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = open_seg_data(manifest, class_map="tumour,node")
+        gaps = open_seg_data(manifest, class_map={"2": "node", "1": "tumour"})
+    assert named.source_labels == gaps.source_labels == {0: "background", 1: "tumour", 2: "node"}
+    assert open_seg_data(manifest, class_map={"0": "background", "2": "node"}).select([]).value_map == {0: 0, 2: 1}
+
+
+def test_unusable_unnamed_label_maps_are_refused_in_one_line(tmp_path, run_cli):
+    soft = np.zeros((10, 10, 6), np.float32)
+    soft[2:5, 2:5, 1:4] = 0.5  # a probability map, not labels
+    for masks, message in (
+        ({"soft": soft}, "soft.nii.gz: label map holds non-integer values, e.g. 0.5"),
+        ({"empty": np.zeros((10, 10, 6), np.uint8)}, "the 1 label map(s) hold no labelled voxel"),
+    ):
+        manifest = _unnamed_manifest(tmp_path, masks)
+        code, _, err = run_cli(
+            "finetune", "seg", "--preset", "tiny", "--set", f"data={manifest}", "--set", f"out={tmp_path / 'run'}"
+        )
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_tiny_run_on_unnamed_binary_masks_exports_label_1(tmp_path, run_cli):
+    from conftest import data_path
+
+    sarcoma = data_path("sarcoma_ct")
+    manifest = tmp_path / "sarcoma.csv"
+    manifest.write_text(
+        "name,image,label\n"
+        + "".join(
+            f"{c},{sarcoma / c / 'CT_image.nii.gz'},{sarcoma / c / 'CT_mask.nii.gz'}\n" for c in ("STS_019", "STS_025")
+        )
+    )
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        "finetune", "seg", "--preset", "tiny", "--set", f"data={manifest}", "--set", f"out={run}",
+        "--set", "max_epochs=1", "--set", "steps_per_epoch=2", "--set", "val_fraction=0",
+    )  # fmt: skip
+    assert code == 0, err
+    notice = [line for line in err.splitlines() if "name no classes" in line]
+    assert notice == [
+        f"warning: {manifest}: the label maps name no classes; training on 1 class(es) called label_1 (name them "
+        'with --set class_map=FILE.json holding {"0": "background", "1": "tumour"})'
+    ]
+    sidecar = json.loads((run / "export" / "ctfm.json").read_text())
+    assert sidecar["labels"] == {"0": "background", "1": "label_1"}
+
+    # the prediction's metadata names the class as the training labels did
+    scan = sarcoma / "STS_019" / "CT_image.nii.gz"
+    code, _, err = run_cli(
+        "predict", "seg", scan, "--model", run, "-o", tmp_path / "pred", "--statistics", "--no-progress",
+        "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, err
+    labels_json = json.loads((tmp_path / "pred" / "CT_image.labels.json").read_text())
+    assert labels_json["labels"] == {"0": "background", "1": "label_1"}
+    statistics = json.loads((tmp_path / "pred" / "CT_image.statistics.json").read_text())
+    assert [row["name"] for row in statistics["classes"]] == ["label_1"]
+
+    # and it scores against the unnamed truth with no class map: label_1 on both sides
+    (tmp_path / "pred" / "CT_image.nii.gz").rename(tmp_path / "pred" / "CT_mask.nii.gz")
+    (tmp_path / "pred" / "CT_image.labels.json").rename(tmp_path / "pred" / "CT_mask.labels.json")
+    truth = sarcoma / "STS_019" / "CT_mask.nii.gz"
+    code, out, err = run_cli("evaluate", "seg", "--pred", tmp_path / "pred", "--truth", truth, "--resamples", "20")
+    assert code == 0, err
+    assert "1 case(s) scored, 0 failed" in out and any(line.startswith("label_1 ") for line in out.splitlines())

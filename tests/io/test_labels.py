@@ -18,10 +18,15 @@ from ctfm.io import load_ct
 from ctfm.io.labels import (
     LabelMap,
     _resample_nearest,
+    label_names,
+    label_values,
     load_labels,
+    name_values,
+    named_value,
     parse_label_table,
     rasterize_planar_contours,
     resample_labels,
+    unnamed_label_name,
 )
 
 # The test's own copy of the convention, so that a wrong constant in ctfm would not go unseen.
@@ -333,3 +338,65 @@ def test_rtstruct_rasterises_like_the_reference_mask():
     assert from_rtstruct.names == {1: "GTV_Mass_CT"} and from_rtstruct.source_format == "rtstruct"
     gtv_rt, gtv_nifti = labels_of(from_rtstruct) == 1, labels_of(from_nifti) == 1
     assert gtv_rt.any() and dice(gtv_rt, gtv_nifti) > 0.9  # measured: 1.0 (voxel for voxel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Label maps that name no classes: label_<value>
+
+
+def test_unnamed_values_are_called_label_value():
+    names, unnamed = name_values(np.array([0, 1, 3, 3, 26]), {3: "tumour"})
+    assert names == {0: "background", 1: "label_1", 3: "tumour", 26: "label_26"} and unnamed == [1, 26]
+    assert name_values([0])[0] == {0: "background"}
+    assert unnamed_label_name(26) == "label_26" and named_value("label_26") == 26
+    assert named_value("liver") is None and named_value("label_x") is None and named_value("my_label_2") is None
+
+
+def test_label_values_and_the_non_integer_refusal_name_the_file(tmp_path):
+    values = np.zeros(GRID_SHAPE, np.uint8)
+    values[1, 1, 1], values[2, 2, 2] = 4, 9
+    path = save_nifti(values, GRID_AFFINE, tmp_path / "mask.nii.gz")
+    assert label_values(path).tolist() == [0, 4, 9] and label_names(path) == {}
+    half = values.astype(np.float32)
+    half[3, 3, 3] = 0.5
+    soft = save_nifti(half, GRID_AFFINE, tmp_path / "soft.nii.gz")
+    with pytest.raises(CTInputError, match="non-integer values, e.g. 0.5") as error:
+        label_values(soft)
+    assert str(error.value).startswith(f"{soft}: ") and "\n" not in str(error.value)
+
+
+def test_label_names_reads_nrrd_segment_keys_without_the_voxels(tmp_path):
+    path = save_itk(random_labels(GRID_SHAPE), GRID_AFFINE, tmp_path / "seg.nrrd")
+    assert label_names(path) == {}
+    img = sitk.ReadImage(str(path))
+    img.SetMetaData("Segment0_Name", "tumour")
+    img.SetMetaData("Segment0_LabelValue", "3")
+    sitk.WriteImage(img, str(path))
+    assert label_names(path) == {3: "tumour"} == load_labels(path, grid_image(GRID_SHAPE, GRID_AFFINE)).names
+
+
+@pytest.mark.realdata
+def test_real_unnamed_label_maps_get_label_value_names(tmp_path):
+    named = data_path("abdomen_3mm/vertebrae.nii.gz")  # its header's label table names 26..50
+    assert name_values(label_values(named), label_names(named)) == (
+        {0: "background", 26: "vertebrae_S1", **{27 + i: f"vertebrae_L{5 - i}" for i in range(5)}, 32: "vertebrae_T12"}
+        | {33: "vertebrae_T11"},
+        [],
+    )
+    # the same voxels without the header's names, as an nnU-Net export holds them
+    source = nib.load(str(named))
+    vertebrae = tmp_path / "vertebrae.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), source.affine), str(vertebrae))
+    assert label_names(vertebrae) == {}
+    names, unnamed = name_values(label_values(vertebrae), label_names(vertebrae))
+    assert unnamed == list(range(26, 34)) and names[26] == "label_26" and names[33] == "label_33"
+    for relative in ("lung_tumour_nrrd/lung1_label.nrrd", "sarcoma_ct/STS_019/CT_mask.nii.gz"):
+        path = data_path(relative)
+        assert label_names(path) == {} and name_values(label_values(path))[0] == {0: "background", 1: "label_1"}
+
+
+@pytest.mark.realdata
+def test_label_names_of_dicom_seg_and_rtstruct_match_the_loader():
+    seg = data_path("liver_3slice_dicomseg/liver_seg_DICOMSEG.dcm")
+    assert label_names(seg) == {1: "Liver"}
+    assert label_names(data_path("sarcoma_ct/STS_019/dicom/mask/RS.dcm")) == {1: "GTV_Mass_CT"}

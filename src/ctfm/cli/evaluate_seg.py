@@ -4,8 +4,10 @@ Examples:
   ctfm evaluate seg --pred preds/ --truth labels/ --labels totalseg-v2 --out eval/
   ctfm evaluate seg --pred preds/ --truth labels/ --compare baseline_preds/ --json
 
-Files or folders matched by name (file name without extension). Empty masks: both empty ->
-not counted; one empty -> Dice 0, NSD 0, HD95 undefined. Macro = mean over classes of the class
+Files or folders matched by name (file name without extension). Two binary masks need nothing
+else: a value nothing names is the class label_<value> (label_1). Classes are matched by name;
+a class only the prediction holds is a false_positive row, one only the truth holds a missed
+row. Empty masks: both empty -> not counted; one empty -> Dice 0, NSD 0, HD95 undefined. Macro = mean over classes of the class
 means; 95 % bootstrap intervals over cases; --compare runs a paired Wilcoxon test on per-case Dice.
 --out writes results.json (with provenance), metrics.csv and overlay.png (worst and best case).
 Exit 1 when some case had no usable prediction (listed in the results), 2 for bad input.
@@ -27,12 +29,16 @@ def add_seg(sub) -> None:
     p.add_argument("--truth", required=True, help="reference label map, or a folder of them (matched by name)")
     p.add_argument(
         "--labels",
-        help="class map: totalseg-v2, a JSON file or liver,spleen (default: the predictions' <name>.labels.json)",
+        help="class map: totalseg-v2, a JSON file or liver,spleen (default: the predictions' <name>.labels.json, the "
+        "names stored in the files, else label_<value>)",
     )
     p.add_argument("--compare", metavar="PATH", help="a second prediction set: paired Wilcoxon of per-case Dice")
     p.add_argument("--out", metavar="DIR", help="write results.json, metrics.csv and overlay.png here")
     p.add_argument(
-        "--nsd-tolerance", type=float, default=2.0, metavar="MM", help="surface tolerance of the NSD in mm (default 2)"
+        "--nsd-tolerance",
+        type=float,
+        metavar="MM",
+        help="surface tolerance of the NSD in mm (default 2, DEFAULT_NSD_TOLERANCE_MM)",
     )
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -44,33 +50,35 @@ def run_seg(args) -> int:
 
     import ctfm
 
+    tolerance = {} if args.nsd_tolerance is None else {"nsd_tolerance_mm": args.nsd_tolerance}
     results = ctfm.evaluate_seg(
         args.pred,
         args.truth,
         labels=args.labels,
         compare=args.compare,
         out=args.out,
-        nsd_tolerance_mm=args.nsd_tolerance,
         n_resamples=args.resamples,
+        **tolerance,
     )
     if args.json:
         print(json.dumps({k: v for k, v in results.to_json().items() if k != "per_case"}, indent=2))
     else:
         summary = results["summary"]
         print(f"{summary['cases']} case(s) scored, {len(results['failures'])} failed")
-        print(f"{'class':<32} {'Dice':>22} {'HD95 mm':>10} {'NSD':>7}")
+        nsd_header = f"NSD@{results['rules']['nsd_tolerance_mm']:g}mm"
+        print(f"{'class':<32} {'Dice':>22} {'HD95 mm':>10} {nsd_header:>10}  cases")
         for name, entry in summary["per_class"].items():
-            dice = entry.get("dice")
-            text = "n/a" if not dice else f"{dice['estimate']:.3f} [{dice['low']:.3f}, {dice['high']:.3f}]"
-            hd = entry.get("hd95")
-            nsd = entry.get("nsd")
-            print(
-                f"{name:<32} {text:>22} "
-                f"{('n/a' if not hd or hd['estimate'] is None or math.isnan(hd['estimate']) else format(hd['estimate'], '.1f')):>10} {('n/a' if not nsd else format(nsd['estimate'], '.3f')):>7}"
-            )
+            dice, hd, nsd = entry.get("dice"), entry.get("hd95"), entry.get("nsd")
+            dice_text = "n/a" if not dice else f"{dice['estimate']:.3f} [{dice['low']:.3f}, {dice['high']:.3f}]"
+            defined = hd and hd["estimate"] is not None and not math.isnan(hd["estimate"])
+            hd_text = format(hd["estimate"], ".1f") if defined else "n/a"
+            nsd_text = format(nsd["estimate"], ".3f") if nsd else "n/a"
+            counts = ", ".join(f"{n} {status}" for status, n in sorted(entry.get("status_counts", {}).items()))
+            print(f"{name:<32} {dice_text:>22} {hd_text:>10} {nsd_text:>10}  {counts}")
         macro = summary["macro"].get("dice")
         if macro:
-            print(f"{'macro':<32} {macro['estimate']:.3f} [{macro['low']:.3f}, {macro['high']:.3f}]")
+            macro_text = f"{macro['estimate']:.3f} [{macro['low']:.3f}, {macro['high']:.3f}]"
+            print(f"{'macro':<32} {macro_text:>22}")
         if "compare" in results:
             w = results["compare"]["wilcoxon"]["macro_per_case"]
             print(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,14 @@ import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
 from ctfm.io import load_ct, load_labels
-from ctfm.io.labels import check_label_values, label_names, require_same_grid
+from ctfm.io.labels import (
+    UnnamedLabelsWarning,
+    check_label_values,
+    label_names,
+    label_values,
+    name_values,
+    require_same_grid,
+)
 from ctfm.io.tables import is_table, read_table
 from ctfm.models.labelmaps import resolve_labels
 
@@ -105,7 +113,7 @@ def open_seg_data(
 
     ``class_map``: a map (dict, ``totalseg-v2``, JSON file); default: the MSD ``labels``, the
     built-in TotalSegmentator v2 map for TotalSegmentator folders, else the names stored with the
-    first label file. ``val_fraction`` carves a seeded validation split out of the training cases
+    label files, else ``label_<value>`` for every non-zero value found in them (with a notice). ``val_fraction`` carves a seeded validation split out of the training cases
     when the source has none.
     """
     path = Path(data)
@@ -123,7 +131,7 @@ def open_seg_data(
         labels = _class_map(class_map, path) if class_map is not None else msd_labels
     elif path.is_file() and is_table(path):
         cases, kind = manifest_cases(path), "manifest"
-        labels = _class_map(class_map, path) if class_map is not None else _names_from_first_label(cases, path)
+        labels = _class_map(class_map, path) if class_map is not None else _names_from_labels(cases, path)
     elif path.exists():
         raise CTInputError(
             path,
@@ -355,26 +363,42 @@ def _combine_masks(folder: Path, image, data: SegData) -> np.ndarray:
 
 
 def _class_map(spec, where) -> dict[int, str]:
+    """The label values of the files -> names; gaps allowed (vertebrae 26..33)."""
+    return dict(resolve_labels(spec, channels=False))
 
-    return dict(resolve_labels(spec))
 
+def _names_from_labels(cases: list[SegCase], manifest: Path) -> dict[int, str]:
+    """The class map of a manifest's label files: the names they store (NIfTI label table, Slicer
+    NRRD keys, JSON sidecar, SEG segment labels; the first file naming a value wins), else
+    ``label_<value>`` for every non-zero value found across them, with a notice."""
 
-def _names_from_first_label(cases: list[SegCase], manifest: Path) -> dict[int, str]:
-    """The names stored with the first label file (NIfTI label table, JSON sidecar, SEG segment labels)."""
-
-    for case in cases:
-        if case.label:
-            path = Path(case.label)
-            names = label_names(path)
-            if not names:
-                raise CTInputError(
-                    path,
-                    "the label file names no classes, and no class map was given",
-                    'give --set class_map=FILE.json ({"0": "background", "1": "liver", ...}) or a built-in map such as '
-                    "totalseg-v2",
-                )
-            return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}
-    raise CTInputError(manifest, "no case has a label", "add label paths")
+    paths = list(dict.fromkeys(Path(case.label) for case in cases if case.label))
+    if not paths:
+        raise CTInputError(manifest, "no case has a label", "add label paths")
+    names: dict[int, str] = {}
+    for path in paths:
+        for value, name in label_names(path).items():
+            names.setdefault(int(value), name)
+    if names:
+        return {0: "background", **{k: v for k, v in sorted(names.items()) if k != 0}}
+    # Nothing names a class (binary masks, nnU-Net exports): every value found in any case is one.
+    values = set()
+    for path in paths:
+        values.update(int(v) for v in label_values(path))
+    labels, unnamed = name_values(values)
+    if not unnamed:
+        raise CTInputError(
+            manifest, f"the {len(paths)} label map(s) hold no labelled voxel", "give label maps with foreground"
+        )
+    shown = ", ".join(labels[v] for v in unnamed[:8]) + (", ..." if len(unnamed) > 8 else "")
+    warnings.warn(
+        UnnamedLabelsWarning(
+            f"{manifest}: the label maps name no classes; training on {len(unnamed)} class(es) called {shown} "
+            '(name them with --set class_map=FILE.json holding {"0": "background", "1": "tumour"})'
+        ),
+        stacklevel=2,
+    )
+    return labels
 
 
 def _split_name(value, path, row: int) -> str:

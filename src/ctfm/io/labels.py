@@ -44,8 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LabelMap",
+    "UnnamedLabelsWarning",
     "check_label_values",
     "label_names",
+    "label_values",
+    "name_values",
+    "named_value",
+    "unnamed_label_name",
     "load_labels",
     "rasterize_planar_contours",
     "require_same_grid",
@@ -123,12 +128,70 @@ def load_labels(path: str | os.PathLike, image) -> LabelMap:
 
 
 def label_names(path: str | os.PathLike) -> dict[int, str]:
-    """The class names stored with a label file, no voxels read: the label table in a NIfTI header's
-    extensions (Caret / TotalSegmentator) and a JSON sidecar beside it (the sidecar wins)."""
+    """The class names stored with a label file, no voxels read: a NIfTI header's label table (Caret /
+    TotalSegmentator), 3D Slicer NRRD/MHA segment keys, DICOM SEG segment labels, RTSTRUCT ROI names,
+    and a JSON sidecar beside a volume file (the sidecar wins). ``{}`` when the file names none."""
     path = Path(path)
-    names = _nifti_header_names(path) if _detect_format(path) == "nifti" else {}
-    names.update(_sidecar_names(path))
+    fmt = _detect_format(path)
+    if fmt == "nifti":
+        names = _nifti_header_names(path)
+    elif fmt in ("nrrd", "mha"):
+        names = _itk_header_names(path)
+    else:
+        names = _dicom_label_names(path, fmt)
+    if fmt in ("nifti", "nrrd", "mha"):
+        names.update(_sidecar_names(path))
     return names
+
+
+class UnnamedLabelsWarning(UserWarning):
+    """Label values that no file or class map names were given the names ``label_<value>``."""
+
+
+_UNNAMED_RE = re.compile(r"label_(-?\d+)")
+
+
+def unnamed_label_name(value: int) -> str:
+    """The name of a label value that nothing names: ``label_<value>`` (``label_1``, ``label_26``)."""
+    return f"label_{int(value)}"
+
+
+def named_value(name: str) -> int | None:
+    """The value an unnamed-label name stands for (``label_26`` -> 26), else None."""
+    match = _UNNAMED_RE.fullmatch(str(name))
+    return int(match.group(1)) if match else None
+
+
+def name_values(values, names: dict[int, str] | None = None) -> tuple[dict[int, str], list[int]]:
+    """``({0: "background", value: name, ...}, the values named label_<value>)`` for the non-zero ``values``.
+
+    Values ``names`` holds keep their names; the others are called ``label_<value>``.
+    """
+    names = names or {}
+    out = {0: names.get(0, "background")}
+    unnamed = []
+    for value in sorted({int(v) for v in values} - {0}):
+        if names.get(value):
+            out[value] = names[value]
+        else:
+            out[value] = unnamed_label_name(value)
+            unnamed.append(value)
+    return out, unnamed
+
+
+def label_values(path: str | os.PathLike) -> np.ndarray:
+    """Sorted unique integer values of a label file (0 included where present): the voxels of a
+    NIfTI / NRRD / MHA label map, the segment numbers of a DICOM SEG or RTSTRUCT.
+
+    Raises:
+        CTInputError: a missing or unreadable file, non-integer values (a probability map).
+    """
+    path = Path(path)
+    fmt = _detect_format(path)
+    if fmt not in ("nifti", "nrrd", "mha"):
+        return np.array(sorted({0, *label_names(path)}), dtype=np.int64)
+    array, _, _ = _read_label_volume(path, fmt)
+    return np.unique(array).astype(np.int64)
 
 
 def check_label_values(values: np.ndarray, class_map: dict[int, str], path) -> None:
@@ -571,6 +634,28 @@ def _dicom_seg_onto_grid(path: Path, image, grid_affine, grid_shape) -> tuple[np
     # highdicom's Volume: array axes (slice, row, column), affine from those indices to LPS mm.
     labels = _volume_onto_grid(_integer_labels(array, path), LPS_TO_RAS @ volume.affine, grid_affine, grid_shape, path)
     return labels, names
+
+
+def _dicom_label_names(path: Path, fmt: str) -> dict[int, str]:
+    """Segment labels of a DICOM SEG (by segment number) or ROI names of an RTSTRUCT (1..N, the order
+    :func:`load_labels` gives them), read from the header only."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        if fmt == "dicom-seg":
+            return {
+                int(item.SegmentNumber): str(item.get("SegmentLabel", f"segment {item.SegmentNumber}"))
+                for item in ds.get("SegmentSequence", [])
+            }
+        return {
+            index + 1: str(roi.get("ROIName", f"ROI {roi.ROINumber}"))
+            for index, roi in enumerate(ds.get("StructureSetROISequence", []))
+        }
+    except Exception as exc:
+        raise CTInputError(
+            path, f"unreadable {fmt} header ({one_line(exc)})", "check that the file is complete; re-export it"
+        ) from None
 
 
 def _check_frame_of_reference(path: Path, kind: str, uids, image) -> None:

@@ -109,10 +109,12 @@ def list_label_maps() -> list[str]:
     return sorted(BUILTIN_LABELS)
 
 
-def check_labels(labels: dict, where: str | os.PathLike | None = None) -> dict[int, str]:
+def check_labels(labels: dict, where: str | os.PathLike | None = None, channels: bool = True) -> dict[int, str]:
     """Validate a class map -> ``{int: str}`` sorted by value.
 
-    Values must be 0..N-1 without gaps (one per output channel), names unique and non-empty.
+    ``channels`` (a model's map, one name per output channel): values 0..N-1 without gaps, N >= 2.
+    Otherwise (the values of label files, e.g. vertebrae 26..33): any values >= 0, at least one
+    above 0, 0 = background added when missing. Names unique and non-empty either way.
     """
     try:
         out = {int(k): str(v) for k, v in dict(labels).items()}
@@ -120,8 +122,16 @@ def check_labels(labels: dict, where: str | os.PathLike | None = None) -> dict[i
         raise CTInputError(
             where, "class map keys must be integer label values", 'write {"0": "background", "1": "liver", ...}'
         ) from None
+    if not channels:
+        if any(v < 0 for v in out) or not any(v > 0 for v in out):
+            raise CTInputError(
+                where,
+                f"class map values must be label values >= 0 with at least one above 0, got {_span(sorted(out))}",
+                'write {"1": "tumour", ...} (0 is background)',
+            )
+        out.setdefault(0, BACKGROUND)
     values = sorted(out)
-    if values != list(range(len(values))) or len(values) < 2:
+    if channels and (values != list(range(len(values))) or len(values) < 2):
         raise CTInputError(
             where,
             f"class map values must be 0..N-1 without gaps and N >= 2, got {_span(values)}",
@@ -144,14 +154,15 @@ def _span(values: list[int]) -> str:
     return f"{len(values)} values from {values[0]} to {values[-1]}"
 
 
-def resolve_labels(spec) -> dict[int, str]:
+def resolve_labels(spec, channels: bool = True) -> dict[int, str]:
     """A class map from a dict, a built-in name (``totalseg-v2``), a JSON file (``{"0": "background", ...}``
     or a list of names in channel order) or a comma list of class names for values 1..N
-    (``liver,spleen``; 0 is background)."""
+    (``liver,spleen``; 0 is background). ``channels=False``: the values of label files, gaps
+    allowed (``{"26": "vertebrae_S1", ...}``; see :func:`check_labels`)."""
     if isinstance(spec, dict):
-        return check_labels(spec)
+        return check_labels(spec, channels=channels)
     if isinstance(spec, (list, tuple)):
-        return check_labels(dict(enumerate(spec)))
+        return check_labels(dict(enumerate(spec)), channels=channels)
     text = os.fspath(spec)
     if text in BUILTIN_LABELS:
         return dict(BUILTIN_LABELS[text])
@@ -173,7 +184,7 @@ def resolve_labels(spec) -> dict[int, str]:
                 f"holds a JSON {type(content).__name__}, not a class map",
                 'write {"0": "background", "1": "liver", ...}',
             )
-        return check_labels(content, path)
+        return check_labels(content, path, channels=channels)
     if text.endswith(".json"):
         raise CTInputError(
             path, "no such class map file", f"check the path, or use a built-in map: {', '.join(list_label_maps())}"

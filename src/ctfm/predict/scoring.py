@@ -5,9 +5,15 @@
 
 Predictions and truths are label-map files, or folders of them matched by name (the file name
 without its extension). The prediction must lie on the truth's grid (axis order and flips may
-differ); distances use the truth's voxel spacing in mm. The class map is given, else read from the
-predictions' ``<name>.labels.json`` (written by ``ctfm predict seg``), else from the truth files.
-The scores and their rules for empty masks are :mod:`ctfm.evaluate.metrics.segmentation`;
+differ); distances use the truth's voxel spacing in mm.
+
+Classes are matched by name. The names come from the class map given (both sides), else from the
+predictions' ``<name>.labels.json`` (written by ``ctfm predict seg``) or the names stored in the
+prediction files, and from the names stored in the truth files; a side that names nothing takes
+the other side's names by value, and a value nothing names is the class ``label_<value>`` (with a
+notice). So two binary masks need no class map: both hold ``label_1``. A class that only one side
+holds in a case is scored, not refused: ``missed`` (truth only) or ``false_positive``
+(prediction only). The scores and their rules for empty masks are :mod:`ctfm.evaluate.metrics.segmentation`;
 ``compare`` scores a second prediction set on the same truths and tests per-case Dice with a
 paired Wilcoxon signed-rank test.
 """
@@ -20,6 +26,8 @@ import io
 import json
 import math
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +44,7 @@ from ctfm.evaluate.metrics.segmentation import (
 from ctfm.evaluate.reports.report import write_results
 from ctfm.io import load_labels
 from ctfm.io.hashing import file_sha256
-from ctfm.io.labels import check_label_values, label_names, require_same_grid
+from ctfm.io.labels import UnnamedLabelsWarning, label_names, named_value, require_same_grid, unnamed_label_name
 from ctfm.io.volume import read_volume
 from ctfm.models.labelmaps import resolve_labels
 from ctfm.runtime import atomic_path, write_text_atomic
@@ -108,73 +116,189 @@ def _read_truth(path: Path):
     return grid, tuple(float(s) for s in spacing)
 
 
-def load_pair(
-    truth_path: Path, pred_path: Path, labels: dict[int, str]
-) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """(truth [X, Y, Z], prediction [X, Y, Z] on the truth grid, spacing mm); refuses another grid or unknown values."""
+def load_pair(truth_path: Path, pred_path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(truth [X, Y, Z], prediction [X, Y, Z] on the truth grid, spacing mm); refuses another grid."""
 
     grid, spacing = _read_truth(truth_path)
     truth = load_labels(truth_path, grid).labels.numpy()[0]
     require_same_grid(pred_path, grid)
     prediction = load_labels(pred_path, grid).labels.numpy()[0]
-    check_label_values(truth, labels, truth_path)
-    check_label_values(prediction, labels, pred_path)
     return truth, prediction, spacing
 
 
-def _labels_for(labels, pairs) -> tuple[dict[int, str], str]:
-    """The class map: given, else the prediction's ``<name>.labels.json`` (ctfm predict seg), else the truth file's names."""
+@dataclass
+class ClassNames:
+    """Label value -> class name of each side; classes are matched across the two by name.
+
+    A value a side does not name is ``label_<value>``; ``source`` says where the names came from.
+    """
+
+    truth: dict[int, str]
+    prediction: dict[int, str]
+    source: str
+    listed: list[str]  # the classes of the class map: scored in every case, absent ones included
+
+    def of_truth(self, value: int) -> str:
+        return self.truth.get(int(value)) or unnamed_label_name(value)
+
+    def of_prediction(self, value: int) -> str:
+        return self.prediction.get(int(value)) or unnamed_label_name(value)
+
+
+def _own_names(names: dict[int, str]) -> dict[int, str]:
+    """Names another side may take by value: not ``label_<w>`` names standing for another value w."""
+    return {v: n for v, n in names.items() if v != 0 and named_value(n) in (None, v)}
+
+
+def _sidecar_labels(pred: Path) -> dict[int, str] | None:
+    sidecar = pred.with_name(label_name(pred) + ".labels.json")
+    if not sidecar.is_file():
+        return None
+    try:
+        table = json.loads(sidecar.read_text(encoding="utf-8"))
+        table = table.get("labels", table)
+        return {int(k): str(v) for k, v in table.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise CTInputError(sidecar, "not a JSON object of label value -> name", "give --labels MAP") from None
+
+
+def class_names(labels, pairs) -> ClassNames:
+    """The names of both sides: ``labels`` given (both sides), else the predictions'
+    ``<name>.labels.json`` (ctfm predict seg) or the names stored in the prediction files, and the
+    names stored in the truth files; a side that names nothing takes the other side's names by value."""
     if labels is not None:
-        return dict(resolve_labels(labels)), "given"
-    for _, truth, pred in pairs:
-        if pred is None:
+        given = {k: v for k, v in resolve_labels(labels, channels=False).items() if k != 0}
+        return ClassNames(given, given, "given", [given[k] for k in sorted(given)])
+    first = next(((t, p) for _, t, p in pairs if p is not None), None)
+    if first is None:
+        return ClassNames({}, {}, "none", [])
+    truth_path, pred_path = first
+    pred, source = _sidecar_labels(pred_path), f"{label_name(pred_path)}.labels.json"
+    if pred is None:
+        try:
+            pred, source = label_names(pred_path), "prediction file"
+        except UserError:  # a damaged prediction fails as its case, not the whole run
+            pred, source = {}, "prediction file"
+    truth = {k: v for k, v in label_names(truth_path).items() if k != 0}
+    pred = {k: v for k, v in pred.items() if k != 0}
+    if truth and not pred:
+        pred, source = _own_names(truth), "truth file"
+    elif pred and not truth:
+        truth = _own_names(pred)
+    elif truth and pred:
+        source = f"{source} and truth file"
+    listed = list(dict.fromkeys([*(pred[k] for k in sorted(pred)), *(truth[k] for k in sorted(truth))]))
+    return ClassNames(truth, pred, source if (truth or pred) else "none", listed)
+
+
+def _masks_by_class(array: np.ndarray, name_of) -> dict[str, np.ndarray]:
+    """Class name -> bool mask [X, Y, Z] of the non-zero values of ``array`` (values of one name merged)."""
+    out: dict[str, np.ndarray] = {}
+    for value in np.unique(array):
+        if value == 0:
             continue
-        sidecar = pred.with_name(label_name(pred) + ".labels.json")
-        if sidecar.is_file():
-            try:
-                table = json.loads(sidecar.read_text(encoding="utf-8"))
-                table = table.get("labels", table)
-                return {int(k): str(v) for k, v in table.items()}, str(sidecar.name)
-            except (ValueError, AttributeError, TypeError):
-                raise CTInputError(sidecar, "not a JSON object of label value -> name", "give --labels MAP") from None
-
-        names = label_names(truth)
-        if names:
-            return {0: "background", **{int(k): v for k, v in names.items() if int(k) != 0}}, "truth file"
-        break
-    raise OptionError(
-        "no class map: the predictions carry no <name>.labels.json and the truths name no classes; give --labels "
-        "(totalseg-v2, a JSON file, or liver,spleen)"
-    )
+        name = name_of(int(value))
+        mask = array == value
+        out[name] = out[name] | mask if name in out else mask
+    return out
 
 
-def score_cases(pairs, labels: dict[int, str], nsd_tolerance_mm: float) -> tuple[list[dict], list[dict]]:
-    """Per case and class metric rows, and failures (missing or refused predictions)."""
+def score_cases(pairs, names: ClassNames, nsd_tolerance_mm: float) -> tuple[list[dict], list[dict]]:
+    """Per case and class metric rows, and failures (missing or refused predictions).
+
+    A class is every name either side holds in that case: one only in the prediction is a
+    ``false_positive`` row, one only in the truth a ``missed`` row; the classes of the class map,
+    or of another case, that neither holds are ``absent`` rows.
+    """
 
     rows, failures = [], []
-    classes = [v for v in sorted(labels) if v != 0]
     for name, truth_path, pred_path in pairs:
         if pred_path is None:
             failures.append({"case": name, "error": f"{truth_path.name}: no prediction of that name"})
             continue
         try:
-            truth, prediction, spacing = load_pair(truth_path, pred_path, labels)
+            truth, prediction, spacing = load_pair(truth_path, pred_path)
         except UserError as exc:
             failures.append({"case": name, "error": str(exc)})
             continue
-        for value in classes:
-            metrics = mask_metrics(truth == value, prediction == value, spacing, nsd_tolerance_mm)
+        truth_masks = _masks_by_class(truth, names.of_truth)
+        pred_masks = _masks_by_class(prediction, names.of_prediction)
+        classes = list(dict.fromkeys([*names.listed, *sorted({*truth_masks, *pred_masks}, key=_class_order)]))
+        empty = np.zeros(truth.shape, dtype=bool)
+        for cls in classes:
+            t, p = truth_masks.get(cls, empty), pred_masks.get(cls, empty)
             rows.append(
                 {
                     "case": name,
-                    "label": value,
-                    "class": labels[value],
-                    **metrics,
-                    "truth_voxels": int((truth == value).sum()),
-                    "pred_voxels": int((prediction == value).sum()),
+                    "class": cls,
+                    **mask_metrics(t, p, spacing, nsd_tolerance_mm),
+                    "truth_voxels": int(t.sum()),
+                    "pred_voxels": int(p.sum()),
                 }
             )
-    return rows, failures
+    return _with_absent_rows(rows), failures
+
+
+def _with_absent_rows(rows: list[dict]) -> list[dict]:
+    """Rows plus an ``absent`` row for each case and class another case holds (a value present in
+    some cases only is a class of every case), in case order then class order."""
+    classes = sorted({r["class"] for r in rows}, key=_class_order)
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["class"]] = r
+    absent = {"dice": math.nan, "hd95": math.nan, "nsd": math.nan, "status": "absent"}
+    out = []
+    for case, held in by_case.items():
+        order = [*held, *(c for c in classes if c not in held)]
+        for cls in order:
+            out.append(held.get(cls) or {"case": case, "class": cls, **absent, "truth_voxels": 0, "pred_voxels": 0})
+    return out
+
+
+def _class_order(name: str):
+    value = named_value(name)
+    return (0, value, "") if value is not None else (1, 0, name)
+
+
+def class_table(rows: list[dict], names: ClassNames) -> dict[int, str]:
+    """{0: "background", id: class name}: each class scored gets a unique integer id, the value it
+    has in the truth files where it can (else in the predictions); ``label`` of every row is set to it."""
+    truth_value = {n: v for v, n in sorted(names.truth.items(), reverse=True)}
+    pred_value = {n: v for v, n in sorted(names.prediction.items(), reverse=True)}
+    order = list(dict.fromkeys([*names.listed, *sorted({r["class"] for r in rows}, key=_class_order)]))
+    ids: dict[str, int] = {}
+    for cls in order:
+        for candidate in (truth_value.get(cls, named_value(cls)), pred_value.get(cls)):
+            if candidate is not None and candidate > 0 and candidate not in ids.values():
+                ids[cls] = candidate
+                break
+    for cls in order:
+        if cls not in ids:
+            ids[cls] = max([0, *ids.values()]) + 1
+    for r in rows:
+        r["label"] = ids[r["class"]]
+    return {0: "background", **{v: n for n, v in sorted(ids.items(), key=lambda item: item[1])}}
+
+
+def _unnamed_notice(rows: list[dict], names: ClassNames) -> None:
+    """One notice line naming the classes called ``label_<value>`` because nothing named their value."""
+    named = set(names.truth.values()) | set(names.prediction.values())
+    unnamed = sorted({r["class"] for r in rows if r["class"] not in named}, key=_class_order)
+    if not unnamed:
+        return
+    values = ", ".join(str(named_value(n)) for n in unnamed[:12]) + (", ..." if len(unnamed) > 12 else "")
+    shown = ", ".join(unnamed) if len(unnamed) <= 3 else f"{unnamed[0]} ... {unnamed[-1]}"
+    reason = {
+        "none": "the truth and prediction files name no classes",
+        "given": "the class map given does not name them",
+    }.get(names.source, f"the names from the {names.source} do not cover them")
+    warnings.warn(
+        UnnamedLabelsWarning(
+            f"{reason}: label value(s) {values} scored as {shown} (name them with --labels tumour,... for values "
+            '1..N, or --labels FILE.json holding {"1": "tumour", ...})'
+        ),
+        stacklevel=3,
+    )
 
 
 def evaluate_segmentation(
@@ -196,27 +320,40 @@ def evaluate_segmentation(
     if not nsd_tolerance_mm > 0:
         raise OptionError(f"--nsd-tolerance {nsd_tolerance_mm}: expected a positive distance in mm")
     pairs, unmatched = match_cases(pred, truth)
-    labels, labels_source = _labels_for(labels, pairs)
-    rows, failures = score_cases(pairs, labels, nsd_tolerance_mm)
+    names = class_names(labels, pairs)
+    rows, failures = score_cases(pairs, names, nsd_tolerance_mm)
+    compare_rows = compare_failures = compare_pairs = None
+    if compare is not None:
+        compare_pairs, _ = match_cases(compare, truth)
+        compare_rows, compare_failures = score_cases(compare_pairs, names, nsd_tolerance_mm)
+    # one class table for both prediction sets, so that their classes line up
+    labels = class_table(rows + (compare_rows or []), names)
+    _unnamed_notice(rows + (compare_rows or []), names)
     results = {
         "rules": {
             "both_empty": "absent: Dice, NSD, HD95 undefined (not counted)",
-            "one_empty": "Dice 0, NSD 0, HD95 undefined",
+            "one_empty": "truth only (missed) or prediction only (false_positive): Dice 0, NSD 0, HD95 undefined",
+            "classes": "matched by name; a value nothing names is label_<value>",
             "class_mean": "over cases where defined",
             "macro": "mean over classes of the class means",
             "nsd_tolerance_mm": nsd_tolerance_mm,
             "interval": "95% percentile bootstrap over cases",
         },
         "labels": {str(k): v for k, v in labels.items()},
-        "labels_source": labels_source,
+        "labels_source": names.source,
+        "class_values": {
+            cls: {
+                "truth": next((v for v, n in sorted(names.truth.items()) if n == cls), named_value(cls)),
+                "prediction": next((v for v, n in sorted(names.prediction.items()) if n == cls), named_value(cls)),
+            }
+            for cls in (labels[k] for k in sorted(labels) if k != 0)
+        },
         "summary": summarise_cases(rows, labels, n_resamples, seed),
         "per_case": _per_case(rows),
         "failures": failures,
         "unmatched_predictions": unmatched,
     }
     if compare is not None:
-        compare_pairs, _ = match_cases(compare, truth)
-        compare_rows, compare_failures = score_cases(compare_pairs, labels, nsd_tolerance_mm)
         results["compare"] = {
             "path": str(compare),
             "summary": summarise_cases(compare_rows, labels, n_resamples, seed),
@@ -314,16 +451,17 @@ def _case_overlay_figure(cases, labels: dict[int, str], path: Path) -> Path:
     plt = optional_import("matplotlib.pyplot", "eval")
 
     fig, axes = plt.subplots(len(cases), 3, figsize=(10, 3.4 * len(cases)), squeeze=False)
-    cmap = plt.get_cmap("tab20", max(2, len(labels)))
     for row, (title, truth_path, pred_path) in enumerate(cases):
-        truth, prediction, _ = load_pair(truth_path, pred_path, labels)
+        truth, prediction, _ = load_pair(truth_path, pred_path)
         z = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
+        top = max(2, int(truth.max()), int(prediction.max()))  # label values need not be 0..N-1
+        cmap = plt.get_cmap("tab20", top + 1)
         t, p = truth[:, :, z].T, prediction[:, :, z].T
         error = np.where(t == p, 0, np.where(p == 0, 1, np.where(t == 0, 2, 3)))
         for col, (image, name, kwargs) in enumerate(
             (
-                (t, "truth", {"cmap": cmap, "vmin": 0, "vmax": len(labels) - 1}),
-                (p, "prediction", {"cmap": cmap, "vmin": 0, "vmax": len(labels) - 1}),
+                (t, "truth", {"cmap": cmap, "vmin": 0, "vmax": top}),
+                (p, "prediction", {"cmap": cmap, "vmin": 0, "vmax": top}),
                 (
                     error,
                     "errors: missed / extra / wrong class",

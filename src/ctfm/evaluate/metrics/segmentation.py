@@ -16,6 +16,12 @@ prediction only     0      0      NaN    ``false_positive``
 both empty          NaN    NaN    NaN    ``absent`` (not counted in any mean)
 ==================  =====  =====  =====  =========================================
 
+These are MONAI's own results for HD95 (NaN when a side is empty) and NSD (0 with one side
+empty, NaN with both), computed without calling MONAI on an empty mask. Dice of a
+prediction-only class is 0, as nnU-Net's evaluation counts it, where MONAI's
+``compute_dice(ignore_empty=True)`` gives NaN: a false-positive class counts against the model.
+(The validation Dice during fine-tuning keeps CT-FM's ``ignore_empty=True``.)
+
 A class's mean is over the cases where the value is defined; the macro figure is the mean over
 classes of those class means; 95 % intervals bootstrap the cases (:mod:`ctfm.evaluate.metrics.stats`).
 :func:`compare_dice` tests per-case Dice of two prediction sets on the same truths with a paired
@@ -25,6 +31,7 @@ Wilcoxon signed-rank test, per class and for the per-case macro Dice.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +51,6 @@ def mask_metrics(
 ) -> dict:
     """Dice, HD95 (mm), NSD at ``nsd_tolerance_mm`` and the status of two boolean masks [X, Y, Z]."""
     import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
     t, p = bool(truth.any()), bool(prediction.any())
     if not t and not p:
@@ -54,6 +60,16 @@ def mask_metrics(
     y = torch.from_numpy(np.ascontiguousarray(truth))[None, None].float()
     y_pred = torch.from_numpy(np.ascontiguousarray(prediction))[None, None].float()
     spacing = [float(s) for s in spacing]
+    with warnings.catch_warnings():
+        # MONAI 1.5+ warns about its own internal use of a deprecated argument; not the user's concern
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        dice, hd95, nsd = _monai_metrics(y, y_pred, spacing, nsd_tolerance_mm)
+    return {"dice": dice, "hd95": hd95, "nsd": nsd, "status": "ok"}
+
+
+def _monai_metrics(y, y_pred, spacing, nsd_tolerance_mm) -> tuple[float, float, float]:
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
     dice = float(compute_dice(y_pred, y, include_background=True)[0, 0])
     hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)[0, 0])
     nsd = float(
@@ -61,7 +77,7 @@ def mask_metrics(
             y_pred, y, class_thresholds=[float(nsd_tolerance_mm)], include_background=True, spacing=spacing
         )[0, 0]
     )
-    return {"dice": dice, "hd95": hd95, "nsd": nsd, "status": "ok"}
+    return dice, hd95, nsd
 
 
 # --------------------------------------------------------------------------- over cases
