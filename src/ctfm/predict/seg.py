@@ -240,7 +240,9 @@ def predict_seg(
     """Predict every input (files, folders, DICOM trees, manifests) into ``out``; see the module docstring.
 
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
-    and the batch goes on.
+    and the batch goes on. Before the model is loaded, the output folder and (for ``dicom-seg``)
+    every input's headers are checked (:func:`ctfm.predict.writers.preflight`): an input no SEG
+    can be built over is refused there, and a run with no input left raises.
     """
 
     if output_format not in ("nifti", "dicom-seg"):

@@ -187,7 +187,7 @@ def dicom_seg_source(source) -> SegSource:
     if source is None or not Path(source.path).is_dir():
         raise CTInputError(
             getattr(source, "path", None),
-            "--format dicom-seg needs a DICOM series as input (a SEG references the source instances)",
+            "--format dicom-seg needs a DICOM series as input: a SEG references the instances of its source",
             "use --format nifti for volume files",
         )
     folder = Path(source.path)
