@@ -73,6 +73,9 @@ def read_back(dcm: Path, uids: dict[Path, str]) -> dict[Path, np.ndarray]:
         for item in raw.PerFrameFunctionalGroupsSequence
     ]
     assert set(by_frame) <= set(uids.values())  # every frame references a source instance
+    position = {uid: pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient for f, uid in uids.items()}
+    for uid, item in zip(by_frame, raw.PerFrameFunctionalGroupsSequence):  # ... and lies where that slice lies
+        assert np.allclose(item.PlanePositionSequence[0].ImagePositionPatient, position[uid], atol=1e-3)
     seg = hd.seg.segread(dcm)
     out = {}
     for f, uid in uids.items():
