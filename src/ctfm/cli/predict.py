@@ -7,9 +7,11 @@ Examples:
   ctfm predict cls scans/ --model runs/head-ct -o preds.csv
 
 seg: each input gets OUT/<name>.nii.gz (uint8/uint16 labels, the input's shape and affine; <name>
-is the file name without extension, or the SeriesInstanceUID of a DICOM series) and
-OUT/<name>.labels.json; --format dicom-seg adds OUT/<name>.dcm; --statistics adds
-OUT/<name>.statistics.json/.csv. Finished inputs are skipped on a re-run.
+is the file name without extension, or the SeriesInstanceUID of a DICOM series, derived from its
+content where blank) and OUT/<name>.labels.json; --format dicom-seg adds OUT/<name>.dcm, one frame
+per acquired slice (tilted series included), blank source UIDs derived and recorded in the
+labels.json; inputs no SEG can be built over are refused before the model is loaded;
+--statistics adds OUT/<name>.statistics.json/.csv. Finished inputs are skipped on a re-run.
 cls: one row per input with the probability of each label (preds.csv.json: provenance).
 Inputs are those of `ctfm embed` (files, folders, DICOM trees, manifests with a path column).
 Exit status 1 if any input failed (recorded), 2 for unusable arguments.

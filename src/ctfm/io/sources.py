@@ -121,12 +121,14 @@ def _scan_folder(folder: Path) -> list[ScanSource]:
     # A CT series none of whose files gives a slice position is listed too: loading it is
     # refused with the reason, rather than the series vanishing from the batch unseen.
     unplaced = [s for s in index.unplaced.values() if s.uid not in placed and len(s.files) >= 2]
+    # A multi-frame CT (one file) is listed too, so that its one-line refusal is seen.
+    multiframe = [s for s in index.multiframe.values() if s.uid not in placed and s.modality == "CT"]
     skipped = Counter(index.skipped)
-    for s in [*index.series, *unplaced]:
+    for s in [*index.series, *unplaced, *multiframe]:
         if s.modality != "CT":
             skipped[f"{s.modality or 'unknown-modality'} image(s)"] += len(s.files)
             continue
-        if len(s.files) < 2:
+        if len(s.files) < 2 and s not in multiframe:
             skipped["single 2D slice(s)"] += len(s.files)
             continue
         parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))
