@@ -17,22 +17,26 @@ from __future__ import annotations
 
 import sys
 
+from ctfm.cli import device, nonnegative_float, positive_float, positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE", help="store folder with patch embeddings")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
+    parser.add_argument(
+        "--max-upload-mb", type=positive_float, default=512, help="largest upload accepted, MiB (default 512)"
+    )
     parser.add_argument(
         "--max-voxels",
-        type=int,
+        type=positive_int,
         default=None,
         help="largest scan an upload may hold, in voxels, read from its headers before decoding (default 536870912 "
         "= 512x512x2048); the server's free memory is checked as well",
     )
     parser.add_argument(
         "--search-seconds",
-        type=float,
+        type=positive_float,
         default=None,
         help="time budget of a search that runs the encoder (fine refinement, centred query), waiting for it "
         "included (default 30)",
@@ -79,12 +83,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--display-cache-gb",
-        type=float,
+        type=nonnegative_float,
         default=20.0,
         help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read "
         "from their sources when chosen",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def run(args) -> int:
@@ -92,6 +96,11 @@ def run(args) -> int:
     from ctfm.cli.selection import run_selection
 
     run_digest, where = run_selection(args)
+
+    if not 0 <= args.port <= 65535:
+        from ctfm.errors import OptionError
+
+        raise OptionError(f"--port {args.port}: expected 0..65535")
     limits = {"max_voxels": args.max_voxels, "search_seconds": args.search_seconds}
 
     def announce(url: str, state) -> None:
