@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import data_path
 from ctfm.errors import CTInputError
 from ctfm.preprocess import get_preset
 from ctfm.preprocess.validate import MAX_RESAMPLED_VOXELS, check_scan, load_usable_ct, resampled_voxels
@@ -226,8 +227,8 @@ def test_embed_empty_folder(tmp_path, run_cli, tiny_weights):
     assert not (tmp_path / "store").exists()
 
 
-def test_embed_folder_of_2d_slices(tmp_path, run_cli, tiny_weights, shared_data):
-    folder = shared_data("single_slices")
+def test_embed_folder_of_2d_slices(tmp_path, run_cli, tiny_weights):
+    folder = data_path("single_slices")
     refused(
         run_cli("embed", folder, "--weights", tiny_weights, "--out", tmp_path / "store", "--device", "cpu"),
         "no 3D CT found",
@@ -286,9 +287,9 @@ def test_predict_seg_empty_folder(tmp_path, run_cli, seg_weights):
     assert not (tmp_path / "out").exists()
 
 
-def test_predict_seg_folder_of_2d_slices(tmp_path, run_cli, seg_weights, shared_data):
+def test_predict_seg_folder_of_2d_slices(tmp_path, run_cli, seg_weights):
     refused(
-        run_cli("predict", "seg", shared_data("single_slices"), "--model", seg_weights, "-o", tmp_path / "out"),
+        run_cli("predict", "seg", data_path("single_slices"), "--model", seg_weights, "-o", tmp_path / "out"),
         "single 2D slice",
     )
 
