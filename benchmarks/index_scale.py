@@ -91,6 +91,78 @@ def as_vector_index(faiss_index, params):
     return VectorIndex(faiss_index, manifest, ids={})
 
 
+def write_store(root, vectors: np.ndarray) -> None:
+    """A compacted store of one whole-scan run, one scan row per vector (``s<i>``), written as
+    one Parquet file (rows of an earlier call keep their write ids: a grown store)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctfm.store.schema import schemas
+
+    n, dim = vectors.shape
+    (root / "parts").mkdir(parents=True, exist_ok=True)
+    schema = schemas()["scans"]
+    columns = {
+        "scan_id": pa.array([f"s{i:08d}" for i in range(n)]),
+        "mode": pa.array(["whole"] * n),
+        "model": pa.array(["ct-fm"] * n),
+        "weights_sha256": pa.array(["w" * 64] * n),
+        "preset_hash": pa.array(["p" * 64] * n),
+        "pool": pa.array(["avg"] * n),
+        "precision": pa.array(["fp32"] * n),
+        "overlap": pa.array(np.zeros(n, np.float32)),
+        "write_id": pa.array([f"{i:032x}" for i in range(n)]),
+        "embedding": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), vectors.ravel()
+        ),
+    }
+    table = pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
+    pq.write_table(table, root / "scans.parquet", row_group_size=65_536)
+
+
+def timed_cli(*argv) -> tuple[float, float]:
+    """``python -m ctfm ARGV`` in a child: (wall seconds, the child's peak RSS in GiB)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ctfm", *argv], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def store_update(args) -> list[dict]:
+    """End to end through the CLI: ``ctfm index build`` (automatic choice) over a store of
+    ``--n`` vectors, then ``--update`` more scans and ``ctfm index update``: both timed."""
+    import tempfile
+    from pathlib import Path
+
+    data = synthetic(args.n + args.update, args.dim, args.clusters, 0, np.random.default_rng(1234), args.separation)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "store"
+        write_store(root, data[: args.n])
+        build_s, build_rss = timed_cli("index", "build", str(root))
+        manifest = json.loads(next((root / "index").glob("scan-*.json")).read_text())
+        write_store(root, data)
+        update_s, update_rss = timed_cli("index", "update", str(root))
+        updated = json.loads(next((root / "index").glob("scan-*.json")).read_text())
+    return [
+        {
+            "kind": manifest["params"]["kind"],
+            "auto": manifest["auto"],
+            "n": args.n,
+            "cli_build_s": round(build_s, 1),
+            "build_seconds_manifest": manifest["build_seconds"],
+            "recall_at_build": manifest["recall_at_10"],
+            "index_bytes": manifest["index_bytes"],
+            "update_rows": args.update,
+            "cli_update_s": round(update_s, 1),
+            "update_seconds_manifest": updated["update_seconds"],
+            "update_over_build": round(update_s / build_s, 4),
+            "children_peak_rss_gib": round(max(build_rss, update_rss), 2),
+        }
+    ]
+
+
 def main() -> None:
     import faiss
 
@@ -128,7 +200,23 @@ def main() -> None:
         "--update", type=int, default=10_000, help="auto: then add this many fresh vectors (no retraining), timed"
     )
     parser.add_argument("--out", "--json", dest="out", default=None, help="write the results as a JSON list here")
+    parser.add_argument(
+        "--store-update",
+        action="store_true",
+        help="instead: end to end through the CLI, `ctfm index build` on a store of --n vectors, then "
+        "`ctfm index update` after --update more scans",
+    )
     args = parser.parse_args()
+    if args.store_update:
+        load_before = os.getloadavg()[0]
+        runs = store_update(args)
+        settings = {"nproc": os.cpu_count(), "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        runs = [{**r, **{f"run_{k}": v for k, v in settings.items()}} for r in runs]
+        print(runs, flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(runs, fh, indent=1)
+        return
 
     faiss.omp_set_num_threads(args.threads)  # builds use all of them; latency() sweeps 1..threads
     k = 10
