@@ -801,7 +801,7 @@ def update_index(
 
     ids = pa.concat_tables([_ids_from_arrays(index.ids, level), _ids_table(added)])
     covered = index.covered() | added.covered()
-    _write(
+    path = _write(
         store,
         level,
         key,
@@ -816,7 +816,9 @@ def update_index(
             "updated_at": utc_now(),
         },
     )
-    return load_index(store, level, run=run_digest(key)), "extended"
+    # The index in memory is the one just written and checked (sizes, fsync): not read back.
+    ids_arrays = {name: np.concatenate([index.ids[name], getattr(added, name)]) for name in index.ids}
+    return VectorIndex(index.faiss_index, read_manifest(store, path), ids_arrays, path), "extended"
 
 
 def _recorded_params(store, path: Path) -> IndexParams | None:
