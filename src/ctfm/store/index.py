@@ -794,10 +794,12 @@ def update_index(
         return build_index(store, level, again, run=run_digest(key)), "rebuilt"
     start = time.perf_counter()
     vectors = load_run_vectors(store, level, key)
-    new = np.isin(vectors.scan_id, np.asarray(state.added, dtype=object))
-    added = vectors.take(new)
-    train_and_add(index.faiss_index, added.vectors, index.params, prepared=False)  # no retraining
     import pyarrow as pa
+    import pyarrow.compute as pc
+
+    new = pc.is_in(vectors.metadata.column("scan_id"), value_set=pa.array(state.added, pa.string()))
+    added = vectors.take(new.to_numpy(zero_copy_only=False))  # (np.isin over objects: 4 s at 50,000)
+    train_and_add(index.faiss_index, added.vectors, index.params, prepared=False)  # no retraining
 
     ids = pa.concat_tables([_ids_from_arrays(index.ids, level), _ids_table(added)])
     covered = index.covered() | added.covered()
