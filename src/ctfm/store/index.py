@@ -317,19 +317,19 @@ def prepare_vectors(matrix: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
-def train_and_add(index, vectors: np.ndarray, params: IndexParams, prepared: bool = True) -> None:
-    """Train (ivf) on a seeded sample, then add ``vectors`` in batches of ``ADD_BATCH``;
-    ``prepared=False``: normalise each batch on the way (no second full copy of the matrix)."""
+def train_and_add(index, vectors: np.ndarray, params: IndexParams, prepared: bool = True, rows=None) -> None:
+    """Train (ivf) on a seeded sample, then add ``vectors`` (or only its ``rows``, in that order)
+    in batches of ``ADD_BATCH``; ``prepared=False``: normalise each batch on the way. No second
+    full copy of the matrix is made."""
     prep = (lambda x: x) if prepared else (lambda x: prepare_vectors(x, params.metric))
+    rows = np.arange(len(vectors)) if rows is None else np.asarray(rows, dtype=np.int64)
     if params.kind == "ivf" and not index.is_trained:
-        n_train = min(len(vectors), params.train_size or 64 * ivf_part(index).nlist)
+        n_train = min(len(rows), params.train_size or 64 * ivf_part(index).nlist)
         rng = np.random.default_rng(params.seed)
-        sample = (
-            vectors if n_train >= len(vectors) else vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
-        )
-        index.train(prep(sample))
-    for lo in range(0, len(vectors), ADD_BATCH):
-        index.add(prep(vectors[lo : lo + ADD_BATCH]))
+        chosen = rows if n_train >= len(rows) else rows[np.sort(rng.choice(len(rows), n_train, replace=False))]
+        index.train(prep(vectors[chosen]))
+    for lo in range(0, len(rows), ADD_BATCH):
+        index.add(prep(vectors[rows[lo : lo + ADD_BATCH]]))
 
 
 def auto_params(n: int, metric: str = "cosine", seed: int = 0) -> IndexParams:
@@ -393,7 +393,7 @@ def build_faiss(vectors: np.ndarray, params: IndexParams) -> tuple[object, Index
     if params.kind != "flat" and n >= 5 * RECALL_QUERIES:
         held = np.sort(np.random.default_rng(params.seed).choice(n, RECALL_QUERIES, replace=False))
     kept = np.setdiff1d(np.arange(n), held) if len(held) else np.arange(n)
-    train_and_add(index, vectors[kept] if len(held) else vectors, params, prepared=False)
+    train_and_add(index, vectors, params, prepared=False, rows=kept)
     facts["build_seconds"] = time.perf_counter() - start
     if params.kind == "flat":
         facts.update(recall_at_10=1.0, recall_queries=0)
@@ -421,7 +421,7 @@ def build_faiss(vectors: np.ndarray, params: IndexParams) -> tuple[object, Index
             recall_seconds=round(time.perf_counter() - start, 3),
         )
         start = time.perf_counter()
-        train_and_add(index, vectors[held], params, prepared=False)
+        train_and_add(index, vectors, params, prepared=False, rows=held)
         facts["build_seconds"] += time.perf_counter() - start
     else:  # too few vectors to hold any out
         facts.update(recall_at_10=None, recall_queries=0)
