@@ -11,14 +11,22 @@ are non-negative), L2-normalised (cosine). Queries are fresh draws from the same
 not stored vectors. Real embeddings are more structured than uniform noise and less than this
 in places; the table says what was run.
 
-    python benchmarks/index_scale.py                              # full size: 1,000,000 vectors
-    python benchmarks/index_scale.py --n 200000 --hnsw-n 200000   # smaller
+    python benchmarks/index_scale.py --json out.json                  # 1,000,000 vectors: flat + the automatic choice
+    python benchmarks/index_scale.py --n 100000 --json out.json       # smaller
+    python benchmarks/index_scale.py --kinds flat,ivf,hnsw --hnsw-n 200000 --json out.json   # hand-set kinds
+
+``--json`` writes a list, one entry per setting: ``kind``, ``n``, ``build_s``,
+``ms_single_1t``, ``recall_at_10``, ``rss_gib`` (and the setting; ``"auto": true`` for the
+automatic choice, built by ``ctfm.store.index.build_faiss``, the code of ``ctfm index build``,
+with its build-time recall on held-out vectors as ``recall_at_build``), plus ``nproc``,
+``load`` (1-minute load average before and after) and the settings of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import time
@@ -83,10 +91,82 @@ def as_vector_index(faiss_index, params):
     return VectorIndex(faiss_index, manifest, ids={})
 
 
+def write_store(root, vectors: np.ndarray) -> None:
+    """A compacted store of one whole-scan run, one scan row per vector (``s<i>``), written as
+    one Parquet file (rows of an earlier call keep their write ids: a grown store)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ctfm.store.schema import schemas
+
+    n, dim = vectors.shape
+    (root / "parts").mkdir(parents=True, exist_ok=True)
+    schema = schemas()["scans"]
+    columns = {
+        "scan_id": pa.array([f"s{i:08d}" for i in range(n)]),
+        "mode": pa.array(["whole"] * n),
+        "model": pa.array(["ct-fm"] * n),
+        "weights_sha256": pa.array(["w" * 64] * n),
+        "preset_hash": pa.array(["p" * 64] * n),
+        "pool": pa.array(["avg"] * n),
+        "precision": pa.array(["fp32"] * n),
+        "overlap": pa.array(np.zeros(n, np.float32)),
+        "write_id": pa.array([f"{i:032x}" for i in range(n)]),
+        "embedding": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)), vectors.ravel()
+        ),
+    }
+    table = pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
+    pq.write_table(table, root / "scans.parquet", row_group_size=65_536)
+
+
+def timed_cli(*argv) -> tuple[float, float]:
+    """``python -m ctfm ARGV`` in a child: (wall seconds, the child's peak RSS in GiB)."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ctfm", *argv], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def store_update(args) -> list[dict]:
+    """End to end through the CLI: ``ctfm index build`` (automatic choice) over a store of
+    ``--n`` vectors, then ``--update`` more scans and ``ctfm index update``: both timed."""
+    import tempfile
+    from pathlib import Path
+
+    data = synthetic(args.n + args.update, args.dim, args.clusters, 0, np.random.default_rng(1234), args.separation)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "store"
+        write_store(root, data[: args.n])
+        build_s, build_rss = timed_cli("index", "build", str(root))
+        manifest = json.loads(next((root / "index").glob("scan-*.json")).read_text())
+        write_store(root, data)
+        update_s, update_rss = timed_cli("index", "update", str(root))
+        updated = json.loads(next((root / "index").glob("scan-*.json")).read_text())
+    return [
+        {
+            "kind": manifest["params"]["kind"],
+            "auto": manifest["auto"],
+            "n": args.n,
+            "cli_build_s": round(build_s, 1),
+            "build_seconds_manifest": manifest["build_seconds"],
+            "recall_at_build": manifest["recall_at_10"],
+            "index_bytes": manifest["index_bytes"],
+            "update_rows": args.update,
+            "cli_update_s": round(update_s, 1),
+            "update_seconds_manifest": updated["update_seconds"],
+            "update_over_build": round(update_s / build_s, 4),
+            "children_peak_rss_gib": round(max(build_rss, update_rss), 2),
+        }
+    ]
+
+
 def main() -> None:
     import faiss
 
-    from ctfm.store.index import IndexParams, new_faiss_index, train_and_add
+    from ctfm.store.index import AUTO, IndexParams, build_faiss, new_faiss_index, train_and_add
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -103,7 +183,9 @@ def main() -> None:
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", default="8,16,32,64")
     parser.add_argument(
-        "--kinds", default="flat,ivf,hnsw", help="which indexes to build (flat is always the ground truth)"
+        "--kinds",
+        default="flat,auto",
+        help="which indexes to build: flat, auto, ivf, hnsw (flat is always the ground truth)",
     )
     parser.add_argument("--ivf-codec", default="flat", help="ivf list codec: flat, sq8, pq<M>")
     parser.add_argument(
@@ -114,8 +196,27 @@ def main() -> None:
     )
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--ef-search", default="32,64,128")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--update", type=int, default=10_000, help="auto: then add this many fresh vectors (no retraining), timed"
+    )
+    parser.add_argument("--out", "--json", dest="out", default=None, help="write the results as a JSON list here")
+    parser.add_argument(
+        "--store-update",
+        action="store_true",
+        help="instead: end to end through the CLI, `ctfm index build` on a store of --n vectors, then "
+        "`ctfm index update` after --update more scans",
+    )
     args = parser.parse_args()
+    if args.store_update:
+        load_before = os.getloadavg()[0]
+        runs = store_update(args)
+        settings = {"nproc": os.cpu_count(), "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+        runs = [{**r, **{f"run_{k}": v for k, v in settings.items()}} for r in runs]
+        print(runs, flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(runs, fh, indent=1)
+        return
 
     faiss.omp_set_num_threads(args.threads)  # builds use all of them; latency() sweeps 1..threads
     k = 10
@@ -126,7 +227,9 @@ def main() -> None:
         args.queries, args.dim, args.clusters, seed=1, rng_basis=np.random.default_rng(1234), separation=args.separation
     )
     print(f"data: {args.n} x {args.dim} in {time.perf_counter() - t0:.1f} s, rss {rss_gib():.2f} GiB", flush=True)
+    load_before = os.getloadavg()[0]
     results = {
+        "nproc": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,
         "n": args.n,
@@ -147,7 +250,7 @@ def main() -> None:
     _, truth = exact.search(queries, k)  # batched exact answer
     kinds = set(args.kinds.split(","))
     if "flat" in kinds:
-        ms, _ = latency(exact, queries[:5], k, threads=(args.threads,))
+        ms, _ = latency(exact, queries[:5], k, threads=(1,))
         results["runs"].append(
             {
                 "kind": "flat",
@@ -160,6 +263,45 @@ def main() -> None:
         )
         print(results["runs"][-1], flush=True)
     del flat, exact
+
+    if "auto" in kinds:
+        faiss.omp_set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        index, params, order, facts = build_faiss(data, IndexParams(kind=AUTO, metric="cosine"))
+        auto_build = time.perf_counter() - t0
+        wrapped = as_vector_index(index, params)
+        ms, found = latency(wrapped, queries, k)
+        results["runs"].append(
+            {
+                "kind": params.kind,
+                "auto": True,
+                "n": args.n,
+                **{key: v for key, v in params.to_dict().items() if key not in ("kind", "metric", "seed")},
+                "build_s": round(auto_build, 1),
+                "build_s_without_recall": round(facts["build_seconds"], 1),
+                **ms,
+                "recall_at_10": round(recall_at(order[np.maximum(found, 0)], truth), 4),
+                "recall_at_build": facts["recall_at_10"],
+                "index_mib": round(faiss.serialize_index(index).nbytes / 2**20, 1),
+                "rss_gib": round(rss_gib(), 2),
+            }
+        )
+        if args.update:
+            extra = synthetic(
+                args.update,
+                args.dim,
+                args.clusters,
+                seed=2,
+                rng_basis=np.random.default_rng(1234),
+                separation=args.separation,
+            )
+            faiss.omp_set_num_threads(args.threads)
+            t0 = time.perf_counter()
+            train_and_add(index, extra, params, prepared=False)  # what ctfm index update does to the index
+            results["runs"][-1]["update_rows"] = args.update
+            results["runs"][-1]["update_add_s"] = round(time.perf_counter() - t0, 2)
+        print(results["runs"][-1], flush=True)
+        del index, wrapped
 
     if "ivf" in kinds:
         faiss.omp_set_num_threads(args.threads)
@@ -225,9 +367,14 @@ def main() -> None:
                 }
             )
             print(results["runs"][-1], flush=True)
+    results["load"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print({k: v for k, v in results.items() if k != "runs"}, flush=True)
     if args.out:
+        settings = {k: v for k, v in results.items() if k != "runs"}
         with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
+            json.dump(
+                [{**run, **{f"run_{k}": v for k, v in settings.items()}} for run in results["runs"]], fh, indent=1
+            )
 
 
 if __name__ == "__main__":

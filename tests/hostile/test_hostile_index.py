@@ -341,7 +341,7 @@ def test_an_index_build_killed_mid_write_leaves_the_old_index_in_use(tmp_path):
 
     import ctfm
     from ctfm.store import open_store
-    from ctfm.store.index import build_index
+    from ctfm.store.index import IndexParams, build_index
     from ctfm.store.schema import schemas
 
     store = tmp_path / "store"
@@ -365,11 +365,11 @@ def test_an_index_build_killed_mid_write_leaves_the_old_index_in_use(tmp_path):
     }
     table = pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)
     pq.write_table(table, store / "scans.parquet")
-    build_index(open_store(store))
+    build_index(open_store(store), params=IndexParams(kind="flat"))  # the kind is not the point: the write is
     before = _index_state(store)
     env = {**os.environ, "PYTHONPATH": str(Path(ctfm.__file__).parents[1])}
     process = subprocess.Popen(
-        [sys.executable, "-m", "ctfm", "index", "build", str(store)],
+        [sys.executable, "-m", "ctfm", "index", "build", str(store), "--kind", "flat"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -135,6 +135,13 @@ def test_a_grown_store_makes_the_index_stale_and_update_extends_it(store):
         load_index(store, "patch")
     index, done = update_index(store, "patch")
     assert done == "extended" and index.ntotal == 31 * 4 and index.manifest["scans"] == 31
+    reloaded = load_index(store, "patch")  # the extended index it returns is the one on disk
+    assert index.manifest == reloaded.manifest and set(index.ids) == set(reloaded.ids) == {
+        "scan_id",
+        "write_id",
+        "patch_index",
+    }
+    assert all(np.array_equal(index.ids[k], reloaded.ids[k]) for k in reloaded.ids)
     assert not index.staleness(store).stale
     assert update_index(store, "patch")[1] == "up to date"
     # Re-embedding a scan (a new write id) replaces its vectors: the index is rebuilt.
