@@ -386,6 +386,11 @@ class LogisticPath:
     from the previous C's solution and the refit from the inner folds' mean at the chosen C.
     ``solver="sklearn"``: scikit-learn's LogisticRegression (lbfgs), the reference the fast path is
     tested against. ``warm_start=False`` starts every fit from zero (for measurements).
+
+    The fast path serves binary targets. Multi-class targets stay on scikit-learn's solver: their
+    balanced accuracy at the smallest C values is decided by the intercepts' last digits (the
+    weights are almost zero), so any other solver, within the same stopping rule, can choose
+    another C there. :func:`fit_logistic` itself solves the multinomial problem too.
     """
 
     grid = C_GRID
@@ -414,9 +419,9 @@ class LogisticPath:
 
     def path(self, X_train, y_train, X_eval, n_classes, shared=None):
         """[len(grid)] probabilities [n_eval, C] along the grid (small C first)."""
-        if self.solver == "sklearn":
-            return self._sklearn_path(X_train, y_train, X_eval, n_classes)
         present, y_index = np.unique(np.asarray(y_train), return_inverse=True)
+        if self.solver == "sklearn" or len(present) != 2:
+            return self._sklearn_path(X_train, y_train, X_eval, n_classes)
         Xt, Xe = standardise(X_train, X_eval)
         basis, start, out = self._basis(Xt, shared), None, []
         for i, c in enumerate(self.grid):
@@ -430,7 +435,7 @@ class LogisticPath:
 
     def fit_predict(self, X_train, y_train, X_eval, n_classes, value, shared=None):
         present, y_index = np.unique(np.asarray(y_train), return_inverse=True)
-        if self.solver == "sklearn" or len(present) < 2:
+        if self.solver == "sklearn" or len(present) != 2:
             return self._sklearn_fit_predict(X_train, y_train, X_eval, n_classes, value)
         Xt, Xe = standardise(X_train, X_eval)
         starts = self._solutions.get(self.grid.index(value) if value in self.grid else -1, [])
