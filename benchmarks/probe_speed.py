@@ -3,7 +3,8 @@ fast path and each of its techniques, on the same synthetic embeddings, folds an
 
 Data: ``--n`` x ``--dim`` float32 vectors shaped like real embeddings (a rank-``--rank`` signal with
 decaying scales plus isotropic noise, fixed seed) and ``--targets`` targets drawn from the latent
-signal (every third one multi-class with 3-5 classes, the others binary at prevalences 10-50 %).
+signal (every third one multi-class with 3-5 classes, the others binary at prevalences 10-50 %;
+``--binary-only``: all binary, as ``ctfm probe --task multilabel``).
 Each target: 5 outer stratified folds; on each training part, 3 inner folds choose C from the
 13-value grid by AUROC (binary) or balanced accuracy (multi-class); the refit predicts the test
 part (``ctfm.evaluate.probes.probe.cross_validated_predictions``, the code behind ``ctfm probe``).
@@ -25,7 +26,7 @@ from ``today`` (binary AUROC; multi-class: one-vs-rest macro AUROC) and how many
 folds' chosen C differ from ``today``'s.
 
     python benchmarks/probe_speed.py [--n 10000] [--dim 512] [--targets 15] [--jobs 2]
-        [--variants today,today-cold,standardised,whitened-inner,shared-cold,all]
+        [--variants today,today-cold,standardised,whitened-inner,shared-cold,all] [--binary-only]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ VARIANTS = {
 }
 
 
-def synthetic(n: int, dim: int, n_targets: int, rank: int = 32, seed: int = 0):
+def synthetic(n: int, dim: int, n_targets: int, rank: int = 32, seed: int = 0, binary_only: bool = False):
     """(features [n, dim] float32, targets: list of label lists) with a low-rank signal."""
     rng = np.random.default_rng(seed)
     latent = rng.normal(size=(n, rank))
@@ -61,7 +62,7 @@ def synthetic(n: int, dim: int, n_targets: int, rank: int = 32, seed: int = 0):
     for t in range(n_targets):
         direction = rng.normal(size=(rank, 5))
         score = latent @ direction[:, 0] / np.sqrt(rank) * 1.5 + rng.normal(size=n)
-        if t % 3 == 2:
+        if t % 3 == 2 and not binary_only:
             k = 3 + (t // 3) % 3
             scores = latent @ direction[:, :k] / np.sqrt(rank) * 1.5 + rng.normal(size=(n, k))
             labels = [f"class{c}" for c in np.argmax(scores, axis=1)]
@@ -99,11 +100,14 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=15)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--binary-only", action="store_true", help="every target binary (as ctfm probe --task multilabel)"
+    )
     args = parser.parse_args()
     names = args.variants.split(",")
     if names[0] != "today":
         names = ["today", *[v for v in names if v != "today"]]
-    features, targets = synthetic(args.n, args.dim, args.targets)
+    features, targets = synthetic(args.n, args.dim, args.targets, binary_only=args.binary_only)
     tasks = [encode_target(f"t{i}", t, "auto").task for i, t in enumerate(targets)]
     print(
         f"# {platform.machine()}, nproc {os.cpu_count()}, load before {os.getloadavg()}; {args.n} x {args.dim}, "
@@ -131,6 +135,7 @@ def main() -> None:
             f"{sum(map(len, chosen))} | {aurocs.mean():.4f} |",
             flush=True,
         )
+        print(f"#   {name}: CPU s per target {[round(r[3], 1) for r in results]} ({[r[2] for r in results]})")
     print(f"# load after {os.getloadavg()}")
 
 
