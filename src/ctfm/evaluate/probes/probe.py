@@ -271,25 +271,190 @@ def _full_proba(model, X, n_classes: int) -> np.ndarray:
     return out
 
 
+LOGISTIC_SOLVERS = ("whitened", "sklearn")
+PRECONDITIONERS = ("fold", "inner", "none")
+LOGISTIC_TOL = 1e-4  # scikit-learn's lbfgs rule: stop when every |gradient| of the mean loss is <= this
+
+
+class _Converged(Exception):
+    """Raised inside the objective at a point that meets :data:`LOGISTIC_TOL`."""
+
+    def __init__(self, theta):
+        self.theta = theta
+
+
+def standardise(X_train, X_eval):
+    """(X_train, X_eval) as float32, centred and scaled by X_train's mean and sd (as scikit-learn's
+    StandardScaler: sd with ddof 0, a constant column scaled by 1)."""
+    X_train = np.asarray(X_train)
+    mean = X_train.mean(axis=0, dtype=np.float64)
+    sd = X_train.std(axis=0, dtype=np.float64)
+    sd[sd < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
+    mean, sd = mean.astype(np.float32), sd.astype(np.float32)
+    return ((X_train - mean) / sd).astype(np.float32), ((np.asarray(X_eval) - mean) / sd).astype(np.float32)
+
+
+def covariance_basis(X) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues [d], eigenvectors [d, d]) of the covariance X^T X / n of standardised X: the
+    preconditioner of :func:`fit_logistic` (it changes the solver's path, not its solution)."""
+    X = np.asarray(X, dtype=np.float32)
+    covariance = (X.T @ X).astype(np.float64) / len(X)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    return np.clip(eigenvalues, 0.0, None), eigenvectors
+
+
+def fit_logistic(X, y, n_classes: int, C: float, basis=None, start=None, max_iter: int = 1000):
+    """L2 logistic regression as scikit-learn's lbfgs fits it (binary, or multinomial with one
+    weight vector per class; unpenalised intercepts): minimise mean log-loss + ||W||^2 / (2 C n),
+    stopping when every gradient entry is at most :data:`LOGISTIC_TOL`.
+
+    ``X`` [n, d] standardised float32, ``y`` class indices 0..n_classes-1 (every class present).
+    L-BFGS runs in whitened coordinates: W = V diag(1 / sqrt(d_k lam + 1/(C n))) Z, with (lam, V)
+    = ``basis`` (a covariance eigendecomposition close to X's, e.g. :func:`covariance_basis` of the
+    fold; None: the identity) and d_k = pi_k (1 - pi_k) at the class prior, so that the Hessian in Z
+    is near the identity for every C. ``start`` = (W, b) warm-starts it. Returns (W [d, K], b [K]),
+    K = 1 for a binary target."""
+    X = np.asarray(X, dtype=np.float32)
+    n, d = X.shape
+    eigenvalues, vectors = (np.ones(d), None) if basis is None else basis
+    binary = n_classes == 2
+    K = 1 if binary else n_classes
+    Y = (np.asarray(y) == 1).astype(np.float64)[:, None] if binary else np.eye(n_classes)[np.asarray(y)]
+    prior = Y.mean(axis=0)
+    weight = np.clip(prior * (1 - prior), 1e-3, None)  # the Hessian's weight per output at the prior
+    reg = 1.0 / (C * n)
+    scale = 1.0 / np.sqrt(eigenvalues[:, None] * weight[None, :] + reg)  # [d, K]
+    intercept_scale = 1.0 / np.sqrt(weight)
+
+    def weights(theta):
+        U = scale * theta[: d * K].reshape(d, K)
+        return U, (U if vectors is None else vectors @ U), theta[d * K :] * intercept_scale
+
+    def objective(theta):
+        U, W, b = weights(theta)
+        eta = (X @ W.astype(np.float32)).astype(np.float64) + b
+        if binary:
+            e = eta[:, 0]
+            loss = float(np.mean(np.logaddexp(0.0, e) - Y[:, 0] * e))
+            R = ((0.5 * (1.0 + np.tanh(0.5 * e))) - Y[:, 0])[:, None] / n
+        else:
+            top = eta.max(axis=1, keepdims=True)
+            log_norm = top + np.log(np.exp(eta - top).sum(axis=1, keepdims=True))
+            loss = float(np.mean(log_norm[:, 0] - (Y * eta).sum(axis=1)))
+            R = (np.exp(eta - log_norm) - Y) / n
+        loss += 0.5 * reg * float((U * U).sum())
+        gW = (X.T @ R.astype(np.float32)).astype(np.float64) + reg * W
+        gb = R.sum(axis=0)
+        if max(np.abs(gW).max(), np.abs(gb).max()) <= LOGISTIC_TOL:
+            raise _Converged(theta)
+        gZ = scale * (gW if vectors is None else vectors.T @ gW)
+        return loss, np.concatenate([gZ.ravel(), gb * intercept_scale])
+
+    W0, b0 = (np.zeros((d, K)), np.zeros(K)) if start is None else start
+    theta = np.concatenate([((W0 if vectors is None else vectors.T @ W0) / scale).ravel(), b0 / intercept_scale])
+    minimize = optional_import("scipy.optimize", "eval").minimize
+    try:
+        theta = minimize(
+            objective,
+            theta,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": max_iter, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps, "maxls": 50},
+        ).x
+    except _Converged as done:
+        theta = done.theta
+    _, W, b = weights(theta)
+    return W, b
+
+
+def logistic_proba(X, W, b, n_classes: int) -> np.ndarray:
+    """Class probabilities [n, n_classes] of :func:`fit_logistic`'s (W, b) on standardised X."""
+    eta = (np.asarray(X, dtype=np.float32) @ W.astype(np.float32)).astype(np.float64) + b
+    if n_classes == 2:
+        p = 0.5 * (1.0 + np.tanh(0.5 * eta[:, 0]))
+        return np.stack([1.0 - p, p], axis=1)
+    eta = np.exp(eta - eta.max(axis=1, keepdims=True))
+    return eta / eta.sum(axis=1, keepdims=True)
+
+
 class LogisticPath:
-    """Standardised features, L2 logistic regression along :data:`C_GRID` (warm-started)."""
+    """Standardised features, L2 logistic regression along :data:`C_GRID` (warm-started).
+
+    ``solver="whitened"`` (the default): :func:`fit_logistic`, preconditioned by one covariance
+    eigendecomposition of the outer fold's training part (``preconditioner="fold"``, shared by its
+    inner folds, every C and the refit; ``"inner"``: one per inner fit; ``"none"``), each C started
+    from the previous C's solution and the refit from the inner folds' mean at the chosen C.
+    ``solver="sklearn"``: scikit-learn's LogisticRegression (lbfgs), the reference the fast path is
+    tested against. ``warm_start=False`` starts every fit from zero (for measurements).
+
+    The fast path serves binary targets. Multi-class targets stay on scikit-learn's solver: their
+    balanced accuracy at the smallest C values is decided by the intercepts' last digits (the
+    weights are almost zero), so any other solver, within the same stopping rule, can choose
+    another C there. :func:`fit_logistic` itself solves the multinomial problem too.
+    """
 
     grid = C_GRID
     param = "C"
     default = 1.0
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, solver: str = "whitened", warm_start: bool = True, preconditioner: str = "fold"):
+        if solver not in LOGISTIC_SOLVERS:
+            raise OptionError(f"logistic solver {solver!r}: unknown (choose {', '.join(LOGISTIC_SOLVERS)})")
+        if preconditioner not in PRECONDITIONERS:
+            raise OptionError(f"preconditioner {preconditioner!r}: unknown (choose {', '.join(PRECONDITIONERS)})")
+        self.seed, self.solver, self.warm_start, self.preconditioner = seed, solver, warm_start, preconditioner
+        self._solutions: dict[int, list] = {}
 
-    def path(self, X_train, y_train, X_eval, n_classes):
+    def prepare(self, X_train):
+        """What the outer fold's fits share: its covariance basis ("fold" preconditioner), else None."""
+        self._solutions = {}
+        if self.solver == "whitened" and self.preconditioner == "fold":
+            return covariance_basis(standardise(X_train, X_train[:0])[0])
+        return None
+
+    def _basis(self, Xt, shared):
+        if self.preconditioner == "fold" and shared is not None:
+            return shared
+        return covariance_basis(Xt) if self.preconditioner in ("fold", "inner") else None
+
+    def path(self, X_train, y_train, X_eval, n_classes, shared=None):
         """[len(grid)] probabilities [n_eval, C] along the grid (small C first)."""
+        present, y_index = np.unique(np.asarray(y_train), return_inverse=True)
+        if self.solver == "sklearn" or len(present) != 2:
+            return self._sklearn_path(X_train, y_train, X_eval, n_classes)
+        Xt, Xe = standardise(X_train, X_eval)
+        basis, start, out = self._basis(Xt, shared), None, []
+        for i, c in enumerate(self.grid):
+            W, b = fit_logistic(Xt, y_index, len(present), c, basis, start if self.warm_start else None, max_iter=300)
+            start = (W, b)
+            self._solutions.setdefault(i, []).append(start)
+            proba = np.zeros((len(Xe), n_classes))
+            proba[:, present.astype(int)] = logistic_proba(Xe, W, b, len(present))
+            out.append(proba)
+        return out
+
+    def fit_predict(self, X_train, y_train, X_eval, n_classes, value, shared=None):
+        present, y_index = np.unique(np.asarray(y_train), return_inverse=True)
+        if self.solver == "sklearn" or len(present) != 2:
+            return self._sklearn_fit_predict(X_train, y_train, X_eval, n_classes, value)
+        Xt, Xe = standardise(X_train, X_eval)
+        starts = self._solutions.get(self.grid.index(value) if value in self.grid else -1, [])
+        start = None
+        if self.warm_start and starts and all(len(s[1]) == len(starts[0][1]) for s in starts):
+            start = (np.mean([s[0] for s in starts], axis=0), np.mean([s[1] for s in starts], axis=0))
+        W, b = fit_logistic(Xt, y_index, len(present), value, self._basis(Xt, shared), start)
+        proba = np.zeros((len(Xe), n_classes))
+        proba[:, present.astype(int)] = logistic_proba(Xe, W, b, len(present))
+        return proba
+
+    def _sklearn_path(self, X_train, y_train, X_eval, n_classes):
         ConvergenceWarning = optional_import("sklearn.exceptions", "eval").ConvergenceWarning
         LogisticRegression = optional_import("sklearn.linear_model", "eval").LogisticRegression
         StandardScaler = optional_import("sklearn.preprocessing", "eval").StandardScaler
 
         scaler = StandardScaler().fit(X_train)
         Xt, Xe = scaler.transform(X_train), scaler.transform(X_eval)
-        model = LogisticRegression(max_iter=300, warm_start=True)
+        model = LogisticRegression(max_iter=300, warm_start=self.warm_start)
         out = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -299,7 +464,7 @@ class LogisticPath:
                 out.append(_full_proba(model, Xe, n_classes))
         return out
 
-    def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
+    def _sklearn_fit_predict(self, X_train, y_train, X_eval, n_classes, value):
         ConvergenceWarning = optional_import("sklearn.exceptions", "eval").ConvergenceWarning
         LogisticRegression = optional_import("sklearn.linear_model", "eval").LogisticRegression
         make_pipeline = optional_import("sklearn.pipeline", "eval").make_pipeline
@@ -336,12 +501,15 @@ class KNNPath:
         first = neighbour_labels[:, :k]
         return np.stack([(first == c).mean(axis=1) for c in range(n_classes)], axis=1)
 
-    def path(self, X_train, y_train, X_eval, n_classes):
+    def prepare(self, X_train):
+        return None
+
+    def path(self, X_train, y_train, X_eval, n_classes, shared=None):
         ks = [k for k in self.grid if k <= len(X_train)]
         labels = np.asarray(y_train)[self._neighbours(X_train, X_eval, max(ks))]
         return [self._votes(labels, k, n_classes) if k <= len(X_train) else None for k in self.grid]
 
-    def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
+    def fit_predict(self, X_train, y_train, X_eval, n_classes, value, shared=None):
         k = min(int(value), len(X_train))
         labels = np.asarray(y_train)[self._neighbours(X_train, X_eval, k)]
         return self._votes(labels, k, n_classes)
@@ -357,7 +525,10 @@ class MLPPath:
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def fit_predict(self, X_train, y_train, X_eval, n_classes, value):
+    def prepare(self, X_train):
+        return None
+
+    def fit_predict(self, X_train, y_train, X_eval, n_classes, value, shared=None):
         ConvergenceWarning = optional_import("sklearn.exceptions", "eval").ConvergenceWarning
         MLPClassifier = optional_import("sklearn.neural_network", "eval").MLPClassifier
         make_pipeline = optional_import("sklearn.pipeline", "eval").make_pipeline
@@ -374,7 +545,7 @@ class MLPPath:
         out[:, model.classes_.astype(int)] = proba
         return out
 
-    def path(self, X_train, y_train, X_eval, n_classes):
+    def path(self, X_train, y_train, X_eval, n_classes, shared=None):
         return [self.fit_predict(X_train, y_train, X_eval, n_classes, a) for a in self.grid]
 
 
@@ -405,23 +576,35 @@ class FoldFit:
 
 
 def fit_fold(
-    method: str, X_train, y_train, groups_train, X_test, task: str, n_classes: int, inner_cv: int = 3, seed: int = 0
+    method: str,
+    X_train,
+    y_train,
+    groups_train,
+    X_test,
+    task: str,
+    n_classes: int,
+    inner_cv: int = 3,
+    seed: int = 0,
+    probe_options: dict | None = None,
 ) -> FoldFit:
     """Choose the hyperparameter (and binary threshold) by inner CV on the training part, refit on
-    all of it, predict the test part. Too few cases per class for inner CV: the method's default."""
+    all of it, predict the test part. Too few cases per class for inner CV: the method's default.
+    ``probe_options`` go to the probe's class (e.g. ``{"solver": "sklearn"}`` for the logistic
+    reference path)."""
 
-    probe = PROBES[method](seed)
+    probe = PROBES[method](seed, **(probe_options or {}))
+    shared = probe.prepare(X_train)  # what every fit of this fold shares
     folds = _inner_folds(y_train, groups_train, inner_cv, seed)
     if folds is None:
         value = probe.default
         if method == "knn":
             value = min(value, len(X_train))
-        proba = probe.fit_predict(X_train, y_train, X_test, n_classes, value)
+        proba = probe.fit_predict(X_train, y_train, X_test, n_classes, value, shared)
         return FoldFit(probe.param, float(value), "fixed", [], 0.5 if task == "binary" else None, proba)
     oof = [np.zeros((len(y_train), n_classes)) for _ in probe.grid]
     valid = [True] * len(probe.grid)
     for tr, va in folds:
-        for i, proba in enumerate(probe.path(X_train[tr], y_train[tr], X_train[va], n_classes)):
+        for i, proba in enumerate(probe.path(X_train[tr], y_train[tr], X_train[va], n_classes, shared)):
             if proba is None:
                 valid[i] = False
             else:
@@ -429,7 +612,7 @@ def fit_fold(
     scores = [_selection_score(task, y_train, oof[i]) if valid[i] else -np.inf for i in range(len(probe.grid))]
     best = int(np.argmax(scores))  # the first best: the strongest regularisation / smallest k
     threshold = youden_threshold(y_train, oof[best][:, 1]) if task == "binary" else None
-    proba = probe.fit_predict(X_train, y_train, X_test, n_classes, probe.grid[best])
+    proba = probe.fit_predict(X_train, y_train, X_test, n_classes, probe.grid[best], shared)
     return FoldFit(probe.param, float(probe.grid[best]), "inner-cv", [float(s) for s in scores], threshold, proba)
 
 
@@ -455,9 +638,17 @@ class TargetPredictions:
 
 
 def cross_validated_predictions(
-    features, target: Target, folds, method: str = "logistic", groups=None, inner_cv: int = 3, seed: int = 0
+    features,
+    target: Target,
+    folds,
+    method: str = "logistic",
+    groups=None,
+    inner_cv: int = 3,
+    seed: int = 0,
+    probe_options: dict | None = None,
 ) -> TargetPredictions:
-    """Out-of-fold probabilities of ``target`` over ``folds`` (positions into its labelled rows)."""
+    """Out-of-fold probabilities of ``target`` over ``folds`` (positions into its labelled rows);
+    ``probe_options`` as :func:`fit_fold`."""
     if method not in PROBES:
         raise OptionError(f"--method {method}: unknown (choose {', '.join(METHODS)})")
     labelled = target.labelled
@@ -475,6 +666,7 @@ def cross_validated_predictions(
             len(target.classes),
             inner_cv,
             seed + f,
+            probe_options,
         )
         rows.append(labelled[te])
         fold_ids.append(np.full(len(te), f))
