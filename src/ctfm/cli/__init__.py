@@ -119,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     warnings.showwarning = _print_warning
+    from ctfm.cli.pacs_options import pacs_session
+
     try:
-        return int(args._module.run(args) or 0)
+        with pacs_session(args):  # PACS addresses among the inputs use the verb's PACS options
+            return int(args._module.run(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

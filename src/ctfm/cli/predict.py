@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctfm.cli.pacs_options import add_pacs_arguments
+
 
 def add_seg(sub) -> None:
     p = sub.add_parser(
@@ -65,6 +67,7 @@ def add_seg(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="predict again even where outputs exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pacs_arguments(p)
 
 
 def add_cls(sub) -> None:
@@ -86,6 +89,7 @@ def add_cls(sub) -> None:
     p.add_argument("-o", "--out", required=True, metavar="CSV", help="predictions CSV")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
+    add_pacs_arguments(p)
 
 
 # Tasks register here; each adds its own subcommand (and its run function).

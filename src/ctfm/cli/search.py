@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ctfm.cli.pacs_options import add_pacs_arguments
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE")
@@ -80,6 +82,7 @@ def add_arguments(parser) -> None:
         "--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector"
     )
     parser.add_argument("--device", default="cpu", help="where the encoder runs (default cpu)")
+    add_pacs_arguments(parser)
 
 
 def parse_point(text: str):
