@@ -67,6 +67,12 @@ def add_seg(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="predict again even where outputs exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--send",
+        metavar="DEST",
+        help="send each DICOM SEG and its TID 1500 measurement report to a PACS: dicomweb:URL (STOW-RS) or "
+        "dimse://AET@HOST:PORT (C-STORE); needs --format dicom-seg",
+    )
     add_pacs_arguments(p)
 
 
@@ -134,6 +140,7 @@ def run_seg(args) -> int:
         statistics=args.statistics,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        send=args.send,
     )
     print(summary.summary())
     for _source, message in summary.failed:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ctfm.errors import CTInputError
 from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
-from ctfm.io.pacs import is_pacs_url, pacs_sources
+from ctfm.io.pacs import fetch_series, is_pacs_url, pacs_sources
 from ctfm.io.tables import TABLE_SUFFIXES, read_table
 from ctfm.io.volume import VOLUME_SUFFIXES
 
@@ -42,6 +42,13 @@ class ScanSource:
 def source_location(path: str | os.PathLike) -> str:
     """What a store row records as a source: the absolute path, or a PACS address as it is."""
     return str(path) if is_pacs_url(path) else os.path.abspath(path)
+
+
+def local_source(source: ScanSource) -> ScanSource:
+    """``source`` itself, or for a PACS series its folder in the series cache (retrieved if needed)."""
+    if not is_pacs_url(source.path):
+        return source
+    return ScanSource(str(fetch_series(source.path)), source.series_uid)
 
 
 @dataclass

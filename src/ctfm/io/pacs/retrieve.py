@@ -42,7 +42,9 @@ def pacs_sources(text: str, options: PacsOptions | None = None) -> list[tuple[st
     options = options or current_options()
     found = find_series(url, options)
     if url.series_uid and not found:
-        raise CTInputError(url, "no such series on the PACS (or not one of the --query modalities)", "check the UIDs")
+        raise CTInputError(
+            str(url), "no such series on the PACS (or not one of the --query modalities)", "check the UIDs"
+        )
     out = []
     for info in found:
         address = str(url.series(info.study_uid, info.series_uid))
@@ -73,7 +75,7 @@ def fetch_series(text: str | PacsURL, options: PacsOptions | None = None, on_ins
     if expected is None:
         found = [s for s in _backend(url).find_series(url, options) if s.series_uid == url.series_uid]
         if not found:
-            raise CTInputError(url, "no such series on the PACS", "check the UIDs")
+            raise CTInputError(str(url), "no such series on the PACS", "check the UIDs")
         expected = found[0].n_instances
         if url.study_uid is None:
             url = url.series(found[0].study_uid, url.series_uid)
@@ -93,12 +95,12 @@ def fetch_series(text: str | PacsURL, options: PacsOptions | None = None, on_ins
     n = len(list(partial.glob("*.dcm")))
     if expected is not None and n < expected:
         raise CTInputError(
-            url,
+            str(url),
             f"incomplete series: {n} of {expected} instances retrieved",
             "the PACS may still be receiving it; retry later (the retrieved instances are kept)",
         )
     if n == 0:
-        raise CTInputError(url, "the PACS returned no instances for this series", "check the series on the PACS")
+        raise CTInputError(str(url), "the PACS returned no instances for this series", "check the series on the PACS")
     return cache.commit(url.series_uid, str(url), n)
 
 
@@ -125,7 +127,7 @@ def _single_series(url: PacsURL, options: PacsOptions) -> PacsURL:
     if len(found) != 1:
         what = "no CT series" if not found else f"{len(found)} series"
         raise CTInputError(
-            url,
+            str(url),
             f"the address names {what}",
             "give the address of one series (.../studies/S/series/X or dimse://.../S/X)",
         )
