@@ -71,3 +71,15 @@ def tiny_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_weights") / "ct-fm"
     assert main(["models", "init", "ct-fm", "--seed", "0", "--out", str(folder), "--init-filters", "4"]) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def hostile_store(tmp_path_factory, tiny_weights):
+    """A clean patches-mode store for the hostile cases (tests/hostile/), built once; tests copy it
+    (``shutil.copytree``) before damaging it. Two phantoms and one unreadable file embedded with
+    ``tiny_weights`` (compacted: scans, patches and failures.parquet), then one pending part pair
+    (a second write of the first scan, same vectors) and a scan-level FAISS index. A dict:
+    ``store``, ``scans`` (the two phantom paths), ``broken`` (the unreadable input), ``weights``."""
+    from hostile_stores import build_hostile_store
+
+    return build_hostile_store(tmp_path_factory.mktemp("hostile"), tiny_weights)

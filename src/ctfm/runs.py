@@ -36,7 +36,13 @@ from monai.optimizers import WarmupCosineSchedule
 from torch.utils.data import Sampler
 
 from ctfm.errors import CTInputError, OptionError, one_line, optional_import
-from ctfm.runtime import rank_and_world_size, write_text_atomic
+from ctfm.runtime import (
+    ACCELERATORS,
+    check_accelerator,
+    rank_and_world_size,
+    require_output_dir,
+    write_text_atomic,
+)
 
 __all__ = [
     "OptimizerConfig",
@@ -216,8 +222,10 @@ class RunConfig:
                 f"model_kwargs {self.model_kwargs!r}: expected a mapping of network arguments, e.g. "
                 '{"init_filters": 8}'
             )
-        if not isinstance(self.out, str) or not self.out:
+        if not isinstance(self.out, str) or not self.out.strip():
             raise OptionError(f"out {self.out!r}: expected the run folder's path (--set out=runs/NAME)")
+        if not isinstance(self.accelerator, str) or self.accelerator.strip().lower() not in ACCELERATORS:
+            raise OptionError(f"accelerator {self.accelerator!r}: unknown; known: {', '.join(ACCELERATORS)}")
 
 
 _UNSET = {"steps_per_epoch": "one pass over the training cases", "max_steps": "no limit"}
@@ -399,6 +407,8 @@ def seed_run(config: RunConfig) -> RunFolder:
     """Start (or continue) ``config``'s run: create its folder, save the resolved config (rank 0
     only) and seed every random generator with ``config.seed``."""
     lightning = optional_import("lightning", "train")
+    check_accelerator(config.accelerator)  # what the run asks for exists here, before any work
+    require_output_dir(config.out, "run folder")
     folder = config.folder()
     folder.path.mkdir(parents=True, exist_ok=True)
     if rank_and_world_size()[0] == 0:

@@ -1,5 +1,5 @@
 """Small helpers every batch job shares: UTC timestamps, progress bars, all-or-nothing files,
-the process's rank, a crash-tolerant process pool."""
+output paths and devices checked before any work, the process's rank, a crash-tolerant process pool."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from ctfm.errors import one_line
+from ctfm.errors import CTInputError, OptionError, one_line
 
 PARTIAL_SUFFIX = ".partial"  # hidden temporaries are named .<name>.<uuid>.partial until renamed
 
@@ -54,11 +54,95 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def require_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Refuse, before any work and without creating anything, an output folder that cannot be made:
+    an empty path, a file in its place, a file or an unwritable folder as its nearest existing
+    ancestor. Returns the path."""
+    if not str(path).strip():
+        raise OptionError(f"{what}: empty path (give the folder to write)")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CTInputError(path, "exists and is not a folder", f"give a folder (or a new path) for the {what}")
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CTInputError(probe, f"is a file, so the {what} {path} cannot be made under it", "give another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CTInputError(probe, "is not writable", f"give a {what} where you may write")
+    return path
+
+
+def require_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], what: str = "output") -> Path:
+    """Refuse, before any work, an output file whose suffix is not one of ``suffixes`` (the format
+    it is written in), that is a folder, or whose folder cannot be made. Creates nothing."""
+    if not str(path).strip():
+        raise OptionError(f"{what}: empty path (give the file to write)")
+    path = Path(path)
+    if not path.name.lower().endswith(tuple(s.lower() for s in suffixes)):
+        raise OptionError(
+            f"{what} {path}: written as {' or '.join(suffixes)}, so the name must end so (e.g. {path.name.split('.')[0] or 'out'}{suffixes[0]})"
+        )
+    if path.is_dir():
+        raise CTInputError(path, "is a folder", f"give a file name ending {suffixes[0]} for the {what}")
+    require_output_dir(path.parent if str(path.parent) else ".", f"folder of the {what}")
+    return path
+
+
+# What --device may name: torch device types ctfm runs on.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: str | None, option: str = "--device") -> str:
+    """The device to run on: ``None`` or ``""`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``;
+    a named device must exist on this machine (``cuda`` without CUDA, ``cuda:3`` with two GPUs and
+    ``bogus`` are one-line :class:`OptionError`). The one check of every ``--device``."""
+    import torch
+
+    if device is None or not str(device).strip():
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    text = str(device).strip()
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise OptionError(f"{option} {text!r}: not a device ctfm runs on (use cpu, cuda or cuda:N, or mps)")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"{option} {text}: no CUDA GPU is visible on this machine (use {option} cpu)")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise OptionError(f"{option} {text}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise OptionError(f"{option} {text}: MPS is not available on this machine (use {option} cpu)")
+    return text
+
+
+# Lightning accelerators a run may name; "auto" picks what the machine has.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_accelerator(accelerator: str, option: str = "accelerator") -> str:
+    """A Lightning accelerator that this machine has (``tpu`` or ``gpu`` without CUDA: :class:`OptionError`)."""
+    import torch
+
+    name = str(accelerator).strip().lower()
+    if name not in ACCELERATORS:
+        raise OptionError(f"{option} {accelerator!r}: unknown or not supported here; known: {', '.join(ACCELERATORS)}")
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise OptionError(f"{option} {accelerator}: no CUDA GPU is visible on this machine (use {option}=cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise OptionError(f"{option} {accelerator}: MPS is not available on this machine (use {option}=cpu or auto)")
+    return name
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Write ``path`` all or nothing: yields a hidden temporary beside it to write (a file, or a
-    folder the caller creates); on success its bytes are fsynced and it is renamed onto ``path``,
-    on any error it is removed and ``path`` is left as it was.
+    folder the caller creates); on success its bytes are fsynced, it is renamed onto ``path`` and
+    the folder is fsynced; on any error (in the write, flush, fsync or close) it is removed and
+    ``path`` is left as it was.
 
     A folder replaces an existing folder by a swap (the old one is renamed aside, then deleted).
     Readers never see half a file; a crash leaves no debris under the final name.
@@ -85,8 +169,23 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename itself on disk (as SQLite and Parquet writers do)
     finally:
         _remove(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder's entry list, where the platform allows opening a folder (POSIX)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; the rename stands as the OS keeps it
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # some filesystems refuse fsync on a folder; the file's own bytes are synced
+        pass
+    finally:
+        os.close(handle)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -1,4 +1,5 @@
-"""The app's JSON API and its refusals (FastAPI TestClient over a real store of phantoms)."""
+"""The app's JSON API and its refusals: real servers (uvicorn on 127.0.0.1, a free port) over a store
+of phantoms, asked over HTTP with httpx."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 pytest.importorskip("ctfm.search", reason="the app searches with ctfm.search (region search)")
 
-from app_fixtures import copy_store  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+from app_fixtures import InProcessServer, copy_store  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import ctfm  # noqa: E402
@@ -37,9 +37,7 @@ def built(app_store):
 
 @pytest.fixture(scope="module")
 def client(built):
-    app, state = build_app(built["store"], weights=str(built["weights"]), device="cpu")
-    with TestClient(app, raise_server_exceptions=False) as c:
-        c.state = state
+    with InProcessServer(built["store"], weights=str(built["weights"]), device="cpu") as server, server.client() as c:
         yield c
 
 
@@ -251,9 +249,10 @@ def test_page_and_api_page_load_nothing_from_the_network(client):
 @pytest.fixture(scope="module")
 def upload_client(built, tmp_path_factory):
     store = copy_store(built, tmp_path_factory.mktemp("upload") / "store")
-    app, state = build_app(store, weights=str(built["weights"]), device="cpu", max_upload_mb=2)
-    with TestClient(app, raise_server_exceptions=False) as c:
-        c.state = state
+    with (
+        InProcessServer(store, weights=str(built["weights"]), device="cpu", max_upload_mb=2) as server,
+        server.client() as c,
+    ):
         yield c
 
 
@@ -503,8 +502,11 @@ def test_display_grids_keep_world_points_whatever_the_stored_orientation():
 
 
 def test_without_the_weights_the_app_searches_stored_windows_and_refuses_uploads(built):
-    app, state = build_app(built["store"], device="cpu")  # the store's weights are a file: not rebuilt
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with (
+        InProcessServer(built["store"], device="cpu") as server,  # the store's weights are a file: not rebuilt
+        server.client() as c,
+    ):
+        state = server.state
         info = c.get("/api/info").json()
         assert info["search"] == {"query": "stored", "refine": "weighted", "can_embed": False}
         sid = c.get("/api/scans").json()["scans"][0]["id"]

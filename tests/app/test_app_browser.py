@@ -133,3 +133,36 @@ def test_click_a_point_see_hits_and_the_heatmap(app_store, tmp_path):
             ]
         finally:
             browser.close()
+
+
+def test_with_a_token_the_page_signs_in_once_and_searches(app_store):
+    """A server that needs a token (as off loopback): the address with ?token= sets the cookie and leaves
+    the address bar; the page's own requests (lists, slices, a search) then carry it."""
+    chromium_path()
+    token = "browser-test-token-0123456789abcdef"
+    with (
+        InProcessServer(app_store["store"], host="0.0.0.0", token=token, device="cpu") as server,
+        playwright_api.sync_playwright() as p,
+    ):
+        browser = launch(p)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server.url}/?token={token}")
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            assert page.url == f"{server.url}/" and token not in page.url
+            assert page.locator("#scan-list li").count() == 3
+            page.locator("#scan-list li").first.click()
+            page.wait_for_selector("#query-viewer .view[data-axis='axial'] canvas[data-drawn]", timeout=30_000)
+            page.click("#query-viewer .view[data-axis='axial'] canvas")
+            page.wait_for_selector("#hit-list .hit", timeout=30_000)
+            cookie = next(c for c in page.context.cookies() if c["name"] == f"ctfm-token-{server.port}")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert page.evaluate("document.cookie") == ""  # the page's scripts never see the token
+            stranger = browser.new_context()  # a browser without the cookie gets nothing
+            assert stranger.request.get(f"{server.url}/api/scans").status == 403
+            stranger.close()
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -114,7 +114,9 @@ def test_totalsegmentator_folder_combines_masks_and_reads_splits(tmp_path):
     for i, split in enumerate(["train", "test"]):
         subject = tmp_path / f"s{i:04d}"
         (subject / "segmentations").mkdir(parents=True)
-        _nifti(np.full((8, 8, 6), -500, np.int16), subject / "ct.nii.gz")
+        ct = np.full((8, 8, 6), -500, np.int16)
+        ct[..., 0] = -1000  # a usable CT: a blank one is refused
+        _nifti(ct, subject / "ct.nii.gz")
         liver, spleen = np.zeros((8, 8, 6), np.uint8), np.zeros((8, 8, 6), np.uint8)
         liver[1:4, 1:4, 1:3] = 1
         spleen[5:7, 5:7, 2:4] = 1
@@ -167,6 +169,7 @@ def test_bad_labels_are_refused_in_one_line(tmp_path, capsys):
     from ctfm.cli import main
 
     image = np.full((10, 10, 6), -300, np.int16)
+    image[0] = -1000  # a usable CT (a blank one is refused before its labels are read)
     _nifti(image, tmp_path / "ct.nii.gz")
     _nifti(np.zeros((10, 10, 5), np.uint8), tmp_path / "short.nii.gz")  # another grid
     outside = np.zeros((10, 10, 6), np.uint8)

@@ -227,6 +227,7 @@ def test_cli_batch_resume_failures_and_bad_inputs(tmp_path, capsys, tiny_seg_wei
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
-    assert "needs a DICOM series" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused before any work: one line, no output folder made
+    assert "needs a DICOM series" in err and err.count("\n") == 1 and not (tmp_path / "o4").exists()

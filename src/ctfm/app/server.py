@@ -1,18 +1,23 @@
 """The HTTP side of the app: FastAPI routes over an :class:`ctfm.app.state.AppState`.
 
 Every refusal is a JSON object ``{"error": "<one line>"}`` with a 4xx status; anything else that
-goes wrong is a 500 with a one-line message, never a traceback. Scans are addressed by their
-store id only. The page and its scripts are files of this package (``ctfm/app/static``): nothing
-is loaded from the network, the API page included.
+goes wrong is a 500 with a one-line message, never a traceback or a server path. Scans are
+addressed by their store id only. The page and its scripts are files of this package
+(``ctfm/app/static``): nothing is loaded from the network, the API page included. Every request
+passes :class:`ctfm.app.security.Guard` first (Host, Origin, token, body limits).
+
+Routes that only read (the page, scan lists, slices) run in the server's thread pool and never
+wait for a search; searches that run the encoder (fine refinement, centred queries) and uploads
+run one at a time each, on worker threads, within the search time budget.
 """
 
-import logging
 import time
 from importlib import resources
 from typing import Literal, Optional
 
 from ctfm import __version__
-from ctfm.app.state import NotFound
+from ctfm.app.security import Access, Guard, echo
+from ctfm.app.state import NotFound, ServerBusy
 from ctfm.app.uploads import UploadRefused
 from ctfm.app.volumes import WINDOWS
 from ctfm.errors import UserError, one_line, optional_import
@@ -33,8 +38,11 @@ FileResponse, JSONResponse, Response = (
 )
 BaseModel, ConfigDict, Field = pydantic.BaseModel, pydantic.ConfigDict, pydantic.Field
 StarletteHTTPException = optional_import("starlette.exceptions", "app").HTTPException
+anyio = optional_import("anyio", "app")
+run_in_threadpool = optional_import("starlette.concurrency", "app").run_in_threadpool
 
-log = logging.getLogger("ctfm.app")
+MESSAGE_LIMIT = 600  # characters of one error message
+ENCODER_QUEUE = 4  # searches that run the encoder waiting their turn before more are refused (503)
 Axis = Literal["axial", "coronal", "sagittal"]
 
 
@@ -71,8 +79,9 @@ class SearchResponse(BaseModel):
     ms: float = Field(description="server time of the search, milliseconds")
 
 
-def create_app(state) -> FastAPI:
-    """The FastAPI application serving ``state`` (an :class:`ctfm.app.state.AppState`)."""
+def create_app(state, access: Access | None = None, debug: bool = False) -> FastAPI:
+    """The FastAPI application serving ``state`` (an :class:`ctfm.app.state.AppState`) under an
+    access policy (default: bound to 127.0.0.1, no token); ``debug`` logs tracebacks."""
 
     static = resources.files("ctfm.app") / "static"
     app = FastAPI(
@@ -83,8 +92,19 @@ def create_app(state) -> FastAPI:
         redoc_url=None,
     )
 
+    encoder_turns = anyio.CapacityLimiter(1)  # searches that run the encoder
+    upload_turns = anyio.CapacityLimiter(1)  # uploads being embedded
+
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+        text = state.redact(" ".join(str(message).split()))
+        if len(text) > MESSAGE_LIMIT:
+            text = text[:MESSAGE_LIMIT] + "..."
+        return JSONResponse({"error": text}, status_code=status)
+
+    async def in_turn(limiter, function, *args):
+        if limiter.statistics().tasks_waiting >= ENCODER_QUEUE:
+            raise ServerBusy(f"{ENCODER_QUEUE} requests already wait for the encoder (try again in a moment)")
+        return await anyio.to_thread.run_sync(function, *args, limiter=limiter)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -92,7 +112,7 @@ def create_app(state) -> FastAPI:
         for item in exc.errors():
             loc = list(item.get("loc", ()))
             kind, names = (loc[0], loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else ("", loc)
-            where = ".".join(str(p) for p in names if not isinstance(p, int)) or (
+            where = ".".join(echo(p, 40).strip("'\"") for p in names if not isinstance(p, int)) or (
                 "request body" if kind == "body" else ""
             )
             parts.append(f"{where or 'request'}: {item.get('msg', 'invalid')}")
@@ -102,7 +122,7 @@ def create_app(state) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no such page or endpoint: {request.url.path}"
+            message = f"no such page or endpoint: {echo(request.url.path)}"
         return error(exc.status_code, message)
 
     @app.exception_handler(NotFound)
@@ -113,30 +133,16 @@ def create_app(state) -> FastAPI:
     async def _refused(request: Request, exc: UploadRefused):
         return error(exc.status, str(exc))
 
+    @app.exception_handler(ServerBusy)
+    async def _busy(request: Request, exc: ServerBusy):
+        return error(503, str(exc))
+
     @app.exception_handler(UserError)
     async def _user(request: Request, exc: UserError):
-        return error(400, one_line(exc, 400))
+        return error(400, one_line(exc, MESSAGE_LIMIT))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.error("internal error on %s: %s: %s", request.url.path, type(exc).__name__, one_line(exc, 300))
-        return error(500, f"internal error (a bug in ctfm {__version__}): {type(exc).__name__}: {one_line(exc, 200)}")
-
-    @app.middleware("http")
-    async def _upload_limit(request: Request, call_next):
-        # Refused before a byte of the body is read: the multipart parser would spool it to disk.
-        if request.method == "POST" and request.url.path == "/api/scans":
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return error(411, "an upload needs a Content-Length header (send the file as multipart/form-data)")
-            limit = state.uploads.max_bytes
-            if int(length) > limit + 2**20:  # the multipart envelope around the file
-                return error(
-                    413,
-                    f"upload of {int(length) / 2**20:.1f} MiB is larger than the limit of {limit / 2**20:g} MiB (upload "
-                    "a smaller file or start the server with a larger --max-upload-mb)",
-                )
-        return await call_next(request)
+    # Host, Origin, token and body limits before any route; unexpected errors become one line.
+    app.add_middleware(Guard, access=access or Access(), upload_limit=state.uploads.max_bytes, debug=debug)
 
     png = {200: {"content": {"image/png": {}}, "description": "a PNG image"}}
 
@@ -153,7 +159,7 @@ def create_app(state) -> FastAPI:
     def static_file(name: str):
         allowed = {"app.js": "text/javascript", "app.css": "text/css", "api.js": "text/javascript"}
         if name not in allowed:
-            return error(404, f"no such file: {name}")
+            return error(404, f"no such file: {echo(name)}")
         return FileResponse(str(static / name), media_type=allowed[name])
 
     # ---- the API -------------------------------------------------------------------------
@@ -224,9 +230,11 @@ def create_app(state) -> FastAPI:
         response_model=SearchResponse,
         summary="The top-k most similar places to a point, across the store or in one target scan",
     )
-    def search(request: SearchRequest):
+    async def search(request: SearchRequest):
         start = time.perf_counter()
-        hits = state.search(request.scan_id, request.point_mm, request.k, request.target, request.query, request.refine)
+        args = (request.scan_id, request.point_mm, request.k, request.target, request.query, request.refine)
+        embeds = (request.refine or state.refine) == "fine" or (request.query or state.query_from) == "centred"
+        hits = await (in_turn(encoder_turns, state.search, *args) if embeds else run_in_threadpool(state.search, *args))
         return {"hits": hits, "ms": round((time.perf_counter() - start) * 1000.0, 1)}
 
     @app.post(
@@ -234,7 +242,7 @@ def create_app(state) -> FastAPI:
         status_code=201,
         summary="Upload a NIfTI file or a zipped DICOM series; it is embedded with the store's model and added",
     )
-    def upload(file: UploadFile = File(..., description=".nii, .nii.gz, or .zip of one DICOM series")):
-        return state.add_upload(file.file, file.filename or "upload")
+    async def upload(file: UploadFile = File(..., description=".nii, .nii.gz, or .zip of one DICOM series")):
+        return await in_turn(upload_turns, state.add_upload, file.file, file.filename or "upload")
 
     return app

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import numpy as np
 
 import ctfm
 from ctfm import __version__
-from ctfm.app.uploads import UploadFolder
+from ctfm.app.security import echo
+from ctfm.app.uploads import DEFAULT_MAX_VOXELS, UploadFolder, shown_name
 from ctfm.app.volumes import (
     DisplayVolumeCache,
     colour_overlay,
@@ -29,7 +32,7 @@ from ctfm.app.volumes import (
     to_display,
 )
 from ctfm.embedding.runner import DEFAULT_SEED, default_device, weights_sha256_of
-from ctfm.errors import CTInputError, OptionError
+from ctfm.errors import CTInputError, OptionError, UserError
 from ctfm.io import load_ct
 from ctfm.io.sources import discover_inputs
 from ctfm.models import init_model
@@ -43,10 +46,56 @@ from ctfm.store.vectors import matching_scans
 
 UPLOAD_FOLDER = "app-uploads"  # inside the store: the server's own folder for uploaded scans
 DISPLAY_FOLDER = "app-cache"  # inside the store: scans converted for display (int16 .npy, memory-mapped)
+DEFAULT_SEARCH_SECONDS = 30.0  # the time budget of one search that runs the encoder
 
 
 class NotFound(OptionError):
     """A scan id that is not in the store's run (answered 404)."""
+
+
+class ServerBusy(UserError):
+    """A search that ran past its time budget, or found the encoder busy for as long (answered 503)."""
+
+
+class SearchBudget:
+    """The time budget of the calls that run the encoder (a fine refinement, a centred query).
+
+    :meth:`running` sets a deadline for the calling thread; :meth:`check`, a forward pre-hook
+    of the encoder, raises :class:`ServerBusy` in a thread past its deadline, so that a long
+    refinement stops at its next batch of windows. Threads without a deadline (uploads) pass.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def running(self):
+        self._local.deadline = time.monotonic() + self.seconds
+        try:
+            yield
+        finally:
+            self._local.deadline = None
+
+    def check(self, module, args) -> None:
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is not None and time.monotonic() > deadline:
+            raise ServerBusy(
+                f"the search ran past its time budget of {self.seconds:g} s (ask for refine weighted, or start the "
+                "server with a larger --search-seconds)"
+            )
+
+
+def check_positive(value, flag: str, unit: str, zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``zero``) for a server option; else :class:`OptionError`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag} {echo(value, 40)}: expected a number of {unit}") from None
+    if not np.isfinite(number) or number < 0 or (number == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise OptionError(f"{flag} {value!r}: expected a finite number of {unit}, {least}")
+    return number
 
 
 def weights_are_random(weights_sha256: str | None, sidecar: dict | None) -> str | None:
@@ -72,7 +121,11 @@ class AppState:
         run: digest (or unique prefix) of the patch-level run, when the store holds several.
         where: ``{column: value}`` of the scan rows: picks the run (with ``run``) and keeps
             only the scans that match (in the list and as hits).
-        max_upload_mb: the upload size limit.
+        max_upload_mb: the upload size limit (MiB, as sent: compressed).
+        max_voxels: the largest scan an upload may hold, in voxels, read from its header (NIfTI)
+            or headers (DICOM) before anything is decoded; the free memory is checked too.
+        search_seconds: the time budget of a search that runs the encoder (fine refinement, a
+            centred query) and of the wait for the encoder when another search holds it.
         device: where the encoder runs (default: CUDA when visible, else CPU).
         query_from: the default query vector (:mod:`ctfm.search.session`): ``stored`` (the
             query scan's stored window nearest the click: no model run, milliseconds) or
@@ -96,8 +149,16 @@ class AppState:
         display_cache_gb: float = 20.0,
         query_from: str = "stored",
         refine: str = "weighted",
+        max_voxels: int = DEFAULT_MAX_VOXELS,
+        search_seconds: float = DEFAULT_SEARCH_SECONDS,
     ):
 
+        # The options first: a bad value is refused before the store and the weights are read.
+        max_upload_mb = check_positive(max_upload_mb, "--max-upload-mb", "MiB")
+        display_cache_gb = check_positive(display_cache_gb, "--display-cache-gb", "GiB", zero=True)
+        search_seconds = check_positive(search_seconds, "--search-seconds", "seconds")
+        if isinstance(max_voxels, bool) or not isinstance(max_voxels, (int, np.integer)) or max_voxels < 1:
+            raise OptionError(f"--max-voxels {max_voxels!r}: expected a whole number of voxels, 1 or more")
         self.store = open_store(store)
         self.root = self.store.root
         if query_from not in QUERY_SOURCES:
@@ -107,17 +168,24 @@ class AppState:
         self.run_name, self.where = run, where
         self.query_from, self.refine = query_from, refine
         self.device = device or default_device()
-        self.uploads = UploadFolder(self.root / UPLOAD_FOLDER, int(max_upload_mb * 2**20))
+        self.uploads = UploadFolder(self.root / UPLOAD_FOLDER, int(max_upload_mb * 2**20), int(max_voxels))
         self.display_folder = self.root / DISPLAY_FOLDER
         self.display_budget = int(display_cache_gb * 2**30)
+        self.budget = SearchBudget(search_seconds)
         self._display_bytes: int | None = None
         self.volumes = DisplayVolumeCache(self._load_volume, capacity=volume_cache)
+        # The session is not thread-safe where it runs the encoder or fills its prepared-scan
+        # cache: those calls (and reload) hold _lock, within the time budget; a search over the
+        # stored vectors, scan lists and slices never wait for it. The caches have their own lock.
         self._lock = threading.RLock()
+        self._cache_lock = threading.Lock()
         self._heatmaps: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._queries: OrderedDict[tuple, object] = OrderedDict()
         self.encoder = None
         self.reload()
         self.encoder, self.weights_note, self.sidecar = self._build_encoder(weights)
+        if self.encoder is not None:
+            self.encoder.register_forward_pre_hook(self.budget.check)
         self.session.encoder = self.encoder
 
     # ---- the store's run -----------------------------------------------------------------
@@ -129,19 +197,24 @@ class AppState:
                 self.store, run=self.run_name, where=self.where, encoder=self.encoder, device=self.device
             )
             vectors = session.patch_vectors  # read once; an OptionError names the runs to choose from
-            self.session = session
-            self.key = vectors.key
-            self.vectors = vectors
             kept = matching_scans(vectors.scan_table, self.where)
-            self.rows = {s: r for s, r in vectors.scans.items() if kept is None or s in kept}
-            if not self.rows:
+            rows = {s: r for s, r in vectors.scans.items() if kept is None or s in kept}
+            if not rows:
                 raise OptionError(
                     f"{self.root}: no scan of the patch run matches the --where filters (drop or change them)"
                 )
-            self.order = sorted(self.rows, key=lambda s: (self._name(self.rows[s]), s))
-            self.spec = _spec_of(next(iter(self.rows.values())))
-            self._heatmaps.clear()
-            self._queries.clear()
+            # Requests read these without a lock: the rows (a superset of the old ones) go first,
+            # the session that may name new scans last.
+            self.rows = rows
+            self.order = sorted(rows, key=lambda s: (self._name(rows[s]), s))
+            self.spec = _spec_of(next(iter(rows.values())))
+            self.key = vectors.key
+            self.vectors = vectors
+            self._private = _private_paths(self.root, rows.values())
+            with self._cache_lock:
+                self._heatmaps.clear()
+                self._queries.clear()
+            self.session = session
 
     @property
     def key_fields(self) -> dict:
@@ -189,7 +262,7 @@ class AppState:
     def row(self, scan_id: str) -> dict:
         row = self.rows.get(scan_id)
         if row is None:
-            raise NotFound(f"scan {scan_id!r} is not in the store's run (GET /api/scans lists the ids)")
+            raise NotFound(f"scan {echo(scan_id)} is not in the store's run (GET /api/scans lists the ids)")
         return row
 
     def scan_entry(self, scan_id: str) -> dict:
@@ -235,13 +308,7 @@ class AppState:
         volume = load_display(self.display_folder, stem)
         if volume is not None:
             return volume
-        row = self.row(scan_id)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the scan was checked when it was embedded
-            image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
-        volume = to_display(image)
+        volume = to_display(self._read_source(scan_id))
         if self._display_room(volume.hu.nbytes):
             try:
                 save_display(volume, self.display_folder, stem)
@@ -249,9 +316,45 @@ class AppState:
                 pass
         return volume
 
+    def _read_source(self, scan_id: str):
+        """The scan read from the path the store recorded; an input error naming the scan by id
+        (never the server's path) when the file moved or cannot be read."""
+        row = self.row(scan_id)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the scan was checked when it was embedded
+                image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
+        except (CTInputError, OSError):
+            raise _unreadable(scan_id) from None
+        return image
+
+    def redact(self, message: str) -> str:
+        """A message with the server's own paths (the store's, the scans' folders) replaced."""
+        for path, name in self._private:
+            message = message.replace(path, name)
+        return message
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold the session for a call that runs the encoder or fills its caches, within the
+        time budget (waiting for it included)."""
+        if not self._lock.acquire(timeout=self.budget.seconds):
+            raise ServerBusy(
+                f"the encoder stayed busy with another search for {self.budget.seconds:g} s (try again, or ask for the "
+                "stored query window and refine weighted, which do not wait for it)"
+            )
+        try:
+            with self.budget.running():
+                yield
+        finally:
+            self._lock.release()
+
+    def _encoder_use(self, embeds: bool):
+        return self._exclusive() if embeds else contextlib.nullcontext()
+
     def _display_room(self, nbytes: int) -> bool:
         """Whether the display folder may grow by ``nbytes`` within its budget."""
-        with self._lock:
+        with self._cache_lock:
             if self._display_bytes is None:
                 self._display_bytes = (
                     sum(p.stat().st_size for p in self.display_folder.glob("*.npy"))
@@ -268,17 +371,12 @@ class AppState:
         slices then come from a memory map). Returns the thread (daemon)."""
 
         def work():
-            import warnings
-
             for scan_id in list(self.order):
                 try:
                     stem = self._display_stem(scan_id)
                     if (self.display_folder / f"{stem}.json").exists() or scan_id in self.volumes:
                         continue
-                    row = self.row(scan_id)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        image, _ = load_ct(row["source_path"], series_uid=row.get("series_uid"))
+                    image = self._read_source(scan_id)
                     volume = to_display(image)
                     del image
                     if not self._display_room(volume.hu.nbytes):
@@ -317,6 +415,8 @@ class AppState:
             },
             "ctfm_version": __version__,
             "max_upload_mb": self.uploads.max_bytes / 2**20,
+            "max_voxels": self.uploads.max_voxels,
+            "search_seconds": self.budget.seconds,
         }
 
     # ---- slices --------------------------------------------------------------------------
@@ -331,16 +431,17 @@ class AppState:
         self._check_point(scan_id, point_mm)
         source = query_from or self.query_from
         cache_key = (scan_id, tuple(round(float(v), 3) for v in point_mm), source)
-        with self._lock:
+        with self._cache_lock:
             if cache_key in self._queries:
                 self._queries.move_to_end(cache_key)
                 return self._queries[cache_key]
-            with _by_id(scan_id):
-                query = self.session.region_query(scan_id, [float(v) for v in point_mm], source)
+        with self._encoder_use(source == "centred"), _by_id(scan_id):
+            query = self.session.region_query(scan_id, [float(v) for v in point_mm], source)
+        with self._cache_lock:
             self._queries[cache_key] = query
             while len(self._queries) > 32:
                 self._queries.popitem(last=False)
-            return query
+        return query
 
     def search(
         self,
@@ -355,7 +456,7 @@ class AppState:
         if target is not None:
             self.row(target)
         query = self.query(scan_id, point_mm, query_from)
-        with self._lock, _by_id(target or scan_id):
+        with self._encoder_use((refine or self.refine) == "fine"), _by_id(target or scan_id):
             hits = self.session.search_point(query, None, k=k, target=target, refine=refine or self.refine)
         return [
             {
@@ -384,16 +485,16 @@ class AppState:
         self.row(target)
         query = self.query(query_scan, point_mm, query_from)
         cache_key = (target, query_scan, tuple(round(float(v), 3) for v in point_mm), query.source)
-        with self._lock:
+        with self._cache_lock:
             if cache_key in self._heatmaps:
                 self._heatmaps.move_to_end(cache_key)
                 return self._heatmaps[cache_key]
-            with _by_id(target):
-                source_grid, _ = self.session.similarity_volume(query, target)
+        with self._exclusive(), _by_id(target):
+            source_grid, _ = self.session.similarity_volume(query, target)
         volume = self.volumes.get(target).reorient(np.asarray(source_grid, dtype=np.float32))
         low, high = float(np.min(volume)), float(np.max(volume))
         volume = ((volume - low) / (high - low) if high > low else np.ones_like(volume)).astype(np.float32)
-        with self._lock:
+        with self._cache_lock:
             self._heatmaps[cache_key] = volume
             while len(self._heatmaps) > 16:
                 self._heatmaps.popitem(last=False)
@@ -430,12 +531,15 @@ class AppState:
             )
 
         path = self.uploads.receive(stream, filename)
+        filename = shown_name(filename)  # as the messages below repeat it: one line, 200 characters at most
         fields = self.key_fields
         try:
             sources = discover_inputs([str(path)])
         except CTInputError as exc:
             self.uploads.discard(path)
-            raise CTInputError(filename, "the upload is not a usable CT", exc.problem) from None
+            raise CTInputError(
+                filename, "the upload is not a usable CT", exc.problem.replace(str(path), "the upload")
+            ) from None
         except BaseException:
             self.uploads.discard(path)
             raise
@@ -478,13 +582,45 @@ class AppState:
 
 @contextlib.contextmanager
 def _by_id(scan_id: str):
-    """Input errors about a scan named by its store id, not by the server's path to it."""
+    """Input errors about a scan named by its store id, not by the server's path to it (a file
+    that cannot be read is one: its source moved)."""
     try:
         yield
     except CTInputError as exc:
-        if exc.path is None or exc.path == scan_id:
+        if exc.path is None or exc.path in (scan_id, f"scan {scan_id}"):
             raise
-        raise CTInputError(f"scan {scan_id}", exc.problem, exc.fix) from None
+        if not os.path.exists(exc.path):
+            raise _unreadable(scan_id) from None
+        problem, fix = (part.replace(exc.path, "its source file") for part in (exc.problem, exc.fix))
+        raise CTInputError(f"scan {scan_id}", problem, fix) from None
+    except OSError:
+        raise _unreadable(scan_id) from None
+
+
+def _unreadable(scan_id: str) -> CTInputError:
+    return CTInputError(
+        f"scan {scan_id}",
+        "its source file cannot be read now (moved, deleted or unreadable)",
+        "put it back where it was embedded from, or embed it again",
+    )
+
+
+def _private_paths(root: Path, rows) -> list[tuple[str, str]]:
+    """``(server path, what a reply says instead)``, longest first: each scan's source, its
+    folder and the folder above, and the store."""
+    pairs = {}
+    for row in rows:
+        source = str(row.get("source_path") or "")
+        if not os.path.isabs(source):
+            continue
+        pairs[source] = f"scan {row['scan_id']}"
+        parent = Path(source).parent
+        for folder in (parent, parent.parent):
+            if str(folder) not in ("/", "") and len(folder.parts) > 1:
+                pairs.setdefault(str(folder), "<server folder>")
+    pairs[str(Path(root).resolve())] = "<store>"
+    pairs[str(root)] = "<store>"
+    return sorted(pairs.items(), key=lambda kv: -len(kv[0]))
 
 
 def _spec_of(row: dict):

@@ -11,8 +11,11 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import math
+import re
 import sys
 import warnings
 
@@ -59,6 +62,127 @@ USER_OS_ERRNOS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose refusals are one line, ``error: ctfm VERB: <message> (see ctfm VERB --help)``,
+    exit 2, like every other bad input; ``--help`` is argparse's own. Sub-verbs' parsers are this
+    class too (``add_subparsers`` makes parsers of the parent's class)."""
+
+    def error(self, message: str):
+        text = " ".join(str(message).split())
+        # a type= refusal reads like every other bad value: "--overlap 1.5: expected a fraction in [0, 1)"
+        text = re.sub(r"^argument ([^:]+): '([^']*)': ", lambda m: f"{m[1].split('/')[-1]} {m[2]}: ", text)
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {text} (see {self.prog} --help)\n")
+
+
+# ---- argparse type= validators: each option's rule, defined once --------------------------------
+def _number(text: str, kind, rule: str, accept) -> float | int:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {rule}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {rule}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (counts: k, batch, workers, nlist)."""
+    return _number(text, int, "a whole number >= 1", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number >= 0."""
+    return _number(text, int, "a whole number >= 0", lambda v: v >= 0)
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, no inf)."""
+    return _number(text, float, "a finite number", math.isfinite)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (sizes, perplexity, zoom)."""
+    return _number(text, float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (budgets where 0 turns a feature off)."""
+    return _number(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (overlaps)."""
+    return _number(text, float, "a fraction in [0, 1)", lambda v: math.isfinite(v) and 0 <= v < 1)
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (pick a free one) to 65535."""
+    return _number(text, int, "a port number 0-65535", lambda v: 0 <= v <= 65535)
+
+
+def device(text: str) -> str:
+    """A device that exists on this machine (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    from ctfm.errors import OptionError
+    from ctfm.runtime import check_device
+
+    try:
+        return check_device(text, option="")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
+def accelerator(text: str) -> str:
+    """A Lightning accelerator this machine has (``auto``, ``cpu``, ``gpu``, ...)."""
+    from ctfm.errors import OptionError
+    from ctfm.runtime import check_accelerator
+
+    try:
+        return check_accelerator(text, option="")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
+
+
+def encoding(text: str) -> str:
+    """A text encoding Python knows (``cp1252``, ``latin-1``, ``utf-16``, ...), for ``--encoding``."""
+    from ctfm.errors import OptionError
+    from ctfm.io.tables import check_encoding
+
+    try:
+        return check_encoding(text)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--encoding ").strip()) from None
+
+
+# Commands that read sheets (manifests, label sheets, annotations): they take --encoding.
+TABLE_COMMANDS = {
+    "cohort": None,  # every sub-command
+    "embed": None,
+    "evaluate": ("retrieval", "semantic-search", "clustering", "stability"),
+    "finetune": None,
+    "predict": None,
+    "pretrain": None,
+    "probe": None,
+}
+
+
+def _add_encoding(parser, names) -> None:
+    """``--encoding`` on ``parser``, or on its sub-commands ``names`` (None: all), recursively."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument(
+            "--encoding",
+            type=encoding,
+            default=None,
+            metavar="NAME",
+            help="text encoding of CSV/TSV sheets, e.g. cp1252 or latin-1 (default: UTF-8 with or without BOM, "
+            "else cp1252 or Latin-1 with a notice)",
+        )
+        return
+    for name, sub in subs[0].choices.items():
+        if names is None or name in names:
+            _add_encoding(sub, None)
+
+
 def add_subcommands(parser, verb: str, register=(), noun: str = "command"):
     """The one way a verb gets sub-verbs (``ctfm store info``, ``ctfm finetune seg``): returns the
     subparsers action; each function in ``register`` adds one sub-verb's parser to it (the module may
@@ -84,7 +208,7 @@ def run_subcommand(args, runs: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctfm", description="Foundation models for computed tomography.")
+    parser = Parser(prog="ctfm", description="Foundation models for computed tomography.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -97,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
+        if verb in TABLE_COMMANDS:
+            _add_encoding(p, TABLE_COMMANDS[verb])
         p.set_defaults(_module=mod)
     return parser
 
@@ -109,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     from ctfm.errors import UserError, one_line
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line refusal (2): a code, also for in-process callers
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     if args.version:
         from ctfm import __version__
 
@@ -122,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     from ctfm.cli.pacs_options import pacs_session
 
     try:
-        with pacs_session(args):  # PACS addresses among the inputs use the verb's PACS options
+        # PACS addresses among the inputs use the verb's PACS options
+        with _table_encoding(getattr(args, "encoding", None)), pacs_session(args):
             return int(args._module.run(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -141,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(exc, args.debug)
     except Exception as exc:  # anything else is ours to fix
         return _internal_error(exc, args.debug)
+
+
+def _table_encoding(name: str | None):
+    """The context in which a command reads its sheets with ``--encoding`` (nothing to do without it)."""
+    if not name:
+        return contextlib.nullcontext()
+    from ctfm.io.tables import using_encoding
+
+    return using_encoding(name)
 
 
 def _internal_error(exc: BaseException, debug: bool) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctfm.cli import positive_int
 from ctfm.cli.pacs_options import add_pacs_arguments
 
 
@@ -43,7 +44,10 @@ def add_arguments(parser) -> None:
         "--collections", nargs="+", metavar="C", help="IDC collection ids (default: all), e.g. nlst lidc_idri"
     )
     p.add_argument(
-        "--limit", type=int, metavar="N", help="keep the first N series (by collection, patient, study, series)"
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="keep the first N series (by collection, patient, study, series)",
     )
     p.add_argument(
         "--fetch-indices",
@@ -61,14 +65,14 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("scan", help="describe local CT files and DICOM trees in a manifest", formatter_class=fmt)
     p.add_argument("inputs", nargs="+", metavar="DIR", help="folders, files or manifests")
     p.add_argument("--out", required=True, metavar="MANIFEST", help="Parquet manifest to write")
-    p.add_argument("--workers", type=int, default=1, help="processes reading scans in parallel")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes reading scans in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_pacs_arguments(p)
 
     p = sub.add_parser("cache", help="preprocess every scan once into a crop-readable cache", formatter_class=fmt)
     p.add_argument("inputs", nargs="+", metavar="MANIFEST", help="manifest(s) (or folders/files) of scans")
     p.add_argument("cache_dir", metavar="CACHE_DIR", help="cache folder (index.parquet + volumes/)")
-    p.add_argument("--workers", type=int, default=1, help="processes preprocessing in parallel")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes preprocessing in parallel")
     p.add_argument("--preset", default="ct-fm-ssl", help="preprocessing preset (default ct-fm-ssl)")
     p.add_argument(
         "--dtype",

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctfm.cli import nonnegative_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="ctfm-demo", help="output folder (default ./ctfm-demo)")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="phantom seed (default 0)")
     parser.add_argument("--preset", default="ct-fm-ssl", help="preprocessing preset (default ct-fm-ssl)")
     parser.add_argument("--input", metavar="PATH", help="use this CT instead of a synthetic phantom")
     parser.add_argument(
-        "--cohort", type=int, default=4, help="synthetic scans to embed and search (default 4; 0 skips)"
+        "--cohort", type=nonnegative_int, default=4, help="synthetic scans to embed and search (default 4; 0 skips)"
     )
     parser.add_argument(
         "--mode",

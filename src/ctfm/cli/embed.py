@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+from ctfm.cli import accelerator, device, fraction, nonnegative_int, positive_int
 from ctfm.cli.pacs_options import add_pacs_arguments
 
 
@@ -43,13 +44,13 @@ def add_arguments(parser) -> None:
         choices=["fp32", "bf16", "auto"],
         help="fp32 (default), bf16 autocast, or auto: bf16 where the device computes it natively",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--preset",
         help="preprocessing preset overriding the one recorded with the weights (CT-FM weights: ct-fm-1mm-320 for "
         "whole, ct-fm-patches for patches); warned when it differs",
     )
-    parser.add_argument("--overlap", type=float, default=0.0, help="patch overlap fraction (patches mode)")
+    parser.add_argument("--overlap", type=fraction, default=0.0, help="patch overlap fraction (patches mode)")
     parser.add_argument(
         "--pool",
         default="mean",
@@ -58,17 +59,19 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="seed of the random init when --weights is not given (default 0, as ctfm.embed)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_pacs_arguments(parser)
     dist = parser.add_argument_group("past one machine (Lightning)")
-    dist.add_argument("--devices", type=int, default=None, help="processes/GPUs per node; >1 runs under Lightning DDP")
-    dist.add_argument("--num-nodes", type=int, default=1)
+    dist.add_argument(
+        "--devices", type=positive_int, default=None, help="processes/GPUs per node; >1 runs under Lightning DDP"
+    )
+    dist.add_argument("--num-nodes", type=positive_int, default=1)
     dist.add_argument("--strategy", default=None, help="Lightning strategy, e.g. ddp")
-    dist.add_argument("--accelerator", default=None, help="Lightning accelerator: cpu or gpu")
+    dist.add_argument("--accelerator", type=accelerator, default=None, help="Lightning accelerator: cpu or gpu")
 
 
 def run(args) -> int:

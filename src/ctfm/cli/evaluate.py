@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 
+from ctfm.cli import device, fraction, nonnegative_int, positive_float, positive_int
+
 
 # ---- shared options -----------------------------------------------------------------------
 def _out(p) -> None:
@@ -33,8 +35,10 @@ def _weights(p) -> None:
         help="weights folder, hf-hub:ORG/NAME, .safetensors or .ckpt (default: random init, for testing)",
     )
     p.add_argument("--model", default="ct-fm", help="registry name of the encoder (default ct-fm)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init when no weights are given (default 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when visible, else CPU)")
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of the random init when no weights are given (default 0)"
+    )
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, ... (default: CUDA when visible, else CPU)")
 
 
 def _store_selection(p) -> None:
@@ -53,7 +57,7 @@ def _selection(args) -> dict:
 def _device(args) -> str:
     from ctfm.embedding.runner import default_device
 
-    return args.device or default_device()
+    return default_device(args.device)
 
 
 def _emit(result, as_json: bool) -> int:
@@ -83,9 +87,11 @@ def register_retrieval(sub) -> None:
         help="OrganMNIST3D query splits (default val+test; gallery: train)",
     )
     p.add_argument(
-        "--limit", type=int, help="OrganMNIST3D: use at most this many gallery and query volumes (a quick look)"
+        "--limit",
+        type=positive_int,
+        help="OrganMNIST3D: use at most this many gallery and query volumes (a quick look)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument(
         "--annotations",
         metavar="SHEET",
@@ -160,7 +166,7 @@ def register_semantic_search(sub) -> None:
         "--all-pairs", action="store_true", help="every scan queries every other scan (default: one query against all)"
     )
     p.add_argument(
-        "--overlap", type=float, default=0.625, help="window overlap in the target (default 0.625, as CT-FM)"
+        "--overlap", type=fraction, default=0.625, help="window overlap in the target (default 0.625, as CT-FM)"
     )
     p.add_argument(
         "--refine",
@@ -170,12 +176,14 @@ def register_semantic_search(sub) -> None:
     )
     p.add_argument(
         "--spacing-mm",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="isotropic spacing (default 1, CT-FM's protocol; coarser for a quick look)",
     )
-    p.add_argument("--window", type=int, default=64, help="window size in voxels (default 64, CT-FM's protocol)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--window", type=positive_int, default=64, help="window size in voxels (default 64, CT-FM's protocol)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=4)
     _weights(p)
     _out(p)
 
@@ -211,13 +219,16 @@ def register_clustering(sub) -> None:
     p.add_argument("--scan-column", default="scan")
     p.add_argument("--label-column", default="label")
     p.add_argument("--organmnist", metavar="NPZ", help="instead: all OrganMNIST3D volumes, labelled by organ")
-    p.add_argument("--limit", type=int, help="OrganMNIST3D: at most this many volumes")
-    p.add_argument("--k", type=int, default=5, help="neighbours of the kNN accuracy (default 5)")
+    p.add_argument("--limit", type=positive_int, help="OrganMNIST3D: at most this many volumes")
+    p.add_argument("--k", type=positive_int, default=5, help="neighbours of the kNN accuracy (default 5)")
     p.add_argument(
-        "--perplexity", type=float, default=100.0, help="t-SNE perplexity (default 100, as CT-FM; capped below N/3)"
+        "--perplexity",
+        type=positive_float,
+        default=100.0,
+        help="t-SNE perplexity (default 100, as CT-FM; capped below N/3)",
     )
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     _weights(p)
     _store_selection(p)
     _out(p)
@@ -252,7 +263,7 @@ def register_concepts(sub) -> None:
     p.add_argument("scans", nargs="+", metavar="SCAN")
     p.add_argument(
         "--zoom",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="resample the scan this much finer before the encoder (finer feature grid, slower; default 1)",
     )
@@ -294,9 +305,11 @@ def register_saliency(sub) -> None:
     )
     p.add_argument("scan", metavar="SCAN")
     p.add_argument("--labels", metavar="PATH", help="a label map (tumour, organ): how much saliency falls inside it")
-    p.add_argument("--mask-size", type=int, default=10, help="occluder size in voxels at 3 mm (default 10, as CT-FM)")
-    p.add_argument("--overlap", type=float, default=0.25, help="occluder overlap (default 0.25, as CT-FM)")
-    p.add_argument("--batch", type=int, default=12, help="occluded copies per forward pass (default 12)")
+    p.add_argument(
+        "--mask-size", type=positive_int, default=10, help="occluder size in voxels at 3 mm (default 10, as CT-FM)"
+    )
+    p.add_argument("--overlap", type=fraction, default=0.25, help="occluder overlap (default 0.25, as CT-FM)")
+    p.add_argument("--batch", type=positive_int, default=12, help="occluded copies per forward pass (default 12)")
     _weights(p)
     _out(p)
 
@@ -352,6 +365,10 @@ def run(args) -> int:
         "sklearn",
     ):  # before any work: every evaluation writes figures, most score with sklearn
         optional_import(module, "eval", f"ctfm evaluate {args._subcommand}")
+    if getattr(args, "out", None) is not None:  # every evaluation's folder: checked before any work
+        from ctfm.runtime import require_output_dir
+
+        require_output_dir(args.out, f"--out of ctfm evaluate {args._subcommand}")
     runs = {
         "retrieval": run_retrieval,
         "semantic-search": run_semantic_search,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctfm.cli import positive_float, positive_int
+
 
 def add_seg(sub) -> None:
     p = sub.add_parser(
@@ -36,11 +38,11 @@ def add_seg(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="write results.json, metrics.csv and overlay.png here")
     p.add_argument(
         "--nsd-tolerance",
-        type=float,
+        type=positive_float,
         metavar="MM",
         help="surface tolerance of the NSD in mm (default 2, DEFAULT_NSD_TOLERANCE_MM)",
     )
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--resamples", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

@@ -13,13 +13,14 @@ Examples:
   ctfm index update store/ --level patch           add scans embedded since the build
   ctfm index status store/ [--json]                runs, indexes, staleness
   ctfm index build store/ --where mode=patches --where overlap=0.5 --level patch
-  ctfm index check store/                          exit 1 when any index is stale
+  ctfm index check store/                          exit 1 when any index is stale or damaged
 """
 
 from __future__ import annotations
 
 import json
 
+from ctfm.cli import nonnegative_int, positive_int
 from ctfm.cli.selection import add_run_selection
 
 
@@ -49,9 +50,12 @@ def add_arguments(parser) -> None:
         run_help="the run to index when the store holds several: its digest or a unique prefix (see `ctfm index "
         "status`)",
     )
-    build.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(N))")
+    build.add_argument("--nlist", type=positive_int, help="ivf: number of lists (default ~4 sqrt(N))")
     build.add_argument(
-        "--nprobe", type=int, default=16, help="ivf: lists visited per query (default 16; stored as the search default)"
+        "--nprobe",
+        type=positive_int,
+        default=16,
+        help="ivf: lists visited per query (default 16; stored as the search default)",
     )
     build.add_argument(
         "--codec",
@@ -61,15 +65,17 @@ def add_arguments(parser) -> None:
     )
     build.add_argument(
         "--refine",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="ivf: keep the full vectors too and re-rank REFINE x k candidates exactly (e.g. 10 with pq)",
     )
-    build.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
-    build.add_argument("--ef-construction", type=int, default=80, help="hnsw: build-time candidate list (default 80)")
+    build.add_argument("--hnsw-m", type=positive_int, default=32, help="hnsw: links per node (default 32)")
+    build.add_argument(
+        "--ef-construction", type=positive_int, default=80, help="hnsw: build-time candidate list (default 80)"
+    )
     build.add_argument(
         "--ef-search",
-        type=int,
+        type=positive_int,
         default=64,
         help="hnsw: search-time candidate list (default 64; stored as the search default)",
     )
@@ -80,7 +86,7 @@ def add_arguments(parser) -> None:
     add_run_selection(update)
     for name, text in (
         ("status", "runs of the store and the state of each index"),
-        ("check", "exit 1 when any index is stale"),
+        ("check", "exit 1 when any index is stale or damaged (rebuild a damaged one with `ctfm index build`)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("store", metavar="STORE")
@@ -133,7 +139,7 @@ def _run(args) -> int:
         print(json.dumps(status, indent=2))
     else:
         _print_status(status)
-    if args._subcommand == "check":
+    if args._subcommand == "check":  # stale or damaged
         return 1 if any(i["stale"] for i in status["indexes"]) else 0
     return 0
 
@@ -149,6 +155,9 @@ def _print_status(status: dict) -> None:
     if not status["indexes"]:
         print("no index (build one: ctfm index build STORE [--level scan|patch])")
     for i in status["indexes"]:
+        if i.get("damaged"):
+            print(f"index {i['level']}/{i['run']}: DAMAGED: {i['state']}")
+            continue
         print(
             f"index {i['level']}/{i['run']}: {i['kind']} {i['metric']}, {i['vectors']} vectors from {i['scans']} "
             f"scan(s), built {i['created_at']}: {'STALE: ' if i['stale'] else ''}{i['state']}"

@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ctfm.cli import nonnegative_int, positive_int
+
 
 def add_arguments(parser) -> None:
     from ctfm.cli import add_subcommands
@@ -61,7 +63,10 @@ def add_arguments(parser) -> None:
     p.add_argument("checkpoint", help="a .ckpt/.pt/.pth/.safetensors file, a weights folder or hf-hub:ORG/NAME")
     p.add_argument("--model", default="ct-fm", help="registered model name (default: ct-fm)")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for parts the checkpoint does not hold, e.g. a decoder (default: 0)"
+        "--seed",
+        type=nonnegative_int,
+        default=0,
+        help="seed for parts the checkpoint does not hold, e.g. a decoder (default: 0)",
     )
     _add_writing_arguments(p)
 
@@ -72,17 +77,23 @@ def add_arguments(parser) -> None:
         "Example:\n  ctfm models init ct-fm --seed 3 --init-filters 8 --out weights/tiny",
     )
     p.add_argument("model", help="registered model name, e.g. ct-fm")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
     _add_writing_arguments(p)
 
 
 def _add_writing_arguments(p) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="the weights folder to write")
     p.add_argument(
-        "--init-filters", type=int, metavar="N", help="width of the first level (default: the model's, 32 for ct-fm)"
+        "--init-filters",
+        type=positive_int,
+        metavar="N",
+        help="width of the first level (default: the model's, 32 for ct-fm)",
     )
     p.add_argument(
-        "--out-channels", type=int, metavar="N", help="output classes including background (segmentation models only)"
+        "--out-channels",
+        type=positive_int,
+        metavar="N",
+        help="output classes including background (segmentation models only)",
     )
     p.add_argument(
         "--labels",

@@ -7,9 +7,11 @@ Examples:
   ctfm predict cls scans/ --model runs/head-ct -o preds.csv
 
 seg: each input gets OUT/<name>.nii.gz (uint8/uint16 labels, the input's shape and affine; <name>
-is the file name without extension, or the SeriesInstanceUID of a DICOM series) and
-OUT/<name>.labels.json; --format dicom-seg adds OUT/<name>.dcm; --statistics adds
-OUT/<name>.statistics.json/.csv. Finished inputs are skipped on a re-run.
+is the file name without extension, or the SeriesInstanceUID of a DICOM series, derived from its
+content where blank) and OUT/<name>.labels.json; --format dicom-seg adds OUT/<name>.dcm, one frame
+per acquired slice (tilted series included), blank source UIDs derived and recorded in the
+labels.json; inputs no SEG can be built over are refused before the model is loaded;
+--statistics adds OUT/<name>.statistics.json/.csv. Finished inputs are skipped on a re-run.
 cls: one row per input with the probability of each label (preds.csv.json: provenance).
 Inputs are those of `ctfm embed` (files, folders, DICOM trees, manifests with a path column).
 Exit status 1 if any input failed (recorded), 2 for unusable arguments.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ctfm.cli import device, fraction
 from ctfm.cli.pacs_options import add_pacs_arguments
 
 
@@ -59,9 +62,11 @@ def add_seg(sub) -> None:
     p.add_argument(
         "--classes", metavar="NAMES", help="keep only these classes, e.g. liver,spleen (the others become background)"
     )
-    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: the weights', 0.625)")
+    p.add_argument(
+        "--overlap", type=fraction, default=None, help="sliding-window overlap (default: the weights', 0.625)"
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32 (default) or bf16 autocast")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--statistics", action="store_true", help="per-class volume (ml), mean/sd HU and voxel count as JSON and CSV"
     )
@@ -93,7 +98,7 @@ def add_cls(sub) -> None:
         "--model", required=True, metavar="RUN", help="run folder of ctfm finetune cls, or its export/ folder"
     )
     p.add_argument("-o", "--out", required=True, metavar="CSV", help="predictions CSV")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
     add_pacs_arguments(p)
 

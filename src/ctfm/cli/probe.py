@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 
+from ctfm.cli import nonnegative_int, positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument(
@@ -53,7 +55,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--method", default="logistic", choices=["logistic", "knn", "mlp"])
     split = parser.add_mutually_exclusive_group()
-    split.add_argument("--cv", type=int, default=5, metavar="K", help="outer cross-validation folds (default 5)")
+    split.add_argument(
+        "--cv", type=positive_int, default=5, metavar="K", help="outer cross-validation folds (default 5)"
+    )
     split.add_argument(
         "--split-column", metavar="COL", help="column with train/val/test per row: fit on train+val, score test"
     )
@@ -61,7 +65,11 @@ def add_arguments(parser) -> None:
         "--group-column", metavar="COL", help="group (patient) column: a group never sits on both sides of a split"
     )
     parser.add_argument(
-        "--inner-cv", type=int, default=3, metavar="K", help="inner folds choosing the hyperparameter (default 3)"
+        "--inner-cv",
+        type=positive_int,
+        default=3,
+        metavar="K",
+        help="inner folds choosing the hyperparameter (default 3)",
     )
     from ctfm.cli.selection import add_run_selection
 
@@ -73,10 +81,12 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--shots", metavar="LIST", help="few-shot curve: labelled cases per class, e.g. 1,2,5,10,20,all"
     )
-    parser.add_argument("--repeats", type=int, default=10, help="few-shot draws per point (default 10)")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="targets fitted in parallel (processes)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="few-shot draws per point (default 10)")
+    parser.add_argument(
+        "--resamples", type=positive_int, default=1000, help="bootstrap resamples for the CIs (default 1000)"
+    )
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--jobs", type=positive_int, default=1, help="targets fitted in parallel (processes)")
     parser.add_argument("--out", metavar="DIR", help="write results.json, predictions.csv, PNGs and report.html here")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
 

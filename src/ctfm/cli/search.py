@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ctfm.cli import device, positive_int
 from ctfm.cli.pacs_options import add_pacs_arguments
 
 
@@ -44,7 +45,7 @@ def add_arguments(parser) -> None:
         metavar="ID_OR_PATH",
         help="region search in this scan only (a file outside the store is embedded first)",
     )
-    parser.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    parser.add_argument("-k", type=positive_int, default=10, help="number of hits (default 10)")
     parser.add_argument(
         "--heatmap",
         metavar="OUT.nii.gz",
@@ -81,7 +82,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector"
     )
-    parser.add_argument("--device", default="cpu", help="where the encoder runs (default cpu)")
+    parser.add_argument("--device", type=device, default="cpu", help="where the encoder runs (default cpu)")
     add_pacs_arguments(parser)
 
 
@@ -127,6 +128,10 @@ def run(args) -> int:
         _print(hits, args.json, lambda h: f"{h.rank:3d}  {h.score:+.4f}  {h.scan_id}  {h.source_path}")
         return 0
     scan, point = parse_point(args.point)
+    if args.heatmap:  # the similarity volume is NIfTI: its path is checked before the search runs
+        from ctfm.runtime import require_output_file
+
+        require_output_file(args.heatmap, (".nii.gz", ".nii"), "--heatmap")
     session = SearchSession(args.store, **options)  # region search keeps its session for the query and heatmap
     query = session.region_query(scan, point, args.query_from)
     hits = session.search_point(
@@ -145,6 +150,8 @@ def run(args) -> int:
             )
             if not args.json:
                 print(f"similarity volume: {args.heatmap}", file=sys.stderr)
+        else:
+            print(f"warning: no hit, so no similarity volume written to {args.heatmap}", file=sys.stderr)
     _print(
         hits,
         args.json,

@@ -3,23 +3,57 @@
 Examples:
   ctfm serve store/                                  http://127.0.0.1:8000 (this machine only)
   ctfm serve store/ --weights model_dir --port 8080  the weights the store was embedded with
-  ctfm serve store/ --host 0.0.0.0                   reachable from other machines: on a trusted network only
+  ctfm serve store/ --host 0.0.0.0                   other machines too: the printed address carries a token
+  ctfm serve store/ --host 0.0.0.0 --token-file tok  the token kept in a file of yours
 
 The store needs patch embeddings (ctfm embed ... --mode patches --out STORE). Click a point in a
 scan to find the most similar places in every scan of the store; upload a NIfTI file or a zipped
 DICOM series to add it. The API is described at /docs (bundled, works offline) and /openapi.json.
+The server answers only its own page (Host and Origin checks); bound to anything but 127.0.0.1 it
+needs a token as well (docs/app.md, "Security").
 """
 
 from __future__ import annotations
 
 import sys
 
+from ctfm.cli import device, nonnegative_float, positive_float, positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE", help="store folder with patch embeddings")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=512, help="largest upload accepted, MiB (default 512)")
+    parser.add_argument(
+        "--max-upload-mb", type=positive_float, default=512, help="largest upload accepted, MiB (default 512)"
+    )
+    parser.add_argument(
+        "--max-voxels",
+        type=positive_int,
+        default=None,
+        help="largest scan an upload may hold, in voxels, read from its headers before decoding (default 536870912 "
+        "= 512x512x2048); the server's free memory is checked as well",
+    )
+    parser.add_argument(
+        "--search-seconds",
+        type=positive_float,
+        default=None,
+        help="time budget of a search that runs the encoder (fine refinement, centred query), waiting for it "
+        "included (default 30)",
+    )
+    parser.add_argument(
+        "--token-file",
+        help="file whose first line is the token every API request needs (default when bound to anything but "
+        "127.0.0.1: a random token, printed in the address)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the server is reached by (the Host header it may carry; repeatable)",
+    )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     parser.add_argument(
         "--weights",
         help="the weights the store was embedded with (folder, hf-hub:ORG/NAME, file), checked against the store: "
@@ -49,37 +83,37 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--display-cache-gb",
-        type=float,
+        type=nonnegative_float,
         default=20.0,
         help="disk budget for scans converted for display in STORE/app-cache (default 20 GiB); past it scans are read "
         "from their sources when chosen",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
 
 
 def run(args) -> int:
     import ctfm
     from ctfm.cli.selection import run_selection
-    from ctfm.errors import OptionError
 
     run_digest, where = run_selection(args)
 
     if not 0 <= args.port <= 65535:
+        from ctfm.errors import OptionError
+
         raise OptionError(f"--port {args.port}: expected 0..65535")
-    if not args.display_cache_gb >= 0:
-        raise OptionError(
-            f"--display-cache-gb {args.display_cache_gb:g}: expected a size in GiB (0 turns the folder off)"
-        )
-    if not args.max_upload_mb > 0:
-        raise OptionError(f"--max-upload-mb {args.max_upload_mb:g}: expected a positive size in MiB")
+    limits = {"max_voxels": args.max_voxels, "search_seconds": args.search_seconds}
 
     def announce(url: str, state) -> None:
-        reach = (
-            "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "reachable from other machines"
-        )
+        if args.host in ("127.0.0.1", "localhost", "::1"):
+            reach = "this machine only"
+        elif args.token_file:
+            reach = f"reachable from other machines with the token of {args.token_file}"
+        else:
+            reach = "reachable from other machines with the token in this address"
+        base = url.split("/?", 1)[0]
         print(
             f"serving {len(state.rows)} scan(s) of {args.store} at {url} (bound to {args.host}, {reach}); API at "
-            f"{url}/docs; Ctrl-C stops",
+            f"{base}/docs; Ctrl-C stops",
             flush=True,
         )
         if state.weights_note:
@@ -97,6 +131,10 @@ def run(args) -> int:
         query_from=args.query,
         refine=args.refine,
         display_cache_gb=args.display_cache_gb,
+        token_file=args.token_file,
+        allow_hosts=args.allow_host,
+        debug=args.debug,
         on_start=announce,
+        **{k: v for k, v in limits.items() if v is not None},
     )
     return 0

@@ -3,7 +3,9 @@
 Examples:
   ctfm store info store/            runs by computation key, scans, patches, failures
   ctfm store info store/ --json
-  ctfm store check store/           exit 1 when any row is inconsistent or orphaned
+  ctfm store check store/           exit 1 when any file is damaged or any row inconsistent or orphaned
+  ctfm store check store/ --repair  move damaged files to store/quarantine/ (with a note of why); the
+                                    next `ctfm embed` of the same sources recomputes the scans they held
   ctfm store compact store/         fold pending part files into the main Parquet files
 """
 
@@ -23,6 +25,12 @@ def add_arguments(parser) -> None:
     check = sub.add_parser("check", help="report inconsistent or orphaned rows; exit 1 if any")
     check.add_argument("store", metavar="STORE")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="first move every damaged file (store Parquet, index files) to STORE/quarantine/ with a note of why; "
+        "the scans whose rows went with them are recomputed by the next `ctfm embed` of the same sources",
+    )
     compact = sub.add_parser("compact", help="fold part files into scans/patches/failures.parquet")
     compact.add_argument("store", metavar="STORE")
 
@@ -35,7 +43,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     import ctfm
-    from ctfm.store import check_store, is_consistent, summarise
+    from ctfm.store import check_store, is_consistent, repair_store, summarise
 
     store = ctfm.open_store(args.store)
     if args._subcommand == "info":
@@ -46,15 +54,21 @@ def _run(args) -> int:
             _print_summary(summary)
         return 0
     if args._subcommand == "check":
+        repair = repair_store(store) if args.repair else None
         problems = check_store(store)
         ok = is_consistent(problems)
         if args.json:
-            print(
-                json.dumps(
-                    {"store": str(store.root), "consistent": ok, "problems": [p.to_dict() for p in problems]}, indent=2
-                )
-            )
+            report = {"store": str(store.root), "consistent": ok, "problems": [p.to_dict() for p in problems]}
+            if repair is not None:
+                report["repair"] = repair.to_json()
+            print(json.dumps(report, indent=2))
         else:
+            if repair is not None:
+                for moved in repair.moved:
+                    print(f"quarantined: {moved['file']} -> {moved['moved_to']} ({moved['reason']})")
+                for scan in repair.recompute:
+                    print(f"to recompute: {scan['scan_id']} ({scan['source_path'] or 'source unknown'})")
+                print(repair.summary())
             for p in problems:
                 level = "note" if p.code == "superseded_patches" else "problem"
                 print(

@@ -8,11 +8,13 @@ Examples:
 
 from __future__ import annotations
 
+from ctfm.cli import nonnegative_int, positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n", type=int, default=1, help="number of phantoms (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--n", type=positive_int, default=1, help="number of phantoms (default 1)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="first seed (default 0)")
 
 
 def run(args) -> int:

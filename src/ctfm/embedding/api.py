@@ -90,7 +90,7 @@ def embed(
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    device = device or default_device()
+    device = default_device(device)  # a device this machine has, before any work
     precision = resolve_precision(precision, device)
     sources = discover_inputs(list(inputs))
     if encoder is None:

@@ -23,7 +23,7 @@ from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
 from ctfm.io.sources import ScanSource, discover_inputs, source_location
 from ctfm.preprocess import load_usable_ct
-from ctfm.runtime import Result, jsonable, progress_bar, utc_now
+from ctfm.runtime import Result, check_device, jsonable, progress_bar, utc_now
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
 from ctfm.store.vectors import load_run_vectors
 
@@ -89,11 +89,10 @@ class EmbedRun(list, Result):
         return jsonable({"totals": totals, "spec": spec, "store": None if self.store is None else str(self.store)})
 
 
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``: the one default of the API and the CLI."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def default_device(device: str | None = None) -> str:
+    """``device`` checked to exist here, or ``"cuda"`` when a GPU is visible, else ``"cpu"``: the
+    one default of the API and the CLI (:func:`ctfm.runtime.check_device`)."""
+    return check_device(device)
 
 
 # ---- embedding one scan --------------------------------------------------------------------
@@ -108,7 +107,7 @@ def record_columns(record) -> dict:
 def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: str, options: EmbedOptions) -> dict:
     """Load, embed and describe one scan; returns the store row (patch rows under ``"patches"``)."""
 
-    image, record = load_usable_ct(source.path, series_uid=source.series_uid)
+    image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=options.spec)
     row = {
         "scan_id": source.scan_id,
         "source_path": source_location(source.path),

@@ -301,11 +301,17 @@ class PreprocessedInputs:
             self._memory[i] = array
         return array
 
+    def prepare(self) -> None:
+        """Read, check and cache every case now, so that a bad scan stops the run before training
+        (its :class:`CTInputError` names the case)."""
+        for i in range(len(self.cases)):
+            self[i]
+
 
 def preprocess_input(path: str, spec, series_uid: str | None = None) -> np.ndarray:
     """One scan -> float32 [C, D, H, W] through ``spec`` (the one preprocessing definition)."""
 
-    image, _ = load_usable_ct(path, series_uid=series_uid)
+    image, _ = load_usable_ct(path, series_uid=series_uid, spec=spec)
     out = preprocess(image, spec)
     return np.ascontiguousarray(np.asarray(out.detach().cpu() if hasattr(out, "detach") else out), dtype=np.float32)
 
@@ -426,12 +432,14 @@ class ClassificationTask(FinetuneTask):
         task, _, train, val = self.data(config)
         spec = input_spec(config)
         cache = config.cache_dir()
-        loader = training_loader(
-            config, ClsTrainDataset(PreprocessedInputs(train, spec, cache), config, spec, task), len(train)
-        )
+        train_inputs = PreprocessedInputs(train, spec, cache)
+        train_inputs.prepare()
+        loader = training_loader(config, ClsTrainDataset(train_inputs, config, spec, task), len(train))
         val_loader = None
         if val and config.val_every_n_epochs > 0:
-            val_set = ClsEvalDataset(PreprocessedInputs(rank_share(val), spec, cache), task)
+            val_inputs = PreprocessedInputs(rank_share(val), spec, cache)
+            val_inputs.prepare()
+            val_set = ClsEvalDataset(val_inputs, task)
             val_loader = DataLoader(val_set, batch_size=config.batch_size, num_workers=min(config.num_workers, 2))
         return loader, val_loader
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ctfm.errors import CTInputError, OptionError, one_line
-from ctfm.io import load_ct, load_labels
+from ctfm.io import load_labels
 from ctfm.io.labels import (
     UnnamedLabelsWarning,
     check_label_values,
@@ -37,6 +37,7 @@ from ctfm.io.labels import (
 )
 from ctfm.io.tables import is_table, read_table
 from ctfm.models.labelmaps import resolve_labels
+from ctfm.preprocess.validate import load_usable_ct
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {
@@ -305,7 +306,7 @@ def load_case(case: SegCase, data: SegData):
             the class map; a TotalSegmentator mask is missing.
     """
 
-    image, _ = load_ct(case.image)
+    image, _ = load_usable_ct(case.image)
     if case.label is None:
         raise CTInputError(case.image, "has no label map", "give a label for training and validation cases")
     label_path = Path(case.label)

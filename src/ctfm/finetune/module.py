@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-from ctfm.errors import CTInputError, optional_import
+from ctfm.errors import CTInputError, OptionError, optional_import
 from ctfm.runs import OptimizerConfig, RunFolder, warmup_cosine_optimizer
 
 L = optional_import("lightning", "train")
@@ -38,6 +38,13 @@ class FinetuneModule(L.LightningModule):
     def apply_freeze(self, epoch: int) -> None:
         """Parameters under the ``freeze`` prefixes get no gradient while :meth:`frozen`."""
         prefixes = tuple(self.hparams.freeze or ())
+        names = [name for name, _ in self.model.named_parameters()]
+        unmatched = [p for p in prefixes if not any(name.startswith(p) for name in names)]
+        if unmatched:
+            tops = sorted({name.split(".")[0] for name in names})
+            raise OptionError(
+                f"freeze {unmatched}: no parameter name starts with it (names start with: {', '.join(tops)})"
+            )
         freeze = self.frozen(epoch)
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(not (freeze and name.startswith(prefixes)))

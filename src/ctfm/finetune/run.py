@@ -177,8 +177,8 @@ def run_finetune(
     """Train ``task`` with ``config``, resuming from ``<out>/checkpoints/last.ckpt`` when it exists;
     export the best (else the last) state to ``<out>/export``. Returns the export folder."""
     folder = seed_run(config)
+    module = task.build_module(config)  # first: its settings (freeze prefixes) are checked before the data is read
     train_loader, val_loader = task.build_dataloaders(config)
-    module = task.build_module(config)
     trainer = build_trainer(
         config,
         extra_callbacks,

@@ -36,6 +36,7 @@ from ctfm.finetune.run import (
 from ctfm.finetune.seg_module import SegmentationFinetuner
 from ctfm.models.segmentation import save_segmentation_model
 from ctfm.preprocess import ForegroundCrop, PreprocessSpec, build_paired_transforms
+from ctfm.preprocess.validate import require_size
 from ctfm.runs import resolve_config
 from ctfm.runtime import atomic_path
 
@@ -230,6 +231,7 @@ class PreprocessedCases:
     def _preprocess(self, i: int) -> tuple[np.ndarray, np.ndarray]:
 
         image, label = load_case(self.cases[i], self.data)
+        require_size(image, self.spec, self.cases[i].image)  # bounded before the resampling allocates
         out = build_paired_transforms(self.spec)({"image": image.float(), "label": label.float()})
         return np.ascontiguousarray(out["image"].numpy(), dtype=np.float32), np.ascontiguousarray(
             np.rint(out["label"].numpy()), dtype=np.int16

@@ -32,6 +32,13 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.59": "KO",
 }
 NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "SR", "PR", "KO", "REG", "DOC"}
+# Multi-frame CT (one file holds every slice, the geometry in per-frame functional groups): refused.
+MULTIFRAME_CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT",
+}
+# The storage SOP class of a single-frame image by Modality, for headers whose SOPClassUID is blank.
+SOP_CLASS_BY_MODALITY = {"CT": "1.2.840.10008.5.1.4.1.1.2"}  # CT Image Storage
 
 POSITION_TOLERANCE_MM = 0.01  # positions closer than this along the normal are the same slice
 GAP_RELATIVE_TOLERANCE = 0.01  # gaps within 1 % of each other count as uniform
@@ -55,6 +62,7 @@ class DicomFolderIndex:
     unplaced: dict[str, DicomSeries] = field(
         default_factory=dict
     )  # image files without position/orientation, by series
+    multiframe: dict[str, DicomSeries] = field(default_factory=dict)  # multi-frame CT files, by series
 
 
 @contextlib.contextmanager
@@ -102,6 +110,7 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
     """Walk ``folder`` recursively and group image files by SeriesInstanceUID."""
     by_uid: dict[str, DicomSeries] = {}
     unplaced: dict[str, DicomSeries] = {}
+    multiframe: dict[str, DicomSeries] = {}
     skipped: Counter = Counter()
     for root, dirs, names in os.walk(folder):
         dirs.sort()
@@ -132,6 +141,12 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
                 skipped["localizer"] += 1
                 continue
             uid = str(ds.get("SeriesInstanceUID", "unknown"))
+            if sop_class in MULTIFRAME_CT_SOP_CLASSES or _frame_count(ds) > 1:
+                skipped["multi-frame"] += 1
+                entry = multiframe.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", ""))))
+                entry.files.append(path)
+                entry.headers.append(ds)
+                continue
             if "Rows" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
                 skipped["no image geometry"] += 1
                 if "Rows" in ds:  # an image that cannot be placed: its series must not load without it
@@ -142,7 +157,28 @@ def index_dicom_folder(folder: Path) -> DicomFolderIndex:
             series = by_uid.setdefault(uid, DicomSeries(uid, modality, str(ds.get("SeriesDescription", ""))))
             series.files.append(path)
             series.headers.append(ds)
-    return DicomFolderIndex(series=list(by_uid.values()), skipped=skipped, unplaced=unplaced)
+    return DicomFolderIndex(series=list(by_uid.values()), skipped=skipped, unplaced=unplaced, multiframe=multiframe)
+
+
+def _frame_count(ds) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _refuse_multiframe(series: DicomSeries, folder: Path) -> None:
+    """Multi-frame CT is refused in one line at indexing time, before any pixel is read."""
+    first = series.headers[0]
+    kind = MULTIFRAME_CT_SOP_CLASSES.get(str(first.get("SOPClassUID", "")), "multi-frame")
+    frames = sum(_frame_count(h) for h in series.headers)
+    raise CTInputError(
+        folder,
+        f"series {series.uid or '(blank SeriesInstanceUID)'} is a {kind} image ({len(series.files)} file(s), "
+        f"{frames} frames in one object); ctfm reads CT series stored one slice per file",
+        "convert it to single-frame CT Image Storage first (e.g. dcm4che's emf2sf) or export the classic series "
+        "from the PACS",
+    )
 
 
 def _refuse_unplaced(index: DicomFolderIndex, series: DicomSeries, folder: Path) -> None:
@@ -160,6 +196,8 @@ def _refuse_unplaced(index: DicomFolderIndex, series: DicomSeries, folder: Path)
 def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | None) -> DicomSeries:
     """The one CT series to load, or a clear error saying which exist and how to choose."""
     if series_uid is not None:
+        if series_uid in index.multiframe and not any(s.uid == series_uid for s in index.series):
+            _refuse_multiframe(index.multiframe[series_uid], folder)
         for s in index.series:
             if s.uid == series_uid:
                 if s.modality != "CT":
@@ -180,6 +218,9 @@ def select_ct_series(index: DicomFolderIndex, folder: Path, series_uid: str | No
         )
     ct = [s for s in index.series if s.modality == "CT"]
     if not ct:
+        multiframe_ct = [s for s in index.multiframe.values() if s.modality == "CT"]
+        if multiframe_ct:
+            _refuse_multiframe(multiframe_ct[0], folder)
         unplaced_ct = [s for s in index.unplaced.values() if s.modality == "CT"]
         if len(unplaced_ct) == 1:
             _refuse_unplaced(index, unplaced_ct[0], folder)
@@ -578,3 +619,104 @@ def series_record_fields(series: DicomSeries, geometry: SeriesGeometry) -> dict:
         "gantry_tilt_deg": round(geometry.tilt_deg, 3),
         "slice_gaps_mm": sorted({round(float(v), 3) for v in geometry.gaps}),
     }
+
+
+def slice_affine_lps(ds) -> np.ndarray:
+    """4x4 map of one slice's pixel ``(column, row, 0, 1)`` to LPS mm, from its own
+    ImagePositionPatient, ImageOrientationPatient and PixelSpacing (PS3.3 C.7.6.2.1.1)."""
+    ipp, iop, spacing = (
+        _floats(ds.ImagePositionPatient, 3),
+        _floats(ds.ImageOrientationPatient, 6),
+        _floats(ds.PixelSpacing, 2),
+    )
+    row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing[1]  # along a row: the column index, PixelSpacing[1] apart
+    affine[:3, 1] = col_dir * spacing[0]  # along a column: the row index, PixelSpacing[0] apart
+    affine[:3, 2] = np.cross(row_dir, col_dir)
+    affine[:3, 3] = ipp
+    return affine
+
+
+# The UIDs a derived object (a DICOM SEG) must reference; anonymisers sometimes blank them.
+SOURCE_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+DERIVED_UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's UID root, as generate_uid uses it
+DERIVED_UID_METHOD = (
+    "blank UIDs derived by ctfm: SOPInstanceUID = pydicom generate_uid(entropy = 'ctfm:SOPInstanceUID', "
+    "sha256 of the instance's PixelData bytes, its ImagePositionPatient); SeriesInstanceUID, StudyInstanceUID and "
+    "FrameOfReferenceUID likewise over every instance of the series in slice order; SOPClassUID from the Modality"
+)
+
+
+def _blank(ds, keyword: str) -> bool:
+    return not str(ds.get(keyword, "") or "").strip()
+
+
+def blank_uid_keywords(datasets) -> list[str]:
+    """Which of :data:`SOURCE_UID_KEYWORDS` are blank or absent in any of ``datasets``."""
+    return [k for k in SOURCE_UID_KEYWORDS if any(_blank(ds, k) for ds in datasets)]
+
+
+def pixel_data_sha256(path: Path) -> str:
+    """Hex sha256 of one instance's PixelData bytes as stored (compressed ones undecoded)."""
+    import hashlib
+
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise CTInputError(path, "the image has no pixel data", "re-export the series with its pixel data")
+    return hashlib.sha256(ds.PixelData).hexdigest()
+
+
+def fill_blank_uids(datasets, files) -> dict[str, str]:
+    """Fill the blank UIDs of a series' headers in place, deterministically from their content.
+
+    ``datasets``: the headers in slice order, ``files``: their files. The same files give the same
+    UIDs (see :data:`DERIVED_UID_METHOD`); UIDs present are kept. A series-level UID blank on some
+    instances only takes the one value the others share. Returns ``{keyword: value or "per
+    instance"}`` for each keyword filled, empty when nothing was blank.
+    """
+    from pydicom.uid import generate_uid
+
+    missing = blank_uid_keywords(datasets)
+    if not missing:
+        return {}
+    filled: dict[str, str] = {}
+    if "SOPClassUID" in missing:
+        modality = str(datasets[0].get("Modality", "")).upper()
+        sop_class = SOP_CLASS_BY_MODALITY.get(modality)
+        if sop_class is None:
+            raise CTInputError(
+                files[0].parent,
+                f"blank SOPClassUID and Modality {modality or '(blank)'}: the storage class cannot be told",
+                "fill in the SOPClassUID of the series",
+            )
+        for ds in datasets:
+            if _blank(ds, "SOPClassUID"):
+                ds.SOPClassUID = sop_class
+        filled["SOPClassUID"] = sop_class
+    if missing == ["SOPClassUID"]:
+        return filled
+    keys = [
+        (pixel_data_sha256(f), "\\".join(f"{v:.6f}" for v in _floats(ds.ImagePositionPatient, 3)))
+        for ds, f in zip(datasets, files)
+    ]
+    if "SOPInstanceUID" in missing:
+        for ds, (digest, position) in zip(datasets, keys):
+            if _blank(ds, "SOPInstanceUID"):
+                ds.SOPInstanceUID = generate_uid(DERIVED_UID_ROOT, ["ctfm:SOPInstanceUID", digest, position])
+        filled["SOPInstanceUID"] = "per instance"
+    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        if keyword not in missing:
+            continue
+        present = {str(ds.get(keyword)) for ds in datasets if not _blank(ds, keyword)}
+        if len(present) == 1:
+            value = present.pop()
+        else:
+            value = generate_uid(DERIVED_UID_ROOT, [f"ctfm:{keyword}", *(d + "@" + p for d, p in keys)])
+        for ds in datasets:
+            if _blank(ds, keyword):
+                setattr(ds, keyword, value)
+        filled[keyword] = value
+    return filled

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,12 +88,25 @@ def manifest_sources(path: str | os.PathLike, table=None) -> ManifestSources:
         else:
             resolved = p if is_pacs_url(p) or os.path.isabs(str(p)) else path.parent / str(p)
             out.sources.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
+    if not out.sources:
+        left = [
+            f"{n} {why}" for n, why in ((out.unreadable, "marked unreadable"), (out.not_downloaded, "without a path"))
+        ]
+        raise CTInputError(
+            path,
+            f"no scan to read ({len(paths)} row(s): {', '.join(n for n in left if not n.startswith('0 '))})",
+            "fill the 'path' column with one scan per row (ctfm cohort download fills an IDC manifest's)",
+        )
     return out
 
 
 def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
     """Expand files, folders (volume files and DICOM series, recursively) and manifests
-    (CSV/Parquet with a ``path`` column, optional ``series_uid``) into unique scan sources."""
+    (CSV/Parquet with a ``path`` column, optional ``series_uid``) into unique scan sources.
+
+    The one place every verb's scan inputs are expanded: an input that yields no scan (an empty
+    folder, a folder of single 2D slices, a manifest without usable rows) is a one-line
+    :class:`CTInputError` saying what was found and skipped, never an empty success."""
     sources: list[ScanSource] = []
     for item in inputs:
         if is_pacs_url(item):  # one source per series the address names (docs/pacs.md)
@@ -111,9 +125,11 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
 
 
 def _scan_folder(folder: Path) -> list[ScanSource]:
-    """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID)."""
+    """Volume files under ``folder`` and every CT series of its DICOM files (by SeriesInstanceUID);
+    none is a :class:`CTInputError` counting what the folder holds instead."""
 
-    volumes = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    volumes = sorted(str(p) for p in files if p.name.lower().endswith(VOLUME_SUFFIXES))
     with quiet_pydicom():
         index = index_dicom_folder(folder)
     series = []
@@ -121,11 +137,25 @@ def _scan_folder(folder: Path) -> list[ScanSource]:
     # A CT series none of whose files gives a slice position is listed too: loading it is
     # refused with the reason, rather than the series vanishing from the batch unseen.
     unplaced = [s for s in index.unplaced.values() if s.uid not in placed and len(s.files) >= 2]
-    for s in [*index.series, *unplaced]:
-        if s.modality != "CT" or len(s.files) < 2:
+    # A multi-frame CT (one file) is listed too, so that its one-line refusal is seen.
+    multiframe = [s for s in index.multiframe.values() if s.uid not in placed and s.modality == "CT"]
+    skipped = Counter(index.skipped)
+    for s in [*index.series, *unplaced, *multiframe]:
+        if s.modality != "CT":
+            skipped[f"{s.modality or 'unknown-modality'} image(s)"] += len(s.files)
+            continue
+        if len(s.files) < 2 and s not in multiframe:
+            skipped["single 2D slice(s)"] += len(s.files)
             continue
         parent = Path(os.path.commonpath([str(f.parent) for f in s.files]))
         series.append(ScanSource(str(parent), s.uid))
+    if not volumes and not series:
+        what = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+        raise CTInputError(
+            folder,
+            f"no 3D CT found ({len(files)} files{': ' + what + ' skipped' if what else ''})",
+            "point at a folder of 3D scans (NIfTI, NRRD, MHA) or DICOM series",
+        )
     return [ScanSource(v) for v in volumes] + sorted(series, key=lambda s: (s.path, s.series_uid))
 
 

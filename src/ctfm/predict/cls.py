@@ -25,7 +25,7 @@ from ctfm.finetune.cls import preprocess_input
 from ctfm.io.sources import discover_inputs
 from ctfm.models.classifier import classifier_folder, classifier_sha256, load_classifier
 from ctfm.preprocess import PreprocessSpec
-from ctfm.runtime import Result, progress_bar, write_text_atomic
+from ctfm.runtime import Result, check_device, progress_bar, require_output_file, write_text_atomic
 
 
 @dataclass
@@ -48,12 +48,13 @@ def predict_cls(
     """Probabilities for every input scan -> ``out`` (CSV) and ``out``.json (provenance)."""
     import torch
 
+    out = require_output_file(out, (".csv",), "predictions CSV (-o)")
+    device = check_device(device)
+    sources = discover_inputs(list(inputs))
     folder = classifier_folder(model)
     net, meta = load_classifier(folder)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device)
-    sources = discover_inputs(list(inputs))
     task, labels = meta["task"], list(meta["labels"])
 
     summary = ClsPredictSummary(out=str(out))

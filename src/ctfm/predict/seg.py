@@ -31,12 +31,14 @@ import torch
 
 from ctfm.errors import OptionError, UserError, one_line, optional_import
 from ctfm.io import load_ct
+from ctfm.io.pacs import is_pacs_url
 from ctfm.io.sources import local_source, resolve_sources
 from ctfm.models.labelmaps import select_classes
 from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model
 from ctfm.predict import senders, writers
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
 from ctfm.preprocess.bounded import preprocess_large
+from ctfm.preprocess.validate import load_usable_ct
 from ctfm.runtime import Result, progress_bar
 
 LABELS_SUFFIX = ".labels.json"
@@ -56,10 +58,12 @@ def inference_spec(spec):
 
 
 def output_name(source) -> str:
-    """``<name>``: the file name without its extension, or the SeriesInstanceUID of a DICOM series."""
+    """``<name>``: the file name without its extension, or the SeriesInstanceUID of a DICOM series
+    (derived from its content when blank, as the DICOM SEG references it: deterministic)."""
     path = Path(source.path)
-    if source.series_uid:
-        return source.series_uid
+    uid = writers.source_series_uid(source)
+    if uid:
+        return uid
     name = path.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
@@ -242,8 +246,11 @@ def predict_seg(
     """Predict every input (files, folders, DICOM trees, manifests) into ``out``; see the module docstring.
 
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
-    and the batch goes on. ``send``: a PACS address (``dicomweb:...`` for STOW-RS, ``dimse://...``
-    for C-STORE) that receives each DICOM SEG and its measurement report (docs/pacs.md).
+    and the batch goes on. Before the model is loaded, the output folder and (for ``dicom-seg``)
+    every input's headers are checked (:func:`ctfm.predict.writers.preflight`): an input no SEG
+    can be built over is refused there, and a run with no input left raises. ``send``: a PACS
+    address (``dicomweb:...`` for STOW-RS, ``dimse://...`` for C-STORE) that receives each DICOM
+    SEG and its measurement report (docs/pacs.md); it is checked before the model is loaded too.
     """
 
     if output_format not in ("nifti", "dicom-seg"):
@@ -257,6 +264,13 @@ def predict_seg(
         dest = senders.parse_destination(send)
         senders.check_destination(dest)
         statistics = True  # the report's numbers
+    out = Path(out)
+    writers.check_output_folder(out)
+    sources = resolve_sources(inputs).sources
+    # Output pre-flight, before the model is loaded: an input whose output cannot be written is
+    # refused here, not after its prediction (all refused: one line, nothing written). A PACS
+    # series is checked when it is written, from its folder in the series cache.
+    refused = writers.preflight([s for s in sources if not is_pacs_url(s.path)], output_format)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = model if isinstance(model, LoadedSegmentation) else load_segmentation_model(model, labels=labels)
     _precision_context(precision, device)
@@ -272,15 +286,18 @@ def predict_seg(
             f"sliding-window roi_size {list(settings.roi_size)} must be divisible by {list(factor)} for this network; "
             "fix 'inference.roi_size' in the weights' ctfm.json"
         )
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sources = resolve_sources(inputs).sources
     summary = SegPredictSummary(out=str(out))
     start = time.perf_counter()
     bar = progress_bar(len(sources), progress)
     names = {int(k): v for k, v in loaded.labels.items() if keep is None or k == 0 or k in keep}
     failures = writers.read_failures(out / FAILURES_NAME)
     for source in sources:
+        if source in refused:
+            summary.failed.append((str(source), refused[source]))
+            failures[str(source)] = refused[source]
+            bar.update(1)
+            continue
         name = output_name(source)
         targets = writers.output_paths(out, name, output_format, statistics)
         if not overwrite and all(p.exists() for p in targets):
@@ -290,7 +307,7 @@ def predict_seg(
             bar.update(1)
             continue
         try:
-            image, record = load_ct(source.path, series_uid=source.series_uid)
+            image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=inference_spec(loaded.spec))
             local = local_source(source)  # a PACS series: its folder in the series cache
             prepared = network_input(image, loaded, device)
             geometry = image[:, :1, :1, :1].clone()  # keeps the affine, frees the HU volume while predicting

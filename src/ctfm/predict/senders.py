@@ -14,11 +14,11 @@ from pathlib import Path
 import pydicom
 
 from ctfm.errors import CTInputError, optional_import
-from ctfm.io.dicom import index_dicom_folder, quiet_pydicom, select_ct_series
 from ctfm.io.pacs import PacsURL, current_options, parse_pacs_url
 from ctfm.io.pacs.dicomweb import call, client_for
 from ctfm.io.pacs.dimse import associate
-from ctfm.predict.sr import fit_lengths, measurement_report, stamp_seg
+from ctfm.predict.sr import fit_lengths, measurement_report
+from ctfm.predict.writers import dicom_seg_source
 from ctfm.runtime import atomic_path
 
 FEATURE = "sending results to a PACS (--send)"
@@ -79,22 +79,13 @@ def send_datasets(dest: PacsURL, datasets, options=None) -> int:
     return len(datasets)
 
 
-def source_headers(folder: Path, series_uid: str | None) -> list:
-    """The headers of the source series' instances (for the SR's evidence)."""
-    with quiet_pydicom():
-        index = index_dicom_folder(folder)
-        series = select_ct_series(index, folder, series_uid)
-        return [fit_lengths(pydicom.dcmread(str(f), stop_before_pixels=True)) for f in series.files]
-
-
 def send_prediction(dest: str | PacsURL, seg_path: Path, rows: list[dict], source, provenance: dict, options=None):
-    """Stamp the SEG at ``seg_path`` with its derived UIDs, write its SR beside it
-    (``<name>.sr.dcm``), and send both to ``dest``; ``source`` is the local series the SEG references."""
+    """Write the SR of the SEG at ``seg_path`` beside it (``<name>.sr.dcm``) and send both to
+    ``dest``; ``source`` is the local series the SEG references."""
     dest = dest if isinstance(dest, PacsURL) else parse_destination(dest)
-    headers = source_headers(Path(source.path), source.series_uid)
-    series_uid = str(headers[0].SeriesInstanceUID)
+    headers = [fit_lengths(ds) for ds in dicom_seg_source(source).datasets]  # blank UIDs derived, as in the SEG
+    seg = pydicom.dcmread(seg_path)
     sha = str(provenance.get("weights_sha256") or "")
-    seg = stamp_seg(seg_path, series_uid, sha)
     sr_bytes = measurement_report(seg, headers, rows, sha, str(provenance.get("model") or "ctfm"))
     sr_path = seg_path.with_name(seg_path.name[: -len(".dcm")] + SR_SUFFIX)
     with atomic_path(sr_path) as tmp:

@@ -3,20 +3,19 @@
 One measurement group per predicted class (TID 1411), referencing its segment of the DICOM SEG
 and the source series: the class volume in ml, and the mean and standard deviation of HU inside
 it, the same numbers as ``<name>.statistics.json`` (``ctfm predict seg --statistics``).
-UIDs are derived from the source series and the model's weights, so sending a result again
-replaces nothing and duplicates nothing.
+UIDs are derived from the SEG (whose own UIDs are derived from the source series, the weights
+and the prediction), the source series and the weights, so sending a result again duplicates
+nothing.
 """
 
 from __future__ import annotations
 
 import io
-import uuid
-from pathlib import Path
 
-import pydicom
+from pydicom.uid import generate_uid
 
 from ctfm.errors import optional_import
-from ctfm.runtime import atomic_path
+from ctfm.io.dicom import DERIVED_UID_ROOT
 
 FEATURE = "DICOM SR measurement reports (--send)"
 # (value, scheme, meaning): the codes a TID 1500 report of volumes and HU statistics uses
@@ -45,14 +44,10 @@ def fit_lengths(ds):
     return ds
 
 
-UID_NAMESPACE = uuid.UUID("5d1f3c2e-8a4b-4c1e-9f0a-63746d2d7569")  # ctfm's namespace for derived UIDs
-
-
-def derived_uid(kind: str, series_uid: str, weights_sha256: str) -> str:
-    """A UID for ``kind`` (``seg``, ``seg-series``, ``sr``, ...) that is new (2.25 from a hash) and
-    the same for the same source series and weights."""
-    name = "\n".join(["ctfm", kind, str(series_uid), str(weights_sha256)])
-    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"  # a name-based UUID as a UID (PS3.5 B.2)
+def derived_uid(kind: str, *sources: str) -> str:
+    """A new UID for ``kind`` (``sr``, ``sr-series``, ...), the same for the same ``sources`` (the
+    SEG it reports on, the source series, the weights): derived as the SEG's own UIDs are."""
+    return generate_uid(DERIVED_UID_ROOT, [f"ctfm:sr:{kind}", *(str(s) for s in sources)])
 
 
 def measurement_report(seg, source_datasets, rows: list[dict], weights_sha256: str, model: str) -> bytes:
@@ -67,7 +62,7 @@ def measurement_report(seg, source_datasets, rows: list[dict], weights_sha256: s
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid("device", model, weights_sha256), name="ctfm", model_name=model[:64]
+            uid=derived_uid("device", model), name="ctfm", model_name=model[:64]
         ),
     )
     groups = []
@@ -82,7 +77,7 @@ def measurement_report(seg, source_datasets, rows: list[dict], weights_sha256: s
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derived_uid(f"tracking-{number}", series_uid, weights_sha256), identifier=str(row["name"])[:64]
+                    uid=derived_uid(f"tracking-{number}", seg.SOPInstanceUID), identifier=str(row["name"])[:64]
                 ),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=seg.SOPClassUID,
@@ -102,9 +97,9 @@ def measurement_report(seg, source_datasets, rows: list[dict], weights_sha256: s
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg, *source_datasets],
         content=report,
-        series_instance_uid=derived_uid("sr-series", series_uid, weights_sha256),
+        series_instance_uid=derived_uid("series", series_uid, weights_sha256),
         series_number=901,
-        sop_instance_uid=derived_uid("sr", series_uid, weights_sha256),
+        sop_instance_uid=derived_uid("instance", seg.SOPInstanceUID, weights_sha256),
         instance_number=1,
         manufacturer="ctfm",
         series_description=f"ctfm {model} measurements"[:64],
@@ -115,15 +110,3 @@ def measurement_report(seg, source_datasets, rows: list[dict], weights_sha256: s
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def stamp_seg(path: Path, series_uid: str, weights_sha256: str):
-    """Give the DICOM SEG at ``path`` its derived SOP and series UIDs (rewritten in place,
-    atomically); returns the dataset."""
-    seg = fit_lengths(pydicom.dcmread(path))
-    seg.SOPInstanceUID = derived_uid("seg", series_uid, weights_sha256)
-    seg.SeriesInstanceUID = derived_uid("seg-series", series_uid, weights_sha256)
-    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
-    with atomic_path(path) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
-    return seg

@@ -3,7 +3,15 @@ and the checks that a loaded image is a usable CT."""
 
 from ctfm.preprocess.spec import PRESETS, ForegroundCrop, PreprocessSpec, Window, get_preset, list_presets
 from ctfm.preprocess.transforms import build_paired_transforms, build_transforms, preprocess
-from ctfm.preprocess.validate import Check, check_ct, hu_statistics, is_usable, load_usable_ct, require_usable
+from ctfm.preprocess.validate import (
+    Check,
+    check_ct,
+    check_scan,
+    hu_statistics,
+    is_usable,
+    load_usable_ct,
+    require_usable,
+)
 
 __all__ = [
     "PRESETS",
@@ -14,6 +22,7 @@ __all__ = [
     "build_paired_transforms",
     "build_transforms",
     "check_ct",
+    "check_scan",
     "get_preset",
     "hu_statistics",
     "is_usable",

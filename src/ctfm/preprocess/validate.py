@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -12,6 +13,9 @@ from ctfm.io import load_ct
 OK, WARN, ERROR = "ok", "warn", "error"
 SPACING_RANGE_MM = (0.1, 10.0)
 MAX_VOXELS_FOR_PERCENTILES = 4_000_000
+# The most voxels a scan may have once resampled to a preset's spacing (float32: 6 GB). A whole-body
+# CT at 1 mm is about 0.2e9; past this bound the header's geometry is wrong, not the patient.
+MAX_RESAMPLED_VOXELS = 1_500_000_000
 
 
 @dataclass(frozen=True)
@@ -173,15 +177,64 @@ def require_usable(checks: list[Check], path) -> None:
             raise CTInputError(path, c.message, c.fix or "fix the input")
 
 
-def load_usable_ct(path, series_uid: str | None = None):
-    """``load_ct`` + every check; ``(image, record)`` or a :class:`CTInputError` naming the first
-    error. Geometry warnings stay in ``record.warnings`` (batch jobs keep stderr for failures)."""
+def resampled_voxels(shape, spacing_mm, target_mm) -> int:
+    """How many voxels a volume of ``shape`` at ``spacing_mm`` has once resampled to ``target_mm``
+    (``None``: kept as it is), computed from the geometry alone, before anything is allocated.
+    The field of view (shape x spacing) is divided by the target's voxel volume, so the axis
+    order of the target does not matter."""
+    shape = [max(1, int(s)) for s in shape]
+    if target_mm is None:
+        return math.prod(shape)
+    extent_mm3 = math.prod(float(n) * abs(float(sp)) for n, sp in zip(shape, spacing_mm))
+    return int(math.ceil(extent_mm3 / math.prod(float(t) for t in target_mm)))
+
+
+def check_size(shape, spacing_mm, spec) -> Check:
+    """The voxel count of a scan of ``shape`` at ``spacing_mm`` after ``spec``'s resampling, bounded
+    by :data:`MAX_RESAMPLED_VOXELS`."""
+    target = getattr(spec, "spacing_mm", None)
+    n = resampled_voxels(shape[-3:], spacing_mm, target)
+    at = "x".join(f"{t:g}" for t in target) + " mm" if target is not None else "its own spacing"
+    if n > MAX_RESAMPLED_VOXELS:
+        return Check(
+            "size",
+            ERROR,
+            f"{n:.3g} voxels once resampled to {at} ({spec.name}), more than {MAX_RESAMPLED_VOXELS:.3g}",
+            "check the header's spacing and shape, or crop the scan",
+        )
+    return Check("size", OK, f"{n:.3g} voxels at {at}")
+
+
+def require_size(image, spec, path) -> None:
+    """:func:`check_size` of a loaded image (its shape and the spacing of its affine), raised as a
+    :class:`CTInputError` naming ``path``: for callers that hold the image without its record."""
+    affine = np.asarray(image.affine if hasattr(image, "affine") else np.eye(4), dtype=np.float64)
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
+    require_usable([check_size(tuple(image.shape[-3:]), spacing, spec)], path)
+
+
+def check_scan(image, record, spec=None, path=None) -> list[Check]:
+    """The checks every verb applies to a scan before it computes: :func:`check_ct` (3D, finite,
+    not constant, sane spacing, HU, modality) and, given the ``spec`` it will be preprocessed with,
+    the voxel count after resampling. Raises a :class:`CTInputError` naming ``path`` (default: the
+    record's path) and the first error; returns the checks when the scan is usable."""
+    checks = check_ct(image, record)
+    if spec is not None and is_usable(checks):
+        checks.append(check_size(record.shape, record.spacing_mm, spec))
+    require_usable(checks, path if path is not None else record.path)
+    return checks
+
+
+def load_usable_ct(path, series_uid: str | None = None, spec=None):
+    """``load_ct`` + :func:`check_scan`; ``(image, record)`` or a :class:`CTInputError` naming the
+    first error. With ``spec``, the voxel count after its resampling is bounded too. Geometry
+    warnings stay in ``record.warnings`` (batch jobs keep stderr for failures)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image, record = load_ct(path, series_uid=series_uid)
-    require_usable(check_ct(image, record), path)
+    check_scan(image, record, spec, path)
     return image, record
 
 

@@ -140,7 +140,7 @@ def volume_file_name(scan_id: str, preset_hash: str, dtype: str) -> str:
 def preprocessed_volume(source, spec):
     """(volume [D, H, W] float32 numpy, preprocessed MetaTensor, source image, record) of one scan."""
 
-    image, record = load_usable_ct(source.path, series_uid=source.series_uid)
+    image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=spec)
     out = preprocess(image, spec)
     array = out.as_tensor().detach().cpu().numpy() if hasattr(out, "as_tensor") else np.asarray(out)
     if array.ndim == 4 and array.shape[0] == 1:

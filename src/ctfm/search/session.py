@@ -47,7 +47,7 @@ from ctfm.search.query import (
 )
 from ctfm.search.regions import grid_stride, pattern_search, similarity_on_grid, weighted_centre, window_half_extent_mm
 from ctfm.store import open_store
-from ctfm.store.index import StaleIndexError, list_indexes, load_index, prepare_vectors
+from ctfm.store.index import UnusableIndexError, list_indexes, load_index, prepare_vectors
 from ctfm.store.vectors import RunVectors, load_run_vectors, matching_scans, run_digest, select_run
 
 QUERY_SOURCES = ("auto", "centred", "stored")
@@ -209,7 +209,7 @@ class SearchSession:
             return None
         try:
             self._index = load_index(self.store, "scan", run=digest)
-        except StaleIndexError as exc:
+        except UnusableIndexError as exc:  # stale or damaged
             warnings.warn(f"{exc}; searching the store exactly instead", stacklevel=3)
             self._index = None
         return self._index
@@ -220,7 +220,7 @@ class SearchSession:
             self._prepared.move_to_end(path)
             return self._prepared[path]
 
-        image, _ = load_usable_ct(path)
+        image, _ = load_usable_ct(path, spec=self.spec)
         entry = (image, preprocess(image, self.spec))
         self._prepared[path] = entry
         while len(self._prepared) > PREPARED_CACHE:

@@ -4,8 +4,9 @@
 ``.select(level, run=DIGEST, where={"column": value})`` returns one run's vectors as columns.
 """
 
+from ctfm.store.damage import DamagedFileError, StoreWriteError
 from ctfm.store.embeddings import EmbeddingStore, open_store
-from ctfm.store.integrity import Problem, check_store, is_consistent, summarise
+from ctfm.store.integrity import Problem, RepairResult, check_store, is_consistent, repair_store, summarise
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, SCAN_KEY
 from ctfm.store.vectors import RunVectors
 
@@ -13,11 +14,15 @@ __all__ = [
     "RECORD_COLUMNS",
     "RUN_KEY",
     "SCAN_KEY",
+    "DamagedFileError",
     "EmbeddingStore",
     "Problem",
+    "RepairResult",
     "RunVectors",
+    "StoreWriteError",
     "check_store",
     "is_consistent",
     "open_store",
+    "repair_store",
     "summarise",
 ]

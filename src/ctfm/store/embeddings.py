@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ctfm.errors import CTInputError
 from ctfm.runtime import write_parquet_atomic
-from ctfm.store.schema import PATCH_KEY, RUN_KEY, SCAN_KEY, conform, key_digest, run_key_of, schemas
+from ctfm.store.damage import read_parquet, writing
+from ctfm.store.schema import PATCH_KEY, RUN_KEY, SCAN_KEY, key_digest, run_key_of, schemas
 from ctfm.store.vectors import RunVectors, find_run, list_runs, select
 
 STALE_TEMPORARY_SECONDS = 3600  # a writer's temporary older than this belongs to a dead process
@@ -94,6 +95,10 @@ class EmbeddingStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def exclusive(self):
+        """The store's lock, held alone (as compaction and repair hold it): a context manager."""
+        return self._locked(exclusive=True)
+
     # ---- writing -------------------------------------------------------------------------
     def add(self, scan_row: dict, patch_rows: list[dict] | None = None, writer: str = "0") -> str:
         """Write one scan (and its patches) as part files; visible to readers once complete.
@@ -109,14 +114,18 @@ class EmbeddingStore:
         scan_row = {**scan_row, "write_id": write_id}
         key = {k: scan_row[k] for k in SCAN_KEY}
         stem = f"{scan_row['scan_id']}-{key_digest(run_key_of(scan_row))}-w{writer}-{write_id[:12]}"
-        if patch_rows:
-            rows = [{**p, **key, "write_id": write_id} for p in patch_rows]
-            write_parquet_atomic(
-                pa.Table.from_pylist(rows, schema=table_schemas["patches"]), self.parts / f"{stem}.patches.parquet"
-            )
-        write_parquet_atomic(
-            pa.Table.from_pylist([scan_row], schema=table_schemas["scans"]), self.parts / f"{stem}.scans.parquet"
-        )
+        patch_part = self.parts / f"{stem}.patches.parquet"
+        scan_part = self.parts / f"{stem}.scans.parquet"
+        try:
+            if patch_rows:
+                rows = [{**p, **key, "write_id": write_id} for p in patch_rows]
+                with writing(patch_part):
+                    write_parquet_atomic(pa.Table.from_pylist(rows, schema=table_schemas["patches"]), patch_part)
+            with writing(scan_part):
+                write_parquet_atomic(pa.Table.from_pylist([scan_row], schema=table_schemas["scans"]), scan_part)
+        except BaseException:  # no scan part: its patch part would never be read or folded, so it goes too
+            patch_part.unlink(missing_ok=True)
+            raise
         return write_id
 
     def add_failure(
@@ -126,10 +135,9 @@ class EmbeddingStore:
 
         self._ensure()
         row = {"source_path": source_path, "series_uid": series_uid, "error": error, "created_at": created_at}
-        write_parquet_atomic(
-            pa.Table.from_pylist([row], schema=schemas()["failures"]),
-            self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet",
-        )
+        path = self.parts / f"{uuid.uuid4().hex}-w{writer}.failures.parquet"
+        with writing(path):
+            write_parquet_atomic(pa.Table.from_pylist([row], schema=schemas()["failures"]), path)
 
     # ---- reading -------------------------------------------------------------------------
     def _part_files(self, kind: str, committed_scans: list[Path] | None = None) -> list[Path]:
@@ -155,25 +163,22 @@ class EmbeddingStore:
 
     def _read_files(self, kind: str, parts: list[Path], columns: list[str] | None = None):
         """The main file of ``kind`` and ``parts``, concatenated in the current schema (raw rows);
-        with ``columns``, only those columns (in schema order) are read."""
+        with ``columns``, only those columns (in schema order) are read. A damaged file is a
+        one-line :class:`ctfm.store.damage.DamagedFileError` naming it."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         schema = schemas()[kind]
         if columns is not None:
-            schema = pa.schema([field for field in schema if field.name in set(columns)])
+            columns = [field.name for field in schema if field.name in set(columns)]
         tables = []
         main = self.root / f"{kind}.parquet"
         for path in ([main] if main.exists() else []) + list(parts):
             try:
-                if columns is None:
-                    table = pq.read_table(path)
-                else:
-                    present = set(pq.read_schema(path).names)
-                    table = pq.read_table(path, columns=[f.name for f in schema if f.name in present])
-                tables.append(conform(table, schema))
+                tables.append(read_parquet(path, self.root, schema, columns))
             except FileNotFoundError:  # folded into the main file by a concurrent compaction
                 continue
+        if columns is not None:
+            schema = pa.schema([field for field in schema if field.name in set(columns)])
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def raw(self, kind: str):
@@ -229,10 +234,57 @@ class EmbeddingStore:
         return select(self, level, run, where)
 
     def done_keys(self) -> set[tuple]:
-        """``(scan_id, *RUN_KEY)`` of every stored scan row (what a resumed run skips)."""
-        table = self.scans()
+        """``(scan_id, *RUN_KEY)`` of every complete scan row: what a resumed run skips.
+
+        A patches-mode row is complete only while every one of its ``n_patches`` windows is
+        stored (patch indices ``0..n_patches-1`` of its own write). A scan whose rows were lost
+        (a damaged file moved to quarantine by ``ctfm store check --repair``) is therefore not
+        done, and the next ``ctfm embed`` of its source computes it again.
+        """
+        table = self.incomplete_scans(with_complete=True)
         cols = [table.column(k).to_pylist() for k in SCAN_KEY]
         return {(row[0], *run_key_of(dict(zip(RUN_KEY, row[1:])))) for row in zip(*cols)}
+
+    def incomplete_scans(self, with_complete: bool = False):
+        """The current scan rows (key, ``write_id``, ``n_patches``, ``source_path``) missing some of
+        their windows; with ``with_complete``, the complete ones instead. Counted in Arrow, once."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        with self._locked(exclusive=False):
+            scan_parts = self._part_files("scans")
+            scans = _latest(
+                self._read_files("scans", scan_parts, [*SCAN_KEY, "write_id", "n_patches", "source_path"]), SCAN_KEY
+            )
+            patch_parts = self._part_files("patches", committed_scans=scan_parts)
+            windows = self._read_files("patches", patch_parts, ["scan_id", "write_id", "patch_index"])
+        expected = pc.if_else(
+            pc.fill_null(pc.equal(scans.column("mode"), "patches"), False),
+            pc.fill_null(scans.column("n_patches"), 0),
+            pa.scalar(0, pa.int32()),
+        )
+        rows = pa.array(range(scans.num_rows), pa.int64())
+        scans = scans.append_column("_expected", expected).append_column("_row", rows)
+        in_range = pc.and_(pc.greater_equal(windows.column("patch_index"), 0), pc.is_valid(windows.column("write_id")))
+        counts = (
+            windows.filter(in_range)
+            .group_by(["scan_id", "write_id"], use_threads=False)
+            .aggregate([("patch_index", "count_distinct"), ("patch_index", "max")])
+        )
+        joined = scans.join(counts, keys=["scan_id", "write_id"], join_type="left outer", use_threads=False)
+        have = pc.fill_null(joined.column("patch_index_count_distinct"), 0)
+        top = pc.fill_null(joined.column("patch_index_max"), -1)
+        expected = pc.cast(joined.column("_expected"), pa.int64())
+        # n distinct indices >= 0 whose largest is n - 1: exactly 0..n-1
+        complete = pc.and_(
+            pc.equal(pc.cast(have, pa.int64()), expected),
+            pc.equal(pc.cast(top, pa.int64()), pc.subtract(expected, 1)),
+        )
+        complete = pc.or_(complete, pc.equal(expected, 0))
+        keep = joined.filter(complete if with_complete else pc.invert(complete))
+        return keep.take(pc.sort_indices(keep.column("_row"))).select(
+            [*SCAN_KEY, "write_id", "n_patches", "source_path"]
+        )
 
     # ---- maintenance ---------------------------------------------------------------------
     def compact(self) -> None:
@@ -262,8 +314,10 @@ class EmbeddingStore:
                 "failures": self._read_files("failures", listed["failures"]),
             }
             for kind in ("patches", "scans", "failures"):  # patches land before the scans that name them
-                if tables[kind].num_rows or (self.root / f"{kind}.parquet").exists():
-                    write_parquet_atomic(tables[kind], self.root / f"{kind}.parquet")
+                main = self.root / f"{kind}.parquet"
+                if tables[kind].num_rows or main.exists():
+                    with writing(main):  # a failed write leaves the old file and every part in place
+                        write_parquet_atomic(tables[kind], main)
             for kind in ("patches", "scans", "failures"):  # a crash here leaves duplicates, which readers drop
                 for p in listed[kind]:
                     p.unlink(missing_ok=True)

@@ -7,6 +7,13 @@ Files (``STORE/index/``), per level and run digest (format in docs/store.md)::
     <level>-<digest>.<build>.ids.parquet  scan_id, write_id (, patch_index) of every index row
 
 The manifest names its build's files, so a crash mid-build leaves the previous index usable.
+A manifest may name only files of its own index inside ``STORE/index/`` (a plain name starting
+``<level>-<digest>.``, resolving inside the folder): anything else (an absolute path, ``..``, a
+symlink out, another index's file) makes it a damaged manifest, and nothing it names is opened
+or deleted. A damaged index (manifest not JSON or not a manifest, a FAISS or ids file missing,
+truncated or not matching the manifest's sha256 and counts) is a one-line
+:class:`DamagedIndexError`; searches fall back to exact search with a warning, ``ctfm index
+check`` lists it, and ``ctfm index build`` replaces it.
 It records the computation key (model, weights, preset, mode, pool, precision, overlap) and the
 scan rows ``(scan_id, write_id)`` covered; an index is **stale** when the store's rows of that
 run differ (scans added: :func:`update_index` extends it; scans re-embedded or removed: it is
@@ -23,16 +30,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ctfm import __version__
-from ctfm.errors import OptionError, UserError, optional_import
+from ctfm.errors import CTInputError, OptionError, UserError, one_line, optional_import
 from ctfm.runtime import atomic_path, utc_now, write_parquet_atomic, write_text_atomic
+from ctfm.store.damage import DamagedFileError, writing
+from ctfm.store.embeddings import STALE_TEMPORARY_SECONDS
 from ctfm.store.schema import RUN_KEY
 from ctfm.store.vectors import LEVELS, RunVectors, key_dict, load_run_vectors, run_digest, run_scan_table, select_run
 
@@ -42,8 +54,21 @@ FORMAT_VERSION = 1
 INDEX_DIR = "index"
 
 
-class StaleIndexError(UserError):
+MANIFEST_NAME = re.compile(r"(scan|patch)-([0-9a-f]{16})\.json")  # what ctfm writes; other names are not indexes
+HASH_CHUNK = 1 << 22
+
+
+class UnusableIndexError(UserError):
+    """The index cannot answer for the store (stale or damaged): search the store exactly instead."""
+
+
+class StaleIndexError(UnusableIndexError):
     """The store's rows of the index's run changed since the index was built."""
+
+
+class DamagedIndexError(UnusableIndexError, DamagedFileError):
+    """A manifest, FAISS or ids file of the index is damaged, or the manifest names a file outside
+    its own index (refused: nothing it names is opened or deleted)."""
 
 
 class MixedKeysError(UserError):
@@ -93,8 +118,6 @@ class IndexParams:
 def codec_factory(codec: str) -> str:
     """The FAISS factory string of an IVF list codec: ``flat`` -> Flat, ``sq8`` -> SQ8,
     ``pq64`` -> PQ64 (64 sub-vectors of 8 bits), ``pq64x4`` -> PQ64x4."""
-    import re
-
     text = str(codec).lower()
     if text == "flat":
         return "Flat"
@@ -123,9 +146,130 @@ def manifest_path(store, level: str, digest: str) -> Path:
     return index_dir(store) / f"{level}-{digest}.json"
 
 
+def damaged_index(store, path: Path, level: str, digest: str, problem: str) -> DamagedIndexError:
+    """The one-line error of a damaged index file, pointing to ``ctfm index check`` and the rebuild."""
+    return DamagedIndexError(
+        path,
+        f"damaged {level}-level index: {problem}",
+        f"`ctfm index check {store.root}` lists damaged indexes; `ctfm index build {store.root} --level {level} "
+        f"--run {digest}` replaces it",
+    )
+
+
+def index_member(store, level: str, digest: str, name, what: str) -> Path:
+    """The path of ``name``, a file a manifest of index ``level``/``digest`` names, or a
+    :class:`DamagedIndexError`: it must be a plain file name of that index (no folder, no ``..``,
+    not absolute, starting ``<level>-<digest>.``) resolving inside ``STORE/index/`` (no symlink out)."""
+    folder = index_dir(store)
+    where = manifest_path(store, level, digest)
+    prefix = f"{level}-{digest}."
+    if not isinstance(name, str) or not name:
+        raise damaged_index(store, where, level, digest, f"{what} is not a file name ({name!r})")
+    if os.path.isabs(name) or "/" in name or "\\" in name or name in (".", "..") or not name.startswith(prefix):
+        raise damaged_index(
+            store,
+            where,
+            level,
+            digest,
+            f"{what} {name!r} is not a file of this index in {folder} (a manifest names only its own files there; "
+            "refused, nothing it names was opened or deleted)",
+        )
+    if not inside_index_dir(store, folder / name):
+        raise damaged_index(
+            store,
+            where,
+            level,
+            digest,
+            f"{what} {name!r} leads outside {folder} (a symlink; refused, nothing it names was opened or deleted)",
+        )
+    return folder / name
+
+
+def inside_index_dir(store, path: Path) -> bool:
+    """Whether ``path``, symlinks followed, lies in ``STORE/index/``, itself inside the store."""
+    folder = index_dir(store)
+    try:
+        real = folder.resolve()
+        return real.is_relative_to(Path(store.root).resolve()) and path.resolve().is_relative_to(real)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def read_manifest(store, path: Path) -> dict:
+    """The manifest at ``path`` (``<level>-<digest>.json``), checked: JSON, the keys and types
+    ctfm writes, level and digest those of its name, files inside its own index; a one-line
+    :class:`DamagedIndexError` otherwise."""
+    match = MANIFEST_NAME.fullmatch(path.name)
+    level, digest = (match.group(1), match.group(2)) if match else ("scan", "?")
+
+    def damaged(problem: str) -> DamagedIndexError:
+        return damaged_index(store, path, level, digest, problem)
+
+    if not inside_index_dir(store, path):
+        raise damaged(f"the manifest leads outside {index_dir(store)} (a symlink; refused, not read)")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise damaged(f"the manifest is not JSON ({one_line(exc, 100)})") from None
+    if not isinstance(data, dict):
+        raise damaged(f"the manifest is not a JSON object (a {type(data).__name__})")
+    expected = {
+        "format": int,
+        "level": str,
+        "digest": str,
+        "key": dict,
+        "params": dict,
+        "dim": int,
+        "vectors": int,
+        "scans": int,
+        "covered": list,
+        "faiss_file": str,
+        "ids_file": str,
+    }
+    missing = [k for k in expected if k not in data]
+    if missing:
+        raise damaged(f"the manifest lacks {', '.join(missing)}")
+    wrong = [k for k, kind in expected.items() if not isinstance(data[k], kind) or isinstance(data[k], bool)]
+    if wrong:
+        raise damaged(
+            f"the manifest's {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not of the type ctfm writes"
+        )
+    if data["level"] != level or data["digest"] != digest:
+        raise damaged(f"the manifest says index {data['level']}-{data['digest']}, its file name {path.name}")
+    if data.get("format") != FORMAT_VERSION:
+        return data  # another format: load_index says which, and how to rebuild
+    missing_key = [k for k in RUN_KEY if k not in data["key"]]
+    if missing_key:
+        raise damaged(f"the manifest's key lacks {', '.join(missing_key)}")
+    if not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair) for pair in data["covered"]
+    ):
+        raise damaged("the manifest's covered rows are not [scan_id, write_id] pairs")
+    try:
+        IndexParams.from_manifest(data["params"])
+    except (OptionError, TypeError, ValueError) as exc:
+        raise damaged(f"the manifest's params are not valid ({one_line(exc, 100)})") from None
+    for what in ("faiss_file", "ids_file"):
+        index_member(store, level, digest, data[what], what)
+    return data
+
+
 def default_nlist(n: int) -> int:
     """~4 sqrt(N) lists, at most N / 39 (FAISS wants >= 39 training vectors per list)."""
     return max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
+
+
+def check_nlist(params: IndexParams, n: int) -> None:
+    """An ivf index cannot have more lists than vectors to train them on: a one-line :class:`OptionError`."""
+    if params.kind == "ivf" and params.nlist is not None and params.nlist > n:
+        raise OptionError(
+            f"--nlist {params.nlist}: more inverted lists than the {n} vector(s) of this run; give --nlist <= {n} "
+            f"(or leave it out: ~4 sqrt(N), {default_nlist(n)} here)"
+        )
 
 
 def new_faiss_index(dim: int, params: IndexParams, n: int):
@@ -318,6 +462,64 @@ def _ids_table(vectors: RunVectors):
     return pa.table(columns)
 
 
+def write_faiss(faiss_index, path: Path) -> tuple[int, str]:
+    """Write ``faiss_index`` to ``path`` through Python's file object, every write checked:
+    ``(bytes, sha256)``. (``faiss.write_index(index, filename)`` reports a failed final flush only
+    on stderr and leaves a truncated file; here a failed write, flush or close raises.)"""
+    faiss = optional_import("faiss", "search")
+    h = hashlib.sha256()
+    written = 0
+    failure: list[BaseException] = []
+    with open(path, "wb") as fh:
+
+        def write(chunk: bytes) -> None:
+            nonlocal written
+            try:
+                fh.write(chunk)
+            except BaseException as exc:  # FAISS turns it into its own error; keep the real one
+                failure.append(exc)
+                raise
+            h.update(chunk)
+            written += len(chunk)
+
+        try:
+            faiss.write_index(faiss_index, faiss.PyCallbackIOWriter(write))
+        except Exception:
+            if failure:
+                raise failure[0] from None
+            raise
+        fh.flush()
+        os.fsync(fh.fileno())
+    size = path.stat().st_size
+    if size != written:
+        raise OSError(f"{path}: {size} bytes on disk, {written} written")
+    return written, h.hexdigest()
+
+
+def _previous_files(store, level: str, digest: str, keep: set[str]) -> list[Path]:
+    """The files of the index's earlier builds, to delete once the new manifest is in place: the
+    ones its previous manifest names when that manifest is sound (and names only files of this
+    index inside the folder); when it is damaged, the files of this index's name pattern
+    (``<level>-<digest>.<build>.faiss`` / ``.ids.parquet``) in the folder, never what it names."""
+    path = manifest_path(store, level, digest)
+    folder = index_dir(store)
+    try:
+        previous = read_manifest(store, path)
+    except FileNotFoundError:
+        return []
+    except DamagedIndexError as exc:
+        warnings.warn(f"{exc}: replacing it (nothing it names is opened or deleted)", stacklevel=3)
+        pattern = re.compile(rf"{level}-{digest}\.[0-9a-f]{{12}}\.(faiss|ids\.parquet)")
+        return [p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.name not in keep]
+    if previous.get("format") != FORMAT_VERSION:
+        return []
+    return [
+        index_member(store, level, digest, previous[what], what)
+        for what in ("faiss_file", "ids_file")
+        if previous[what] not in keep
+    ]
+
+
 def _write(
     store,
     level: str,
@@ -329,42 +531,66 @@ def _write(
     seconds: float,
     extra: dict | None = None,
 ) -> Path:
+    """Write a build: the FAISS file and the ids, then the manifest that names them (each under
+    a temporary name, renamed only when written, flushed, fsynced and closed), then delete the
+    earlier build's files. A failed write leaves the previous index whole and in use."""
     faiss = optional_import("faiss", "search")
 
     digest = run_digest(key)
     folder = index_dir(store)
+    if folder.is_symlink() and not inside_index_dir(store, folder):
+        raise CTInputError(
+            folder,
+            "leads outside the store (a symlink); refused: an index is written only inside its store",
+            f"make {folder} a folder of the store (or remove the link) and run the command again",
+        )
     folder.mkdir(parents=True, exist_ok=True)
     build = uuid.uuid4().hex[:12]
     stem = f"{level}-{digest}.{build}"
-    with atomic_path(folder / f"{stem}.faiss") as tmp:
-        faiss.write_index(faiss_index, str(tmp))
-    write_parquet_atomic(ids_table, folder / f"{stem}.ids.parquet")
-    manifest = {
-        "format": FORMAT_VERSION,
-        "level": level,
-        "digest": digest,
-        "key": {k: v for k, v in key_dict(key).items()},
-        "params": params.to_dict(),
-        "dim": int(faiss_index.d),
-        "vectors": int(faiss_index.ntotal),
-        "scans": len({s for s, _ in covered}),
-        "covered": sorted([list(pair) for pair in covered]),
-        "rows_sha256": _rows_digest(covered),
-        "faiss_file": f"{stem}.faiss",
-        "ids_file": f"{stem}.ids.parquet",
-        "build_seconds": round(seconds, 3),
-        "created_at": utc_now(),
-        "package_version": __version__,
-        "faiss_version": faiss.__version__,
-        **(extra or {}),
-    }
+    faiss_path, ids_path = folder / f"{stem}.faiss", folder / f"{stem}.ids.parquet"
     path = manifest_path(store, level, digest)
-    previous = json.loads(path.read_text()) if path.exists() else None
-    write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
-    if previous:  # the old build's files, now unreferenced
-        for name in (previous.get("faiss_file"), previous.get("ids_file")):
-            if name and name not in (manifest["faiss_file"], manifest["ids_file"]):
-                (folder / name).unlink(missing_ok=True)
+    try:
+        with writing(faiss_path), atomic_path(faiss_path) as tmp:
+            _, faiss_sha = write_faiss(faiss_index, tmp)
+        with writing(ids_path):
+            write_parquet_atomic(ids_table, ids_path)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "level": level,
+            "digest": digest,
+            "key": {k: v for k, v in key_dict(key).items()},
+            "params": params.to_dict(),
+            "dim": int(faiss_index.d),
+            "vectors": int(faiss_index.ntotal),
+            "scans": len({s for s, _ in covered}),
+            "covered": sorted([list(pair) for pair in covered]),
+            "rows_sha256": _rows_digest(covered),
+            "faiss_file": faiss_path.name,
+            "ids_file": ids_path.name,
+            "faiss_sha256": faiss_sha,
+            "ids_sha256": file_sha256(ids_path),
+            "build_seconds": round(seconds, 3),
+            "created_at": utc_now(),
+            "package_version": __version__,
+            "faiss_version": faiss.__version__,
+            **(extra or {}),
+        }
+        superseded = _previous_files(store, level, digest, keep={faiss_path.name, ids_path.name})
+        with writing(path):
+            write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    except BaseException:  # the new build's files, named by no manifest
+        faiss_path.unlink(missing_ok=True)
+        ids_path.unlink(missing_ok=True)
+        raise
+    for old in superseded:  # the old build's files, now unreferenced
+        old.unlink(missing_ok=True)
+    now = time.time()
+    for stale in folder.glob(".*.partial"):  # temporaries of builds killed mid-write, an hour on
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                stale.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
     return path
 
 
@@ -377,6 +603,7 @@ def build_index(
     key = select_run(store, level, run, where)
     start = time.perf_counter()
     vectors = load_run_vectors(store, level, key)
+    check_nlist(params, len(vectors.vectors))
     x = prepare_vectors(vectors.vectors, params.metric)
     index = new_faiss_index(x.shape[1], params, len(x))
     train_and_add(index, x, params)
@@ -395,7 +622,13 @@ def update_index(
     path = manifest_path(store, level, run_digest(key))
     if not path.exists():
         return build_index(store, level, run=run_digest(key)), "built"
-    index = load_index(store, level, run=run_digest(key), on_stale="ignore")
+    try:
+        index = load_index(store, level, run=run_digest(key), on_stale="ignore")
+    except DamagedIndexError as exc:  # nothing to extend: build it anew, with the params it recorded if any
+        warnings.warn(f"{exc}: rebuilding it", stacklevel=2)
+        with warnings.catch_warnings():  # said once: the build would say it again of a damaged manifest
+            warnings.simplefilter("ignore", UserWarning)
+            return build_index(store, level, _recorded_params(store, path), run=run_digest(key)), "rebuilt"
     state = index.staleness(store)
     if not state.stale:
         return index, "up to date"
@@ -423,6 +656,15 @@ def update_index(
     return load_index(store, level, run=run_digest(key)), "extended"
 
 
+def _recorded_params(store, path: Path) -> IndexParams | None:
+    """The params a (possibly damaged) manifest records, when they can be read; else None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return IndexParams.from_manifest(data["params"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OptionError, RecursionError):
+        return None
+
+
 def _ids_from_arrays(ids: dict, level: str):
     import pyarrow as pa
 
@@ -435,23 +677,93 @@ def _ids_from_arrays(ids: dict, level: str):
     return pa.table(columns)
 
 
-def list_indexes(store) -> list[dict]:
-    """The manifests of every index beside the store."""
+def manifest_files(store) -> list[Path]:
+    """The manifests beside the store (``<level>-<digest>.json``, the names ctfm writes)."""
     folder = index_dir(store)
     if not folder.is_dir():
         return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*-*.json"))]
+    return [p for p in sorted(folder.glob("*-*.json")) if MANIFEST_NAME.fullmatch(p.name)]
+
+
+def list_indexes(store) -> list[dict]:
+    """The manifests of every index beside the store. A damaged one is listed as ``level``,
+    ``digest`` (from its file name), ``path`` and ``damaged`` (the one-line reason), so that a
+    search still finds it, tries it and falls back with that reason."""
+    found = []
+    for path in manifest_files(store):
+        try:
+            found.append(read_manifest(store, path))
+        except FileNotFoundError:  # replaced by a concurrent build
+            continue
+        except DamagedIndexError as exc:
+            level, digest = MANIFEST_NAME.fullmatch(path.name).groups()
+            found.append({"level": level, "digest": digest, "path": str(path), "damaged": str(exc)})
+    return found
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_index_files(store, manifest: dict) -> tuple[object, dict]:
+    """``(faiss index, ids)`` of a checked manifest, each file checked against it (present,
+    readable, its sha256 where the manifest records one, the counts and dimension); a one-line
+    :class:`DamagedIndexError` naming the file otherwise."""
+    faiss = optional_import("faiss", "search")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    level, digest = manifest["level"], manifest["digest"]
+
+    def damaged(path, problem: str) -> DamagedIndexError:
+        return damaged_index(store, path, level, digest, problem)
+
+    files = {what: index_member(store, level, digest, manifest[what], what) for what in ("faiss_file", "ids_file")}
+    for what, path in files.items():
+        if not path.is_file():
+            raise damaged(path, f"the manifest names {path.name}, which is missing")
+        recorded = manifest.get(what.replace("_file", "_sha256"))
+        if recorded and file_sha256(path) != recorded:
+            raise damaged(
+                path, f"{path.name} is not the file the manifest recorded (sha256 differs: truncated or changed)"
+            )
+    try:
+        faiss_index = faiss.read_index(str(files["faiss_file"]))
+    except (RuntimeError, MemoryError, OSError, ValueError) as exc:
+        raise damaged(files["faiss_file"], f"not a readable FAISS index ({one_line(exc, 100)})") from None
+    try:
+        table = pq.read_table(files["ids_file"])
+        ids = {
+            "scan_id": np.asarray(table.column("scan_id").to_pylist(), dtype=object),
+            "write_id": np.asarray(table.column("write_id").to_pylist(), dtype=object),
+        }
+        if level == "patch":
+            ids["patch_index"] = table.column("patch_index").to_numpy().astype(np.int64)
+    except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise damaged(files["ids_file"], f"not a readable ids table ({one_line(exc, 100)})") from None
+    counts = {"FAISS vectors": int(faiss_index.ntotal), "id rows": len(ids["scan_id"])}
+    if len(set(counts.values())) != 1 or int(faiss_index.ntotal) != manifest["vectors"]:
+        shown = ", ".join(f"{v} {k}" for k, v in counts.items())
+        raise damaged(files["faiss_file"], f"{shown}, the manifest records {manifest['vectors']} vectors")
+    if int(faiss_index.d) != manifest["dim"]:
+        raise damaged(files["faiss_file"], f"{faiss_index.d}-d vectors, the manifest records {manifest['dim']}")
+    return faiss_index, ids
 
 
 def load_index(store, level: str = "scan", run: str | None = None, on_stale: str = "error") -> VectorIndex:
     """The index of ``level`` (of run ``run``, or the only one), checked against the store.
 
     ``on_stale``: ``"error"`` (a :class:`StaleIndexError` saying what changed and the command
-    that fixes it), ``"warn"`` or ``"ignore"``.
+    that fixes it), ``"warn"`` or ``"ignore"``. A damaged index is a :class:`DamagedIndexError`
+    whatever ``on_stale`` says.
     """
-    faiss = optional_import("faiss", "search")
-    import pyarrow.parquet as pq
-
+    optional_import("faiss", "search")
     if level not in LEVELS:
         raise OptionError(f"level {level!r}: expected one of {', '.join(LEVELS)}")
     manifests = [m for m in list_indexes(store) if m["level"] == level and (run is None or m["digest"].startswith(run))]
@@ -466,23 +778,21 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
             "choose one with --run DIGEST"
         )
     manifest = manifests[0]
+    if "damaged" in manifest:
+        read_manifest(store, Path(manifest["path"]))  # raises its DamagedIndexError
     if manifest.get("format") != FORMAT_VERSION:
         raise OptionError(
             f"{manifest_path(store, level, manifest['digest'])}: index format {manifest.get('format')} (this ctfm reads "
             f"{FORMAT_VERSION}; rebuild it: ctfm index build {store.root} --level {level})"
         )
-    folder = index_dir(store)
-    faiss_index = faiss.read_index(str(folder / manifest["faiss_file"]))
-    table = pq.read_table(folder / manifest["ids_file"])
-    ids = {
-        "scan_id": np.asarray(table.column("scan_id").to_pylist(), dtype=object),
-        "write_id": np.asarray(table.column("write_id").to_pylist(), dtype=object),
-    }
-    if "patch_index" in table.column_names:
-        ids["patch_index"] = table.column("patch_index").to_numpy().astype(np.int64)
+    faiss_index, ids = open_index_files(store, manifest)
     index = VectorIndex(faiss_index, manifest, ids, manifest_path(store, level, manifest["digest"]))
     if manifest["params"]["kind"] == "ivf":
         ivf = ivf_part(faiss_index)
+        if ivf is None:
+            raise damaged_index(
+                store, index.path, level, manifest["digest"], "the manifest says ivf, the FAISS file holds another kind"
+            )
         ivf.nprobe = min(manifest["params"]["nprobe"], ivf.nlist)
     if on_stale != "ignore":
         state = index.staleness(store)
@@ -490,8 +800,6 @@ def load_index(store, level: str = "scan", run: str | None = None, on_stale: str
             message = f"{index.path}: the {level}-level index is stale: {state.describe()} (run: ctfm index update {store.root} --level {level})"
             if on_stale == "error":
                 raise StaleIndexError(message)
-            import warnings
-
             warnings.warn(message, stacklevel=2)
     return index
 
@@ -512,7 +820,20 @@ def index_status(store, run: str | None = None, where: dict | None = None) -> di
     for manifest in list_indexes(store):
         if (run is not None or where) and (manifest["level"], manifest["digest"]) not in shown:
             continue
-        index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
+        try:
+            index = load_index(store, manifest["level"], run=manifest["digest"], on_stale="ignore")
+        except DamagedIndexError as exc:
+            indexes.append(
+                {
+                    "level": manifest["level"],
+                    "run": manifest["digest"],
+                    "damaged": True,
+                    "stale": True,
+                    "state": str(exc),
+                    "path": str(manifest_path(store, manifest["level"], manifest["digest"])),
+                }
+            )
+            continue
         state = index.staleness(store)
         params = manifest["params"]
         indexes.append(
@@ -524,6 +845,7 @@ def index_status(store, run: str | None = None, where: dict | None = None) -> di
                 "vectors": manifest["vectors"],
                 "scans": manifest["scans"],
                 "created_at": manifest["created_at"],
+                "damaged": False,
                 "stale": state.stale,
                 "state": state.describe(),
                 "added": len(state.added),

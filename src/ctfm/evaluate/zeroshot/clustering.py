@@ -9,6 +9,7 @@ unit vectors) against the labels.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from ctfm.evaluate.zeroshot.inputs import (
 from ctfm.evaluate.zeroshot.retrieval import ORGANMNIST_LABELS, load_organmnist3d
 from ctfm.io.hashing import file_sha256
 from ctfm.io.tables import read_table
+from ctfm.runtime import require_output_dir
 
 PAPER_NOTE = "CT-FM publishes a t-SNE figure of OrganMNIST3D embeddings coloured by organ and no clustering number"
 
@@ -126,6 +128,15 @@ def umap_2d(vectors: np.ndarray, seed: int = 42, n_neighbors: int = 15) -> np.nd
         return reducer.fit_transform(np.asarray(vectors, dtype=np.float32))
 
 
+def check_clustering_options(k, perplexity, batch_size: int = 1, limit=None) -> None:
+    """Refuse settings the metrics and figures cannot use (one-line :class:`OptionError`), before any work."""
+    for name, value in (("--k", k), ("--batch-size", batch_size), ("--limit", 1 if limit is None else limit)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise OptionError(f"{name} {value!r}: expected a whole number >= 1")
+    if not isinstance(perplexity, (int, float)) or not math.isfinite(perplexity) or perplexity <= 0:
+        raise OptionError(f"--perplexity {perplexity!r}: expected a finite number > 0 (CT-FM: 100)")
+
+
 def run_clustering(
     vectors: np.ndarray,
     labels,
@@ -139,6 +150,7 @@ def run_clustering(
 ) -> ClusteringResult:
     """Metrics, t-SNE and UMAP figures, results.json and report.html in ``out``."""
 
+    check_clustering_options(k, perplexity)
     labels = np.asarray([str(v) for v in labels])
     metrics = clustering_metrics(vectors, labels, k, seed)
     out = Path(out)
@@ -245,6 +257,8 @@ def evaluate_clustering(
     (``organmnist=NPZ``) encoded with ``weights``; see :func:`run_clustering`."""
     if bool(organmnist) == bool(store):
         raise OptionError("clustering: give either STORE --labels SHEET or --organmnist NPZ")
+    check_clustering_options(k, perplexity, batch_size, limit)
+    out = require_output_dir(out, "clustering output folder")
     if organmnist:
         vectors, names, prov = organmnist_vectors(organmnist, weights, model, seed, device, batch_size, limit)
         title = "OrganMNIST3D"

@@ -103,7 +103,7 @@ def run_concepts(
     body_level = (BODY_HU - window.low_hu) / (window.high_hu - window.low_hu)
     dense, prepared_images, masks, hashes = [], [], [], []
     for scan in scans:
-        image, _ = load_usable_ct(scan)
+        image, _ = load_usable_ct(scan, spec=spec)
         hashes.append(content_hash(image))
         features = embed_dense(encoder, image, EmbedOptions(mode="dense", spec=spec, device=device))
         prepared = preprocess(image, spec)

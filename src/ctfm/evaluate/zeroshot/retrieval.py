@@ -524,9 +524,10 @@ def labelled_volume(image_path, labels_path, spec=None):
     """``(volume [S, P, L] in [0, 1], labels on that grid, {value: name}, affine)``: a scan
     preprocessed with ``spec`` (default ct-fm-patches) and its label map put on the same grid."""
 
-    image, _ = load_usable_ct(image_path)
+    spec = spec or get_preset("ct-fm-patches")
+    image, _ = load_usable_ct(image_path, spec=spec)
     labels = load_labels(labels_path, image)
-    prepared = preprocess(image, spec or get_preset("ct-fm-patches"))
+    prepared = preprocess(image, spec)
     affine = np.asarray(prepared.affine, np.float64)
     on_grid = (
         onto_grid(

@@ -25,6 +25,7 @@ from ctfm.evaluate.zeroshot.inputs import ZeroShotResult, load_eval_encoder, wri
 from ctfm.io import load_labels, save_nifti
 from ctfm.io.hashing import content_hash
 from ctfm.preprocess import get_preset, load_usable_ct, preprocess
+from ctfm.runtime import require_output_dir
 
 MASK_SIZE, OVERLAP = 10, 0.25
 SALIENCY_SPACING_MM = (3.0, 3.0, 3.0)
@@ -117,12 +118,28 @@ def saliency_figure(image: np.ndarray, saliency: np.ndarray, affine: np.ndarray,
     return overlay_figure(image, norm, affine, path, title, centre_voxel=peak, base_range=(0.0, 0.5))
 
 
-def saliency_in_label(saliency: np.ndarray, labels: np.ndarray) -> dict:
-    """How much saliency falls inside ``labels > 0`` (same grid): mean inside / outside, their
-    ratio, and the fraction of the top-1 % voxels inside."""
+def require_inside_and_outside(labels: np.ndarray) -> np.ndarray:
+    """``labels > 0``, refused unless it holds voxels both inside and outside the label."""
     inside = labels > 0
     if not inside.any() or inside.all():
         raise OptionError("the label map must have voxels both inside and outside the label on the saliency grid")
+    return inside
+
+
+def check_saliency_options(mask_size: int, overlap: float, n_batch: int) -> None:
+    """Refuse occlusion settings that cannot run (one-line :class:`OptionError`), before any work."""
+    if not isinstance(mask_size, int) or isinstance(mask_size, bool) or mask_size < 1:
+        raise OptionError(f"--mask-size {mask_size!r}: expected a whole number of voxels >= 1")
+    if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 1:
+        raise OptionError(f"--batch {n_batch!r}: expected a whole number of occluded copies per pass >= 1")
+    if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
+        raise OptionError(f"--overlap {overlap!r}: expected a fraction in [0, 1)")
+
+
+def saliency_in_label(saliency: np.ndarray, labels: np.ndarray) -> dict:
+    """How much saliency falls inside ``labels > 0`` (same grid): mean inside / outside, their
+    ratio, and the fraction of the top-1 % voxels inside."""
+    inside = require_inside_and_outside(labels)
     top = saliency >= np.quantile(saliency, 0.99)
     mean_in, mean_out = float(saliency[inside].mean()), float(saliency[~inside].mean())
     return {
@@ -151,17 +168,25 @@ def run_saliency(
     """Saliency of one scan: ``saliency.nii.gz`` on the input grid, overlays, results.json, report.html."""
     from monai.data import MetaTensor
 
-    image, record = load_usable_ct(scan)
-    if encoder is None:
-        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
+    check_saliency_options(mask_size, overlap, n_batch)
+    out = require_output_dir(out, "saliency output folder")
     spec = saliency_spec()
+    image, record = load_usable_ct(scan, spec=spec)
     prepared = preprocess(image, spec)
-    volume = prepared.as_tensor()[None].to(device)
-    saliency = occlusion_saliency(encoder, volume, mask_size, overlap, n_batch)
     prepared_affine = np.asarray(prepared.affine, np.float64)
     image_affine = np.asarray(image.affine, np.float64)
+    on_prepared = None
+    if labels is not None:  # refused before the occlusion runs and before anything is written
+        label_map = load_labels(labels, image)
+        on_prepared = onto_grid(
+            np.asarray(label_map.labels[0], np.float32), image_affine, prepared_affine, prepared.shape[1:], order=0
+        )
+        require_inside_and_outside(on_prepared)
+    if encoder is None:
+        encoder, weights_fields = load_eval_encoder(weights, model, seed, device)
+    volume = prepared.as_tensor()[None].to(device)
+    saliency = occlusion_saliency(encoder, volume, mask_size, overlap, n_batch)
     on_input = onto_grid(saliency, prepared_affine, image_affine, image.shape[1:])
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     nifti = save_nifti(
         MetaTensor(torch.from_numpy(on_input)[None], affine=torch.from_numpy(image_affine)), out / "saliency.nii.gz"
@@ -200,11 +225,7 @@ def run_saliency(
         "paper": PAPER_NOTE,
         "figures": [figure.name],
     }
-    if labels is not None:
-        label_map = load_labels(labels, image)
-        on_prepared = onto_grid(
-            np.asarray(label_map.labels[0], np.float32), image_affine, prepared_affine, saliency.shape, order=0
-        )
+    if on_prepared is not None:
         results["in_label"] = saliency_in_label(saliency, on_prepared)
         report.heading(f"Inside the label ({Path(labels).name})").table(
             [{"figure": k, "value": v} for k, v in results["in_label"].items()], digits=4

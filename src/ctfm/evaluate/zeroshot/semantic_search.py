@@ -193,7 +193,7 @@ def semantic_search_cases(
     spec = spec or search_spec()
     maps = []
     for scan in scans:
-        image, _ = load_usable_ct(scan["image"])
+        image, _ = load_usable_ct(scan["image"], spec=spec)
         label_map = load_labels(scan["labels"], image)
         maps.append(
             {
