@@ -32,6 +32,10 @@ VERBS = {
     "finetune": ("ctfm.cli.finetune", "fine-tune a CT-FM model on labelled scans (segmentation, classification)"),
     "index": ("ctfm.cli.index", "build, update and inspect the FAISS index beside a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
+    "listen": (
+        "ctfm.cli.listen",
+        "run a DICOM node: receive series by C-STORE, embed / predict each, send results back",
+    ),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "predict": (
         "ctfm.cli.predict",
