@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -62,7 +64,7 @@ def free_port() -> int:
 class Orthanc:
     """One Orthanc process; ``dicomweb`` and ``dimse`` are its ctfm addresses."""
 
-    def __init__(self, folder: Path, ctfm_port: int | None = None, check_called_aet: bool = True):
+    def __init__(self, folder: Path, ctfm_port: int | None = None, check_called_aet: bool = True, tls: bool = False):
         self.binary, plugin = require_pacs_tools()
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -160,3 +162,63 @@ class Orthanc:
         found = self.rest("/tools/lookup", method="POST", data=series_uid.encode())
         series_id = next(item["ID"] for item in found if item["Type"] == "Series")
         return list(self.rest(f"/series/{series_id}")["Instances"])
+
+
+class TLSProxy:
+    """HTTPS in front of Orthanc's HTTP port (Debian's Orthanc build crashes serving TLS itself): a
+    real TLS server on 127.0.0.1 with a fresh self-signed certificate (openssl), forwarding bytes.
+    ``ca_file`` is the certificate a client must be given; ``dicomweb`` the https address."""
+
+    def __init__(self, folder: Path, target_port: int):
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl is not installed (needed for the TLS test)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ca_file, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(self.ca_file)]
+            + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(self.ca_file), str(key))
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dicomweb = f"dicomweb:https://127.0.0.1:{self.port}/dicom-web"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client) -> None:
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):  # the client refused our certificate: that is the point
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(upstream, tls), daemon=True).start()
+        pump(tls, upstream)
+
+    def close(self) -> None:
+        self.listener.close()

@@ -19,7 +19,7 @@ from conftest import data_path
 from ctfm.errors import CTInputError, OptionError
 from ctfm.io.pacs import PacsOptions, SeriesCache, fetch_series, parse_pacs_url, parse_query, use_options
 from ctfm.io.sources import discover_inputs
-from pacs_server import PASSWORD, USER, Orthanc, free_port
+from pacs_server import PASSWORD, USER, Orthanc, TLSProxy, free_port
 
 SERIES = "sarcoma_ct/STS_019/dicom/image"
 
@@ -260,3 +260,43 @@ def test_cli_embed_info_and_resume_from_the_pacs(pacs, tmp_path, run_cli, tiny_w
     code, out, err = run_cli("info", pacs.dicomweb, "--user", USER, "--password-file", str(wrong))
     assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "HTTP 401" in err and "nope" not in err
+
+
+@pytest.mark.slow
+def test_cli_cohort_scan_manifest_embed_and_search_by_address(pacs, tmp_path, run_cli, tiny_weights, local):
+    record = local[1]
+    address = f"{pacs.dicomweb}/studies/{record.study_uid}/series/{record.series_uid}"
+    password = tmp_path / "password.txt"
+    password.write_text(PASSWORD + "\n")
+    auth = ["--user", USER, "--password-file", str(password), "--cache-dir", str(tmp_path / "cache")]
+    manifest, store = tmp_path / "archive.parquet", tmp_path / "store"
+    code, out, err = run_cli("cohort", "scan", pacs.dicomweb, "--out", manifest, "--no-progress", *auth)
+    assert code == 0, err
+    rows = ctfm.io.read_table(manifest).to_pylist()
+    assert [(r["path"], r["error"], r["SeriesInstanceUID"]) for r in rows] == [(address, None, record.series_uid)]
+    # the manifest of PACS addresses feeds embed; the series from disk goes into the same store
+    code, out, err = run_cli(
+        "embed", manifest, data_path(SERIES), "--weights", tiny_weights, "--out", store, "--no-progress", *auth
+    )
+    assert code == 0 and "embedded 2 scan(s)" in out, err
+    code, out, err = run_cli("search", store, "--scan", address, "-k", "1", "--json", *auth)
+    assert code == 0, err
+    (hit,) = json.loads(out)
+    assert hit["source_path"] == str(data_path(SERIES).resolve()) or hit["source_path"] == str(data_path(SERIES))
+    assert hit["score"] == pytest.approx(1.0, abs=1e-5)  # the same voxels from disk and from the PACS
+
+
+@pytest.mark.slow
+def test_https_verifies_against_the_ca_file_and_never_downgrades(pacs, tmp_path, local):
+    proxy = TLSProxy(tmp_path / "tls", pacs.http_port)
+    try:
+        with use_options(options(tmp_path, retries=0)), pytest.raises(CTInputError) as info:
+            discover_inputs([proxy.dicomweb])  # a self-signed certificate the system does not trust
+        assert str(info.value).startswith(proxy.dicomweb + ": ")
+        assert "TLS certificate check failed" in str(info.value) and "--ca-file" in str(info.value)
+        with use_options(options(tmp_path, ca_file=str(proxy.ca_file))):
+            (source,) = discover_inputs([proxy.dicomweb])
+            image, record = ctfm.load_ct(source.path)
+        assert record.series_uid == local[1].series_uid and source.path.startswith("dicomweb:https://")
+    finally:
+        proxy.close()

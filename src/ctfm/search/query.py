@@ -62,8 +62,10 @@ def resolve_scan(scans: dict, text: str, store_root) -> ScanRef:
     if text in scans:
         return ScanRef(text, text, scans[text], None)
     if is_pacs_url(text):  # a series on a PACS: its row when the store has it, else embedded as a file is
-        sid = ScanSource(text).scan_id
-        return ScanRef(text, sid, scans[sid], None) if sid in scans else ScanRef(text, None, None, text)
+        for scan_id, row in scans.items():
+            if row.get("source_path") == text:
+                return ScanRef(text, scan_id, row, None)
+        return ScanRef(text, None, None, text)
     path = Path(text)
     if path.exists():
         sid = ScanSource(str(path)).scan_id
