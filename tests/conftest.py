@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+# The app's test helpers (stores of phantoms, real servers) serve tests/app and the hostile corpus;
+# test folders are not packages, so their folder goes on the path once, here.
+APP_TEST_HELPERS = str(Path(__file__).resolve().parent / "app")
+if APP_TEST_HELPERS not in sys.path:
+    sys.path.insert(0, APP_TEST_HELPERS)
 
 # The real scans live beside the repository (../shared/data), never inside it.
 SHARED_DATA = Path(os.environ.get("CTFM_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -564,3 +564,18 @@ def test_the_display_folder_keeps_to_its_budget(built, tmp_path):
     state.warm_up().join(timeout=120)
     assert len(list((store / "app-cache").glob("*.npy"))) == 1  # room for one scan, not two
     assert state.volumes.get(state.order[2]).shape == (48, 40, 30)  # the others still open, from their sources
+
+
+def test_scan_sizes_are_checked_against_the_voxel_limit_and_the_free_memory():
+    from ctfm.app.uploads import WORKING_BYTES_PER_VOXEL, UploadRefused, check_scan_size
+
+    voxels = 512 * 512 * 300
+    check_scan_size("a.nii", "its header", voxels, voxels * 2, max_voxels=voxels, available=2**40)  # fits
+    with pytest.raises(UploadRefused) as refused:
+        check_scan_size("a.nii", "its header", voxels + 1, voxels * 2, max_voxels=voxels, available=2**40)
+    assert refused.value.status == 413 and "--max-voxels" in str(refused.value)
+    need = voxels * (2 + WORKING_BYTES_PER_VOXEL)
+    with pytest.raises(UploadRefused) as refused:
+        check_scan_size("a.nii", "its header", voxels, voxels * 2, max_voxels=10**12, available=need - 1)
+    assert refused.value.status == 413 and "GiB of memory" in str(refused.value)
+    check_scan_size("a.nii", "its header", voxels, voxels * 2, max_voxels=10**12, available=need)

@@ -258,6 +258,7 @@ def test_a_checkpoint_with_the_old_optimizer_keys_loads(tmp_path):
 
 def _unnamed_manifest(tmp_path, masks: dict[str, np.ndarray]):
     image = np.full((10, 10, 6), -300, np.int16)
+    image[0] = -1000  # a usable CT (a blank one is refused before its labels are read)
     _nifti(image, tmp_path / "ct.nii.gz")
     rows = ["name,image,label"]
     for name, mask in masks.items():

@@ -373,6 +373,18 @@ def test_a_zipped_dicom_bomb_is_refused_from_its_headers(served, tmp_path):
     assert vm_kib(served.pid, "VmRSS") - rss < 64 * 1024
 
 
+@pytest.mark.slow
+def test_a_zip_of_many_empty_files_is_refused_before_its_directory_is_read(served):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(25_000):  # 25,000 directory entries: parsed, each costs the server memory
+            archive.writestr(f"{i}", b"")
+    assert len(buffer.getvalue()) < 3 * 2**20
+    before = fingerprint(served.store)
+    refused(upload(served.port, "many.zip", buffer.getvalue()), 413, "25,000 files", "20,000")
+    assert fingerprint(served.store) == before
+
+
 def test_a_huge_json_body_is_refused_by_its_length(served):
     with socket.create_connection(("127.0.0.1", served.port), timeout=20) as sock:
         sock.sendall(

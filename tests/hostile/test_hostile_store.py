@@ -190,8 +190,13 @@ def test_an_embed_killed_mid_run_leaves_a_readable_store_that_resume_completes(h
     assert run_cli(*embed_argv(hostile_store, store, broken=True)).returncode == 1
     assert rows_of(store) == clean
     # the killed run's part, damaged: repaired, then recomputed
-    garbage(sorted((killed / "parts").glob("*.scans.parquet"))[0])
-    assert run_cli("store", "check", "--repair", killed).returncode in (0, 1)
+    part = sorted((killed / "parts").glob("*.scans.parquet"))[0]
+    garbage(part)
+    repaired = run_cli("store", "check", "--repair", "--json", killed)
+    report = json.loads(repaired.stdout)["repair"]
+    lost = part.name.removesuffix(".scans.parquet").rsplit("-", 3)[0]
+    assert {"scan_id": lost, "source_path": None} in report["recompute"]  # its only row went with the part
+    assert {m["file"] for m in report["moved"]} >= {f"parts/{part.name}"}
     assert run_cli(*embed_argv(hostile_store, killed, broken=True)).returncode == 1
     assert rows_of(killed) == clean
 

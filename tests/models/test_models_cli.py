@@ -58,7 +58,10 @@ def test_init_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsys):
     "argv, message",
     [
         (["models", "init", "no-such-model", "--out", "x"], "unknown model 'no-such-model'"),
-        (["models", "init", "ct-fm", "--out", "x", "--init-filters", "0"], "--init-filters must be a positive integer"),
+        (
+            ["models", "init", "ct-fm", "--out", "x", "--init-filters", "0"],
+            "--init-filters 0: expected a whole number >= 1",
+        ),
         (
             ["models", "init", "ct-fm", "--out", "x", "--out-channels", "3"],
             "--out-channels applies to segmentation models",

@@ -37,6 +37,8 @@ from ctfm.app.security import ECHO_LIMIT
 from ctfm.errors import CTInputError
 
 UNPACKED_LIMIT_FACTOR = 8  # a zip may unpack to at most this many times the upload limit
+MAX_ZIP_MEMBERS = 20_000  # files of one zipped series (a CT series has hundreds, a few thousand at most)
+ZIP_ENTRY_BYTES = 512  # bytes a directory entry may take on average (46 + its name and extra fields)
 DEFAULT_MAX_VOXELS = 512 * 512 * 2048  # 2^29: a 512 x 512 x 2048 (or 1024 x 1024 x 512) scan
 # Memory one voxel costs while an upload is embedded, besides its decoded value: the float32 HU
 # volume, the int16 display grid, the preprocessed float32 volume and slack for resampling.
@@ -243,8 +245,38 @@ def unsafe_member(name: str) -> str | None:
     return None
 
 
+def zip_directory(path: Path) -> tuple[int, int] | None:
+    """``(members, bytes)`` that a zip's end record declares for its central directory (zip64
+    too), read from the file's last bytes without parsing the directory; None when there is no
+    end record (a damaged zip)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (22 + 65535)))
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return None
+        count, directory = struct.unpack("<HI", tail[at + 10 : at + 16])
+        if (count == 0xFFFF or directory == 0xFFFFFFFF) and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":
+            f.seek(struct.unpack("<Q", tail[at - 12 : at - 4])[0])
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                count, directory = struct.unpack("<QQ", record[32:48])
+    return count, directory
+
+
 def check_zip(path: Path, filename: str, max_unpacked: int) -> list[zipfile.ZipInfo]:
-    """The file members of a safe zip; :class:`UploadRefused` for a damaged or unsafe one."""
+    """The file members of a safe zip; :class:`UploadRefused` for a damaged or unsafe one (among
+    them a directory of more than ``MAX_ZIP_MEMBERS`` entries, refused before it is parsed)."""
+    declared = zip_directory(path)
+    if declared is not None and (declared[0] > MAX_ZIP_MEMBERS or declared[1] > MAX_ZIP_MEMBERS * ZIP_ENTRY_BYTES):
+        raise UploadRefused(
+            filename,
+            f"the zip's directory declares {declared[0]:,} files in {declared[1]:,} bytes, more than the "
+            f"{MAX_ZIP_MEMBERS:,} files of a series",
+            "zip one DICOM series",
+            status=413,
+        )
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import sys
 
-from ctfm.cli import device, nonnegative_float, positive_float, positive_int
+from ctfm.cli import device, nonnegative_float, port, positive_float, positive_int
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", metavar="STORE", help="store folder with patch embeddings")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument(
         "--max-upload-mb", type=positive_float, default=512, help="largest upload accepted, MiB (default 512)"
     )
@@ -97,10 +97,6 @@ def run(args) -> int:
 
     run_digest, where = run_selection(args)
 
-    if not 0 <= args.port <= 65535:
-        from ctfm.errors import OptionError
-
-        raise OptionError(f"--port {args.port}: expected 0..65535")
     limits = {"max_voxels": args.max_voxels, "search_seconds": args.search_seconds}
 
     def announce(url: str, state) -> None:

@@ -496,6 +496,19 @@ def write_faiss(faiss_index, path: Path) -> tuple[int, str]:
     return written, h.hexdigest()
 
 
+def writable_index_dir(store) -> Path:
+    """``STORE/index/``, unless it is a link out of the store (refused in one line: an index is
+    written, and its old files deleted, only inside its store)."""
+    folder = index_dir(store)
+    if folder.is_symlink() and not inside_index_dir(store, folder):
+        raise CTInputError(
+            folder,
+            "leads outside the store (a symlink); refused: an index is written only inside its store",
+            f"make {folder} a folder of the store (or remove the link) and run the command again",
+        )
+    return folder
+
+
 def _previous_files(store, level: str, digest: str, keep: set[str]) -> list[Path]:
     """The files of the index's earlier builds, to delete once the new manifest is in place: the
     ones its previous manifest names when that manifest is sound (and names only files of this
@@ -537,13 +550,7 @@ def _write(
     faiss = optional_import("faiss", "search")
 
     digest = run_digest(key)
-    folder = index_dir(store)
-    if folder.is_symlink() and not inside_index_dir(store, folder):
-        raise CTInputError(
-            folder,
-            "leads outside the store (a symlink); refused: an index is written only inside its store",
-            f"make {folder} a folder of the store (or remove the link) and run the command again",
-        )
+    folder = writable_index_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
     build = uuid.uuid4().hex[:12]
     stem = f"{level}-{digest}.{build}"
@@ -601,6 +608,7 @@ def build_index(
     (``run``/``where`` pick the run, as :meth:`ctfm.store.EmbeddingStore.find_run`)."""
     params = params or IndexParams()
     key = select_run(store, level, run, where)
+    writable_index_dir(store)
     start = time.perf_counter()
     vectors = load_run_vectors(store, level, key)
     check_nlist(params, len(vectors.vectors))
@@ -619,6 +627,7 @@ def update_index(
     (only new scans: their vectors are added; ivf keeps its trained lists) or "rebuilt" (scans
     re-embedded or removed, or no index yet)."""
     key = select_run(store, level, run, where)
+    writable_index_dir(store)
     path = manifest_path(store, level, run_digest(key))
     if not path.exists():
         return build_index(store, level, run=run_digest(key)), "built"

@@ -296,7 +296,7 @@ class RepairResult(Result):
 
 def _part_scan_id(path: Path) -> str | None:
     """The scan id a part file's name starts with (``<scan_id>-<key digest>-w<writer>-<write>``)."""
-    stem = path.name.split(".", 1)[0]
+    stem = path.name.removesuffix(".scans.parquet")  # a DICOM series id (`#1.2.840...`) holds dots
     pieces = stem.rsplit("-", 3)
     return pieces[0] if len(pieces) == 4 else None
 
@@ -334,8 +334,9 @@ def repair_store(store: EmbeddingStore) -> RepairResult:
         folder, moved = quarantine(store.root, entries)
         store.parts.mkdir(parents=True, exist_ok=True)  # the folder stays a store with its main files gone
     recompute = [] if folder is None else store.incomplete_scans().select(["scan_id", "source_path"]).to_pylist()
-    present = {r["scan_id"] for r in recompute}
-    recompute += [{"scan_id": i, "source_path": None} for i in sorted(lost_ids - present)]
+    if lost_ids:  # a lost part's scan with no row left (an earlier write's row, if any, stands)
+        present = set(store.scans(columns=["scan_id"]).column("scan_id").to_pylist())
+        recompute += [{"scan_id": i, "source_path": None} for i in sorted(lost_ids - present)]
     result = RepairResult(
         str(store.root),
         moved=moved,
