@@ -6,7 +6,7 @@ Measures, in one process on one machine:
   (C-GET), MB/s of instance files written;
 - embedding: ``ctfm.embed`` of the series from disk against the same series from Orthanc (cold
   cache: retrieval included; warm cache), whole mode, full-size CT-FM architecture with random
-  weights (seed 0), fp32, each the median of ``--repeats`` runs;
+  weights (seed 0; ``--init-filters`` narrows it), fp32, each the median of ``--repeats`` runs;
 - the node: ``ctfm listen --embed`` receiving ``--node-series`` copies of the series (new UIDs) from
   dcmtk's storescu, series per minute from the first instance sent to the last series logged
   (``--idle`` 1 s included per series).
@@ -71,16 +71,24 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--node-series", type=int, default=3)
+    parser.add_argument(
+        "--init-filters", type=int, default=32, help="encoder width (32: CT-FM's; smaller for a loaded machine)"
+    )
     args = parser.parse_args()
     disk = Path(args.data) / SERIES
     files = sorted(disk.glob("*.dcm"))
     work = Path(tempfile.mkdtemp(prefix="ctfm-pacs-bench-"))
     weights = work / "weights"
     subprocess.run(
-        [sys.executable, "-m", "ctfm", "models", "init", "ct-fm", "--seed", "0", "--out", str(weights)], check=True
+        [sys.executable, "-m", "ctfm", "models", "init", "ct-fm", "--seed", "0", "--out", str(weights)]
+        + ["--init-filters", str(args.init_filters)],
+        check=True,
     )
     encoder = ctfm.create_model("ct-fm", weights=str(weights))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {load}; encoder init_filters {args.init_filters}"
+    )
     pacs = Orthanc(work / "orthanc").start()
     try:
         pacs.upload(files)
@@ -127,6 +135,7 @@ def main() -> None:
             subprocess.run(["storescu", "-aec", "CTFM", "127.0.0.1", str(port), *map(str, paths)], check=True)
         out, _ = node.communicate(timeout=3600)
         total = time.perf_counter() - t0
+        print(f"load after: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
         print(out.strip().splitlines()[-1])
         print(
             f"node: {args.node_series} series x 47 instances in {total:.1f} s, {60 * args.node_series / total:.2f} series/min"
