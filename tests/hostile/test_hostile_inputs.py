@@ -342,3 +342,18 @@ def test_finetune_seg_bounds_the_resampled_size(tmp_path, run_cli):
         "voxels once resampled",
     )
     assert not (out / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- a full disk outside the store
+
+
+def test_a_write_past_the_file_size_limit_is_one_line_in_any_verb(tmp_path):
+    """EFBIG (a write past ``ulimit -f``) is the user's disk, not a bug: one line, exit 2, in a verb
+    that writes no store (``ctfm synth``), as ENOSPC is."""
+    from hostile_stores import run_limited
+
+    result = run_limited(64 * 1024, "sys.exit(main(sys.argv[2:]))", "synth", "--out", tmp_path / "phantoms")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], result.stderr
+    assert "free space" in lines[0]

@@ -289,8 +289,10 @@ def test_weighted_centre_and_pattern_search_on_known_landscapes():
     from ctfm.search.regions import pattern_search, weighted_centre
 
     centres = np.array([[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [100, 0, 0]])
-    point, best = weighted_centre(centres, np.array([0.5, 1.0, 0.9, 0.0]), np.array([10.0, 10, 10]), sharpness=10.0)
-    # spread = 1.0 - median 0.7; weights exp(-10 * (1 - s) / 0.3) over the windows overlapping the best (not the one at 100)
+    point, best = weighted_centre(
+        centres, np.array([0.5, 1.0, 0.9, 0.0]), np.array([10.0, 10, 10]), sharpness=10.0, ceiling=None
+    )
+    # No ceiling (scores not cosines): spread = 1.0 - median 0.7; weights exp(-10 * (1 - s) / 0.3) over the windows overlapping the best (not the one at 100)
     w = np.exp(-10 * (1.0 - np.array([0.5, 1.0, 0.9])) / 0.3)
     assert best == 1
     np.testing.assert_allclose(point, [(w * [0.0, 10, 20]).sum() / w.sum(), 0, 0])

@@ -60,6 +60,7 @@ USER_OS_ERRNOS = {
     errno.EISDIR,
     errno.EEXIST,
     errno.ENOSPC,
+    errno.EFBIG,  # a file over the file-size limit (ulimit -f) or the filesystem's: full disk's cousin
     errno.EROFS,
     errno.EDQUOT,
     errno.ENAMETOOLONG,

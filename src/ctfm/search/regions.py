@@ -6,12 +6,16 @@ exactly:
 
 - :func:`weighted_centre` (no model needed): the centre of the best window and of the windows
   overlapping it, weighted by ``exp((s - s_best) / temperature)`` over the ``top`` best of them.
-  Moves the answer off the window grid, towards where similarity is high.
+  Moves the answer off the window grid, towards where similarity is high; an exact match
+  (cosine 1) keeps its own centre.
 - :func:`pattern_search` (needs the encoder and the preprocessed target): windows at candidate
   positions are embedded and compared; from the best window and the weighted centre, the
   best candidate moves among its 26 neighbours by steps that start at half the grid stride and
-  halve down to one voxel. This recovers the point to within a voxel
-  when the same anatomy is present, wherever the grid happens to fall.
+  halve down to one voxel, and the best position ever scored is the answer.
+
+A hit is "the same place relative to the query's window": the click's offset from the centre of
+the query window, in that window's voxel axes (:func:`window_axes`), is carried to the matched
+window of each scan through that scan's own axes.
 """
 
 from __future__ import annotations
@@ -31,25 +35,63 @@ def window_half_extent_mm(spec, size) -> np.ndarray:
 
 
 def weighted_centre(
-    centres_mm: np.ndarray, scores: np.ndarray, half_extent_mm: np.ndarray, top: int = 8, sharpness: float = 10.0
+    centres_mm: np.ndarray,
+    scores: np.ndarray,
+    half_extent_mm: np.ndarray,
+    top: int = 8,
+    sharpness: float = 10.0,
+    ceiling: float | None = 1.0,
 ) -> tuple[np.ndarray, int]:
     """``(point [3] RAS mm, index of the best window)`` from one scan's windows.
 
     ``centres_mm`` [n, 3], ``scores`` [n] (higher is better). The ``top`` best windows that
     overlap the best one are averaged with weights ``exp(-sharpness * (s_best - s) / spread)``,
     ``spread`` = best minus median score of the scan: scale-free, so a flat similarity landscape
-    (an untrained encoder) and a peaked one are treated alike.
+    (an untrained encoder) and a peaked one are treated alike. ``ceiling`` is the highest score
+    there is (cosine: 1): no position can beat the best window by more than ``ceiling - s_best``,
+    so the spread is at most that gap, and an exact match keeps its own centre.
     """
     best = int(np.argmax(scores))
     near = np.all(np.abs(centres_mm - centres_mm[best]) < 2 * half_extent_mm - 1e-6, axis=1)
     candidates = np.flatnonzero(near)
     candidates = candidates[np.argsort(-scores[candidates], kind="stable")[:top]]
     spread = float(scores[best] - np.median(scores))
-    if spread <= 0:
+    if ceiling is not None:
+        spread = min(spread, float(ceiling) - float(scores[best]))
+    if spread <= 1e-9:
         return centres_mm[best].astype(np.float64), best
     weights = np.exp(-sharpness * (scores[best] - scores[candidates]) / spread)
     point = (weights[:, None] * centres_mm[candidates]).sum(0) / weights.sum()
     return point, best
+
+
+AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def nominal_axes(spec) -> np.ndarray:
+    """[3, 3] RAS mm per voxel step along each axis of a spec's grid (column j: axis j), from its
+    orientation code and spacing, as if the scan had no obliquity."""
+    spacing = np.asarray(spec.spacing_mm or (1.0, 1.0, 1.0), dtype=np.float64)
+    axes = np.zeros((3, 3))
+    for j, code in enumerate(spec.orientation.upper()):
+        world, sign = AXIS_CODES[code]
+        axes[world, j] = sign * spacing[j]
+    return axes
+
+
+def window_axes(centres_mm: np.ndarray, starts: np.ndarray, nominal: np.ndarray) -> np.ndarray:
+    """[3, 3] RAS mm per voxel step of a scan's preprocessed grid, read off its windows
+    (``centres_mm = starts @ axes.T + origin``, least squares); an axis along which every window
+    starts at the same voxel keeps the ``nominal`` column."""
+    axes = np.array(nominal, dtype=np.float64)
+    starts = np.asarray(starts, dtype=np.float64)
+    varying = [j for j in range(3) if len(starts) > 1 and np.ptp(starts[:, j]) > 0]
+    if varying:
+        design = np.column_stack([starts[:, varying], np.ones(len(starts))])
+        fitted, *_ = np.linalg.lstsq(design, np.asarray(centres_mm, dtype=np.float64), rcond=None)
+        for row, j in enumerate(varying):
+            axes[:, j] = fitted[row]
+    return axes
 
 
 def grid_stride(starts: np.ndarray, size) -> np.ndarray:
@@ -63,14 +105,16 @@ def grid_stride(starts: np.ndarray, size) -> np.ndarray:
 
 
 def pattern_search(
-    score_at, starts_vox, initial_step: np.ndarray, max_evaluations: int = 400
+    score_at, starts_vox, initial_step: np.ndarray, max_evaluations: int = 400, ceiling: float | None = None
 ) -> tuple[np.ndarray, float, int]:
     """Coarse-to-fine neighbourhood search for the window position that maximises ``score_at``.
 
     ``score_at(positions [m, 3]) -> scores [m]`` scores windows at voxel positions (batched).
     From the best of ``starts_vox`` ([s, 3] candidate positions), the 26 neighbours at the
     current step (per axis) are scored; the search moves to a better one, or halves the step,
-    until the step is below one voxel. Returns ``(best position [3], its score, evaluations)``.
+    until the step is below one voxel. The answer is the best position ever scored, so it never
+    scores below a start; it stops early at ``ceiling`` (cosine: 1, nothing scores higher).
+    Returns ``(best position [3], its score, evaluations)``.
     """
     starts = np.round(np.atleast_2d(np.asarray(starts_vox, dtype=np.float64)))
     scores = np.asarray(score_at(starts))
@@ -81,7 +125,8 @@ def pattern_search(
         [[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)],
         dtype=np.float64,
     )
-    while np.any(step >= 1) and used < max_evaluations:
+    done = ceiling is not None and best >= ceiling - 1e-6
+    while np.any(step >= 1) and used < max_evaluations and not done:
         moves = np.unique(centre + offsets * step, axis=0)
         moves = moves[np.any(moves != centre, axis=1)]
         scores = np.asarray(score_at(moves))
@@ -89,6 +134,7 @@ def pattern_search(
         i = int(np.argmax(scores))
         if scores[i] > best + 1e-7:
             best, centre = float(scores[i]), moves[i]
+            done = ceiling is not None and best >= ceiling - 1e-6
         else:
             step = np.floor(step / 2.0)
     return centre, best, used

@@ -13,7 +13,7 @@ Which query vector a region search uses (``query_from``):
   query scan and encoded (the CT-FM demo's protocol; needs the encoder: ``weights=``);
 - ``"stored"``: the query scan's stored window that contains the point, nearest its centre
   (no model run; the window is off-centre by up to half the grid stride, reported as
-  ``offset_mm``). Only for scans in the store;
+  ``offset_mm``, and that offset is carried to every hit). Only for scans in the store;
 - ``"auto"`` (default): ``centred`` when the session has an encoder, else ``stored``.
 
 Refinement of each hit (``refine``): ``"fine"`` (pattern search with the encoder, to a voxel),
@@ -21,6 +21,15 @@ Refinement of each hit (``refine``): ``"fine"`` (pattern search with the encoder
 (the best window's centre); ``"auto"``: ``fine`` for a single target when the session has an
 encoder, else ``weighted`` (a store-wide search refines k hits; ``fine`` costs ~100 window
 embeddings each).
+
+A hit means "the same place relative to the query's window": the click's offset from the query
+window's centre, in that window's voxel axes, is added to the matched window through the
+target's own axes (:func:`ctfm.search.regions.window_axes`). ``fine`` starts from every position
+the hit proposes: the best window and the weighted centre for the query vector, and, for a
+centred query of a stored scan, the target window that best matches the query scan's stored
+window nearest the point (the ``anchor``), moved by that window's offset. So a point searched in
+its own scan, or in a copy of it in any orientation, comes back at that point (its own window
+scores 1) whatever the weights.
 """
 
 from __future__ import annotations
@@ -45,7 +54,15 @@ from ctfm.search.query import (
     resolve_scan,
     run_spec,
 )
-from ctfm.search.regions import grid_stride, pattern_search, similarity_on_grid, weighted_centre, window_half_extent_mm
+from ctfm.search.regions import (
+    grid_stride,
+    nominal_axes,
+    pattern_search,
+    similarity_on_grid,
+    weighted_centre,
+    window_axes,
+    window_half_extent_mm,
+)
 from ctfm.store import open_store
 from ctfm.store.index import UnusableIndexError, list_indexes, load_index, prepare_vectors
 from ctfm.store.vectors import RunVectors, load_run_vectors, matching_scans, run_digest, select_run
@@ -97,11 +114,16 @@ class RegionQuery:
     source: str  # "centred" or "stored"
     window_center_mm: list[float] | None = None
     offset_mm: float = 0.0
+    offset_vox: np.ndarray = field(default_factory=lambda: np.zeros(3))  # point - window centre, window voxels
+    anchor: tuple[np.ndarray, np.ndarray] | None = None  # (stored window vector, its offset_vox)
 
     def describe(self) -> str:
         if self.source == "centred":
             return "the window centred on the point, embedded with the store's weights"
-        return f"the stored window nearest the point (centre {', '.join(f'{v:.1f}' for v in self.window_center_mm)} mm, {self.offset_mm:.1f} mm away; give --weights for the centred window)"
+        return (
+            f"the stored window nearest the point (centre {', '.join(f'{v:.1f}' for v in self.window_center_mm)} mm, "
+            f"{self.offset_mm:.1f} mm away; each hit keeps the point's offset from that window)"
+        )
 
 
 @dataclass
@@ -148,6 +170,7 @@ class SearchSession:
     _encoder_checked: bool = field(default=False, init=False, repr=False)
     _spec: object = field(default=None, init=False, repr=False)
     _spans: dict = field(default_factory=dict, init=False, repr=False)
+    _axes: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
 
@@ -361,24 +384,54 @@ class SearchSession:
                     f"{ref.text}: not in the store, so it has no stored windows (give --weights to embed it)"
                 )
             grid = self._grid_of(ref.scan_id)
-            half = window_half_extent_mm(self.spec, self.window_size)
-            inside = np.all(np.abs(grid.centers_mm - point) <= half + 1e-6, axis=1)
-            if not inside.any():
-                raise CTInputError(
-                    ref.source_path,
-                    f"point ({', '.join(f'{v:g}' for v in point)}) mm lies outside every stored window of the scan",
-                    "give x,y,z in world millimetres (RAS) inside the scan",
-                )
-            distance = np.linalg.norm(grid.centers_mm - point, axis=1)
-            distance[~inside] = np.inf
-            i = int(np.argmin(distance))
-            vector = grid.unit[i]
-            return RegionQuery(ref, point, vector, "stored", grid.centers_mm[i].tolist(), float(distance[i]))
+            i, offset = self._nearest_window(grid, point)
+            return RegionQuery(
+                ref,
+                point,
+                grid.unit[i],
+                "stored",
+                grid.centers_mm[i].tolist(),
+                float(np.linalg.norm(grid.centers_mm[i] - point)),
+                offset,
+            )
         image, prepared = self._prepared_scan(ref.source_path)
         check_point_in_image(image, point, ref.source_path)
-        window, _ = centred_window(prepared, point, self.window_size)
+        window, start = centred_window(prepared, point, self.window_size)
         vector = self._encode(np.asarray(window)[None])[0]
-        return RegionQuery(ref, point, vector, "centred")
+        affine = np.asarray(prepared.affine, dtype=np.float64)
+        centre_vox = start + (np.asarray(self.window_size) - 1) / 2.0
+        offset = np.linalg.solve(affine, np.append(point, 1.0))[:3] - centre_vox
+        anchor = None
+        if ref.in_store and ref.scan_id in self._spans:
+            grid = self._grid_of(ref.scan_id)
+            near = self._nearest_window(grid, point, required=False)
+            if near is not None:
+                anchor = (grid.unit[near[0]], near[1])
+        return RegionQuery(ref, point, vector, "centred", offset_vox=offset, anchor=anchor)
+
+    def _grid_axes(self, grid: _Grid) -> np.ndarray:
+        """RAS mm per voxel step of a scan's preprocessed grid, read off its windows (cached)."""
+        if grid.scan_id not in self._axes:
+            self._axes[grid.scan_id] = window_axes(grid.centers_mm, grid.starts, nominal_axes(self.spec))
+        return self._axes[grid.scan_id]
+
+    def _nearest_window(self, grid: _Grid, point: np.ndarray, required: bool = True):
+        """``(index, offset_vox)`` of the stored window that contains ``point`` and whose centre is
+        nearest it; the offset is point minus centre in the window's voxel axes."""
+        half = window_half_extent_mm(self.spec, self.window_size)
+        inside = np.all(np.abs(grid.centers_mm - point) <= half + 1e-6, axis=1)
+        if not inside.any():
+            if not required:
+                return None
+            raise CTInputError(
+                grid.row["source_path"],
+                f"point ({', '.join(f'{v:g}' for v in point)}) mm lies outside every stored window of the scan",
+                "give x,y,z in world millimetres (RAS) inside the scan",
+            )
+        distance = np.linalg.norm(grid.centers_mm - point, axis=1)
+        distance[~inside] = np.inf
+        i = int(np.argmin(distance))
+        return i, np.linalg.solve(self._grid_axes(grid), point - grid.centers_mm[i])
 
     def _encode(self, windows: np.ndarray) -> np.ndarray:
         """Windows [B, 1, D, H, W] -> unit vectors [B, d] (batches of 8)."""
@@ -428,7 +481,7 @@ class SearchSession:
             candidates = self._best_windows(query, k, filters, include_self=bool(include_self))
         hits = []
         for _, grid in candidates:
-            hits.append(self._refined_hit(len(hits) + 1, grid, query.vector, mode))
+            hits.append(self._refined_hit(len(hits) + 1, grid, query, mode))
         if mode == "fine":
             hits.sort(key=lambda h: -h.score)
             for i, h in enumerate(hits):
@@ -450,27 +503,35 @@ class SearchSession:
         order = [i for i in np.argsort(-best, kind="stable") if keep[i]][:k]
         return [(float(best[i]), self._grid_of(str(ids[i]))) for i in order]
 
-    def _refined_hit(self, rank: int, grid: _Grid, vector: np.ndarray, mode: str) -> RegionHit:
+    def _refined_hit(self, rank: int, grid: _Grid, query: RegionQuery, mode: str) -> RegionHit:
+        vector = query.vector
         scores = grid.unit @ vector
         size = self.window_size
-        point, best = weighted_centre(grid.centers_mm, scores, window_half_extent_mm(self.spec, size))
+        axes = self._grid_axes(grid)
+        shift = axes @ query.offset_vox  # the point's offset from its window, in this scan's axes (mm)
+        centre, best = weighted_centre(grid.centers_mm, scores, window_half_extent_mm(self.spec, size))
         score = float(scores[best])
         if mode == "none":
-            point = grid.centers_mm[best]
-        elif mode == "fine":
+            point = grid.centers_mm[best] + shift
+        elif mode == "weighted":
+            point = centre + shift
+        else:
+            proposals = [grid.centers_mm[best], centre]  # where the query window's centre may lie
+            if query.anchor is not None:
+                anchor_vector, anchor_offset = query.anchor
+                j = int(np.argmax(grid.unit @ anchor_vector))
+                proposals.append(grid.centers_mm[j] + axes @ (anchor_offset - query.offset_vox))
             image, prepared = self._prepared_scan(grid.row["source_path"])
             affine = np.asarray(prepared.affine, dtype=np.float64)
             half = (np.asarray(size) - 1) / 2.0
-            start0 = np.stack(
-                [np.linalg.solve(affine, np.append(p, 1.0))[:3] - half for p in (point, grid.centers_mm[best])]
-            )
+            start0 = np.stack([np.linalg.solve(affine, np.append(p, 1.0))[:3] - half for p in proposals])
 
             def score_at(starts):
                 windows = np.stack([cut_window(prepared, np.round(s).astype(int), size) for s in starts])
                 return self._encode(windows) @ vector
 
-            start, score, _ = pattern_search(score_at, start0, grid_stride(grid.starts, size) / 2.0)
-            point = (affine @ np.append(start + half, 1.0))[:3]
+            start, score, _ = pattern_search(score_at, start0, grid_stride(grid.starts, size) / 2.0, ceiling=1.0)
+            point = (affine @ np.append(start + half + query.offset_vox, 1.0))[:3]
         return RegionHit(
             rank,
             grid.row["scan_id"],
