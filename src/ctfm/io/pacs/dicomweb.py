@@ -43,17 +43,19 @@ def session_for(options: PacsOptions):
         session.auth = (options.user, options.password or "")
     if options.token is not None:
         session.headers["Authorization"] = f"Bearer {options.token}"
-    adapter = _TimeoutAdapter(requests, options.timeout_s)
+    adapter = _TimeoutAdapter(requests, options.timeout_s, options.ca_file)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
 
 
-def _TimeoutAdapter(requests, timeout_s: float):
+def _TimeoutAdapter(requests, timeout_s: float, ca_file: str | None):
     class TimeoutAdapter(requests.adapters.HTTPAdapter):
         def send(self, request, **kwargs):
             if kwargs.get("timeout") is None:
                 kwargs["timeout"] = timeout_s
+            if ca_file is not None:  # requests lets $REQUESTS_CA_BUNDLE override session.verify: --ca-file wins
+                kwargs["verify"] = ca_file
             return super().send(request, **kwargs)
 
     return TimeoutAdapter()
