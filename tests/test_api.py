@@ -46,7 +46,7 @@ VERB_MODULES = {m for m, _ in VERBS.values()} | {"ctfm.cli.evaluate_seg", "ctfm.
 def test_all_names_one_function_per_verb_and_each_resolves():
     expected = {"load_ct", "preprocess", "create_model", "embed", "open_store", "build_index", "search_scans"}
     expected |= {"search_point", "pretrain", "finetune_seg", "finetune_cls", "predict_seg", "predict_cls"}
-    expected |= {"probe", "serve"}
+    expected |= {"probe", "serve", "listen"}
     names = set(ctfm.__all__) - {"__version__"}
     assert expected <= names and all(n == "evaluate_seg" or n in expected or n.startswith("evaluate_") for n in names)
     assert len(ctfm.__all__) == len(set(ctfm.__all__))

@@ -34,6 +34,8 @@ REFUSED = [
     "matplotlib",
     "umap",  # eval
     "idc_index",  # idc
+    "dicomweb_client",
+    "pynetdicom",  # pacs
 ]
 
 # packages that need no extra, imported module by module
@@ -94,6 +96,7 @@ verb("search", "index", "build", store)
 verb("app", "serve", store, "--port", "0")
 verb("dicom-seg", "predict", "seg", scan, "--model", seg, "--format", "dicom-seg", "-o", f"{work}/preds")
 verb("idc", "cohort", "idc", "--out", f"{work}/cohort.parquet")
+verb("pacs", "info", "dicomweb:http://127.0.0.1:9/dicom-web")
 verb("eval", "probe", store, "--labels", labels, "--target", "organ", "--out", f"{work}/probes")
 verb("eval (evaluate)", "evaluate", "clustering", store, "--labels", labels, "--no-umap", "--out", f"{work}/clusters")
 verb("eval (demo)", "demo", "--out", f"{work}/demo")
@@ -139,7 +142,7 @@ def test_core_verbs_give_their_results(light):
 
 
 @pytest.mark.parametrize(
-    "key", ["train", "search", "app", "dicom-seg", "idc", "eval", "eval (evaluate)", "eval (demo)"]
+    "key", ["train", "search", "app", "dicom-seg", "idc", "pacs", "eval", "eval (evaluate)", "eval (demo)"]
 )
 def test_a_verb_of_each_extra_names_it_in_one_line(light, key):
     extra, verb = key.split()[0], light["verbs"][key]

@@ -55,6 +55,7 @@ _API = {
     "evaluate_saliency": "ctfm.evaluate.zeroshot.saliency:run_saliency",
     "evaluate_seg": "ctfm.predict.scoring:evaluate_segmentation",
     "serve": "ctfm.app:serve",
+    "listen": "ctfm.node:listen",
 }
 
 __all__ = ["__version__", *_API]

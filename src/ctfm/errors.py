@@ -63,6 +63,7 @@ EXTRAS = {
     "dicom-seg": "DICOM SEG labels in and out (highdicom)",
     "eval": "evaluations, probes and figures (scikit-learn, matplotlib, umap-learn, openpyxl)",
     "idc": "Imaging Data Commons cohorts (idc-index)",
+    "pacs": "PACS sources, senders and the listening node (dicomweb-client, pynetdicom)",
 }
 
 

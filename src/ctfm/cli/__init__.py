@@ -32,6 +32,10 @@ VERBS = {
     "finetune": ("ctfm.cli.finetune", "fine-tune a CT-FM model on labelled scans (segmentation, classification)"),
     "index": ("ctfm.cli.index", "build, update and inspect the FAISS index beside a store"),
     "info": ("ctfm.cli.info", "describe a CT (file or DICOM folder) and check that it is usable"),
+    "listen": (
+        "ctfm.cli.listen",
+        "run a DICOM node: receive series by C-STORE, embed / predict each, send results back",
+    ),
     "models": ("ctfm.cli.models", "list, download, convert and initialise model weights"),
     "predict": (
         "ctfm.cli.predict",
@@ -249,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     warnings.showwarning = _print_warning
+    from ctfm.cli.pacs_options import pacs_session
+
     try:
-        with _table_encoding(getattr(args, "encoding", None)):
+        # PACS addresses among the inputs use the verb's PACS options
+        with _table_encoding(getattr(args, "encoding", None)), pacs_session(args):
             return int(args._module.run(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ import argparse
 import sys
 
 from ctfm.cli import positive_int
+from ctfm.cli.pacs_options import add_pacs_arguments
 
 
 def add_arguments(parser) -> None:
@@ -66,6 +67,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--out", required=True, metavar="MANIFEST", help="Parquet manifest to write")
     p.add_argument("--workers", type=positive_int, default=1, help="processes reading scans in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pacs_arguments(p)
 
     p = sub.add_parser("cache", help="preprocess every scan once into a crop-readable cache", formatter_class=fmt)
     p.add_argument("inputs", nargs="+", metavar="MANIFEST", help="manifest(s) (or folders/files) of scans")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 from ctfm.cli import accelerator, device, fraction, nonnegative_int, positive_int
+from ctfm.cli.pacs_options import add_pacs_arguments
 
 
 def add_arguments(parser) -> None:
@@ -63,6 +64,7 @@ def add_arguments(parser) -> None:
         help="seed of the random init when --weights is not given (default 0, as ctfm.embed)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pacs_arguments(parser)
     dist = parser.add_argument_group("past one machine (Lightning)")
     dist.add_argument(
         "--devices", type=positive_int, default=None, help="processes/GPUs per node; >1 runs under Lightning DDP"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ctfm.cli.pacs_options import add_pacs_arguments
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("path", help="a NIfTI/NRRD/MHA file or a DICOM series folder")
@@ -20,6 +22,7 @@ def add_arguments(parser) -> None:
         "--series", metavar="UID", help="SeriesInstanceUID to load when a folder holds several CT series"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object (schema in the README)")
+    add_pacs_arguments(parser)
 
 
 def run(args) -> int:

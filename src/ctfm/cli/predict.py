@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from ctfm.cli import device, fraction
+from ctfm.cli.pacs_options import add_pacs_arguments
 
 
 def add_seg(sub) -> None:
@@ -71,6 +72,13 @@ def add_seg(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="predict again even where outputs exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--send",
+        metavar="DEST",
+        help="send each DICOM SEG and its TID 1500 measurement report to a PACS: dicomweb:URL (STOW-RS) or "
+        "dimse://AET@HOST:PORT (C-STORE); needs --format dicom-seg",
+    )
+    add_pacs_arguments(p)
 
 
 def add_cls(sub) -> None:
@@ -92,6 +100,7 @@ def add_cls(sub) -> None:
     p.add_argument("-o", "--out", required=True, metavar="CSV", help="predictions CSV")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
+    add_pacs_arguments(p)
 
 
 # Tasks register here; each adds its own subcommand (and its run function).
@@ -136,6 +145,7 @@ def run_seg(args) -> int:
         statistics=args.statistics,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        send=args.send,
     )
     print(summary.summary())
     for _source, message in summary.failed:

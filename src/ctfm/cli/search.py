@@ -24,6 +24,7 @@ import json
 import sys
 
 from ctfm.cli import device, positive_int
+from ctfm.cli.pacs_options import add_pacs_arguments
 
 
 def add_arguments(parser) -> None:
@@ -82,6 +83,7 @@ def add_arguments(parser) -> None:
         "--exact", action="store_true", help="scan search: ignore the FAISS index, compare with every vector"
     )
     parser.add_argument("--device", type=device, default="cpu", help="where the encoder runs (default cpu)")
+    add_pacs_arguments(parser)
 
 
 def parse_point(text: str):

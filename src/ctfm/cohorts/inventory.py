@@ -17,7 +17,7 @@ import numpy as np
 
 from ctfm.errors import CTInputError, one_line
 from ctfm.io import content_hash
-from ctfm.io.sources import discover_inputs
+from ctfm.io.sources import discover_inputs, source_location
 from ctfm.preprocess import load_usable_ct
 from ctfm.runtime import parallel_map
 
@@ -27,7 +27,7 @@ def describe_source(source) -> dict:
 
     row = {
         "scan_id": source.scan_id,
-        "path": os.path.abspath(source.path),
+        "path": source_location(source.path),  # a PACS series: its address
         "series_uid": source.series_uid,
         "disk_bytes": _disk_bytes(Path(source.path)),
     }
@@ -138,7 +138,7 @@ def scan_local(inputs, workers: int = 1, progress: bool = True) -> ScanSummary:
     def crashed(source, message):
         return {
             "scan_id": source.scan_id,
-            "path": os.path.abspath(source.path),
+            "path": source_location(source.path),  # a PACS series: its address
             "series_uid": source.series_uid,
             "error": message,
         }

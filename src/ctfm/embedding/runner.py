@@ -10,7 +10,6 @@ disk before the next one starts.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from ctfm import __version__
 from ctfm.embedding.modes import EmbedOptions, embed_patches, encode_whole, prepare
 from ctfm.errors import OptionError, UserError, one_line
 from ctfm.io import content_hash
-from ctfm.io.sources import ScanSource, discover_inputs
+from ctfm.io.sources import ScanSource, discover_inputs, source_location
 from ctfm.preprocess import load_usable_ct
 from ctfm.runtime import Result, check_device, jsonable, progress_bar, utc_now
 from ctfm.store.schema import RECORD_COLUMNS, RUN_KEY, overlap_value
@@ -111,9 +110,10 @@ def embed_source(source: ScanSource, encoder, model_name: str, weights_sha256: s
     image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=options.spec)
     row = {
         "scan_id": source.scan_id,
-        "source_path": os.path.abspath(source.path),
+        "source_path": source_location(source.path),
         "series_uid": record.series_uid,
         "study_uid": record.study_uid,
+        "sop_uids": list(record.sop_uids or []),
         "content_hash": content_hash(image),
         "mode": options.mode,
         "model": model_name,
@@ -244,7 +244,7 @@ def run_sources(
 def _record_failure(summary, store, source, message, writer, trace: str | None = None):
     summary.failed.append((str(source), message))
     if store is not None:
-        store.add_failure(os.path.abspath(source.path), source.series_uid, message, utc_now(), writer=writer)
+        store.add_failure(source_location(source.path), source.series_uid, message, utc_now(), writer=writer)
 
 
 def store_records(store, sources, key: tuple) -> list[dict]:

@@ -19,6 +19,7 @@ from ctfm.io import dicom
 from ctfm.io.dicom import looks_like_dicom_file, quiet_pydicom
 from ctfm.io.hashing import content_hash, file_sha256
 from ctfm.io.labels import load_labels as _load_labels
+from ctfm.io.pacs import fetch_series, is_pacs_url, parse_pacs_url
 from ctfm.io.record import ScanRecord
 from ctfm.io.tables import read_table
 from ctfm.io.volume import VOLUME_SUFFIXES, read_volume_file, volume_format
@@ -44,8 +45,9 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
     """Load one CT as a channel-first MetaTensor in Hounsfield units.
 
     Args:
-        path: a NIfTI / NRRD / MHA / MHD file, or a folder holding a DICOM series (searched
-            recursively; localizers, SEG/RTSTRUCT/SR and non-DICOM files are skipped).
+        path: a NIfTI / NRRD / MHA / MHD file, a folder holding a DICOM series (searched
+            recursively; localizers, SEG/RTSTRUCT/SR and non-DICOM files are skipped), or a PACS
+            address of a series (``dicomweb:...``, ``dimse://...``; retrieved into the series cache).
         series_uid: which CT series to load when the folder holds several.
 
     Returns:
@@ -55,6 +57,8 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None):
     Raises:
         CTInputError: anything that is not a readable 3D CT (message: path, problem, fix).
     """
+    if is_pacs_url(path):
+        return _load_pacs_series(str(path), series_uid)
     path = Path(path)
     if not path.exists():
         raise CTInputError(path, "no such file or folder", "check the path")
@@ -131,6 +135,19 @@ def _load_dicom_folder(folder: Path, series_uid: str | None):
             folder, "the CT series has a single slice, a 2D image", "give a folder holding the whole series"
         )
     return _load_series(series, folder, dict(index.skipped))
+
+
+def _load_pacs_series(address: str, series_uid: str | None):
+    """A series from a PACS: retrieved into (or found in) the series cache, loaded from there,
+    recorded under its PACS address."""
+    url = parse_pacs_url(address)
+    if series_uid and not url.series_uid:
+        url = url.series(url.study_uid, series_uid)
+    folder = fetch_series(url)
+    with quiet_pydicom():
+        array, affine, record = _load_dicom_folder(folder, url.series_uid)
+    record.path = str(url) if url.study_uid else address
+    return _to_metatensor(array, affine, record), record
 
 
 def _load_dicom_file(path: Path):

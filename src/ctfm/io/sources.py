@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ctfm.errors import CTInputError
 from ctfm.io.dicom import index_dicom_folder, quiet_pydicom
+from ctfm.io.pacs import fetch_series, is_pacs_url, pacs_sources
 from ctfm.io.tables import TABLE_SUFFIXES, read_table
 from ctfm.io.volume import VOLUME_SUFFIXES
 
@@ -32,11 +33,23 @@ class ScanSource:
     @property
     def scan_id(self) -> str:
         """Stable id from the absolute source path (and series): the same input maps to the same row."""
-        key = os.path.abspath(self.path) + ("#" + self.series_uid if self.series_uid else "")
+        key = source_location(self.path) + ("#" + self.series_uid if self.series_uid else "")
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def __str__(self) -> str:
         return self.path + (f" [series {self.series_uid}]" if self.series_uid else "")
+
+
+def source_location(path: str | os.PathLike) -> str:
+    """What a store row records as a source: the absolute path, or a PACS address as it is."""
+    return str(path) if is_pacs_url(path) else os.path.abspath(path)
+
+
+def local_source(source: ScanSource) -> ScanSource:
+    """``source`` itself, or for a PACS series its folder in the series cache (retrieved if needed)."""
+    if not is_pacs_url(source.path):
+        return source
+    return ScanSource(str(fetch_series(source.path)), source.series_uid)
 
 
 @dataclass
@@ -73,7 +86,7 @@ def manifest_sources(path: str | os.PathLike, table=None) -> ManifestSources:
         elif p in (None, ""):
             out.not_downloaded += 1
         else:
-            resolved = Path(p) if os.path.isabs(str(p)) else path.parent / str(p)
+            resolved = p if is_pacs_url(p) or os.path.isabs(str(p)) else path.parent / str(p)
             out.sources.append(ScanSource(str(resolved), str(s) if s not in (None, "") else None))
     if not out.sources:
         left = [
@@ -96,6 +109,9 @@ def discover_inputs(inputs: list[str | os.PathLike]) -> list[ScanSource]:
     :class:`CTInputError` saying what was found and skipped, never an empty success."""
     sources: list[ScanSource] = []
     for item in inputs:
+        if is_pacs_url(item):  # one source per series the address names (docs/pacs.md)
+            sources += [ScanSource(address, uid) for address, uid in pacs_sources(item)]
+            continue
         path = Path(item)
         if not path.exists():
             raise CTInputError(path, "no such file or folder", "check the path")
@@ -152,7 +168,7 @@ def resolve_sources(items) -> ManifestSources:
     for item in items:
         if isinstance(item, ScanSource):
             out.sources.append(item)
-        elif is_manifest(Path(item)):
+        elif not is_pacs_url(item) and is_manifest(Path(item)):
             rows = manifest_sources(item)
             out.sources += rows.sources
             out.unreadable += rows.unreadable

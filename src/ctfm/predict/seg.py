@@ -21,6 +21,7 @@ exactly MONAI's ``sliding_window_inference`` + argmax, placed voxel by voxel.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,11 @@ import torch
 
 from ctfm.errors import OptionError, UserError, one_line, optional_import
 from ctfm.io import load_ct
-from ctfm.io.sources import resolve_sources
+from ctfm.io.pacs import is_pacs_url
+from ctfm.io.sources import local_source, resolve_sources
 from ctfm.models.labelmaps import select_classes
 from ctfm.models.segmentation import LoadedSegmentation, load_segmentation_model
-from ctfm.predict import writers
+from ctfm.predict import senders, writers
 from ctfm.predict.aggregation import WindowSettings, streamed_sliding_window
 from ctfm.preprocess.bounded import preprocess_large
 from ctfm.preprocess.validate import load_usable_ct
@@ -167,10 +169,12 @@ class SegPredictSummary(Result):
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
     out: str = ""
+    sent: int = 0  # results sent with ``send`` (SEG + measurement report each)
 
     def summary(self) -> str:
+        sent = f", sent {self.sent}" if self.sent else ""
         return (
-            f"predicted {self.done} input(s), skipped {self.skipped} already done, {len(self.failed)} failed; "
+            f"predicted {self.done} input(s), skipped {self.skipped} already done{sent}, {len(self.failed)} failed; "
             f"{self.seconds:.1f} s; outputs in {self.out}"
         )
 
@@ -237,25 +241,36 @@ def predict_seg(
     statistics: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    send: str | None = None,
 ) -> SegPredictSummary:
     """Predict every input (files, folders, DICOM trees, manifests) into ``out``; see the module docstring.
 
     Finished outputs are skipped (resumable); a failing input is recorded in ``out/failures.json``
     and the batch goes on. Before the model is loaded, the output folder and (for ``dicom-seg``)
     every input's headers are checked (:func:`ctfm.predict.writers.preflight`): an input no SEG
-    can be built over is refused there, and a run with no input left raises.
+    can be built over is refused there, and a run with no input left raises. ``send``: a PACS
+    address (``dicomweb:...`` for STOW-RS, ``dimse://...`` for C-STORE) that receives each DICOM
+    SEG and its measurement report (docs/pacs.md); it is checked before the model is loaded too.
     """
 
     if output_format not in ("nifti", "dicom-seg"):
         raise OptionError(f"--format {output_format!r}: choose nifti or dicom-seg")
     if output_format == "dicom-seg":  # before any work: a missing writer is not a per-scan failure
         optional_import("highdicom", "dicom-seg", "--format dicom-seg")
+    dest = None
+    if send is not None:  # before any work: a wrong or unreachable destination is one line
+        if output_format != "dicom-seg":
+            raise OptionError("--send sends the DICOM SEG and its measurement report: add --format dicom-seg")
+        dest = senders.parse_destination(send)
+        senders.check_destination(dest)
+        statistics = True  # the report's numbers
     out = Path(out)
     writers.check_output_folder(out)
     sources = resolve_sources(inputs).sources
     # Output pre-flight, before the model is loaded: an input whose output cannot be written is
-    # refused here, not after its prediction (all refused: one line, nothing written).
-    refused = writers.preflight(sources, output_format)
+    # refused here, not after its prediction (all refused: one line, nothing written). A PACS
+    # series is checked when it is written, from its folder in the series cache.
+    refused = writers.preflight([s for s in sources if not is_pacs_url(s.path)], output_format)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = model if isinstance(model, LoadedSegmentation) else load_segmentation_model(model, labels=labels)
     _precision_context(precision, device)
@@ -287,10 +302,13 @@ def predict_seg(
         targets = writers.output_paths(out, name, output_format, statistics)
         if not overwrite and all(p.exists() for p in targets):
             summary.skipped += 1
+            if dest is not None:  # finished before: sent again (its UIDs make that a no-op at the PACS)
+                _send(dest, out, name, source, summary, failures)
             bar.update(1)
             continue
         try:
             image, record = load_usable_ct(source.path, series_uid=source.series_uid, spec=inference_spec(loaded.spec))
+            local = local_source(source)  # a PACS series: its folder in the series cache
             prepared = network_input(image, loaded, device)
             geometry = image[:, :1, :1, :1].clone()  # keeps the affine, frees the HU volume while predicting
             del image
@@ -308,9 +326,12 @@ def predict_seg(
                 names,
                 provenance,
                 output_format=output_format,
-                source=source,
+                source=local,
                 statistics=statistics,
             )
+            if dest is not None and not _send(dest, out, name, source, summary, failures):
+                bar.update(1)
+                continue
             summary.done += 1
             summary.outputs.append(out / f"{name}.nii.gz")
             failures.pop(str(source), None)
@@ -326,6 +347,19 @@ def predict_seg(
     writers.write_failures(out / FAILURES_NAME, failures)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _send(dest, out: Path, name: str, source, summary, failures) -> bool:
+    """Send one finished prediction (SEG + SR); a failure is recorded for its input."""
+    try:
+        rows = json.loads((out / f"{name}.statistics.json").read_text(encoding="utf-8"))
+        senders.send_prediction(dest, out / f"{name}.dcm", rows["classes"], local_source(source), rows["provenance"])
+    except UserError as exc:
+        summary.failed.append((str(source), str(exc)))
+        failures[str(source)] = str(exc)
+        return False
+    summary.sent += 1
+    return True
 
 
 __all__ = ["GridInverter", "SegPredictSummary", "inference_spec", "output_name", "predict_seg", "predict_volume"]

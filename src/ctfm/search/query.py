@@ -24,6 +24,7 @@ import numpy as np
 from ctfm.embedding.modes import EmbedOptions
 from ctfm.embedding.runner import embed_source, run_key, weights_sha256_of
 from ctfm.errors import CTInputError, OptionError
+from ctfm.io.pacs import is_pacs_url
 from ctfm.io.sources import ScanSource
 from ctfm.models import create_model
 from ctfm.preprocess import PreprocessSpec
@@ -60,6 +61,11 @@ def resolve_scan(scans: dict, text: str, store_root) -> ScanRef:
     text = str(text)
     if text in scans:
         return ScanRef(text, text, scans[text], None)
+    if is_pacs_url(text):  # a series on a PACS: its row when the store has it, else embedded as a file is
+        for scan_id, row in scans.items():
+            if row.get("source_path") == text:
+                return ScanRef(text, scan_id, row, None)
+        return ScanRef(text, None, None, text)
     path = Path(text)
     if path.exists():
         sid = ScanSource(str(path)).scan_id

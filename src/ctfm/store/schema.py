@@ -88,6 +88,7 @@ def schemas():
             ("source_path", pa.string()),
             ("series_uid", pa.string()),
             ("study_uid", pa.string()),
+            ("sop_uids", pa.list_(pa.string())),
             ("content_hash", pa.string()),
             ("n_patches", pa.int32()),
             ("preset", pa.string()),
