@@ -24,6 +24,7 @@ SCAN_COLUMNS = {
     "source_path",
     "series_uid",
     "study_uid",
+    "sop_uids",  # the SOP Instance UIDs of a DICOM series (a PACS source keeps them with its row)
     "content_hash",
     "mode",
     "pool",
